@@ -1,0 +1,110 @@
+"""Shared benchmark plumbing: result rows with provenance, roofline measurements, MoE inputs."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).parent / "results"
+
+# Published expert shapes (HF configs: allenai/OLMoE-1B-7B-0924, mistralai/Mixtral-8x7B-v0.1).
+MOE_SHAPES = {
+    "olmoe": dict(E=64, k=8, H=2048, I=1024),
+    "mixtral": dict(E=8, k=2, H=4096, I=14336),
+}
+BATCH_SIZES = (1, 4, 16, 64, 256, 1024, 4096)
+
+
+def git_commit() -> str:
+    if os.environ.get("PROPHET_COMMIT"):
+        return os.environ["PROPHET_COMMIT"]
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"],
+                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL,
+                                       text=True).strip()
+    except Exception:
+        return "unknown"
+
+
+def provenance(device: torch.device) -> dict:
+    import triton
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+    return {
+        "device": name,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "commit": git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_rows(name: str, rows: list[dict], out_dir: str | None = None) -> Path:
+    """Append rows as JSON lines to ``<out_dir or bench/results>/<name>.jsonl``."""
+    d = Path(out_dir) if out_dir else RESULTS_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    path = d / f"{name}.jsonl"
+    with open(path, "a") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    return path
+
+
+def measure_hbm_bandwidth(device) -> float:
+    """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time, in bytes/s."""
+    import triton.testing
+
+    n = 1 << 29  # 1 GiB of bf16
+    a = torch.empty(n, dtype=torch.bfloat16, device=device).normal_()
+    b = torch.empty_like(a)
+    ms = triton.testing.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
+    del a, b
+    return 2 * n * 2 / (ms * 1e-3)
+
+
+def measure_matmul_peak(device, dtype=torch.bfloat16) -> float:
+    """8192^3 matmul through torch (cuBLAS), in FLOP/s."""
+    import triton.testing
+
+    n = 8192
+    a = torch.randn(n, n, dtype=dtype, device=device)
+    b = torch.randn(n, n, dtype=dtype, device=device)
+    ms = triton.testing.do_bench(lambda: a @ b, warmup=50, rep=300, return_mode="median")
+    return 2 * n**3 / (ms * 1e-3)
+
+
+def random_routing(T: int, E: int, k: int, device, generator=None):
+    """k distinct experts per token, uniform; softmax-like positive weights summing to 1."""
+    scores = torch.rand(T, E, device=device, generator=generator)
+    ids = scores.topk(k, dim=1).indices.to(torch.int32)
+    w = torch.rand(T, k, device=device, generator=generator) + 0.1
+    return ids, (w / w.sum(1, keepdim=True)).float()
+
+
+def make_experts(E: int, H: int, I: int, dtype, device, seed: int = 0):
+    """Random expert weights with unit-variance outputs: w13 [E, 2I, H], w2 [E, H, I]."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    w13 = torch.randn(E, 2 * I, H, device=device, dtype=dtype, generator=g) * H**-0.5
+    w2 = torch.randn(E, H, I, device=device, dtype=dtype, generator=g) * I**-0.5
+    return w13, w2
+
+
+def paged_copy(w13, w2, num_slots: int | None = None, seed: int = 0):
+    """Place every expert in a random slot of a fresh buffer: (w13_slots, w2_slots, page_table)."""
+    E = w13.shape[0]
+    S = num_slots or E
+    g = torch.Generator().manual_seed(seed)
+    slot_of = torch.randperm(S, generator=g)[:E]
+    w13s = torch.empty((S,) + tuple(w13.shape[1:]), dtype=w13.dtype, device=w13.device)
+    w2s = torch.empty((S,) + tuple(w2.shape[1:]), dtype=w2.dtype, device=w2.device)
+    idx = slot_of.to(w13.device)
+    w13s[idx] = w13
+    w2s[idx] = w2
+    return w13s, w2s, slot_of.to(torch.int32).to(w13.device)

@@ -1,0 +1,197 @@
+"""Paged grouped expert GEMMs: gate_up with fused SiLU-and-mul, down with routing weight.
+
+Legend: T tokens, k experts per token, N = T*k token-slots, H hidden size, I expert intermediate
+size, S slots in the expert buffer, P padded rows of the route plan, NB = P / BM blocks.
+
+Pipeline (the route plan comes from :mod:`route_plan`)::
+
+    x              [T, H]      fp16/bf16/fp32   activations
+    w13_slots      [S, 2I, H]  same dtype       per slot: gate rows [0, I), up rows [I, 2I)
+    w2_slots       [S, H, I]   same dtype
+    sorted_ids     [P]         int32   token-slots sorted by expert, padded with sentinel N
+    block_slot     [NB]        int32   slot read by each BM-row block, -1 = skip
+      -> gate_up:  act[p] = silu(x[t] @ Wg[s]^T) * (x[t] @ Wu[s]^T),  t = sorted_ids[p] // k
+                   act            [P, I]   x dtype
+      -> down:     out[n] = topk_weights[n] * (act[p] @ W2[s]^T),     n = sorted_ids[p]
+                   out            [N, H]   x dtype (row per token-slot, never shared: no atomics)
+      -> combine:  y[t] = sum_j out[t*k + j]                          y [T, H]
+
+Both kernels launch one program per (block, column tile); programs of unused blocks return at
+once. The block index varies fastest so that the blocks of one expert, which read the same weight
+tile, run together and share it through L2.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit(do_not_specialize=["N", "NB"])  # one compile serves every batch size
+def _gate_up_kernel(
+    # pointers
+    x_ptr,  # (T, H)
+    w_ptr,  # (S, 2I, H)
+    act_ptr,  # (P, I) out
+    sorted_ptr,  # (P,) int32
+    block_slot_ptr,  # (NB,) int32
+    # sizes
+    N, NB, H, I, TOPK,
+    # strides
+    stride_xt, stride_xh,
+    stride_ws, stride_wn, stride_wh,
+    stride_ap, stride_ai,
+    # meta-parameters
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """grid = (NB * cdiv(I, BN),), block index fastest."""
+    pid = tl.program_id(0)
+    pid_m = pid % NB
+    pid_n = pid // NB
+    slot = tl.load(block_slot_ptr + pid_m)
+    if slot < 0:
+        return
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    ts = tl.load(sorted_ptr + offs_m)
+    row_ok = ts < N
+    tok = (ts // TOPK).to(tl.int64)
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < I
+    offs_k = tl.arange(0, BK)
+
+    x_ptrs = x_ptr + tok[:, None] * stride_xt + offs_k[None, :] * stride_xh
+    # slot * stride_ws overflows int32 for a large buffer (S * 2I * H elements): int64.
+    w_base = w_ptr + slot.to(tl.int64) * stride_ws + offs_k[:, None] * stride_wh
+    wg_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn
+    wu_ptrs = w_base + (offs_n[None, :] + I).to(tl.int64) * stride_wn
+
+    acc_g = tl.zeros([BM, BN], dtype=tl.float32)
+    acc_u = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, H, BK):
+        if EVEN_K:
+            xv = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+            wg = tl.load(wg_ptrs, mask=n_ok[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k + k0 < H
+            xv = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc_g = tl.dot(xv, wg, acc_g, input_precision=DOT_PRECISION)
+        acc_u = tl.dot(xv, wu, acc_u, input_precision=DOT_PRECISION)
+        x_ptrs += BK * stride_xh
+        wg_ptrs += BK * stride_wh
+        wu_ptrs += BK * stride_wh
+
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_ap + offs_n[None, :] * stride_ai
+    tl.store(a_ptrs, act.to(act_ptr.dtype.element_ty), mask=n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["N", "NB"])
+def _down_kernel(
+    # pointers
+    act_ptr,  # (P, I)
+    w_ptr,  # (S, H, I)
+    out_ptr,  # (N, H) out
+    topk_w_ptr,  # (N,) fp32
+    sorted_ptr,  # (P,) int32
+    block_slot_ptr,  # (NB,) int32
+    block_expert_ptr,  # (NB,) int32
+    # sizes
+    N, NB, H, I,
+    # strides
+    stride_ap, stride_ai,
+    stride_ws, stride_wh, stride_wi,
+    stride_on, stride_oh,
+    # meta-parameters
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """grid = (NB * cdiv(H, BN),), block index fastest."""
+    pid = tl.program_id(0)
+    pid_m = pid % NB
+    pid_n = pid // NB
+    slot = tl.load(block_slot_ptr + pid_m)
+    offs_m = pid_m * BM + tl.arange(0, BM)
+    ts = tl.load(sorted_ptr + offs_m)
+    row_ok = ts < N
+    offs_n = pid_n * BN + tl.arange(0, BN)
+    n_ok = offs_n < H
+    o_ptrs = out_ptr + ts[:, None].to(tl.int64) * stride_on + offs_n[None, :] * stride_oh
+    if slot < 0:
+        # A used block whose expert has no valid slot (only with check=False): defined zeros.
+        if tl.load(block_expert_ptr + pid_m) >= 0:
+            zero = tl.zeros([BM, BN], dtype=out_ptr.dtype.element_ty)
+            tl.store(o_ptrs, zero, mask=row_ok[:, None] & n_ok[None, :])
+        return
+    offs_k = tl.arange(0, BK)
+    a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_ap + offs_k[None, :] * stride_ai
+    w_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_k[:, None] * stride_wi
+              + offs_n[None, :].to(tl.int64) * stride_wh)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        if EVEN_K:
+            av = tl.load(a_ptrs)
+            wv = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+        else:
+            k_ok = offs_k + k0 < I
+            av = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            wv = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        acc = tl.dot(av, wv, acc, input_precision=DOT_PRECISION)
+        a_ptrs += BK * stride_ai
+        w_ptrs += BK * stride_wi
+    rw = tl.load(topk_w_ptr + ts, mask=row_ok, other=0.0)
+    out = (acc * rw[:, None]).to(out_ptr.dtype.element_ty)
+    tl.store(o_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: exact fp32 products ("ieee"), not Triton's tf32 default, so fp32 matches the
+    # reference to fp32 rounding. fp16/bf16 ignore it.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict) -> torch.Tensor:
+    """act [P, I] = silu(gate) * up for every used block of ``plan``."""
+    P = plan.sorted_ids.numel()
+    NB = plan.block_slot.numel()
+    H = x.shape[1]
+    I = w13_slots.shape[1] // 2
+    act = torch.empty((P, I), dtype=x.dtype, device=x.device)
+    bn, bk = cfg["BN"], cfg["BK"]
+    grid = lambda meta: (NB * triton.cdiv(I, meta["BN"]),)  # noqa: E731
+    _gate_up_kernel[grid](
+        x, w13_slots, act, plan.sorted_ids, plan.block_slot,
+        plan.num_token_slots, NB, H, I, topk,
+        x.stride(0), x.stride(1),
+        w13_slots.stride(0), w13_slots.stride(1), w13_slots.stride(2),
+        act.stride(0), act.stride(1),
+        BM=plan.block_m, BN=bn, BK=bk, EVEN_K=H % bk == 0,
+        DOT_PRECISION=_dot_precision(x.dtype),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    return act
+
+
+def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict) -> torch.Tensor:
+    """out [N, H] = routing weight * (act @ W2^T) per token-slot."""
+    NB = plan.block_slot.numel()
+    N = plan.num_token_slots
+    H, I = w2_slots.shape[1], w2_slots.shape[2]
+    out = torch.empty((N, H), dtype=act.dtype, device=act.device)
+    bn, bk = cfg["BN"], cfg["BK"]
+    grid = lambda meta: (NB * triton.cdiv(H, meta["BN"]),)  # noqa: E731
+    _down_kernel[grid](
+        act, w2_slots, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, plan.block_expert,
+        N, NB, H, I,
+        act.stride(0), act.stride(1),
+        w2_slots.stride(0), w2_slots.stride(1), w2_slots.stride(2),
+        out.stride(0), out.stride(1),
+        BM=plan.block_m, BN=bn, BK=bk, EVEN_K=I % bk == 0,
+        DOT_PRECISION=_dot_precision(act.dtype),
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    return out

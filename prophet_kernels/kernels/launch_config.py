@@ -1,0 +1,97 @@
+"""Launch configurations for the grouped GEMMs, kept as data.
+
+``configs/<device>.json`` (device = ``torch.cuda.get_device_name()`` with spaces as ``_``) maps a
+shape key ``"E=64,H=2048,I=1024,k=8,dtype=bfloat16"`` to ``{"<T>": config}``; a config is::
+
+    {"block_m": 16,
+     "gate_up": {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
+     "down":    {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}}
+
+Lookup: the tuned T nearest to the batch (in log scale) for the exact shape key; otherwise a
+default chosen by batch size, logged once. ``PROPHET_MOE_CONFIG`` (a JSON string or a path to a
+JSON file holding one config) pins a config for every call. ``bench/tune_moe.py`` writes the files.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("prophet_kernels")
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+_warned: set = set()
+
+
+def shape_key(E: int, H: int, I: int, k: int, dtype: torch.dtype) -> str:
+    return f"E={E},H={H},I={I},k={k},dtype={str(dtype).replace('torch.', '')}"
+
+
+def device_file_name(device: torch.device) -> str:
+    if device.type != "cuda":
+        return "cpu.json"
+    return torch.cuda.get_device_name(device).replace(" ", "_") + ".json"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(path: str) -> dict:
+    p = Path(path)
+    if not p.exists():
+        return {}
+    with open(p) as f:
+        return json.load(f)
+
+
+def default_config(T: int, k: int, E: int, device: torch.device) -> dict:
+    """Untuned defaults: small tiles for the interpreter (few programs), GEMV-like tiles at decode."""
+    if device.type != "cuda":
+        return {"block_m": 16, "gate_up": {"BN": 64, "BK": 64}, "down": {"BN": 64, "BK": 64}}
+    rows_per_expert = T * k / E
+    if rows_per_expert <= 16:
+        tile = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4}
+        return {"block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
+    if rows_per_expert <= 64:
+        tile = {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}
+        return {"block_m": 32, "gate_up": dict(tile), "down": dict(tile)}
+    tile = {"BN": 128, "BK": 64, "num_warps": 8, "num_stages": 4}
+    return {"block_m": 128 if rows_per_expert >= 256 else 64, "gate_up": dict(tile), "down": dict(tile)}
+
+
+def _validate(cfg: dict, where: str) -> dict:
+    try:
+        bm = int(cfg["block_m"])
+        for part in ("gate_up", "down"):
+            for f in ("BN", "BK"):
+                v = int(cfg[part][f])
+                if v < 16 or v & (v - 1):
+                    raise ValueError(f"{part}.{f}={v} is not a power of two >= 16")
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"launch config from {where} is malformed ({e!r}): {cfg}") from None
+    if bm < 16 or bm & (bm - 1):
+        raise ValueError(f"launch config from {where}: block_m={bm} is not a power of two >= 16")
+    return cfg
+
+
+def get_config(T: int, E: int, H: int, I: int, k: int, dtype: torch.dtype,
+               device: torch.device, table_file: str | None = None) -> dict:
+    pinned = os.environ.get("PROPHET_MOE_CONFIG")
+    if pinned:
+        text = Path(pinned).read_text() if os.path.exists(pinned) else pinned
+        return _validate(json.loads(text), "PROPHET_MOE_CONFIG")
+    fname = table_file or str(CONFIG_DIR / device_file_name(device))
+    key = shape_key(E, H, I, k, dtype)
+    by_t = _load(fname).get(key)
+    if by_t:
+        best = min(by_t, key=lambda t: abs(math.log2(max(int(t), 1)) - math.log2(max(T, 1))))
+        return _validate(by_t[best], f"{fname}[{key}][{best}]")
+    if device.type == "cuda" and (fname, key) not in _warned:
+        _warned.add((fname, key))
+        log.warning("prophet_kernels: no tuned launch config for %s in %s; using defaults "
+                    "(run bench/tune_moe.py to tune)", key, fname)
+    return default_config(T, k, E, device)

@@ -1,0 +1,181 @@
+"""Public MoE expert ops: paged and contiguous fused experts, and their PyTorch references.
+
+Legend: T tokens, k experts per token, E experts, H hidden size, I expert intermediate size,
+S slots of the paged expert buffer. Each op is route plan -> gate_up -> down -> combine
+(see :mod:`route_plan` and :mod:`grouped_gemm` for the intermediate arrays).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import use_triton
+from .grouped_gemm import launch_down, launch_gate_up
+from .launch_config import get_config
+from .route_plan import route_plan
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+_identity_tables: dict = {}
+
+
+def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None):
+    """Host-side checks (no device sync). Returns (T, H, I, k, E, S, ids int32, weights fp32)."""
+    for name, t in (("x", x), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights),
+                    ("topk_ids", topk_ids)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if x.dim() != 2:
+        raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
+    if w13.dtype != x.dtype or w2.dtype != x.dtype:
+        raise TypeError(f"weights must have x's dtype {x.dtype}; got w13 {w13.dtype}, w2 {w2.dtype}")
+    T, H = x.shape
+    if w13.dim() != 3 or w2.dim() != 3:
+        raise ValueError(f"w13 must be [S, 2I, H] and w2 [S, H, I]; got {list(w13.shape)} and "
+                         f"{list(w2.shape)}")
+    S, two_i, H13 = w13.shape
+    if H < 1 or H13 != H:
+        raise ValueError(f"hidden size mismatch: x has H={H}, w13 has H={H13}")
+    if two_i < 2 or two_i % 2:
+        raise ValueError(f"w13 dim 1 must be 2*I (gate rows then up rows) with I >= 1, got {two_i}")
+    I = two_i // 2
+    if tuple(w2.shape) != (S, H, I):
+        raise ValueError(f"w2 must be [S, H, I] = {[S, H, I]} to match w13 {list(w13.shape)}, "
+                         f"got {list(w2.shape)}")
+    if S < 1:
+        raise ValueError("the expert weights hold no expert (S = 0)")
+    if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
+        raise ValueError(f"topk_ids must be [T={T}, k], got {list(topk_ids.shape)}")
+    if topk_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+    k = topk_ids.shape[1]
+    if tuple(topk_weights.shape) != (T, k):
+        raise ValueError(f"topk_weights must be [T, k] = {[T, k]}, got {list(topk_weights.shape)}")
+    if not topk_weights.dtype.is_floating_point:
+        raise TypeError(f"topk_weights must be floating point, got {topk_weights.dtype}")
+    if page_table is not None:
+        if not isinstance(page_table, torch.Tensor) or page_table.dim() != 1:
+            raise ValueError("page_table must be a 1-D int32 tensor [E]")
+        if page_table.dtype != torch.int32:
+            raise TypeError(f"page_table must be int32, got {page_table.dtype}")
+        E = page_table.shape[0]
+        if E < 1:
+            raise ValueError("page_table is empty (E = 0)")
+    else:
+        E = S
+    if k < 1:
+        raise ValueError("topk_ids has k = 0 experts per token")
+    if k > E:
+        raise ValueError(f"k = {k} experts per token exceeds the number of experts E = {E}")
+    tensors = [x, w13, w2, topk_weights, topk_ids] + ([page_table] if page_table is not None else [])
+    devices = {t.device for t in tensors}
+    if len(devices) > 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    ids = topk_ids.to(torch.int32)
+    weights = topk_weights.to(torch.float32).reshape(-1).contiguous()
+    return T, H, I, k, E, S, ids, weights
+
+
+def _capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config):
+    if T == 0:
+        return x.new_empty((0, H))
+    cfg = config or get_config(T, E, H, I, k, x.dtype, x.device)
+    plan = route_plan(ids, E, cfg["block_m"], page_table, num_slots=S)
+    if check and not _capturing(x.device):
+        plan.check(num_slots=S)  # host sync: bad ids / missing slots raise before any GEMM
+    act = launch_gate_up(x, w13, plan, k, cfg["gate_up"])
+    out = launch_down(act, w2, weights, plan, cfg["down"])
+    return out if k == 1 else out.view(T, k, H).sum(dim=1)
+
+
+def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
+                        check: bool = True, config: dict | None = None) -> torch.Tensor:
+    """MoE experts reading weights through a page table into a paged expert buffer.
+
+    ``y[t] = sum_j w[t,j] * W2[s] @ (silu(Wg[s] @ x[t]) * (Wu[s] @ x[t]))``, ``s = page_table[topk_ids[t,j]]``.
+
+    Parameters
+    ----------
+    x : ``[T, H]`` fp16, bf16 or fp32
+    w13_slots : ``[S, 2I, H]`` x's dtype; per slot gate rows ``[0, I)`` then up rows ``[I, 2I)``
+    w2_slots : ``[S, H, I]`` x's dtype
+    page_table : ``[E]`` int32, slot of each expert or -1 (not resident)
+    topk_weights : ``[T, k]`` floating (used as fp32)
+    topk_ids : ``[T, k]`` int32 (int64 accepted)
+    check : bool
+        Verify on the device that every id is in ``[0, E)`` and every routed expert has a slot in
+        ``[0, S)``; costs one host synchronisation and is skipped under CUDA-graph capture.
+        With ``check=False`` an invalid id is dropped and an expert without a slot yields zeros.
+    config : dict, optional
+        Launch config (see :mod:`launch_config`); default: tuned table lookup.
+
+    Returns
+    -------
+    y : ``[T, H]`` x's dtype
+    """
+    T, H, I, k, E, S, ids, weights = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
+                                               page_table)
+    if not use_triton(x.device):
+        return fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights,
+                                             topk_ids, compute_dtype=x.dtype)
+    return _run(x, w13_slots, w2_slots, page_table, weights, ids, T, H, I, k, E, S, check, config)
+
+
+def fused_experts(x, w13, w2, topk_weights, topk_ids, *, check: bool = True,
+                  config: dict | None = None) -> torch.Tensor:
+    """MoE experts on contiguous weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]``: the same kernels as
+    :func:`fused_experts_paged` with expert e in slot e (no page table read)."""
+    T, H, I, k, E, S, ids, weights = _validate(x, w13, w2, topk_weights, topk_ids)
+    if not use_triton(x.device):
+        return fused_experts_reference(x, w13, w2, topk_weights, topk_ids, compute_dtype=x.dtype)
+    return _run(x, w13, w2, None, weights, ids, T, H, I, k, E, S, check, config)
+
+
+# ----------------------------------------------------------------------------- references
+
+
+def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
+                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Plain PyTorch: loop over the routed experts, gather their tokens, two matmuls, index_add.
+    Computes in ``compute_dtype`` (fp32 by default) and returns x's dtype. Syncs the host."""
+    T, H, I, k, E, S, ids, weights = _validate(x, w13, w2, topk_weights, topk_ids)
+    flat = ids.reshape(-1).long()
+    if T and (flat.min() < 0 or flat.max() >= E):
+        raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
+    tok = torch.arange(T, device=x.device).repeat_interleave(k)
+    xc = x.to(compute_dtype)
+    y = torch.zeros((T, H), dtype=compute_dtype, device=x.device)
+    for e in torch.unique(flat).tolist():
+        sel = flat == e
+        t = tok[sel]
+        h = xc[t] @ w13[e].to(compute_dtype).t()
+        a = F.silu(h[:, :I]) * h[:, I:]
+        o = (a @ w2[e].to(compute_dtype).t()) * weights[sel, None].to(compute_dtype)
+        y.index_add_(0, t, o)
+    return y.to(x.dtype)
+
+
+def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
+                                  compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Plain PyTorch paged reference: translate ids through the page table, then
+    :func:`fused_experts_reference` on the slot buffer. Syncs the host."""
+    T, H, I, k, E, S, ids, weights = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
+                                               page_table)
+    flat = ids.reshape(-1).long()
+    if T == 0:
+        return x.new_empty((0, H))
+    if flat.min() < 0 or flat.max() >= E:
+        raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
+    slots = page_table.long()[flat]
+    bad = (slots < 0) | (slots >= S)
+    if bad.any():
+        experts = torch.unique(flat[bad]).tolist()
+        raise ValueError(f"routed expert(s) {experts} have no slot in [0, {S}) in page_table")
+    return fused_experts_reference(x, w13_slots, w2_slots, topk_weights,
+                                   slots.view(T, k).to(torch.int32), compute_dtype=compute_dtype)
