@@ -39,7 +39,7 @@ def candidates(rows_per_expert: float):
         tiles = list(itertools.product([16, 32, 64], [128, 256], [4], [3, 4, 5]))
         tiles += [(64, 128, 8, 4), (64, 256, 8, 4), (32, 512, 4, 3)]
     elif rows_per_expert <= 64:
-        bms = [32, 64]
+        bms = [32, 64, 128] if rows_per_expert > 32 else [16, 32, 64]
         tiles = itertools.product([64, 128], [64, 128], [4, 8], [3, 4])
     else:
         bms = [64, 128]
@@ -66,13 +66,14 @@ def tune_one(shape, T, dtype, device, w13, w2):
     best = None
     for bm in bms:
         plan = route_plan(ids, E, bm)
+        plan_us = bench(lambda: route_plan(ids, E, bm))
         gu = min(((bench(lambda c=c: launch_gate_up(x, w13, plan, k, c)), c) for c in tiles),
                  key=lambda p: p[0])
         act = launch_gate_up(x, w13, plan, k, gu[1])
         dn = min(((bench(lambda c=c: launch_down(act, w2, wf, plan, c)), c) for c in tiles),
                  key=lambda p: p[0])
         total = gu[0] + dn[0]
-        print(f"  T={T:5d} block_m={bm:3d}: gate_up {gu[0]:8.1f} us {gu[1]}  down {dn[0]:8.1f} us "
+        print(f"  T={T:5d} block_m={bm:3d}: plan {plan_us:6.1f} us  gate_up {gu[0]:8.1f} us {gu[1]}  down {dn[0]:8.1f} us "
               f"{dn[1]}", flush=True)
         if best is None or total < best[0]:
             best = (total, {"block_m": bm, "gate_up": gu[1], "down": dn[1]})

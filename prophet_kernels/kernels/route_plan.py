@@ -189,11 +189,14 @@ def _plan_meta(
     tl.store(status_ptr + sf, st, mask=sf < 5)
 
     # Block b covers rows [b*BM, (b+1)*BM): its expert is the number of runs ending at or before
-    # its first row. Blocks past the last used one get -1.
+    # its first row. Blocks past the last used one get -1. The run ends are re-read from
+    # padded_offsets (written above by other threads: hence the barrier) instead of broadcasting
+    # the register tensor: on triton 3.6 / H100 that broadcast gave wrong lanes (seen 2026-11-22).
+    tl.debug_barrier()
+    ends = tl.load(poffs_ptr + 1 + e, mask=in_e, other=2147483647)
     for b0 in range(0, NB, BLOCK_B):
         b = b0 + tl.arange(0, BLOCK_B)
         row = b * BM
-        ends = tl.where(in_e, pincl, 2147483647)
         be = tl.sum((ends[None, :] <= row[:, None]).to(tl.int32), axis=1)
         live = be < E
         if HAS_PT:
