@@ -1,9 +1,11 @@
 """Tune the grouped-GEMM launch configs on the GPU and write them as data.
 
-For each shape and batch size T, and each candidate ``block_m``: the route plan is built once,
-then every gate_up and every down candidate tile is timed alone with ``triton.testing.do_bench``
-(median; it flushes L2 before each run, so weights come from HBM). The best (block_m, gate_up,
-down) by summed time is written to ``prophet_kernels/kernels/configs/<device>.json``
+For each shape and batch size T, and each candidate ``block_m``: the route plans of a few rotated
+routings are built once, then every gate_up and every down candidate tile is timed alone as CUDA
+graph replays over the rotations (median; rotation keeps weights out of L2, and graphs keep the
+host's launch cost out of microsecond kernels). Plan and combine are timed too; at decode sizes
+the two-launch GEMV path (:mod:`prophet_kernels.kernels.gemv`) competes. The best total is
+written to ``prophet_kernels/kernels/configs/<device>.json``
 (or ``--out``), merged with what the file already holds.
 
     python bench/tune_moe.py                       # OLMoE + Mixtral shapes, all bench T, bf16
@@ -26,7 +28,9 @@ import torch
 import triton
 import triton.testing
 
+from bench.bench_moe import time_graph
 from bench.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
+from prophet_kernels.kernels.gemv import gemv_experts
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key
 from prophet_kernels.kernels.route_plan import route_plan
@@ -48,36 +52,82 @@ def candidates(rows_per_expert: float):
     return bms, [dict(BN=n, BK=k, num_warps=w, num_stages=s) for n, k, w, s in tiles]
 
 
-def bench(fn) -> float:
+def bench(calls) -> float:
+    """Median us per call, all calls replayed from one CUDA graph (rotated inputs: cold L2)."""
     try:
-        fn()
-        return triton.testing.do_bench(fn, warmup=5, rep=25, return_mode="median") * 1e3
+        return time_graph(calls, repeats=10)[0]
     except Exception:  # out of shared memory / registers for this tile: not a candidate
         return float("inf")
 
 
-def tune_one(shape, T, dtype, device, w13, w2):
+def gemv_candidates():
+    tiles = itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [2, 4])
+    return [dict(BN=n, BK=k, num_warps=w, num_stages=s) for n, k, w, s in tiles]
+
+
+def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
     g = torch.Generator(device=device).manual_seed(T)
-    x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
-    ids, w = random_routing(T, E, k, device, generator=g)
-    wf = w.reshape(-1).contiguous()
+    inputs = []
+    for _ in range(rotations):
+        x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
+        ids, w = random_routing(T, E, k, device, generator=g)
+        inputs.append((x, ids, w.reshape(-1).contiguous()))
     bms, tiles = candidates(T * k / E)
     best = None
+
+    def pick(make_call, cands):
+        return min(((bench([make_call(c, r) for r in range(rotations)]), c) for c in cands),
+                   key=lambda p: p[0])
+
     for bm in bms:
-        plan = route_plan(ids, E, bm)
-        plan_us = bench(lambda: route_plan(ids, E, bm))
-        gu = min(((bench(lambda c=c: launch_gate_up(x, w13, plan, k, c)), c) for c in tiles),
-                 key=lambda p: p[0])
-        act = launch_gate_up(x, w13, plan, k, gu[1])
-        dn = min(((bench(lambda c=c: launch_down(act, w2, wf, plan, c)), c) for c in tiles),
-                 key=lambda p: p[0])
-        total = gu[0] + dn[0]
-        print(f"  T={T:5d} block_m={bm:3d}: plan {plan_us:6.1f} us  gate_up {gu[0]:8.1f} us {gu[1]}  down {dn[0]:8.1f} us "
-              f"{dn[1]}", flush=True)
+        plans = [route_plan(i, E, bm) for _, i, _ in inputs]
+        plan_us = bench([lambda i=i: route_plan(i, E, bm) for _, i, _ in inputs])
+        gu = pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k, c), tiles)
+        acts = [launch_gate_up(x, w13, p, k, gu[1]) for (x, _, _), p in zip(inputs, plans)]
+        dn = pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r], c), tiles)
+        outs = [launch_down(a, w2, wf, p, dn[1]) for a, (_, _, wf), p in zip(acts, inputs, plans)]
+        sum_us = bench([lambda o=o: o.view(T, k, H).sum(1) for o in outs]) if k > 1 else 0.0
+        total = plan_us + gu[0] + dn[0] + sum_us
+        print(f"  T={T:5d} block_m={bm:3d}: plan {plan_us:6.1f} + gate_up {gu[0]:7.1f} {gu[1]} + "
+              f"down {dn[0]:7.1f} {dn[1]} + sum {sum_us:5.1f} = {total:7.1f} us", flush=True)
         if best is None or total < best[0]:
             best = (total, {"block_m": bm, "gate_up": gu[1], "down": dn[1]})
+    if T * k <= E:  # decode with mostly distinct experts: also time the two-launch GEMV path
+        gcands = gemv_candidates()
+        ids_ = [i for _, i, _ in inputs]
+        wfs = [wf for _, _, wf in inputs]
+        I_ = w13.shape[1] // 2
+        acts = [torch.empty((T * k, I_), dtype=dtype, device=device) for _ in inputs]
+
+        def gu_call(c, r):
+            cfg = {"gate_up": c, "down": c}
+            return lambda: _gemv_gate_up_only(inputs[r][0], w13, acts[r], ids_[r], E, cfg)
+
+        gu = pick(gu_call, gcands)
+        for r in range(rotations):
+            _gemv_gate_up_only(inputs[r][0], w13, acts[r], ids_[r], E, {"gate_up": gu[1]})
+        full = pick(lambda c, r: lambda: gemv_experts(inputs[r][0], w13, w2, None, wfs[r], ids_[r],
+                                                      E, {"gate_up": gu[1], "down": c}), gcands)
+        print(f"  T={T:5d} gemv: gate_up {gu[0]:7.1f} {gu[1]}; gate_up + down {full[0]:7.1f} "
+              f"{full[1]}", flush=True)
+        if full[0] < best[0]:
+            best = (full[0], {"gemv": True, "block_m": 16, "gate_up": gu[1], "down": full[1]})
     return best
+
+
+def _gemv_gate_up_only(x, w13, act, ids, E, cfg):
+    from prophet_kernels.kernels.gemv import _gemv_gate_up_kernel
+
+    T, H = x.shape
+    k = ids.shape[1]
+    I = w13.shape[1] // 2
+    c = cfg["gate_up"]
+    _gemv_gate_up_kernel[(T * k, triton.cdiv(I, c["BN"]))](
+        x, w13, act, ids, ids, T, H, I, E, w13.shape[0], k,
+        x.stride(0), x.stride(1), *w13.stride(), act.stride(0), act.stride(1),
+        BN=c["BN"], BK=c["BK"], EVEN_K=H % c["BK"] == 0, HAS_PT=False,
+        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 
 def main(argv=None):

@@ -7,6 +7,8 @@ shape key ``"E=64,H=2048,I=1024,k=8,dtype=bfloat16"`` to ``{"<T>": config}``; a 
      "gate_up": {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4},
      "down":    {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}}
 
+``"gemv": true`` selects the two-launch decode path of :mod:`gemv` (tiles then mean its tiles).
+
 Lookup: the tuned T nearest to the batch (in log scale) for the exact shape key; otherwise a
 default chosen by batch size, logged once. ``PROPHET_MOE_CONFIG`` (a JSON string or a path to a
 JSON file holding one config) pins a config for every call. ``bench/tune_moe.py`` writes the files.
@@ -53,6 +55,9 @@ def default_config(T: int, k: int, E: int, device: torch.device) -> dict:
     if device.type != "cuda":
         return {"block_m": 16, "gate_up": {"BN": 64, "BK": 64}, "down": {"BN": 64, "BK": 64}}
     rows_per_expert = T * k / E
+    if 2 * T * k <= E:  # decode, experts mostly distinct: the two-launch GEMV path
+        tile = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
+        return {"gemv": True, "block_m": 16, "gate_up": dict(tile), "down": dict(tile)}
     if rows_per_expert <= 16:
         tile = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 4}
         return {"block_m": 16, "gate_up": dict(tile), "down": dict(tile)}

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from . import use_triton
+from .gemv import gemv_experts
 from .grouped_gemm import launch_down, launch_gate_up
 from .launch_config import get_config
 from .route_plan import route_plan
@@ -86,8 +87,13 @@ def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config):
     if T == 0:
         return x.new_empty((0, H))
     cfg = config or get_config(T, E, H, I, k, x.dtype, x.device)
+    checking = check and not _capturing(x.device)
+    if cfg.get("gemv"):
+        if checking:  # host sync: bad ids / missing slots raise before any GEMM
+            route_plan(ids, E, 16, page_table, num_slots=S).check(num_slots=S)
+        return gemv_experts(x, w13, w2, page_table, weights, ids, E, cfg)
     plan = route_plan(ids, E, cfg["block_m"], page_table, num_slots=S)
-    if check and not _capturing(x.device):
+    if checking:
         plan.check(num_slots=S)  # host sync: bad ids / missing slots raise before any GEMM
     act = launch_gate_up(x, w13, plan, k, cfg["gate_up"])
     out = launch_down(act, w2, weights, plan, cfg["down"])

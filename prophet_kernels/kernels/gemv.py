@@ -1,0 +1,152 @@
+"""Decode path of the paged expert GEMMs: one program per token-slot (gate_up) or token (down).
+
+At decode a token-slot rarely shares its expert with another (OLMoE T=1: 8 distinct experts of
+64), so grouping buys nothing and the route plan, the padding and the combine are pure overhead
+(three extra launches of a ~35 us layer). This path reads every weight through the same page
+table with two launches and no plan: the combine over k and the routing weight are fused into
+the down kernel, which writes y directly. ``moe.py`` takes it when the tuned config says so
+(``"gemv": true``), which ``bench/tune_moe.py`` decides by timing both paths.
+
+Legend: T tokens, k experts per token, N = T*k token-slots, E experts, H, I, S as in
+:mod:`grouped_gemm`::
+
+    x            [T, H]      activations
+    topk_ids     [N]  int32  expert of each token-slot;  page_table [E] int32 slot or -1
+      -> gate_up:  act [N, I]  x dtype   act[n] = silu(Wg[s] x[t]) * (Wu[s] x[t]), s = pt[ids[n]]
+      -> down:     y   [T, H]  x dtype   y[t] = sum_j w[t,j] * W2[s_j] act[t*k+j]
+
+A token-slot whose id or slot is invalid contributes zero (``check=True`` in ``moe.py`` raises
+before launching instead).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _slot_of(ids_ptr, pt_ptr, n, E, S, HAS_PT: tl.constexpr):
+    e = tl.load(ids_ptr + n)
+    ok = (e >= 0) & (e < E)
+    if HAS_PT:
+        s = tl.load(pt_ptr + e, mask=ok, other=-1)
+    else:
+        s = e
+    return tl.where(ok & (s >= 0) & (s < S), s, -1)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _gemv_gate_up_kernel(
+    x_ptr,  # (T, H)
+    w_ptr,  # (S, 2I, H)
+    act_ptr,  # (N, I) out
+    ids_ptr,  # (N,) int32
+    pt_ptr,  # (E,) int32
+    T, H, I, E, S, TOPK,
+    stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_an, stride_ai,
+    BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, HAS_PT: tl.constexpr,
+):
+    """grid = (N, cdiv(I, BN))."""
+    n = tl.program_id(0)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = offs_n < I
+    slot = _slot_of(ids_ptr, pt_ptr, n, E, S, HAS_PT)
+    t = n // TOPK
+    offs_k = tl.arange(0, BK)
+    acc_g = tl.zeros([BN], dtype=tl.float32)
+    acc_u = tl.zeros([BN], dtype=tl.float32)
+    if slot >= 0:
+        x_ptrs = x_ptr + t.to(tl.int64) * stride_xt + offs_k * stride_xh
+        # slot * stride_ws overflows int32 for large buffers: int64.
+        wg_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None].to(tl.int64) * stride_wn
+                   + offs_k[None, :] * stride_wh)
+        wu_ptrs = wg_ptrs + I * stride_wn
+        for k0 in range(0, H, BK):
+            if EVEN_K:
+                xv = tl.load(x_ptrs).to(tl.float32)
+                wg = tl.load(wg_ptrs, mask=n_ok[:, None], other=0.0)
+                wu = tl.load(wu_ptrs, mask=n_ok[:, None], other=0.0)
+            else:
+                k_ok = offs_k + k0 < H
+                xv = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                wg = tl.load(wg_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+            acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+            acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+            x_ptrs += BK * stride_xh
+            wg_ptrs += BK * stride_wh
+            wu_ptrs += BK * stride_wh
+    act = acc_g * tl.sigmoid(acc_g) * acc_u
+    tl.store(act_ptr + n.to(tl.int64) * stride_an + offs_n * stride_ai,
+             act.to(act_ptr.dtype.element_ty), mask=n_ok)
+
+
+@triton.jit(do_not_specialize=["T"])
+def _gemv_down_kernel(
+    act_ptr,  # (N, I)
+    w_ptr,  # (S, H, I)
+    y_ptr,  # (T, H) out
+    topk_w_ptr,  # (N,) fp32
+    ids_ptr,  # (N,) int32
+    pt_ptr,  # (E,) int32
+    T, H, I, E, S, TOPK,
+    stride_an, stride_ai, stride_ws, stride_wh, stride_wi, stride_yt, stride_yh,
+    BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, HAS_PT: tl.constexpr,
+):
+    """grid = (T, cdiv(H, BN)); loops over the token's k experts (the combine)."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    n_ok = offs_n < H
+    offs_k = tl.arange(0, BK)
+    acc = tl.zeros([BN], dtype=tl.float32)
+    for j in range(0, TOPK):
+        n = t * TOPK + j
+        slot = _slot_of(ids_ptr, pt_ptr, n, E, S, HAS_PT)
+        if slot >= 0:
+            a_ptrs = act_ptr + n.to(tl.int64) * stride_an + offs_k * stride_ai
+            w_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws
+                      + offs_n[:, None].to(tl.int64) * stride_wh + offs_k[None, :] * stride_wi)
+            part = tl.zeros([BN], dtype=tl.float32)
+            for k0 in range(0, I, BK):
+                if EVEN_K:
+                    av = tl.load(a_ptrs).to(tl.float32)
+                    wv = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
+                else:
+                    k_ok = offs_k + k0 < I
+                    av = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
+                    wv = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+                part += tl.sum(wv.to(tl.float32) * av[None, :], axis=1)
+                a_ptrs += BK * stride_ai
+                w_ptrs += BK * stride_wi
+            acc += part * tl.load(topk_w_ptr + n)
+    tl.store(y_ptr + t.to(tl.int64) * stride_yt + offs_n * stride_yh,
+             acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+
+
+def gemv_experts(x, w13_slots, w2_slots, page_table, weights_flat, ids, num_experts: int,
+                 cfg: dict) -> torch.Tensor:
+    """y [T, H] through the decode path. ``ids`` [T, k] int32, ``weights_flat`` [T*k] fp32."""
+    T, H = x.shape
+    k = ids.shape[1]
+    S, I = w13_slots.shape[0], w13_slots.shape[1] // 2
+    ids_flat = ids.reshape(-1).contiguous()
+    has_pt = page_table is not None
+    pt = page_table if has_pt else ids_flat  # dummy pointer when unused
+    act = torch.empty((T * k, I), dtype=x.dtype, device=x.device)
+    y = torch.empty((T, H), dtype=x.dtype, device=x.device)
+    gu, dn = cfg["gate_up"], cfg["down"]
+    _gemv_gate_up_kernel[(T * k, triton.cdiv(I, gu["BN"]))](
+        x, w13_slots, act, ids_flat, pt, T, H, I, num_experts, S, k,
+        x.stride(0), x.stride(1), *w13_slots.stride(), act.stride(0), act.stride(1),
+        BN=gu["BN"], BK=gu["BK"], EVEN_K=H % gu["BK"] == 0, HAS_PT=has_pt,
+        num_warps=gu.get("num_warps", 4), num_stages=gu.get("num_stages", 3),
+    )
+    _gemv_down_kernel[(T, triton.cdiv(H, dn["BN"]))](
+        act, w2_slots, y, weights_flat, ids_flat, pt, T, H, I, num_experts, S, k,
+        act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1),
+        BN=dn["BN"], BK=dn["BK"], EVEN_K=I % dn["BK"] == 0, HAS_PT=has_pt,
+        num_warps=dn.get("num_warps", 4), num_stages=dn.get("num_stages", 3),
+    )
+    return y
