@@ -73,7 +73,8 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
         x = torch.randn(T, H, device=device, dtype=dtype, generator=g)
         ids, w = random_routing(T, E, k, device, generator=g)
         inputs.append((x, ids, w.reshape(-1).contiguous()))
-    bms, tiles = candidates(T * k / E)
+    rows_per_expert = T * k / E
+    bms, tiles = candidates(rows_per_expert)
     best = None
 
     def pick(make_call, cands):
@@ -86,6 +87,14 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
         gu = pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k, c), tiles)
         acts = [launch_gate_up(x, w13, p, k, gu[1]) for (x, _, _), p in zip(inputs, plans)]
         dn = pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r], c), tiles)
+        if rows_per_expert > 16:  # large batches: then the grouped order of the best tiles
+            groups = [dict(gu[1], GROUP_M=m) for m in (4, 8, 16)]
+            gu = min([gu, pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k,
+                                                                   c), groups)], key=lambda p: p[0])
+            acts = [launch_gate_up(x, w13, p, k, gu[1]) for (x, _, _), p in zip(inputs, plans)]
+            groups = [dict(dn[1], GROUP_M=m) for m in (4, 8, 16)]
+            dn = min([dn, pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r],
+                                                                c), groups)], key=lambda p: p[0])
         outs = [launch_down(a, w2, wf, p, dn[1]) for a, (_, _, wf), p in zip(acts, inputs, plans)]
         sum_us = bench([lambda o=o: o.view(T, k, H).sum(1) for o in outs]) if k > 1 else 0.0
         total = plan_us + gu[0] + dn[0] + sum_us

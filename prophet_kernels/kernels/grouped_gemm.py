@@ -17,8 +17,9 @@ Pipeline (the route plan comes from :mod:`route_plan`)::
       -> combine:  y[t] = sum_j out[t*k + j]                          y [T, H]
 
 Both kernels launch one program per (block, column tile); programs of unused blocks return at
-once. The block index varies fastest so that the blocks of one expert, which read the same weight
-tile, run together and share it through L2.
+once. Programs run in grouped order (``GROUP_M`` blocks sweep the column tiles together) so that
+the blocks of one expert share each weight tile through L2 and large batches do not re-read their
+rows from HBM for every column tile.
 """
 
 from __future__ import annotations
@@ -26,6 +27,20 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def _block_coords(pid, NB, num_n, GROUP_M: tl.constexpr):
+    # Grouped order (Triton matmul tutorial): GROUP_M consecutive blocks sweep all column tiles
+    # before the next group starts, so their rows stay in L2 while the weight tiles stream; and
+    # the blocks of one expert, which share each weight tile, run together. GROUP_M >= NB is
+    # "block index fastest" over the whole grid.
+    group = pid // (GROUP_M * num_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(NB - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * num_n)) % size_m
+    pid_n = (pid % (GROUP_M * num_n)) // size_m
+    return pid_m, pid_n
 
 
 @triton.jit(do_not_specialize=["N", "NB"])  # one compile serves every batch size
@@ -43,13 +58,11 @@ def _gate_up_kernel(
     stride_ws, stride_wn, stride_wh,
     stride_ap, stride_ai,
     # meta-parameters
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """grid = (NB * cdiv(I, BN),), block index fastest."""
-    pid = tl.program_id(0)
-    pid_m = pid % NB
-    pid_n = pid // NB
+    """grid = (NB * cdiv(I, BN),), grouped order (see _block_coords)."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(I, BN), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot < 0:
         return
@@ -107,13 +120,11 @@ def _down_kernel(
     stride_ws, stride_wh, stride_wi,
     stride_on, stride_oh,
     # meta-parameters
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """grid = (NB * cdiv(H, BN),), block index fastest."""
-    pid = tl.program_id(0)
-    pid_m = pid % NB
-    pid_n = pid // NB
+    """grid = (NB * cdiv(H, BN),), grouped order (see _block_coords)."""
+    pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(H, BN), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     offs_m = pid_m * BM + tl.arange(0, BM)
     ts = tl.load(sorted_ptr + offs_m)
@@ -169,7 +180,7 @@ def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict) -> torch.Tensor:
         x.stride(0), x.stride(1),
         w13_slots.stride(0), w13_slots.stride(1), w13_slots.stride(2),
         act.stride(0), act.stride(1),
-        BM=plan.block_m, BN=bn, BK=bk, EVEN_K=H % bk == 0,
+        BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=H % bk == 0,
         DOT_PRECISION=_dot_precision(x.dtype),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
@@ -190,7 +201,7 @@ def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict) -> torch.Tens
         act.stride(0), act.stride(1),
         w2_slots.stride(0), w2_slots.stride(1), w2_slots.stride(2),
         out.stride(0), out.stride(1),
-        BM=plan.block_m, BN=bn, BK=bk, EVEN_K=I % bk == 0,
+        BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=I % bk == 0,
         DOT_PRECISION=_dot_precision(act.dtype),
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
