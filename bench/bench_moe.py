@@ -200,7 +200,7 @@ def main(argv=None):
         shape = {**MOE_SHAPES, **SMALL_SHAPE}[name]
         rows += bench_shape(name, shape, Ts, dtype, device, args.rotations if gpu else 1, hw, meta,
                             with_ref=not args.no_reference)
-    path = write_rows("bench_moe", rows, args.out_dir)
+    path = write_rows("bench_moe" if gpu else "bench_moe_cpu", rows, args.out_dir)
     print(f"wrote {len(rows)} rows to {path}")
     return rows
 

@@ -6,24 +6,33 @@ Public kernel API (names are a contract):
 - :func:`fused_experts_paged` -- MoE experts reading weights through a page table.
 - :func:`fused_experts` -- the same kernels on contiguous ``[E, ...]`` weights.
 - ``*_reference`` -- plain PyTorch references of each.
+
+The kernel modules load on first use, so that a caller (the ``prophet`` command, a test
+conftest) can still choose the Triton interpreter (``TRITON_INTERPRET=1``) after importing the
+package: Triton decides interpreter or compiler when a kernel is defined.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .kernels.moe import (  # noqa: E402
-    fused_experts,
-    fused_experts_paged,
-    fused_experts_paged_reference,
-    fused_experts_reference,
-)
-from .kernels.route_plan import RoutePlan, route_plan, route_plan_reference  # noqa: E402
+_EXPORTS = {
+    "RoutePlan": "kernels.route_plan",
+    "route_plan": "kernels.route_plan",
+    "route_plan_reference": "kernels.route_plan",
+    "fused_experts": "kernels.moe",
+    "fused_experts_paged": "kernels.moe",
+    "fused_experts_reference": "kernels.moe",
+    "fused_experts_paged_reference": "kernels.moe",
+}
+__all__ = list(_EXPORTS)
 
-__all__ = [
-    "RoutePlan",
-    "route_plan",
-    "route_plan_reference",
-    "fused_experts",
-    "fused_experts_paged",
-    "fused_experts_reference",
-    "fused_experts_paged_reference",
-]
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module 'prophet_kernels' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -1,0 +1,20 @@
+"""Prophet: serve MoE models on one GPU from a paged expert buffer.
+
+Pure Python + Triton; the optional native library (csrc/, CMakeLists.txt) is built separately
+with CMake and is never required.
+"""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="prophet-moe",
+    version="0.1.0",
+    description="Paged expert buffer, prefetcher and Triton kernels for serving MoE models with vLLM",
+    python_requires=">=3.10",
+    packages=find_packages(include=["prophet_kernels", "prophet_kernels.*", "integration",
+                                    "integration.*"]),
+    package_data={"prophet_kernels": ["kernels/configs/*.json"]},
+    install_requires=["torch", "triton", "numpy", "nvtx"],
+    extras_require={"test": ["pytest"]},
+    entry_points={"console_scripts": ["prophet = prophet_kernels.cli:main"]},
+)
