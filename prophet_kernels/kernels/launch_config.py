@@ -50,10 +50,38 @@ def _load(path: str) -> dict:
         return json.load(f)
 
 
-def default_config(T: int, k: int, E: int, device: torch.device) -> dict:
-    """Untuned defaults: small tiles for the interpreter (few programs), GEMV-like tiles at decode."""
+_SMEM_BUDGET = 160 * 1024  # bytes of shared memory a default config may ask for (H100: 227 KiB)
+
+
+def _fit_smem(cfg: dict, elem_bytes: int) -> dict:
+    """Shrink num_stages, then BK, until the pipelined tiles of the gate_up kernel (one x tile and
+    two weight tiles per stage: the larger of the two kernels) fit the shared-memory budget."""
+    bm = cfg["block_m"]
+    for part in ("gate_up", "down"):
+        t = cfg[part]
+        while True:
+            stage = (bm * t["BK"] + 2 * t["BK"] * t["BN"]) * elem_bytes
+            if stage * t["num_stages"] <= _SMEM_BUDGET:
+                break
+            if t["num_stages"] > 2:
+                t["num_stages"] -= 1
+            elif t["BK"] > 32:
+                t["BK"] //= 2
+            else:
+                break
+    return cfg
+
+
+def default_config(T: int, k: int, E: int, device: torch.device,
+                   dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Untuned defaults: small tiles for the interpreter (few programs), GEMV-like tiles at decode,
+    fitted to shared memory for the dtype."""
     if device.type != "cuda":
         return {"block_m": 16, "gate_up": {"BN": 64, "BK": 64}, "down": {"BN": 64, "BK": 64}}
+    return _fit_smem(_gpu_default(T, k, E), torch.empty((), dtype=dtype).element_size())
+
+
+def _gpu_default(T: int, k: int, E: int) -> dict:
     rows_per_expert = T * k / E
     if 2 * T * k <= E:  # decode, experts mostly distinct: the two-launch GEMV path
         tile = {"BN": 32, "BK": 256, "num_warps": 4, "num_stages": 3}
@@ -99,4 +127,4 @@ def get_config(T: int, E: int, H: int, I: int, k: int, dtype: torch.dtype,
         _warned.add((fname, key))
         log.warning("prophet_kernels: no tuned launch config for %s in %s; using defaults "
                     "(run bench/tune_moe.py to tune)", key, fname)
-    return default_config(T, k, E, device)
+    return default_config(T, k, E, device, dtype)
