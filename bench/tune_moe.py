@@ -61,7 +61,7 @@ def bench(calls) -> float:
 
 
 def gemv_candidates():
-    tiles = itertools.product([16, 32, 64], [128, 256, 512], [4, 8], [2, 4])
+    tiles = itertools.product([8, 16, 32, 64], [64, 128, 256, 512], [4, 8], [2, 4])
     return [dict(BN=n, BK=k, num_warps=w, num_stages=s) for n, k, w, s in tiles]
 
 

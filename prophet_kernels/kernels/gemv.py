@@ -15,7 +15,9 @@ Legend: T tokens, k experts per token, N = T*k token-slots, E experts, H, I, S a
       -> gate_up:  act [N, I]  x dtype   act[n] = silu(Wg[s] x[t]) * (Wu[s] x[t]), s = pt[ids[n]]
       -> down:     y   [T, H]  x dtype   y[t] = sum_j w[t,j] * W2[s_j] act[t*k+j]
 
-A token-slot whose id or slot is invalid contributes zero (``check=True`` in ``moe.py`` raises
+The down kernel reads a token's k experts together as one [k, BN, BK] tile, so that a decode
+batch of one token still has enough bytes in flight. A token-slot whose id or slot is invalid
+contributes zero (``check=True`` in ``moe.py`` raises
 before launching instead).
 """
 
@@ -93,36 +95,46 @@ def _gemv_down_kernel(
     pt_ptr,  # (E,) int32
     T, H, I, E, S, TOPK,
     stride_an, stride_ai, stride_ws, stride_wh, stride_wi, stride_yt, stride_yh,
-    BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, HAS_PT: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, K_PAD: tl.constexpr, EVEN_K: tl.constexpr,
+    HAS_PT: tl.constexpr,
 ):
-    """grid = (T, cdiv(H, BN)); loops over the token's k experts (the combine)."""
+    """grid = (T, cdiv(H, BN)). All k experts of the token are read at once as a
+    [K_PAD, BN, BK] tile (k times the bytes in flight of a loop over them), then combined."""
     t = tl.program_id(0)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < H
     offs_k = tl.arange(0, BK)
-    acc = tl.zeros([BN], dtype=tl.float32)
-    for j in range(0, TOPK):
-        n = t * TOPK + j
-        slot = _slot_of(ids_ptr, pt_ptr, n, E, S, HAS_PT)
-        if slot >= 0:
-            a_ptrs = act_ptr + n.to(tl.int64) * stride_an + offs_k * stride_ai
-            w_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws
-                      + offs_n[:, None].to(tl.int64) * stride_wh + offs_k[None, :] * stride_wi)
-            part = tl.zeros([BN], dtype=tl.float32)
-            for k0 in range(0, I, BK):
-                if EVEN_K:
-                    av = tl.load(a_ptrs).to(tl.float32)
-                    wv = tl.load(w_ptrs, mask=n_ok[:, None], other=0.0)
-                else:
-                    k_ok = offs_k + k0 < I
-                    av = tl.load(a_ptrs, mask=k_ok, other=0.0).to(tl.float32)
-                    wv = tl.load(w_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-                part += tl.sum(wv.to(tl.float32) * av[None, :], axis=1)
-                a_ptrs += BK * stride_ai
-                w_ptrs += BK * stride_wi
-            acc += part * tl.load(topk_w_ptr + n)
+    j = tl.arange(0, K_PAD)
+    slot_n = t * TOPK + j  # token-slots of this token
+    j_ok = j < TOPK
+    e = tl.load(ids_ptr + slot_n, mask=j_ok, other=-1)
+    e_ok = j_ok & (e >= 0) & (e < E)
+    if HAS_PT:
+        slot = tl.load(pt_ptr + e, mask=e_ok, other=-1)
+    else:
+        slot = tl.where(e_ok, e, -1)
+    s_ok = (slot >= 0) & (slot < S)
+    # slot * stride_ws overflows int32 for large buffers: int64.
+    w_ptrs = (w_ptr + tl.where(s_ok, slot, 0).to(tl.int64)[:, None, None] * stride_ws
+              + offs_n[None, :, None].to(tl.int64) * stride_wh + offs_k[None, None, :] * stride_wi)
+    a_ptrs = act_ptr + slot_n.to(tl.int64)[:, None] * stride_an + offs_k[None, :] * stride_ai
+    w_mask = s_ok[:, None, None] & n_ok[None, :, None]
+    acc = tl.zeros([K_PAD, BN], dtype=tl.float32)
+    for k0 in range(0, I, BK):
+        if EVEN_K:
+            av = tl.load(a_ptrs, mask=s_ok[:, None], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptrs, mask=w_mask, other=0.0)
+        else:
+            k_ok = offs_k + k0 < I
+            av = tl.load(a_ptrs, mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            wv = tl.load(w_ptrs, mask=w_mask & k_ok[None, None, :], other=0.0)
+        acc += tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+        a_ptrs += BK * stride_ai
+        w_ptrs += BK * stride_wi
+    rw = tl.load(topk_w_ptr + slot_n, mask=s_ok, other=0.0)
+    y = tl.sum(acc * rw[:, None], axis=0)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + offs_n * stride_yh,
-             acc.to(y_ptr.dtype.element_ty), mask=n_ok)
+             y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
 def gemv_experts(x, w13_slots, w2_slots, page_table, weights_flat, ids, num_experts: int,
@@ -146,7 +158,8 @@ def gemv_experts(x, w13_slots, w2_slots, page_table, weights_flat, ids, num_expe
     _gemv_down_kernel[(T, triton.cdiv(H, dn["BN"]))](
         act, w2_slots, y, weights_flat, ids_flat, pt, T, H, I, num_experts, S, k,
         act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1),
-        BN=dn["BN"], BK=dn["BK"], EVEN_K=I % dn["BK"] == 0, HAS_PT=has_pt,
+        BN=dn["BN"], BK=dn["BK"], K_PAD=triton.next_power_of_2(k), EVEN_K=I % dn["BK"] == 0,
+        HAS_PT=has_pt,
         num_warps=dn.get("num_warps", 4), num_stages=dn.get("num_stages", 3),
     )
     return y

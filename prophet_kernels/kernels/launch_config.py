@@ -102,8 +102,9 @@ def _validate(cfg: dict, where: str) -> dict:
         for part in ("gate_up", "down"):
             for f in ("BN", "BK"):
                 v = int(cfg[part][f])
-                if v < 16 or v & (v - 1):
-                    raise ValueError(f"{part}.{f}={v} is not a power of two >= 16")
+                low = 8 if cfg.get("gemv") else 16  # tl.dot needs 16; the GEMV path does not
+                if v < low or v & (v - 1):
+                    raise ValueError(f"{part}.{f}={v} is not a power of two >= {low}")
     except (KeyError, TypeError) as e:
         raise ValueError(f"launch config from {where} is malformed ({e!r}): {cfg}") from None
     if bm < 16 or bm & (bm - 1):
