@@ -25,12 +25,10 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-import triton
-import triton.testing
 
 from bench.bench_moe import time_graph
 from bench.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
-from prophet_kernels.kernels.gemv import gemv_experts
+from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key
 from prophet_kernels.kernels.route_plan import route_plan
@@ -104,39 +102,17 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
             best = (total, {"block_m": bm, "gate_up": gu[1], "down": dn[1]})
     if T * k <= E:  # decode with mostly distinct experts: also time the two-launch GEMV path
         gcands = gemv_candidates()
-        ids_ = [i for _, i, _ in inputs]
-        wfs = [wf for _, _, wf in inputs]
-        I_ = w13.shape[1] // 2
-        acts = [torch.empty((T * k, I_), dtype=dtype, device=device) for _ in inputs]
-
-        def gu_call(c, r):
-            cfg = {"gate_up": c, "down": c}
-            return lambda: _gemv_gate_up_only(inputs[r][0], w13, acts[r], ids_[r], E, cfg)
-
-        gu = pick(gu_call, gcands)
-        for r in range(rotations):
-            _gemv_gate_up_only(inputs[r][0], w13, acts[r], ids_[r], E, {"gate_up": gu[1]})
-        full = pick(lambda c, r: lambda: gemv_experts(inputs[r][0], w13, w2, None, wfs[r], ids_[r],
-                                                      E, {"gate_up": gu[1], "down": c}), gcands)
+        flat = [i.reshape(-1).contiguous() for _, i, _ in inputs]
+        gu = pick(lambda c, r: lambda: launch_gemv_gate_up(inputs[r][0], w13, None, flat[r], E, k,
+                                                           c), gcands)
+        full = pick(lambda c, r: lambda: gemv_experts(inputs[r][0], w13, w2, None, inputs[r][2],
+                                                      inputs[r][1], E, {"gate_up": gu[1], "down": c}),
+                    gcands)
         print(f"  T={T:5d} gemv: gate_up {gu[0]:7.1f} {gu[1]}; gate_up + down {full[0]:7.1f} "
               f"{full[1]}", flush=True)
         if full[0] < best[0]:
             best = (full[0], {"gemv": True, "block_m": 16, "gate_up": gu[1], "down": full[1]})
     return best
-
-
-def _gemv_gate_up_only(x, w13, act, ids, E, cfg):
-    from prophet_kernels.kernels.gemv import _gemv_gate_up_kernel
-
-    T, H = x.shape
-    k = ids.shape[1]
-    I = w13.shape[1] // 2
-    c = cfg["gate_up"]
-    _gemv_gate_up_kernel[(T * k, triton.cdiv(I, c["BN"]))](
-        x, w13, act, ids, ids, T, H, I, E, w13.shape[0], k,
-        x.stride(0), x.stride(1), *w13.stride(), act.stride(0), act.stride(1),
-        BN=c["BN"], BK=c["BK"], EVEN_K=H % c["BK"] == 0, HAS_PT=False,
-        num_warps=c["num_warps"], num_stages=c["num_stages"])
 
 
 def main(argv=None):

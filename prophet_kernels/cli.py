@@ -30,12 +30,8 @@ def _info() -> int:
 
 
 def _bench(args: list[str]) -> int:
-    import os
-
-    import torch
-
-    if not torch.cuda.is_available():  # before any kernel module loads (see __init__)
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    # bench_moe.main picks the Triton interpreter without a GPU before any kernel module loads
+    # (the package loads its kernels lazily, see __init__).
     if not (REPO / "bench" / "bench_moe.py").exists():
         print("prophet bench needs the source checkout (bench/ is not installed)", file=sys.stderr)
         return 2

@@ -35,11 +35,15 @@ def is_available() -> bool:
     return _lib() is not None
 
 
-def abi_version() -> int:
+def _require():
     lib = _lib()
     if lib is None:
         raise RuntimeError("prophet native library not built: cmake -S . -B build && cmake --build build")
-    return lib.prophet_native_abi_version()
+    return lib
+
+
+def abi_version() -> int:
+    return _require().prophet_native_abi_version()
 
 
 def copy_slots(src_ptrs, dst_ptrs, nbytes, stream=None) -> None:
@@ -50,9 +54,7 @@ def copy_slots(src_ptrs, dst_ptrs, nbytes, stream=None) -> None:
     """
     import torch
 
-    lib = _lib()
-    if lib is None:
-        raise RuntimeError("prophet native library not built: cmake -S . -B build && cmake --build build")
+    lib = _require()
     for name, t in (("src_ptrs", src_ptrs), ("dst_ptrs", dst_ptrs), ("nbytes", nbytes)):
         if t.dtype != torch.int64 or not t.is_cuda or t.dim() != 1:
             raise ValueError(f"{name} must be a 1-D int64 CUDA tensor")

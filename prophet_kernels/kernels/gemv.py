@@ -17,8 +17,7 @@ Legend: T tokens, k experts per token, N = T*k token-slots, E experts, H, I, S a
 
 The down kernel reads a token's k experts together as one [k, BN, BK] tile, so that a decode
 batch of one token still has enough bytes in flight. A token-slot whose id or slot is invalid
-contributes zero (``check=True`` in ``moe.py`` raises
-before launching instead).
+contributes zero (``check=True`` in ``moe.py`` raises before launching instead).
 """
 
 from __future__ import annotations
@@ -29,9 +28,11 @@ import triton.language as tl
 
 
 @triton.jit
-def _slot_of(ids_ptr, pt_ptr, n, E, S, HAS_PT: tl.constexpr):
-    e = tl.load(ids_ptr + n)
-    ok = (e >= 0) & (e < E)
+def _slot_of(ids_ptr, pt_ptr, n, valid, E, S, HAS_PT: tl.constexpr):
+    # Slot read by token-slot(s) n (scalar or vector), or -1 where invalid: n masked off, expert
+    # id outside [0, E), page-table slot -1 or >= S.
+    e = tl.load(ids_ptr + n, mask=valid, other=-1)
+    ok = valid & (e >= 0) & (e < E)
     if HAS_PT:
         s = tl.load(pt_ptr + e, mask=ok, other=-1)
     else:
@@ -54,7 +55,7 @@ def _gemv_gate_up_kernel(
     n = tl.program_id(0)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < I
-    slot = _slot_of(ids_ptr, pt_ptr, n, E, S, HAS_PT)
+    slot = _slot_of(ids_ptr, pt_ptr, n, n >= 0, E, S, HAS_PT)
     t = n // TOPK
     offs_k = tl.arange(0, BK)
     acc_g = tl.zeros([BN], dtype=tl.float32)
@@ -106,16 +107,10 @@ def _gemv_down_kernel(
     offs_k = tl.arange(0, BK)
     j = tl.arange(0, K_PAD)
     slot_n = t * TOPK + j  # token-slots of this token
-    j_ok = j < TOPK
-    e = tl.load(ids_ptr + slot_n, mask=j_ok, other=-1)
-    e_ok = j_ok & (e >= 0) & (e < E)
-    if HAS_PT:
-        slot = tl.load(pt_ptr + e, mask=e_ok, other=-1)
-    else:
-        slot = tl.where(e_ok, e, -1)
-    s_ok = (slot >= 0) & (slot < S)
+    slot = _slot_of(ids_ptr, pt_ptr, slot_n, j < TOPK, E, S, HAS_PT)
+    s_ok = slot >= 0
     # slot * stride_ws overflows int32 for large buffers: int64.
-    w_ptrs = (w_ptr + tl.where(s_ok, slot, 0).to(tl.int64)[:, None, None] * stride_ws
+    w_ptrs = (w_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None, None] * stride_ws
               + offs_n[None, :, None].to(tl.int64) * stride_wh + offs_k[None, None, :] * stride_wi)
     a_ptrs = act_ptr + slot_n.to(tl.int64)[:, None] * stride_an + offs_k[None, :] * stride_ai
     w_mask = s_ok[:, None, None] & n_ok[None, :, None]
@@ -137,29 +132,45 @@ def _gemv_down_kernel(
              y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+def launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts: int, topk: int,
+                        cfg: dict) -> torch.Tensor:
+    """act [T*k, I] = silu(gate) * up per token-slot. ``ids_flat`` [T*k] int32 contiguous."""
+    T, H = x.shape
+    S, I = w13_slots.shape[0], w13_slots.shape[1] // 2
+    has_pt = page_table is not None
+    act = torch.empty((T * topk, I), dtype=x.dtype, device=x.device)
+    _gemv_gate_up_kernel[(T * topk, triton.cdiv(I, cfg["BN"]))](
+        x, w13_slots, act, ids_flat, page_table if has_pt else ids_flat,  # dummy when unused
+        T, H, I, num_experts, S, topk,
+        x.stride(0), x.stride(1), *w13_slots.stride(), act.stride(0), act.stride(1),
+        BN=cfg["BN"], BK=cfg["BK"], EVEN_K=H % cfg["BK"] == 0, HAS_PT=has_pt,
+        num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    return act
+
+
+def launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_experts: int,
+                     topk: int, cfg: dict) -> torch.Tensor:
+    """y [T, H] = sum_j w[t,j] * W2[s_j] act[t*k+j]."""
+    T = act.shape[0] // topk
+    S, H, I = w2_slots.shape
+    has_pt = page_table is not None
+    y = torch.empty((T, H), dtype=act.dtype, device=act.device)
+    _gemv_down_kernel[(T, triton.cdiv(H, cfg["BN"]))](
+        act, w2_slots, y, weights_flat, ids_flat, page_table if has_pt else ids_flat,
+        T, H, I, num_experts, S, topk,
+        act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1),
+        BN=cfg["BN"], BK=cfg["BK"], K_PAD=triton.next_power_of_2(topk), EVEN_K=I % cfg["BK"] == 0,
+        HAS_PT=has_pt, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+    )
+    return y
+
+
 def gemv_experts(x, w13_slots, w2_slots, page_table, weights_flat, ids, num_experts: int,
                  cfg: dict) -> torch.Tensor:
     """y [T, H] through the decode path. ``ids`` [T, k] int32, ``weights_flat`` [T*k] fp32."""
-    T, H = x.shape
     k = ids.shape[1]
-    S, I = w13_slots.shape[0], w13_slots.shape[1] // 2
     ids_flat = ids.reshape(-1).contiguous()
-    has_pt = page_table is not None
-    pt = page_table if has_pt else ids_flat  # dummy pointer when unused
-    act = torch.empty((T * k, I), dtype=x.dtype, device=x.device)
-    y = torch.empty((T, H), dtype=x.dtype, device=x.device)
-    gu, dn = cfg["gate_up"], cfg["down"]
-    _gemv_gate_up_kernel[(T * k, triton.cdiv(I, gu["BN"]))](
-        x, w13_slots, act, ids_flat, pt, T, H, I, num_experts, S, k,
-        x.stride(0), x.stride(1), *w13_slots.stride(), act.stride(0), act.stride(1),
-        BN=gu["BN"], BK=gu["BK"], EVEN_K=H % gu["BK"] == 0, HAS_PT=has_pt,
-        num_warps=gu.get("num_warps", 4), num_stages=gu.get("num_stages", 3),
-    )
-    _gemv_down_kernel[(T, triton.cdiv(H, dn["BN"]))](
-        act, w2_slots, y, weights_flat, ids_flat, pt, T, H, I, num_experts, S, k,
-        act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1),
-        BN=dn["BN"], BK=dn["BK"], K_PAD=triton.next_power_of_2(k), EVEN_K=I % dn["BK"] == 0,
-        HAS_PT=has_pt,
-        num_warps=dn.get("num_warps", 4), num_stages=dn.get("num_stages", 3),
-    )
-    return y
+    act = launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts, k, cfg["gate_up"])
+    return launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_experts, k,
+                            cfg["down"])
