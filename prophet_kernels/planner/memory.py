@@ -1,0 +1,402 @@
+"""Memory model: parameters by part, KV bytes per token, and Prophet's KV extension.
+
+All arithmetic is exact integer counting from the architecture in ``catalog``; nothing here reads
+a published total. The one estimate is the activation/workspace reserve, stated by its formula in
+``workspace_bytes`` and overridable.
+
+Serving model (vLLM's): usable = GPU memory x gpu_memory_utilization; KV cache = usable - weights
+- workspace. With Prophet the routed experts live in pinned host memory and the GPU holds a
+paged buffer of S expert slots instead, so KV cache grows by (all routed experts - S slots).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .catalog import GQA, MLA, MoA, GPUSpec, ModelSpec
+
+DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+PARTS = ("embeddings", "attention", "dense_mlp", "shared_experts", "routed_experts", "router", "mamba", "norms")
+
+
+def dtype_bytes(dtype: str) -> int:
+    try:
+        return DTYPE_BYTES[dtype]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Parameters
+# ----------------------------------------------------------------------------------------------
+
+
+def _mlp_params(h: int, inter: int, gated: bool, bias: bool) -> int:
+    mats = 3 if gated else 2
+    return mats * h * inter + ((2 * inter if gated else inter) + h if bias else 0)
+
+
+def _attention_params(m: ModelSpec) -> int:
+    """One self-attention block (projections, biases, q/k norms)."""
+    a, h = m.attention, m.hidden
+    if isinstance(a, GQA):
+        q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+        n = h * q + 2 * h * kv + q * h
+        n += (q + 2 * kv) if a.qkv_bias else 0
+        n += h if a.o_bias else 0
+        n += {"none": 0, "head": 2 * a.head_dim, "full": q + kv}[a.qk_norm]
+        return n
+    if isinstance(a, MLA):
+        qk_head = a.qk_nope_dim + a.qk_rope_dim
+        if a.q_lora_rank is None:
+            q = h * a.heads * qk_head
+        else:  # q_a_proj, q_a_layernorm, q_b_proj
+            q = h * a.q_lora_rank + a.q_lora_rank + a.q_lora_rank * a.heads * qk_head
+        kv = h * (a.kv_lora_rank + a.qk_rope_dim) + a.kv_lora_rank  # kv_a_proj_with_mqa + kv_a_layernorm
+        kv += a.kv_lora_rank * a.heads * (a.qk_nope_dim + a.v_head_dim)  # kv_b_proj
+        o = a.heads * a.v_head_dim * h
+        return q + kv + o
+    if isinstance(a, MoA):  # per-expert q and o, one shared k/v projection, router, output bias
+        width = a.kv_heads * a.head_dim
+        return a.experts * 2 * h * width + h * 2 * width + h * a.experts + h
+    raise TypeError(f"unknown attention kind {type(a).__name__}")
+
+
+def _cross_attention_params(m: ModelSpec) -> int:
+    a = m.attention
+    assert isinstance(a, GQA)
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    return 2 * m.hidden * q + 2 * m.hidden * kv
+
+
+def _mamba_params(m: ModelSpec) -> int:
+    mb, h = m.mamba, m.hidden
+    d_in = mb.expand * h
+    n = h * 2 * d_in + (2 * d_in if mb.proj_bias else 0)  # in_proj
+    n += d_in * mb.d_conv + (d_in if mb.conv_bias else 0)  # depthwise conv1d
+    n += d_in * (mb.dt_rank + 2 * mb.d_state)  # x_proj
+    n += mb.dt_rank * d_in + d_in  # dt_proj (with bias)
+    n += d_in * mb.d_state + d_in  # A_log, D
+    n += d_in * h + (h if mb.proj_bias else 0)  # out_proj
+    n += (mb.dt_rank + 2 * mb.d_state) if mb.inner_norms else 0
+    return n
+
+
+def count_params(m: ModelSpec) -> dict[str, int]:
+    """Parameters of the model by part (exact for the architectures in the catalogue)."""
+    h, e = m.hidden, m.moe
+    norm = {"rms": h, "ln_nobias": h, "ln": 2 * h}[m.norm]
+    parts = dict.fromkeys(PARTS, 0)
+    parts["embeddings"] = m.vocab * h * (1 if m.tied_embeddings else 2) + (m.vocab if m.lm_head_bias else 0)
+    for layer in m.layers:
+        if layer.mixer == "attn":
+            parts["attention"] += _attention_params(m)
+        else:
+            parts["mamba"] += _mamba_params(m)
+        parts["norms"] += 2 * norm
+        if layer.cross_attn:
+            parts["attention"] += _cross_attention_params(m)
+            parts["norms"] += norm
+        if layer.ffn in ("dense", "moe+dense"):
+            parts["dense_mlp"] += _mlp_params(h, m.dense_intermediate, m.dense_gated, m.mlp_bias)
+        if "moe" in layer.ffn:
+            parts["routed_experts"] += e.experts * _mlp_params(h, e.intermediate, e.gated, False)
+            parts["router"] += h * e.experts + e.router_bias
+            if m.mlp_bias:  # JetMoE: one output bias per MoE block
+                parts["routed_experts"] += h
+            if e.shared_intermediate:
+                parts["shared_experts"] += _mlp_params(h, e.shared_intermediate, True, False)
+                parts["router"] += h if e.shared_gate else 0
+    parts["norms"] += norm * (2 if m.encoder_decoder else 1) + m.extra_params
+    return parts
+
+
+def total_params(m: ModelSpec) -> int:
+    return sum(count_params(m).values())
+
+
+def routed_expert_params(m: ModelSpec) -> int:
+    """Parameters of one routed expert of one layer (the unit Prophet pages)."""
+    return _mlp_params(m.hidden, m.moe.intermediate, m.moe.gated, False)
+
+
+def expert_bytes(m: ModelSpec, weight_dtype: str = "bf16") -> int:
+    return routed_expert_params(m) * dtype_bytes(weight_dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# KV cache
+# ----------------------------------------------------------------------------------------------
+
+
+def kv_elems_per_token(m: ModelSpec) -> int:
+    """Cached elements per token of context, summed over layers.
+
+    GQA/MoA: K and V of each KV head. MLA: the compressed latent plus the shared RoPE key (what
+    vLLM caches). Mamba layers cache nothing per token (see ``state_elems_per_sequence``).
+    Encoder-decoder: a decoder layer caches K and V per decoder token (self-attention) and per
+    encoder token (cross-attention); both cost the same, so a token of either side counts once.
+    """
+    a = m.attention
+    if isinstance(a, MLA):
+        per_layer = a.kv_lora_rank + a.qk_rope_dim
+    else:
+        per_layer = 2 * a.kv_heads * a.head_dim
+    return per_layer * sum(1 for layer in m.layers if layer.mixer == "attn" and layer.cached)
+
+
+def kv_bytes_per_token(m: ModelSpec, kv_dtype: str = "bf16", tp: int = 1) -> int:
+    """KV bytes per token per GPU. Tensor parallelism splits KV heads (a head is replicated when
+    tp exceeds the KV heads); the MLA latent is replicated on every GPU."""
+    a = m.attention
+    if isinstance(a, MLA) or tp == 1:
+        return kv_elems_per_token(m) * dtype_bytes(kv_dtype)
+    heads_per_gpu = max(1, a.kv_heads // tp) if a.kv_heads >= tp else 1
+    return kv_elems_per_token(m) * heads_per_gpu // a.kv_heads * dtype_bytes(kv_dtype)
+
+
+def state_elems_per_sequence(m: ModelSpec) -> int:
+    """Fixed recurrent state of one sequence (Mamba conv + SSM state), independent of length."""
+    if m.mamba is None:
+        return 0
+    d_in = m.mamba.expand * m.hidden
+    per_layer = d_in * (m.mamba.d_conv - 1) + d_in * m.mamba.d_state
+    return per_layer * sum(1 for layer in m.layers if layer.mixer == "mamba")
+
+
+# ----------------------------------------------------------------------------------------------
+# Batch dedup: unique experts per layer
+# ----------------------------------------------------------------------------------------------
+
+
+def expected_unique_experts(num_experts: int, top_k: int, batch: int) -> float:
+    """E[unique experts in one layer] for `batch` tokens each picking k distinct experts
+    uniformly at random (independent tokens): E * (1 - (1 - k/E)^B). Never exceeds E."""
+    if not 1 <= top_k <= num_experts:
+        raise ValueError(f"top_k={top_k} must be in [1, num_experts={num_experts}]")
+    if batch < 0:
+        raise ValueError(f"batch must be >= 0, got {batch}")
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** batch)
+
+
+def seed_unique_experts(top_k: int, batch: int, alpha: float = 0.932) -> float:
+    """The seed analysis's power law k * B^alpha (reproduced only to compare; it exceeds E)."""
+    return top_k * batch**alpha
+
+
+def max_unique_experts(num_experts: int, top_k: int, batch: int) -> int:
+    """Worst case for one layer: every token picks experts no other token picked."""
+    return min(num_experts, top_k * batch)
+
+
+class UniqueCurve:
+    """Measured unique experts per layer vs batch size (from a routing trace), interpolated
+    linearly in log2(batch) between measured points and clamped at the ends."""
+
+    def __init__(self, points: dict[int, float]):
+        if not points:
+            raise ValueError("a measured unique-experts curve needs at least one (batch, unique) point")
+        self.points = dict(sorted(points.items()))
+
+    def __call__(self, batch: int) -> float:
+        bs = list(self.points)
+        if batch <= bs[0]:
+            return self.points[bs[0]]
+        if batch >= bs[-1]:
+            return self.points[bs[-1]]
+        for lo, hi in zip(bs, bs[1:]):
+            if lo <= batch <= hi:
+                t = (math.log2(batch) - math.log2(lo)) / (math.log2(hi) - math.log2(lo))
+                return self.points[lo] + t * (self.points[hi] - self.points[lo])
+        raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------------------------
+# Workspace reserve and the plan
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServingConfig:
+    gpu_memory_utilization: float = 0.9  # vLLM's default
+    weight_dtype: str = "bf16"
+    kv_dtype: str = "bf16"
+    tp: int = 1
+    max_num_batched_tokens: int = 8192  # prefill chunk vLLM profiles with
+    max_num_seqs: int = 256
+    non_torch_bytes: int = 1 << 30  # CUDA context, cuBLAS/NCCL workspaces, CUDA graphs
+    workspace_override: int | None = None  # bytes; replaces the activation estimate when set
+
+    def __post_init__(self):
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
+        if self.tp < 1:
+            raise ValueError(f"tensor parallel size must be >= 1, got {self.tp}")
+        dtype_bytes(self.weight_dtype)
+        dtype_bytes(self.kv_dtype)
+
+
+def workspace_bytes(m: ModelSpec, cfg: ServingConfig) -> int:
+    """Activation/workspace reserve per GPU (an estimate, stated).
+
+    Peak of one forward over max_num_batched_tokens tokens in 16-bit activations: the residual
+    stream and its normalised copy (2H), the widest projection output (q/k/v, the dense MLP's
+    gate+up, or the MoE's k routed copies of gate+up and their product, 3kI), divided by tp; plus
+    fp32 logits for max_num_seqs rows; plus non_torch_bytes. vLLM measures the real value in its
+    profiling run; ServingConfig.workspace_override replaces this estimate.
+    """
+    if cfg.workspace_override is not None:
+        return cfg.workspace_override
+    a, e = m.attention, m.moe
+    if isinstance(a, MLA):
+        attn_width = a.heads * (a.qk_nope_dim + a.qk_rope_dim + a.v_head_dim) + a.kv_lora_rank
+    elif isinstance(a, MoA):
+        attn_width = (a.top_k + 2) * a.kv_heads * a.head_dim
+    else:
+        attn_width = (a.heads + 2 * a.kv_heads) * a.head_dim
+    widest = max(attn_width, 2 * m.dense_intermediate, 3 * e.top_k * e.intermediate, 2 * e.shared_intermediate)
+    per_token = 2 * (2 * m.hidden + widest // cfg.tp)
+    return cfg.max_num_batched_tokens * per_token + cfg.max_num_seqs * m.vocab * 4 // cfg.tp + cfg.non_torch_bytes
+
+
+@dataclass(frozen=True)
+class BufferSetting:
+    """How many expert slots Prophet keeps on the GPU.
+
+    kind "batch": slots for the unique experts of the current layer and of `prefetch_depth`
+    layers ahead at the row's batch size (expected value, from the independent-uniform formula or
+    a measured curve), never fewer than one layer's worst case min(E, kB).
+    kind "fraction": `fraction` of all routed experts (E x MoE layers)."""
+
+    kind: str = "batch"
+    fraction: float = 0.0
+    prefetch_depth: int = 1
+
+    @staticmethod
+    def parse(text: str) -> "BufferSetting":
+        t = text.strip().lower()
+        if t == "batch":
+            return BufferSetting("batch")
+        if t.startswith("batch+"):
+            return BufferSetting("batch", prefetch_depth=int(t[len("batch+"):]))
+        try:
+            f = float(t.rstrip("%")) / (100.0 if t.endswith("%") else 1.0)
+        except ValueError:
+            raise ValueError(f"buffer setting {text!r}: use 'batch', 'batch+D' (D prefetch layers) or a fraction like 0.25 / 25%") from None
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"buffer fraction must be in (0, 1], got {f}")
+        return BufferSetting("fraction", fraction=f)
+
+    def label(self) -> str:
+        if self.kind == "fraction":
+            return f"{self.fraction:.0%}"
+        return "batch" if self.prefetch_depth == 1 else f"batch+{self.prefetch_depth}"
+
+
+def buffer_slots(m: ModelSpec, batch: int, setting: BufferSetting, unique=None) -> tuple[int, float]:
+    """(slots, expected unique experts per layer) for one MoE model at one batch size."""
+    e, n_moe = m.moe, m.moe_layers
+    if unique is None:
+        u = expected_unique_experts(e.experts, e.top_k, batch)
+    else:
+        u = min(float(unique(batch)), float(e.experts))
+    if setting.kind == "fraction":
+        return math.ceil(setting.fraction * e.experts * n_moe), u
+    layers = min(1 + setting.prefetch_depth, n_moe)
+    need = max(math.ceil(layers * u), max_unique_experts(e.experts, e.top_k, batch))
+    return min(need, e.experts * n_moe), u
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One configuration's answer. Bytes are per GPU."""
+
+    model: str
+    gpu: str
+    tp: int
+    batch: int
+    buffer: str
+    weight_dtype: str
+    kv_dtype: str
+    context: int
+    total_params: int
+    routed_expert_bytes: int  # one routed expert of one layer, full size, in the weight dtype
+    kv_bytes_per_token: int  # per GPU
+    state_bytes_per_seq: int  # per GPU (Mamba)
+    usable_bytes: int
+    workspace_bytes: int
+    baseline_weight_bytes: int
+    baseline_kv_bytes: int
+    baseline_kv_tokens: int
+    baseline_fits: bool
+    unique_experts_per_layer: float
+    buffer_slots: int
+    buffer_bytes: int
+    buffer_ok: bool  # buffer holds one layer's worst-case unique experts at this batch
+    prophet_weight_bytes: int
+    prophet_kv_bytes: int
+    prophet_kv_tokens: int
+    prophet_fits: bool
+    extension: float | None  # prophet / baseline KV tokens; None where the baseline does not fit
+    baseline_max_seqs: int
+    prophet_max_seqs: int
+
+
+def _kv_tokens(kv_bytes: int, per_token: int) -> int:
+    return max(0, kv_bytes) // per_token if per_token else 0
+
+
+def _max_seqs(kv_bytes: int, per_token: int, per_seq_state: int, context: int) -> int:
+    per_seq = per_token * context + per_seq_state
+    return max(0, kv_bytes) // per_seq if per_seq else 0
+
+
+def plan(
+    m: ModelSpec,
+    gpu: GPUSpec,
+    batch: int,
+    setting: BufferSetting = BufferSetting(),
+    cfg: ServingConfig = ServingConfig(),
+    context: int | None = None,
+    unique=None,
+    gpu_memory_bytes: int | None = None,
+) -> Plan:
+    """Baseline (all weights on the GPU) vs Prophet (routed experts in host memory, a buffer of
+    slots on the GPU) for one model, GPU, batch size and buffer setting."""
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
+    context = min(context or m.max_context, m.max_context)
+    wb = dtype_bytes(cfg.weight_dtype)
+    params = count_params(m)
+    total = sum(params.values())
+    usable = int((gpu_memory_bytes or gpu.memory_bytes) * cfg.gpu_memory_utilization)
+    work = workspace_bytes(m, cfg)
+    per_token = kv_bytes_per_token(m, cfg.kv_dtype, cfg.tp)
+    state = state_elems_per_sequence(m) * dtype_bytes(cfg.kv_dtype) // cfg.tp
+    # Every weight is sharded over tp (vocab-parallel embeddings, column/row-parallel layers).
+    base_weights = total * wb // cfg.tp
+    base_kv = usable - base_weights - work
+
+    slots, u = buffer_slots(m, batch, setting, unique)
+    one_expert = routed_expert_params(m) * wb
+    buf = slots * one_expert // cfg.tp
+    page_table = m.moe_layers * m.moe.experts * 4
+    prophet_weights = (total - params["routed_experts"]) * wb // cfg.tp + buf + page_table
+    prophet_kv = usable - prophet_weights - work
+
+    b_tokens, p_tokens = _kv_tokens(base_kv, per_token), _kv_tokens(prophet_kv, per_token)
+    b_fits, p_fits = base_kv > 0 and b_tokens > 0, prophet_kv > 0 and p_tokens > 0
+    return Plan(
+        model=m.name, gpu=gpu.name, tp=cfg.tp, batch=batch, buffer=setting.label(),
+        weight_dtype=cfg.weight_dtype, kv_dtype=cfg.kv_dtype, context=context,
+        total_params=total, routed_expert_bytes=one_expert, kv_bytes_per_token=per_token,
+        state_bytes_per_seq=state, usable_bytes=usable, workspace_bytes=work,
+        baseline_weight_bytes=base_weights, baseline_kv_bytes=base_kv, baseline_kv_tokens=b_tokens,
+        baseline_fits=b_fits, unique_experts_per_layer=u, buffer_slots=slots, buffer_bytes=buf,
+        buffer_ok=slots >= max_unique_experts(m.moe.experts, m.moe.top_k, batch),
+        prophet_weight_bytes=prophet_weights, prophet_kv_bytes=prophet_kv, prophet_kv_tokens=p_tokens,
+        prophet_fits=p_fits, extension=(p_tokens / b_tokens) if b_fits else None,
+        baseline_max_seqs=_max_seqs(base_kv, per_token, state, context),
+        prophet_max_seqs=_max_seqs(prophet_kv, per_token, state, context),
+    )

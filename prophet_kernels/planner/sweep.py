@@ -1,0 +1,107 @@
+"""The planner's sweep: models x GPUs x batch sizes x buffer settings -> rows, table, CSV."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+from .catalog import GPUS, MODELS, get_gpu, get_model
+from .memory import BufferSetting, Plan, ServingConfig, UniqueCurve, plan
+
+DEFAULT_MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B")
+DEFAULT_GPUS = ("H100-80GB", "A100-40GB")
+DEFAULT_BATCHES = (1, 4, 8, 16, 32, 64)  # the seed analysis's batch sizes
+DEFAULT_BUFFERS = ("batch", "25%", "50%")
+
+CSV_FIELDS = [f.name for f in dataclasses.fields(Plan)]
+GB = 1e9
+
+
+def load_unique_curve(path: str | Path) -> UniqueCurve:
+    """A measured unique-experts curve: JSON {"batch": unique, ...} (e.g. {"1": 8, "16": 41.3})."""
+    data = json.loads(Path(path).read_text())
+    return UniqueCurve({int(b): float(u) for b, u in data.items()})
+
+
+def run_sweep(
+    models=DEFAULT_MODELS,
+    gpus=DEFAULT_GPUS,
+    batches=DEFAULT_BATCHES,
+    buffers=DEFAULT_BUFFERS,
+    cfg: ServingConfig = ServingConfig(),
+    context: int | None = None,
+    unique=None,
+    gpu_memory_bytes: int | None = None,
+) -> list[Plan]:
+    specs = [get_model(m) for m in models]
+    gpu_specs = [get_gpu(g) for g in gpus]
+    settings = [b if isinstance(b, BufferSetting) else BufferSetting.parse(b) for b in buffers]
+    return [
+        plan(m, g, b, s, cfg, context=context, unique=unique, gpu_memory_bytes=gpu_memory_bytes)
+        for m in specs
+        for g in gpu_specs
+        for b in batches
+        for s in settings
+    ]
+
+
+def write_csv(rows: list[Plan], path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            d = dataclasses.asdict(r)
+            d["unique_experts_per_layer"] = f"{r.unique_experts_per_layer:.3f}"
+            d["extension"] = "" if r.extension is None else f"{r.extension:.4f}"
+            w.writerow(d)
+    return path
+
+
+def _tokens(n: int, fits: bool) -> str:
+    if not fits:
+        return "no fit"
+    return f"{n / 1e6:.2f}M" if n >= 1e6 else f"{n / 1e3:.1f}K"
+
+
+def format_table(rows: list[Plan]) -> str:
+    head = (
+        f"{'model':<18} {'gpu':<12} {'tp':>2} {'B':>3} {'buffer':>7} {'slots':>6} {'weights GB':>15} "
+        f"{'KV tokens':>17} {'ext':>6} {'seqs@ctx':>14}"
+    )
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        weights = f"{r.baseline_weight_bytes / GB:6.1f} -> {r.prophet_weight_bytes / GB:5.1f}"
+        kv = f"{_tokens(r.baseline_kv_tokens, r.baseline_fits):>7} -> {_tokens(r.prophet_kv_tokens, r.prophet_fits):>7}"
+        ext = "-" if r.extension is None else f"{r.extension:.2f}x"
+        slots = f"{r.buffer_slots}" + ("" if r.buffer_ok else "!")
+        seqs = f"{r.baseline_max_seqs}->{r.prophet_max_seqs}@{r.context // 1024}K"
+        lines.append(
+            f"{r.model:<18} {r.gpu:<12} {r.tp:>2} {r.batch:>3} {r.buffer:>7} {slots:>6} {weights:>15} "
+            f"{kv:>17} {ext:>6} {seqs:>14}"
+        )
+    lines.append(
+        "weights: baseline -> Prophet (non-expert weights + expert buffer); KV tokens: what fits after weights "
+        "and workspace; ext = Prophet/baseline KV tokens; seqs@ctx: concurrent sequences at the context length; "
+        "'!' = buffer below one layer's worst case min(E, kB) at this batch."
+    )
+    return "\n".join(lines)
+
+
+def catalogue_table() -> str:
+    from .memory import expert_bytes, kv_bytes_per_token, total_params
+
+    head = f"{'model':<18} {'params':>9} {'published':>9} {'diff':>7} {'E':>4} {'k':>2} {'MoE L':>5} {'expert MB':>10} {'KV B/tok':>9} {'context':>8}"
+    lines = [head, "-" * len(head)]
+    for m in MODELS.values():
+        t = total_params(m)
+        lines.append(
+            f"{m.name:<18} {t / 1e9:8.2f}B {m.published_total / 1e9:8.1f}B {100 * (t / m.published_total - 1):+6.2f}% "
+            f"{m.moe.experts:>4} {m.moe.top_k:>2} {m.moe_layers:>5} {expert_bytes(m) / 1e6:>10.2f} "
+            f"{kv_bytes_per_token(m):>9} {m.max_context:>8}"
+        )
+    lines.append("GPUs: " + ", ".join(f"{g.name} ({g.memory_bytes / 2**30:.1f} GiB)" for g in GPUS.values()))
+    return "\n".join(lines)
