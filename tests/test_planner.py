@@ -129,6 +129,18 @@ def test_plan_arithmetic_is_self_consistent():
     assert tp2.baseline_weight_bytes == r.baseline_weight_bytes // 2
 
 
+def test_sliding_window_caps_kv_per_sequence():
+    import dataclasses
+
+    m = get_model("Mixtral-8x7B")  # v0.1's config has no window; give it Mistral-7B's 4096
+    windowed = dataclasses.replace(m, sliding_window=4096)
+    full = plan(m, get_gpu("H200-141GB"), 1, context=32768)
+    win = plan(windowed, get_gpu("H200-141GB"), 1, context=32768)
+    assert win.prophet_kv_tokens == full.prophet_kv_tokens  # same pool of KV memory
+    assert win.prophet_max_seqs == full.prophet_kv_bytes // (131_072 * 4096)
+    assert full.prophet_max_seqs == full.prophet_kv_bytes // (131_072 * 32768)
+
+
 def test_clear_errors():
     with pytest.raises(ValueError, match="unknown model 'GPT-5'"):
         get_model("GPT-5")

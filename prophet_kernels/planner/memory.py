@@ -347,8 +347,9 @@ def _kv_tokens(kv_bytes: int, per_token: int) -> int:
     return max(0, kv_bytes) // per_token if per_token else 0
 
 
-def _max_seqs(kv_bytes: int, per_token: int, per_seq_state: int, context: int) -> int:
-    per_seq = per_token * context + per_seq_state
+def _max_seqs(kv_bytes: int, per_token: int, per_seq_state: int, context: int, window: int | None) -> int:
+    # A sliding-window model keeps at most `window` tokens of KV per sequence.
+    per_seq = per_token * min(context, window or context) + per_seq_state
     return max(0, kv_bytes) // per_seq if per_seq else 0
 
 
@@ -397,6 +398,6 @@ def plan(
         buffer_ok=slots >= max_unique_experts(m.moe.experts, m.moe.top_k, batch),
         prophet_weight_bytes=prophet_weights, prophet_kv_bytes=prophet_kv, prophet_kv_tokens=p_tokens,
         prophet_fits=p_fits, extension=(p_tokens / b_tokens) if b_fits else None,
-        baseline_max_seqs=_max_seqs(base_kv, per_token, state, context),
-        prophet_max_seqs=_max_seqs(prophet_kv, per_token, state, context),
+        baseline_max_seqs=_max_seqs(base_kv, per_token, state, context, m.sliding_window),
+        prophet_max_seqs=_max_seqs(prophet_kv, per_token, state, context, m.sliding_window),
     )
