@@ -14,7 +14,7 @@ setup(
     packages=find_packages(include=["prophet_kernels", "prophet_kernels.*", "integration",
                                     "integration.*"]),
     package_data={"prophet_kernels": ["kernels/configs/*.json"]},
-    install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib"],
+    install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib", "safetensors", "tqdm"],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["prophet = prophet_kernels.cli:main"]},
 )

@@ -7,6 +7,11 @@ Public kernel API (names are a contract):
 - :func:`fused_experts` -- the same kernels on contiguous ``[E, ...]`` weights.
 - ``*_reference`` -- plain PyTorch references of each.
 
+Memory system (host-driven mode): :class:`HostExpertStore` (all experts in pinned host memory),
+:class:`PagedExpertBuffer` (S device slots, page table, eviction policy, pins),
+:class:`StreamPrefetcher` (copy stream, per-slot events), :class:`ProphetMoE` (the layer-level
+orchestration: ``ProphetMoE.from_weights(w13, w2, num_slots, ...)``, ``forward``, ``stats``).
+
 The kernel modules load on first use, so that a caller (the ``prophet`` command, a test
 conftest) can still choose the Triton interpreter (``TRITON_INTERPRET=1``) after importing the
 package: Triton decides interpreter or compiler when a kernel is defined.
@@ -24,6 +29,12 @@ _EXPORTS = {
     "fused_experts_paged": "kernels.moe",
     "fused_experts_reference": "kernels.moe",
     "fused_experts_paged_reference": "kernels.moe",
+    "HostExpertStore": "store",
+    "PagedExpertBuffer": "buffer",
+    "StreamPrefetcher": "prefetch",
+    "ProphetMoE": "layer",
+    "OraclePredictor": "predictors",
+    "SameExpertsPredictor": "predictors",
 }
 __all__ = list(_EXPORTS)
 

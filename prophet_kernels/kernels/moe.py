@@ -148,7 +148,7 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, *, check: bool = True,
 
 def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
                             compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Plain PyTorch: loop over the routed experts, gather their tokens, two matmuls, index_add.
+    """Plain PyTorch: loop over the routed experts, gather their tokens, two matmuls, one row per token-slot.
     Computes in ``compute_dtype`` (fp32 by default) and returns x's dtype. Syncs the host."""
     T, H, I, k, E, S, ids, weights = _validate(x, w13, w2, topk_weights, topk_ids)
     flat = ids.reshape(-1).long()
@@ -156,15 +156,15 @@ def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
         raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
     tok = torch.arange(T, device=x.device).repeat_interleave(k)
     xc = x.to(compute_dtype)
-    y = torch.zeros((T, H), dtype=compute_dtype, device=x.device)
+    # One output row per token-slot, summed over j in order afterwards (as the kernels do): the
+    # result does not depend on which slot an expert sits in, so paged == contiguous exactly.
+    rows = torch.zeros((T * k, H), dtype=compute_dtype, device=x.device)
     for e in torch.unique(flat).tolist():
         sel = flat == e
-        t = tok[sel]
-        h = xc[t] @ w13[e].to(compute_dtype).t()
+        h = xc[tok[sel]] @ w13[e].to(compute_dtype).t()
         a = F.silu(h[:, :I]) * h[:, I:]
-        o = (a @ w2[e].to(compute_dtype).t()) * weights[sel, None].to(compute_dtype)
-        y.index_add_(0, t, o)
-    return y.to(x.dtype)
+        rows[sel] = (a @ w2[e].to(compute_dtype).t()) * weights[sel, None].to(compute_dtype)
+    return rows.view(T, k, H).sum(dim=1).to(x.dtype)
 
 
 def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,

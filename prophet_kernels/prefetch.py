@@ -1,0 +1,87 @@
+"""Stream prefetcher: host-to-device expert copies on one side stream, one event pair per slot.
+
+    ready[s]  recorded on the copy stream after slot s was filled; a reader waits on it
+    read[s]   recorded on the compute stream after the last kernel that read slot s; the next
+              copy into s waits on it, so an eviction never overwrites weights a launched kernel
+              still reads (the host-side pins cover kernels about to launch)
+
+On the CPU there are no streams or events: copies are plain synchronous copies.
+NVTX ranges (``nvtx`` package, a no-op without it) name every copy for nsys timelines.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+
+import torch
+
+try:
+    import nvtx as _nvtx
+except ImportError:  # the lent GPU machine has no nvtx package
+    _nvtx = None
+
+
+def nvtx_range(name: str, color: str = "blue"):
+    return _nvtx.annotate(name, color=color) if _nvtx is not None else contextlib.nullcontext()
+
+
+class StreamPrefetcher:
+    def __init__(self, store, buffer):
+        self.store, self.buffer = store, buffer
+        self.cuda = buffer.device.type == "cuda"
+        if self.cuda:
+            self.stream = torch.cuda.Stream(device=buffer.device)
+            self.ready = [torch.cuda.Event() for _ in range(buffer.num_slots)]
+            self.read = [torch.cuda.Event() for _ in range(buffer.num_slots)]
+            self._read_recorded = [False] * buffer.num_slots
+
+    def copy(self, slot: int, layer: int, expert: int, label: str = "prefetch") -> None:
+        """Fill `slot` with expert `expert` of `layer` (asynchronous on CUDA)."""
+        src13, src2 = self.store.w13[layer][expert], self.store.w2[layer][expert]
+        with nvtx_range(f"{label} L{layer} E{expert}", color="green" if label == "prefetch" else "red"):
+            if not self.cuda:
+                self.buffer.w13[slot].copy_(src13)
+                self.buffer.w2[slot].copy_(src2)
+                return
+            with torch.cuda.stream(self.stream):
+                if self._read_recorded[slot]:
+                    self.stream.wait_event(self.read[slot])
+                self.buffer.w13[slot].copy_(src13, non_blocking=True)
+                self.buffer.w2[slot].copy_(src2, non_blocking=True)
+                self.ready[slot].record(self.stream)
+
+    def wait_ready(self, slots) -> None:
+        """Make the current (compute) stream wait until `slots` are filled."""
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.buffer.device)
+            for s in slots:
+                cur.wait_event(self.ready[s])
+
+    def mark_read(self, slots) -> None:
+        """Record that kernels enqueued so far on the compute stream read `slots`."""
+        if self.cuda:
+            cur = torch.cuda.current_stream(self.buffer.device)
+            for s in slots:
+                self.read[s].record(cur)
+                self._read_recorded[s] = True
+
+    def demand(self, fills) -> float:
+        """Fetch misses now: copy, then make compute wait. Returns the stall in seconds: host wall
+        time of the copies on the CPU; on CUDA the copy stream's time for them (timed by events,
+        which costs one synchronisation of the copy stream)."""
+        if not fills:
+            return 0.0
+        if not self.cuda:
+            t0 = time.perf_counter()
+            for slot, layer, expert in fills:
+                self.copy(slot, layer, expert, label="demand")
+            return time.perf_counter() - t0
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record(self.stream)
+        for slot, layer, expert in fills:
+            self.copy(slot, layer, expert, label="demand")
+        end.record(self.stream)
+        self.wait_ready([s for s, _, _ in fills])
+        end.synchronize()  # host sync (stats only): the compute stream waits on these copies anyway
+        return start.elapsed_time(end) / 1e3

@@ -1,0 +1,142 @@
+"""Host expert store: every routed expert of every MoE layer in (pinned) host memory.
+
+Layout per layer l (the kernels' layout, one expert = one slot's worth of weights):
+    w13[l]  [E, 2I, H]  gate rows [0, I), then up rows [I, 2I)
+    w2[l]   [E, H, I]
+Pinned when CUDA is present, so host-to-device copies run on the copy engine asynchronously.
+Built from tensors, from (gate_up, down) parameter pairs of a loaded model, or streamed from
+safetensors files one layer at a time (never a second full copy in memory).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import torch
+
+
+def _pin(t: torch.Tensor, pin: bool) -> torch.Tensor:
+    t = t.detach().to("cpu").contiguous()
+    return t.pin_memory() if pin and not t.is_pinned() else t
+
+
+class HostExpertStore:
+    """All experts in host memory, one (w13, w2) tensor pair per MoE layer."""
+
+    def __init__(self, w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]):
+        if len(w13) != len(w2) or not w13:
+            raise ValueError(f"need one w13 and one w2 per layer, got {len(w13)} and {len(w2)}")
+        E, I2, H = w13[0].shape
+        for l, (a, b) in enumerate(zip(w13, w2)):
+            if a.dim() != 3 or tuple(a.shape) != (E, I2, H) or tuple(b.shape) != (E, H, I2 // 2) or I2 % 2:
+                raise ValueError(f"layer {l}: w13 {tuple(a.shape)} / w2 {tuple(b.shape)} do not match "
+                                 f"[E, 2I, H] = {(E, I2, H)} / [E, H, I] = {(E, H, I2 // 2)}")
+            if a.dtype != w13[0].dtype or b.dtype != w13[0].dtype:
+                raise TypeError(f"layer {l}: dtypes {a.dtype}/{b.dtype} differ from {w13[0].dtype}")
+            if a.device.type != "cpu" or b.device.type != "cpu":
+                raise ValueError(f"layer {l}: the store holds host tensors, got {a.device}/{b.device}")
+        self.w13, self.w2 = list(w13), list(w2)
+        self.num_layers, self.num_experts, self.hidden, self.intermediate = len(w13), E, H, I2 // 2
+        self.dtype = w13[0].dtype
+
+    @property
+    def expert_bytes(self) -> int:
+        """Bytes of one expert (w13 + w2 parts), the unit of every copy."""
+        return 3 * self.hidden * self.intermediate * self.dtype.itemsize
+
+    @property
+    def pinned(self) -> bool:
+        return all(t.is_pinned() for t in self.w13 + self.w2)
+
+    # ------------------------------------------------------------------------------ builders
+
+    @classmethod
+    def from_tensors(cls, w13: torch.Tensor, w2: torch.Tensor, pin: bool | None = None) -> "HostExpertStore":
+        """From w13 [L, E, 2I, H] and w2 [L, E, H, I] (or per-layer lists). Pinned by default when
+        CUDA is available; copied layer by layer, so at most one extra layer exists at a time."""
+        pin = torch.cuda.is_available() if pin is None else pin
+        if isinstance(w13, torch.Tensor) and w13.dim() != 4:
+            raise ValueError(f"w13 must be [L, E, 2I, H], got shape {tuple(w13.shape)}")
+        if isinstance(w2, torch.Tensor) and w2.dim() != 4:
+            raise ValueError(f"w2 must be [L, E, H, I], got shape {tuple(w2.shape)}")
+        return cls([_pin(a, pin) for a in w13], [_pin(b, pin) for b in w2])
+
+    @classmethod
+    def from_parameters(cls, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], pin: bool | None = None,
+                        release=None) -> "HostExpertStore":
+        """From (gate_up [E, 2I, H], down [E, H, I]) parameter pairs, one per MoE layer, e.g. the
+        ``experts.gate_up_proj`` / ``experts.down_proj`` of transformers' OLMoE and Mixtral blocks.
+        ``release(layer_index)`` is called after each layer is copied so the caller can drop the
+        original (keeps peak memory at one layer above the store)."""
+        pin = torch.cuda.is_available() if pin is None else pin
+        w13, w2 = [], []
+        for l, (gate_up, down) in enumerate(pairs):
+            w13.append(_pin(gate_up, pin))
+            w2.append(_pin(down, pin))
+            if release is not None:
+                release(l)
+        return cls(w13, w2)
+
+    @classmethod
+    def from_module(cls, model: torch.nn.Module, pin: bool | None = None) -> "HostExpertStore":
+        """From every submodule with fused ``gate_up_proj`` and ``down_proj`` parameters
+        (transformers 5.x experts), in module order."""
+        pairs = [(m.gate_up_proj, m.down_proj) for m in model.modules()
+                 if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+                 and isinstance(getattr(m, "down_proj", None), torch.Tensor)]
+        if not pairs:
+            raise ValueError(f"{type(model).__name__} has no submodule with gate_up_proj and down_proj parameters")
+        return cls.from_parameters(pairs, pin)
+
+    @classmethod
+    def from_safetensors(cls, paths: str | Path | Sequence[str | Path], pin: bool | None = None,
+                         progress: bool = True) -> "HostExpertStore":
+        """Stream the routed experts of an OLMoE/Mixtral-style checkpoint (one tensor per expert and
+        projection, HF naming) layer by layer into the store. Recognised names:
+        ``...layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`` (OLMoE, Qwen-MoE) and
+        ``...layers.{l}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`` (Mixtral)."""
+        from safetensors import safe_open
+        from tqdm import tqdm
+
+        pin = torch.cuda.is_available() if pin is None else pin
+        paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
+        pattern = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                             r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
+        part = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+        index: dict[int, dict[tuple[int, str], tuple[Path, str]]] = {}
+        for p in paths:
+            with safe_open(str(p), framework="pt") as f:
+                for name in f.keys():
+                    m = pattern.search(name)
+                    if m:
+                        index.setdefault(int(m[1]), {})[(int(m[2]), part[m[3]])] = (p, name)
+        if not index:
+            raise ValueError(f"no routed-expert tensors found in {', '.join(map(str, paths))}")
+        layers = sorted(index)
+        w13, w2 = [], []
+        for l in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
+            entries = index[l]
+            E = 1 + max(e for e, _ in entries)
+            missing = [(e, q) for e in range(E) for q in ("gate", "up", "down") if (e, q) not in entries]
+            if missing:
+                raise ValueError(f"layer {l}: checkpoint lacks expert tensors {missing[:4]}")
+            a = b = None
+            for (e, q), (p, name) in sorted(entries.items()):
+                with safe_open(str(p), framework="pt") as f:
+                    t = f.get_tensor(name)
+                if a is None:  # allocate this layer's host tensors once, fill expert by expert
+                    I, H = (t.shape if q != "down" else t.shape[::-1])
+                    a = torch.empty((E, 2 * I, H), dtype=t.dtype, pin_memory=pin)
+                    b = torch.empty((E, H, I), dtype=t.dtype, pin_memory=pin)
+                I = a.shape[1] // 2
+                if q == "gate":
+                    a[e, :I].copy_(t)
+                elif q == "up":
+                    a[e, I:].copy_(t)
+                else:
+                    b[e].copy_(t)
+            w13.append(a)
+            w2.append(b)
+        return cls(w13, w2)

@@ -1,0 +1,200 @@
+"""Expert store, paged buffer, prefetcher and ProphetMoE on the CPU: results equal the
+all-resident computation exactly in fp32, stats add up, pins hold under adversarial routing."""
+
+import pytest
+import torch
+
+from prophet_kernels import fused_experts
+from prophet_kernels.buffer import LFUPolicy, LRUPolicy
+from prophet_kernels.layer import ProphetMoE
+from prophet_kernels.predictors import OraclePredictor
+from prophet_kernels.store import HostExpertStore
+
+L, E, H, I, K = 3, 8, 24, 12, 2  # odd-ish sizes; 3 layers so prefetch wraps
+
+
+@pytest.fixture
+def torch_path(monkeypatch):
+    """Run the experts on the PyTorch reference path (exact, fast); the Triton path has its own test."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+
+
+def _weights(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(L, E, 2 * I, H, generator=g), torch.randn(L, E, H, I, generator=g) / 4
+
+
+def _routing(steps, seed=1, max_t=4):
+    """Per forward: (layer, x, weights, ids); T varies 1..max_t, some batches send every token to
+    the same pair of experts."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        for layer in range(L):
+            t = int(torch.randint(1, max_t + 1, (1,), generator=g))
+            if (step + layer) % 5 == 0:
+                ids = torch.tensor([[1, 6]] * t, dtype=torch.int32)
+            else:
+                ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(t)]).int()
+            out.append((layer, torch.randn(t, H, generator=g), torch.rand(t, K, generator=g), ids))
+    return out
+
+
+def _check_run(moe, w13, w2, routing):
+    unique = 0
+    for layer, x, w, ids in routing:
+        y = moe.forward(layer, x, w, ids)
+        assert torch.equal(y, fused_experts(x, w13[layer], w2[layer], w, ids)), f"layer {layer} differs"
+        unique += len(torch.unique(ids))
+    s = moe.stats
+    assert s.hits + s.misses == unique
+    assert s.bytes_h2d == (s.misses + s.prefetched) * moe.store.expert_bytes
+    assert 0 <= s.prefetch_used <= s.prefetched
+    assert all(p == 0 for p in moe.buffer.pins)
+
+
+@pytest.mark.parametrize("slots", [K * 4, 11, E * L])  # one layer's worst case, in between, everything
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("predictor", [None, "same"])
+def test_equals_all_resident_exactly(torch_path, slots, policy, predictor):
+    w13, w2 = _weights()
+    moe = ProphetMoE.from_weights(w13, w2, slots, device="cpu", policy=policy, predictor=predictor)
+    _check_run(moe, w13, w2, _routing(steps=6))
+    if slots < E * L:
+        assert moe.stats.misses > moe.store.num_experts and moe.stats.evictions > 0
+    else:
+        assert moe.stats.evictions == 0
+
+
+def test_triton_path_equals_all_resident():
+    # Triton kernels (interpreter on the CPU) behind the buffer: same exact equality.
+    w13, w2 = _weights(3)
+    moe = ProphetMoE.from_weights(w13, w2, 8, device="cpu", predictor="same")
+    _check_run(moe, w13, w2, _routing(steps=1, seed=4))
+
+
+def test_oracle_predictor_has_no_misses_after_warmup(torch_path):
+    w13, w2 = _weights()
+    routing = _routing(steps=8, max_t=3)
+    schedule = [torch.unique(ids).tolist() for _, _, _, ids in routing]
+    # room for this layer's and the next layer's unique experts
+    moe = ProphetMoE.from_weights(w13, w2, 2 * K * 3, device="cpu", predictor=OraclePredictor(schedule))
+    _check_run(moe, w13, w2, routing)
+    assert moe.stats.misses == len(schedule[0])  # only the very first layer misses (warm-up)
+    assert moe.stats.layers[0].misses == len(schedule[0])
+    assert moe.stats.prefetch_used > 0 and moe.stats.hit_rate > 0.9
+
+
+def test_pin_rule_under_adversarial_routing(torch_path):
+    # Each layer needs exactly the experts the previous layer did not use, and the predictor keeps
+    # predicting the wrong ones, so every prefetch evicts. The buffer holds one layer's worth.
+    w13, w2 = _weights(5)
+    t = 2
+    routing = []
+    for step in range(4):
+        for layer in range(L):
+            base = 0 if (step * L + layer) % 2 == 0 else 4
+            ids = torch.tensor([[base, base + 1], [base + 2, base + 3]], dtype=torch.int32)
+            routing.append((layer, torch.randn(t, H), torch.rand(t, K), ids))
+    moe = ProphetMoE.from_weights(w13, w2, 6, device="cpu", predictor="same", prefetch_depth=2)
+    copy = moe.prefetcher.copy
+
+    def guarded_copy(slot, layer, expert, label="prefetch"):
+        assert slot not in moe.current_slots, f"copy into slot {slot} while the layer reads it"
+        copy(slot, layer, expert, label)
+
+    moe.prefetcher.copy = guarded_copy
+    _check_run(moe, w13, w2, routing)
+    assert moe.stats.evictions > 0 and moe.stats.prefetched > 0
+
+
+def test_prefetch_budget(torch_path):
+    w13, w2 = _weights()
+    eb = 3 * H * I * 4
+    moe = ProphetMoE.from_weights(w13, w2, E * L, device="cpu", predictor="same", prefetch_budget_bytes=eb)
+    routing = _routing(steps=2)
+    _check_run(moe, w13, w2, routing)
+    assert 0 < moe.stats.prefetched <= len(routing)
+
+
+def test_policies():
+    lru, lfu = LRUPolicy(), LFUPolicy()
+    for p in (lru, lfu):
+        for s in range(3):
+            p.insert(s)
+    lru.touch(0)
+    assert lru.victim({0, 1, 2}) == 1
+    lfu.touch(0), lfu.touch(0), lfu.touch(2)
+    assert lfu.victim({0, 1, 2}) == 1 and lfu.victim({0, 2}) == 2
+
+
+def test_bad_configuration_errors(torch_path):
+    w13, w2 = _weights()
+    with pytest.raises(ValueError, match="need at least 8 slots"):
+        ProphetMoE.from_weights(w13, w2, 7, device="cpu", top_k=2, max_batch_tokens=16)
+    with pytest.raises(ValueError, match="unknown eviction policy 'fifo'"):
+        ProphetMoE.from_weights(w13, w2, 8, device="cpu", policy="fifo")
+    with pytest.raises(ValueError, match="unknown predictor 'psychic'"):
+        ProphetMoE.from_weights(w13, w2, 8, device="cpu", predictor="psychic")
+    with pytest.raises(ValueError, match="prefetch_depth"):
+        ProphetMoE.from_weights(w13, w2, 8, device="cpu", prefetch_depth=-1)
+    with pytest.raises(ValueError, match=r"w13 must be \[L, E, 2I, H\]"):
+        ProphetMoE.from_weights(w13[0], w2, 8, device="cpu")
+    with pytest.raises(ValueError, match="do not match"):
+        ProphetMoE.from_weights(w13, w2[:, :, :, :-1], 8, device="cpu")
+    moe = ProphetMoE.from_weights(w13, w2, 4, device="cpu")
+    x, w = torch.randn(3, H), torch.rand(3, K)
+    with pytest.raises(ValueError, match=r"layer 3 out of range \[0, 3\)"):
+        moe.forward(3, x, w, torch.zeros(3, K, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
+        moe.forward(0, x, w, torch.tensor([[0, 8]] * 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match="needs 6 unique experts but the buffer has 4 slots"):
+        moe.forward(0, x, w, torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32))
+    assert moe.stats.hits + moe.stats.misses == 0  # refused before touching anything
+    assert moe.forward(0, x[:0], w[:0], torch.zeros(0, K, dtype=torch.int32)).shape == (0, H)
+
+
+def test_store_builders(tmp_path):
+    from safetensors.torch import save_file
+
+    w13, w2 = _weights(7)
+    store = HostExpertStore.from_tensors(w13, w2, pin=False)
+    assert (store.num_layers, store.num_experts, store.hidden, store.intermediate) == (L, E, H, I)
+    assert store.expert_bytes == 3 * H * I * 4
+
+    released = []
+    s2 = HostExpertStore.from_parameters(zip(w13, w2), pin=False, release=released.append)
+    assert released == list(range(L)) and torch.equal(s2.w2[1], w2[1])
+
+    class Experts(torch.nn.Module):
+        def __init__(self, a, b):
+            super().__init__()
+            self.gate_up_proj, self.down_proj = torch.nn.Parameter(a), torch.nn.Parameter(b)
+
+    model = torch.nn.Sequential(*[Experts(w13[l], w2[l]) for l in range(L)])
+    assert torch.equal(HostExpertStore.from_module(model, pin=False).w13[2], w13[2])
+    with pytest.raises(ValueError, match="no submodule"):
+        HostExpertStore.from_module(torch.nn.Linear(2, 2))
+
+    # HF per-expert checkpoints, OLMoE naming in one file and Mixtral naming in two shards.
+    olmoe, mixtral_a, mixtral_b = {}, {}, {}
+    for l in range(L):
+        for e in range(E):
+            p = f"model.layers.{l}.mlp.experts.{e}."
+            olmoe[p + "gate_proj.weight"], olmoe[p + "up_proj.weight"] = w13[l, e, :I].clone(), w13[l, e, I:].clone()
+            olmoe[p + "down_proj.weight"] = w2[l, e].clone()
+            q = f"model.layers.{l}.block_sparse_moe.experts.{e}."
+            shard = mixtral_a if l < 2 else mixtral_b
+            shard[q + "w1.weight"], shard[q + "w3.weight"] = w13[l, e, :I].clone(), w13[l, e, I:].clone()
+            shard[q + "w2.weight"] = w2[l, e].clone()
+    olmoe["model.embed_tokens.weight"] = torch.randn(5, H)
+    save_file(olmoe, tmp_path / "olmoe.safetensors")
+    save_file(mixtral_a, tmp_path / "m-1.safetensors")
+    save_file(mixtral_b, tmp_path / "m-2.safetensors")
+    for paths in (tmp_path / "olmoe.safetensors", [tmp_path / "m-1.safetensors", tmp_path / "m-2.safetensors"]):
+        s = HostExpertStore.from_safetensors(paths, pin=False, progress=False)
+        assert all(torch.equal(s.w13[l], w13[l]) and torch.equal(s.w2[l], w2[l]) for l in range(L))
+    del olmoe["model.layers.1.mlp.experts.3.up_proj.weight"]
+    save_file(olmoe, tmp_path / "broken.safetensors")
+    with pytest.raises(ValueError, match="layer 1: checkpoint lacks expert tensors"):
+        HostExpertStore.from_safetensors(tmp_path / "broken.safetensors", pin=False, progress=False)
