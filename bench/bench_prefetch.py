@@ -1,0 +1,179 @@
+"""Prefetcher and ProphetMoE benchmark (issue 3, part 6). GPU for real numbers; `--small` runs a
+tiny functional pass anywhere (CPU: plain copies, PyTorch experts).
+
+(a) copy engine: StreamPrefetcher H2D GB/s for an OLMoE (12 MiB) and a Mixtral (336 MiB) expert
+    vs a plain pinned tensor copy of the same bytes
+(b) overlap: one OLMoE layer's expert GEMMs (T=64) alone vs with prefetch copies in flight
+(c) decode step of a 16-layer OLMoE-shaped stack (random bf16 weights, batch 1 and 16) with the
+    oracle predictor and buffers of 25/50/75/100% of experts vs all-resident fused_experts
+
+Rows (JSON lines, with device, versions, commit, date) go to bench/results/bench_prefetch.jsonl
+(bench_prefetch_cpu.jsonl without a GPU). Profile (c) with bench/nsys_prefetch.sh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import provenance, random_routing, write_rows  # noqa: E402
+
+
+def _cuda_time(fn, repeats: int) -> float:
+    """Median seconds per call, CUDA events (host-driven work cannot be graph-captured)."""
+    fn()
+    torch.cuda.synchronize()
+    ts = []
+    for _ in range(repeats):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        ts.append(a.elapsed_time(b) / 1e3)
+    return sorted(ts)[len(ts) // 2]
+
+
+def copy_engine(dev, repeats):
+    from prophet_kernels import ProphetMoE
+
+    rows = []
+    for name, H, I in (("olmoe", 2048, 1024), ("mixtral", 4096, 14336)):
+        w13 = torch.randn(1, 2, 2 * I, H, dtype=torch.bfloat16)
+        w2 = torch.randn(1, 2, H, I, dtype=torch.bfloat16)
+        moe = ProphetMoE.from_weights(w13, w2, 1, device=dev)
+        pf, eb = moe.prefetcher, moe.store.expert_bytes
+        src = torch.empty(eb, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(eb, dtype=torch.uint8, device=dev)
+        t_plain = _cuda_time(lambda: dst.copy_(src, non_blocking=True), repeats)
+
+        def prefetch_one():
+            pf.copy(0, 0, 1)
+            torch.cuda.current_stream().wait_event(pf.ready[0])
+
+        t_pf = _cuda_time(prefetch_one, repeats)
+        rows.append({"bench": "copy", "expert": name, "bytes": eb, "plain_GBps": eb / t_plain / 1e9,
+                     "prefetcher_GBps": eb / t_pf / 1e9, "ratio": t_plain / t_pf})
+        del moe, dst
+    return rows
+
+
+def overlap(dev, repeats):
+    from prophet_kernels import ProphetMoE, fused_experts_paged
+
+    L, E, H, I, k, T = 2, 64, 2048, 1024, 8, 64
+    w13 = torch.randn(L, E, 2 * I, H, dtype=torch.bfloat16) / 32
+    w2 = torch.randn(L, E, H, I, dtype=torch.bfloat16) / 32
+    moe = ProphetMoE.from_weights(w13, w2, 2 * E, device=dev)
+    buf, pf = moe.buffer, moe.prefetcher
+    for e in range(E):  # layer 0 resident in slots 0..E-1
+        s, _ = buf.allocate(0, e)
+        pf.copy(s, 0, e)
+    torch.cuda.synchronize()
+    row = buf.upload_row(0)
+    x = torch.randn(T, H, dtype=torch.bfloat16, device=dev)
+    ids, w = random_routing(T, E, k, dev)
+    gemm = lambda: fused_experts_paged(x, buf.w13, buf.w2, row, w, ids, check=False)  # noqa: E731
+    t_alone = _cuda_time(gemm, repeats)
+    copies = max(1, int(t_alone * 55e9 / moe.store.expert_bytes) + 1)  # enough copies to span the GEMMs
+
+    def with_copies():
+        for j in range(copies):
+            pf.copy(E + j % E, 1, j % E)
+        gemm()
+
+    t_both = _cuda_time(with_copies, repeats)
+    torch.cuda.synchronize()
+    return [{"bench": "overlap", "T": T, "gemm_us": t_alone * 1e6, "gemm_with_copies_us": t_both * 1e6,
+             "slowdown": t_both / t_alone - 1, "copies_in_flight": copies}]
+
+
+def decode_step(dev, repeats, small):
+    from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
+
+    L, E, H, I, k = (4, 8, 64, 32, 2) if small else (16, 64, 2048, 1024, 8)
+    dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+    w13 = (torch.randn(L, E, 2 * I, H, generator=g) / 32).to(dtype)
+    w2 = (torch.randn(L, E, H, I, generator=g) / 32).to(dtype)
+    w13_dev, w2_dev = w13.to(dev), w2.to(dev)
+    rows = []
+    for T in (1, 16):
+        steps = [[random_routing(T, E, k, dev) for _ in range(L)] for _ in range(repeats + 1)]
+        xs = [torch.randn(T, H, dtype=dtype, device=dev) for _ in range(L)]
+
+        def resident(step):
+            for l in range(L):
+                ids, w = steps[step][l]
+                fused_experts(xs[l], w13_dev[l], w2_dev[l], w, ids)
+
+        def timed(fn):
+            ts = []
+            for i in range(1, repeats + 1):
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                t0 = time.perf_counter()
+                fn(i)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize()
+                ts.append(time.perf_counter() - t0)
+            return sorted(ts)[len(ts) // 2]
+
+        resident(0)
+        t_res = timed(resident)
+        for frac in (0.25, 0.5, 0.75, 1.0):
+            slots = max(int(frac * E * L), min(E, k * T) * 2)
+            schedule = [torch.unique(ids).tolist() for st in steps for ids, _ in st]
+            moe = ProphetMoE.from_weights(w13, w2, slots, device=dev, predictor=OraclePredictor(schedule))
+
+            def prophet(step):
+                for l in range(L):
+                    ids, w = steps[step][l]
+                    moe.forward(l, xs[l], w, ids)
+
+            prophet(0)  # warm-up step (cold buffer)
+            s0 = moe.stats.as_dict()["total"]
+            t = timed(prophet)
+            s1 = moe.stats.as_dict()["total"]
+            misses = s1["misses"] - s0["misses"]
+            rows.append({"bench": "decode_step", "T": T, "layers": L, "E": E, "buffer_frac": frac, "slots": slots,
+                         "step_ms": t * 1e3, "resident_step_ms": t_res * 1e3, "ratio_to_resident": t / t_res,
+                         "misses_per_step": misses / repeats,
+                         "stall_share": (s1["stall_s"] - s0["stall_s"]) / repeats / t})
+            del moe
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--small", action="store_true", help="tiny shapes (functional check; default without a GPU)")
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--only", choices=["copy", "overlap", "decode"], help="run one part")
+    ap.add_argument("--out", help="results folder (default bench/results)")
+    args = ap.parse_args(argv)
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    small = args.small or dev.type == "cpu"
+    rows = []
+    if dev.type == "cuda" and args.only in (None, "copy"):
+        rows += copy_engine(dev, args.repeats)
+    if dev.type == "cuda" and args.only in (None, "overlap"):
+        rows += overlap(dev, args.repeats)
+    if args.only in (None, "decode"):
+        rows += decode_step(dev, 3 if small else args.repeats, small)
+    prov = provenance(dev)
+    for r in rows:
+        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        r.update(prov)
+    name = "bench_prefetch" if dev.type == "cuda" else "bench_prefetch_cpu"
+    print(f"rows -> {write_rows(name, rows, args.out)}")
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    main()
