@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import provenance, random_routing, write_rows  # noqa: E402
+from bench.common import MOE_SHAPES, provenance, random_routing, write_rows  # noqa: E402
 
 
 def _cuda_time(fn, repeats: int) -> float:
@@ -44,7 +44,8 @@ def copy_engine(dev, repeats):
     from prophet_kernels import ProphetMoE
 
     rows = []
-    for name, H, I in (("olmoe", 2048, 1024), ("mixtral", 4096, 14336)):
+    for name, shape in MOE_SHAPES.items():
+        H, I = shape["H"], shape["I"]
         w13 = torch.randn(1, 2, 2 * I, H, dtype=torch.bfloat16)
         w2 = torch.randn(1, 2, H, I, dtype=torch.bfloat16)
         moe = ProphetMoE.from_weights(w13, w2, 1, device=dev)
@@ -67,7 +68,8 @@ def copy_engine(dev, repeats):
 def overlap(dev, repeats):
     from prophet_kernels import ProphetMoE, fused_experts_paged
 
-    L, E, H, I, k, T = 2, 64, 2048, 1024, 8, 64
+    L, T = 2, 64
+    E, k, H, I = (MOE_SHAPES["olmoe"][n] for n in ("E", "k", "H", "I"))
     w13 = torch.randn(L, E, 2 * I, H, dtype=torch.bfloat16) / 32
     w2 = torch.randn(L, E, H, I, dtype=torch.bfloat16) / 32
     moe = ProphetMoE.from_weights(w13, w2, 2 * E, device=dev)
@@ -97,7 +99,8 @@ def overlap(dev, repeats):
 def decode_step(dev, repeats, small):
     from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
 
-    L, E, H, I, k = (4, 8, 64, 32, 2) if small else (16, 64, 2048, 1024, 8)
+    olmoe = MOE_SHAPES["olmoe"]
+    L, E, H, I, k = (4, 8, 64, 32, 2) if small else (16, olmoe["E"], olmoe["H"], olmoe["I"], olmoe["k"])
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(L, E, 2 * I, H, generator=g) / 32).to(dtype)

@@ -125,6 +125,10 @@ class PagedExpertBuffer:
                 raise RuntimeError(f"slot {s} unpinned more often than pinned")
             self.pins[s] -= 1
 
+    def full(self) -> bool:
+        """No free slot and every occupied slot pinned: nothing can be placed now."""
+        return not self._free and all(p > 0 for p in self.pins)
+
     def allocate(self, layer: int, expert: int) -> tuple[int, tuple[int, int] | None]:
         """A slot for (layer, expert): a free one, else the policy's victim among unpinned slots.
         Returns (slot, evicted owner or None). The caller fills the slot before anyone reads it."""
@@ -134,10 +138,9 @@ class PagedExpertBuffer:
         if self._free:
             slot = self._free.pop()
         else:
-            candidates = {s for s in range(self.num_slots) if self.pins[s] == 0}
-            if not candidates:
+            if self.full():
                 raise RuntimeError(f"all {self.num_slots} slots are pinned; cannot place expert {expert} of layer {layer}")
-            slot = self.policy.victim(candidates)
+            slot = self.policy.victim({s for s in range(self.num_slots) if self.pins[s] == 0})
             evicted = self.owner[slot]
             self._table[evicted[0]][evicted[1]] = -1
             self.policy.remove(slot)
@@ -152,6 +155,3 @@ class PagedExpertBuffer:
         row = self.page_table[layer]
         row.copy_(torch.tensor(self._table[layer], dtype=torch.int32))
         return row
-
-    def resident(self, layer: int) -> list[int]:
-        return [e for e, s in enumerate(self._table[layer]) if s >= 0]

@@ -18,6 +18,7 @@ import torch
 
 from .buffer import PagedExpertBuffer
 from .kernels.moe import fused_experts_paged
+from .planner.memory import max_unique_experts
 from .predictors import make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .store import HostExpertStore
@@ -76,7 +77,7 @@ class ProphetMoE:
         if top_k is not None and max_batch_tokens is not None:
             if not 1 <= top_k <= store.num_experts:
                 raise ValueError(f"top_k={top_k} must be in [1, E={store.num_experts}]")
-            min_slots = min(store.num_experts, top_k * max_batch_tokens)
+            min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
         self.store = store
         self.buffer = PagedExpertBuffer(store.num_layers, store.num_experts, store.hidden, store.intermediate,
                                         num_slots, store.dtype, device, policy, min_slots)
@@ -172,7 +173,7 @@ class ProphetMoE:
                         continue
                     if self.prefetch_budget_bytes is not None and spent + eb > self.prefetch_budget_bytes:
                         return
-                    if all(p > 0 for p in self.buffer.pins):
+                    if self.buffer.full():
                         return  # every slot is read now or was just prefetched
                     s, evicted = self.buffer.allocate(future, e)
                     self.prefetcher.copy(s, future, e)
@@ -180,7 +181,6 @@ class ProphetMoE:
                     fs.prefetched += 1
                     fs.bytes_h2d += eb
                     fs.evictions += evicted is not None
-                    self._unread_prefetch.discard(s)
                     self._unread_prefetch.add(s)
                     self.buffer.pin([s])  # nearer layers' prefetches are not evicted by farther ones
                     held.append(s)

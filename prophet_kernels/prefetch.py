@@ -67,9 +67,9 @@ class StreamPrefetcher:
                 self._read_recorded[s] = True
 
     def demand(self, fills) -> float:
-        """Fetch misses now: copy, then make compute wait. Returns the stall in seconds: host wall
-        time of the copies on the CPU; on CUDA the copy stream's time for them (timed by events,
-        which costs one synchronisation of the copy stream)."""
+        """Fetch misses now (the reader waits on their ready events through wait_ready). Returns the
+        stall in seconds: host wall time of the copies on the CPU; on CUDA the copy stream's time
+        for them (timed by events, which costs one synchronisation of the copy stream)."""
         if not fills:
             return 0.0
         if not self.cuda:
@@ -82,6 +82,5 @@ class StreamPrefetcher:
         for slot, layer, expert in fills:
             self.copy(slot, layer, expert, label="demand")
         end.record(self.stream)
-        self.wait_ready([s for s, _, _ in fills])
         end.synchronize()  # host sync (stats only): the compute stream waits on these copies anyway
         return start.elapsed_time(end) / 1e3

@@ -10,6 +10,7 @@ safetensors files one layer at a time (never a second full copy in memory).
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -105,38 +106,38 @@ class HostExpertStore:
         pattern = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
                              r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
         part = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
-        index: dict[int, dict[tuple[int, str], tuple[Path, str]]] = {}
-        for p in paths:
-            with safe_open(str(p), framework="pt") as f:
+        with contextlib.ExitStack() as files:  # each file opened (memory-mapped) once
+            index: dict[int, dict[tuple[int, str], tuple[object, str]]] = {}
+            for p in paths:
+                f = files.enter_context(safe_open(str(p), framework="pt"))
                 for name in f.keys():
                     m = pattern.search(name)
                     if m:
-                        index.setdefault(int(m[1]), {})[(int(m[2]), part[m[3]])] = (p, name)
-        if not index:
-            raise ValueError(f"no routed-expert tensors found in {', '.join(map(str, paths))}")
-        layers = sorted(index)
-        w13, w2 = [], []
-        for l in tqdm(layers, desc="experts -> host store", unit="layer", disable=not progress):
-            entries = index[l]
-            E = 1 + max(e for e, _ in entries)
-            missing = [(e, q) for e in range(E) for q in ("gate", "up", "down") if (e, q) not in entries]
-            if missing:
-                raise ValueError(f"layer {l}: checkpoint lacks expert tensors {missing[:4]}")
-            a = b = None
-            for (e, q), (p, name) in sorted(entries.items()):
-                with safe_open(str(p), framework="pt") as f:
-                    t = f.get_tensor(name)
-                if a is None:  # allocate this layer's host tensors once, fill expert by expert
-                    I, H = (t.shape if q != "down" else t.shape[::-1])
-                    a = torch.empty((E, 2 * I, H), dtype=t.dtype, pin_memory=pin)
-                    b = torch.empty((E, H, I), dtype=t.dtype, pin_memory=pin)
-                I = a.shape[1] // 2
-                if q == "gate":
-                    a[e, :I].copy_(t)
-                elif q == "up":
-                    a[e, I:].copy_(t)
-                else:
-                    b[e].copy_(t)
-            w13.append(a)
-            w2.append(b)
-        return cls(w13, w2)
+                        index.setdefault(int(m[1]), {})[(int(m[2]), part[m[3]])] = (f, name)
+            if not index:
+                raise ValueError(f"no routed-expert tensors found in {', '.join(map(str, paths))}")
+            w13, w2 = zip(*(cls._load_layer(l, index[l], pin) for l in
+                            tqdm(sorted(index), desc="experts -> host store", unit="layer", disable=not progress)))
+        return cls(list(w13), list(w2))
+
+    @staticmethod
+    def _load_layer(l: int, entries: dict, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        E = 1 + max(e for e, _ in entries)
+        missing = [(e, q) for e in range(E) for q in ("gate", "up", "down") if (e, q) not in entries]
+        if missing:
+            raise ValueError(f"layer {l}: checkpoint lacks expert tensors {missing[:4]}")
+        a = b = None
+        for (e, q), (f, name) in sorted(entries.items(), key=lambda kv: kv[0]):
+            t = f.get_tensor(name)
+            if a is None:  # allocate this layer's host tensors once, fill expert by expert
+                I, H = (t.shape if q != "down" else t.shape[::-1])
+                a = torch.empty((E, 2 * I, H), dtype=t.dtype, pin_memory=pin)
+                b = torch.empty((E, H, I), dtype=t.dtype, pin_memory=pin)
+            I = a.shape[1] // 2
+            if q == "gate":
+                a[e, :I].copy_(t)
+            elif q == "up":
+                a[e, I:].copy_(t)
+            else:
+                b[e].copy_(t)
+        return a, b

@@ -32,9 +32,11 @@ def memory_breakdown(models: list[str], gpus: list[str], out: Path, batch: int =
     specs = [get_model(m) for m in models]
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 0.4 * len(specs) + 2.2), sharey=True)
     colors = plt.get_cmap("tab10").colors
+    params = [count_params(m) for m in specs]
+    total = [sum(p.values()) for p in params]
     left = [0.0] * len(specs)
     for j, part in enumerate(PARTS):
-        vals = [100 * count_params(m)[part] / sum(count_params(m).values()) for m in specs]
+        vals = [100 * p[part] / n for p, n in zip(params, total)]
         if any(vals):
             ax.barh(range(len(specs)), vals, left=left, color=colors[j % 10], label=part.replace("_", " "))
             left = [a + b for a, b in zip(left, vals)]
@@ -43,9 +45,8 @@ def memory_breakdown(models: list[str], gpus: list[str], out: Path, batch: int =
     ax.set_title("Weights by part")
     ax.legend(fontsize=7, loc="lower left", framealpha=0.9)
     g = get_gpu(gpus[0])
-    total = [2 * sum(count_params(m).values()) / 1e9 for m in specs]
     prophet = [plan(m, g, batch).prophet_weight_bytes / 1e9 for m in specs]
-    ax2.barh(range(len(specs)), total, color="lightgray", label="all weights (baseline)")
+    ax2.barh(range(len(specs)), [2 * n / 1e9 for n in total], color="lightgray", label="all weights (baseline)")
     ax2.scatter(prophet, range(len(specs)), marker="D", color="black", zorder=3,
                 label=f"on the GPU with Prophet (B={batch})")
     for name in gpus:

@@ -152,7 +152,7 @@ def kv_bytes_per_token(m: ModelSpec, kv_dtype: str = "bf16", tp: int = 1) -> int
     a = m.attention
     if isinstance(a, MLA) or tp == 1:
         return kv_elems_per_token(m) * dtype_bytes(kv_dtype)
-    heads_per_gpu = max(1, a.kv_heads // tp) if a.kv_heads >= tp else 1
+    heads_per_gpu = max(1, a.kv_heads // tp)  # a head is replicated when tp exceeds the KV heads
     return kv_elems_per_token(m) * heads_per_gpu // a.kv_heads * dtype_bytes(kv_dtype)
 
 
@@ -387,7 +387,7 @@ def plan(
     prophet_kv = usable - prophet_weights - work
 
     b_tokens, p_tokens = _kv_tokens(base_kv, per_token), _kv_tokens(prophet_kv, per_token)
-    b_fits, p_fits = base_kv > 0 and b_tokens > 0, prophet_kv > 0 and p_tokens > 0
+    b_fits, p_fits = b_tokens > 0, p_tokens > 0
     return Plan(
         model=m.name, gpu=gpu.name, tp=cfg.tp, batch=batch, buffer=setting.label(),
         weight_dtype=cfg.weight_dtype, kv_dtype=cfg.kv_dtype, context=context,
