@@ -13,8 +13,8 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["prophet_kernels", "prophet_kernels.*", "integration",
                                     "integration.*"]),
-    package_data={"prophet_kernels": ["kernels/configs/*.json"]},
-    install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib", "safetensors", "tqdm"],
+    package_data={"prophet_kernels": ["kernels/configs/*.json", "traces/data/*.npz"]},
+    install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib", "safetensors", "tqdm", "transformers"],
     extras_require={"test": ["pytest"]},
     entry_points={"console_scripts": ["prophet = prophet_kernels.cli:main"]},
 )

@@ -10,7 +10,11 @@ Public kernel API (names are a contract):
 Memory system (host-driven mode): :class:`HostExpertStore` (all experts in pinned host memory),
 :class:`PagedExpertBuffer` (S device slots, page table, eviction policy, pins),
 :class:`StreamPrefetcher` (copy stream, per-slot events), :class:`ProphetMoE` (the layer-level
-orchestration: ``ProphetMoE.from_weights(w13, w2, num_slots, ...)``, ``forward``, ``stats``).
+orchestration: ``ProphetMoE.from_weights(w13, w2, num_slots, ...)``, ``forward``, ``stats``),
+whose decisions live in :class:`ExpertResidency` over a :class:`SlotTable`.
+
+Routing: :class:`Trace` / :func:`load_trace` (recorded routing), :func:`simulate` (replays a trace
+through the same decisions), predictors (same, frequency, transition, learned, gate lookahead, oracle).
 
 The kernel modules load on first use, so that a caller (the ``prophet`` command, a test
 conftest) can still choose the Triton interpreter (``TRITON_INTERPRET=1``) after importing the
@@ -33,8 +37,18 @@ _EXPORTS = {
     "PagedExpertBuffer": "buffer",
     "StreamPrefetcher": "prefetch",
     "ProphetMoE": "layer",
+    "SlotTable": "buffer",
+    "ExpertResidency": "residency",
     "OraclePredictor": "predictors",
     "SameExpertsPredictor": "predictors",
+    "FrequencyPredictor": "predictors",
+    "TransitionPredictor": "predictors",
+    "LearnedPredictor": "predictors",
+    "GateLookaheadPredictor": "predictors",
+    "fit_predictor": "predictors",
+    "Trace": "traces",
+    "load_trace": "traces",
+    "simulate": "simulator",
 }
 __all__ = list(_EXPORTS)
 

@@ -1,5 +1,9 @@
 """Paged expert buffer: S slots of one expert each on the device, a page table, eviction, pins.
 
+    SlotTable           the decisions, no tensors: which (layer, expert) owns which slot, pins,
+                        the eviction policy. The trace simulator runs exactly this.
+    PagedExpertBuffer   a SlotTable plus the device tensors it describes:
+
     w13     [S, 2I, H]  slot s holds the gate/up rows of the expert in it
     w2      [S, H, I]
     page_table [L, E] int32 on the device: slot of expert e of layer l, or -1
@@ -12,6 +16,7 @@ chosen as a victim (the experts of the layer being computed and those being pref
 
 from __future__ import annotations
 
+import heapq
 from collections import OrderedDict
 
 import torch
@@ -20,10 +25,14 @@ import torch
 class EvictionPolicy:
     """Chooses victims among unpinned occupied slots. Subclass and register in POLICIES."""
 
+    def bind(self, table: "SlotTable") -> None:
+        """Called once by the table the policy serves (policies that need slot owners keep it)."""
+
     def insert(self, slot: int) -> None: ...
     def touch(self, slot: int) -> None: ...
     def remove(self, slot: int) -> None: ...
-    def victim(self, candidates: set[int]) -> int:
+    def victim(self, candidates) -> int:
+        """A slot from `candidates` (supports `in` and iteration: the unpinned occupied slots)."""
         raise NotImplementedError
 
 
@@ -42,38 +51,83 @@ class LRUPolicy(EvictionPolicy):
     def remove(self, slot: int) -> None:
         self._order.pop(slot, None)
 
-    def victim(self, candidates: set[int]) -> int:
+    def victim(self, candidates) -> int:
         for slot in self._order:  # oldest first
             if slot in candidates:
                 return slot
         raise LookupError("no evictable slot")
 
 
-class LFUPolicy(LRUPolicy):
+class _HeapPolicy(EvictionPolicy):
+    """Victim = the smallest key among unpinned slots; keys live in a heap, stale entries skipped."""
+
+    def __init__(self):
+        self._heap: list[tuple] = []
+        self._key: dict[int, tuple] = {}
+
+    def _set(self, slot: int, key: tuple) -> None:
+        self._key[slot] = key
+        heapq.heappush(self._heap, (key, slot))
+        if len(self._heap) > 4 * len(self._key) + 64:  # drop stale entries now and then
+            self._heap = [(k, s) for s, k in self._key.items()]
+            heapq.heapify(self._heap)
+
+    def remove(self, slot: int) -> None:
+        self._key.pop(slot, None)
+
+    def victim(self, candidates) -> int:
+        aside, found = [], None
+        while self._heap:
+            key, slot = heapq.heappop(self._heap)
+            if self._key.get(slot) != key:
+                continue  # stale
+            if slot in candidates:
+                found = slot
+            aside.append((key, slot))  # the victim's entry too: the table removes it
+            if found is not None:
+                break
+        for item in aside:
+            heapq.heappush(self._heap, item)
+        if found is None:
+            raise LookupError("no evictable slot")
+        return found
+
+
+class LFUPolicy(_HeapPolicy):
     """Least frequently used since insertion; ties broken by least recent use."""
 
     def __init__(self):
         super().__init__()
-        self._count: dict[int, int] = {}
+        self._tick = 0
 
     def insert(self, slot: int) -> None:
-        super().insert(slot)
-        self._count[slot] = 1
+        self._tick += 1
+        self._set(slot, (1, self._tick))
 
     def touch(self, slot: int) -> None:
-        super().touch(slot)
-        self._count[slot] = self._count.get(slot, 0) + 1
+        self._tick += 1
+        self._set(slot, (self._key.get(slot, (0,))[0] + 1, self._tick))
 
-    def remove(self, slot: int) -> None:
-        super().remove(slot)
-        self._count.pop(slot, None)
 
-    def victim(self, candidates: set[int]) -> int:
-        rank = {s: i for i, s in enumerate(self._order)}
-        pool = [s for s in candidates if s in rank]
-        if not pool:
-            raise LookupError("no evictable slot")
-        return min(pool, key=lambda s: (self._count[s], rank[s]))
+class BeladyPolicy(_HeapPolicy):
+    """Clairvoyant bound (Belady's MIN): evict the slot whose expert is next needed farthest in the
+    future. `next_use(layer, expert)` returns when that expert is next needed after now (any
+    ordered value; inf for never); the caller that knows the future (the trace simulator) supplies
+    it. A key stays exact until the expert's next access, which touches it again."""
+
+    def __init__(self, next_use):
+        super().__init__()
+        self.next_use = next_use
+        self.table: SlotTable | None = None
+
+    def bind(self, table):
+        self.table = table
+
+    def insert(self, slot: int) -> None:
+        nu = self.next_use(*self.table.owner[slot])
+        self._set(slot, (-nu, slot))  # farthest next use first
+
+    touch = insert
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
@@ -82,6 +136,9 @@ POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
 def make_policy(policy) -> EvictionPolicy:
     if isinstance(policy, EvictionPolicy):
         return policy
+    if policy == "belady":
+        raise ValueError("the 'belady' policy needs the future routing: use it through the trace simulator "
+                         "(prophet simulate) or pass BeladyPolicy(next_use)")
     try:
         return POLICIES[policy]()
     except (KeyError, TypeError):
@@ -89,24 +146,34 @@ def make_policy(policy) -> EvictionPolicy:
                          "(or pass an EvictionPolicy instance)") from None
 
 
-class PagedExpertBuffer:
-    """S expert slots on `device` for a model of L MoE layers with E experts each."""
+class _Unpinned:
+    """The unpinned slots, as a view (no set is built per eviction)."""
 
-    def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
-                 dtype: torch.dtype, device, policy="lru", min_slots: int = 1):
+    def __init__(self, pins: list[int]):
+        self.pins = pins
+
+    def __contains__(self, slot: int) -> bool:
+        return self.pins[slot] == 0
+
+    def __iter__(self):
+        return (s for s, p in enumerate(self.pins) if p == 0)
+
+
+class SlotTable:
+    """Residency decisions for S slots serving L layers x E experts: owners, pins, eviction."""
+
+    def __init__(self, num_layers: int, num_experts: int, num_slots: int, policy="lru", min_slots: int = 1):
         if num_slots < max(1, min_slots):
             raise ValueError(
                 f"expert buffer of {num_slots} slots is smaller than one layer's unique experts at the "
                 f"configured maximum batch: need at least {max(1, min_slots)} slots")
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
-        self.device = torch.device(device)
-        self.w13 = torch.empty((num_slots, 2 * intermediate, hidden), dtype=dtype, device=self.device)
-        self.w2 = torch.empty((num_slots, hidden, intermediate), dtype=dtype, device=self.device)
-        self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
         self._table = [[-1] * num_experts for _ in range(num_layers)]  # host copy, source of truth
         self.owner: list[tuple[int, int] | None] = [None] * num_slots
         self.pins = [0] * num_slots
+        self._pinned = 0  # slots with pins > 0
         self.policy = make_policy(policy)
+        self.policy.bind(self)
         self._free = list(range(num_slots - 1, -1, -1))
 
     def lookup(self, layer: int, expert: int) -> int:
@@ -117,6 +184,7 @@ class PagedExpertBuffer:
 
     def pin(self, slots) -> None:
         for s in slots:
+            self._pinned += self.pins[s] == 0
             self.pins[s] += 1
 
     def unpin(self, slots) -> None:
@@ -124,10 +192,11 @@ class PagedExpertBuffer:
             if self.pins[s] <= 0:
                 raise RuntimeError(f"slot {s} unpinned more often than pinned")
             self.pins[s] -= 1
+            self._pinned -= self.pins[s] == 0
 
     def full(self) -> bool:
         """No free slot and every occupied slot pinned: nothing can be placed now."""
-        return not self._free and all(p > 0 for p in self.pins)
+        return not self._free and self._pinned == self.num_slots
 
     def allocate(self, layer: int, expert: int) -> tuple[int, tuple[int, int] | None]:
         """A slot for (layer, expert): a free one, else the policy's victim among unpinned slots.
@@ -140,7 +209,7 @@ class PagedExpertBuffer:
         else:
             if self.full():
                 raise RuntimeError(f"all {self.num_slots} slots are pinned; cannot place expert {expert} of layer {layer}")
-            slot = self.policy.victim({s for s in range(self.num_slots) if self.pins[s] == 0})
+            slot = self.policy.victim(_Unpinned(self.pins))
             evicted = self.owner[slot]
             self._table[evicted[0]][evicted[1]] = -1
             self.policy.remove(slot)
@@ -148,6 +217,18 @@ class PagedExpertBuffer:
         self._table[layer][expert] = slot
         self.policy.insert(slot)
         return slot, evicted
+
+
+class PagedExpertBuffer(SlotTable):
+    """S expert slots on `device` for a model of L MoE layers with E experts each."""
+
+    def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
+                 dtype: torch.dtype, device, policy="lru", min_slots: int = 1):
+        super().__init__(num_layers, num_experts, num_slots, policy, min_slots)
+        self.device = torch.device(device)
+        self.w13 = torch.empty((num_slots, 2 * intermediate, hidden), dtype=dtype, device=self.device)
+        self.w2 = torch.empty((num_slots, hidden, intermediate), dtype=dtype, device=self.device)
+        self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
 
     def upload_row(self, layer: int) -> torch.Tensor:
         """Write layer's page-table row to the device (from a pageable host tensor: the copy is

@@ -3,6 +3,9 @@
     prophet plan [OPTIONS]   capacity planner: KV cache Prophet frees per model, GPU, batch, buffer
     prophet info             versions, device, which kernel path runs here, native library
     prophet bench [ARGS]     the MoE kernel benchmark (bench/bench_moe.py; small CPU run without a GPU)
+    prophet trace train|record   train a routing-shape model on the offline corpus; record traces
+    prophet simulate [OPTIONS]   replay a routing trace through the buffer: one run, or --sweep
+    prophet dedup [OPTIONS]      unique experts per layer vs batch, measured on traces
 """
 
 from __future__ import annotations
@@ -106,13 +109,178 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------ routing traces
+
+def _add_trace_args(p: argparse.ArgumentParser) -> None:
+    from .traces.train import SHAPES
+
+    sub = p.add_subparsers(dest="trace_cmd", required=True)
+    t = sub.add_parser("train", help="train a small model with a real MoE's routing shape on the offline corpus")
+    t.add_argument("--shape", required=True, choices=list(SHAPES))
+    t.add_argument("--out", required=True, help="checkpoint folder")
+    t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--seed", type=int, default=0)
+    r = sub.add_parser("record", help="record a routing trace from a trained checkpoint")
+    r.add_argument("--shape", required=True, choices=list(SHAPES))
+    r.add_argument("--checkpoint", required=True)
+    r.add_argument("--split", choices=["heldout", "train"], default="heldout")
+    r.add_argument("--seqs", type=int, default=64, help="sequences (windows of the split) to record")
+    r.add_argument("--seq-len", type=int, default=128)
+    r.add_argument("--lookahead", type=int, default=3, help="gate-lookahead depth D (0: none)")
+    r.add_argument("--no-weights", action="store_true", help="store expert ids only")
+    r.add_argument("--out", help="trace path (default traces/data/{shape}-{split}.npz)")
+
+
+def _trace(args: argparse.Namespace) -> int:
+    import json
+
+    import numpy as np
+    import torch
+
+    from .traces import DATA
+    from .traces.corpus import load_corpus
+    from .traces.recorder import record
+    from .traces.train import get_shape, heldout_windows, model_class, train
+
+    if args.trace_cmd == "train":
+        log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed)
+        print(f"held-out {log['heldout_bits_per_byte']:.3f} bits/byte vs unigram {log['unigram_bits_per_byte']:.3f}; "
+              f"checkpoint in {args.out}")
+        return 0
+    shape = get_shape(args.shape)
+    ckpt = Path(args.checkpoint)
+    log = json.loads((ckpt / "train_log.json").read_text()) if (ckpt / "train_log.json").exists() else {}
+    model = model_class(shape).from_pretrained(ckpt, dtype=torch.float32)
+    corpus = load_corpus()
+    if args.split == "heldout":
+        windows = heldout_windows(corpus, args.seqs, args.seq_len)
+    else:
+        rng = np.random.default_rng(4321)
+        starts = np.sort(rng.choice(len(corpus.train) - args.seq_len, size=args.seqs, replace=False))
+        windows = np.stack([corpus.train[s:s + args.seq_len] for s in starts]).astype(np.int64)
+    meta = {"shape": shape.name, "mimics": shape.mimics, "split": args.split, "corpus": corpus.meta,
+            "model": f"transformers {type(model).__name__}, {shape.num_layers} layers, {shape.num_experts} experts, "
+                     f"top-{shape.top_k}, hidden {shape.hidden}, byte vocabulary",
+            "training": {k: log.get(k) for k in ("steps", "batch", "seq_len", "lr", "seed", "heldout_bits_per_byte",
+                                                  "unigram_bits_per_byte", "train_seconds", "torch")}}
+    trace = record(model, windows, lookahead_depth=0 if args.no_weights else args.lookahead, meta=meta, progress=True)
+    if args.no_weights:
+        trace.topk_weights = None
+    path = trace.save(args.out or DATA / f"{shape.name}-{args.split}.npz")
+    print(f"{trace.num_tokens} tokens x {trace.num_layers} layers -> {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    return 0
+
+
+def _add_simulate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default="olmoe-heldout", help="trace name or path (default olmoe-heldout)")
+    p.add_argument("--train-trace", help="trace to fit predictors on (default: the same shape's train trace)")
+    p.add_argument("--capacity", type=float, default=0.5, help="fraction of all experts (<= 1) or slots (> 1)")
+    p.add_argument("--policy", default="lru", help="lru, lfu, belady")
+    p.add_argument("--predictor", help="same, frequency, transition, learned, gate, oracle (default none)")
+    p.add_argument("--depth", type=int, default=1, help="prefetch depth in layers")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--pcie-gbps", type=float, help="host-to-device GB/s (default: measured on the H100)")
+    p.add_argument("--layer-us", type=float, help="time of one layer (default: measured on the H100)")
+    p.add_argument("--unlimited-budget", action="store_true", help="no prefetch byte budget (timing still modelled)")
+    p.add_argument("--max-steps", type=int, help="replay at most this many decode steps")
+    p.add_argument("--sweep", action="store_true",
+                   help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures")
+    p.add_argument("--out", default="sim_out", help="output folder for --sweep (default sim_out/)")
+
+
+def _train_trace_for(args, heldout):
+    from .traces import load_trace
+
+    name = args.train_trace or f"{heldout.meta.get('shape')}-train"
+    return load_trace(name)
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from . import routing_report as rr
+    from .predictors import fit_predictor
+    from .simulator import simulate
+    from .traces import load_trace
+
+    if args.sweep:
+        out = Path(args.out)
+        for name in [t.strip() for t in args.trace.split(",")]:
+            held = load_trace(name)
+            rows = rr.run_table(held, _train_trace_for(args, held), batch=args.batch, max_steps=args.max_steps,
+                                unlimited_budget=args.unlimited_budget)
+            shape = held.meta.get("shape")
+            print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate")
+            print(rr.markdown_table(rows))
+            print(rr.best_vs_oracle(rows))
+            print(f"rows: {rr.write_rows(rows, out / f'simulate_{shape}_b{args.batch}.jsonl')}")
+            print(f"figure: {rr.figure_hit_vs_capacity(rows, out / f'hit_vs_capacity_{shape}_b{args.batch}.png', f'{shape}: hit rate vs capacity (B={args.batch})')}")
+        return 0
+    held = load_trace(args.trace)
+    pred = args.predictor
+    if pred and pred != "oracle":
+        pred = fit_predictor(pred, _train_trace_for(args, held))
+    r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, pcie_gbps=args.pcie_gbps,
+                 layer_us=args.layer_us, unlimited_budget=args.unlimited_budget, max_steps=args.max_steps, progress=True)
+    d = r.as_dict()
+    print(f"{held.meta.get('shape')} trace, {r.tokens} tokens, {r.slots} slots, {args.policy}, predictor {r.predictor} "
+          f"(depth {r.depth}), batch {r.batch}")
+    print(f"hit rate {r.hit_rate:.2%} (landed in time {r.ready_hit_rate:.2%})  misses/token {d['misses_per_token']:.3f}  "
+          f"H2D {d['bytes_per_token'] / 1e6:.2f} MB/token  stall {d['stall_us_per_token']:.0f} us/token")
+    if r.predictor != "none":
+        print(f"prefetched {r.prefetched} (precision {r.prefetch_precision:.1%})  predictor recall by depth "
+              + ", ".join(f"{x:.1%}" for x in r.pred_recall) + "  precision " + ", ".join(f"{x:.1%}" for x in r.pred_precision))
+    return 0
+
+
+def _add_dedup_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--trace", default="olmoe-heldout,mixtral-heldout", help="trace names or paths, comma-separated")
+    p.add_argument("--out", default="sim_out", help="output folder (figure, JSON curves for prophet plan --unique-curve)")
+
+
+def _dedup(args: argparse.Namespace) -> int:
+    import json
+
+    from . import routing_report as rr
+    from .traces import load_trace
+    from .traces.dedup import dedup_table, verdict
+
+    out = Path(args.out)
+    tables = {}
+    for name in _csv_list(args.trace):
+        tr = load_trace(name)
+        rows = dedup_table(tr)
+        label = f"{tr.meta.get('shape')} (E={tr.num_experts}, k={tr.top_k})"
+        tables[label] = rows
+        print(f"\n{label}\n   B  measured   uniform  k*B^0.932")
+        for r in rows:
+            print(f"{r['batch']:4d}  {r['measured']:8.2f}  {r['uniform']:8.2f}  {r['seed_power_law']:9.2f}")
+        print(verdict(rows))
+        curve = out / f"unique_curve_{tr.meta.get('shape')}.json"
+        curve.parent.mkdir(parents=True, exist_ok=True)
+        curve.write_text(json.dumps({str(r["batch"]): r["measured"] for r in rows}))
+        print(f"curve for prophet plan --unique-curve: {curve}")
+    print(f"figure: {rr.figure_dedup(tables, out / 'dedup.png')}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prophet", description="Prophet: MoE serving from a paged expert buffer")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_plan_args(sub.add_parser("plan", help="capacity planner: KV cache freed per model/GPU/batch/buffer"))
     sub.add_parser("info", help="versions, device, kernel path, native library")
     sub.add_parser("bench", help="MoE kernel benchmark (pass bench_moe.py options after it)", add_help=False)
+    _add_trace_args(sub.add_parser("trace", help="routing traces: train a routing-shape model, record traces"))
+    _add_simulate_args(sub.add_parser("simulate", help="replay a routing trace through the expert buffer"))
+    _add_dedup_args(sub.add_parser("dedup", help="unique experts per layer vs batch, measured on traces"))
     args, rest = ap.parse_known_args(argv)
+    handlers = {"trace": _trace, "simulate": _simulate, "dedup": _dedup}
+    if args.cmd in handlers:
+        if rest:
+            ap.error(f"unrecognized arguments: {' '.join(rest)}")
+        try:
+            return handlers[args.cmd](args)
+        except (ValueError, FileNotFoundError) as e:  # unknown trace/policy/predictor: one line
+            print(f"prophet {args.cmd}: error: {e}", file=sys.stderr)
+            return 2
     if args.cmd == "plan":
         if rest:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")

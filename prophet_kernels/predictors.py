@@ -1,35 +1,83 @@
 """Predictors: which experts the next layers will need.
 
-Interface: ``predict(layer, topk_ids, hidden) -> {future_layer: [experts, best first]}``, called
-by ``ProphetMoE.forward`` after layer `layer` computed; the layer then prefetches the answer for
-layers layer+1 .. layer+prefetch_depth (wrapping to the next decode step's first layers).
+Interface: ``predict(layer, topk_ids, hidden, num_layers, depth) -> {future_layer: [experts, best
+first]}``, called by ``ExpertResidency.prefetch`` (from ``ProphetMoE.forward`` or the trace
+simulator) after layer `layer` routed its tokens; the answer is prefetched for layers
+layer+1 .. layer+depth, nearest first, within the byte budget.
+
+    same        the experts this layer used (no data needed)
+    frequency   each layer's most used experts on the train trace (as many as this layer needed)
+    transition  routing-history statistics: P(expert e at layer l+d | expert s at layer l-h) for
+                h = 0..2, summed over the token's experts at the last 3 layers
+    learned     a small MLP over the last 3 layers' routing (multi-hot) and the layer, trained on
+                the train trace with a binary cross-entropy per future layer
+    gate        gate lookahead: layer l+d's router applied to the hidden state of layer l (the
+                model's own weights; no training)
+    oracle      the exact future routing (tests and bounds)
+
+Per-token predictors pick k experts per token; a batch's answer is their union, most votes first.
+Predictors that read routing history keep the current step's layers (a call with a layer not
+after the previous one starts a new step). When replaying a trace, `hidden` is a ``TraceHidden``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
+def _ids(topk_ids) -> np.ndarray:
+    return topk_ids.detach().cpu().numpy() if isinstance(topk_ids, torch.Tensor) else np.asarray(topk_ids)
+
+
+def _vote(picks: np.ndarray, num_experts: int, scores: np.ndarray | None = None) -> list[int]:
+    """Union of per-token picks [T, m], most votes first (ties: higher summed score, then lower id)."""
+    counts = np.bincount(picks.reshape(-1), minlength=num_experts)
+    tie = scores.sum(0) if scores is not None else np.zeros(num_experts)
+    order = np.lexsort((np.arange(num_experts), -tie, -counts))
+    return [int(e) for e in order if counts[e] > 0]
+
+
+def _topk(scores: np.ndarray, k: int) -> np.ndarray:
+    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+
+
+@dataclass
+class TraceHidden:
+    """Stands in for the hidden state when a trace is replayed: the trace and the batch's tokens."""
+    trace: object
+    tokens: np.ndarray
+
+
 class Predictor:
-    def predict(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor | None,
-                num_layers: int, depth: int) -> dict[int, list[int]]:
+    name = "predictor"
+
+    def predict(self, layer: int, topk_ids, hidden, num_layers: int, depth: int) -> dict[int, list[int]]:
         raise NotImplementedError
+
+    @property
+    def nbytes(self) -> int:
+        """Size of what the predictor stores (its tables or weights), in bytes."""
+        return 0
 
 
 class SameExpertsPredictor(Predictor):
     """The next layers will need the experts this layer used (most used first)."""
+    name = "same"
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
-        ids, counts = torch.unique(topk_ids.reshape(-1), return_counts=True)
-        order = ids[torch.argsort(counts, descending=True, stable=True)].tolist()
+        ids = _ids(topk_ids)
+        order = _vote(ids, int(ids.max()) + 1)
         return {(layer + d) % num_layers: order for d in range(1, depth + 1)}
 
 
 class OraclePredictor(Predictor):
     """Reads a given future routing: `schedule` lists, in call order, the experts each forward
     will need (e.g. [[experts of step 0 layer 0], [step 0 layer 1], ...]). For tests and bounds."""
+    name = "oracle"
 
     def __init__(self, schedule: Sequence[Sequence[int]]):
         self.schedule = [list(s) for s in schedule]
@@ -41,14 +89,213 @@ class OraclePredictor(Predictor):
                 for d in range(1, depth + 1) if i + d < len(self.schedule)}
 
 
+class FrequencyPredictor(Predictor):
+    """Each layer's most frequently routed experts (from a train trace)."""
+    name = "frequency"
+
+    def __init__(self, freq: np.ndarray):
+        self.freq = np.asarray(freq, dtype=np.float32)  # [L, E]
+        self._order = [list(map(int, np.argsort(-f, kind="stable"))) for f in self.freq]
+
+    @classmethod
+    def fit(cls, trace) -> "FrequencyPredictor":
+        L, E = trace.num_layers, trace.num_experts
+        return cls(np.stack([np.bincount(trace.topk_ids[l].reshape(-1), minlength=E) for l in range(L)]))
+
+    def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        m = len(np.unique(_ids(topk_ids)))
+        return {(layer + d) % num_layers: self._order[(layer + d) % num_layers][:m] for d in range(1, depth + 1)}
+
+    @property
+    def nbytes(self):
+        return self.freq.nbytes
+
+
+class _HistoryPredictor(Predictor):
+    """Keeps the routing of the current step's layers (reset when the layer does not advance)."""
+    history = 3
+
+    def __init__(self):
+        self._hist: dict[int, np.ndarray] = {}
+        self._last = -1
+
+    def _remember(self, layer: int, topk_ids) -> None:
+        if layer <= self._last:
+            self._hist.clear()
+        self._last = layer
+        self._hist[layer] = _ids(topk_ids)
+
+
+class TransitionPredictor(_HistoryPredictor):
+    """Sum over h = 0..2 and the token's experts s at layer l-h of P(e at l+d | s at l-h)."""
+    name = "transition"
+
+    def __init__(self, tables: np.ndarray, num_experts: int, top_k: int):
+        super().__init__()
+        self.tables = np.asarray(tables, dtype=np.float32)  # [L, G, E, E]: src layer, gap-1, src, dst
+        self.E, self.k = num_experts, top_k
+
+    @classmethod
+    def fit(cls, trace, max_gap: int = 5) -> "TransitionPredictor":
+        L, E, ids = trace.num_layers, trace.num_experts, trace.topk_ids
+        tables = np.zeros((L, max_gap, E, E), dtype=np.float64)
+        for src in range(L):
+            for g in range(1, max_gap + 1):
+                if src + g >= L:
+                    break
+                a, b = ids[src], ids[src + g]  # [N, k]
+                pairs = (a[:, :, None] * E + b[:, None, :]).reshape(-1)
+                c = np.bincount(pairs, minlength=E * E).reshape(E, E) + 0.1  # smoothed counts
+                tables[src, g - 1] = c / c.sum(1, keepdims=True)
+        return cls(tables, E, trace.top_k)
+
+    def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        self._remember(layer, topk_ids)
+        out = {}
+        for d in range(1, depth + 1):
+            dst = layer + d
+            if dst >= num_layers:
+                break
+            score = 0.0
+            for h in range(self.history):
+                src, gap = layer - h, d + h
+                if src < 0 or src not in self._hist or gap > self.tables.shape[1]:
+                    continue
+                score = score + self.tables[src, gap - 1][self._hist[src]].sum(1)  # [T, E]
+            out[dst] = _vote(_topk(score, self.k), self.E, score)
+        return out
+
+    @property
+    def nbytes(self):
+        return self.tables.nbytes
+
+
+class LearnedPredictor(_HistoryPredictor):
+    """MLP: [multi-hot of layers l, l-1, l-2 (3E), one-hot l (L)] -> logits for l+1..l+D (D*E)."""
+    name = "learned"
+
+    def __init__(self, num_layers: int, num_experts: int, top_k: int, depth: int = 3, width: int = 512):
+        super().__init__()
+        self.L, self.E, self.k, self.D = num_layers, num_experts, top_k, depth
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3 * num_experts + num_layers, width), torch.nn.ReLU(),
+            torch.nn.Linear(width, width), torch.nn.ReLU(), torch.nn.Linear(width, depth * num_experts))
+
+    def _features(self, layer: int, hist: list[np.ndarray | None]) -> torch.Tensor:
+        T = next(h for h in hist if h is not None).shape[0]
+        x = np.zeros((T, 3 * self.E + self.L), dtype=np.float32)
+        rows = np.arange(T)[:, None]
+        for h, ids in enumerate(hist):
+            if ids is not None:
+                x[rows, h * self.E + ids] = 1.0
+        x[:, 3 * self.E + layer] = 1.0
+        return torch.from_numpy(x)
+
+    @classmethod
+    def fit(cls, trace, depth: int = 3, epochs: int = 4, batch: int = 1024, seed: int = 0,
+            progress: bool = False) -> "LearnedPredictor":
+        from tqdm import tqdm
+
+        torch.manual_seed(seed)
+        L, E, k, ids = trace.num_layers, trace.num_experts, trace.top_k, trace.topk_ids
+        self = cls(L, E, k, depth)
+        xs, ys, ms = [], [], []
+        for l in range(L - 1):
+            xs.append(self._features(l, [ids[l - h] if l - h >= 0 else None for h in range(3)]))
+            y = np.zeros((ids.shape[1], depth * E), dtype=np.float32)
+            m = np.zeros((ids.shape[1], depth * E), dtype=np.float32)
+            for d in range(1, depth + 1):
+                if l + d < L:
+                    y[np.arange(ids.shape[1])[:, None], (d - 1) * E + ids[l + d]] = 1.0
+                    m[:, (d - 1) * E:d * E] = 1.0
+            ys.append(torch.from_numpy(y))
+            ms.append(torch.from_numpy(m))
+        X, Y, M = torch.cat(xs), torch.cat(ys), torch.cat(ms)
+        opt = torch.optim.AdamW(self.net.parameters(), lr=2e-3, weight_decay=1e-4)
+        g = torch.Generator().manual_seed(seed)
+        for _ in tqdm(range(epochs), desc="fit learned predictor", disable=not progress):
+            for idx in torch.randperm(len(X), generator=g).split(batch):
+                loss = torch.nn.functional.binary_cross_entropy_with_logits(self.net(X[idx]), Y[idx], weight=M[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        self.net.eval()
+        return self
+
+    @torch.no_grad()
+    def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        self._remember(layer, topk_ids)
+        x = self._features(layer, [self._hist.get(layer - h) for h in range(3)])
+        logits = self.net(x).numpy()
+        out = {}
+        for d in range(1, min(depth, self.D) + 1):
+            if layer + d >= num_layers:
+                break
+            s = logits[:, (d - 1) * self.E:d * self.E]
+            out[layer + d] = _vote(_topk(s, self.k), self.E, s)
+        return out
+
+    @property
+    def nbytes(self):
+        return sum(p.numel() * p.element_size() for p in self.net.parameters())
+
+
+class GateLookaheadPredictor(Predictor):
+    """Layer l+d's router applied to layer l's MoE input. With the model's router weights [E, H]
+    and MoE-norm weights [H] per layer: x_l = rmsnorm(r) * w_l, so rmsnorm_{l+d}(r) = x_l * w_{l+d} / w_l
+    exactly, and the lookahead is topk(gate_{l+d}(x_l * w_{l+d} / w_l)). Replaying a trace, it reads
+    the recorded lookahead instead (``TraceHidden``)."""
+    name = "gate"
+
+    def __init__(self, gates: Sequence[torch.Tensor] | None = None, norm_weights: Sequence[torch.Tensor] | None = None,
+                 top_k: int | None = None):
+        self.gates, self.norms, self.k = gates, norm_weights, top_k
+
+    def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        out = {}
+        for d in range(1, depth + 1):
+            if layer + d >= num_layers:
+                break
+            if isinstance(hidden, TraceHidden):
+                la = hidden.trace.lookahead
+                if la is None or d > la.shape[0]:
+                    break
+                picks = la[d - 1, layer, hidden.tokens]
+                E = hidden.trace.num_experts
+            else:
+                if self.gates is None:
+                    raise ValueError("GateLookaheadPredictor needs the model's router and norm weights "
+                                     "(traces.recorder.gate_lookahead_parts) to predict from a hidden state")
+                x = hidden.float() * (self.norms[layer + d].float() / self.norms[layer].float())
+                logits = x @ self.gates[layer + d].float().t()
+                k = self.k or _ids(topk_ids).shape[1]
+                picks = torch.topk(logits, k, dim=-1).indices.cpu().numpy()
+                E = self.gates[layer + d].shape[0]
+            out[layer + d] = _vote(np.asarray(picks), E)
+        return out
+
+
 PREDICTORS = {"same": SameExpertsPredictor}
+TRAINED = {"frequency": FrequencyPredictor, "transition": TransitionPredictor, "learned": LearnedPredictor}
+
+
+def fit_predictor(name: str, train_trace) -> Predictor:
+    """A predictor by name, fitted on `train_trace` where it needs data ('gate' reads the replayed trace)."""
+    if name in TRAINED:
+        return TRAINED[name].fit(train_trace)
+    if name == "gate":
+        return GateLookaheadPredictor()
+    return make_predictor(name)
 
 
 def make_predictor(predictor) -> Predictor | None:
     if predictor is None or isinstance(predictor, Predictor):
         return predictor
+    if predictor in TRAINED or predictor in ("gate", "oracle"):
+        raise ValueError(f"predictor {predictor!r} needs data: fit it on a train trace (predictors.fit_predictor) "
+                         "or build it from the model (GateLookaheadPredictor) and pass the instance")
     try:
         return PREDICTORS[predictor]()
     except (KeyError, TypeError):
-        raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join(PREDICTORS)} "
+        raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join([*PREDICTORS, *TRAINED, 'gate', 'oracle'])} "
                          "(or pass a Predictor instance)") from None

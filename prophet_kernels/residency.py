@@ -1,0 +1,147 @@
+"""Residency decisions of the host-driven mode, shared by ``ProphetMoE`` and the trace simulator.
+
+    acquire(layer, experts)      hits are touched and pinned; misses get a slot (free, else the
+                                 policy's unpinned victim) and are returned as fills to copy now
+    prefetch(layer, ids, hidden) asks the predictor, allocates slots for its experts for layers
+                                 +1..+depth (nearest first) within the byte budget, returns fills
+    release(slots)               unpins what acquire pinned
+
+No tensors move here: the caller copies the fills (``StreamPrefetcher`` on a device, a timing
+model in the simulator) and adds the stall it measured or modelled to ``stats``.
+Stats count per layer; hits and misses are per unique expert a layer needs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+
+from .buffer import SlotTable
+from .predictors import Predictor
+
+
+@dataclass
+class LayerStats:
+    hits: int = 0
+    misses: int = 0
+    prefetched: int = 0  # experts copied ahead of need
+    prefetch_used: int = 0  # prefetched experts that a layer then read (before eviction)
+    evictions: int = 0
+    bytes_h2d: int = 0
+    stall_s: float = 0.0  # time the compute waited for expert copies
+
+
+class Stats:
+    """Per-layer counters (``stats.layers[l]``) and their totals as attributes."""
+
+    def __init__(self, num_layers: int):
+        self.layers = [LayerStats() for _ in range(num_layers)]
+
+    def __getattr__(self, name):
+        if name in LayerStats.__dataclass_fields__:
+            return sum(getattr(s, name) for s in self.layers)
+        raise AttributeError(name)
+
+    @property
+    def hit_rate(self) -> float:
+        n = self.hits + self.misses
+        return self.hits / n if n else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        """Share of prefetched experts that a layer read before they were evicted."""
+        n = self.prefetched
+        return self.prefetch_used / n if n else 0.0
+
+    def as_dict(self) -> dict:
+        total = {f.name: getattr(self, f.name) for f in fields(LayerStats)}
+        return {"total": total | {"hit_rate": self.hit_rate},
+                "layers": [{f.name: getattr(s, f.name) for f in fields(LayerStats)} for s in self.layers]}
+
+    def __str__(self) -> str:
+        return (f"hits {self.hits}  misses {self.misses}  hit rate {self.hit_rate:.1%}  prefetched {self.prefetched} "
+                f"(used {self.prefetch_used})  evictions {self.evictions}  H2D {self.bytes_h2d / 1e6:.1f} MB  "
+                f"stall {self.stall_s * 1e3:.2f} ms")
+
+
+Fill = tuple[int, int, int]  # (slot, layer, expert)
+
+
+class ExpertResidency:
+    def __init__(self, table: SlotTable, expert_bytes: int, predictor: Predictor | None = None,
+                 prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None):
+        if prefetch_depth < 0:
+            raise ValueError(f"prefetch_depth must be >= 0, got {prefetch_depth}")
+        if prefetch_budget_bytes is not None and prefetch_budget_bytes < 0:
+            raise ValueError(f"prefetch_budget_bytes must be >= 0, got {prefetch_budget_bytes}")
+        self.table, self.expert_bytes = table, expert_bytes
+        self.predictor, self.prefetch_depth, self.prefetch_budget_bytes = predictor, prefetch_depth, prefetch_budget_bytes
+        self.stats = Stats(table.num_layers)
+        self._unread_prefetch: set[int] = set()  # slots filled by prefetch, not yet read
+
+    def acquire(self, layer: int, experts) -> tuple[list[int], list[Fill]]:
+        """Slots for `experts` (unique ids of one layer, all pinned on return) and the demand fills."""
+        if len(experts) > self.table.num_slots:
+            raise ValueError(f"layer {layer} needs {len(experts)} unique experts but the buffer has "
+                             f"{self.table.num_slots} slots; need at least {len(experts)} (or a smaller batch)")
+        st, table = self.stats.layers[layer], self.table
+        slots, fills = [], []
+        for e in experts:
+            s = table.lookup(layer, e)
+            if s >= 0:
+                st.hits += 1
+                table.touch(s)
+                if s in self._unread_prefetch:
+                    st.prefetch_used += 1
+                    self._unread_prefetch.discard(s)
+            else:
+                st.misses += 1
+                s, evicted = table.allocate(layer, e)
+                self._evicted(evicted, s, layer)
+                fills.append((s, layer, e))
+            table.pin([s])  # before the next allocation, so this layer never evicts itself
+            slots.append(s)
+        st.bytes_h2d += len(fills) * self.expert_bytes
+        return slots, fills
+
+    def release(self, slots) -> None:
+        self.table.unpin(slots)
+
+    def _evicted(self, evicted, slot: int, layer: int) -> None:
+        if evicted is not None:
+            self.stats.layers[layer].evictions += 1
+            self._unread_prefetch.discard(slot)
+
+    def prefetch(self, layer: int, topk_ids, hidden) -> list[Fill]:
+        """Slots allocated (and their owners set) for the predictor's experts; the caller copies."""
+        if self.predictor is None or self.prefetch_depth == 0:
+            return []
+        L, E, eb, table = self.table.num_layers, self.table.num_experts, self.expert_bytes, self.table
+        want = self.predictor.predict(layer, topk_ids, hidden, L, self.prefetch_depth)
+        fills, held = [], []
+        try:
+            for d in range(1, self.prefetch_depth + 1):
+                future = (layer + d) % L
+                for e in want.get(future, ()):
+                    if not 0 <= e < E:
+                        raise ValueError(f"predictor returned expert {e} outside [0, {E}) for layer {future}")
+                    s = table.lookup(future, e)
+                    if s >= 0:  # already resident: hold it so this call's later copies keep it
+                        table.pin([s])
+                        held.append(s)
+                        continue
+                    if self.prefetch_budget_bytes is not None and (len(fills) + 1) * eb > self.prefetch_budget_bytes:
+                        return fills
+                    if table.full():
+                        return fills  # every slot is read now or was just prefetched
+                    s, evicted = table.allocate(future, e)
+                    self._evicted(evicted, s, future)
+                    fs = self.stats.layers[future]
+                    fs.prefetched += 1
+                    fs.bytes_h2d += eb
+                    self._unread_prefetch.add(s)
+                    table.pin([s])  # nearer layers' prefetches are not evicted by farther ones
+                    held.append(s)
+                    fills.append((s, future, e))
+            return fills
+        finally:
+            table.unpin(held)

@@ -1,0 +1,148 @@
+"""The routing study: hit-rate table (policies, predictors, depths, capacities) on held-out traces,
+the batch-dedup measurement, figures, and a markdown report. Used by ``prophet simulate --sweep``."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+CAPACITIES = (0.125, 0.25, 0.5, 0.75)
+BASE_POLICIES = ("lru", "lfu", "belady")
+PREDICTORS = ("same", "frequency", "transition", "learned", "gate", "oracle")
+DEPTHS = (1, 2, 3)
+
+
+def configs(predictors=PREDICTORS, depths=DEPTHS) -> list[tuple[str, str | None, int]]:
+    """(policy, predictor, depth): each policy alone, each predictor with LRU at each depth, and the
+    oracle predictor with Belady (the clairvoyant bound on both decisions)."""
+    out = [(p, None, 0) for p in BASE_POLICIES]
+    out += [("lru", pred, d) for pred in predictors for d in depths]
+    if "oracle" in predictors:
+        out += [("belady", "oracle", d) for d in depths]
+    return out
+
+
+def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: int | None = None,
+              predictors=PREDICTORS, depths=DEPTHS, unlimited_budget: bool = False, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    from .predictors import fit_predictor
+    from .simulator import simulate
+
+    fitted, sizes = {}, {}
+    for name in predictors:
+        if name != "oracle":
+            t0 = time.time()
+            fitted[name] = fit_predictor(name, train)
+            sizes[name] = (fitted[name].nbytes, time.time() - t0)
+    rows = []
+    todo = [(c, cfg) for cfg in configs(predictors, depths) for c in capacities]
+    shape = heldout.meta.get("shape", "?")
+    for cap, (policy, pred, depth) in tqdm(todo, desc=f"sweep {shape}", disable=not progress):
+        # trained predictors keep per-step history only; refit-free reuse is safe (reset each step)
+        p = "oracle" if pred == "oracle" else (fitted[pred] if pred else None)
+        r = simulate(heldout, cap, policy, p, depth, batch=batch, max_steps=max_steps, unlimited_budget=unlimited_budget)
+        row = r.as_dict() | {"shape": shape, "mimics": heldout.meta.get("mimics"), "capacity": cap,
+                             "unlimited_budget": unlimited_budget}
+        if pred in sizes:
+            row["predictor_bytes"], row["predictor_fit_s"] = sizes[pred]
+        rows.append(row)
+    return rows
+
+
+def _label(row) -> str:
+    if row["predictor"] == "none":
+        return row["policy"].upper() if row["policy"] != "belady" else "Belady"
+    pol = "Belady" if row["policy"] == "belady" else row["policy"].upper()
+    return f"{row['predictor']} d={row['depth']} + {pol}"
+
+
+def markdown_table(rows: list[dict], field: str = "hit_rate") -> str:
+    caps = sorted({r["capacity"] for r in rows})
+    lines = ["| configuration | " + " | ".join(f"{c:.1%}" for c in caps) + " | size |",
+             "|---|" + "---:|" * (len(caps) + 1)]
+    seen = {}
+    for r in rows:
+        seen.setdefault(_label(r), {})[r["capacity"]] = r
+    for label, by_cap in seen.items():
+        r0 = next(iter(by_cap.values()))
+        size = r0.get("predictor_bytes")
+        size = "" if size is None else (f"{size / 2**20:.2f} MiB" if size >= 2**20 else f"{size / 2**10:.1f} KiB")
+        lines.append(f"| {label} | " + " | ".join(f"{by_cap[c][field]:.1%}" if c in by_cap else "" for c in caps)
+                     + f" | {size} |")
+    return "\n".join(lines)
+
+
+def best_vs_oracle(rows: list[dict], capacity: float = 0.5) -> dict:
+    """Prophet's best realisable configuration (not oracle, not Belady) vs the oracle predictor
+    with the same policy and budget, at `capacity`."""
+    at = [r for r in rows if r["capacity"] == capacity]
+    real = [r for r in at if r["policy"] != "belady" and r["predictor"] != "oracle"]
+    best = max(real, key=lambda r: r["hit_rate"])
+    oracle = max((r for r in at if r["predictor"] == "oracle" and r["policy"] == "lru"), key=lambda r: r["hit_rate"])
+    bound = max(at, key=lambda r: r["hit_rate"])
+    return {"best": _label(best), "best_hit": best["hit_rate"], "oracle": _label(oracle), "oracle_hit": oracle["hit_rate"],
+            "gap_points": 100 * (oracle["hit_rate"] - best["hit_rate"]), "bound": _label(bound), "bound_hit": bound["hit_rate"]}
+
+
+def figure_hit_vs_capacity(rows: list[dict], path: Path, title: str) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    groups: dict[str, list] = {}
+    for r in rows:
+        if r["predictor"] == "none" or r["depth"] == max(x["depth"] for x in rows if x["predictor"] == r["predictor"]):
+            groups.setdefault(_label(r), []).append(r)
+    for label, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["capacity"])
+        style = "--" if "Belady" in label or "oracle" in label else "-"
+        ax.plot([100 * r["capacity"] for r in rs], [100 * r["hit_rate"] for r in rs], style, marker="o", label=label)
+    ax.set_xlabel("buffer capacity (% of all experts)")
+    ax.set_ylabel("hit rate (% of unique experts needed)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def figure_dedup(tables: dict[str, list[dict]], path: Path) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.2 * len(tables), 4.2), squeeze=False)
+    for ax, (name, rows) in zip(axes[0], tables.items()):
+        b = [r["batch"] for r in rows]
+        ax.errorbar(b, [r["measured"] for r in rows], yerr=[r["std"] for r in rows], marker="o", label="measured (trace)")
+        ax.plot(b, [r["uniform"] for r in rows], "--", label="E(1-(1-k/E)^B) uniform")
+        ax.plot(b, [r["seed_power_law"] for r in rows], ":", label="seed: k*B^0.932")
+        ax.axhline(rows[0]["experts"], color="gray", lw=0.8, label=f"E = {rows[0]['experts']}")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("batch (tokens decoding together)")
+        ax.set_ylabel("unique experts per layer")
+        ax.set_title(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
+    from .traces.recorder import _commit
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    stamp = {"commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": "cpu (simulation)"}
+    with open(path, "w") as f:
+        for r in rows:
+            f.write(json.dumps(r | stamp) + "\n")
+    return path

@@ -1,0 +1,228 @@
+"""Trace-driven simulator: replays routing traces through ExpertResidency (the decisions ProphetMoE
+makes, same code) on a SlotTable (the buffer without tensors), with a timing model of the copy
+engine, to measure hit rates, traffic and stalls at any capacity, policy, predictor and batch.
+
+Decode model: B sequences decode in lockstep (lane b replays sequences b, b+B, ... back to back);
+a step is one token per lane through every MoE layer; a layer needs the union of its B tokens'
+experts. Time: each layer computes for `layer_s`; one copy engine moves `pcie_Bps` bytes/s in
+issue order (demand fetches queue behind prefetches already issued, as on one copy stream); a
+layer waits for its experts' copies (stall). A prefetch is issued only while the engine's backlog
+lets it start before the last target layer begins (the byte budget of each call, derived from
+bandwidth and layer time); a prefetched expert whose copy has not landed when needed counts as
+a hit that stalls ("late").
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .buffer import BeladyPolicy, SlotTable
+from .predictors import OraclePredictor, Predictor, TraceHidden
+from .residency import ExpertResidency
+
+# Layer time (us) at batch B, measured on an H100 (see environment.md, bench/results/bench_moe.jsonl):
+#   OLMoE-1B-7B: vLLM 0.26 greedy decode, CUDA graphs: 512 tok/s at B=1, 5,086 tok/s at B=32 (16 layers)
+#   Mixtral-8x7B: Prophet's paged MoE kernel alone (attention excluded, so a lower bound), B=1 and 16
+MEASURED_LAYER_US = {
+    "OLMoE-1B-7B": {1: 1e6 / 512 / 16, 32: 32e6 / 5086 / 16},
+    "Mixtral-8x7B": {1: 246.4, 16: 923.2},
+}
+# Pinned host-to-device copy bandwidth measured on the H100 (environment.md): 52.7 GB/s for one
+# 12.6 MB copy, 55 GB/s for large ones.
+MEASURED_PCIE_GBPS = {"OLMoE-1B-7B": 52.7, "Mixtral-8x7B": 55.0}
+
+
+def layer_seconds(model: str, batch: int) -> float:
+    """Measured layer time at `batch`, log-linear between the measured batches (clamped outside)."""
+    if model not in MEASURED_LAYER_US:
+        raise ValueError(f"no measured layer time for {model!r}; pass layer_us explicitly "
+                         f"(measured: {', '.join(MEASURED_LAYER_US)})")
+    pts = sorted(MEASURED_LAYER_US[model].items())
+    if batch <= pts[0][0]:
+        return pts[0][1] * 1e-6
+    if batch >= pts[-1][0]:
+        return pts[-1][1] * 1e-6
+    for (b0, t0), (b1, t1) in zip(pts, pts[1:]):
+        if b0 <= batch <= b1:
+            f = math.log(batch / b0) / math.log(b1 / b0)
+            return (t0 + f * (t1 - t0)) * 1e-6
+    raise AssertionError
+
+
+def capacity_slots(capacity: float, num_layers: int, num_experts: int) -> int:
+    """A capacity given as a fraction of all experts (0 < c <= 1) or as a slot count (c > 1)."""
+    if capacity <= 0:
+        raise ValueError(f"capacity must be > 0, got {capacity}")
+    return int(capacity) if capacity > 1 else max(1, round(capacity * num_layers * num_experts))
+
+
+def lanes(trace, batch: int) -> np.ndarray:
+    """[steps, batch] token indices: lane b replays sequences b, b+B, ... back to back; all lanes
+    are cut to the shortest so every step has B tokens."""
+    if not 1 <= batch <= trace.num_seqs:
+        raise ValueError(f"batch {batch} must be in [1, {trace.num_seqs}] (the trace's sequences)")
+    seqs = trace.sequences()
+    per_lane = [np.concatenate(seqs[b::batch]) for b in range(batch)]
+    steps = min(len(p) for p in per_lane)
+    return np.stack([p[:steps] for p in per_lane], axis=1)
+
+
+@dataclass
+class SimResult:
+    slots: int
+    policy: str
+    predictor: str
+    depth: int
+    batch: int
+    steps: int
+    tokens: int
+    requests: int  # unique experts needed, summed over layer calls
+    hits: int
+    late_hits: int  # hits whose prefetch copy had not landed
+    misses: int
+    prefetched: int
+    prefetch_used: int
+    evictions: int
+    bytes_h2d: int
+    stall_s: float
+    pred_recall: list[float] = field(default_factory=list)  # per depth: |predicted & needed| / |needed|
+    pred_precision: list[float] = field(default_factory=list)  # per depth: |predicted & needed| / |predicted|
+    layer_hit_rate: list[float] = field(default_factory=list)
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.requests if self.requests else 0.0
+
+    @property
+    def ready_hit_rate(self) -> float:
+        return (self.hits - self.late_hits) / self.requests if self.requests else 0.0
+
+    @property
+    def prefetch_precision(self) -> float:
+        return self.prefetch_used / self.prefetched if self.prefetched else 0.0
+
+    def as_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.update(hit_rate=self.hit_rate, ready_hit_rate=self.ready_hit_rate, prefetch_precision=self.prefetch_precision,
+                 misses_per_token=self.misses / self.tokens, bytes_per_token=self.bytes_h2d / self.tokens,
+                 stall_us_per_token=self.stall_s / self.tokens * 1e6)
+        return d
+
+
+class _Scored(Predictor):
+    """Wraps a predictor to score each prediction against the future it predicts."""
+
+    def __init__(self, inner: Predictor, schedule: list[set], depth: int):
+        self.inner, self.schedule = inner, schedule
+        self.call = 0
+        self.hit = np.zeros(depth)
+        self.needed = np.zeros(depth)
+        self.predicted = np.zeros(depth)
+
+    def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        want = self.inner.predict(layer, topk_ids, hidden, num_layers, depth)
+        for d in range(1, depth + 1):
+            c = self.call + d
+            future = (layer + d) % num_layers
+            if c < len(self.schedule) and future in want:
+                need = self.schedule[c]
+                self.hit[d - 1] += len(need.intersection(want[future]))
+                self.needed[d - 1] += len(need)
+                self.predicted[d - 1] += len(want[future])
+        self.call += 1
+        return want
+
+
+def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor | str | None = None, depth: int = 1,
+             batch: int = 1, expert_bytes: int | None = None, pcie_gbps: float | None = None,
+             layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
+             progress: bool = False) -> SimResult:
+    """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
+    expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
+    H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled)."""
+    from tqdm import tqdm
+
+    from .planner.catalog import get_model
+    from .planner.memory import expert_bytes as model_expert_bytes
+
+    L, E = trace.num_layers, trace.num_experts
+    model = trace.meta.get("mimics")
+    if expert_bytes is None:
+        if not model:
+            raise ValueError("trace meta names no mimicked model: pass expert_bytes")
+        expert_bytes = model_expert_bytes(get_model(model))
+    bw = (pcie_gbps or MEASURED_PCIE_GBPS.get(model) or 0) * 1e9
+    if bw <= 0:
+        raise ValueError(f"no measured PCIe bandwidth for {model!r}: pass pcie_gbps")
+    layer_s = layer_us * 1e-6 if layer_us is not None else layer_seconds(model, batch)
+    grid = lanes(trace, batch)
+    if max_steps is not None:
+        grid = grid[:max_steps]
+    steps = len(grid)
+    schedule = [set(np.unique(trace.topk_ids[l, grid[t]]).tolist()) for t in range(steps) for l in range(L)]
+    slots = capacity_slots(capacity, L, E)
+
+    if policy == "belady":
+        uses: dict[tuple[int, int], list[int]] = {}
+        for c, need in enumerate(schedule):
+            for e in need:
+                uses.setdefault((c % L, e), []).append(c)
+        clock = [0]
+
+        def next_use(layer, expert):
+            u = uses.get((layer, expert), ())
+            i = bisect.bisect_right(u, clock[0])  # strictly after the current layer call
+            return u[i] if i < len(u) else math.inf
+
+        pol = BeladyPolicy(next_use)
+    else:
+        clock, pol = [0], policy
+    if predictor == "oracle":
+        predictor = OraclePredictor([sorted(s) for s in schedule])
+    name = getattr(predictor, "name", "none") if predictor is not None else "none"
+    scored = _Scored(predictor, schedule, depth) if predictor is not None else None
+    table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
+    res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0, None)
+
+    ready = [0.0] * slots  # when each slot's last copy lands
+    now = engine = 0.0
+    late = 0
+    copy_s = expert_bytes / bw
+    for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
+        tokens = grid[t]
+        for l in range(L):
+            c = t * L + l
+            clock[0] = c
+            ids = trace.topk_ids[l, tokens]
+            got, fills = res.acquire(l, sorted(schedule[c]))
+            for s, _, _ in fills:
+                engine = max(engine, now) + copy_s
+                ready[s] = engine
+            wait = max(ready[s] for s in got)
+            filled = {s for s, _, _ in fills}
+            late += sum(1 for s in got if s not in filled and ready[s] > now)
+            if wait > now:
+                res.stats.layers[l].stall_s += wait - now
+                now = wait
+            if res.prefetch_depth:
+                if not unlimited_budget:  # what can start before the farthest target layer begins
+                    window = now + depth * layer_s - max(engine, now)
+                    res.prefetch_budget_bytes = max(0, math.ceil(window / copy_s)) * expert_bytes
+                for s, _, _ in res.prefetch(l, ids, TraceHidden(trace, tokens)):
+                    engine = max(engine, now) + copy_s
+                    ready[s] = engine
+            res.release(got)
+            now += layer_s
+    st = res.stats
+    req = st.hits + st.misses
+    return SimResult(
+        slots=slots, policy=policy, predictor=name, depth=res.prefetch_depth, batch=batch, steps=steps,
+        tokens=steps * batch, requests=req, hits=st.hits, late_hits=late, misses=st.misses, prefetched=st.prefetched,
+        prefetch_used=st.prefetch_used, evictions=st.evictions, bytes_h2d=st.bytes_h2d, stall_s=st.stall_s,
+        pred_recall=list(np.divide(scored.hit, np.maximum(scored.needed, 1))) if scored else [],
+        pred_precision=list(np.divide(scored.hit, np.maximum(scored.predicted, 1))) if scored else [],
+        layer_hit_rate=[s.hits / max(1, s.hits + s.misses) for s in st.layers])

@@ -1,0 +1,99 @@
+"""Routing trace: what every MoE layer's router picked for every token, in a compact npz.
+
+    topk_ids     [L, N, k] int16   experts chosen by layer l for token n (router order)
+    topk_weights [L, N, k] float16 their routing weights (optional)
+    lookahead    [D, L, N, k] int16  "gate lookahead": the experts layer l+d's router picks from the
+                 hidden state entering layer l's MoE (the residual stream after l's attention,
+                 through l+d's own norm), d = 1..D; -1 where l+d >= L (optional)
+    seq_starts   [num_seqs + 1] int64  tokens of sequence i are n in [seq_starts[i], seq_starts[i+1])
+    meta         dict (JSON): model/shape, corpus and its hash, split, tokens, training, commit, date
+
+Tokens of a sequence are stored in order, so decode order is position order within a sequence.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class Trace:
+    topk_ids: np.ndarray
+    seq_starts: np.ndarray
+    topk_weights: np.ndarray | None = None
+    lookahead: np.ndarray | None = None
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self):
+        self.topk_ids = np.asarray(self.topk_ids)
+        if self.topk_ids.ndim != 3:
+            raise ValueError(f"topk_ids must be [L, N, k], got shape {self.topk_ids.shape}")
+        L, N, k = self.topk_ids.shape
+        self.seq_starts = np.asarray(self.seq_starts, dtype=np.int64)
+        if self.seq_starts[0] != 0 or self.seq_starts[-1] != N or np.any(np.diff(self.seq_starts) <= 0):
+            raise ValueError(f"seq_starts must rise strictly from 0 to N={N}")
+        E = self.num_experts
+        if self.topk_ids.min() < 0 or self.topk_ids.max() >= E:
+            raise ValueError(f"topk_ids outside [0, num_experts={E})")
+        if self.topk_weights is not None and self.topk_weights.shape != self.topk_ids.shape:
+            raise ValueError(f"topk_weights shape {self.topk_weights.shape} != topk_ids shape {self.topk_ids.shape}")
+        if self.lookahead is not None and (self.lookahead.ndim != 4 or self.lookahead.shape[1:] != (L, N, k)):
+            raise ValueError(f"lookahead must be [D, L, N, k] with (L, N, k)={(L, N, k)}, got {self.lookahead.shape}")
+
+    @property
+    def num_layers(self) -> int:
+        return self.topk_ids.shape[0]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.topk_ids.shape[1]
+
+    @property
+    def top_k(self) -> int:
+        return self.topk_ids.shape[2]
+
+    @property
+    def num_experts(self) -> int:
+        if "num_experts" not in self.meta:
+            raise ValueError("trace meta lacks num_experts")
+        return int(self.meta["num_experts"])
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.seq_starts) - 1
+
+    def sequences(self) -> list[np.ndarray]:
+        """Token indices of each sequence, in order."""
+        return [np.arange(a, b) for a, b in zip(self.seq_starts[:-1], self.seq_starts[1:])]
+
+    def save(self, path) -> Path:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        arrays = {"topk_ids": self.topk_ids.astype(np.int16), "seq_starts": self.seq_starts,
+                  "meta": np.frombuffer(json.dumps(self.meta | {"format_version": FORMAT_VERSION}).encode(), np.uint8)}
+        if self.topk_weights is not None:
+            arrays["topk_weights"] = self.topk_weights.astype(np.float16)
+        if self.lookahead is not None:
+            arrays["lookahead"] = self.lookahead.astype(np.int16)
+        with open(path, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        return path
+
+    @classmethod
+    def load(cls, path) -> "Trace":
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"no trace at {path}")
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta.get("format_version") != FORMAT_VERSION:
+                raise ValueError(f"{path}: trace format {meta.get('format_version')} != {FORMAT_VERSION}")
+            return cls(topk_ids=z["topk_ids"].astype(np.int64), seq_starts=z["seq_starts"],
+                       topk_weights=z["topk_weights"] if "topk_weights" in z else None,
+                       lookahead=z["lookahead"].astype(np.int64) if "lookahead" in z else None, meta=meta)

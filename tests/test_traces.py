@@ -1,0 +1,289 @@
+"""Routing traces, recorder, predictors, eviction bounds, the trace simulator (which must make
+exactly ProphetMoE's decisions), batch dedup, and the committed traces' provenance."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from prophet_kernels.buffer import BeladyPolicy, SlotTable
+from prophet_kernels.layer import ProphetMoE
+from prophet_kernels.predictors import (
+    GateLookaheadPredictor, LearnedPredictor, OraclePredictor, SameExpertsPredictor, TraceHidden, TransitionPredictor,
+    fit_predictor, make_predictor)
+from prophet_kernels.simulator import lanes, simulate
+from prophet_kernels.traces import DATA, Trace, load_trace
+from prophet_kernels.traces.dedup import dedup_table, verdict
+
+
+def _random_trace(L=4, E=8, k=2, seqs=6, seq_len=20, seed=0, lookahead=True):
+    rng = np.random.default_rng(seed)
+    N = seqs * seq_len
+    ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(N)]) for _ in range(L)])
+    la = np.stack([np.roll(ids, -d, axis=0) for d in (1, 2)]) if lookahead else None  # a perfect lookahead
+    if la is not None:
+        for d in (1, 2):
+            la[d - 1, L - d:] = -1
+    return Trace(ids, np.arange(0, N + 1, seq_len), topk_weights=rng.random(ids.shape).astype(np.float16),
+                 lookahead=la, meta={"num_experts": E, "mimics": "OLMoE-1B-7B", "shape": "test"})
+
+
+def _chain_trace(L=6, E=8, k=2, N=400, seed=0):
+    """Deterministic routing chain: expert (e + 3) % E at layer l+1 follows expert e at layer l."""
+    rng = np.random.default_rng(seed)
+    first = np.stack([rng.choice(E, k, replace=False) for _ in range(N)])
+    ids = np.stack([(first + 3 * l) % E for l in range(L)])
+    return Trace(ids, np.arange(0, N + 1, 20), meta={"num_experts": E, "mimics": "OLMoE-1B-7B"})
+
+
+# ---------------------------------------------------------------------------------- format
+
+def test_trace_roundtrip(tmp_path):
+    tr = _random_trace()
+    tr.meta["corpus"] = {"sha1": "abc"}
+    back = Trace.load(tr.save(tmp_path / "t.npz"))
+    assert np.array_equal(back.topk_ids, tr.topk_ids) and np.array_equal(back.lookahead, tr.lookahead)
+    assert np.array_equal(back.topk_weights, tr.topk_weights) and np.array_equal(back.seq_starts, tr.seq_starts)
+    assert back.meta["corpus"] == {"sha1": "abc"} and back.num_seqs == 6 and back.top_k == 2
+
+
+def test_trace_rejects_bad_input(tmp_path):
+    tr = _random_trace()
+    with pytest.raises(ValueError, match="outside"):
+        Trace(tr.topk_ids + 8, tr.seq_starts, meta=tr.meta)
+    with pytest.raises(ValueError, match="seq_starts"):
+        Trace(tr.topk_ids, [0, 5, 5, tr.num_tokens], meta=tr.meta)
+    with pytest.raises(ValueError, match=r"\[L, N, k\]"):
+        Trace(tr.topk_ids[0], tr.seq_starts, meta=tr.meta)
+    with pytest.raises(ValueError, match="no trace named"):
+        load_trace("no-such-trace")
+
+
+# ---------------------------------------------------------------------------------- recorder
+
+def test_recorder_matches_router_and_runtime_gate_lookahead():
+    transformers = pytest.importorskip("transformers")
+    from prophet_kernels.traces.recorder import gate_lookahead_parts, moe_layers, record
+
+    torch.manual_seed(0)
+    cfg = transformers.OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=4,
+                                   num_attention_heads=2, num_key_value_heads=2, num_experts=8, num_experts_per_tok=2,
+                                   initializer_range=0.2, pad_token_id=0, eos_token_id=0, bos_token_id=0)
+    model = transformers.OlmoeForCausalLM(cfg).eval()
+    for layer in moe_layers(model):  # norms that differ by layer, so the lookahead must rescale
+        torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 1.5)
+    windows = np.random.default_rng(0).integers(1, 64, (3, 11))
+    tr = record(model, windows, lookahead_depth=2, batch=2)
+    assert tr.topk_ids.shape == (4, 33, 2) and tr.num_seqs == 3 and tr.meta["num_experts"] == 8
+    with torch.no_grad():
+        out = model(input_ids=torch.as_tensor(windows), output_router_logits=True)
+        moe_in = {}
+        hooks = [l.mlp.register_forward_pre_hook(lambda m, a, i=i: moe_in.__setitem__(i, a[0].reshape(-1, 32)))
+                 for i, l in enumerate(moe_layers(model))]
+        model(input_ids=torch.as_tensor(windows))
+        for h in hooks:
+            h.remove()
+    for l, logits in enumerate(out.router_logits):  # independent: top-2 of the router logits
+        assert np.array_equal(np.sort(tr.topk_ids[l], 1), torch.topk(logits, 2).indices.sort(1).values.numpy())
+    pred = GateLookaheadPredictor(*gate_lookahead_parts(model)[:2], top_k=2)
+    for l in range(4):
+        want = pred.predict(l, torch.as_tensor(tr.topk_ids[l]), moe_in[l], 4, 2)
+        for d in (1, 2):
+            if l + d >= 4:
+                assert (tr.lookahead[d - 1, l] == -1).all() and l + d not in want
+                continue
+            # the runtime predictor (from layer l's normalised MoE input) == the recorded lookahead
+            assert set(want[l + d]) == set(np.unique(tr.lookahead[d - 1, l]).tolist())
+            replay = pred.predict(l, None, TraceHidden(tr, np.arange(33)), 4, d)
+            assert replay[l + d] == want[l + d]
+
+
+# ---------------------------------------------------------------------------------- policies
+
+def _min_misses(requests, slots):
+    """Brute force: fewest misses serving single-expert requests with `slots` slots (demand paging)."""
+    best = {frozenset(): 0}
+    for r in requests:
+        nxt = {}
+        for cache, m in best.items():
+            if r in cache:
+                options = [(cache, m)]
+            elif len(cache) < slots:
+                options = [(cache | {r}, m + 1)]
+            else:
+                options = [((cache - {v}) | {r}, m + 1) for v in cache]
+            for c, mm in options:
+                nxt[c] = min(nxt.get(c, 10**9), mm)
+        best = nxt
+    return min(best.values())
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_belady_is_optimal_and_bounds_lru_lfu(seed):
+    rng = np.random.default_rng(seed)
+    E, slots = 6, 3
+    reqs = rng.integers(0, E, 40).tolist()
+    ids = np.asarray(reqs)[None, :, None]
+    tr = Trace(ids, [0, len(reqs)], meta={"num_experts": E, "mimics": "OLMoE-1B-7B"})
+    res = {p: simulate(tr, slots, p) for p in ("lru", "lfu", "belady")}
+    assert res["belady"].misses == _min_misses(reqs, slots)
+    assert res["belady"].misses <= min(res["lru"].misses, res["lfu"].misses)
+    assert all(r.hits + r.misses == len(reqs) for r in res.values())
+
+
+def test_belady_policy_needs_the_future():
+    with pytest.raises(ValueError, match="future"):
+        SlotTable(2, 4, 4, "belady")
+    table = SlotTable(1, 4, 2, BeladyPolicy(lambda l, e: {0: 5, 1: 9, 2: 1}.get(e, np.inf)))
+    table.allocate(0, 0)
+    table.allocate(0, 1)
+    assert table.allocate(0, 2) == (1, (0, 1))  # expert 1 is needed last
+
+
+# ---------------------------------------------------------------------------------- simulator
+
+@pytest.mark.parametrize("predictor,depth", [(None, 0), ("same", 2), ("oracle", 1), ("gate", 2), ("transition", 1)])
+@pytest.mark.parametrize("policy", ["lru", "lfu"])
+def test_simulator_makes_prophetmoe_decisions(monkeypatch, predictor, depth, policy):
+    """Replaying a trace through the simulator and through ProphetMoE (real tensors, CPU) gives
+    the same hits, misses, prefetches and evictions: one decision code, not two."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # ProphetMoE's experts on the PyTorch path
+    tr = _random_trace(seqs=4, seq_len=12)
+    B, L, E, k, slots = 2, tr.num_layers, tr.num_experts, tr.top_k, 9
+
+    def make(pred_name, schedule):
+        if pred_name == "oracle":
+            return OraclePredictor(schedule)
+        return fit_predictor(pred_name, tr) if pred_name else None
+
+    sim = simulate(tr, slots, policy, "oracle" if predictor == "oracle" else make(predictor, None), depth, batch=B,
+                   expert_bytes=1000, unlimited_budget=True)
+    grid = lanes(tr, B)
+    schedule = [sorted(set(tr.topk_ids[l, grid[t]].reshape(-1).tolist())) for t in range(len(grid)) for l in range(L)]
+    H, I = 8, 4
+    g = torch.Generator().manual_seed(0)
+    moe = ProphetMoE.from_weights(torch.randn(L, E, 2 * I, H, generator=g), torch.randn(L, E, H, I, generator=g),
+                                  slots, "cpu", policy, make(predictor, schedule), depth)
+    for t in range(len(grid)):
+        for l in range(L):
+            ids = torch.as_tensor(tr.topk_ids[l, grid[t]], dtype=torch.int32)
+            x = torch.randn(B, H, generator=g)
+            _forward_replaying(moe, l, x, ids, TraceHidden(tr, grid[t]))
+    s = moe.stats
+    assert (sim.hits, sim.misses, sim.prefetched, sim.prefetch_used, sim.evictions) == \
+        (s.hits, s.misses, s.prefetched, s.prefetch_used, s.evictions)
+    assert sim.requests == sum(len(x) for x in schedule)
+    assert sim.bytes_h2d == (sim.misses + sim.prefetched) * 1000
+
+
+def _forward_replaying(moe, layer, x, ids, hidden):
+    """ProphetMoE.forward whose predictor sees the trace as its hidden state, as in the simulator."""
+    inner = moe.residency.predictor
+    if inner is None:
+        return moe.forward(layer, x, torch.rand(len(ids), ids.shape[1]), ids)
+    orig = inner.predict
+    inner.predict = lambda l, t, h, n, d: orig(l, t, hidden, n, d)
+    try:
+        return moe.forward(layer, x, torch.rand(len(ids), ids.shape[1]), ids)
+    finally:
+        inner.predict = orig
+
+
+def test_simulator_oracle_and_timing():
+    tr = _random_trace(L=4, E=8, k=2, seqs=8, seq_len=30)
+    cap = 0.5
+    base = simulate(tr, cap, "lru")
+    oracle = simulate(tr, cap, "lru", "oracle", 2, unlimited_budget=True, layer_us=1000.0, pcie_gbps=1000.0)
+    assert oracle.pred_recall == [1.0, 1.0] and oracle.pred_precision == [1.0, 1.0]
+    assert oracle.hit_rate > 0.97 > base.hit_rate  # everything is prefetched in time after warm-up
+    assert oracle.stall_s < base.stall_s
+    # a copy engine too slow to land anything in a layer: prefetches are late, not free
+    slow = simulate(tr, cap, "lru", "oracle", 1, unlimited_budget=True, layer_us=1.0, pcie_gbps=0.001,
+                    expert_bytes=10**6)
+    assert slow.late_hits > 0 and slow.ready_hit_rate < slow.hit_rate
+    # the budget derived from bandwidth x layer time limits prefetching
+    tight = simulate(tr, cap, "lru", "oracle", 1, layer_us=1.0, pcie_gbps=1.0, expert_bytes=10**6)
+    assert tight.prefetched < oracle.prefetched
+    with pytest.raises(ValueError, match="batch"):
+        simulate(tr, cap, batch=9)
+    with pytest.raises(ValueError, match="eviction policy"):
+        simulate(tr, cap, "mru")
+    with pytest.raises(ValueError, match="smaller than one layer"):
+        simulate(tr, 1.5, batch=2)  # 1 slot < 4 unique experts
+
+
+def test_lanes_interleave_sequences():
+    tr = _random_trace(seqs=5, seq_len=3)
+    g = lanes(tr, 2)  # lane 0: seqs 0, 2, 4; lane 1: seqs 1, 3 -> 6 steps
+    assert g.shape == (6, 2)
+    assert g[:, 0].tolist() == [0, 1, 2, 6, 7, 8] and g[:, 1].tolist() == [3, 4, 5, 9, 10, 11]
+
+
+# ---------------------------------------------------------------------------------- predictors
+
+def test_history_predictors_learn_a_deterministic_chain():
+    train, test = _chain_trace(seed=0), _chain_trace(seed=1)
+    for pred in (TransitionPredictor.fit(train), LearnedPredictor.fit(train, epochs=30)):
+        r = simulate(test, 0.5, "lru", pred, 2, unlimited_budget=True)
+        assert min(r.pred_recall) > 0.95, (pred.name, r.pred_recall)
+    freq = fit_predictor("frequency", train)
+    assert freq.nbytes == 6 * 8 * 4 and fit_predictor("transition", train).nbytes > 0
+    assert LearnedPredictor.fit(_chain_trace(L=16, E=64, k=8, N=40), epochs=1).nbytes <= 8 * 2**20
+
+
+def test_predictor_errors():
+    with pytest.raises(ValueError, match="needs data"):
+        make_predictor("learned")
+    with pytest.raises(ValueError, match="unknown predictor"):
+        make_predictor("psychic")
+    with pytest.raises(ValueError, match="router and norm weights"):
+        GateLookaheadPredictor().predict(0, torch.zeros(1, 2, dtype=torch.long), torch.zeros(1, 4), 4, 1)
+    assert isinstance(make_predictor("same"), SameExpertsPredictor)
+
+
+# ---------------------------------------------------------------------------------- dedup
+
+def test_dedup_against_uniform_and_degenerate_routing():
+    rng = np.random.default_rng(0)
+    L, E, k, seqs, n = 2, 64, 8, 32, 40
+    ids = np.stack([np.stack([rng.choice(E, k, replace=False) for _ in range(seqs * n)]) for _ in range(L)])
+    uni = Trace(ids, np.arange(0, seqs * n + 1, n), meta={"num_experts": E})
+    for r in dedup_table(uni, (1, 4, 16, 32)):
+        assert abs(r["measured"] - r["uniform"]) / r["uniform"] < 0.03
+    same = Trace(np.broadcast_to(np.arange(k), ids.shape).copy(), uni.seq_starts, meta={"num_experts": E})
+    rows = dedup_table(same, (1, 8, 32))
+    assert [r["measured"] for r in rows] == [k, k, k]
+    assert "exceeds E=64 from B=" in verdict(dedup_table(uni, (1, 8, 16, 32)))
+
+
+# ---------------------------------------------------------------------------------- committed traces
+
+COMMITTED = sorted(p.stem for p in DATA.glob("*.npz"))
+
+
+@pytest.mark.parametrize("name", COMMITTED)
+def test_committed_traces_have_provenance(name):
+    tr = load_trace(name)
+    m = tr.meta
+    assert {"shape", "mimics", "split", "corpus", "training", "commit", "recorded"} <= set(m)
+    assert m["corpus"]["sha1"] and m["tokens"] == tr.num_tokens
+    t = m["training"]
+    assert t["heldout_bits_per_byte"] < t["unigram_bits_per_byte"] - 1.0  # the model learned the text
+    assert tr.num_experts in (8, 64) and tr.top_k in (2, 8)
+    assert (tr.lookahead is not None) == (m["split"] == "heldout")
+
+
+def test_cli_simulate_and_dedup(tmp_path):
+    if not COMMITTED:
+        pytest.skip("no committed traces")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "prophet_kernels.cli", *a], capture_output=True, text=True)
+    r = run("simulate", "--trace", "olmoe-heldout", "--predictor", "transition", "--depth", "2", "--max-steps", "20")
+    assert r.returncode == 0, r.stderr
+    assert "hit rate" in r.stdout and "predictor recall" in r.stdout
+    r = run("dedup", "--trace", "mixtral-heldout", "--out", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "dedup.png").exists() and (tmp_path / "unique_curve_mixtral.json").exists()
+    r = run("simulate", "--policy", "mru", "--max-steps", "2")
+    assert r.returncode == 2 and "unknown eviction policy" in r.stderr
