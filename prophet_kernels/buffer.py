@@ -28,6 +28,9 @@ class EvictionPolicy:
     def bind(self, table: "SlotTable") -> None:
         """Called once by the table the policy serves (policies that need slot owners keep it)."""
 
+    def on_layer(self, layer: int) -> None:
+        """Called when layer `layer` starts (before its experts are acquired)."""
+
     def insert(self, slot: int) -> None: ...
     def touch(self, slot: int) -> None: ...
     def remove(self, slot: int) -> None: ...
@@ -130,7 +133,48 @@ class BeladyPolicy(_HeapPolicy):
     touch = insert
 
 
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy}
+class CyclicPolicy(EvictionPolicy):
+    """Decode visits layers cyclically, so an expert of the layer that just ran is next needed a
+    whole step later, while LRU's oldest slots belong to the layers about to run. Victim: an
+    unpinned slot of the layer farthest ahead in the cycle (the one that just ran first), and
+    within that layer the least frequently used (LFU, ties by recency)."""
+
+    def __init__(self):
+        self.table: SlotTable | None = None
+        self.cur = 0
+        self._layers: dict[int, LFUPolicy] = {}
+
+    def bind(self, table):
+        self.table = table
+
+    def on_layer(self, layer):
+        self.cur = layer
+
+    def _sub(self, slot) -> LFUPolicy:
+        return self._layers.setdefault(self.table.owner[slot][0], LFUPolicy())
+
+    def insert(self, slot):
+        self._sub(slot).insert(slot)
+
+    def touch(self, slot):
+        self._sub(slot).touch(slot)
+
+    def remove(self, slot):
+        self._sub(slot).remove(slot)
+
+    def victim(self, candidates) -> int:
+        L = self.table.num_layers
+        for back in range(L):  # the current layer, then the one before, ...: farthest next use first
+            sub = self._layers.get((self.cur - back) % L)
+            if sub is not None and sub._key:
+                try:
+                    return sub.victim(candidates)
+                except LookupError:
+                    continue
+        raise LookupError("no evictable slot")
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy}
 
 
 def make_policy(policy) -> EvictionPolicy:

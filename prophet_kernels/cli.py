@@ -120,6 +120,7 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.add_argument("--steps", type=int, default=1500)
     t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3; Mixtral's shape used 1e-3)")
     r = sub.add_parser("record", help="record a routing trace from a trained checkpoint")
     r.add_argument("--shape", required=True, choices=list(SHAPES))
     r.add_argument("--checkpoint", required=True)
@@ -143,7 +144,7 @@ def _trace(args: argparse.Namespace) -> int:
     from .traces.train import get_shape, heldout_windows, model_class, train
 
     if args.trace_cmd == "train":
-        log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed)
+        log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr)
         print(f"held-out {log['heldout_bits_per_byte']:.3f} bits/byte vs unigram {log['unigram_bits_per_byte']:.3f}; "
               f"checkpoint in {args.out}")
         return 0
@@ -175,7 +176,7 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--trace", default="olmoe-heldout", help="trace name or path (default olmoe-heldout)")
     p.add_argument("--train-trace", help="trace to fit predictors on (default: the same shape's train trace)")
     p.add_argument("--capacity", type=float, default=0.5, help="fraction of all experts (<= 1) or slots (> 1)")
-    p.add_argument("--policy", default="lru", help="lru, lfu, belady")
+    p.add_argument("--policy", default="lru", help="lru, lfu, cyclic, belady")
     p.add_argument("--predictor", help="same, frequency, transition, learned, gate, oracle (default none)")
     p.add_argument("--depth", type=int, default=1, help="prefetch depth in layers")
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
@@ -209,8 +210,11 @@ def _simulate(args: argparse.Namespace) -> int:
                                 unlimited_budget=args.unlimited_budget)
             shape = held.meta.get("shape")
             print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate")
-            print(rr.markdown_table(rows))
-            print(rr.best_vs_oracle(rows))
+            section = rr.render_section(rows)
+            print(section)
+            md = out / f"routing_{shape}_b{args.batch}.md"
+            md.write_text(section)
+            print(f"markdown: {md}")
             print(f"rows: {rr.write_rows(rows, out / f'simulate_{shape}_b{args.batch}.jsonl')}")
             print(f"figure: {rr.figure_hit_vs_capacity(rows, out / f'hit_vs_capacity_{shape}_b{args.batch}.png', f'{shape}: hit rate vs capacity (B={args.batch})')}")
         return 0

@@ -36,9 +36,11 @@ def _ids(topk_ids) -> np.ndarray:
 def _vote(picks: np.ndarray, num_experts: int, scores: np.ndarray | None = None) -> list[int]:
     """Union of per-token picks [T, m], most votes first (ties: higher summed score, then lower id)."""
     counts = np.bincount(picks.reshape(-1), minlength=num_experts)
-    tie = scores.sum(0) if scores is not None else np.zeros(num_experts)
-    order = np.lexsort((np.arange(num_experts), -tie, -counts))
-    return [int(e) for e in order if counts[e] > 0]
+    if scores is None:
+        order = np.argsort(-counts, kind="stable")
+    else:
+        order = np.lexsort((-scores.sum(0), -counts))
+    return order[:np.count_nonzero(counts)].tolist()
 
 
 def _topk(scores: np.ndarray, k: int) -> np.ndarray:

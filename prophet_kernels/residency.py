@@ -84,6 +84,7 @@ class ExpertResidency:
             raise ValueError(f"layer {layer} needs {len(experts)} unique experts but the buffer has "
                              f"{self.table.num_slots} slots; need at least {len(experts)} (or a smaller batch)")
         st, table = self.stats.layers[layer], self.table
+        table.policy.on_layer(layer)
         slots, fills = [], []
         for e in experts:
             s = table.lookup(layer, e)

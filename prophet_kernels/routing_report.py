@@ -8,16 +8,18 @@ import time
 from pathlib import Path
 
 CAPACITIES = (0.125, 0.25, 0.5, 0.75)
-BASE_POLICIES = ("lru", "lfu", "belady")
+BASE_POLICIES = ("lru", "lfu", "cyclic", "belady")
 PREDICTORS = ("same", "frequency", "transition", "learned", "gate", "oracle")
 DEPTHS = (1, 2, 3)
 
 
 def configs(predictors=PREDICTORS, depths=DEPTHS) -> list[tuple[str, str | None, int]]:
-    """(policy, predictor, depth): each policy alone, each predictor with LRU at each depth, and the
-    oracle predictor with Belady (the clairvoyant bound on both decisions)."""
+    """(policy, predictor, depth): each policy alone, each predictor with LRU at each depth, the
+    best-informed ones (learned, gate, oracle) with the cyclic policy too, and the oracle predictor
+    with Belady (the clairvoyant bound on both decisions)."""
     out = [(p, None, 0) for p in BASE_POLICIES]
     out += [("lru", pred, d) for pred in predictors for d in depths]
+    out += [("cyclic", pred, d) for pred in ("learned", "gate", "oracle") if pred in predictors for d in depths]
     if "oracle" in predictors:
         out += [("belady", "oracle", d) for d in depths]
     return out
@@ -52,9 +54,9 @@ def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: 
 
 
 def _label(row) -> str:
+    pol = {"belady": "Belady", "cyclic": "cyclic"}.get(row["policy"], row["policy"].upper())
     if row["predictor"] == "none":
-        return row["policy"].upper() if row["policy"] != "belady" else "Belady"
-    pol = "Belady" if row["policy"] == "belady" else row["policy"].upper()
+        return pol
     return f"{row['predictor']} d={row['depth']} + {pol}"
 
 
@@ -76,11 +78,13 @@ def markdown_table(rows: list[dict], field: str = "hit_rate") -> str:
 
 def best_vs_oracle(rows: list[dict], capacity: float = 0.5) -> dict:
     """Prophet's best realisable configuration (not oracle, not Belady) vs the oracle predictor
-    with the same policy and budget, at `capacity`."""
+    with the same policy and budget (its best depth), at `capacity`."""
     at = [r for r in rows if r["capacity"] == capacity]
     real = [r for r in at if r["policy"] != "belady" and r["predictor"] != "oracle"]
     best = max(real, key=lambda r: r["hit_rate"])
-    oracle = max((r for r in at if r["predictor"] == "oracle" and r["policy"] == "lru"), key=lambda r: r["hit_rate"])
+    oracles = [r for r in at if r["predictor"] == "oracle"]
+    same = [r for r in oracles if r["policy"] == best["policy"]] or [r for r in oracles if r["policy"] == "lru"]
+    oracle = max(same, key=lambda r: r["hit_rate"])
     bound = max(at, key=lambda r: r["hit_rate"])
     return {"best": _label(best), "best_hit": best["hit_rate"], "oracle": _label(oracle), "oracle_hit": oracle["hit_rate"],
             "gap_points": 100 * (oracle["hit_rate"] - best["hit_rate"]), "bound": _label(bound), "bound_hit": bound["hit_rate"]}
@@ -146,3 +150,29 @@ def write_rows(rows: list[dict], path: Path) -> Path:
         for r in rows:
             f.write(json.dumps(r | stamp) + "\n")
     return path
+
+
+def render_section(rows: list[dict]) -> str:
+    """Markdown for one trace's sweep: hit rate, landed-in-time hit rate, stall and traffic at 50%,
+    predictor quality, and the best-vs-oracle line."""
+    r0 = rows[0]
+    b = best_vs_oracle(rows)
+    at50 = [r for r in rows if r["capacity"] == 0.5]
+    lines = [f"### {r0['shape']} ({r0['mimics']} routing shape), batch {r0['batch']}, {r0['tokens']} held-out tokens",
+             "", "Hit rate (resident when needed; unique experts per layer call):", "", markdown_table(rows), "",
+             "Landed in time (the copy had completed when the layer needed the expert):", "",
+             markdown_table(rows, "ready_hit_rate"), "",
+             "At 50% capacity: traffic, stall and prediction quality (recall/precision of the predicted set "
+             "for layer +d, d = 1..3):", "",
+             "| configuration | misses/token | H2D MB/token | stall us/token | prefetch precision | recall by d | precision by d |",
+             "|---|---:|---:|---:|---:|---|---|"]
+    for r in at50:
+        lines.append(f"| {_label(r)} | {r['misses_per_token']:.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
+                     f"{r['stall_us_per_token']:.0f} | "
+                     + (f"{r['prefetch_precision']:.1%}" if r["prefetched"] else "") + " | "
+                     + ", ".join(f"{x:.0%}" for x in r["pred_recall"]) + " | "
+                     + ", ".join(f"{x:.0%}" for x in r["pred_precision"]) + " |")
+    lines += ["", f"Best realisable at 50%: **{b['best']}** {b['best_hit']:.2%}; oracle predictor (same policy and "
+              f"budget): {b['oracle']} {b['oracle_hit']:.2%}; gap {b['gap_points']:.2f} points; "
+              f"bound (Belady + oracle): {b['bound']} {b['bound_hit']:.2%}.", ""]
+    return "\n".join(lines)

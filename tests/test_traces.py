@@ -133,6 +133,19 @@ def test_belady_is_optimal_and_bounds_lru_lfu(seed):
     assert all(r.hits + r.misses == len(reqs) for r in res.values())
 
 
+def test_cyclic_policy_on_a_layer_loop():
+    """Every layer needs one fixed expert; 3 slots for 4 layers: LRU evicts exactly the layer that
+    comes next (never a hit after warm-up), cyclic evicts the layer that just ran (Belady-like)."""
+    L, steps = 4, 50
+    ids = np.zeros((L, steps, 1), dtype=np.int64)
+    tr = Trace(ids, [0, steps], meta={"num_experts": 2, "mimics": "OLMoE-1B-7B"})
+    lru, cyc, opt = (simulate(tr, 3, p) for p in ("lru", "cyclic", "belady"))
+    assert lru.hits == 0
+    assert cyc.misses <= opt.misses + 2 and cyc.hit_rate > 0.6
+    with pytest.raises(ValueError, match="known: lru, lfu, cyclic"):
+        SlotTable(1, 2, 2, "mru")
+
+
 def test_belady_policy_needs_the_future():
     with pytest.raises(ValueError, match="future"):
         SlotTable(2, 4, 4, "belady")
@@ -145,7 +158,7 @@ def test_belady_policy_needs_the_future():
 # ---------------------------------------------------------------------------------- simulator
 
 @pytest.mark.parametrize("predictor,depth", [(None, 0), ("same", 2), ("oracle", 1), ("gate", 2), ("transition", 1)])
-@pytest.mark.parametrize("policy", ["lru", "lfu"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "cyclic"])
 def test_simulator_makes_prophetmoe_decisions(monkeypatch, predictor, depth, policy):
     """Replaying a trace through the simulator and through ProphetMoE (real tensors, CPU) gives
     the same hits, misses, prefetches and evictions: one decision code, not two."""
@@ -287,3 +300,18 @@ def test_cli_simulate_and_dedup(tmp_path):
     assert (tmp_path / "dedup.png").exists() and (tmp_path / "unique_curve_mixtral.json").exists()
     r = run("simulate", "--policy", "mru", "--max-steps", "2")
     assert r.returncode == 2 and "unknown eviction policy" in r.stderr
+
+
+def test_sweep_table_and_report(tmp_path):
+    from prophet_kernels import routing_report as rr
+
+    held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
+    rows = rr.run_table(held, train, capacities=(0.25, 0.5), predictors=("frequency", "gate", "oracle"), depths=(1, 2),
+                        progress=False)
+    assert len(rows) == 2 * len(rr.configs(("frequency", "gate", "oracle"), (1, 2)))
+    assert all(r["hits"] + r["misses"] == r["requests"] for r in rows)
+    text = rr.render_section(rows)
+    assert "| LRU |" in text and "| gate d=2 + LRU |" in text and "Best realisable at 50%" in text
+    b = rr.best_vs_oracle(rows)
+    assert b["oracle"].startswith("oracle") and "oracle" not in b["best"] and "Belady" not in b["best"]
+    assert rr.figure_hit_vs_capacity(rows, tmp_path / "h.png", "t").stat().st_size > 0

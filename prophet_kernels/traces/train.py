@@ -120,6 +120,9 @@ def train(shape_name: str, out_dir: Path, steps: int = 1200, batch: int = 8, seq
         starts = rng.integers(0, len(corpus.train) - seq_len, size=batch)
         x = torch.from_numpy(np.stack([corpus.train[s:s + seq_len] for s in starts]).astype(np.int64))
         out = model(input_ids=x, labels=x)
+        if not torch.isfinite(out.loss):
+            raise FloatingPointError(f"training {shape.name} diverged at step {step} (loss {out.loss.item()}); "
+                                     f"try a smaller --lr than {lr}")
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
