@@ -186,6 +186,8 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-steps", type=int, help="replay at most this many decode steps")
     p.add_argument("--sweep", action="store_true",
                    help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures")
+    p.add_argument("--batch-sweep", type=lambda t: [int(x) for x in _csv_list(t)], metavar="B1,B2,...",
+                   help="hit rate / landed / stall per token vs batch for a few configurations at --capacity")
     p.add_argument("--out", default="sim_out", help="output folder for --sweep (default sim_out/)")
 
 
@@ -202,6 +204,12 @@ def _simulate(args: argparse.Namespace) -> int:
     from .simulator import simulate
     from .traces import load_trace
 
+    if args.batch_sweep:
+        for name in _csv_list(args.trace):
+            held = load_trace(name)
+            print(f"\n{held.meta.get('shape')}: hit rate / landed in time / stall us per token at capacity {args.capacity}")
+            print(rr.batch_table(held, _train_trace_for(args, held), args.batch_sweep, args.capacity, args.max_steps))
+        return 0
     if args.sweep:
         out = Path(args.out)
         for name in [t.strip() for t in args.trace.split(",")]:

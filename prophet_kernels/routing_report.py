@@ -100,10 +100,12 @@ def figure_hit_vs_capacity(rows: list[dict], path: Path, title: str) -> Path:
     for r in rows:
         if r["predictor"] == "none" or r["depth"] == max(x["depth"] for x in rows if x["predictor"] == r["predictor"]):
             groups.setdefault(_label(r), []).append(r)
-    for label, rs in groups.items():
+    colors = plt.get_cmap("tab20").colors
+    for i, (label, rs) in enumerate(groups.items()):
         rs = sorted(rs, key=lambda r: r["capacity"])
         style = "--" if "Belady" in label or "oracle" in label else "-"
-        ax.plot([100 * r["capacity"] for r in rs], [100 * r["hit_rate"] for r in rs], style, marker="o", label=label)
+        ax.plot([100 * r["capacity"] for r in rs], [100 * r["hit_rate"] for r in rs], style, marker="o", label=label,
+                color=colors[(2 * i) % 20 + (i >= 10)])
     ax.set_xlabel("buffer capacity (% of all experts)")
     ax.set_ylabel("hit rate (% of unique experts needed)")
     ax.set_title(title)
@@ -141,6 +143,10 @@ def figure_dedup(tables: dict[str, list[dict]], path: Path) -> Path:
     return path
 
 
+def read_rows(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
 def write_rows(rows: list[dict], path: Path) -> Path:
     from .traces.recorder import _commit
 
@@ -175,4 +181,35 @@ def render_section(rows: list[dict]) -> str:
     lines += ["", f"Best realisable at 50%: **{b['best']}** {b['best_hit']:.2%}; oracle predictor (same policy and "
               f"budget): {b['oracle']} {b['oracle_hit']:.2%}; gap {b['gap_points']:.2f} points; "
               f"bound (Belady + oracle): {b['bound']} {b['bound_hit']:.2%}.", ""]
+    return "\n".join(lines)
+
+
+BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("belady", None, 0), ("cyclic", "learned", 1),
+                 ("cyclic", "gate", 1), ("cyclic", "oracle", 1))
+
+
+def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,
+                progress: bool = True) -> str:
+    """Markdown: hit rate / landed in time / stall per token vs batch for a few configurations.
+    Layer time per batch comes from ``simulator.layer_seconds`` (measured at the end points)."""
+    from tqdm import tqdm
+
+    from .predictors import fit_predictor
+    from .simulator import layer_seconds, simulate
+
+    model = heldout.meta.get("mimics")
+    fitted = {}
+    lines = [f"| configuration | " + " | ".join(f"B={b} ({layer_seconds(model, b) * 1e6:.0f} us/layer)" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    todo = [(cfg, b) for cfg in BATCH_CONFIGS for b in batches]
+    cells: dict = {}
+    for (policy, pred, depth), b in tqdm(todo, desc=f"batch sweep {heldout.meta.get('shape')}", disable=not progress):
+        if pred and pred != "oracle" and pred not in fitted:
+            fitted[pred] = fit_predictor(pred, train)
+        p = "oracle" if pred == "oracle" else fitted.get(pred)
+        r = simulate(heldout, capacity, policy, p, depth, batch=b, max_steps=max_steps)
+        row = r.as_dict() | {"capacity": capacity}
+        cells.setdefault(_label(row), []).append(
+            f"{r.hit_rate:.1%} / {r.ready_hit_rate:.1%} / {row['stall_us_per_token']:.0f}")
+    lines += [f"| {label} | " + " | ".join(v) + " |" for label, v in cells.items()]
     return "\n".join(lines)

@@ -315,3 +315,11 @@ def test_sweep_table_and_report(tmp_path):
     b = rr.best_vs_oracle(rows)
     assert b["oracle"].startswith("oracle") and "oracle" not in b["best"] and "Belady" not in b["best"]
     assert rr.figure_hit_vs_capacity(rows, tmp_path / "h.png", "t").stat().st_size > 0
+
+
+def test_batch_table():
+    from prophet_kernels import routing_report as rr
+
+    held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
+    text = rr.batch_table(held, train, batches=(1, 2), progress=False)
+    assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "B=2" in text and "| gate d=1 + cyclic |" in text
