@@ -323,3 +323,24 @@ def test_batch_table():
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
     text = rr.batch_table(held, train, batches=(1, 2), progress=False)
     assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "B=2" in text and "| gate d=1 + cyclic |" in text
+
+
+def test_train_and_record_cli(tmp_path):
+    """A few training steps on a small slice of the real corpus, then `prophet trace record`."""
+    pytest.importorskip("transformers")
+    from prophet_kernels.traces.corpus import Corpus, load_corpus
+    from prophet_kernels.traces.train import train
+
+    full = load_corpus(max_bytes_per_source=1 << 20)
+    small = Corpus(full.train[:200_000], full.heldout[:50_000], full.meta)
+    log = train("olmoe", tmp_path / "ck", steps=3, batch=2, seq_len=32, progress=False, corpus=small, eval_windows=4)
+    assert (tmp_path / "ck" / "model.safetensors").exists() and len(log["curve"]) >= 1
+    assert np.isfinite(log["heldout_bits_per_byte"]) and 0 < log["unigram_bits_per_byte"] < 8
+    out = tmp_path / "t.npz"
+    r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "trace", "record", "--shape", "olmoe",
+                        "--checkpoint", str(tmp_path / "ck"), "--seqs", "2", "--seq-len", "16", "--out", str(out)],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    tr = load_trace(out)
+    assert tr.topk_ids.shape == (16, 32, 8) and tr.lookahead.shape == (3, 16, 32, 8)
+    assert tr.meta["training"]["steps"] == 3 and tr.meta["split"] == "heldout"

@@ -95,7 +95,8 @@ def evaluate(model, windows: np.ndarray, batch: int = 16) -> float:
 
 
 def train(shape_name: str, out_dir: Path, steps: int = 1200, batch: int = 8, seq_len: int = 256,
-          lr: float = 3e-3, seed: int = 0, threads: int | None = None, progress: bool = True) -> dict:
+          lr: float = 3e-3, seed: int = 0, threads: int | None = None, progress: bool = True,
+          corpus: Corpus | None = None, eval_windows: int = 64) -> dict:
     """Train and save a checkpoint (safetensors + config) and train_log.json under out_dir."""
     from tqdm import tqdm
 
@@ -104,13 +105,13 @@ def train(shape_name: str, out_dir: Path, steps: int = 1200, batch: int = 8, seq
         torch.set_num_threads(threads)
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
-    corpus = load_corpus()
+    corpus = corpus if corpus is not None else load_corpus()
     model = model_class(shape)(shape.config(seq_len))
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     warm = max(1, steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / warm) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    evalset = heldout_windows(corpus, 64, seq_len)
+    evalset = heldout_windows(corpus, eval_windows, seq_len)
     log = {"shape": shape.__dict__ | {"extra": dict(shape.extra)}, "steps": steps, "batch": batch,
            "seq_len": seq_len, "lr": lr, "seed": seed, "corpus": corpus.meta,
            "unigram_bits_per_byte": corpus.unigram_bits_per_byte(), "curve": []}
