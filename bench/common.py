@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
+
+from prophet_kernels.provenance import git_commit, utc_now
 
 RESULTS_DIR = Path(__file__).parent / "results"
 
@@ -19,17 +18,6 @@ MOE_SHAPES = {
     "mixtral": dict(E=8, k=2, H=4096, I=14336),
 }
 BATCH_SIZES = (1, 4, 16, 64, 256, 1024, 4096)
-
-
-def git_commit() -> str:
-    if os.environ.get("PROPHET_COMMIT"):
-        return os.environ["PROPHET_COMMIT"]
-    try:
-        return subprocess.check_output(["git", "rev-parse", "--short=12", "HEAD"],
-                                       cwd=Path(__file__).parent, stderr=subprocess.DEVNULL,
-                                       text=True).strip()
-    except Exception:
-        return "unknown"
 
 
 def provenance(device: torch.device) -> dict:
@@ -42,7 +30,7 @@ def provenance(device: torch.device) -> dict:
         "triton": triton.__version__,
         "cuda": torch.version.cuda,
         "commit": git_commit(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": utc_now(),
     }
 
 

@@ -35,7 +35,7 @@ class EvictionPolicy:
     def touch(self, slot: int) -> None: ...
     def remove(self, slot: int) -> None: ...
     def victim(self, candidates) -> int:
-        """A slot from `candidates` (supports `in` and iteration: the unpinned occupied slots)."""
+        """A slot from `candidates` (the unpinned slots; supports `in`)."""
         raise NotImplementedError
 
 
@@ -166,7 +166,7 @@ class CyclicPolicy(EvictionPolicy):
         L = self.table.num_layers
         for back in range(L):  # the current layer, then the one before, ...: farthest next use first
             sub = self._layers.get((self.cur - back) % L)
-            if sub is not None and sub._key:
+            if sub is not None:
                 try:
                     return sub.victim(candidates)
                 except LookupError:
@@ -198,9 +198,6 @@ class _Unpinned:
 
     def __contains__(self, slot: int) -> bool:
         return self.pins[slot] == 0
-
-    def __iter__(self):
-        return (s for s, p in enumerate(self.pins) if p == 0)
 
 
 class SlotTable:

@@ -212,7 +212,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return 0
     if args.sweep:
         out = Path(args.out)
-        for name in [t.strip() for t in args.trace.split(",")]:
+        for name in _csv_list(args.trace):
             held = load_trace(name)
             rows = rr.run_table(held, _train_trace_for(args, held), batch=args.batch, max_steps=args.max_steps,
                                 unlimited_budget=args.unlimited_budget)

@@ -20,7 +20,7 @@ from .kernels.moe import fused_experts_paged
 from .planner.memory import max_unique_experts
 from .predictors import make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
-from .residency import ExpertResidency, LayerStats, Stats  # noqa: F401  (Stats: part of ProphetMoE's API)
+from .residency import ExpertResidency, Stats
 from .store import HostExpertStore
 
 

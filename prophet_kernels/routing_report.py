@@ -25,12 +25,10 @@ def configs(predictors=PREDICTORS, depths=DEPTHS) -> list[tuple[str, str | None,
     return out
 
 
-def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: int | None = None,
-              predictors=PREDICTORS, depths=DEPTHS, unlimited_budget: bool = False, progress: bool = True) -> list[dict]:
-    from tqdm import tqdm
-
+def fit_all(predictors, train) -> tuple[dict, dict]:
+    """Each named predictor fitted once on `train` (the oracle needs no fit) and (bytes, fit seconds).
+    Fitted predictors are reused across runs: history predictors reset at each new step."""
     from .predictors import fit_predictor
-    from .simulator import simulate
 
     fitted, sizes = {}, {}
     for name in predictors:
@@ -38,12 +36,25 @@ def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: 
             t0 = time.time()
             fitted[name] = fit_predictor(name, train)
             sizes[name] = (fitted[name].nbytes, time.time() - t0)
+    return fitted, sizes
+
+
+def _instance(pred: str | None, fitted: dict):
+    return "oracle" if pred == "oracle" else (fitted[pred] if pred else None)
+
+
+def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: int | None = None,
+              predictors=PREDICTORS, depths=DEPTHS, unlimited_budget: bool = False, progress: bool = True) -> list[dict]:
+    from tqdm import tqdm
+
+    from .simulator import simulate
+
+    fitted, sizes = fit_all(predictors, train)
     rows = []
     todo = [(c, cfg) for cfg in configs(predictors, depths) for c in capacities]
     shape = heldout.meta.get("shape", "?")
     for cap, (policy, pred, depth) in tqdm(todo, desc=f"sweep {shape}", disable=not progress):
-        # trained predictors keep per-step history only; refit-free reuse is safe (reset each step)
-        p = "oracle" if pred == "oracle" else (fitted[pred] if pred else None)
+        p = _instance(pred, fitted)
         r = simulate(heldout, cap, policy, p, depth, batch=batch, max_steps=max_steps, unlimited_budget=unlimited_budget)
         row = r.as_dict() | {"shape": shape, "mimics": heldout.meta.get("mimics"), "capacity": cap,
                              "unlimited_budget": unlimited_budget}
@@ -148,10 +159,14 @@ def read_rows(path) -> list[dict]:
 
 
 def write_rows(rows: list[dict], path: Path) -> Path:
-    from .traces.recorder import _commit
+    import numpy
+    import torch
+
+    from .provenance import git_commit, utc_now
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = {"commit": _commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "device": "cpu (simulation)"}
+    stamp = {"commit": git_commit(), "date": utc_now(), "device": "cpu (simulation)", "torch": torch.__version__,
+             "numpy": numpy.__version__}
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r | stamp) + "\n")
@@ -194,20 +209,16 @@ def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_s
     Layer time per batch comes from ``simulator.layer_seconds`` (measured at the end points)."""
     from tqdm import tqdm
 
-    from .predictors import fit_predictor
     from .simulator import layer_seconds, simulate
 
     model = heldout.meta.get("mimics")
-    fitted = {}
+    fitted, _ = fit_all({pred for _, pred, _ in BATCH_CONFIGS if pred}, train)
     lines = [f"| configuration | " + " | ".join(f"B={b} ({layer_seconds(model, b) * 1e6:.0f} us/layer)" for b in batches) + " |",
              "|---|" + "---|" * len(batches)]
     todo = [(cfg, b) for cfg in BATCH_CONFIGS for b in batches]
     cells: dict = {}
     for (policy, pred, depth), b in tqdm(todo, desc=f"batch sweep {heldout.meta.get('shape')}", disable=not progress):
-        if pred and pred != "oracle" and pred not in fitted:
-            fitted[pred] = fit_predictor(pred, train)
-        p = "oracle" if pred == "oracle" else fitted.get(pred)
-        r = simulate(heldout, capacity, policy, p, depth, batch=b, max_steps=max_steps)
+        r = simulate(heldout, capacity, policy, _instance(pred, fitted), depth, batch=b, max_steps=max_steps)
         row = r.as_dict() | {"capacity": capacity}
         cells.setdefault(_label(row), []).append(
             f"{r.hit_rate:.1%} / {r.ready_hit_rate:.1%} / {row['stall_us_per_token']:.0f}")

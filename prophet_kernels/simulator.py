@@ -163,15 +163,16 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
     if max_steps is not None:
         grid = grid[:max_steps]
     steps = len(grid)
-    schedule = [set(np.unique(trace.topk_ids[l, grid[t]]).tolist()) for t in range(steps) for l in range(L)]
+    # the unique experts of every layer call, in call order (sorted lists; sets for scoring)
+    schedule = [np.unique(trace.topk_ids[l, grid[t]]).tolist() for t in range(steps) for l in range(L)]
     slots = capacity_slots(capacity, L, E)
 
+    clock = [0]  # the current layer call, for Belady's next use
     if policy == "belady":
         uses: dict[tuple[int, int], list[int]] = {}
         for c, need in enumerate(schedule):
             for e in need:
                 uses.setdefault((c % L, e), []).append(c)
-        clock = [0]
 
         def next_use(layer, expert):
             u = uses.get((layer, expert), ())
@@ -180,11 +181,11 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
 
         pol = BeladyPolicy(next_use)
     else:
-        clock, pol = [0], policy
+        pol = policy
     if predictor == "oracle":
-        predictor = OraclePredictor([sorted(s) for s in schedule])
+        predictor = OraclePredictor(schedule)
     name = getattr(predictor, "name", "none") if predictor is not None else "none"
-    scored = _Scored(predictor, schedule, depth) if predictor is not None else None
+    scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
     table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
     res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0, None)
 
@@ -197,8 +198,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
         for l in range(L):
             c = t * L + l
             clock[0] = c
-            ids = trace.topk_ids[l, tokens]
-            got, fills = res.acquire(l, sorted(schedule[c]))
+            got, fills = res.acquire(l, schedule[c])
             for s, _, _ in fills:
                 engine = max(engine, now) + copy_s
                 ready[s] = engine
@@ -212,7 +212,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
                 if not unlimited_budget:  # what can start before the farthest target layer begins
                     window = now + depth * layer_s - max(engine, now)
                     res.prefetch_budget_bytes = max(0, math.ceil(window / copy_s)) * expert_bytes
-                for s, _, _ in res.prefetch(l, ids, TraceHidden(trace, tokens)):
+                for s, _, _ in res.prefetch(l, trace.topk_ids[l, tokens], TraceHidden(trace, tokens)):
                     engine = max(engine, now) + copy_s
                     ready[s] = engine
             res.release(got)

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from ..planner.memory import expected_unique_experts, seed_unique_experts
+from ..simulator import lanes
 
 
 def unique_per_layer(trace, batch: int) -> tuple[float, float]:
     """Mean and standard deviation over steps and layers of the batch's unique experts, batch
     tokens taken one from each of `batch` sequences decoding in lockstep (simulator's lanes)."""
-    from ..simulator import lanes
-
     grid = lanes(trace, batch)  # [steps, B]
     ids = trace.topk_ids[:, grid]  # [L, steps, B, k]
     L, steps = ids.shape[:2]

@@ -8,12 +8,11 @@ lookahead for d = 1..D applies layer l+d's norm and router to r_l after the forw
 from __future__ import annotations
 
 import datetime
-import subprocess
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..provenance import git_commit
 from .format import Trace
 
 
@@ -71,18 +70,10 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
     meta = dict(meta or {})
     meta.update(num_experts=_num_experts(model), num_layers=L, top_k=ids[0].shape[-1], tokens=int(windows.size),
                 seq_len=seq_len, lookahead_depth=lookahead_depth, model_type=model.config.model_type,
-                recorded=datetime.date.today().isoformat(), commit=_commit())
+                recorded=datetime.date.today().isoformat(), commit=git_commit())
     return Trace(topk_ids=torch.cat(ids, 1).numpy(), seq_starts=np.arange(0, windows.size + 1, seq_len),
                  topk_weights=torch.cat(wts, 1).numpy(),
                  lookahead=torch.cat(look, 2).numpy() if lookahead_depth else None, meta=meta)
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              cwd=Path(__file__).parent, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def gate_lookahead_parts(model) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
