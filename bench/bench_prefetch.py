@@ -5,7 +5,9 @@ tiny functional pass anywhere (CPU: plain copies, PyTorch experts).
     vs a plain pinned tensor copy of the same bytes
 (b) overlap: one OLMoE layer's expert GEMMs (T=64) alone vs with prefetch copies in flight
 (c) decode step of a 16-layer OLMoE-shaped stack (random bf16 weights, batch 1 and 16) with the
-    oracle predictor and buffers of 25/50/75/100% of experts vs all-resident fused_experts
+    oracle predictor and buffers of 25/50/75/100% of experts vs all-resident fused_experts, on
+    uniform random routing (no reuse between steps: the PCIe-bound worst case) or on a recorded
+    trace (`--routing olmoe-heldout`: routing of the trained OLMoE-shaped model)
 
 Rows (JSON lines, with device, versions, commit, date) go to bench/results/bench_prefetch.jsonl
 (bench_prefetch_cpu.jsonl without a GPU). Profile (c) with bench/nsys_prefetch.sh.
@@ -96,19 +98,48 @@ def overlap(dev, repeats):
              "slowdown": t_both / t_alone - 1, "copies_in_flight": copies}]
 
 
-def decode_step(dev, repeats, small):
-    from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
+def _routings(source, steps, T, L, E, k, dev):
+    """steps x L (ids [T, k] int32, weights [T, k] fp32) on the device: uniform random top-k, or a
+    recorded trace (T lanes of its sequences decoding in lockstep, as the simulator replays them)."""
+    if source == "uniform":
+        return [[random_routing(T, E, k, dev) for _ in range(L)] for _ in range(steps)]
+    from prophet_kernels.simulator import lanes
+    from prophet_kernels.traces import load_trace
+
+    tr = load_trace(source)
+    assert (tr.num_layers, tr.num_experts, tr.top_k) == (L, E, k)
+    tok = lanes(tr, T)
+    if len(tok) < steps:
+        raise ValueError(f"trace {source} has {len(tok)} steps at batch {T}, {steps} wanted")
+    ids = torch.from_numpy(tr.topk_ids.astype("int32")).to(dev)  # [L, N, k]
+    w = torch.from_numpy(tr.topk_weights.astype("float32")).to(dev)
+    w = w / w.sum(-1, keepdim=True)
+    return [[(ids[l, tok[i]].contiguous(), w[l, tok[i]].contiguous()) for l in range(L)] for i in range(steps)]
+
+
+def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmup=1,
+                fracs=(0.25, 0.5, 0.75, 1.0), batches=(1, 16)):
+    """Time per decode step of an L-layer stack: ProphetMoE (oracle predictor, unlimited prefetch
+    budget) at each buffer fraction and policy vs all experts resident (fused_experts). The first
+    `warmup` steps fill the buffer and are not timed."""
+    from prophet_kernels import HostExpertStore, OraclePredictor, ProphetMoE, fused_experts
 
     olmoe = MOE_SHAPES["olmoe"]
     L, E, H, I, k = (4, 8, 64, 32, 2) if small else (16, olmoe["E"], olmoe["H"], olmoe["I"], olmoe["k"])
+    if routing != "uniform":  # the stack takes the trace's layers, experts and top-k
+        from prophet_kernels.traces import load_trace
+
+        tr = load_trace(routing)
+        L, E, k = tr.num_layers, tr.num_experts, tr.top_k
     dtype = torch.float32 if dev.type == "cpu" else torch.bfloat16
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(L, E, 2 * I, H, generator=g) / 32).to(dtype)
     w2 = (torch.randn(L, E, H, I, generator=g) / 32).to(dtype)
     w13_dev, w2_dev = w13.to(dev), w2.to(dev)
+    store = HostExpertStore.from_tensors(w13, w2)  # pinned once, shared by every configuration
     rows = []
-    for T in (1, 16):
-        steps = [[random_routing(T, E, k, dev) for _ in range(L)] for _ in range(repeats + 1)]
+    for T in batches:
+        steps = _routings(routing, warmup + repeats, T, L, E, k, dev)
         xs = [torch.randn(T, H, dtype=dtype, device=dev) for _ in range(L)]
 
         def resident(step):
@@ -118,7 +149,7 @@ def decode_step(dev, repeats, small):
 
         def timed(fn):
             ts = []
-            for i in range(1, repeats + 1):
+            for i in range(warmup, warmup + repeats):
                 if dev.type == "cuda":
                     torch.cuda.synchronize()
                 t0 = time.perf_counter()
@@ -130,26 +161,31 @@ def decode_step(dev, repeats, small):
 
         resident(0)
         t_res = timed(resident)
-        for frac in (0.25, 0.5, 0.75, 1.0):
-            slots = max(int(frac * E * L), min(E, k * T) * 2)
-            schedule = [torch.unique(ids).tolist() for st in steps for ids, _ in st]
-            moe = ProphetMoE.from_weights(w13, w2, slots, device=dev, predictor=OraclePredictor(schedule))
+        schedule = [torch.unique(ids).tolist() for st in steps for ids, _ in st]
+        for policy in policies:
+            for frac in fracs:
+                slots = max(int(frac * E * L), min(E, k * T) * 2)
+                moe = ProphetMoE(store, slots, device=dev, policy=policy, predictor=OraclePredictor(schedule))
 
-            def prophet(step):
-                for l in range(L):
-                    ids, w = steps[step][l]
-                    moe.forward(l, xs[l], w, ids)
+                def prophet(step):
+                    for l in range(L):
+                        ids, w = steps[step][l]
+                        moe.forward(l, xs[l], w, ids)
 
-            prophet(0)  # warm-up step (cold buffer)
-            s0 = moe.stats.as_dict()["total"]
-            t = timed(prophet)
-            s1 = moe.stats.as_dict()["total"]
-            misses = s1["misses"] - s0["misses"]
-            rows.append({"bench": "decode_step", "T": T, "layers": L, "E": E, "buffer_frac": frac, "slots": slots,
-                         "step_ms": t * 1e3, "resident_step_ms": t_res * 1e3, "ratio_to_resident": t / t_res,
-                         "misses_per_step": misses / repeats,
-                         "stall_share": (s1["stall_s"] - s0["stall_s"]) / repeats / t})
-            del moe
+                for i in range(warmup):  # fill the buffer (not timed)
+                    prophet(i)
+                s0 = moe.stats.as_dict()["total"]
+                t = timed(prophet)
+                s1 = moe.stats.as_dict()["total"]
+                d = {f: s1[f] - s0[f] for f in ("hits", "misses", "stall_s", "bytes_h2d")}
+                rows.append({"bench": "decode_step", "routing": routing, "policy": policy, "T": T, "layers": L,
+                             "E": E, "buffer_frac": frac, "slots": slots, "step_ms": t * 1e3,
+                             "resident_step_ms": t_res * 1e3, "ratio_to_resident": t / t_res,
+                             "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),
+                             "misses_per_step": d["misses"] / repeats,
+                             "h2d_MB_per_step": d["bytes_h2d"] / repeats / 1e6,
+                             "stall_share": d["stall_s"] / repeats / t})
+                del moe
     return rows
 
 
@@ -158,6 +194,10 @@ def main(argv=None):
     ap.add_argument("--small", action="store_true", help="tiny shapes (functional check; default without a GPU)")
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--only", choices=["copy", "overlap", "decode"], help="run one part")
+    ap.add_argument("--routing", default="uniform",
+                    help="part (c): 'uniform' random top-k, or a trace name/path (e.g. olmoe-heldout)")
+    ap.add_argument("--policies", default="lru", help="part (c): comma-separated eviction policies")
+    ap.add_argument("--warmup", type=int, default=1, help="part (c): untimed steps that fill the buffer")
     ap.add_argument("--out", help="results folder (default bench/results)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -168,7 +208,8 @@ def main(argv=None):
     if dev.type == "cuda" and args.only in (None, "overlap"):
         rows += overlap(dev, args.repeats)
     if args.only in (None, "decode"):
-        rows += decode_step(dev, 3 if small else args.repeats, small)
+        rows += decode_step(dev, 3 if small else args.repeats, small, args.routing,
+                            tuple(args.policies.split(",")), args.warmup)
     prov = provenance(dev)
     for r in rows:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

@@ -28,7 +28,7 @@ import torch
 
 from bench.bench_moe import time_graph
 from bench.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
-from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up
+from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key
 from prophet_kernels.kernels.route_plan import route_plan
@@ -105,9 +105,16 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
         flat = [i.reshape(-1).contiguous() for _, i, _ in inputs]
         gu = pick(lambda c, r: lambda: launch_gemv_gate_up(inputs[r][0], w13, None, flat[r], E, k,
                                                            c), gcands)
-        full = pick(lambda c, r: lambda: gemv_experts(inputs[r][0], w13, w2, None, inputs[r][2],
-                                                      inputs[r][1], E, {"gate_up": gu[1], "down": c}),
-                    gcands)
+        def gemv_call(c, r):
+            return lambda: gemv_experts(inputs[r][0], w13, w2, None, inputs[r][2], inputs[r][1], E,
+                                        {"gate_up": gu[1], "down": c})
+
+        timed = sorted(((bench([gemv_call(c, r) for r in range(rotations)]), c) for c in gcands),
+                       key=lambda p: p[0])
+        full = timed[0]
+        if pdl_level({"pdl": 1}, device):  # programmatic dependent launch of down, best 8 tiles
+            pdl = [dict(c, pdl=lvl) for _, c in timed[:8] for lvl in (1, 2)]
+            full = min([full, pick(gemv_call, pdl)], key=lambda p: p[0])
         print(f"  T={T:5d} gemv: gate_up {gu[0]:7.1f} {gu[1]}; gate_up + down {full[0]:7.1f} "
               f"{full[1]}", flush=True)
         if full[0] < best[0]:

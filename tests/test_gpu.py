@@ -80,3 +80,31 @@ def test_cuda_graph_replay(name, T):
         ref = fused_experts_reference(x, w13, w2, w, ids)
         assert torch.isfinite(y).all()
         assert rel_err(y, ref) < 1e-2
+
+
+@pytest.mark.parametrize("name", list(MOE_SHAPES))
+@pytest.mark.parametrize("pdl", [0, 1, 2])
+def test_gemv_pdl_levels(name, pdl):
+    """The decode path with down launched as a programmatic dependent of gate_up (levels 1, 2)
+    computes the same function, eagerly and replayed from a graph (odd I tail: BK=384)."""
+    from prophet_kernels.kernels.gemv import gemv_experts
+
+    s = MOE_SHAPES[name]
+    w13, w2, w13s, w2s, pt = _experts(name)
+    cfg = {"gate_up": dict(BN=16, BK=128, num_warps=8, num_stages=4),
+           "down": dict(BN=8, BK=384, num_warps=4, num_stages=2, pdl=pdl)}
+    for T in (1, 4):
+        x = torch.randn(T, s["H"], device="cuda", dtype=torch.bfloat16)
+        ids, w = random_routing(T, s["E"], s["k"], "cuda")
+        run = lambda: gemv_experts(x, w13s, w2s, pt, w.reshape(-1).contiguous(), ids, s["E"], cfg)  # noqa: E731
+        y = run()
+        assert rel_err(y, fused_experts_reference(x, w13, w2, w, ids)) < 1e-2
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            yg = run()
+        for _ in range(2):
+            x.copy_(torch.randn_like(x))
+            ids.copy_(random_routing(T, s["E"], s["k"], "cuda")[0])
+            yg.fill_(float("nan"))
+            g.replay()
+            assert rel_err(yg, fused_experts_reference(x, w13, w2, w, ids)) < 1e-2

@@ -26,6 +26,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:  # programmatic dependent launch (Hopper+): griddepcontrol.wait / launch_dependents
+    from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+except ImportError:  # older Triton: configs asking for it fall back to plain launches
+    gdc_launch_dependents = gdc_wait = None
+
 
 @triton.jit
 def _slot_of(ids_ptr, pt_ptr, n, valid, E, S, HAS_PT: tl.constexpr):
@@ -50,8 +55,11 @@ def _gemv_gate_up_kernel(
     T, H, I, E, S, TOPK,
     stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_an, stride_ai,
     BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, HAS_PT: tl.constexpr,
+    PDL: tl.constexpr,
 ):
-    """grid = (N, cdiv(I, BN))."""
+    """grid = (N, cdiv(I, BN)). PDL: let the down kernel launch while this one's last wave runs."""
+    if PDL:
+        gdc_launch_dependents()
     n = tl.program_id(0)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
     n_ok = offs_n < I
@@ -97,7 +105,7 @@ def _gemv_down_kernel(
     T, H, I, E, S, TOPK,
     stride_an, stride_ai, stride_ws, stride_wh, stride_wi, stride_yt, stride_yh,
     BN: tl.constexpr, BK: tl.constexpr, K_PAD: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_PT: tl.constexpr,
+    HAS_PT: tl.constexpr, PDL: tl.constexpr,
 ):
     """grid = (T, cdiv(H, BN)). All k experts of the token are read at once as a
     [K_PAD, BN, BK] tile (k times the bytes in flight of a loop over them), then combined."""
@@ -115,7 +123,23 @@ def _gemv_down_kernel(
     a_ptrs = act_ptr + slot_n.to(tl.int64)[:, None] * stride_an + offs_k[None, :] * stride_ai
     w_mask = s_ok[:, None, None] & n_ok[None, :, None]
     acc = tl.zeros([K_PAD, BN], dtype=tl.float32)
-    for k0 in range(0, I, BK):
+    k_start = 0
+    if PDL >= 1:
+        # Launched as a programmatic dependent of gate_up: ids, weights and the page table were
+        # written before gate_up started; only act is gate_up's, read after the wait. PDL == 2
+        # also streams the first weight tile (independent of gate_up) before waiting.
+        if PDL == 2:
+            k_ok = offs_k < I
+            wv = tl.load(w_ptrs, mask=w_mask & k_ok[None, None, :], other=0.0)
+            gdc_wait()
+            av = tl.load(a_ptrs, mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+            a_ptrs += BK * stride_ai
+            w_ptrs += BK * stride_wi
+            k_start = BK
+        else:
+            gdc_wait()
+    for k0 in range(k_start, I, BK):
         if EVEN_K:
             av = tl.load(a_ptrs, mask=s_ok[:, None], other=0.0).to(tl.float32)
             wv = tl.load(w_ptrs, mask=w_mask, other=0.0)
@@ -132,8 +156,17 @@ def _gemv_down_kernel(
              y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+def pdl_level(cfg: dict, device: torch.device) -> int:
+    """The config's programmatic-dependent-launch level for the down kernel (0 off, 1 wait at the
+    top, 2 also stream the first weight tile before the wait), where the GPU and Triton have it."""
+    level = int(cfg.get("pdl", 0))
+    if level and (gdc_wait is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
+        return 0
+    return level
+
+
 def launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts: int, topk: int,
-                        cfg: dict) -> torch.Tensor:
+                        cfg: dict, pdl: int = 0) -> torch.Tensor:
     """act [T*k, I] = silu(gate) * up per token-slot. ``ids_flat`` [T*k] int32 contiguous."""
     T, H = x.shape
     S, I = w13_slots.shape[0], w13_slots.shape[1] // 2
@@ -143,14 +176,14 @@ def launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts: int, to
         x, w13_slots, act, ids_flat, page_table if has_pt else ids_flat,  # dummy when unused
         T, H, I, num_experts, S, topk,
         x.stride(0), x.stride(1), *w13_slots.stride(), act.stride(0), act.stride(1),
-        BN=cfg["BN"], BK=cfg["BK"], EVEN_K=H % cfg["BK"] == 0, HAS_PT=has_pt,
+        BN=cfg["BN"], BK=cfg["BK"], EVEN_K=H % cfg["BK"] == 0, HAS_PT=has_pt, PDL=pdl > 0,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return act
 
 
 def launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_experts: int,
-                     topk: int, cfg: dict) -> torch.Tensor:
+                     topk: int, cfg: dict, pdl: int = 0) -> torch.Tensor:
     """y [T, H] = sum_j w[t,j] * W2[s_j] act[t*k+j]."""
     T = act.shape[0] // topk
     S, H, I = w2_slots.shape
@@ -161,7 +194,8 @@ def launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_expe
         T, H, I, num_experts, S, topk,
         act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1),
         BN=cfg["BN"], BK=cfg["BK"], K_PAD=triton.next_power_of_2(topk), EVEN_K=I % cfg["BK"] == 0,
-        HAS_PT=has_pt, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        HAS_PT=has_pt, PDL=pdl, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
@@ -171,6 +205,7 @@ def gemv_experts(x, w13_slots, w2_slots, page_table, weights_flat, ids, num_expe
     """y [T, H] through the decode path. ``ids`` [T, k] int32, ``weights_flat`` [T*k] fp32."""
     k = ids.shape[1]
     ids_flat = ids.reshape(-1).contiguous()
-    act = launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts, k, cfg["gate_up"])
+    pdl = pdl_level(cfg["down"], x.device)
+    act = launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts, k, cfg["gate_up"], pdl)
     return launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_experts, k,
-                            cfg["down"])
+                            cfg["down"], pdl)

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# One lent-GPU session in one script (METHOD.md: batch the runs, bring results back under $OUT).
+#   bench/gpu_session.sh kernels    GPU tests, retune the decode configs, bench_moe at T <= 64
+#   bench/gpu_session.sh prefetch   bench_prefetch (a)-(c) + compute-sanitizer on a short (c)
+# Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+OUT=${OUT:-/tmp/prophet_gpu}
+mkdir -p "$OUT"
+export PYTHONPATH=$PWD PROPHET_COMMIT=${PROPHET_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+case "${1:-kernels}" in
+kernels)
+  timeout 200 $PY -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 | tee "$OUT/test_gpu.txt"
+  timeout 240 $PY bench/tune_moe.py --shapes olmoe mixtral --T 1 4 2>&1 | tee "$OUT/tune.txt" | grep -E "gemv|best|T=" | tail -12
+  cp prophet_kernels/kernels/configs/*.json "$OUT/"
+  timeout 150 $PY bench/bench_moe.py --T 1 4 16 64 --no-reference --out-dir "$OUT" 2>&1 | tail -14
+  ;;
+prefetch)
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  for tool in memcheck racecheck; do
+    timeout 150 compute-sanitizer --tool $tool --print-limit 20 $PY bench/bench_prefetch.py --small --only decode \
+      --repeats 2 --out "$OUT/sanitizer" > "$OUT/sanitizer_$tool.txt" 2>&1
+    echo "sanitizer $tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -1)"
+  done
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  timeout 120 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | tail -3
+  timeout 60 $PY bench/bench_prefetch.py --only overlap --out "$OUT" 2>&1 | tail -2
+  timeout 200 $PY bench/bench_prefetch.py --only decode --routing olmoe-heldout --policies lru,cyclic --warmup 32 \
+    --out "$OUT" 2>&1 | tail -17 | cut -c1-260
+  timeout 150 $PY bench/bench_prefetch.py --only decode --routing uniform --out "$OUT" 2>&1 | tail -9 | cut -c1-260
+  ;;
+esac
