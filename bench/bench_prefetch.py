@@ -29,7 +29,8 @@ from bench.common import MOE_SHAPES, provenance, random_routing, write_rows  # n
 
 def _cuda_time(fn, repeats: int) -> float:
     """Median seconds per call, CUDA events (host-driven work cannot be graph-captured)."""
-    fn()
+    for _ in range(3):
+        fn()
     torch.cuda.synchronize()
     ts = []
     for _ in range(repeats):
@@ -43,6 +44,8 @@ def _cuda_time(fn, repeats: int) -> float:
 
 
 def copy_engine(dev, repeats):
+    """H2D GB/s of one expert: a plain pinned copy of the same bytes (current stream, and a side
+    stream with an event wait), the store -> buffer copies made directly, and the prefetcher."""
     from prophet_kernels import ProphetMoE
 
     rows = []
@@ -51,29 +54,44 @@ def copy_engine(dev, repeats):
         w13 = torch.randn(1, 2, 2 * I, H, dtype=torch.bfloat16)
         w2 = torch.randn(1, 2, H, I, dtype=torch.bfloat16)
         moe = ProphetMoE.from_weights(w13, w2, 1, device=dev)
-        pf, eb = moe.prefetcher, moe.store.expert_bytes
+        pf, eb, store, buf = moe.prefetcher, moe.store.expert_bytes, moe.store, moe.buffer
         src = torch.empty(eb, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty(eb, dtype=torch.uint8, device=dev)
-        t_plain = _cuda_time(lambda: dst.copy_(src, non_blocking=True), repeats)
+        side, done = torch.cuda.Stream(), torch.cuda.Event()
+
+        def plain_side():
+            with torch.cuda.stream(side):
+                dst.copy_(src, non_blocking=True)
+                done.record(side)
+            torch.cuda.current_stream().wait_event(done)
+
+        def direct():  # the prefetcher's two copies, made on the current stream
+            buf.w13[0].copy_(store.w13[0][1], non_blocking=True)
+            buf.w2[0].copy_(store.w2[0][1], non_blocking=True)
 
         def prefetch_one():
             pf.copy(0, 0, 1)
             torch.cuda.current_stream().wait_event(pf.ready[0])
 
-        t_pf = _cuda_time(prefetch_one, repeats)
-        rows.append({"bench": "copy", "expert": name, "bytes": eb, "plain_GBps": eb / t_plain / 1e9,
-                     "prefetcher_GBps": eb / t_pf / 1e9, "ratio": t_plain / t_pf})
+        t = {k: _cuda_time(f, repeats) for k, f in (
+            ("plain", lambda: dst.copy_(src, non_blocking=True)), ("plain_side", plain_side),
+            ("direct", direct), ("prefetcher", prefetch_one))}
+        rows.append({"bench": "copy", "expert": name, "bytes": eb, "store_pinned": store.pinned,
+                     **{f"{k}_GBps": eb / v / 1e9 for k, v in t.items()},
+                     "ratio": t["plain"] / t["prefetcher"]})
         del moe, dst
     return rows
 
 
 def overlap(dev, repeats):
+    """One OLMoE layer's expert GEMMs (T=64), replayed from a CUDA graph, alone and while the
+    prefetcher's copies run on the copy stream (queued to span every timed replay)."""
     from prophet_kernels import ProphetMoE, fused_experts_paged
 
-    L, T = 2, 64
+    T = 64
     E, k, H, I = (MOE_SHAPES["olmoe"][n] for n in ("E", "k", "H", "I"))
-    w13 = torch.randn(L, E, 2 * I, H, dtype=torch.bfloat16) / 32
-    w2 = torch.randn(L, E, H, I, dtype=torch.bfloat16) / 32
+    w13 = torch.randn(2, E, 2 * I, H, dtype=torch.bfloat16) / 32
+    w2 = torch.randn(2, E, H, I, dtype=torch.bfloat16) / 32
     moe = ProphetMoE.from_weights(w13, w2, 2 * E, device=dev)
     buf, pf = moe.buffer, moe.prefetcher
     for e in range(E):  # layer 0 resident in slots 0..E-1
@@ -83,19 +101,40 @@ def overlap(dev, repeats):
     row = buf.upload_row(0)
     x = torch.randn(T, H, dtype=torch.bfloat16, device=dev)
     ids, w = random_routing(T, E, k, dev)
-    gemm = lambda: fused_experts_paged(x, buf.w13, buf.w2, row, w, ids, check=False)  # noqa: E731
-    t_alone = _cuda_time(gemm, repeats)
-    copies = max(1, int(t_alone * 55e9 / moe.store.expert_bytes) + 1)  # enough copies to span the GEMMs
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fused_experts_paged(x, buf.w13, buf.w2, row, w, ids, check=False)  # compile outside capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fused_experts_paged(x, buf.w13, buf.w2, row, w, ids, check=False)
+    reps = 20
 
-    def with_copies():
-        for j in range(copies):
-            pf.copy(E + j % E, 1, j % E)
-        gemm()
+    def replays():
+        ev = [torch.cuda.Event(enable_timing=True) for _ in range(2 * repeats)]
+        for i in range(repeats):
+            ev[2 * i].record()
+            for _ in range(reps):
+                graph.replay()
+            ev[2 * i + 1].record()
+        torch.cuda.synchronize()
+        return sorted(ev[2 * i].elapsed_time(ev[2 * i + 1]) / reps * 1e3 for i in range(repeats))[repeats // 2]
 
-    t_both = _cuda_time(with_copies, repeats)
+    replays()
+    t_alone = replays()
+    copies = int(repeats * reps * t_alone * 1e-6 * 55e9 / moe.store.expert_bytes) + 8  # outlast the replays
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record(pf.stream)
+    for j in range(copies):
+        pf.copy(E + j % E, 1, j % E)
+    end.record(pf.stream)
+    t_both = replays()
     torch.cuda.synchronize()
-    return [{"bench": "overlap", "T": T, "gemm_us": t_alone * 1e6, "gemm_with_copies_us": t_both * 1e6,
-             "slowdown": t_both / t_alone - 1, "copies_in_flight": copies}]
+    copy_s = start.elapsed_time(end) / 1e3
+    return [{"bench": "overlap", "T": T, "gemm_us": t_alone, "gemm_with_copies_us": t_both,
+             "slowdown": t_both / t_alone - 1, "copies": copies,
+             "copy_GBps_during": copies * moe.store.expert_bytes / copy_s / 1e9}]
 
 
 def _routings(source, steps, T, L, E, k, dev):
