@@ -73,12 +73,23 @@ def copy_engine(dev, repeats):
             pf.copy(0, 0, 1)
             torch.cuda.current_stream().wait_event(pf.ready[0])
 
+        def plain_stream():  # back to back, as a prefetch queue runs
+            for _ in range(8):
+                dst.copy_(src, non_blocking=True)
+
+        def prefetch_stream():
+            for _ in range(8):
+                pf.copy(0, 0, 1)
+            torch.cuda.current_stream().wait_event(pf.ready[0])
+
         t = {k: _cuda_time(f, repeats) for k, f in (
             ("plain", lambda: dst.copy_(src, non_blocking=True)), ("plain_side", plain_side),
             ("direct", direct), ("prefetcher", prefetch_one))}
+        t |= {k: _cuda_time(f, repeats) / 8 for k, f in (("plain_x8", plain_stream),
+                                                          ("prefetcher_x8", prefetch_stream))}
         rows.append({"bench": "copy", "expert": name, "bytes": eb, "store_pinned": store.pinned,
                      **{f"{k}_GBps": eb / v / 1e9 for k, v in t.items()},
-                     "ratio": t["plain"] / t["prefetcher"]})
+                     "ratio": t["plain"] / t["prefetcher"], "ratio_x8": t["plain_x8"] / t["prefetcher_x8"]})
         del moe, dst
     return rows
 
@@ -216,11 +227,12 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
                 s0 = moe.stats.as_dict()["total"]
                 t = timed(prophet)
                 s1 = moe.stats.as_dict()["total"]
-                d = {f: s1[f] - s0[f] for f in ("hits", "misses", "stall_s", "bytes_h2d")}
+                d = {f: s1[f] - s0[f] for f in ("hits", "late_hits", "misses", "stall_s", "bytes_h2d")}
                 rows.append({"bench": "decode_step", "routing": routing, "policy": policy, "T": T, "layers": L,
                              "E": E, "buffer_frac": frac, "slots": slots, "step_ms": t * 1e3,
                              "resident_step_ms": t_res * 1e3, "ratio_to_resident": t / t_res,
                              "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),
+                             "ready_hit_rate": (d["hits"] - d["late_hits"]) / max(1, d["hits"] + d["misses"]),
                              "misses_per_step": d["misses"] / repeats,
                              "h2d_MB_per_step": d["bytes_h2d"] / repeats / 1e6,
                              "stall_share": d["stall_s"] / repeats / t})

@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 OUT=${OUT:-/tmp/prophet_gpu}
 mkdir -p "$OUT"
+# The device copy's git HEAD can lag the working tree: pass PROPHET_COMMIT=<local commit> when calling.
 export PYTHONPATH=$PWD PROPHET_COMMIT=${PROPHET_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"

@@ -81,6 +81,8 @@ class ProphetMoE:
         with nvtx_range(f"ensure_resident L{layer}"):
             slots, fills = self.residency.acquire(layer, experts)
             try:
+                filled = {f[0] for f in fills}
+                self.stats.layers[layer].late_hits += self.prefetcher.pending([s for s in slots if s not in filled])
                 self.stats.layers[layer].stall_s += self.prefetcher.demand(fills)
                 row = self.buffer.upload_row(layer)
                 self.prefetcher.wait_ready(slots)

@@ -51,6 +51,10 @@ class StreamPrefetcher:
                 self.buffer.w2[slot].copy_(src2, non_blocking=True)
                 self.ready[slot].record(self.stream)
 
+    def pending(self, slots) -> int:
+        """How many of `slots` still have a copy in flight (a non-blocking query; 0 on the CPU)."""
+        return sum(not self.ready[s].query() for s in slots) if self.cuda else 0
+
     def wait_ready(self, slots) -> None:
         """Make the current (compute) stream wait until `slots` are filled."""
         if self.cuda:

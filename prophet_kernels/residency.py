@@ -23,6 +23,7 @@ from .predictors import Predictor
 class LayerStats:
     hits: int = 0
     misses: int = 0
+    late_hits: int = 0  # hits whose prefetch copy had not landed yet: the compute waited for it
     prefetched: int = 0  # experts copied ahead of need
     prefetch_used: int = 0  # prefetched experts that a layer then read (before eviction)
     evictions: int = 0
@@ -47,6 +48,12 @@ class Stats:
         return self.hits / n if n else 0.0
 
     @property
+    def ready_hit_rate(self) -> float:
+        """Hits whose copy had landed when the layer ran (a late prefetch waits like a miss)."""
+        n = self.hits + self.misses
+        return (self.hits - self.late_hits) / n if n else 0.0
+
+    @property
     def prefetch_precision(self) -> float:
         """Share of prefetched experts that a layer read before they were evicted."""
         n = self.prefetched
@@ -54,11 +61,12 @@ class Stats:
 
     def as_dict(self) -> dict:
         total = {f.name: getattr(self, f.name) for f in fields(LayerStats)}
-        return {"total": total | {"hit_rate": self.hit_rate},
+        return {"total": total | {"hit_rate": self.hit_rate, "ready_hit_rate": self.ready_hit_rate},
                 "layers": [{f.name: getattr(s, f.name) for f in fields(LayerStats)} for s in self.layers]}
 
     def __str__(self) -> str:
-        return (f"hits {self.hits}  misses {self.misses}  hit rate {self.hit_rate:.1%}  prefetched {self.prefetched} "
+        return (f"hits {self.hits} ({self.late_hits} late)  misses {self.misses}  hit rate {self.hit_rate:.1%}  "
+                f"landed in time {self.ready_hit_rate:.1%}  prefetched {self.prefetched} "
                 f"(used {self.prefetch_used})  evictions {self.evictions}  H2D {self.bytes_h2d / 1e6:.1f} MB  "
                 f"stall {self.stall_s * 1e3:.2f} ms")
 
