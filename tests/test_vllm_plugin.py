@@ -53,6 +53,15 @@ vllm = pytest.importorskip("vllm")
 from integration import demo  # noqa: E402
 
 
+@pytest.fixture(scope="module", autouse=True)
+def torch_path():
+    """The CPU build of vLLM has no Triton: ProphetMoE takes its PyTorch path there (conftest turns
+    on the Triton interpreter for the kernel tests; the interpreter would take ~25 s per engine)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "0")
+        yield
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("prophet-vllm")
