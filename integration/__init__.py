@@ -1,6 +1,7 @@
 """Integrations of Prophet with serving stacks.
 
-Planned (see the open issues): the vLLM plugin (entry point ``vllm.general_plugins``, an
-idempotent ``register()``) and the transformers experts implementation. Both will drive one
-layer-level orchestration in ``prophet_kernels`` -- nothing is written twice. Empty today.
+- ``vllm_plugin``: the vLLM plugin (entry point ``vllm.general_plugins``, idempotent ``register()``),
+  driving ``prophet_kernels.ProphetMoE`` -- the one layer-level orchestration, nothing written twice.
+- ``demo``: ``prophet demo`` and the tiny random-init checkpoints the plugin tests serve.
+The transformers experts implementation is still to come.
 """

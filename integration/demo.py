@@ -100,6 +100,7 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
              predictor: str = "same", max_tokens: int = 32, num_prompts: int = 4) -> int:
     cache = tempfile.mkdtemp(prefix="prophet-demo-")
     vllm_env(cache)
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the comparison below is the output
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -119,7 +120,8 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     print()
     print(f"{'':24s}{'without Prophet':>18s}{'with Prophet':>18s}")
     print(f"{'identical greedy tokens':24s}{'-':>18s}{f'{same} of {len(ps)} prompts':>18s}")
-    print(f"{'experts on the device':24s}{'all':>18s}{f'buffer {buffer}':>18s}")
+    all_mib = stats["expert_bytes"] * stats["num_layers"] * stats["num_experts"] / 2**20
+    print(f"{'expert MiB on the device':24s}{all_mib:>18.2f}{stats['slots'] * stats['expert_bytes'] / 2**20:>18.2f}")
     for name in ("hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"):
         print(f"{name:24s}{'-':>18s}{t[name]:>18d}")
     print(f"{'hit rate':24s}{'-':>18s}{t['hit_rate']:>18.1%}")

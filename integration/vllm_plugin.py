@@ -174,7 +174,11 @@ class _ModelExperts:
         return y
 
     def stats(self) -> dict | None:
-        return None if self.moe is None else self.moe.stats.as_dict()
+        if self.moe is None:
+            return None
+        store = self.moe.store
+        return {"num_experts": store.num_experts, "slots": self.moe.buffer.num_slots,
+                "expert_bytes": store.expert_bytes, **self.moe.stats.as_dict()}
 
 
 @torch.library.custom_op("prophet::moe_apply", mutates_args=())

@@ -274,6 +274,23 @@ def _dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_demo_args(p):
+    p.add_argument("--model", help="checkpoint directory to serve (default: a tiny random-init model, built here)")
+    p.add_argument("--family", default="olmoe", help="tiny model's shape: olmoe or mixtral (default olmoe)")
+    p.add_argument("--buffer", type=float, default=0.375,
+                   help="expert buffer: fraction of all experts in (0, 1] or slot count (default 0.375)")
+    p.add_argument("--policy", default="cyclic", help="eviction policy: lru, lfu, cyclic (default cyclic)")
+    p.add_argument("--predictor", default="same", help="prefetch predictor: none, same (default same)")
+    p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
+    p.add_argument("--prompts", type=int, default=4, help="prompts in the batch (default 4)")
+
+
+def _demo(args) -> int:
+    from integration.demo import run_demo
+
+    return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="prophet", description="Prophet: MoE serving from a paged expert buffer")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -283,8 +300,9 @@ def main(argv: list[str] | None = None) -> int:
     _add_trace_args(sub.add_parser("trace", help="routing traces: train a routing-shape model, record traces"))
     _add_simulate_args(sub.add_parser("simulate", help="replay a routing trace through the expert buffer"))
     _add_dedup_args(sub.add_parser("dedup", help="unique experts per layer vs batch, measured on traces"))
+    _add_demo_args(sub.add_parser("demo", help="serve an MoE model through vLLM with and without Prophet, compare"))
     args, rest = ap.parse_known_args(argv)
-    handlers = {"trace": _trace, "simulate": _simulate, "dedup": _dedup}
+    handlers = {"trace": _trace, "simulate": _simulate, "dedup": _dedup, "demo": _demo}
     if args.cmd in handlers:
         if rest:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")
