@@ -1,4 +1,4 @@
-"""vLLM with and without Prophet on OLMoE-1B-7B (config only, dummy weights): vLLM's reported model
+"""vLLM with and without Prophet on OLMoE-1B-7B (its config, random weights): vLLM's reported model
 memory and KV-cache tokens, greedy decode tokens/s at batch 1 and 32, next to vLLM's own UVA
 offload of all experts (`cpu_offload_params={"experts"}`). GPU only; each configuration runs in its
 own process so that memory numbers are clean.
@@ -6,8 +6,11 @@ own process so that memory numbers are clean.
     python bench/bench_vllm.py                                   # off, prophet 0.25/0.5/0.75, offload
     python bench/bench_vllm.py --configs off prophet:0.5 --out-dir /tmp/x
 
-With dummy weights every router sees the same values, so routing is degenerate: decode speed under
-Prophet here measures the host-driven overhead, not hit rates (the rows say so). The prediction for
+The weights are a seeded random checkpoint written once (`--weights random`, the default) so that
+every engine, with experts on the host or the device, computes the same function and the greedy
+tokens can be compared; vLLM's dummy weights (`--weights dummy`) are generated per device and give
+every router the same values. Either way, decode speed and hit rates are not those of the trained
+model's routing (the rows say so). The prediction for
 the KV cache: Prophet frees the experts' bytes less the buffer's; vLLM turns that into
 freed / (bytes per token of KV cache) more tokens.
 """
@@ -30,18 +33,58 @@ DEFAULT_CONFIGS = ["off", "prophet:0.5", "prophet:0.25", "prophet:0.75", "offloa
 NEW_TOKENS = 64
 
 
-def olmoe_dir(root: Path) -> Path:
-    """config.json of OLMoE-1B-7B-0924 (transformers' OlmoeConfig defaults are that model's)."""
+OLMOE_1B_7B = dict(  # allenai/OLMoE-1B-7B-0924 config.json (planner catalogue: 6,919,161,856 params)
+    vocab_size=50304, hidden_size=2048, intermediate_size=1024, num_hidden_layers=16, num_attention_heads=16,
+    num_key_value_heads=16, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+    num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, tie_word_embeddings=False,
+    bos_token_id=None, eos_token_id=50279, pad_token_id=1)
+
+
+def write_random_olmoe(path: Path, dims: dict, seed: int = 0) -> Path:
+    """A seeded random OLMoE checkpoint in the published format (per-expert gate/up/down tensors),
+    one safetensors shard per layer, so that every engine loads the same weights from disk (dummy
+    weights differ between host- and device-created tensors) and routing is not degenerate.
+    Scales 1/sqrt(fan-in) keep activations O(1); the router's spread makes routing vary by token."""
+    import torch
     import transformers
+    from safetensors.torch import save_file
 
-    d = root / "olmoe-1b-7b"
-    d.mkdir(parents=True, exist_ok=True)
-    cfg = transformers.OlmoeConfig(torch_dtype="bfloat16", architectures=["OlmoeForCausalLM"])
-    cfg.save_pretrained(d)
-    return d
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = transformers.OlmoeConfig(**dims, architectures=["OlmoeForCausalLM"])
+    cfg.dtype = "bfloat16"
+    cfg.save_pretrained(path)
+    H, I, E, V = dims["hidden_size"], dims["intermediate_size"], dims["num_experts"], dims["vocab_size"]
+    g = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, std):
+        return (torch.randn(*shape, generator=g) * std).to(torch.bfloat16)
+
+    index, shards = {}, []
+    shards.append(("model-embed.safetensors", {"model.embed_tokens.weight": rnd(V, H, std=1.0),
+                                               "model.norm.weight": torch.ones(H, dtype=torch.bfloat16),
+                                               "lm_head.weight": rnd(V, H, std=H**-0.5)}))
+    for layer in range(dims["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        t = {p + "input_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "post_attention_layernorm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "self_attn.q_norm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "self_attn.k_norm.weight": torch.ones(H, dtype=torch.bfloat16),
+             p + "mlp.gate.weight": rnd(E, H, std=4 * H**-0.5)}
+        for proj in "qkvo":
+            t[p + f"self_attn.{proj}_proj.weight"] = rnd(H, H, std=H**-0.5)
+        for e in range(E):
+            t[p + f"mlp.experts.{e}.gate_proj.weight"] = rnd(I, H, std=H**-0.5)
+            t[p + f"mlp.experts.{e}.up_proj.weight"] = rnd(I, H, std=H**-0.5)
+            t[p + f"mlp.experts.{e}.down_proj.weight"] = rnd(H, I, std=I**-0.5)
+        shards.append((f"model-layer{layer:02d}.safetensors", t))
+    for name, tensors in shards:
+        save_file(tensors, str(path / name), metadata={"format": "pt"})
+        index.update({k: name for k in tensors})
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+    return path
 
 
-def run_one(name: str, model: str) -> dict:
+def run_one(name: str, model: str, load_format: str = "auto") -> dict:
     """In the child: build the engine, decode, report (printed as one RESULT line)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from vllm import LLM, SamplingParams
@@ -49,7 +92,7 @@ def run_one(name: str, model: str) -> dict:
     from integration.vllm_plugin import prophet_stats, register
 
     register()
-    kwargs = dict(model=model, load_format="dummy", skip_tokenizer_init=True, dtype="bfloat16",
+    kwargs = dict(model=model, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16",
                   max_model_len=2048, seed=0, attention_backend="TRITON_ATTN", enforce_eager=True)
     if name.startswith("prophet:"):
         kwargs["additional_config"] = {"prophet": {"buffer": float(name.split(":")[1]), "policy": "lru",
@@ -85,10 +128,14 @@ def main(argv=None):
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
+    ap.add_argument("--weights", choices=["random", "dummy"], default="random",
+                    help="random: a seeded checkpoint written once and loaded by every engine (default); "
+                         "dummy: vLLM's load_format=dummy (differs between host and device tensors)")
     ap.add_argument("--out-dir", default=None, help="JSON rows and logs (default bench/results)")
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.model)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.one, args.model, "dummy" if args.weights == "dummy" else "auto")),
+              flush=True)
         return 0
     import torch
 
@@ -98,12 +145,22 @@ def main(argv=None):
 
     out = Path(args.out_dir or Path(__file__).parent / "results")
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    model = str(olmoe_dir(Path(tempfile.mkdtemp(prefix="prophet-vllm-"))))
+    root = Path(tempfile.mkdtemp(prefix="prophet-vllm-")) / "olmoe-1b-7b"
+    if args.weights == "random":
+        t0 = time.perf_counter()
+        write_random_olmoe(root, OLMOE_1B_7B)
+        print(f"random OLMoE-1B-7B checkpoint written in {time.perf_counter() - t0:.0f} s: {root}", flush=True)
+    else:
+        import transformers
+
+        transformers.OlmoeConfig(**OLMOE_1B_7B, architectures=["OlmoeForCausalLM"]).save_pretrained(root)
+    model = str(root)
     rows = []
     for name in args.configs:
         log = out / "logs" / f"vllm_{name.replace(':', '_')}.log"
         try:
-            p = subprocess.run([sys.executable, __file__, "--one", name, "--model", model], capture_output=True,
+            p = subprocess.run([sys.executable, __file__, "--one", name, "--model", model, "--weights", args.weights],
+                               capture_output=True,
                                text=True, timeout=args.timeout)
             text, rc = p.stdout + p.stderr, p.returncode
         except subprocess.TimeoutExpired as e:
@@ -146,7 +203,8 @@ def main(argv=None):
     except ImportError:
         pass
     for r in rows:
-        r.update(prov, note="dummy weights: routing degenerate, decode speed is not a hit-rate result")
+        r.update(prov, weights=args.weights, note="random (or dummy) weights: decode speed and hits are not "
+                                                   "those of the trained model's routing")
     print(f"rows -> {write_rows('bench_vllm', rows, str(out))}")
     return 0
 
