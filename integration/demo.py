@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 
 TINY = {  # 4 layers x 8 experts, top-2; head_dim 64 (vLLM's CPU attention sizes)
@@ -84,23 +85,29 @@ def greedy(llm, token_prompts, max_tokens: int) -> list[list[int]]:
 
 
 def generate(model: str, token_prompts, max_tokens: int, prophet: dict | None, **llm_kwargs):
-    """Greedy tokens per prompt and Prophet's stats (None without Prophet), one engine."""
+    """Greedy tokens per prompt, Prophet's stats (None without Prophet) and the generation's wall
+    seconds, one engine."""
+    import time
+
     from integration.vllm_plugin import prophet_stats
 
     llm = make_llm(model, prophet, **llm_kwargs)
     try:
+        t0 = time.perf_counter()
         tokens = greedy(llm, token_prompts, max_tokens)
+        seconds = time.perf_counter() - t0
         stats = prophet_stats(llm) if prophet is not None else None
     finally:
         del llm
-    return tokens, (stats[0] if stats else None)
+    return tokens, (stats[0] if stats else None), seconds
 
 
 def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str = "cyclic",
              predictor: str = "same", max_tokens: int = 32, num_prompts: int = 4) -> int:
     cache = tempfile.mkdtemp(prefix="prophet-demo-")
     vllm_env(cache)
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # the comparison below is the output
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the comparison below is the output
+    warnings.filterwarnings("ignore", category=FutureWarning)
     try:
         import vllm  # noqa: F401
     except ImportError:
@@ -111,10 +118,10 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     vocab = json.loads((Path(model) / "config.json").read_text()).get("vocab_size", 512)
     ps = prompts(num_prompts, vocab=vocab)
     print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet ...", flush=True)
-    base, _ = generate(model, ps, max_tokens, None)
+    base, _, base_s = generate(model, ps, max_tokens, None)
     settings = {"buffer": buffer, "policy": policy, "predictor": predictor, "log_every_s": 0}
     print(f"vLLM with Prophet {settings} ...", flush=True)
-    tokens, stats = generate(model, ps, max_tokens, settings)
+    tokens, stats, prophet_s = generate(model, ps, max_tokens, settings)
     same = sum(a == b for a, b in zip(base, tokens))
     t = stats["total"]
     print()
@@ -122,6 +129,8 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     print(f"{'identical greedy tokens':24s}{'-':>18s}{f'{same} of {len(ps)} prompts':>18s}")
     all_mib = stats["expert_bytes"] * stats["num_layers"] * stats["num_experts"] / 2**20
     print(f"{'expert MiB on the device':24s}{all_mib:>18.2f}{stats['slots'] * stats['expert_bytes'] / 2**20:>18.2f}")
+    n = len(ps) * max_tokens
+    print(f"{'generated tokens/s (CPU)':24s}{n / base_s:>18.1f}{n / prophet_s:>18.1f}")
     for name in ("hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"):
         print(f"{name:24s}{'-':>18s}{t[name]:>18d}")
     print(f"{'hit rate':24s}{'-':>18s}{t['hit_rate']:>18.1%}")
