@@ -2,6 +2,8 @@
 # One lent-GPU session in one script (METHOD.md: batch the runs, bring results back under $OUT).
 #   bench/gpu_session.sh kernels    GPU tests, retune the decode configs, bench_moe at T <= 64
 #   bench/gpu_session.sh prefetch   bench_prefetch (a)-(c) + compute-sanitizer on a short (c)
+#   bench/gpu_session.sh vllm       bench_vllm (vLLM 0.26 carried in first: ../shared/tools/gpu-vllm/README.md,
+#                                   the c1, c2 calls, then this stage in the c3 call; installs it itself)
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -32,5 +34,11 @@ prefetch)
   timeout 200 $PY bench/bench_prefetch.py --only decode --routing olmoe-heldout --policies lru,cyclic --warmup 32 \
     --out "$OUT" 2>&1 | tail -17 | cut -c1-260
   timeout 150 $PY bench/bench_prefetch.py --only decode --routing uniform --out "$OUT" 2>&1 | tail -9 | cut -c1-260
+  ;;
+vllm)
+  if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
+  export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+  timeout 570 $PY bench/bench_vllm.py --configs off prophet:0.5 prophet:0.25 prophet:0.75 --timeout 150 \
+    --out-dir "$OUT" 2>&1 | tail -12
   ;;
 esac
