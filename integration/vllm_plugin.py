@@ -11,7 +11,8 @@ turned on, per engine or per process:
 
 Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environment variables;
 ``additional_config`` wins): ``buffer`` (fraction of all routed experts in (0, 1], or a slot count
-> 1), ``policy`` (lru, lfu, cyclic), ``predictor`` (none, same), ``prefetch_depth``,
+> 1), ``policy`` (lru, lfu, cyclic), ``predictor`` (none, same, gate: the next layers' routers on
+this layer's MoE input, for OLMoE and Mixtral), ``prefetch_depth``,
 ``log_every_s`` (stats log period; 0 logs only at shutdown).
 
 Lifecycle per model (all in the worker process):
@@ -45,7 +46,8 @@ _REGISTERED = False
 _GROUPS: "weakref.WeakValueDictionary[int, _ModelExperts]" = weakref.WeakValueDictionary()
 _NEXT_GROUP = [0]
 _BUILDING: list = [None]  # the model whose MoE layers are being created in this process
-RUNTIME_PREDICTORS = ("none", "same")
+RUNTIME_PREDICTORS = ("none", "same", "gate")
+GATE_MODELS = {"OlmoeForCausalLM": "ProphetOlmoeForCausalLM", "MixtralForCausalLM": "ProphetMixtralForCausalLM"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -124,6 +126,7 @@ class _ModelExperts:
         self.num_layers = 0
         self.loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.top_k = None
+        self.gate_parts = None  # [(router [E, H], MoE-input norm [H]) per layer], from integration.vllm_models
         self.moe = None
         self._last_log = time.monotonic()
 
@@ -147,9 +150,17 @@ class _ModelExperts:
         self.loaded.clear()
         s = self.settings
         slots = s.num_slots(store.num_layers, store.num_experts)
+        predictor = None if s.predictor == "none" else s.predictor
+        if s.predictor == "gate":
+            from prophet_kernels.predictors import GateLookaheadPredictor
+
+            if self.gate_parts is None or len(self.gate_parts) != store.num_layers:
+                raise ValueError(f"Prophet predictor 'gate' needs the model's routers: supported for "
+                                 f"{', '.join(GATE_MODELS)}")
+            predictor = GateLookaheadPredictor([g for g, _ in self.gate_parts], [n for _, n in self.gate_parts],
+                                               self.top_k)
         try:
-            self.moe = ProphetMoE(store, slots, device=device, policy=s.policy,
-                                  predictor=None if s.predictor == "none" else s.predictor,
+            self.moe = ProphetMoE(store, slots, device=device, policy=s.policy, predictor=predictor,
                                   prefetch_depth=s.prefetch_depth, top_k=self.top_k,
                                   max_batch_tokens=self.max_batch_tokens)
         except ValueError as e:
@@ -179,6 +190,14 @@ class _ModelExperts:
         store = self.moe.store
         return {"num_experts": store.num_experts, "slots": self.moe.buffer.num_slots,
                 "expert_bytes": store.expert_bytes, **self.moe.stats.as_dict()}
+
+
+def offer_gate_parts(parts) -> None:
+    """Called by the Prophet model classes after loading: the routers and MoE-input norms of the
+    model whose MoE layers are being built in this process (ignored when Prophet is off)."""
+    building = _BUILDING[0]
+    if building is not None and building.moe is None:
+        building.gate_parts = list(parts)
 
 
 @torch.library.custom_op("prophet::moe_apply", mutates_args=())
@@ -284,10 +303,13 @@ def register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
+    from vllm import ModelRegistry
     from vllm.model_executor.custom_op import CustomOp, op_registry_oot
 
     if "UnquantizedFusedMoEMethod" not in op_registry_oot:
         CustomOp.register_oot(_method_class(), name="UnquantizedFusedMoEMethod")
+    for arch, cls in GATE_MODELS.items():  # lazily imported: no CUDA initialisation here
+        ModelRegistry.register_model(arch, f"integration.vllm_models:{cls}")
     _REGISTERED = True
 
 

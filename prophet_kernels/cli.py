@@ -280,7 +280,7 @@ def _add_demo_args(p):
     p.add_argument("--buffer", type=float, default=0.375,
                    help="expert buffer: fraction of all experts in (0, 1] or slot count (default 0.375)")
     p.add_argument("--policy", default="cyclic", help="eviction policy: lru, lfu, cyclic (default cyclic)")
-    p.add_argument("--predictor", default="same", help="prefetch predictor: none, same (default same)")
+    p.add_argument("--predictor", default="same", help="prefetch predictor: none, same, gate (default same)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
     p.add_argument("--prompts", type=int, default=4, help="prompts in the batch (default 4)")
 

@@ -31,7 +31,7 @@ def test_settings_additional_config_wins_and_enables():
 
 @pytest.mark.parametrize("cfg, match", [
     ({"policy": "fifo"}, "unknown Prophet policy 'fifo'; known: lru, lfu, cyclic"),
-    ({"predictor": "learned"}, "predictor 'learned' is not available inside vLLM"),
+    ({"predictor": "learned"}, "predictor 'learned' is not available inside vLLM; known: none, same, gate"),
     ({"buffer": 0}, "buffer=0"),
     ({"buffer": 2.5}, "whole number of slots"),
     ({"prefetch_depth": -1}, "prefetch_depth must be >= 0"),
@@ -80,10 +80,14 @@ def _expert_params(worker):
 
 
 @pytest.mark.parametrize("family", list(demo.TINY))
-@pytest.mark.parametrize("buffer, policy", [(0.375, "lru"), (9, "cyclic")])  # 3 of 8 experts; E + 1 slots
-def test_prophet_tokens_identical(checkpoints, baseline, family, buffer, policy):
+@pytest.mark.parametrize("buffer, policy, predictor", [
+    (0.375, "lru", "same"),  # 3 of 8 experts
+    (9, "cyclic", "same"),  # one slot more than one layer can need (E = 8)
+    (0.5, "cyclic", "gate"),  # the next layers' routers on this layer's MoE input, inside vLLM
+])
+def test_prophet_tokens_identical(checkpoints, baseline, family, buffer, policy, predictor):
     ps, base = baseline
-    llm = demo.make_llm(checkpoints[family], {"buffer": buffer, "policy": policy, "predictor": "same"})
+    llm = demo.make_llm(checkpoints[family], {"buffer": buffer, "policy": policy, "predictor": predictor})
     try:
         tokens = demo.greedy(llm, ps, MAX_TOKENS)
         (stats,) = prophet_stats(llm)
@@ -94,7 +98,7 @@ def test_prophet_tokens_identical(checkpoints, baseline, family, buffer, policy)
     assert tokens == base[family]
     t = stats["total"]
     assert stats["num_layers"] == len(stats["layers"]) == 4
-    assert t["misses"] > 0 and t["evictions"] > 0
+    assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetched"] > 0
     assert t["hits"] + t["misses"] == sum(layer["hits"] + layer["misses"] for layer in stats["layers"])
     assert t["bytes_h2d"] > 0
 
