@@ -151,7 +151,11 @@ class CyclicPolicy(EvictionPolicy):
         self.cur = layer
 
     def _sub(self, slot) -> LFUPolicy:
-        return self._layers.setdefault(self.table.owner[slot][0], LFUPolicy())
+        layer = self.table.owner[slot][0]
+        sub = self._layers.get(layer)
+        if sub is None:  # (not setdefault: that would build a policy on every call)
+            sub = self._layers[layer] = LFUPolicy()
+        return sub
 
     def insert(self, slot):
         self._sub(slot).insert(slot)
