@@ -148,19 +148,17 @@ def overlap(dev, repeats):
              "copy_GBps_during": copies * moe.store.expert_bytes / copy_s / 1e9}]
 
 
-def _routings(source, steps, T, L, E, k, dev):
-    """steps x L (ids [T, k] int32, weights [T, k] fp32) on the device: uniform random top-k, or a
-    recorded trace (T lanes of its sequences decoding in lockstep, as the simulator replays them)."""
-    if source == "uniform":
+def _routings(tr, steps, T, L, E, k, dev):
+    """steps x L (ids [T, k] int32, weights [T, k] fp32) on the device: uniform random top-k
+    (``tr`` None), or a recorded trace (T lanes of its sequences decoding in lockstep, as the
+    simulator replays them)."""
+    if tr is None:
         return [[random_routing(T, E, k, dev) for _ in range(L)] for _ in range(steps)]
     from prophet_kernels.simulator import lanes
-    from prophet_kernels.traces import load_trace
 
-    tr = load_trace(source)
-    assert (tr.num_layers, tr.num_experts, tr.top_k) == (L, E, k)
     tok = lanes(tr, T)
     if len(tok) < steps:
-        raise ValueError(f"trace {source} has {len(tok)} steps at batch {T}, {steps} wanted")
+        raise ValueError(f"the trace has {len(tok)} steps at batch {T}, {steps} wanted")
     ids = torch.from_numpy(tr.topk_ids.astype("int32")).to(dev)  # [L, N, k]
     w = torch.from_numpy(tr.topk_weights.astype("float32")).to(dev)
     w = w / w.sum(-1, keepdim=True)
@@ -176,6 +174,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
 
     olmoe = MOE_SHAPES["olmoe"]
     L, E, H, I, k = (4, 8, 64, 32, 2) if small else (16, olmoe["E"], olmoe["H"], olmoe["I"], olmoe["k"])
+    tr = None
     if routing != "uniform":  # the stack takes the trace's layers, experts and top-k
         from prophet_kernels.traces import load_trace
 
@@ -189,7 +188,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
     store = HostExpertStore.from_tensors(w13, w2)  # pinned once, shared by every configuration
     rows = []
     for T in batches:
-        steps = _routings(routing, warmup + repeats, T, L, E, k, dev)
+        steps = _routings(tr, warmup + repeats, T, L, E, k, dev)
         xs = [torch.randn(T, H, dtype=dtype, device=dev) for _ in range(L)]
 
         def resident(step):

@@ -87,33 +87,31 @@ def write_random_olmoe(path: Path, dims: dict, seed: int = 0) -> Path:
 def run_one(name: str, model: str, load_format: str = "auto") -> dict:
     """In the child: build the engine, decode, report (printed as one RESULT line)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from vllm import LLM, SamplingParams
-
+    from integration.demo import greedy, make_llm
     from integration.vllm_plugin import prophet_stats, register
 
     register()
-    kwargs = dict(model=model, load_format=load_format, skip_tokenizer_init=True, dtype="bfloat16",
-                  max_model_len=2048, seed=0, attention_backend="TRITON_ATTN", enforce_eager=True)
+    # vLLM's defaults for the batch limit (None), not the demo's small CPU ones
+    kwargs = dict(load_format=load_format, dtype="bfloat16", max_model_len=2048, max_num_seqs=None,
+                  attention_backend="TRITON_ATTN")
+    prophet = None
     if name.startswith("prophet:"):
-        kwargs["additional_config"] = {"prophet": {"buffer": float(name.split(":")[1]), "policy": "lru",
-                                                   "log_every_s": 0}}
+        prophet = {"buffer": float(name.split(":")[1]), "policy": "lru", "log_every_s": 0}
     elif name == "offload":
         kwargs.update(cpu_offload_gb=13, cpu_offload_params={"experts"})
     elif name != "off":
         raise ValueError(f"unknown configuration {name!r}")
     t0 = time.perf_counter()
-    llm = LLM(**kwargs)
+    llm = make_llm(model, prophet, **kwargs)  # eager: Prophet's host-driven mode needs it
     row = {"config": name, "engine_start_s": time.perf_counter() - t0, "enforce_eager": True}
-    sp = SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, detokenize=False, ignore_eos=True)
-    prompt = [{"prompt_token_ids": list(range(100, 116))}]
-    llm.generate(prompt, sp, use_tqdm=False)  # warm-up
+    prompt = list(range(100, 116))
+    greedy(llm, [prompt], NEW_TOKENS)  # warm-up
     for batch in (1, 32):
         t0 = time.perf_counter()
-        outs = llm.generate(prompt * batch, sp, use_tqdm=False)
-        dt = time.perf_counter() - t0
-        row[f"tok_s_b{batch}"] = batch * NEW_TOKENS / dt
+        tokens = greedy(llm, [prompt] * batch, NEW_TOKENS)
+        row[f"tok_s_b{batch}"] = batch * NEW_TOKENS / (time.perf_counter() - t0)
         if batch == 1:
-            row["tokens_b1"] = list(outs[0].outputs[0].token_ids)
+            row["tokens_b1"] = tokens[0]
     stats = prophet_stats(llm)
     if stats:
         s = stats[0]

@@ -105,6 +105,7 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
         flat = [i.reshape(-1).contiguous() for _, i, _ in inputs]
         gu = pick(lambda c, r: lambda: launch_gemv_gate_up(inputs[r][0], w13, None, flat[r], E, k,
                                                            c), gcands)
+
         def gemv_call(c, r):
             return lambda: gemv_experts(inputs[r][0], w13, w2, None, inputs[r][2], inputs[r][1], E,
                                         {"gate_up": gu[1], "down": c})

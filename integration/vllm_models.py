@@ -11,17 +11,21 @@ from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from integration.vllm_plugin import offer_gate_parts
 
 
+def _offer_routers(model, moe: str) -> None:
+    """Each decoder layer's router (``layer.<moe>.gate``) and MoE-input norm, to Prophet."""
+    offer_gate_parts([(getattr(layer, moe).gate.weight, layer.post_attention_layernorm.weight)
+                      for layer in model.model.layers])
+
+
 class ProphetOlmoeForCausalLM(OlmoeForCausalLM):
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
-        offer_gate_parts([(layer.mlp.gate.weight, layer.post_attention_layernorm.weight)
-                          for layer in self.model.layers])
+        _offer_routers(self, "mlp")
         return loaded
 
 
 class ProphetMixtralForCausalLM(MixtralForCausalLM):
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
-        offer_gate_parts([(layer.block_sparse_moe.gate.weight, layer.post_attention_layernorm.weight)
-                          for layer in self.model.layers])
+        _offer_routers(self, "block_sparse_moe")
         return loaded

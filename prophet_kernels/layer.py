@@ -81,11 +81,16 @@ class ProphetMoE:
         with nvtx_range(f"ensure_resident L{layer}"):
             slots, fills = self.residency.acquire(layer, experts)
             try:
-                filled = {f[0] for f in fills}
-                self.stats.layers[layer].late_hits += self.prefetcher.pending([s for s in slots if s not in filled])
+                filled = [f[0] for f in fills]
+                fresh = set(filled)
+                # Hits whose prefetch is still in flight (queried before the demand copies queue
+                # behind it): late hits; every other hit had landed, so only these and the misses
+                # need a wait on the compute stream.
+                late = self.prefetcher.in_flight([s for s in slots if s not in fresh])
+                self.stats.layers[layer].late_hits += len(late)
                 self.stats.layers[layer].stall_s += self.prefetcher.demand(fills)
                 row = self.buffer.upload_row(layer)
-                self.prefetcher.wait_ready(slots)
+                self.prefetcher.wait_ready(late + filled)
             except BaseException:
                 self.residency.release(slots)
                 raise

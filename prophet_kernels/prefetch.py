@@ -51,9 +51,9 @@ class StreamPrefetcher:
                 self.buffer.w2[slot].copy_(src2, non_blocking=True)
                 self.ready[slot].record(self.stream)
 
-    def pending(self, slots) -> int:
-        """How many of `slots` still have a copy in flight (a non-blocking query; 0 on the CPU)."""
-        return sum(not self.ready[s].query() for s in slots) if self.cuda else 0
+    def in_flight(self, slots) -> list[int]:
+        """Those of `slots` whose copy has not landed yet (non-blocking queries; none on the CPU)."""
+        return [s for s in slots if not self.ready[s].query()] if self.cuda else []
 
     def wait_ready(self, slots) -> None:
         """Make the current (compute) stream wait until `slots` are filled."""

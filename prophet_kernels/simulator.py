@@ -191,7 +191,6 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
 
     ready = [0.0] * slots  # when each slot's last copy lands
     now = engine = 0.0
-    late = 0
     copy_s = expert_bytes / bw
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
         tokens = grid[t]
@@ -204,7 +203,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
                 ready[s] = engine
             wait = max(ready[s] for s in got)
             filled = {s for s, _, _ in fills}
-            late += sum(1 for s in got if s not in filled and ready[s] > now)
+            res.stats.layers[l].late_hits += sum(1 for s in got if s not in filled and ready[s] > now)
             if wait > now:
                 res.stats.layers[l].stall_s += wait - now
                 now = wait
@@ -221,7 +220,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
     req = st.hits + st.misses
     return SimResult(
         slots=slots, policy=policy, predictor=name, depth=res.prefetch_depth, batch=batch, steps=steps,
-        tokens=steps * batch, requests=req, hits=st.hits, late_hits=late, misses=st.misses, prefetched=st.prefetched,
+        tokens=steps * batch, requests=req, hits=st.hits, late_hits=st.late_hits, misses=st.misses, prefetched=st.prefetched,
         prefetch_used=st.prefetch_used, evictions=st.evictions, bytes_h2d=st.bytes_h2d, stall_s=st.stall_s,
         pred_recall=list(np.divide(scored.hit, np.maximum(scored.needed, 1))) if scored else [],
         pred_precision=list(np.divide(scored.hit, np.maximum(scored.predicted, 1))) if scored else [],

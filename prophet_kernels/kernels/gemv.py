@@ -22,6 +22,8 @@ contributes zero (``check=True`` in ``moe.py`` raises before launching instead).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -156,13 +158,17 @@ def _gemv_down_kernel(
              y.to(y_ptr.dtype.element_ty), mask=n_ok)
 
 
+@functools.lru_cache(maxsize=None)
+def _has_pdl(device: torch.device) -> bool:
+    return gdc_wait is not None and device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def pdl_level(cfg: dict, device: torch.device) -> int:
     """The config's programmatic-dependent-launch level for the down kernel (0 off, 1 wait at the
-    top, 2 also stream the first weight tile before the wait), where the GPU and Triton have it."""
+    top, 2 also stream the first weight tile before the wait), where the GPU and Triton have it
+    (checked once per device: this runs on every decode call)."""
     level = int(cfg.get("pdl", 0))
-    if level and (gdc_wait is None or device.type != "cuda" or torch.cuda.get_device_capability(device)[0] < 9):
-        return 0
-    return level
+    return level if level and _has_pdl(device) else 0
 
 
 def launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts: int, topk: int,
