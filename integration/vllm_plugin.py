@@ -12,7 +12,8 @@ turned on, per engine or per process:
 Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environment variables;
 ``additional_config`` wins): ``buffer`` (fraction of all routed experts in (0, 1], or a slot count
 > 1), ``policy`` (lru, lfu, cyclic), ``predictor`` (none, same, gate: the next layers' routers on
-this layer's MoE input, for OLMoE and Mixtral), ``prefetch_depth``,
+this layer's MoE input, for OLMoE and Mixtral; learned-gate: a fitted ``LearnedGatePredictor``
+saved at ``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``,
 ``log_every_s`` (stats log period; 0 logs only at shutdown).
 
 Lifecycle per model (all in the worker process):
@@ -46,7 +47,7 @@ _REGISTERED = False
 _GROUPS: "weakref.WeakValueDictionary[int, _ModelExperts]" = weakref.WeakValueDictionary()
 _NEXT_GROUP = [0]
 _BUILDING: list = [None]  # the model whose MoE layers are being created in this process
-RUNTIME_PREDICTORS = ("none", "same", "gate")
+RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
 GATE_MODELS = {"OlmoeForCausalLM": "ProphetOlmoeForCausalLM", "MixtralForCausalLM": "ProphetMixtralForCausalLM"}
 
 
@@ -58,6 +59,7 @@ class ProphetSettings:
     predictor: str = "none"
     prefetch_depth: int = 1
     log_every_s: float = 30.0
+    predictor_path: str = ""
 
     @classmethod
     def resolve(cls, additional_config=None, environ=None) -> "ProphetSettings":
@@ -106,6 +108,9 @@ class ProphetSettings:
                              f"{', '.join(RUNTIME_PREDICTORS)}")
         if self.prefetch_depth < 0:
             raise ValueError(f"Prophet prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.predictor == "learned-gate" and not os.path.isfile(self.predictor_path):
+            raise ValueError(f"Prophet predictor 'learned-gate' needs predictor_path, the file saved by "
+                             f"`prophet trace fit-lookahead` (got {self.predictor_path!r})")
         return self
 
     def num_slots(self, num_layers: int, num_experts: int) -> int:
@@ -159,6 +164,11 @@ class _ModelExperts:
                                  f"{', '.join(GATE_MODELS)}")
             predictor = GateLookaheadPredictor([g for g, _ in self.gate_parts], [n for _, n in self.gate_parts],
                                                self.top_k)
+        elif s.predictor == "learned-gate":
+            from prophet_kernels.predictors import LearnedGatePredictor
+
+            predictor = LearnedGatePredictor.load(s.predictor_path)
+            predictor.check_model(store.num_layers, store.num_experts, store.hidden)
         try:
             self.moe = ProphetMoE(store, slots, device=device, policy=s.policy, predictor=predictor,
                                   prefetch_depth=s.prefetch_depth, top_k=self.top_k,

@@ -128,8 +128,20 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--seqs", type=int, default=64, help="sequences (windows of the split) to record")
     r.add_argument("--seq-len", type=int, default=128)
     r.add_argument("--lookahead", type=int, default=3, help="gate-lookahead depth D (0: none)")
+    r.add_argument("--lookahead-width", type=int, help="experts ranked per lookahead (default 2 x top-k)")
     r.add_argument("--no-weights", action="store_true", help="store expert ids only")
     r.add_argument("--out", help="trace path (default traces/data/{shape}-{split}.npz)")
+    r.add_argument("--learned-gate", metavar="PATH", help="also record this fitted learned gate lookahead's ranking "
+                   "(from `prophet trace fit-lookahead`)")
+    f = sub.add_parser("fit-lookahead", help="fit the learned gate lookahead on the train split's hidden states")
+    f.add_argument("--shape", required=True, choices=list(SHAPES))
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--seqs", type=int, default=2048, help="train-split windows (default 2048)")
+    f.add_argument("--seq-len", type=int, default=128)
+    f.add_argument("--depth", type=int, default=3, help="layers ahead it predicts (default 3)")
+    f.add_argument("--epochs", type=int, default=6)
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--out", help="where to save it (default CHECKPOINT/learned_gate.pt)")
 
 
 def _trace(args: argparse.Namespace) -> int:
@@ -141,7 +153,7 @@ def _trace(args: argparse.Namespace) -> int:
     from .traces import DATA
     from .traces.corpus import load_corpus
     from .traces.recorder import record
-    from .traces.train import get_shape, heldout_windows, model_class, train
+    from .traces.train import get_shape, heldout_windows, model_class, train, train_windows
 
     if args.trace_cmd == "train":
         log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr)
@@ -153,22 +165,47 @@ def _trace(args: argparse.Namespace) -> int:
     log = json.loads((ckpt / "train_log.json").read_text()) if (ckpt / "train_log.json").exists() else {}
     model = model_class(shape).from_pretrained(ckpt, dtype=torch.float32)
     corpus = load_corpus()
+    if args.trace_cmd == "fit-lookahead":
+        return _fit_lookahead(args, model, train_windows(corpus, args.seqs, args.seq_len), ckpt)
     if args.split == "heldout":
         windows = heldout_windows(corpus, args.seqs, args.seq_len)
     else:
-        rng = np.random.default_rng(4321)
-        starts = np.sort(rng.choice(len(corpus.train) - args.seq_len, size=args.seqs, replace=False))
-        windows = np.stack([corpus.train[s:s + args.seq_len] for s in starts]).astype(np.int64)
+        windows = train_windows(corpus, args.seqs, args.seq_len)
+    learned = None
+    if args.learned_gate:
+        from .predictors import LearnedGatePredictor
+        learned = LearnedGatePredictor.load(args.learned_gate)
     meta = {"shape": shape.name, "mimics": shape.mimics, "split": args.split, "corpus": corpus.meta,
             "model": f"transformers {type(model).__name__}, {shape.num_layers} layers, {shape.num_experts} experts, "
                      f"top-{shape.top_k}, hidden {shape.hidden}, byte vocabulary",
             "training": {k: log.get(k) for k in ("steps", "batch", "seq_len", "lr", "seed", "heldout_bits_per_byte",
                                                   "unigram_bits_per_byte", "train_seconds", "torch")}}
-    trace = record(model, windows, lookahead_depth=0 if args.no_weights else args.lookahead, meta=meta, progress=True)
+    trace = record(model, windows, lookahead_depth=0 if args.no_weights else args.lookahead, meta=meta, progress=True,
+                   lookahead_width=args.lookahead_width, learned=learned)
     if args.no_weights:
         trace.topk_weights = None
     path = trace.save(args.out or DATA / f"{shape.name}-{args.split}.npz")
     print(f"{trace.num_tokens} tokens x {trace.num_layers} layers -> {path} ({path.stat().st_size / 2**20:.2f} MiB)")
+    return 0
+
+
+def _fit_lookahead(args, model, windows, ckpt: Path) -> int:
+    import torch
+
+    from .predictors import LearnedGatePredictor
+    from .traces.recorder import gate_lookahead_parts, hidden_states
+
+    torch.manual_seed(args.seed)
+    x, ids = hidden_states(model, windows, progress=True)
+    gates, norms, _ = gate_lookahead_parts(model)
+    pred = LearnedGatePredictor.fit(x, ids, gates, norms, depth=args.depth, epochs=args.epochs, seed=args.seed,
+                                    progress=True)
+    pred.meta.update(shape=args.shape, train_windows=len(windows), seq_len=args.seq_len,
+                     command=f"prophet trace fit-lookahead --shape {args.shape} --seqs {args.seqs} "
+                             f"--depth {args.depth} --epochs {args.epochs} --seed {args.seed}")
+    out = Path(args.out or ckpt / "learned_gate.pt")
+    pred.save(out)
+    print(f"learned gate lookahead, {x.shape[1]} train tokens, {pred.nbytes / 2**20:.2f} MiB (bf16) -> {out}")
     return 0
 
 

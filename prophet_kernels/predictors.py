@@ -13,6 +13,8 @@ layer+1 .. layer+depth, nearest first, within the byte budget.
                 the train trace with a binary cross-entropy per future layer
     gate        gate lookahead: layer l+d's router applied to the hidden state of layer l (the
                 model's own weights; no training)
+    learned-gate  gate lookahead plus a learned correction (a linear map started at the gate's and
+                a residual MLP per layer pair), fitted on a train split's hidden states
     oracle      the exact future routing (tests and bounds)
 
 Per-token predictors pick k experts per token; a batch's answer is their union, most votes first.
@@ -245,13 +247,27 @@ class LearnedPredictor(_HistoryPredictor):
 class GateLookaheadPredictor(Predictor):
     """Layer l+d's router applied to layer l's MoE input. With the model's router weights [E, H]
     and MoE-norm weights [H] per layer: x_l = rmsnorm(r) * w_l, so rmsnorm_{l+d}(r) = x_l * w_{l+d} / w_l
-    exactly, and the lookahead is topk(gate_{l+d}(x_l * w_{l+d} / w_l)). Replaying a trace, it reads
-    the recorded lookahead instead (``TraceHidden``)."""
+    exactly, and the lookahead ranks gate_{l+d}(x_l * w_{l+d} / w_l). Each token names its `width`
+    best-ranked experts (default: the layer's top-k; wider buys recall with copy bandwidth, and the
+    answer stays best first, so a byte budget cuts the least likely). Replaying a trace, it reads
+    the recorded ranking instead (``TraceHidden``; the trace field named by ``trace_field``)."""
     name = "gate"
+    trace_field = "lookahead"
 
     def __init__(self, gates: Sequence[torch.Tensor] | None = None, norm_weights: Sequence[torch.Tensor] | None = None,
-                 top_k: int | None = None):
-        self.gates, self.norms, self.k = gates, norm_weights, top_k
+                 top_k: int | None = None, width: int | None = None):
+        if width is not None and width < 1:
+            raise ValueError(f"lookahead width must be >= 1, got {width}")
+        self.gates, self.norms, self.k, self.width = gates, norm_weights, top_k, width
+        if width is not None:
+            self.name = f"{type(self).name}-top{width}"  # the plain name is the top-k lookahead
+
+    def _logits(self, layer: int, d: int, x: torch.Tensor) -> torch.Tensor:
+        if self.gates is None:
+            raise ValueError("GateLookaheadPredictor needs the model's router and norm weights "
+                             "(traces.recorder.gate_lookahead_parts) to predict from a hidden state")
+        x = x.float() * (self.norms[layer + d].float() / self.norms[layer].float())
+        return x @ self.gates[layer + d].float().t()
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         out = {}
@@ -259,45 +275,165 @@ class GateLookaheadPredictor(Predictor):
             if layer + d >= num_layers:
                 break
             if isinstance(hidden, TraceHidden):
-                la = hidden.trace.lookahead
-                if la is None or d > la.shape[0]:
+                la = getattr(hidden.trace, self.trace_field)
+                if la is None:
+                    raise ValueError(f"the replayed trace has no {self.trace_field} ranking for the {self.name} predictor"
+                                     + (" (record it with `prophet trace record --learned-gate PATH`)"
+                                        if self.trace_field == "learned_lookahead" else " (record it with --lookahead D)"))
+                if d > la.shape[0]:
                     break
-                picks = la[d - 1, layer, hidden.tokens]
+                m = self.width or hidden.trace.top_k
+                if m > la.shape[3]:
+                    raise ValueError(f"lookahead width {m} exceeds the trace's recorded ranking ({la.shape[3]}); "
+                                     "record the trace with a larger --lookahead-width")
+                picks = la[d - 1, layer, hidden.tokens, :m]
                 E = hidden.trace.num_experts
             else:
-                if self.gates is None:
-                    raise ValueError("GateLookaheadPredictor needs the model's router and norm weights "
-                                     "(traces.recorder.gate_lookahead_parts) to predict from a hidden state")
-                x = hidden.float() * (self.norms[layer + d].float() / self.norms[layer].float())
-                logits = x @ self.gates[layer + d].float().t()
-                k = self.k or _ids(topk_ids).shape[1]
-                picks = torch.topk(logits, k, dim=-1).indices.cpu().numpy()
-                E = self.gates[layer + d].shape[0]
-            out[layer + d] = _vote(np.asarray(picks), E)
+                logits = self._logits(layer, d, hidden)
+                E = logits.shape[-1]
+                m = min(self.width or self.k or _ids(topk_ids).shape[1], E)
+                picks = torch.topk(logits, m, dim=-1).indices.cpu().numpy()
+            picks = np.asarray(picks)
+            rank_score = np.broadcast_to(np.arange(picks.shape[1], 0, -1, dtype=np.float32), picks.shape)
+            out[layer + d] = _vote(picks, E, _scatter(picks, rank_score, E))
         return out
+
+
+class LearnedGatePredictor(GateLookaheadPredictor):
+    """Gate lookahead, learned: for each layer l and distance d, logits for layer l+d from layer l's
+    MoE input x_l = x_l W^T + b + B gelu(A x_l + a), with W starting at the gate lookahead's own map
+    (gate_{l+d} * w_{l+d} / w_l) and the residual MLP at zero, trained (BCE on the routed experts)
+    on hidden states and routing of a train split (``traces.recorder.hidden_states``). It corrects
+    what the residual stream does between l and l+d, which the plain lookahead ignores."""
+    name = "learned-gate"
+    trace_field = "learned_lookahead"
+
+    def __init__(self, W: torch.Tensor | None = None, b=None, A=None, a=None, B=None,
+                 top_k: int | None = None, width: int | None = None, meta: dict | None = None):
+        """Without tensors it only replays a trace's recorded ranking (``meta``: its fit, with nbytes)."""
+        super().__init__(top_k=top_k, width=width)
+        # [D, L, E, H], [D, L, E], [D, L, R, H], [D, L, R], [D, L, E, R]; rows with l + d >= L unused
+        self.W, self.b, self.A, self.a, self.B = W, b, A, a, B
+        self.meta = dict(meta or {})
+
+    @property
+    def depth(self) -> int:
+        return self.W.shape[0] if self.W is not None else self.meta.get("depth", 3)
+
+    def _logits(self, layer, d, x):
+        if self.W is None:
+            raise ValueError("this LearnedGatePredictor has no weights (trace replay only): fit it "
+                             "(LearnedGatePredictor.fit, `prophet trace fit-lookahead`) or load a saved one")
+        if d > self.depth:
+            raise ValueError(f"learned gate lookahead was fitted for depth {self.depth}, asked for {d}")
+        if self.W.device != x.device:  # fitted and loaded on the CPU; used where the hidden states are
+            self.W, self.b, self.A, self.a, self.B = (t.to(x.device) for t in (self.W, self.b, self.A, self.a, self.B))
+        x = x.float()
+        i = (d - 1, layer)
+        return x @ self.W[i].t() + self.b[i] + torch.nn.functional.gelu(x @ self.A[i].t() + self.a[i]) @ self.B[i].t()
+
+    def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        return super().predict(layer, topk_ids, hidden, num_layers, min(depth, self.depth))
+
+    @classmethod
+    def fit(cls, hidden: torch.Tensor, topk_ids: torch.Tensor, gates, norm_weights, depth: int = 3,
+            mlp_width: int | None = None, epochs: int = 6, batch: int = 1024, lr: float = 3e-3, seed: int = 0,
+            progress: bool = False) -> "LearnedGatePredictor":
+        """hidden [L, N, H]: each layer's MoE input (normalised) for N train tokens; topk_ids [L, N, k]."""
+        from tqdm import tqdm
+
+        L, N, H = hidden.shape
+        E, k = gates[0].shape[0], topk_ids.shape[-1]
+        R = mlp_width or min(4 * H, 256)
+        g = torch.Generator().manual_seed(seed)
+        W = torch.zeros(depth, L, E, H)
+        for d in range(1, depth + 1):
+            for l in range(L - d):
+                W[d - 1, l] = gates[l + d].float() * (norm_weights[l + d].float() / norm_weights[l].float())[None, :]
+        b, a, B = torch.zeros(depth, L, E), torch.zeros(depth, L, R), torch.zeros(depth, L, E, R)
+        A = torch.empty(depth, L, R, H).uniform_(-1, 1, generator=g) / H ** 0.5  # nn.Linear's init
+        params = [t.requires_grad_() for t in (W, b, A, a, B)]
+        target = torch.zeros(L, N, E)
+        target.scatter_(2, topk_ids.long(), 1.0)
+        hidden = hidden.float()
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
+        steps = [(d, idx) for _ in range(epochs) for d in range(1, depth + 1)
+                 for idx in torch.randperm(N, generator=g).split(batch)]
+        for d, idx in tqdm(steps, desc="fit learned gate lookahead", disable=not progress):
+            n = L - d
+            x = hidden[:n, idx]  # [n, b, H] -> logits for layers d .. L-1
+            i = d - 1
+            h = torch.nn.functional.gelu(torch.einsum("lbh,lrh->lbr", x, A[i, :n]) + a[i, :n, None])
+            logits = torch.einsum("lbh,leh->lbe", x, W[i, :n]) + b[i, :n, None] + torch.einsum("lbr,ler->lbe", h, B[i, :n])
+            # summed over layers: the same step for each layer as fitting it alone
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[d:, idx], reduction="none")
+            loss = loss.mean((1, 2)).sum()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return cls(*(t.detach() for t in params), top_k=k,
+                   meta={"train_tokens": N, "depth": depth, "mlp_width": R, "epochs": epochs, "lr": lr, "seed": seed})
+
+    @property
+    def nbytes(self):
+        """Parameters of the layer pairs it predicts (l + d < L), stored in bf16."""
+        if self.W is None:
+            return int(self.meta.get("nbytes", 0))
+        D, L = self.W.shape[:2]
+        used = sum(L - d for d in range(1, D + 1)) / (D * L)
+        return int(sum(t.numel() for t in (self.W, self.b, self.A, self.a, self.B)) * used) * 2
+
+    def save(self, path) -> None:
+        torch.save({"tensors": {n: getattr(self, n).to(torch.bfloat16) for n in "W b A a B".split()},
+                    "top_k": self.k, "meta": self.meta}, path)
+
+    def check_model(self, num_layers: int, num_experts: int, hidden: int) -> None:
+        """Refuses a predictor fitted for another model shape (clear error, not a shape crash later)."""
+        D, L, E, H = self.W.shape
+        if (L, E, H) != (num_layers, num_experts, hidden):
+            raise ValueError(f"learned gate lookahead was fitted for {L} layers x {E} experts, hidden {H}; the model "
+                             f"has {num_layers} x {num_experts}, hidden {hidden}")
+
+    @classmethod
+    def load(cls, path, width: int | None = None) -> "LearnedGatePredictor":
+        z = torch.load(path, map_location="cpu")
+        t = {n: v.float() for n, v in z["tensors"].items()}
+        return cls(t["W"], t["b"], t["A"], t["a"], t["B"], top_k=z["top_k"], width=width, meta=z["meta"])
+
+
+def _scatter(picks: np.ndarray, values: np.ndarray, num_experts: int) -> np.ndarray:
+    """[T, E] scores from per-token picks [T, m] and their values (0 where not picked)."""
+    s = np.zeros((picks.shape[0], num_experts), dtype=np.float32)
+    s[np.arange(picks.shape[0])[:, None], picks] = values
+    return s
 
 
 PREDICTORS = {"same": SameExpertsPredictor}
 TRAINED = {"frequency": FrequencyPredictor, "transition": TransitionPredictor, "learned": LearnedPredictor}
 
 
-def fit_predictor(name: str, train_trace) -> Predictor:
-    """A predictor by name, fitted on `train_trace` where it needs data ('gate' reads the replayed trace)."""
+def fit_predictor(name: str, train_trace, replay_trace=None) -> Predictor:
+    """A predictor by name, fitted on `train_trace` where it needs data. 'gate' and 'learned-gate'
+    read the replayed trace's recorded lookahead rankings (the learned one was fitted on the train
+    split's hidden states when the trace was recorded; its fit is in the replayed trace's meta)."""
     if name in TRAINED:
         return TRAINED[name].fit(train_trace)
     if name == "gate":
         return GateLookaheadPredictor()
+    if name == "learned-gate":
+        fit = (replay_trace.meta.get("learned_lookahead") if replay_trace is not None else None) or {}
+        return LearnedGatePredictor(meta=fit)
     return make_predictor(name)
 
 
 def make_predictor(predictor) -> Predictor | None:
     if predictor is None or isinstance(predictor, Predictor):
         return predictor
-    if predictor in TRAINED or predictor in ("gate", "oracle"):
+    if predictor in TRAINED or predictor in ("gate", "learned-gate", "oracle"):
         raise ValueError(f"predictor {predictor!r} needs data: fit it on a train trace (predictors.fit_predictor) "
                          "or build it from the model (GateLookaheadPredictor) and pass the instance")
     try:
         return PREDICTORS[predictor]()
     except (KeyError, TypeError):
-        raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join([*PREDICTORS, *TRAINED, 'gate', 'oracle'])} "
+        raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join([*PREDICTORS, *TRAINED, 'gate', 'learned-gate', 'oracle'])} "
                          "(or pass a Predictor instance)") from None

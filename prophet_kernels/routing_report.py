@@ -9,7 +9,7 @@ from pathlib import Path
 
 CAPACITIES = (0.125, 0.25, 0.5, 0.75)
 BASE_POLICIES = ("lru", "lfu", "cyclic", "belady")
-PREDICTORS = ("same", "frequency", "transition", "learned", "gate", "oracle")
+PREDICTORS = ("same", "frequency", "transition", "learned", "gate", "learned-gate", "oracle")
 DEPTHS = (1, 2, 3)
 
 
@@ -19,13 +19,14 @@ def configs(predictors=PREDICTORS, depths=DEPTHS) -> list[tuple[str, str | None,
     with Belady (the clairvoyant bound on both decisions)."""
     out = [(p, None, 0) for p in BASE_POLICIES]
     out += [("lru", pred, d) for pred in predictors for d in depths]
-    out += [("cyclic", pred, d) for pred in ("learned", "gate", "oracle") if pred in predictors for d in depths]
+    out += [("cyclic", pred, d) for pred in ("learned", "gate", "learned-gate", "oracle") if pred in predictors
+            for d in depths]
     if "oracle" in predictors:
         out += [("belady", "oracle", d) for d in depths]
     return out
 
 
-def fit_all(predictors, train) -> tuple[dict, dict]:
+def fit_all(predictors, train, heldout=None) -> tuple[dict, dict]:
     """Each named predictor fitted once on `train` (the oracle needs no fit) and (bytes, fit seconds).
     Fitted predictors are reused across runs: history predictors reset at each new step."""
     from .predictors import fit_predictor
@@ -34,7 +35,7 @@ def fit_all(predictors, train) -> tuple[dict, dict]:
     for name in predictors:
         if name != "oracle":
             t0 = time.time()
-            fitted[name] = fit_predictor(name, train)
+            fitted[name] = fit_predictor(name, train, heldout)
             sizes[name] = (fitted[name].nbytes, time.time() - t0)
     return fitted, sizes
 
@@ -49,7 +50,8 @@ def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: 
 
     from .simulator import simulate
 
-    fitted, sizes = fit_all(predictors, train)
+    predictors = [p for p in predictors if p != "learned-gate" or heldout.learned_lookahead is not None]
+    fitted, sizes = fit_all(predictors, train, heldout)
     rows = []
     todo = [(c, cfg) for cfg in configs(predictors, depths) for c in capacities]
     shape = heldout.meta.get("shape", "?")
@@ -98,7 +100,9 @@ def best_vs_oracle(rows: list[dict], capacity: float = 0.5) -> dict:
     oracle = max(same, key=lambda r: r["hit_rate"])
     bound = max(at, key=lambda r: r["hit_rate"])
     return {"best": _label(best), "best_hit": best["hit_rate"], "oracle": _label(oracle), "oracle_hit": oracle["hit_rate"],
-            "gap_points": 100 * (oracle["hit_rate"] - best["hit_rate"]), "bound": _label(bound), "bound_hit": bound["hit_rate"]}
+            "gap_points": 100 * (oracle["hit_rate"] - best["hit_rate"]), "bound": _label(bound), "bound_hit": bound["hit_rate"],
+            "best_landed": best["ready_hit_rate"], "oracle_landed": oracle["ready_hit_rate"],
+            "best_stall_us": best["stall_us_per_token"], "oracle_stall_us": oracle["stall_us_per_token"]}
 
 
 def figure_hit_vs_capacity(rows: list[dict], path: Path, title: str) -> Path:
@@ -195,12 +199,15 @@ def render_section(rows: list[dict]) -> str:
                      + ", ".join(f"{x:.0%}" for x in r["pred_precision"]) + " |")
     lines += ["", f"Best realisable at 50%: **{b['best']}** {b['best_hit']:.2%}; oracle predictor (same policy and "
               f"budget): {b['oracle']} {b['oracle_hit']:.2%}; gap {b['gap_points']:.2f} points; "
-              f"bound (Belady + oracle): {b['bound']} {b['bound_hit']:.2%}.", ""]
+              f"bound (Belady + oracle): {b['bound']} {b['bound_hit']:.2%}. The same pair landed in time: "
+              f"{b['best_landed']:.2%} vs {b['oracle_landed']:.2%} "
+              f"({100 * (b['oracle_landed'] - b['best_landed']):.2f} points); stall {b['best_stall_us']:.0f} vs "
+              f"{b['oracle_stall_us']:.0f} us/token.", ""]
     return "\n".join(lines)
 
 
 BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("belady", None, 0), ("cyclic", "learned", 1),
-                 ("cyclic", "gate", 1), ("cyclic", "oracle", 1))
+                 ("cyclic", "gate", 1), ("lru", "learned-gate", 3), ("cyclic", "oracle", 1), ("lru", "oracle", 3))
 
 
 def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,
@@ -212,10 +219,11 @@ def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_s
     from .simulator import layer_seconds, simulate
 
     model = heldout.meta.get("mimics")
-    fitted, _ = fit_all({pred for _, pred, _ in BATCH_CONFIGS if pred}, train)
+    configs = [c for c in BATCH_CONFIGS if c[1] != "learned-gate" or heldout.learned_lookahead is not None]
+    fitted, _ = fit_all({pred for _, pred, _ in configs if pred}, train, heldout)
     lines = [f"| configuration | " + " | ".join(f"B={b} ({layer_seconds(model, b) * 1e6:.0f} us/layer)" for b in batches) + " |",
              "|---|" + "---|" * len(batches)]
-    todo = [(cfg, b) for cfg in BATCH_CONFIGS for b in batches]
+    todo = [(cfg, b) for cfg in configs for b in batches]
     cells: dict = {}
     for (policy, pred, depth), b in tqdm(todo, desc=f"batch sweep {heldout.meta.get('shape')}", disable=not progress):
         r = simulate(heldout, capacity, policy, _instance(pred, fitted), depth, batch=b, max_steps=max_steps)

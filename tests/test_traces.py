@@ -11,7 +11,7 @@ import torch
 from prophet_kernels.buffer import BeladyPolicy, SlotTable
 from prophet_kernels.layer import ProphetMoE
 from prophet_kernels.predictors import (
-    GateLookaheadPredictor, LearnedPredictor, OraclePredictor, SameExpertsPredictor, TraceHidden, TransitionPredictor,
+    GateLookaheadPredictor, LearnedGatePredictor, LearnedPredictor, OraclePredictor, SameExpertsPredictor, TraceHidden, TransitionPredictor,
     fit_predictor, make_predictor)
 from prophet_kernels.simulator import lanes, simulate
 from prophet_kernels.traces import DATA, Trace, load_trace
@@ -27,7 +27,8 @@ def _random_trace(L=4, E=8, k=2, seqs=6, seq_len=20, seed=0, lookahead=True):
         for d in (1, 2):
             la[d - 1, L - d:] = -1
     return Trace(ids, np.arange(0, N + 1, seq_len), topk_weights=rng.random(ids.shape).astype(np.float16),
-                 lookahead=la, meta={"num_experts": E, "mimics": "OLMoE-1B-7B", "shape": "test"})
+                 lookahead=la, learned_lookahead=None if la is None else la[:, :, :, ::-1].copy(),  # other order
+                 meta={"num_experts": E, "mimics": "OLMoE-1B-7B", "shape": "test"})
 
 
 def _chain_trace(L=6, E=8, k=2, N=400, seed=0):
@@ -63,9 +64,9 @@ def test_trace_rejects_bad_input(tmp_path):
 
 # ---------------------------------------------------------------------------------- recorder
 
-def test_recorder_matches_router_and_runtime_gate_lookahead():
+def _tiny_olmoe():
     transformers = pytest.importorskip("transformers")
-    from prophet_kernels.traces.recorder import gate_lookahead_parts, moe_layers, record
+    from prophet_kernels.traces.recorder import moe_layers
 
     torch.manual_seed(0)
     cfg = transformers.OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=4,
@@ -74,9 +75,17 @@ def test_recorder_matches_router_and_runtime_gate_lookahead():
     model = transformers.OlmoeForCausalLM(cfg).eval()
     for layer in moe_layers(model):  # norms that differ by layer, so the lookahead must rescale
         torch.nn.init.uniform_(layer.post_attention_layernorm.weight, 0.5, 1.5)
+    return model
+
+
+def test_recorder_matches_router_and_runtime_gate_lookahead():
+    from prophet_kernels.traces.recorder import gate_lookahead_parts, moe_layers, record
+
+    model = _tiny_olmoe()
     windows = np.random.default_rng(0).integers(1, 64, (3, 11))
     tr = record(model, windows, lookahead_depth=2, batch=2)
     assert tr.topk_ids.shape == (4, 33, 2) and tr.num_seqs == 3 and tr.meta["num_experts"] == 8
+    assert tr.lookahead.shape == (2, 4, 33, 4) and tr.learned_lookahead is None  # ranked 2k deep by default
     with torch.no_grad():
         out = model(input_ids=torch.as_tensor(windows), output_router_logits=True)
         moe_in = {}
@@ -95,9 +104,75 @@ def test_recorder_matches_router_and_runtime_gate_lookahead():
                 assert (tr.lookahead[d - 1, l] == -1).all() and l + d not in want
                 continue
             # the runtime predictor (from layer l's normalised MoE input) == the recorded lookahead
-            assert set(want[l + d]) == set(np.unique(tr.lookahead[d - 1, l]).tolist())
+            assert set(want[l + d]) == set(np.unique(tr.lookahead[d - 1, l, :, :2]).tolist())
             replay = pred.predict(l, None, TraceHidden(tr, np.arange(33)), 4, d)
             assert replay[l + d] == want[l + d]
+    # a wider runtime lookahead names the recorded ranking, best first (one token: exactly in order)
+    wide = GateLookaheadPredictor(*gate_lookahead_parts(model)[:2], width=4)
+    one = wide.predict(0, None, moe_in[0][:1], 4, 1)[1]
+    assert one == tr.lookahead[0, 0, 0].tolist()
+
+
+def test_learned_gate_lookahead_fit_record_replay(tmp_path):
+    """At zero training it is the gate lookahead; fitted, it predicts a routing that the gate
+    lookahead cannot (an independent recall computed here) better; its recorded ranking equals
+    its runtime prediction from the MoE input; it saves and loads."""
+    from prophet_kernels.traces.recorder import gate_lookahead_parts, hidden_states, moe_layers, record
+
+    model = _tiny_olmoe()
+    gates, norms, _ = gate_lookahead_parts(model)
+    windows = np.random.default_rng(1).integers(1, 64, (4, 16))
+    x, ids = hidden_states(model, windows, batch=2)
+    assert x.shape == (4, 64, 32) and ids.shape == (4, 64, 2)
+    untrained = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=0)
+    gate = GateLookaheadPredictor(gates, norms, top_k=2)
+    for l in range(3):
+        assert untrained.predict(l, ids[l], x[l], 4, 2) == gate.predict(l, ids[l], x[l], 4, 2)
+
+    # a routing the router cannot see from layer l: layer l+1's experts are a fixed function of a
+    # direction of x_l that the gate ignores; the learned map must pick it up
+    g = torch.Generator().manual_seed(0)
+    N, H, E = 4000, 32, 8
+    xs = torch.randn(4, N, H, generator=g)
+    proj = torch.randn(H, E, generator=g)
+    target = torch.topk(xs @ proj, 2, dim=-1).indices  # layer l+1 routes by x_l's projection
+    ids2 = torch.zeros(4, N, 2, dtype=torch.long)
+    ids2[1:] = target[:-1]
+    zero_gates = [torch.randn(E, H, generator=g) for _ in range(4)]
+    ones = [torch.ones(H) for _ in range(4)]
+    fitted = LearnedGatePredictor.fit(xs[:, :3000], ids2[:, :3000], zero_gates, ones, depth=1, epochs=100, lr=1e-2, seed=0)
+    plain = GateLookaheadPredictor(zero_gates, ones, top_k=2)
+
+    def recall(pred, l):
+        hit = 0
+        for n in range(3000, 3200):  # held-out tokens, one at a time
+            want = set(pred.predict(l, ids2[l, n:n + 1], xs[l, n:n + 1], 4, 1)[l + 1])
+            hit += len(want & set(ids2[l + 1, n].tolist()))
+        return hit / 400
+
+    assert recall(fitted, 1) > 0.8 > recall(plain, 1) + 0.3
+
+    # recorded ranking == runtime ranking; save/load keeps the predictions (bf16 storage)
+    pred = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=3)
+    tr = record(model, windows[:2], lookahead_depth=2, batch=2, learned=pred)
+    assert tr.learned_lookahead.shape == (2, 4, 32, 4) and tr.meta["learned_lookahead"]["nbytes"] == pred.nbytes > 0
+    wide = LearnedGatePredictor(pred.W, pred.b, pred.A, pred.a, pred.B, top_k=2, width=4)
+    for n in range(3):
+        assert wide.predict(0, None, x[0, n:n + 1], 4, 1)[1] == tr.learned_lookahead[0, 0, n].tolist()
+    back = Trace.load(tr.save(tmp_path / "t.npz"))
+    assert np.array_equal(back.learned_lookahead, tr.learned_lookahead)
+    replay = fit_predictor("learned-gate", None, back)
+    assert replay.nbytes == pred.nbytes
+    assert replay.predict(0, None, TraceHidden(back, np.arange(3)), 4, 2) == \
+        pred.predict(0, None, x[0, :3], 4, 2)
+    pred.save(tmp_path / "lg.pt")
+    loaded = LearnedGatePredictor.load(tmp_path / "lg.pt")
+    assert torch.allclose(loaded.W, pred.W, rtol=1e-2, atol=1e-3) and loaded.meta == pred.meta
+    no_la = _random_trace(lookahead=False)
+    with pytest.raises(ValueError, match="no learned_lookahead"):
+        fit_predictor("learned-gate", None, no_la).predict(0, None, TraceHidden(no_la, np.arange(2)), 4, 1)
+    with pytest.raises(ValueError, match="no weights"):
+        fit_predictor("learned-gate", None, None).predict(0, None, x[0], 4, 1)
 
 
 # ---------------------------------------------------------------------------------- policies
@@ -157,7 +232,8 @@ def test_belady_policy_needs_the_future():
 
 # ---------------------------------------------------------------------------------- simulator
 
-@pytest.mark.parametrize("predictor,depth", [(None, 0), ("same", 2), ("oracle", 1), ("gate", 2), ("transition", 1)])
+@pytest.mark.parametrize("predictor,depth", [(None, 0), ("same", 2), ("oracle", 1), ("gate", 2), ("learned-gate", 2),
+                                             ("transition", 1)])
 @pytest.mark.parametrize("policy", ["lru", "lfu", "cyclic"])
 def test_simulator_makes_prophetmoe_decisions(monkeypatch, predictor, depth, policy):
     """Replaying a trace through the simulator and through ProphetMoE (real tensors, CPU) gives
@@ -169,7 +245,7 @@ def test_simulator_makes_prophetmoe_decisions(monkeypatch, predictor, depth, pol
     def make(pred_name, schedule):
         if pred_name == "oracle":
             return OraclePredictor(schedule)
-        return fit_predictor(pred_name, tr) if pred_name else None
+        return fit_predictor(pred_name, tr, tr) if pred_name else None
 
     sim = simulate(tr, slots, policy, "oracle" if predictor == "oracle" else make(predictor, None), depth, batch=B,
                    expert_bytes=1000, unlimited_budget=True)
@@ -322,7 +398,7 @@ def test_batch_table():
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
     text = rr.batch_table(held, train, batches=(1, 2), progress=False)
-    assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "B=2" in text and "| gate d=1 + cyclic |" in text
+    assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "| learned-gate d=3 + LRU |" in text and "B=2" in text and "| gate d=1 + cyclic |" in text
 
 
 def test_train_and_record_cli(tmp_path):
@@ -342,5 +418,5 @@ def test_train_and_record_cli(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     tr = load_trace(out)
-    assert tr.topk_ids.shape == (16, 32, 8) and tr.lookahead.shape == (3, 16, 32, 8)
+    assert tr.topk_ids.shape == (16, 32, 8) and tr.lookahead.shape == (3, 16, 32, 16)
     assert tr.meta["training"]["steps"] == 3 and tr.meta["split"] == "heldout"

@@ -31,7 +31,8 @@ def test_settings_additional_config_wins_and_enables():
 
 @pytest.mark.parametrize("cfg, match", [
     ({"policy": "fifo"}, "unknown Prophet policy 'fifo'; known: lru, lfu, cyclic"),
-    ({"predictor": "learned"}, "predictor 'learned' is not available inside vLLM; known: none, same, gate"),
+    ({"predictor": "learned"}, "predictor 'learned' is not available inside vLLM; known: none, same, gate, learned-gate"),
+    ({"predictor": "learned-gate"}, "'learned-gate' needs predictor_path"),
     ({"buffer": 0}, "buffer=0"),
     ({"buffer": 2.5}, "whole number of slots"),
     ({"prefetch_depth": -1}, "prefetch_depth must be >= 0"),
@@ -75,6 +76,27 @@ def baseline(checkpoints):
     return ps, {f: demo.generate(m, ps, MAX_TOKENS, None)[0] for f, m in checkpoints.items()}
 
 
+@pytest.fixture(scope="module")
+def learned_gates(checkpoints, tmp_path_factory):
+    """A LearnedGatePredictor fitted (briefly) on each tiny model's hidden states, saved to a file."""
+    import numpy as np
+    import torch
+    import transformers
+
+    from prophet_kernels.predictors import LearnedGatePredictor
+    from prophet_kernels.traces.recorder import gate_lookahead_parts, hidden_states
+
+    out = {}
+    for family, path in checkpoints.items():
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+        windows = np.random.default_rng(0).integers(1, model.config.vocab_size, (8, 32))
+        x, ids = hidden_states(model, windows)
+        gates, norms, _ = gate_lookahead_parts(model)
+        out[family] = str(tmp_path_factory.mktemp("lg") / f"{family}.pt")
+        LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=2).save(out[family])
+    return out
+
+
 def _expert_params(worker):
     return [n for n, _ in worker.model_runner.model.named_parameters() if "w13_weight" in n or "w2_weight" in n]
 
@@ -84,10 +106,14 @@ def _expert_params(worker):
     (0.375, "lru", "same"),  # 3 of 8 experts
     (9, "cyclic", "same"),  # one slot more than one layer can need (E = 8)
     (0.5, "cyclic", "gate"),  # the next layers' routers on this layer's MoE input, inside vLLM
+    (0.5, "lru", "learned-gate"),  # a fitted learned gate lookahead, loaded from its file
 ])
-def test_prophet_tokens_identical(checkpoints, baseline, family, buffer, policy, predictor):
+def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, buffer, policy, predictor):
     ps, base = baseline
-    llm = demo.make_llm(checkpoints[family], {"buffer": buffer, "policy": policy, "predictor": predictor})
+    cfg = {"buffer": buffer, "policy": policy, "predictor": predictor}
+    if predictor == "learned-gate":
+        cfg |= {"predictor_path": learned_gates[family], "prefetch_depth": 2}
+    llm = demo.make_llm(checkpoints[family], cfg)
     try:
         tokens = demo.greedy(llm, ps, MAX_TOKENS)
         (stats,) = prophet_stats(llm)
@@ -138,9 +164,12 @@ def test_unknown_policy_fails_at_startup(checkpoints):
 def test_off_without_settings(checkpoints, baseline):
     """Installed but not enabled: vLLM's own method runs (experts stay parameters)."""
     assert "PROPHET" not in os.environ
+    # engines of earlier tests may still be alive in this process (vLLM keeps some): only models
+    # created by this engine count
+    before = {s["model"] for s in prophet_stats()}
     llm = demo.make_llm(checkpoints["olmoe"], None)
     try:
         assert llm.collective_rpc(_expert_params) != [[]]
-        assert prophet_stats(llm) == []
+        assert [s for s in prophet_stats(llm) if s["model"] not in before] == []
     finally:
         del llm

@@ -2,9 +2,12 @@
 
     topk_ids     [L, N, k] int16   experts chosen by layer l for token n (router order)
     topk_weights [L, N, k] float16 their routing weights (optional)
-    lookahead    [D, L, N, k] int16  "gate lookahead": the experts layer l+d's router picks from the
-                 hidden state entering layer l's MoE (the residual stream after l's attention,
-                 through l+d's own norm), d = 1..D; -1 where l+d >= L (optional)
+    lookahead    [D, L, N, m] int16  "gate lookahead": the m >= k experts that layer l+d's router
+                 ranks highest (best first) from the hidden state entering layer l's MoE (the residual
+                 stream after l's attention, through l+d's own norm), d = 1..D; -1 where l+d >= L
+                 (optional; stored as int8 when the expert ids fit)
+    learned_lookahead [D, L, N, m]  the same ranking from ``LearnedGatePredictor`` (optional; its fit,
+                 train split and size are in meta["learned_lookahead"])
     seq_starts   [num_seqs + 1] int64  tokens of sequence i are n in [seq_starts[i], seq_starts[i+1])
     meta         dict (JSON): model/shape, corpus and its hash, split, tokens, training, commit, date
 
@@ -28,6 +31,7 @@ class Trace:
     seq_starts: np.ndarray
     topk_weights: np.ndarray | None = None
     lookahead: np.ndarray | None = None
+    learned_lookahead: np.ndarray | None = None
     meta: dict = field(default_factory=dict)
 
     def __post_init__(self):
@@ -43,8 +47,10 @@ class Trace:
             raise ValueError(f"topk_ids outside [0, num_experts={E})")
         if self.topk_weights is not None and self.topk_weights.shape != self.topk_ids.shape:
             raise ValueError(f"topk_weights shape {self.topk_weights.shape} != topk_ids shape {self.topk_ids.shape}")
-        if self.lookahead is not None and (self.lookahead.ndim != 4 or self.lookahead.shape[1:] != (L, N, k)):
-            raise ValueError(f"lookahead must be [D, L, N, k] with (L, N, k)={(L, N, k)}, got {self.lookahead.shape}")
+        for name in ("lookahead", "learned_lookahead"):
+            la = getattr(self, name)
+            if la is not None and (la.ndim != 4 or la.shape[1:3] != (L, N) or la.shape[3] < k):
+                raise ValueError(f"{name} must be [D, L, N, m] with (L, N)={(L, N)} and m >= k={k}, got {la.shape}")
 
     @property
     def num_layers(self) -> int:
@@ -79,8 +85,9 @@ class Trace:
                   "meta": np.frombuffer(json.dumps(self.meta | {"format_version": FORMAT_VERSION}).encode(), np.uint8)}
         if self.topk_weights is not None:
             arrays["topk_weights"] = self.topk_weights.astype(np.float16)
-        if self.lookahead is not None:
-            arrays["lookahead"] = self.lookahead.astype(np.int16)
+        for name in ("lookahead", "learned_lookahead"):
+            if getattr(self, name) is not None:
+                arrays[name] = getattr(self, name).astype(np.int8 if self.num_experts <= 127 else np.int16)
         with open(path, "wb") as f:
             np.savez_compressed(f, **arrays)
         return path
@@ -96,4 +103,6 @@ class Trace:
                 raise ValueError(f"{path}: trace format {meta.get('format_version')} != {FORMAT_VERSION}")
             return cls(topk_ids=z["topk_ids"].astype(np.int64), seq_starts=z["seq_starts"],
                        topk_weights=z["topk_weights"] if "topk_weights" in z else None,
-                       lookahead=z["lookahead"].astype(np.int64) if "lookahead" in z else None, meta=meta)
+                       lookahead=z["lookahead"].astype(np.int64) if "lookahead" in z else None,
+                       learned_lookahead=z["learned_lookahead"].astype(np.int64) if "learned_lookahead" in z else None,
+                       meta=meta)

@@ -2,7 +2,8 @@
 
 Hooks, per decoder layer l: the input of `post_attention_layernorm` (the residual stream entering
 the MoE, r_l) and the output of `mlp.gate` (router logits, top-k weights, top-k ids). Gate
-lookahead for d = 1..D applies layer l+d's norm and router to r_l after the forward pass.
+lookahead for d = 1..D applies layer l+d's norm and router to r_l after the forward pass and keeps
+the `lookahead_width` highest-ranked experts (default 2k: a predictor may prefetch more than k).
 """
 
 from __future__ import annotations
@@ -32,15 +33,12 @@ def _num_experts(model) -> int:
     return int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts"))
 
 
-@torch.no_grad()
-def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16, meta: dict | None = None,
-           progress: bool = False) -> Trace:
-    """Run `windows` [num_seqs, seq_len] of token ids through `model`; one sequence per window."""
+def _routed_batches(model, windows: np.ndarray, batch: int, desc: str, progress: bool):
+    """Per batch of windows: [(residual stream entering layer l's MoE [n, H], weights [n, k], ids [n, k])]."""
     from tqdm import tqdm
 
     layers = moe_layers(model)
-    L = len(layers)
-    captured: dict[int, list] = {}
+    captured: dict[int, dict] = {}
     handles = []
     for i, layer in enumerate(layers):
         handles.append(layer.post_attention_layernorm.register_forward_pre_hook(
@@ -48,32 +46,72 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
         handles.append(layer.mlp.gate.register_forward_hook(
             lambda mod, args, out, i=i: captured[i].update(weights=out[1], ids=out[2])))
     model.eval()
-    ids, wts, look = [], [], []
     try:
-        for b in tqdm(range(0, len(windows), batch), desc="record", disable=not progress):
+        for b in tqdm(range(0, len(windows), batch), desc=desc, disable=not progress):
             captured.clear()
             model(input_ids=torch.as_tensor(windows[b:b + batch], dtype=torch.long))
-            ids.append(torch.stack([captured[l]["ids"] for l in range(L)]).to(torch.int16))
-            wts.append(torch.stack([captured[l]["weights"] for l in range(L)]).to(torch.float16))
-            if lookahead_depth:
-                resid = [captured[l]["resid"] for l in range(L)]  # the hooks fire again below
-                la = torch.full((lookahead_depth,) + ids[-1].shape, -1, dtype=torch.int16)
-                for d in range(1, lookahead_depth + 1):
-                    for l in range(L - d):
-                        nxt = layers[l + d]
-                        la[d - 1, l] = nxt.mlp.gate(nxt.post_attention_layernorm(resid[l]))[2].to(torch.int16)
-                look.append(la)
+            got = [(captured[l]["resid"], captured[l]["weights"], captured[l]["ids"]) for l in range(len(layers))]
+            captured.clear()  # the caller's norm/router calls fire the hooks again
+            yield got
     finally:
         for h in handles:
             h.remove()
+
+
+@torch.no_grad()
+def hidden_states(model, windows: np.ndarray, batch: int = 16, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each layer's normalised MoE input [L, N, H] and routed experts [L, N, k] for `windows`:
+    what ``LearnedGatePredictor.fit`` trains on."""
+    layers = moe_layers(model)
+    xs, ids = [], []
+    for got in _routed_batches(model, windows, batch, "hidden states", progress):
+        xs.append(torch.stack([layers[l].post_attention_layernorm(r) for l, (r, _, _) in enumerate(got)]))
+        ids.append(torch.stack([i for _, _, i in got]).to(torch.int16))
+    return torch.cat(xs, 1), torch.cat(ids, 1)
+
+
+@torch.no_grad()
+def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16, meta: dict | None = None,
+           progress: bool = False, lookahead_width: int | None = None, learned=None) -> Trace:
+    """Run `windows` [num_seqs, seq_len] of token ids through `model`; one sequence per window.
+    `learned`: a fitted ``LearnedGatePredictor`` whose ranking is recorded next to the gate's."""
+    layers = moe_layers(model)
+    L, E = len(layers), _num_experts(model)
+    k = int(getattr(model.config, "num_experts_per_tok"))
+    m = 2 * k if lookahead_width is None else lookahead_width
+    if not k <= m <= E:
+        raise ValueError(f"lookahead_width must be in [top_k={k}, num_experts={E}], got {m}")
+    if learned is not None and not lookahead_depth:
+        raise ValueError("a learned lookahead needs lookahead_depth >= 1")
+    ids, wts, look, learned_look = [], [], [], []
+    for got in _routed_batches(model, windows, batch, "record", progress):
+        ids.append(torch.stack([i for _, _, i in got]).to(torch.int16))
+        wts.append(torch.stack([w for _, w, _ in got]).to(torch.float16))
+        if not lookahead_depth:
+            continue
+        shape = (lookahead_depth,) + ids[-1].shape[:2] + (m,)
+        la, lla = torch.full(shape, -1, dtype=torch.int16), torch.full(shape, -1, dtype=torch.int16)
+        for l, (resid, _, _) in enumerate(got):
+            for d in range(1, min(lookahead_depth, L - 1 - l) + 1):
+                nxt = layers[l + d]
+                logits = nxt.mlp.gate(nxt.post_attention_layernorm(resid))[0]
+                la[d - 1, l] = torch.topk(logits.float(), m, dim=-1).indices.to(torch.int16)
+                if learned is not None:
+                    logits = learned._logits(l, d, layers[l].post_attention_layernorm(resid))
+                    lla[d - 1, l] = torch.topk(logits, m, dim=-1).indices.to(torch.int16)
+        look.append(la)
+        learned_look.append(lla)
     seq_len = windows.shape[1]
     meta = dict(meta or {})
-    meta.update(num_experts=_num_experts(model), num_layers=L, top_k=ids[0].shape[-1], tokens=int(windows.size),
-                seq_len=seq_len, lookahead_depth=lookahead_depth, model_type=model.config.model_type,
-                recorded=datetime.date.today().isoformat(), commit=git_commit())
+    meta.update(num_experts=E, num_layers=L, top_k=ids[0].shape[-1], tokens=int(windows.size),
+                seq_len=seq_len, lookahead_depth=lookahead_depth, lookahead_width=m if lookahead_depth else 0,
+                model_type=model.config.model_type, recorded=datetime.date.today().isoformat(), commit=git_commit())
+    if learned is not None:
+        meta["learned_lookahead"] = learned.meta | {"nbytes": learned.nbytes}
     return Trace(topk_ids=torch.cat(ids, 1).numpy(), seq_starts=np.arange(0, windows.size + 1, seq_len),
                  topk_weights=torch.cat(wts, 1).numpy(),
-                 lookahead=torch.cat(look, 2).numpy() if lookahead_depth else None, meta=meta)
+                 lookahead=torch.cat(look, 2).numpy() if lookahead_depth else None,
+                 learned_lookahead=torch.cat(learned_look, 2).numpy() if learned is not None else None, meta=meta)
 
 
 def gate_lookahead_parts(model) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:

@@ -75,9 +75,18 @@ def model_class(shape: RoutingShape):
 
 def heldout_windows(corpus: Corpus, num: int, seq_len: int, seed: int = 1234) -> np.ndarray:
     """`num` windows of seq_len bytes from the held-out split, at seeded random offsets."""
+    return _windows(corpus.heldout, num, seq_len, seed)
+
+
+def train_windows(corpus: Corpus, num: int, seq_len: int, seed: int = 4321) -> np.ndarray:
+    """`num` windows of seq_len bytes from the train split, at seeded random offsets."""
+    return _windows(corpus.train, num, seq_len, seed)
+
+
+def _windows(data: np.ndarray, num: int, seq_len: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
-    starts = np.sort(rng.choice(len(corpus.heldout) - seq_len, size=num, replace=False))
-    return np.stack([corpus.heldout[s:s + seq_len] for s in starts]).astype(np.int64)
+    starts = np.sort(rng.choice(len(data) - seq_len, size=num, replace=False))
+    return np.stack([data[s:s + seq_len] for s in starts]).astype(np.int64)
 
 
 @torch.no_grad()
