@@ -147,7 +147,6 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
 def _trace(args: argparse.Namespace) -> int:
     import json
 
-    import numpy as np
     import torch
 
     from .traces import DATA

@@ -253,6 +253,7 @@ class GateLookaheadPredictor(Predictor):
     the recorded ranking instead (``TraceHidden``; the trace field named by ``trace_field``)."""
     name = "gate"
     trace_field = "lookahead"
+    record_hint = "record it with --lookahead D"
 
     def __init__(self, gates: Sequence[torch.Tensor] | None = None, norm_weights: Sequence[torch.Tensor] | None = None,
                  top_k: int | None = None, width: int | None = None):
@@ -262,7 +263,7 @@ class GateLookaheadPredictor(Predictor):
         if width is not None:
             self.name = f"{type(self).name}-top{width}"  # the plain name is the top-k lookahead
 
-    def _logits(self, layer: int, d: int, x: torch.Tensor) -> torch.Tensor:
+    def logits(self, layer: int, d: int, x: torch.Tensor) -> torch.Tensor:
         if self.gates is None:
             raise ValueError("GateLookaheadPredictor needs the model's router and norm weights "
                              "(traces.recorder.gate_lookahead_parts) to predict from a hidden state")
@@ -277,9 +278,8 @@ class GateLookaheadPredictor(Predictor):
             if isinstance(hidden, TraceHidden):
                 la = getattr(hidden.trace, self.trace_field)
                 if la is None:
-                    raise ValueError(f"the replayed trace has no {self.trace_field} ranking for the {self.name} predictor"
-                                     + (" (record it with `prophet trace record --learned-gate PATH`)"
-                                        if self.trace_field == "learned_lookahead" else " (record it with --lookahead D)"))
+                    raise ValueError(f"the replayed trace has no {self.trace_field} ranking for the {self.name} "
+                                     f"predictor ({self.record_hint})")
                 if d > la.shape[0]:
                     break
                 m = self.width or hidden.trace.top_k
@@ -289,7 +289,7 @@ class GateLookaheadPredictor(Predictor):
                 picks = la[d - 1, layer, hidden.tokens, :m]
                 E = hidden.trace.num_experts
             else:
-                logits = self._logits(layer, d, hidden)
+                logits = self.logits(layer, d, hidden)
                 E = logits.shape[-1]
                 m = min(self.width or self.k or _ids(topk_ids).shape[1], E)
                 picks = torch.topk(logits, m, dim=-1).indices.cpu().numpy()
@@ -307,6 +307,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
     what the residual stream does between l and l+d, which the plain lookahead ignores."""
     name = "learned-gate"
     trace_field = "learned_lookahead"
+    record_hint = "record it with `prophet trace record --learned-gate PATH`"
 
     def __init__(self, W: torch.Tensor | None = None, b=None, A=None, a=None, B=None,
                  top_k: int | None = None, width: int | None = None, meta: dict | None = None):
@@ -320,7 +321,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
     def depth(self) -> int:
         return self.W.shape[0] if self.W is not None else self.meta.get("depth", 3)
 
-    def _logits(self, layer, d, x):
+    def logits(self, layer, d, x):
         if self.W is None:
             raise ValueError("this LearnedGatePredictor has no weights (trace replay only): fit it "
                              "(LearnedGatePredictor.fit, `prophet trace fit-lookahead`) or load a saved one")

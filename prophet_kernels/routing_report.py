@@ -26,6 +26,11 @@ def configs(predictors=PREDICTORS, depths=DEPTHS) -> list[tuple[str, str | None,
     return out
 
 
+def replayable(predictor: str | None, heldout) -> bool:
+    """Whether `heldout` carries what the predictor replays (the learned gate's recorded ranking)."""
+    return predictor != "learned-gate" or heldout.learned_lookahead is not None
+
+
 def fit_all(predictors, train, heldout=None) -> tuple[dict, dict]:
     """Each named predictor fitted once on `train` (the oracle needs no fit) and (bytes, fit seconds).
     Fitted predictors are reused across runs: history predictors reset at each new step."""
@@ -50,7 +55,7 @@ def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: 
 
     from .simulator import simulate
 
-    predictors = [p for p in predictors if p != "learned-gate" or heldout.learned_lookahead is not None]
+    predictors = [p for p in predictors if replayable(p, heldout)]
     fitted, sizes = fit_all(predictors, train, heldout)
     rows = []
     todo = [(c, cfg) for cfg in configs(predictors, depths) for c in capacities]
@@ -219,7 +224,7 @@ def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_s
     from .simulator import layer_seconds, simulate
 
     model = heldout.meta.get("mimics")
-    configs = [c for c in BATCH_CONFIGS if c[1] != "learned-gate" or heldout.learned_lookahead is not None]
+    configs = [c for c in BATCH_CONFIGS if replayable(c[1], heldout)]
     fitted, _ = fit_all({pred for _, pred, _ in configs if pred}, train, heldout)
     lines = [f"| configuration | " + " | ".join(f"B={b} ({layer_seconds(model, b) * 1e6:.0f} us/layer)" for b in batches) + " |",
              "|---|" + "---|" * len(batches)]

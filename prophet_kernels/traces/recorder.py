@@ -48,11 +48,9 @@ def _routed_batches(model, windows: np.ndarray, batch: int, desc: str, progress:
     model.eval()
     try:
         for b in tqdm(range(0, len(windows), batch), desc=desc, disable=not progress):
-            captured.clear()
+            captured.clear()  # also drops what the caller's norm/router calls added (the hooks fire then too)
             model(input_ids=torch.as_tensor(windows[b:b + batch], dtype=torch.long))
-            got = [(captured[l]["resid"], captured[l]["weights"], captured[l]["ids"]) for l in range(len(layers))]
-            captured.clear()  # the caller's norm/router calls fire the hooks again
-            yield got
+            yield [(captured[l]["resid"], captured[l]["weights"], captured[l]["ids"]) for l in range(len(layers))]
     finally:
         for h in handles:
             h.remove()
@@ -90,15 +88,16 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
         if not lookahead_depth:
             continue
         shape = (lookahead_depth,) + ids[-1].shape[:2] + (m,)
-        la, lla = torch.full(shape, -1, dtype=torch.int16), torch.full(shape, -1, dtype=torch.int16)
+        la = torch.full(shape, -1, dtype=torch.int16)
+        lla = torch.full(shape, -1, dtype=torch.int16) if learned is not None else None
         for l, (resid, _, _) in enumerate(got):
+            x = layers[l].post_attention_layernorm(resid) if learned is not None else None  # layer l's MoE input
             for d in range(1, min(lookahead_depth, L - 1 - l) + 1):
                 nxt = layers[l + d]
                 logits = nxt.mlp.gate(nxt.post_attention_layernorm(resid))[0]
                 la[d - 1, l] = torch.topk(logits.float(), m, dim=-1).indices.to(torch.int16)
                 if learned is not None:
-                    logits = learned._logits(l, d, layers[l].post_attention_layernorm(resid))
-                    lla[d - 1, l] = torch.topk(logits, m, dim=-1).indices.to(torch.int16)
+                    lla[d - 1, l] = torch.topk(learned.logits(l, d, x), m, dim=-1).indices.to(torch.int16)
         look.append(la)
         learned_look.append(lla)
     seq_len = windows.shape[1]
