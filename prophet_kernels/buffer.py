@@ -19,6 +19,7 @@ from __future__ import annotations
 import heapq
 from collections import OrderedDict
 
+import numpy as np
 import torch
 
 
@@ -28,8 +29,8 @@ class EvictionPolicy:
     def bind(self, table: "SlotTable") -> None:
         """Called once by the table the policy serves (policies that need slot owners keep it)."""
 
-    def on_layer(self, layer: int) -> None:
-        """Called when layer `layer` starts (before its experts are acquired)."""
+    def on_layer(self, layer: int, experts) -> None:
+        """Called when layer `layer` starts, with the unique experts it needs (before they are acquired)."""
 
     def insert(self, slot: int) -> None: ...
     def touch(self, slot: int) -> None: ...
@@ -147,7 +148,7 @@ class CyclicPolicy(EvictionPolicy):
     def bind(self, table):
         self.table = table
 
-    def on_layer(self, layer):
+    def on_layer(self, layer, experts):
         self.cur = layer
 
     def _sub(self, slot) -> LFUPolicy:
@@ -178,7 +179,66 @@ class CyclicPolicy(EvictionPolicy):
         raise LookupError("no evictable slot")
 
 
-POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy}
+class NextUsePolicy(EvictionPolicy):
+    """Belady's MIN with the future estimated: evict the slot whose expert is expected to be needed
+    farthest ahead, counted in layer calls. Decode visits layers in a cycle, so an expert of layer l'
+    is next visited delta = (l' - current) mod L calls from now (L for the current layer); if layer l'
+    used it on a fraction p of its recent calls (a running average over about 1/alpha calls), its
+    expected next use is delta + L (1 - p) / p. An expert touched since its layer last ran (a hit,
+    a fill, or a predictor naming it) is taken as needed at its next visit: delta. Unlike the cyclic
+    policy, a popular expert of the layer that just ran outlives a rarely used one of a later layer.
+    alpha = 0.03 was chosen on the train-split traces of both routing shapes (docs/routing.md)."""
+
+    def __init__(self, alpha: float = 0.03):
+        if not 0 < alpha <= 1:
+            raise ValueError(f"next-use policy: alpha must be in (0, 1], got {alpha}")
+        self.alpha = alpha
+        self.table: SlotTable | None = None
+        self.cur = 0
+
+    def bind(self, table):
+        self.table = table
+        self._freq = np.zeros((table.num_layers, table.num_experts))  # running share of calls using (l, e)
+        self._layer = np.full(table.num_slots, -1)  # owner of each slot (-1: free)
+        self._expert = np.zeros(table.num_slots, dtype=np.int64)
+        self._wanted = np.zeros(table.num_slots, dtype=bool)  # touched since its layer last ran
+
+    def on_layer(self, layer, experts):
+        if layer != self.cur:
+            self._wanted[self._layer == self.cur] = False  # the layer that ran has had its use
+        self.cur = layer
+        self._freq[layer] *= 1 - self.alpha
+        self._freq[layer, list(experts)] += self.alpha
+
+    def insert(self, slot):
+        self._layer[slot], self._expert[slot] = self.table.owner[slot]
+        self._wanted[slot] = True
+
+    def touch(self, slot):
+        self._wanted[slot] = True
+
+    def remove(self, slot):
+        self._layer[slot] = -1
+        self._wanted[slot] = False
+
+    def victim(self, candidates) -> int:
+        L, occupied = self.table.num_layers, self._layer >= 0
+        delta = (self._layer - self.cur) % L
+        delta[delta == 0] = L
+        p = np.maximum(self._freq[np.maximum(self._layer, 0), self._expert], 1e-3)
+        score = np.where(self._wanted, delta, delta + L * (1 - p) / p)
+        score[~occupied] = -np.inf
+        for _ in range(self.table.num_slots):  # pinned slots are few: skip them one by one
+            slot = int(np.argmax(score))
+            if score[slot] == -np.inf:
+                break
+            if slot in candidates:
+                return slot
+            score[slot] = -np.inf
+        raise LookupError("no evictable slot")
+
+
+POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy, "next-use": NextUsePolicy}
 
 
 def make_policy(policy) -> EvictionPolicy:

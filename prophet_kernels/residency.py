@@ -3,7 +3,8 @@
     acquire(layer, experts)      hits are touched and pinned; misses get a slot (free, else the
                                  policy's unpinned victim) and are returned as fills to copy now
     prefetch(layer, ids, hidden) asks the predictor, allocates slots for its experts for layers
-                                 +1..+depth (nearest first) within the byte budget, returns fills
+                                 +1..+depth (nearest first) within the byte budget, returns fills;
+                                 predicted experts already resident are touched (wanted soon)
     release(slots)               unpins what acquire pinned
 
 No tensors move here: the caller copies the fills (``StreamPrefetcher`` on a device, a timing
@@ -92,7 +93,7 @@ class ExpertResidency:
             raise ValueError(f"layer {layer} needs {len(experts)} unique experts but the buffer has "
                              f"{self.table.num_slots} slots; need at least {len(experts)} (or a smaller batch)")
         st, table = self.stats.layers[layer], self.table
-        table.policy.on_layer(layer)
+        table.policy.on_layer(layer, experts)
         slots, fills = [], []
         for e in experts:
             s = table.lookup(layer, e)
@@ -134,8 +135,9 @@ class ExpertResidency:
                     if not 0 <= e < E:
                         raise ValueError(f"predictor returned expert {e} outside [0, {E}) for layer {future}")
                     s = table.lookup(future, e)
-                    if s >= 0:  # already resident: hold it so this call's later copies keep it
-                        table.pin([s])
+                    if s >= 0:  # already resident: hold it so this call's later copies keep it,
+                        table.pin([s])  # and tell the policy it is wanted soon
+                        table.touch(s)
                         held.append(s)
                         continue
                     if self.prefetch_budget_bytes is not None and (len(fills) + 1) * eb > self.prefetch_budget_bytes:

@@ -8,18 +8,18 @@ import time
 from pathlib import Path
 
 CAPACITIES = (0.125, 0.25, 0.5, 0.75)
-BASE_POLICIES = ("lru", "lfu", "cyclic", "belady")
+BASE_POLICIES = ("lru", "lfu", "cyclic", "next-use", "belady")
 PREDICTORS = ("same", "frequency", "transition", "learned", "gate", "learned-gate", "oracle")
 DEPTHS = (1, 2, 3)
 
 
 def configs(predictors=PREDICTORS, depths=DEPTHS) -> list[tuple[str, str | None, int]]:
     """(policy, predictor, depth): each policy alone, each predictor with LRU at each depth, the
-    best-informed ones (learned, gate, oracle) with the cyclic policy too, and the oracle predictor
-    with Belady (the clairvoyant bound on both decisions)."""
+    best-informed ones (learned, gate, learned-gate, oracle) with the next-use policy too, and the
+    oracle predictor with Belady (the clairvoyant bound on both decisions)."""
     out = [(p, None, 0) for p in BASE_POLICIES]
     out += [("lru", pred, d) for pred in predictors for d in depths]
-    out += [("cyclic", pred, d) for pred in ("learned", "gate", "learned-gate", "oracle") if pred in predictors
+    out += [("next-use", pred, d) for pred in ("learned", "gate", "learned-gate", "oracle") if pred in predictors
             for d in depths]
     if "oracle" in predictors:
         out += [("belady", "oracle", d) for d in depths]
@@ -72,7 +72,7 @@ def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: 
 
 
 def _label(row) -> str:
-    pol = {"belady": "Belady", "cyclic": "cyclic"}.get(row["policy"], row["policy"].upper())
+    pol = {"belady": "Belady", "cyclic": "cyclic", "next-use": "next-use"}.get(row["policy"], row["policy"].upper())
     if row["predictor"] == "none":
         return pol
     return f"{row['predictor']} d={row['depth']} + {pol}"
@@ -211,8 +211,9 @@ def render_section(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("belady", None, 0), ("cyclic", "learned", 1),
-                 ("cyclic", "gate", 1), ("lru", "learned-gate", 3), ("cyclic", "oracle", 1), ("lru", "oracle", 3))
+BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("next-use", None, 0), ("belady", None, 0),
+                 ("next-use", "gate", 3), ("lru", "learned-gate", 3), ("next-use", "learned-gate", 3),
+                 ("lru", "oracle", 3), ("next-use", "oracle", 3))
 
 
 def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,

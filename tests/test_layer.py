@@ -54,7 +54,7 @@ def _check_run(moe, w13, w2, routing):
 
 
 @pytest.mark.parametrize("slots", [K * 4, 11, E * L])  # one layer's worst case, in between, everything
-@pytest.mark.parametrize("policy", ["lru", "lfu", "cyclic"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "cyclic", "next-use"])
 @pytest.mark.parametrize("predictor", [None, "same"])
 def test_equals_all_resident_exactly(torch_path, slots, policy, predictor):
     w13, w2 = _weights()

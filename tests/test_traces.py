@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from prophet_kernels.buffer import BeladyPolicy, SlotTable
+from prophet_kernels.buffer import BeladyPolicy, NextUsePolicy, SlotTable
 from prophet_kernels.layer import ProphetMoE
 from prophet_kernels.predictors import (
     GateLookaheadPredictor, LearnedGatePredictor, LearnedPredictor, OraclePredictor, SameExpertsPredictor, TraceHidden, TransitionPredictor,
@@ -217,8 +217,65 @@ def test_cyclic_policy_on_a_layer_loop():
     lru, cyc, opt = (simulate(tr, 3, p) for p in ("lru", "cyclic", "belady"))
     assert lru.hits == 0
     assert cyc.misses <= opt.misses + 2 and cyc.hit_rate > 0.6
-    with pytest.raises(ValueError, match="known: lru, lfu, cyclic"):
+    with pytest.raises(ValueError, match="known: lru, lfu, cyclic, next-use"):
         SlotTable(1, 2, 2, "mru")
+    nxt = simulate(tr, 3, "next-use")  # its use frequencies warm up over the first calls
+    assert nxt.misses <= opt.misses + 6 and nxt.hit_rate > 0.6
+
+
+def test_next_use_policy_keeps_popular_experts_over_rare_ones():
+    """Layers 0 and 1 always use expert 0; layers 2 and 3 rotate through four experts. With 3 slots
+    the best is to keep the two popular experts resident and miss on the rotating layers: next-use
+    does what Belady does; the cyclic policy, which evicts from the layer that just ran, loses a
+    third of the popular experts' hits."""
+    L, steps = 4, 60
+    ids = np.zeros((L, steps, 1), dtype=np.int64)
+    ids[2:, :, 0] = np.arange(steps) % 4
+    tr = Trace(ids, [0, steps], meta={"num_experts": 4, "mimics": "OLMoE-1B-7B"})
+    nxt, cyc, opt = (simulate(tr, 3, p) for p in ("next-use", "cyclic", "belady"))
+    assert nxt.hits == opt.hits and min(nxt.layer_hit_rate[:2]) > 0.95
+    assert cyc.hits < 0.7 * opt.hits
+
+
+def test_next_use_policy_matches_its_formula():
+    """Against a plain-loop reference: after random calls and touches, the victim is the unpinned
+    slot with the largest delta + L (1 - p) / p (delta alone if touched since its layer ran)."""
+    rng = np.random.default_rng(3)
+    L, E, S, alpha = 5, 6, 12, 0.2
+    table = SlotTable(L, E, S, NextUsePolicy(alpha))
+    freq, wanted, cur, evictions = [[0.0] * E for _ in range(L)], {}, 0, 0
+    for call in range(60):
+        layer = call % L
+        need = sorted(rng.choice(E, 2, replace=False).tolist())
+        table.policy.on_layer(layer, need)
+        if layer != cur:
+            wanted = {s: w for s, w in wanted.items() if table.owner[s][0] != cur}
+        cur = layer
+        freq[layer] = [f * (1 - alpha) + alpha * (e in need) for e, f in enumerate(freq[layer])]
+        pins = [s for s in range(S) if rng.random() < 0.2 and table.owner[s] is not None]
+        table.pin(pins)
+        for e in need:
+            s = table.lookup(layer, e)
+            if s >= 0:
+                table.touch(s)
+            elif table._free:
+                s, _ = table.allocate(layer, e)
+            else:
+                def expected(slot):
+                    lo, ex = table.owner[slot]
+                    delta = (lo - cur) % L or L
+                    p = max(freq[lo][ex], 1e-3)
+                    return delta if wanted.get(slot) else delta + L * (1 - p) / p
+                best = max((s for s in range(S) if table.pins[s] == 0), key=expected)
+                s, evicted = table.allocate(layer, e)
+                assert expected(s) == expected(best), (call, s, best)
+                evictions += 1
+                wanted.pop(s, None)
+            wanted[s] = True
+        table.unpin(pins)
+    assert evictions > 20
+    with pytest.raises(ValueError, match="alpha"):
+        NextUsePolicy(0)
 
 
 def test_belady_policy_needs_the_future():
@@ -234,7 +291,7 @@ def test_belady_policy_needs_the_future():
 
 @pytest.mark.parametrize("predictor,depth", [(None, 0), ("same", 2), ("oracle", 1), ("gate", 2), ("learned-gate", 2),
                                              ("transition", 1)])
-@pytest.mark.parametrize("policy", ["lru", "lfu", "cyclic"])
+@pytest.mark.parametrize("policy", ["lru", "lfu", "cyclic", "next-use"])
 def test_simulator_makes_prophetmoe_decisions(monkeypatch, predictor, depth, policy):
     """Replaying a trace through the simulator and through ProphetMoE (real tensors, CPU) gives
     the same hits, misses, prefetches and evictions: one decision code, not two."""
@@ -398,7 +455,7 @@ def test_batch_table():
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
     text = rr.batch_table(held, train, batches=(1, 2), progress=False)
-    assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "| learned-gate d=3 + LRU |" in text and "B=2" in text and "| gate d=1 + cyclic |" in text
+    assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "| learned-gate d=3 + LRU |" in text and "B=2" in text and "| gate d=3 + next-use |" in text
 
 
 def test_train_and_record_cli(tmp_path):
