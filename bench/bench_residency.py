@@ -26,8 +26,8 @@ from prophet_kernels.provenance import git_commit, utc_now  # noqa: E402
 from prophet_kernels.residency import ExpertResidency  # noqa: E402
 from prophet_kernels.traces import load_trace  # noqa: E402
 
-CASES = [("lru", "none"), ("cyclic", "none"), ("lru", "same"), ("cyclic", "same"), ("lru", "gate"),
-         ("cyclic", "gate")]
+CASES = [("lru", "none"), ("cyclic", "none"), ("next-use", "none"), ("lru", "same"), ("cyclic", "same"),
+         ("lru", "gate"), ("cyclic", "gate"), ("next-use", "gate")]
 
 
 def main(argv=None):

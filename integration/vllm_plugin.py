@@ -11,10 +11,11 @@ turned on, per engine or per process:
 
 Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environment variables;
 ``additional_config`` wins): ``buffer`` (fraction of all routed experts in (0, 1], or a slot count
-> 1), ``policy`` (lru, lfu, cyclic), ``predictor`` (none, same, gate: the next layers' routers on
-this layer's MoE input, for OLMoE and Mixtral; learned-gate: a fitted ``LearnedGatePredictor``
-saved at ``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``,
-``log_every_s`` (stats log period; 0 logs only at shutdown).
+> 1), ``policy`` (lru, lfu, cyclic, next-use: layer distance in the decode cycle and use frequency,
+docs/routing.md), ``predictor`` (none, same, gate: the next layers' routers on this layer's MoE
+input, for OLMoE and Mixtral; learned-gate: a fitted ``LearnedGatePredictor`` saved at
+``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``, ``log_every_s`` (stats
+log period; 0 logs only at shutdown).
 
 Lifecycle per model (all in the worker process):
   create_weights   each MoE layer's w13 [E, 2I, H] / w2 [E, H, I] are created in host memory

@@ -353,25 +353,29 @@ class LearnedGatePredictor(GateLookaheadPredictor):
                 W[d - 1, l] = gates[l + d].float() * (norm_weights[l + d].float() / norm_weights[l].float())[None, :]
         b, a, B = torch.zeros(depth, L, E), torch.zeros(depth, L, R), torch.zeros(depth, L, E, R)
         A = torch.empty(depth, L, R, H).uniform_(-1, 1, generator=g) / H ** 0.5  # nn.Linear's init
-        params = [t.requires_grad_() for t in (W, b, A, a, B)]
+        # one set of leaves and one optimizer per distance: a shared AdamW would keep moving the other
+        # distances' weights on their stale moments at every step (measured: Mixtral shape d=1 recall
+        # 94.8% that way vs 96.5% fitted alone)
+        per_d = [[t[i].clone().requires_grad_() for t in (W, b, A, a, B)] for i in range(depth)]
+        opts = [torch.optim.AdamW(p, lr=lr, weight_decay=1e-4) for p in per_d]
         target = torch.zeros(L, N, E)
         target.scatter_(2, topk_ids.long(), 1.0)
         hidden = hidden.float()
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-4)
         steps = [(d, idx) for _ in range(epochs) for d in range(1, depth + 1)
                  for idx in torch.randperm(N, generator=g).split(batch)]
         for d, idx in tqdm(steps, desc="fit learned gate lookahead", disable=not progress):
             n = L - d
             x = hidden[:n, idx]  # [n, b, H] -> logits for layers d .. L-1
-            i = d - 1
-            h = torch.nn.functional.gelu(torch.einsum("lbh,lrh->lbr", x, A[i, :n]) + a[i, :n, None])
-            logits = torch.einsum("lbh,leh->lbe", x, W[i, :n]) + b[i, :n, None] + torch.einsum("lbr,ler->lbe", h, B[i, :n])
+            Wd, bd, Ad, ad, Bd = per_d[d - 1]
+            h = torch.nn.functional.gelu(torch.einsum("lbh,lrh->lbr", x, Ad[:n]) + ad[:n, None])
+            logits = torch.einsum("lbh,leh->lbe", x, Wd[:n]) + bd[:n, None] + torch.einsum("lbr,ler->lbe", h, Bd[:n])
             # summed over layers: the same step for each layer as fitting it alone
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[d:, idx], reduction="none")
             loss = loss.mean((1, 2)).sum()
-            opt.zero_grad()
+            opts[d - 1].zero_grad()
             loss.backward()
-            opt.step()
+            opts[d - 1].step()
+        params = [torch.stack([p[j].detach() for p in per_d]) for j in range(5)]
         return cls(*(t.detach() for t in params), top_k=k,
                    meta={"train_tokens": N, "depth": depth, "mlp_width": R, "epochs": epochs, "lr": lr, "seed": seed})
 

@@ -106,7 +106,7 @@ def _expert_params(worker):
     (0.375, "lru", "same"),  # 3 of 8 experts
     (9, "cyclic", "same"),  # one slot more than one layer can need (E = 8)
     (0.5, "cyclic", "gate"),  # the next layers' routers on this layer's MoE input, inside vLLM
-    (0.5, "lru", "learned-gate"),  # a fitted learned gate lookahead, loaded from its file
+    (0.5, "next-use", "learned-gate"),  # a fitted learned gate lookahead, loaded from its file
 ])
 def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, buffer, policy, predictor):
     ps, base = baseline
