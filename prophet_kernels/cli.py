@@ -248,6 +248,7 @@ def _simulate(args: argparse.Namespace) -> int:
         return 0
     if args.sweep:
         out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
         for name in _csv_list(args.trace):
             held = load_trace(name)
             rows = rr.run_table(held, _train_trace_for(args, held), batch=args.batch, max_steps=args.max_steps,
