@@ -224,7 +224,7 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures")
     p.add_argument("--batch-sweep", type=lambda t: [int(x) for x in _csv_list(t)], metavar="B1,B2,...",
                    help="hit rate / landed / stall per token vs batch for a few configurations at --capacity")
-    p.add_argument("--out", default="sim_out", help="output folder for --sweep (default sim_out/)")
+    p.add_argument("--out", default="sim_out", help="output folder for --sweep and --batch-sweep (default sim_out/)")
 
 
 def _train_trace_for(args, heldout):
@@ -243,8 +243,11 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.batch_sweep:
         for name in _csv_list(args.trace):
             held = load_trace(name)
-            print(f"\n{held.meta.get('shape')}: hit rate / landed in time / stall us per token at capacity {args.capacity}")
-            print(rr.batch_table(held, _train_trace_for(args, held), args.batch_sweep, args.capacity, args.max_steps))
+            shape = held.meta.get("shape")
+            print(f"\n{shape}: hit rate / landed in time / stall us per token at capacity {args.capacity}")
+            rows = rr.batch_rows(held, _train_trace_for(args, held), args.batch_sweep, args.capacity, args.max_steps)
+            print(rr.batch_table(rows))
+            print(f"rows: {rr.write_rows(rows, Path(args.out) / f'simulate_{shape}_batch.jsonl')}")
         return 0
     if args.sweep:
         out = Path(args.out)
@@ -316,8 +319,8 @@ def _add_demo_args(p):
     p.add_argument("--family", default="olmoe", help="tiny model's shape: olmoe or mixtral (default olmoe)")
     p.add_argument("--buffer", type=float, default=0.375,
                    help="expert buffer: fraction of all experts in (0, 1] or slot count (default 0.375)")
-    p.add_argument("--policy", default="cyclic", help="eviction policy: lru, lfu, cyclic (default cyclic)")
-    p.add_argument("--predictor", default="same", help="prefetch predictor: none, same, gate (default same)")
+    p.add_argument("--policy", default="next-use", help="eviction policy: lru, lfu, cyclic, next-use (default next-use)")
+    p.add_argument("--predictor", default="gate", help="prefetch predictor: none, same, gate (default gate)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
     p.add_argument("--prompts", type=int, default=4, help="prompts in the batch (default 4)")
 

@@ -1,7 +1,7 @@
 """Residency decisions of the host-driven mode, shared by ``ProphetMoE`` and the trace simulator.
 
-    acquire(layer, experts)      hits are touched and pinned; misses get a slot (free, else the
-                                 policy's unpinned victim) and are returned as fills to copy now
+    acquire(layer, experts)      hits are touched and pinned first; then misses get a slot (free,
+                                 else the policy's unpinned victim) and are returned as fills to copy now
     prefetch(layer, ids, hidden) asks the predictor, allocates slots for its experts for layers
                                  +1..+depth (nearest first) within the byte budget, returns fills;
                                  predicted experts already resident are touched (wanted soon)
@@ -94,22 +94,25 @@ class ExpertResidency:
                              f"{self.table.num_slots} slots; need at least {len(experts)} (or a smaller batch)")
         st, table = self.stats.layers[layer], self.table
         table.policy.on_layer(layer, experts)
-        slots, fills = [], []
-        for e in experts:
-            s = table.lookup(layer, e)
+        # pin every resident expert of the layer before allocating any missing one, so that a demand
+        # fill never evicts an expert this same call needs (that would turn a hit into a second copy)
+        slots, fills = [table.lookup(layer, e) for e in experts], []
+        for s in slots:
             if s >= 0:
                 st.hits += 1
                 table.touch(s)
                 if s in self._unread_prefetch:
                     st.prefetch_used += 1
                     self._unread_prefetch.discard(s)
-            else:
+        table.pin([s for s in slots if s >= 0])
+        for i, e in enumerate(experts):
+            if slots[i] < 0:
                 st.misses += 1
                 s, evicted = table.allocate(layer, e)
                 self._evicted(evicted, s, layer)
                 fills.append((s, layer, e))
-            table.pin([s])  # before the next allocation, so this layer never evicts itself
-            slots.append(s)
+                table.pin([s])  # before the next allocation, so this layer never evicts itself
+                slots[i] = s
         st.bytes_h2d += len(fills) * self.expert_bytes
         return slots, fills
 

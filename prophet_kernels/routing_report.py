@@ -193,11 +193,15 @@ def render_section(rows: list[dict]) -> str:
              "Landed in time (the copy had completed when the layer needed the expert):", "",
              markdown_table(rows, "ready_hit_rate"), "",
              "At 50% capacity: traffic, stall and prediction quality (recall/precision of the predicted set "
-             "for layer +d, d = 1..3):", "",
-             "| configuration | misses/token | H2D MB/token | stall us/token | prefetch precision | recall by d | precision by d |",
-             "|---|---:|---:|---:|---:|---|---|"]
+             "for layer +d, d = 1..3; 'missed, never predicted': misses of experts no prediction named for "
+             "that layer call, % of requests — the rest of the misses were named but not copied in time "
+             "or evicted before use):", "",
+             "| configuration | misses/token | missed, never predicted | H2D MB/token | stall us/token | prefetch precision "
+             "| recall by d | precision by d |",
+             "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in at50:
-        lines.append(f"| {_label(r)} | {r['misses_per_token']:.2f} | {r['bytes_per_token'] / 1e6:.1f} | "
+        never = f"{r['misses_unpredicted'] / r['requests']:.2%}" if r["prefetched"] or r["pred_recall"] else ""
+        lines.append(f"| {_label(r)} | {r['misses_per_token']:.2f} | {never} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{r['stall_us_per_token']:.0f} | "
                      + (f"{r['prefetch_precision']:.1%}" if r["prefetched"] else "") + " | "
                      + ", ".join(f"{x:.0%}" for x in r["pred_recall"]) + " | "
@@ -216,10 +220,10 @@ BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("next-use", None, 0), (
                  ("lru", "oracle", 3), ("next-use", "oracle", 3))
 
 
-def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,
-                progress: bool = True) -> str:
-    """Markdown: hit rate / landed in time / stall per token vs batch for a few configurations.
-    Layer time per batch comes from ``simulator.layer_seconds`` (measured at the end points)."""
+def batch_rows(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,
+               progress: bool = True) -> list[dict]:
+    """Simulated rows for ``BATCH_CONFIGS`` x batches at one capacity. Layer time per batch comes
+    from ``simulator.layer_seconds`` (measured at the end points)."""
     from tqdm import tqdm
 
     from .simulator import layer_seconds, simulate
@@ -227,14 +231,24 @@ def batch_table(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_s
     model = heldout.meta.get("mimics")
     configs = [c for c in BATCH_CONFIGS if replayable(c[1], heldout)]
     fitted, _ = fit_all({pred for _, pred, _ in configs if pred}, train, heldout)
-    lines = [f"| configuration | " + " | ".join(f"B={b} ({layer_seconds(model, b) * 1e6:.0f} us/layer)" for b in batches) + " |",
-             "|---|" + "---|" * len(batches)]
+    rows = []
     todo = [(cfg, b) for cfg in configs for b in batches]
-    cells: dict = {}
     for (policy, pred, depth), b in tqdm(todo, desc=f"batch sweep {heldout.meta.get('shape')}", disable=not progress):
         r = simulate(heldout, capacity, policy, _instance(pred, fitted), depth, batch=b, max_steps=max_steps)
-        row = r.as_dict() | {"capacity": capacity}
-        cells.setdefault(_label(row), []).append(
-            f"{r.hit_rate:.1%} / {r.ready_hit_rate:.1%} / {row['stall_us_per_token']:.0f}")
-    lines += [f"| {label} | " + " | ".join(v) + " |" for label, v in cells.items()]
+        rows.append(r.as_dict() | {"shape": heldout.meta.get("shape"), "mimics": model, "capacity": capacity,
+                                   "layer_us": layer_seconds(model, b) * 1e6})
+    return rows
+
+
+def batch_table(rows: list[dict]) -> str:
+    """Markdown from ``batch_rows``: hit rate / landed in time / stall per token, one column per batch."""
+    batches = sorted({r["batch"] for r in rows})
+    layer_us = {r["batch"]: r["layer_us"] for r in rows}
+    lines = ["| configuration | " + " | ".join(f"B={b} ({layer_us[b]:.0f} us/layer)" for b in batches) + " |",
+             "|---|" + "---|" * len(batches)]
+    cells: dict = {}
+    for r in rows:
+        cells.setdefault(_label(r), {})[r["batch"]] = (
+            f"{r['hit_rate']:.1%} / {r['ready_hit_rate']:.1%} / {r['stall_us_per_token']:.0f}")
+    lines += [f"| {label} | " + " | ".join(v.get(b, "") for b in batches) + " |" for label, v in cells.items()]
     return "\n".join(lines)

@@ -89,6 +89,7 @@ class SimResult:
     evictions: int
     bytes_h2d: int
     stall_s: float
+    misses_unpredicted: int = 0  # misses of experts no prediction named for that layer call (all, without a predictor)
     pred_recall: list[float] = field(default_factory=list)  # per depth: |predicted & needed| / |needed|
     pred_precision: list[float] = field(default_factory=list)  # per depth: |predicted & needed| / |predicted|
     layer_hit_rate: list[float] = field(default_factory=list)
@@ -122,6 +123,7 @@ class _Scored(Predictor):
         self.hit = np.zeros(depth)
         self.needed = np.zeros(depth)
         self.predicted = np.zeros(depth)
+        self.named: dict[int, set] = {}  # layer call -> experts any prediction named for it
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         want = self.inner.predict(layer, topk_ids, hidden, num_layers, depth)
@@ -129,6 +131,7 @@ class _Scored(Predictor):
             c = self.call + d
             future = (layer + d) % num_layers
             if c < len(self.schedule) and future in want:
+                self.named.setdefault(c, set()).update(want[future])
                 need = self.schedule[c]
                 self.hit[d - 1] += len(need.intersection(want[future]))
                 self.needed[d - 1] += len(need)
@@ -192,11 +195,14 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
     ready = [0.0] * slots  # when each slot's last copy lands
     now = engine = 0.0
     copy_s = expert_bytes / bw
+    unpredicted = 0
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
         tokens = grid[t]
         for l in range(L):
             c = t * L + l
             clock[0] = c
+            named = scored.named.pop(c, ()) if scored else ()
+            unpredicted += sum(1 for e in schedule[c] if table.lookup(l, e) < 0 and e not in named)
             got, fills = res.acquire(l, schedule[c])
             for s, _, _ in fills:
                 engine = max(engine, now) + copy_s
@@ -222,6 +228,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
         slots=slots, policy=policy, predictor=name, depth=res.prefetch_depth, batch=batch, steps=steps,
         tokens=steps * batch, requests=req, hits=st.hits, late_hits=st.late_hits, misses=st.misses, prefetched=st.prefetched,
         prefetch_used=st.prefetch_used, evictions=st.evictions, bytes_h2d=st.bytes_h2d, stall_s=st.stall_s,
+        misses_unpredicted=unpredicted,
         pred_recall=list(np.divide(scored.hit, np.maximum(scored.needed, 1))) if scored else [],
         pred_precision=list(np.divide(scored.hit, np.maximum(scored.predicted, 1))) if scored else [],
         layer_hit_rate=[s.hits / max(1, s.hits + s.misses) for s in st.layers])

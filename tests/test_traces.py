@@ -287,6 +287,18 @@ def test_belady_policy_needs_the_future():
     assert table.allocate(0, 2) == (1, (0, 1))  # expert 1 is needed last
 
 
+def test_acquire_never_evicts_an_expert_the_same_call_needs():
+    """LRU's oldest slot holds expert 0; a call needing [2, 0] must evict expert 1, not 0 (and copy 0 again)."""
+    from prophet_kernels.residency import ExpertResidency
+
+    res = ExpertResidency(SlotTable(1, 4, 2, "lru"), 10, None, 0, None)
+    first, _ = res.acquire(0, [0, 1])
+    res.release(first)
+    slots, fills = res.acquire(0, [2, 0])
+    assert slots == [first[1], first[0]] and fills == [(first[1], 0, 2)]
+    assert (res.stats.hits, res.stats.misses, res.stats.evictions) == (1, 3, 1)
+
+
 # ---------------------------------------------------------------------------------- simulator
 
 @pytest.mark.parametrize("predictor,depth", [(None, 0), ("same", 2), ("oracle", 1), ("gate", 2), ("learned-gate", 2),
@@ -352,6 +364,11 @@ def test_simulator_oracle_and_timing():
     # the budget derived from bandwidth x layer time limits prefetching
     tight = simulate(tr, cap, "lru", "oracle", 1, layer_us=1.0, pcie_gbps=1.0, expert_bytes=10**6)
     assert tight.prefetched < oracle.prefetched
+    # miss breakdown: without a predictor every miss is unpredicted; the oracle names every layer
+    # call but the first (cold start), so its other misses are budget misses
+    cold = len(set(tr.topk_ids[0, 0].tolist()))
+    assert base.misses_unpredicted == base.misses
+    assert oracle.misses_unpredicted == tight.misses_unpredicted == cold < tight.misses
     with pytest.raises(ValueError, match="batch"):
         simulate(tr, cap, batch=9)
     with pytest.raises(ValueError, match="eviction policy"):
@@ -454,7 +471,9 @@ def test_batch_table():
     from prophet_kernels import routing_report as rr
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
-    text = rr.batch_table(held, train, batches=(1, 2), progress=False)
+    rows = rr.batch_rows(held, train, batches=(1, 2), progress=False)
+    assert len(rows) == 2 * len(rr.BATCH_CONFIGS) and {r["batch"] for r in rows} == {1, 2}
+    text = rr.batch_table(rows)
     assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "| learned-gate d=3 + LRU |" in text and "B=2" in text and "| gate d=3 + next-use |" in text
 
 
