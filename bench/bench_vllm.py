@@ -96,7 +96,7 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
                   attention_backend="TRITON_ATTN")
     prophet = None
     if name.startswith("prophet:"):
-        prophet = {"buffer": float(name.split(":")[1]), "policy": "lru", "log_every_s": 0}
+        prophet = {"buffer": float(name.split(":")[1]), "policy": "next-use", "log_every_s": 0}
     elif name == "offload":
         kwargs.update(cpu_offload_gb=13, cpu_offload_params={"experts"})
     elif name != "off":

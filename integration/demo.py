@@ -102,8 +102,8 @@ def generate(model: str, token_prompts, max_tokens: int, prophet: dict | None, *
     return tokens, (stats[0] if stats else None), seconds
 
 
-def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str = "cyclic",
-             predictor: str = "same", max_tokens: int = 32, num_prompts: int = 4) -> int:
+def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str = "next-use",
+             predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4) -> int:
     cache = tempfile.mkdtemp(prefix="prophet-demo-")
     vllm_env(cache)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the comparison below is the output

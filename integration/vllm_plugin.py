@@ -6,7 +6,7 @@ runs in every vLLM process and is idempotent; it replaces vLLM's ``UnquantizedFu
 with :class:`ProphetFusedMoEMethod`, which behaves exactly like vLLM's method unless Prophet is
 turned on, per engine or per process:
 
-    LLM(model, additional_config={"prophet": {"buffer": 0.375, "policy": "lru"}})
+    LLM(model, additional_config={"prophet": {"buffer": 0.375, "policy": "next-use", "predictor": "gate"}})
     PROPHET=1 PROPHET_BUFFER=0.375 PROPHET_POLICY=cyclic vllm serve <model>
 
 Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environment variables;
@@ -56,7 +56,7 @@ GATE_MODELS = {"OlmoeForCausalLM": "ProphetOlmoeForCausalLM", "MixtralForCausalL
 class ProphetSettings:
     enabled: bool = False
     buffer: float = 0.5
-    policy: str = "lru"
+    policy: str = "next-use"
     predictor: str = "none"
     prefetch_depth: int = 1
     log_every_s: float = 30.0
