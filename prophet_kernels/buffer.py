@@ -201,35 +201,57 @@ class NextUsePolicy(EvictionPolicy):
         self._freq = np.zeros((table.num_layers, table.num_experts))  # running share of calls using (l, e)
         self._layer = np.full(table.num_slots, -1)  # owner of each slot (-1: free)
         self._expert = np.zeros(table.num_slots, dtype=np.int64)
-        self._wanted = np.zeros(table.num_slots, dtype=bool)  # touched since its layer last ran
+        # wanted = touched since its layer last ran: touched[slot] > ended[its layer], on a clock that
+        # ticks when the current layer changes (so a layer call's end clears its slots in O(1))
+        self._clock = 0
+        self._touched = np.full(table.num_slots, -1, dtype=np.int64)
+        self._ended = np.full(table.num_layers, -1, dtype=np.int64)
+        self._score: np.ndarray | None = None  # expected calls to next use per slot; None: stale
 
     def on_layer(self, layer, experts):
         if layer != self.cur:
-            self._wanted[self._layer == self.cur] = False  # the layer that ran has had its use
+            self._ended[self.cur] = self._clock  # the layer that ran has had its use
+            self._clock += 1
         self.cur = layer
         self._freq[layer] *= 1 - self.alpha
         self._freq[layer, list(experts)] += self.alpha
+        self._score = None  # every delta and this layer's frequencies moved: recompute at the next victim
+
+    def _mark_wanted(self, slot):
+        self._touched[slot] = self._clock
+        if self._score is not None:  # within a layer call only this slot's score changes
+            self._score[slot] = (self._layer[slot] - self.cur) % self.table.num_layers or self.table.num_layers
 
     def insert(self, slot):
         self._layer[slot], self._expert[slot] = self.table.owner[slot]
-        self._wanted[slot] = True
+        self._mark_wanted(slot)
 
     def touch(self, slot):
-        self._wanted[slot] = True
+        self._mark_wanted(slot)
 
     def remove(self, slot):
         self._layer[slot] = -1
-        self._wanted[slot] = False
+        self._touched[slot] = -1
+        if self._score is not None:
+            self._score[slot] = -np.inf
 
-    def victim(self, candidates) -> int:
+    def _scores(self) -> np.ndarray:
         L, occupied = self.table.num_layers, self._layer >= 0
+        owner = np.maximum(self._layer, 0)
         delta = (self._layer - self.cur) % L
         delta[delta == 0] = L
-        p = np.maximum(self._freq[np.maximum(self._layer, 0), self._expert], 1e-3)
-        score = np.where(self._wanted, delta, delta + L * (1 - p) / p)
+        p = np.maximum(self._freq[owner, self._expert], 1e-3)
+        wanted = self._touched > self._ended[owner]
+        score = np.where(wanted, delta, delta + L * (1 - p) / p)
         score[~occupied] = -np.inf
+        return score
+
+    def victim(self, candidates) -> int:
+        if self._score is None:
+            self._score = self._scores()
+        score = self._score.copy()
         for _ in range(self.table.num_slots):  # pinned slots are few: skip them one by one
-            slot = int(np.argmax(score))
+            slot = int(score.argmax())
             if score[slot] == -np.inf:
                 break
             if slot in candidates:

@@ -238,13 +238,36 @@ def test_next_use_policy_keeps_popular_experts_over_rare_ones():
 
 
 def test_next_use_policy_matches_its_formula():
-    """Against a plain-loop reference: after random calls and touches, the victim is the unpinned
-    slot with the largest delta + L (1 - p) / p (delta alone if touched since its layer ran)."""
+    """Against a plain-loop reference: after random calls, fills and touches (of this layer's
+    experts, then of other layers' as a prefetch does, interleaved with fills), every victim is the
+    unpinned slot with the largest delta + L (1 - p) / p (delta alone if touched since its layer ran)."""
     rng = np.random.default_rng(3)
     L, E, S, alpha = 5, 6, 12, 0.2
     table = SlotTable(L, E, S, NextUsePolicy(alpha))
     freq, wanted, cur, evictions = [[0.0] * E for _ in range(L)], {}, 0, 0
-    for call in range(60):
+
+    def expected(slot):
+        lo, ex = table.owner[slot]
+        delta = (lo - cur) % L or L
+        p = max(freq[lo][ex], 1e-3)
+        return delta if wanted.get(slot) else delta + L * (1 - p) / p
+
+    def use(lo, e):  # a hit touches the slot; a miss fills one, evicting the reference's choice
+        nonlocal evictions
+        s = table.lookup(lo, e)
+        if s >= 0:
+            table.touch(s)
+        elif table._free:
+            s, _ = table.allocate(lo, e)
+        else:
+            best = max((s for s in range(S) if table.pins[s] == 0), key=expected)
+            s, evicted = table.allocate(lo, e)
+            assert expected(s) == expected(best), (call, s, best)
+            evictions += 1
+            wanted.pop(s, None)
+        wanted[s] = True
+
+    for call in range(80):
         layer = call % L
         need = sorted(rng.choice(E, 2, replace=False).tolist())
         table.policy.on_layer(layer, need)
@@ -255,25 +278,12 @@ def test_next_use_policy_matches_its_formula():
         pins = [s for s in range(S) if rng.random() < 0.2 and table.owner[s] is not None]
         table.pin(pins)
         for e in need:
-            s = table.lookup(layer, e)
-            if s >= 0:
-                table.touch(s)
-            elif table._free:
-                s, _ = table.allocate(layer, e)
-            else:
-                def expected(slot):
-                    lo, ex = table.owner[slot]
-                    delta = (lo - cur) % L or L
-                    p = max(freq[lo][ex], 1e-3)
-                    return delta if wanted.get(slot) else delta + L * (1 - p) / p
-                best = max((s for s in range(S) if table.pins[s] == 0), key=expected)
-                s, evicted = table.allocate(layer, e)
-                assert expected(s) == expected(best), (call, s, best)
-                evictions += 1
-                wanted.pop(s, None)
-            wanted[s] = True
+            use(layer, e)
+        for d in (1, 2):  # a prediction for the next layers: resident ones touched, others filled
+            for e in rng.choice(E, 2, replace=False).tolist():
+                use((layer + d) % L, e)
         table.unpin(pins)
-    assert evictions > 20
+    assert evictions > 40
     with pytest.raises(ValueError, match="alpha"):
         NextUsePolicy(0)
 
