@@ -213,8 +213,10 @@ class NextUsePolicy(EvictionPolicy):
             self._ended[self.cur] = self._clock  # the layer that ran has had its use
             self._clock += 1
         self.cur = layer
-        self._freq[layer] *= 1 - self.alpha
-        self._freq[layer, list(experts)] += self.alpha
+        freq = self._freq[layer]
+        freq *= 1 - self.alpha
+        for e in experts:  # (a Python loop: 2x faster than fancy indexing with a list at k = 8)
+            freq[e] += self.alpha
         self._score = None  # every delta and this layer's frequencies moved: recompute at the next victim
 
     def _mark_wanted(self, slot):
@@ -236,14 +238,13 @@ class NextUsePolicy(EvictionPolicy):
             self._score[slot] = -np.inf
 
     def _scores(self) -> np.ndarray:
-        L, occupied = self.table.num_layers, self._layer >= 0
-        owner = np.maximum(self._layer, 0)
-        delta = (self._layer - self.cur) % L
-        delta[delta == 0] = L
-        p = np.maximum(self._freq[owner, self._expert], 1e-3)
-        wanted = self._touched > self._ended[owner]
-        score = np.where(wanted, delta, delta + L * (1 - p) / p)
-        score[~occupied] = -np.inf
+        L, layer = self.table.num_layers, self._layer
+        delta = (layer - (self.cur + 1)) % L + 1  # 1..L; L for the current layer
+        owner = np.maximum(layer, 0)
+        p = np.maximum(self._freq.take(owner * self.table.num_experts + self._expert), 1e-3)
+        unwanted = self._touched <= self._ended.take(owner)
+        score = delta + unwanted * (L * (1 - p) / p)  # delta if wanted, else delta + L (1 - p) / p
+        score[layer < 0] = -np.inf
         return score
 
     def victim(self, candidates) -> int:
