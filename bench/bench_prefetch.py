@@ -166,10 +166,10 @@ def _routings(tr, steps, T, L, E, k, dev):
 
 
 def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmup=1,
-                fracs=(0.25, 0.5, 0.75, 1.0), batches=(1, 16)):
-    """Time per decode step of an L-layer stack: ProphetMoE (oracle predictor, unlimited prefetch
-    budget) at each buffer fraction and policy vs all experts resident (fused_experts). The first
-    `warmup` steps fill the buffer and are not timed."""
+                fracs=(0.25, 0.5, 0.75, 1.0), batches=(1, 16), budget_experts=None):
+    """Time per decode step of an L-layer stack: ProphetMoE (oracle predictor; prefetch budget per
+    layer call of `budget_experts` experts, unlimited if None) at each buffer fraction and policy vs
+    all experts resident (fused_experts). The first `warmup` steps fill the buffer and are not timed."""
     from prophet_kernels import HostExpertStore, OraclePredictor, ProphetMoE, fused_experts
 
     olmoe = MOE_SHAPES["olmoe"]
@@ -214,7 +214,9 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
         for policy in policies:
             for frac in fracs:
                 slots = max(int(frac * E * L), min(E, k * T) * 2)
-                moe = ProphetMoE(store, slots, device=dev, policy=policy, predictor=OraclePredictor(schedule))
+                budget = None if budget_experts is None else budget_experts * store.expert_bytes
+                moe = ProphetMoE(store, slots, device=dev, policy=policy, predictor=OraclePredictor(schedule),
+                                 prefetch_budget_bytes=budget)
 
                 def prophet(step):
                     for l in range(L):
@@ -228,7 +230,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
                 s1 = moe.stats.as_dict()["total"]
                 d = {f: s1[f] - s0[f] for f in ("hits", "late_hits", "misses", "stall_s", "bytes_h2d")}
                 rows.append({"bench": "decode_step", "routing": routing, "policy": policy, "T": T, "layers": L,
-                             "E": E, "buffer_frac": frac, "slots": slots, "step_ms": t * 1e3,
+                             "E": E, "buffer_frac": frac, "slots": slots, "budget_experts": budget_experts, "step_ms": t * 1e3,
                              "resident_step_ms": t_res * 1e3, "ratio_to_resident": t / t_res,
                              "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),
                              "ready_hit_rate": (d["hits"] - d["late_hits"]) / max(1, d["hits"] + d["misses"]),
@@ -248,6 +250,8 @@ def main(argv=None):
                     help="part (c): 'uniform' random top-k, or a trace name/path (e.g. olmoe-heldout)")
     ap.add_argument("--policies", default="lru", help="part (c): comma-separated eviction policies")
     ap.add_argument("--warmup", type=int, default=1, help="part (c): untimed steps that fill the buffer")
+    ap.add_argument("--budget-experts", type=int, default=None,
+                    help="part (c): prefetch at most this many experts per layer call (default: unlimited)")
     ap.add_argument("--out", help="results folder (default bench/results)")
     args = ap.parse_args(argv)
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -259,7 +263,7 @@ def main(argv=None):
         rows += overlap(dev, args.repeats)
     if args.only in (None, "decode"):
         rows += decode_step(dev, 3 if small else args.repeats, small, args.routing,
-                            tuple(args.policies.split(",")), args.warmup)
+                            tuple(args.policies.split(",")), args.warmup, budget_experts=args.budget_experts)
     prov = provenance(dev)
     for r in rows:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
