@@ -186,6 +186,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
     w2 = (torch.randn(L, E, H, I, generator=g) / 32).to(dtype)
     w13_dev, w2_dev = w13.to(dev), w2.to(dev)
     store = HostExpertStore.from_tensors(w13, w2)  # pinned once, shared by every configuration
+    budget = None if budget_experts is None else budget_experts * store.expert_bytes
     rows = []
     for T in batches:
         steps = _routings(tr, warmup + repeats, T, L, E, k, dev)
@@ -214,7 +215,6 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
         for policy in policies:
             for frac in fracs:
                 slots = max(int(frac * E * L), min(E, k * T) * 2)
-                budget = None if budget_experts is None else budget_experts * store.expert_bytes
                 moe = ProphetMoE(store, slots, device=dev, policy=policy, predictor=OraclePredictor(schedule),
                                  prefetch_budget_bytes=budget)
 

@@ -200,7 +200,7 @@ def render_section(rows: list[dict]) -> str:
              "| recall by d | precision by d |",
              "|---|---:|---:|---:|---:|---:|---|---|"]
     for r in at50:
-        never = f"{r['misses_unpredicted'] / r['requests']:.2%}" if r["prefetched"] or r["pred_recall"] else ""
+        never = f"{r['misses_unpredicted'] / r['requests']:.2%}" if r["predictor"] != "none" else ""
         lines.append(f"| {_label(r)} | {r['misses_per_token']:.2f} | {never} | {r['bytes_per_token'] / 1e6:.1f} | "
                      f"{r['stall_us_per_token']:.0f} | "
                      + (f"{r['prefetch_precision']:.1%}" if r["prefetched"] else "") + " | "

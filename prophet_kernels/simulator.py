@@ -201,9 +201,9 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
         for l in range(L):
             c = t * L + l
             clock[0] = c
-            named = scored.named.pop(c, ()) if scored else ()
-            unpredicted += sum(1 for e in schedule[c] if table.lookup(l, e) < 0 and e not in named)
             got, fills = res.acquire(l, schedule[c])
+            named = scored.named.pop(c, ()) if scored else ()
+            unpredicted += sum(1 for _, _, e in fills if e not in named)  # fills are this call's misses
             for s, _, _ in fills:
                 engine = max(engine, now) + copy_s
                 ready[s] = engine
