@@ -198,7 +198,7 @@ def _fit_lookahead(args, model, windows, ckpt: Path) -> int:
     x, ids = hidden_states(model, windows, progress=True)
     gates, norms, _ = gate_lookahead_parts(model)
     pred = LearnedGatePredictor.fit(x, ids, gates, norms, depth=args.depth, epochs=args.epochs, seed=args.seed,
-                                    progress=True)
+                                    seq_len=args.seq_len, progress=True)
     pred.meta.update(shape=args.shape, train_windows=len(windows), seq_len=args.seq_len,
                      command=f"prophet trace fit-lookahead --shape {args.shape} --seqs {args.seqs} "
                              f"--depth {args.depth} --epochs {args.epochs} --seed {args.seed}")

@@ -14,7 +14,8 @@ layer+1 .. layer+depth, nearest first, within the byte budget.
     gate        gate lookahead: layer l+d's router applied to the hidden state of layer l (the
                 model's own weights; no training)
     learned-gate  gate lookahead plus a learned correction (a linear map started at the gate's and
-                a residual MLP per layer pair), fitted on a train split's hidden states
+                a residual MLP per layer pair), fitted on a train split's hidden states; it also
+                reads the previous token's routing and MoE input at the target layer (context)
     oracle      the exact future routing (tests and bounds)
 
 Per-token predictors pick k experts per token; a batch's answer is their union, most votes first.
@@ -299,48 +300,97 @@ class GateLookaheadPredictor(Predictor):
         return out
 
 
+def context_features(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """What a token leaves for the next token's learned lookahead at one layer: its routing
+    (multi-hot [.., E]) and its normalised MoE input [.., H], concatenated."""
+    hot = torch.zeros(*topk_ids.shape[:-1], num_experts, device=x.device)
+    hot.scatter_(-1, topk_ids.long().to(x.device), 1.0)
+    return torch.cat([hot, x.float()], -1)
+
+
+def previous_token(features: torch.Tensor, seq_len: int) -> torch.Tensor:
+    """[.., N, F] for N tokens in windows of seq_len, in order -> each token's predecessor's row
+    (zeros for a window's first token: nothing came before it)."""
+    prev = features.roll(1, dims=-2)
+    prev[..., ::seq_len, :] = 0
+    return prev
+
+
 class LearnedGatePredictor(GateLookaheadPredictor):
     """Gate lookahead, learned: for each layer l and distance d, logits for layer l+d from layer l's
-    MoE input x_l = x_l W^T + b + B gelu(A x_l + a), with W starting at the gate lookahead's own map
-    (gate_{l+d} * w_{l+d} / w_l) and the residual MLP at zero, trained (BCE on the routed experts)
-    on hidden states and routing of a train split (``traces.recorder.hidden_states``). It corrects
-    what the residual stream does between l and l+d, which the plain lookahead ignores."""
+    MoE input x_l = x_l W^T + b + B gelu(A x_l + P c + a) + C c, with W starting at the gate
+    lookahead's own map (gate_{l+d} * w_{l+d} / w_l) and the rest at zero (A, P: nn.Linear's init),
+    trained (BCE on the routed experts) on hidden states and routing of a train split
+    (``traces.recorder.hidden_states``). c (``context_features``) is what the previous token left at
+    layer l+d: its experts there and its MoE input there, known at decode time (the previous step
+    ran layer l+d) and carrying what attention will mix in, which x_l cannot see. At runtime the
+    predictor keeps each layer's last call (rows = sequences; a call with another row count, e.g. a
+    prefill, gets zero context, like a sequence's first token). Without P and C (an older fit) it
+    reads x_l alone."""
     name = "learned-gate"
     trace_field = "learned_lookahead"
     record_hint = "record it with `prophet trace record --learned-gate PATH`"
+    TENSORS = ("W", "b", "A", "a", "B", "P", "C")
 
-    def __init__(self, W: torch.Tensor | None = None, b=None, A=None, a=None, B=None,
+    def __init__(self, W: torch.Tensor | None = None, b=None, A=None, a=None, B=None, P=None, C=None,
                  top_k: int | None = None, width: int | None = None, meta: dict | None = None):
         """Without tensors it only replays a trace's recorded ranking (``meta``: its fit, with nbytes)."""
         super().__init__(top_k=top_k, width=width)
-        # [D, L, E, H], [D, L, E], [D, L, R, H], [D, L, R], [D, L, E, R]; rows with l + d >= L unused
-        self.W, self.b, self.A, self.a, self.B = W, b, A, a, B
+        # [D, L, E, H], [D, L, E], [D, L, R, H], [D, L, R], [D, L, E, R], [D, L, R, E+H], [D, L, E, E+H];
+        # rows with l + d >= L unused
+        self.W, self.b, self.A, self.a, self.B, self.P, self.C = W, b, A, a, B, P, C
         self.meta = dict(meta or {})
+        self._last: dict[int, torch.Tensor] = {}  # layer -> context_features of its last call's tokens
 
     @property
     def depth(self) -> int:
         return self.W.shape[0] if self.W is not None else self.meta.get("depth", 3)
 
-    def logits(self, layer, d, x):
+    @property
+    def has_context(self) -> bool:
+        return self.P is not None
+
+    def _tensors(self) -> list[torch.Tensor]:
+        return [t for t in (getattr(self, n) for n in self.TENSORS) if t is not None]
+
+    def logits(self, layer, d, x, context: torch.Tensor | None = None):
+        """`context`: the previous tokens' ``context_features`` at layer+d, one row per row of x
+        (default: what this predictor kept from layer+d's last call, or zeros)."""
         if self.W is None:
             raise ValueError("this LearnedGatePredictor has no weights (trace replay only): fit it "
                              "(LearnedGatePredictor.fit, `prophet trace fit-lookahead`) or load a saved one")
         if d > self.depth:
             raise ValueError(f"learned gate lookahead was fitted for depth {self.depth}, asked for {d}")
         if self.W.device != x.device:  # fitted and loaded on the CPU; used where the hidden states are
-            self.W, self.b, self.A, self.a, self.B = (t.to(x.device) for t in (self.W, self.b, self.A, self.a, self.B))
+            for n in self.TENSORS:
+                if getattr(self, n) is not None:
+                    setattr(self, n, getattr(self, n).to(x.device))
         x = x.float()
         i = (d - 1, layer)
-        return x @ self.W[i].t() + self.b[i] + torch.nn.functional.gelu(x @ self.A[i].t() + self.a[i]) @ self.B[i].t()
+        pre = x @ self.A[i].t() + self.a[i]
+        out = x @ self.W[i].t() + self.b[i]
+        if self.has_context:
+            if context is None:
+                last = self._last.get(layer + d)
+                context = last if last is not None and last.shape[0] == x.shape[0] else \
+                    x.new_zeros(x.shape[0], self.P.shape[-1])
+            pre = pre + context @ self.P[i].t()
+            out = out + context @ self.C[i].t()
+        return out + torch.nn.functional.gelu(pre) @ self.B[i].t()
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
-        return super().predict(layer, topk_ids, hidden, num_layers, min(depth, self.depth))
+        out = super().predict(layer, topk_ids, hidden, num_layers, min(depth, self.depth))
+        if self.has_context and isinstance(hidden, torch.Tensor) and topk_ids is not None:
+            self._last[layer] = context_features(hidden, torch.as_tensor(_ids(topk_ids)), self.W.shape[2])
+        return out
 
     @classmethod
     def fit(cls, hidden: torch.Tensor, topk_ids: torch.Tensor, gates, norm_weights, depth: int = 3,
             mlp_width: int | None = None, epochs: int = 6, batch: int = 1024, lr: float = 3e-3, seed: int = 0,
-            progress: bool = False) -> "LearnedGatePredictor":
-        """hidden [L, N, H]: each layer's MoE input (normalised) for N train tokens; topk_ids [L, N, k]."""
+            seq_len: int | None = None, progress: bool = False) -> "LearnedGatePredictor":
+        """hidden [L, N, H]: each layer's MoE input (normalised) for N train tokens; topk_ids [L, N, k].
+        seq_len: the tokens are windows of seq_len in order, and the fit uses the previous token's
+        context; None: no context (x_l alone)."""
         from tqdm import tqdm
 
         L, N, H = hidden.shape
@@ -353,31 +403,44 @@ class LearnedGatePredictor(GateLookaheadPredictor):
                 W[d - 1, l] = gates[l + d].float() * (norm_weights[l + d].float() / norm_weights[l].float())[None, :]
         b, a, B = torch.zeros(depth, L, E), torch.zeros(depth, L, R), torch.zeros(depth, L, E, R)
         A = torch.empty(depth, L, R, H).uniform_(-1, 1, generator=g) / H ** 0.5  # nn.Linear's init
+        hidden = hidden.float()
+        tensors = [W, b, A, a, B]
+        if seq_len is not None:
+            if N % seq_len:
+                raise ValueError(f"{N} train tokens are not whole windows of seq_len={seq_len}")
+            ctx = previous_token(context_features(hidden, topk_ids, E), seq_len)  # [L, N, E+H]
+            P = torch.empty(depth, L, R, E + H).uniform_(-1, 1, generator=g) / (E + H) ** 0.5
+            tensors += [P, torch.zeros(depth, L, E, E + H)]
         # one set of leaves and one optimizer per distance: a shared AdamW would keep moving the other
         # distances' weights on their stale moments at every step (measured: Mixtral shape d=1 recall
         # 94.8% that way vs 96.5% fitted alone)
-        per_d = [[t[i].clone().requires_grad_() for t in (W, b, A, a, B)] for i in range(depth)]
+        per_d = [[t[i].clone().requires_grad_() for t in tensors] for i in range(depth)]
         opts = [torch.optim.AdamW(p, lr=lr, weight_decay=1e-4) for p in per_d]
         target = torch.zeros(L, N, E)
         target.scatter_(2, topk_ids.long(), 1.0)
-        hidden = hidden.float()
         steps = [(d, idx) for _ in range(epochs) for d in range(1, depth + 1)
                  for idx in torch.randperm(N, generator=g).split(batch)]
         for d, idx in tqdm(steps, desc="fit learned gate lookahead", disable=not progress):
             n = L - d
             x = hidden[:n, idx]  # [n, b, H] -> logits for layers d .. L-1
-            Wd, bd, Ad, ad, Bd = per_d[d - 1]
-            h = torch.nn.functional.gelu(torch.einsum("lbh,lrh->lbr", x, Ad[:n]) + ad[:n, None])
-            logits = torch.einsum("lbh,leh->lbe", x, Wd[:n]) + bd[:n, None] + torch.einsum("lbr,ler->lbe", h, Bd[:n])
+            Wd, bd, Ad, ad, Bd = per_d[d - 1][:5]
+            pre = torch.einsum("lbh,lrh->lbr", x, Ad[:n]) + ad[:n, None]
+            logits = torch.einsum("lbh,leh->lbe", x, Wd[:n]) + bd[:n, None]
+            if seq_len is not None:
+                Pd, Cd = per_d[d - 1][5:]
+                c = ctx[d:, idx]  # the previous token's context at the target layers
+                pre = pre + torch.einsum("lbf,lrf->lbr", c, Pd[:n])
+                logits = logits + torch.einsum("lbf,lef->lbe", c, Cd[:n])
+            logits = logits + torch.einsum("lbr,ler->lbe", torch.nn.functional.gelu(pre), Bd[:n])
             # summed over layers: the same step for each layer as fitting it alone
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[d:, idx], reduction="none")
             loss = loss.mean((1, 2)).sum()
             opts[d - 1].zero_grad()
             loss.backward()
             opts[d - 1].step()
-        params = [torch.stack([p[j].detach() for p in per_d]) for j in range(5)]
-        return cls(*(t.detach() for t in params), top_k=k,
-                   meta={"train_tokens": N, "depth": depth, "mlp_width": R, "epochs": epochs, "lr": lr, "seed": seed})
+        params = [torch.stack([p[j].detach() for p in per_d]) for j in range(len(tensors))]
+        return cls(*params, top_k=k, meta={"train_tokens": N, "depth": depth, "mlp_width": R, "epochs": epochs,
+                                           "lr": lr, "seed": seed, "context": seq_len is not None})
 
     @property
     def nbytes(self):
@@ -386,10 +449,10 @@ class LearnedGatePredictor(GateLookaheadPredictor):
             return int(self.meta.get("nbytes", 0))
         D, L = self.W.shape[:2]
         used = sum(L - d for d in range(1, D + 1)) / (D * L)
-        return int(sum(t.numel() for t in (self.W, self.b, self.A, self.a, self.B)) * used) * 2
+        return int(sum(t.numel() for t in self._tensors()) * used) * 2
 
     def save(self, path) -> None:
-        torch.save({"tensors": {n: getattr(self, n).to(torch.bfloat16) for n in "W b A a B".split()},
+        torch.save({"tensors": {n: getattr(self, n).to(torch.bfloat16) for n in self.TENSORS if getattr(self, n) is not None},
                     "top_k": self.k, "meta": self.meta}, path)
 
     def check_model(self, num_layers: int, num_experts: int, hidden: int) -> None:
@@ -403,7 +466,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
     def load(cls, path, width: int | None = None) -> "LearnedGatePredictor":
         z = torch.load(path, map_location="cpu")
         t = {n: v.float() for n, v in z["tensors"].items()}
-        return cls(t["W"], t["b"], t["A"], t["a"], t["B"], top_k=z["top_k"], width=width, meta=z["meta"])
+        return cls(*(t.get(n) for n in cls.TENSORS), top_k=z["top_k"], width=width, meta=z["meta"])
 
 
 def _scatter(picks: np.ndarray, values: np.ndarray, num_experts: int) -> np.ndarray:

@@ -12,7 +12,7 @@ from prophet_kernels.buffer import BeladyPolicy, NextUsePolicy, SlotTable
 from prophet_kernels.layer import ProphetMoE
 from prophet_kernels.predictors import (
     GateLookaheadPredictor, LearnedGatePredictor, LearnedPredictor, OraclePredictor, SameExpertsPredictor, TraceHidden, TransitionPredictor,
-    fit_predictor, make_predictor)
+    fit_predictor, make_predictor, previous_token)
 from prophet_kernels.simulator import lanes, simulate
 from prophet_kernels.traces import DATA, Trace, load_trace
 from prophet_kernels.traces.dedup import dedup_table, verdict
@@ -124,7 +124,7 @@ def test_learned_gate_lookahead_fit_record_replay(tmp_path):
     windows = np.random.default_rng(1).integers(1, 64, (4, 16))
     x, ids = hidden_states(model, windows, batch=2)
     assert x.shape == (4, 64, 32) and ids.shape == (4, 64, 2)
-    untrained = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=0)
+    untrained = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=0, seq_len=16)
     gate = GateLookaheadPredictor(gates, norms, top_k=2)
     for l in range(3):
         assert untrained.predict(l, ids[l], x[l], 4, 2) == gate.predict(l, ids[l], x[l], 4, 2)
@@ -152,13 +152,25 @@ def test_learned_gate_lookahead_fit_record_replay(tmp_path):
 
     assert recall(fitted, 1) > 0.8 > recall(plain, 1) + 0.3
 
-    # recorded ranking == runtime ranking; save/load keeps the predictions (bf16 storage)
-    pred = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=3)
+    # recorded ranking == runtime ranking of a sequence decoded token by token, layer by layer (the
+    # runtime keeps each layer's last call as the next token's context; a window starts with none);
+    # save/load keeps the predictions (bf16 storage)
+    pred = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=3, seq_len=16)
+    assert pred.has_context and pred.meta["context"]
     tr = record(model, windows[:2], lookahead_depth=2, batch=2, learned=pred)
     assert tr.learned_lookahead.shape == (2, 4, 32, 4) and tr.meta["learned_lookahead"]["nbytes"] == pred.nbytes > 0
-    wide = LearnedGatePredictor(pred.W, pred.b, pred.A, pred.a, pred.B, top_k=2, width=4)
-    for n in range(3):
-        assert wide.predict(0, None, x[0, n:n + 1], 4, 1)[1] == tr.learned_lookahead[0, 0, n].tolist()
+    wide = LearnedGatePredictor(pred.W, pred.b, pred.A, pred.a, pred.B, pred.P, pred.C, top_k=2, width=4)
+    for n in range(20):  # crosses the second window's start (token 16)
+        if n % 16 == 0:
+            wide._last.clear()
+        for l in range(4):
+            got = wide.predict(l, ids[l, n:n + 1], x[l, n:n + 1], 4, 2)
+            for d in (1, 2):
+                if l + d < 4:
+                    assert got[l + d] == tr.learned_lookahead[d - 1, l, n].tolist(), (n, l, d)
+    # a call with 5 rows after calls with 1 (a prefill after decode): zero context, not a shape error
+    assert torch.equal(wide.logits(0, 1, x[0, :5]), wide.logits(0, 1, x[0, :5], torch.zeros(5, pred.P.shape[-1])))
+    assert not torch.equal(wide.logits(0, 1, x[0, :1]), wide.logits(0, 1, x[0, :1], torch.zeros(1, pred.P.shape[-1])))
     back = Trace.load(tr.save(tmp_path / "t.npz"))
     assert np.array_equal(back.learned_lookahead, tr.learned_lookahead)
     replay = fit_predictor("learned-gate", None, back)
@@ -173,6 +185,36 @@ def test_learned_gate_lookahead_fit_record_replay(tmp_path):
         fit_predictor("learned-gate", None, no_la).predict(0, None, TraceHidden(no_la, np.arange(2)), 4, 1)
     with pytest.raises(ValueError, match="no weights"):
         fit_predictor("learned-gate", None, None).predict(0, None, x[0], 4, 1)
+
+
+def test_learned_gate_lookahead_reads_the_previous_token():
+    """A routing that depends on what the previous token did at the target layer (attention's
+    part, invisible from layer l's input): the fit with context learns it, the fit without cannot,
+    and at runtime the context comes from the predictor's own memory of the previous call."""
+    g = torch.Generator().manual_seed(0)
+    S, N, H, E = 20, 4000, 16, 8
+    xs = torch.randn(2, N, H, generator=g)
+    proj = torch.randn(H, E, generator=g)
+    ids = torch.stack([torch.topk(torch.randn(N, E, generator=g), 2).indices,  # layer 0: noise
+                       torch.topk(previous_token(xs[1] @ proj, S), 2).indices])  # layer 1: t-1's x at layer 1
+    gates, ones = [torch.randn(E, H, generator=g) for _ in range(2)], [torch.ones(H)] * 2
+    kw = dict(depth=1, epochs=60, lr=1e-2, seed=0)
+    with_ctx = LearnedGatePredictor.fit(xs[:, :3000], ids[:, :3000], gates, ones, seq_len=S, **kw)
+    without = LearnedGatePredictor.fit(xs[:, :3000], ids[:, :3000], gates, ones, **kw)
+
+    def recall(pred):
+        hit = 0
+        for n in range(3000, 3200):  # held-out tokens decoded one at a time: layer 0, then layer 1
+            if n % S == 0:
+                pred._last.clear()
+            want = set(pred.predict(0, ids[0, n:n + 1], xs[0, n:n + 1], 2, 1)[1])
+            hit += len(want & set(ids[1, n].tolist()))
+            pred.predict(1, ids[1, n:n + 1], xs[1, n:n + 1], 2, 1)
+        return hit / 400
+
+    assert recall(with_ctx) > 0.8 > 0.5 > recall(without)
+    with pytest.raises(ValueError, match="whole windows"):
+        LearnedGatePredictor.fit(xs[:, :3001], ids[:, :3001], gates, ones, seq_len=S, depth=1, epochs=0)
 
 
 # ---------------------------------------------------------------------------------- policies

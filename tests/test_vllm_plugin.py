@@ -78,7 +78,8 @@ def baseline(checkpoints):
 
 @pytest.fixture(scope="module")
 def learned_gates(checkpoints, tmp_path_factory):
-    """A LearnedGatePredictor fitted (briefly) on each tiny model's hidden states, saved to a file."""
+    """A LearnedGatePredictor fitted (briefly, with the previous token's context) on each tiny model's
+    hidden states, saved to a file."""
     import numpy as np
     import torch
     import transformers
@@ -93,7 +94,7 @@ def learned_gates(checkpoints, tmp_path_factory):
         x, ids = hidden_states(model, windows)
         gates, norms, _ = gate_lookahead_parts(model)
         out[family] = str(tmp_path_factory.mktemp("lg") / f"{family}.pt")
-        LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=2).save(out[family])
+        LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=2, seq_len=32).save(out[family])
     return out
 
 

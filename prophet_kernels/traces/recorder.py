@@ -13,6 +13,7 @@ import datetime
 import numpy as np
 import torch
 
+from ..predictors import context_features, previous_token
 from ..provenance import git_commit
 from .format import Trace
 
@@ -90,14 +91,17 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
         shape = (lookahead_depth,) + ids[-1].shape[:2] + (m,)
         la = torch.full(shape, -1, dtype=torch.int16)
         lla = torch.full(shape, -1, dtype=torch.int16) if learned is not None else None
+        if learned is not None:  # each layer's MoE input, and what each token leaves the next one there
+            xs = [layers[l].post_attention_layernorm(r) for l, (r, _, _) in enumerate(got)]
+            ctx = [previous_token(context_features(x, i, E), windows.shape[1]) for x, (_, _, i) in zip(xs, got)]
         for l, (resid, _, _) in enumerate(got):
-            x = layers[l].post_attention_layernorm(resid) if learned is not None else None  # layer l's MoE input
             for d in range(1, min(lookahead_depth, L - 1 - l) + 1):
                 nxt = layers[l + d]
                 logits = nxt.mlp.gate(nxt.post_attention_layernorm(resid))[0]
                 la[d - 1, l] = torch.topk(logits.float(), m, dim=-1).indices.to(torch.int16)
                 if learned is not None:
-                    lla[d - 1, l] = torch.topk(learned.logits(l, d, x), m, dim=-1).indices.to(torch.int16)
+                    logits = learned.logits(l, d, xs[l], ctx[l + d])
+                    lla[d - 1, l] = torch.topk(logits, m, dim=-1).indices.to(torch.int16)
         look.append(la)
         learned_look.append(lla)
     seq_len = windows.shape[1]
