@@ -219,10 +219,14 @@ class NextUsePolicy(EvictionPolicy):
             freq[e] += self.alpha
         self._score = None  # every delta and this layer's frequencies moved: recompute at the next victim
 
+    def _delta(self, layer):
+        """Layer calls until `layer` (scalar or array) runs next: 1..L, L for the current layer."""
+        return (layer - (self.cur + 1)) % self.table.num_layers + 1
+
     def _mark_wanted(self, slot):
         self._touched[slot] = self._clock
         if self._score is not None:  # within a layer call only this slot's score changes
-            self._score[slot] = (self._layer[slot] - self.cur) % self.table.num_layers or self.table.num_layers
+            self._score[slot] = self._delta(self._layer[slot])
 
     def insert(self, slot):
         self._layer[slot], self._expert[slot] = self.table.owner[slot]
@@ -239,7 +243,7 @@ class NextUsePolicy(EvictionPolicy):
 
     def _scores(self) -> np.ndarray:
         L, layer = self.table.num_layers, self._layer
-        delta = (layer - (self.cur + 1)) % L + 1  # 1..L; L for the current layer
+        delta = self._delta(layer)
         owner = np.maximum(layer, 0)
         p = np.maximum(self._freq.take(owner * self.table.num_experts + self._expert), 1e-3)
         unwanted = self._touched <= self._ended.take(owner)

@@ -300,12 +300,16 @@ class GateLookaheadPredictor(Predictor):
         return out
 
 
-def context_features(x: torch.Tensor, topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+def multi_hot(topk_ids, num_experts: int, device=None) -> torch.Tensor:
+    """[.., k] expert ids -> [.., E] float, 1 where routed."""
+    ids = torch.as_tensor(topk_ids, device=device).long()
+    return torch.zeros(*ids.shape[:-1], num_experts, device=ids.device).scatter_(-1, ids, 1.0)
+
+
+def context_features(x: torch.Tensor, routed: torch.Tensor) -> torch.Tensor:
     """What a token leaves for the next token's learned lookahead at one layer: its routing
-    (multi-hot [.., E]) and its normalised MoE input [.., H], concatenated."""
-    hot = torch.zeros(*topk_ids.shape[:-1], num_experts, device=x.device)
-    hot.scatter_(-1, topk_ids.long().to(x.device), 1.0)
-    return torch.cat([hot, x.float()], -1)
+    (``multi_hot`` [.., E]) and its normalised MoE input [.., H], concatenated."""
+    return torch.cat([routed, x.float()], -1)
 
 
 def previous_token(features: torch.Tensor, seq_len: int) -> torch.Tensor:
@@ -381,7 +385,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         out = super().predict(layer, topk_ids, hidden, num_layers, min(depth, self.depth))
         if self.has_context and isinstance(hidden, torch.Tensor) and topk_ids is not None:
-            self._last[layer] = context_features(hidden, torch.as_tensor(_ids(topk_ids)), self.W.shape[2])
+            self._last[layer] = context_features(hidden, multi_hot(topk_ids, self.W.shape[2], hidden.device))
         return out
 
     @classmethod
@@ -403,12 +407,12 @@ class LearnedGatePredictor(GateLookaheadPredictor):
                 W[d - 1, l] = gates[l + d].float() * (norm_weights[l + d].float() / norm_weights[l].float())[None, :]
         b, a, B = torch.zeros(depth, L, E), torch.zeros(depth, L, R), torch.zeros(depth, L, E, R)
         A = torch.empty(depth, L, R, H).uniform_(-1, 1, generator=g) / H ** 0.5  # nn.Linear's init
-        hidden = hidden.float()
+        hidden, target = hidden.float(), multi_hot(topk_ids, E)
         tensors = [W, b, A, a, B]
         if seq_len is not None:
             if N % seq_len:
                 raise ValueError(f"{N} train tokens are not whole windows of seq_len={seq_len}")
-            ctx = previous_token(context_features(hidden, topk_ids, E), seq_len)  # [L, N, E+H]
+            ctx = previous_token(context_features(hidden, target), seq_len)  # [L, N, E+H]
             P = torch.empty(depth, L, R, E + H).uniform_(-1, 1, generator=g) / (E + H) ** 0.5
             tensors += [P, torch.zeros(depth, L, E, E + H)]
         # one set of leaves and one optimizer per distance: a shared AdamW would keep moving the other
@@ -416,8 +420,6 @@ class LearnedGatePredictor(GateLookaheadPredictor):
         # 94.8% that way vs 96.5% fitted alone)
         per_d = [[t[i].clone().requires_grad_() for t in tensors] for i in range(depth)]
         opts = [torch.optim.AdamW(p, lr=lr, weight_decay=1e-4) for p in per_d]
-        target = torch.zeros(L, N, E)
-        target.scatter_(2, topk_ids.long(), 1.0)
         steps = [(d, idx) for _ in range(epochs) for d in range(1, depth + 1)
                  for idx in torch.randperm(N, generator=g).split(batch)]
         for d, idx in tqdm(steps, desc="fit learned gate lookahead", disable=not progress):

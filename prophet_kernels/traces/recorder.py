@@ -13,7 +13,7 @@ import datetime
 import numpy as np
 import torch
 
-from ..predictors import context_features, previous_token
+from ..predictors import context_features, multi_hot, previous_token
 from ..provenance import git_commit
 from .format import Trace
 
@@ -57,6 +57,11 @@ def _routed_batches(model, windows: np.ndarray, batch: int, desc: str, progress:
             h.remove()
 
 
+def _moe_inputs(layers, got) -> list[torch.Tensor]:
+    """Each layer's normalised MoE input from the residual streams `_routed_batches` captured."""
+    return [layers[l].post_attention_layernorm(r) for l, (r, _, _) in enumerate(got)]
+
+
 @torch.no_grad()
 def hidden_states(model, windows: np.ndarray, batch: int = 16, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Each layer's normalised MoE input [L, N, H] and routed experts [L, N, k] for `windows`:
@@ -64,7 +69,7 @@ def hidden_states(model, windows: np.ndarray, batch: int = 16, progress: bool = 
     layers = moe_layers(model)
     xs, ids = [], []
     for got in _routed_batches(model, windows, batch, "hidden states", progress):
-        xs.append(torch.stack([layers[l].post_attention_layernorm(r) for l, (r, _, _) in enumerate(got)]))
+        xs.append(torch.stack(_moe_inputs(layers, got)))
         ids.append(torch.stack([i for _, _, i in got]).to(torch.int16))
     return torch.cat(xs, 1), torch.cat(ids, 1)
 
@@ -92,8 +97,8 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
         la = torch.full(shape, -1, dtype=torch.int16)
         lla = torch.full(shape, -1, dtype=torch.int16) if learned is not None else None
         if learned is not None:  # each layer's MoE input, and what each token leaves the next one there
-            xs = [layers[l].post_attention_layernorm(r) for l, (r, _, _) in enumerate(got)]
-            ctx = [previous_token(context_features(x, i, E), windows.shape[1]) for x, (_, _, i) in zip(xs, got)]
+            xs = _moe_inputs(layers, got)
+            ctx = [previous_token(context_features(x, multi_hot(i, E)), windows.shape[1]) for x, (_, _, i) in zip(xs, got)]
         for l, (resid, _, _) in enumerate(got):
             for d in range(1, min(lookahead_depth, L - 1 - l) + 1):
                 nxt = layers[l + d]
