@@ -45,7 +45,8 @@ def _cuda_time(fn, repeats: int) -> float:
 
 def copy_engine(dev, repeats):
     """H2D GB/s of one expert: a plain pinned copy of the same bytes (current stream, and a side
-    stream with an event wait), the store -> buffer copies made directly, and the prefetcher."""
+    stream with an event wait), the store -> buffer copy made directly (one block; and as the two
+    copies of the earlier layout), and the prefetcher."""
     from prophet_kernels import ProphetMoE
 
     rows = []
@@ -65,7 +66,10 @@ def copy_engine(dev, repeats):
                 done.record(side)
             torch.cuda.current_stream().wait_event(done)
 
-        def direct():  # the prefetcher's two copies, made on the current stream
+        def direct():  # the prefetcher's one copy (one-block layout), made on the current stream
+            buf.blocks[0].copy_(store.blocks[0][1], non_blocking=True)
+
+        def direct_two():  # the two copies (w13 part, w2 part) of the layout before the one-block one
             buf.w13[0].copy_(store.w13[0][1], non_blocking=True)
             buf.w2[0].copy_(store.w2[0][1], non_blocking=True)
 
@@ -84,7 +88,7 @@ def copy_engine(dev, repeats):
 
         t = {k: _cuda_time(f, repeats) for k, f in (
             ("plain", lambda: dst.copy_(src, non_blocking=True)), ("plain_side", plain_side),
-            ("direct", direct), ("prefetcher", prefetch_one))}
+            ("direct", direct), ("direct_two", direct_two), ("prefetcher", prefetch_one))}
         t |= {k: _cuda_time(f, repeats) / 8 for k, f in (("plain_x8", plain_stream),
                                                           ("prefetcher_x8", prefetch_stream))}
         rows.append({"bench": "copy", "expert": name, "bytes": eb, "store_pinned": store.pinned,

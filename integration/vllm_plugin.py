@@ -19,7 +19,8 @@ log period; 0 logs only at shutdown).
 
 Lifecycle per model (all in the worker process):
   create_weights   each MoE layer's w13 [E, 2I, H] / w2 [E, H, I] are created in host memory
-                   (pinned with CUDA), where vLLM's weight loader fills them: no device copy
+                   (pinned with CUDA; views of one block, so one copy moves an expert), where
+                   vLLM's weight loader fills them: no device copy
   process_weights  each layer hands its tensors to the model's host store and drops its
   _after_loading   parameters; after the last layer the device buffer (slots, page table) is
                    allocated, before vLLM's profiling run, so vLLM's memory accounting gives the
@@ -224,6 +225,7 @@ def _(x, topk_weights, topk_ids, group, layer):
 
 
 def _method_class():
+    from prophet_kernels.store import expert_tensors
     from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
@@ -270,18 +272,18 @@ def _method_class():
             with torch.device("cpu"):  # vLLM creates weights under the device context: host memory instead
                 super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                        params_dtype, **extra)
-            if torch.cuda.is_available():  # empty tensors: pinning now costs no copy
-                for name in ("w13_weight", "w2_weight"):
-                    p = getattr(layer, name)
-                    p.data = torch.empty_like(p.data, pin_memory=True)
+            # empty tensors: re-creating them in the store's one-block layout (pinned with CUDA) costs no copy
+            layer.w13_weight.data, layer.w2_weight.data = expert_tensors(
+                num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                pin=torch.cuda.is_available())
 
         def process_weights_after_loading(self, layer):
             if self.experts is None:
                 return super().process_weights_after_loading(layer)
             w13, w2 = layer.w13_weight.data, layer.w2_weight.data
             if w13.device.type != "cpu":  # vLLM moved host params to the device for this call
-                w13 = torch.empty_like(w13, device="cpu", pin_memory=True).copy_(w13)
-                w2 = torch.empty_like(w2, device="cpu", pin_memory=True).copy_(w2)
+                a, b = expert_tensors(w13.shape[0], w13.shape[2], w2.shape[2], w13.dtype, pin=True)
+                w13, w2 = a.copy_(w13), b.copy_(w2)
             for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters
                 del layer._parameters[name]
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \

@@ -5,7 +5,7 @@
     PagedExpertBuffer   a SlotTable plus the device tensors it describes:
 
     w13     [S, 2I, H]  slot s holds the gate/up rows of the expert in it
-    w2      [S, H, I]
+    w2      [S, H, I]   (both views of one [S, 3*I*H] block, ``blocks``: one copy fills a slot)
     page_table [L, E] int32 on the device: slot of expert e of layer l, or -1
     owner   slot -> (layer, expert) or None (host side, the source of truth for decisions)
 
@@ -21,6 +21,8 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+
+from .store import expert_block, expert_tensors
 
 
 class EvictionPolicy:
@@ -358,8 +360,9 @@ class PagedExpertBuffer(SlotTable):
                  dtype: torch.dtype, device, policy="lru", min_slots: int = 1):
         super().__init__(num_layers, num_experts, num_slots, policy, min_slots)
         self.device = torch.device(device)
-        self.w13 = torch.empty((num_slots, 2 * intermediate, hidden), dtype=dtype, device=self.device)
-        self.w2 = torch.empty((num_slots, hidden, intermediate), dtype=dtype, device=self.device)
+        # one [S, 3*I*H] block: a slot's weights are contiguous, one copy fills it
+        self.w13, self.w2 = expert_tensors(num_slots, hidden, intermediate, dtype, self.device)
+        self.blocks = expert_block(self.w13, self.w2)
         self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
 
     def upload_row(self, layer: int) -> torch.Tensor:

@@ -38,17 +38,22 @@ class StreamPrefetcher:
 
     def copy(self, slot: int, layer: int, expert: int, label: str = "prefetch") -> None:
         """Fill `slot` with expert `expert` of `layer` (asynchronous on CUDA)."""
-        src13, src2 = self.store.w13[layer][expert], self.store.w2[layer][expert]
+        src = self.store.blocks[layer]
+        if src is not None:  # one block per expert: one copy
+            pairs = [(self.buffer.blocks[slot], src[expert])]
+        else:
+            pairs = [(self.buffer.w13[slot], self.store.w13[layer][expert]),
+                     (self.buffer.w2[slot], self.store.w2[layer][expert])]
         with nvtx_range(f"{label} L{layer} E{expert}", color="green" if label == "prefetch" else "red"):
             if not self.cuda:
-                self.buffer.w13[slot].copy_(src13)
-                self.buffer.w2[slot].copy_(src2)
+                for dst, s in pairs:
+                    dst.copy_(s)
                 return
             with torch.cuda.stream(self.stream):
                 if self._read_recorded[slot]:
                     self.stream.wait_event(self.read[slot])
-                self.buffer.w13[slot].copy_(src13, non_blocking=True)
-                self.buffer.w2[slot].copy_(src2, non_blocking=True)
+                for dst, s in pairs:
+                    dst.copy_(s, non_blocking=True)
                 self.ready[slot].record(self.stream)
 
     def in_flight(self, slots) -> list[int]:

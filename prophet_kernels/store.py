@@ -3,7 +3,11 @@
 Layout per layer l (the kernels' layout, one expert = one slot's worth of weights):
     w13[l]  [E, 2I, H]  gate rows [0, I), then up rows [I, 2I)
     w2[l]   [E, H, I]
-Pinned when CUDA is present, so host-to-device copies run on the copy engine asynchronously.
+The builders place both as views of one [E, 3*I*H] block (``expert_tensors``): each expert's
+weights are contiguous, so one copy moves an expert into a slot (the device buffer has the same
+layout; the kernels take the slot stride). Tensors handed to the constructor in another layout
+still work, at two copies per expert. Pinned when CUDA is present, so host-to-device copies run
+on the copy engine asynchronously.
 Built from tensors, from (gate_up, down) parameter pairs of a loaded model, or streamed from
 safetensors files one layer at a time (never a second full copy in memory).
 """
@@ -18,9 +22,37 @@ from pathlib import Path
 import torch
 
 
-def _pin(t: torch.Tensor, pin: bool) -> torch.Tensor:
-    t = t.detach().to("cpu").contiguous()
-    return t.pin_memory() if pin and not t.is_pinned() else t
+def expert_tensors(num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, device="cpu",
+                   pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Uninitialised w13 [E, 2I, H] and w2 [E, H, I] as views of one [E, 3*I*H] block: expert e's
+    gate/up rows and then its down rows are contiguous, ``expert_block`` sees them as one row."""
+    E, H, I = num_experts, hidden, intermediate
+    block = torch.empty((E, 3 * I * H), dtype=dtype, device=device, pin_memory=pin)
+    return block[:, :2 * I * H].view(E, 2 * I, H), block[:, 2 * I * H:].view(E, H, I)
+
+
+def expert_block(w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
+    """[E, 3*I*H] view of both tensors when they are laid out as ``expert_tensors`` makes them, else None."""
+    if w13.dim() != 3 or w2.dim() != 3:
+        return None
+    E, I2, H = w13.shape
+    n = 3 * I2 // 2 * H
+    fused = (w2.shape == (E, H, I2 // 2) and w13.dtype == w2.dtype and w13.device == w2.device
+             and w13.stride() == (n, H, 1) and w2.stride() == (n, I2 // 2, 1)
+             and w13.untyped_storage().data_ptr() == w2.untyped_storage().data_ptr()
+             and w2.data_ptr() == w13.data_ptr() + I2 * H * w13.element_size())
+    return w13.as_strided((E, n), (n, 1)) if fused else None
+
+
+def _host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One layer's experts copied into host tensors of the one-block layout (pinned if asked);
+    tensors of mismatched shapes are copied as they are (the store's constructor names the problem)."""
+    w13, w2 = w13.detach(), w2.detach()
+    if w13.dim() == 3 and w2.dim() == 3 and tuple(w2.shape) == (w13.shape[0], w13.shape[2], w13.shape[1] // 2) \
+            and w13.dtype == w2.dtype:
+        a, b = expert_tensors(w13.shape[0], w13.shape[2], w13.shape[1] // 2, w13.dtype, pin=pin)
+        return a.copy_(w13), b.copy_(w2)
+    return w13.to("cpu").contiguous(), w2.to("cpu").contiguous()
 
 
 class HostExpertStore:
@@ -39,6 +71,7 @@ class HostExpertStore:
             if a.device.type != "cpu" or b.device.type != "cpu":
                 raise ValueError(f"layer {l}: the store holds host tensors, got {a.device}/{b.device}")
         self.w13, self.w2 = list(w13), list(w2)
+        self.blocks = [expert_block(a, b) for a, b in zip(self.w13, self.w2)]  # None: two copies per expert
         self.num_layers, self.num_experts, self.hidden, self.intermediate = len(w13), E, H, I2 // 2
         self.dtype = w13[0].dtype
 
@@ -62,7 +95,7 @@ class HostExpertStore:
             raise ValueError(f"w13 must be [L, E, 2I, H], got shape {tuple(w13.shape)}")
         if isinstance(w2, torch.Tensor) and w2.dim() != 4:
             raise ValueError(f"w2 must be [L, E, H, I], got shape {tuple(w2.shape)}")
-        return cls([_pin(a, pin) for a in w13], [_pin(b, pin) for b in w2])
+        return cls(*map(list, zip(*(_host_copy(a, b, pin) for a, b in zip(w13, w2)))))
 
     @classmethod
     def from_parameters(cls, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], pin: bool | None = None,
@@ -74,8 +107,9 @@ class HostExpertStore:
         pin = torch.cuda.is_available() if pin is None else pin
         w13, w2 = [], []
         for l, (gate_up, down) in enumerate(pairs):
-            w13.append(_pin(gate_up, pin))
-            w2.append(_pin(down, pin))
+            a, b = _host_copy(gate_up, down, pin)
+            w13.append(a)
+            w2.append(b)
             if release is not None:
                 release(l)
         return cls(w13, w2)
@@ -131,8 +165,7 @@ class HostExpertStore:
             t = f.get_tensor(name)
             if a is None:  # allocate this layer's host tensors once, fill expert by expert
                 I, H = (t.shape if q != "down" else t.shape[::-1])
-                a = torch.empty((E, 2 * I, H), dtype=t.dtype, pin_memory=pin)
-                b = torch.empty((E, H, I), dtype=t.dtype, pin_memory=pin)
+                a, b = expert_tensors(E, H, I, t.dtype, pin=pin)
             I = a.shape[1] // 2
             if q == "gate":
                 a[e, :I].copy_(t)

@@ -154,6 +154,35 @@ def test_bad_configuration_errors(torch_path):
     assert moe.forward(0, x[:0], w[:0], torch.zeros(0, K, dtype=torch.int32)).shape == (0, H)
 
 
+def test_one_block_layout_one_copy_per_expert(torch_path, monkeypatch):
+    """Builders lay each expert out as one block (w13 then w2), the buffer's slots likewise, and the
+    prefetcher moves an expert with one copy; a store given tensors in another layout still gives
+    the exact result, at two copies per expert."""
+    from prophet_kernels.store import expert_block
+
+    w13, w2 = _weights(9)
+    moe = ProphetMoE.from_weights(w13, w2, 11, device="cpu", policy="next-use", predictor="same")
+    assert all(b is not None for b in moe.store.blocks) and moe.buffer.blocks is not None
+    assert moe.store.blocks[1][5].numel() * 4 == moe.store.expert_bytes
+    assert torch.equal(moe.store.blocks[1][5][:2 * I * H].view(2 * I, H), w13[1, 5])
+    assert torch.equal(moe.store.blocks[1][5][2 * I * H:].view(H, I), w2[1, 5])
+    copies = []
+    real_copy = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: copies.append(1) or real_copy(self, src, *a, **k))
+    _check_run(moe, w13, w2, _routing(steps=4, seed=5))
+    s = moe.stats
+    assert len(copies) >= s.misses + s.prefetched > 0
+    n_one_block = len(copies)
+
+    separate = HostExpertStore([w13[l].clone() for l in range(L)], [w2[l].clone() for l in range(L)])
+    assert separate.blocks == [None] * L and expert_block(w13[0], w2[0]) is None
+    moe2 = ProphetMoE(separate, 11, device="cpu", policy="next-use", predictor="same")
+    copies.clear()
+    _check_run(moe2, w13, w2, _routing(steps=4, seed=5))
+    assert moe2.stats.misses + moe2.stats.prefetched == s.misses + s.prefetched  # same decisions
+    assert len(copies) - n_one_block == s.misses + s.prefetched  # one more copy per expert
+
+
 def test_store_builders(tmp_path):
     from safetensors.torch import save_file
 
@@ -164,7 +193,7 @@ def test_store_builders(tmp_path):
 
     released = []
     s2 = HostExpertStore.from_parameters(zip(w13, w2), pin=False, release=released.append)
-    assert released == list(range(L)) and torch.equal(s2.w2[1], w2[1])
+    assert released == list(range(L)) and torch.equal(s2.w2[1], w2[1]) and s2.blocks[1] is not None
 
     class Experts(torch.nn.Module):
         def __init__(self, a, b):
@@ -194,6 +223,7 @@ def test_store_builders(tmp_path):
     for paths in (tmp_path / "olmoe.safetensors", [tmp_path / "m-1.safetensors", tmp_path / "m-2.safetensors"]):
         s = HostExpertStore.from_safetensors(paths, pin=False, progress=False)
         assert all(torch.equal(s.w13[l], w13[l]) and torch.equal(s.w2[l], w2[l]) for l in range(L))
+        assert all(b is not None for b in s.blocks)
     del olmoe["model.layers.1.mlp.experts.3.up_proj.weight"]
     save_file(olmoe, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="layer 1: checkpoint lacks expert tensors"):

@@ -10,6 +10,7 @@ import torch
 from prophet_kernels import (fused_experts, fused_experts_paged, fused_experts_paged_reference,
                              fused_experts_reference)
 from prophet_kernels.kernels import launch_config
+from prophet_kernels.store import expert_block, expert_tensors
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # interpreter on the CPU, compiled on a GPU
 GEMV = {"gemv": True, "block_m": 16, "gate_up": {"BN": 16, "BK": 32}, "down": {"BN": 32, "BK": 16}}
@@ -31,14 +32,19 @@ def make(T, H, I, E, k, dtype, gen, one_expert=None, pool=None):
     return [t.to(DEV) for t in (x, w13, w2, w / w.sum(1, keepdim=True), ids)]
 
 
-def paged(w13, w2, ids, S, gen, only_routed=False):
-    """Copy experts into a random placement of S slots (other slots hold random junk)."""
+def paged(w13, w2, ids, S, gen, only_routed=False, one_block=False):
+    """Copy experts into a random placement of S slots (other slots hold random junk). one_block:
+    the slots are views of one [S, 3*I*H] block, as PagedExpertBuffer allocates them (slot stride 3*I*H)."""
     E = w13.shape[0]
     experts = torch.unique(ids.long()) if only_routed else torch.arange(E)
     pt = torch.full((E,), -1, dtype=torch.int32)
     pt[experts] = torch.randperm(S, generator=gen)[: len(experts)].to(torch.int32)
     w13s = torch.randn((S,) + w13.shape[1:], generator=gen).to(w13.dtype)
     w2s = torch.randn((S,) + w2.shape[1:], generator=gen).to(w2.dtype)
+    if one_block:
+        a, b = expert_tensors(S, w13.shape[2], w2.shape[2], w13.dtype, DEV)  # .to(DEV) below keeps it
+        w13s, w2s = a.copy_(w13s), b.copy_(w2s)
+        assert expert_block(w13s, w2s) is not None and w13s.stride(0) == 3 * w2.shape[1] * w2.shape[2]
     w13s, w2s, pt = w13s.to(DEV), w2s.to(DEV), pt.to(DEV)
     experts = experts.to(DEV)
     w13s[pt[experts].long()] = w13[experts]
@@ -90,7 +96,15 @@ def test_other_paths_match_reference(cfg, dtype, tol):
     ref = fused_experts_reference(x, w13, w2, w, ids, compute_dtype=torch.float64)
     assert rel_err(fused_experts(x, w13, w2, w, ids, config=cfg), ref) < tol
     w13s, w2s, pt = paged(w13, w2, ids, E + 1, gen)
-    assert rel_err(fused_experts_paged(x, w13s, w2s, pt, w, ids, config=cfg), ref) < tol
+    y = fused_experts_paged(x, w13s, w2s, pt, w, ids, config=cfg)
+    assert rel_err(y, ref) < tol
+    # the buffer's one-block slot layout (w13 and w2 views with a 3*I*H slot stride): same result
+    w13s, w2s, pt = paged(w13, w2, ids, E + 1, torch.Generator().manual_seed(12), one_block=True)
+    assert expert_block(w13s, w2s) is not None
+    yb = fused_experts_paged(x, w13s, w2s, pt, w, ids, config=cfg)
+    assert rel_err(yb, ref) < tol
+    if dtype == torch.float32:
+        assert torch.equal(yb, y)
 
 
 @pytest.mark.parametrize("cfg", [None, GEMV], ids=["grouped", "gemv"])
