@@ -71,6 +71,12 @@ def lanes(trace, batch: int) -> np.ndarray:
     return np.stack([p[:steps] for p in per_lane], axis=1)
 
 
+def call_schedule(trace, batch: int = 1, max_steps: int | None = None) -> list[list[int]]:
+    """The unique experts of every layer call of the replay (``lanes``), in call order, sorted."""
+    grid = lanes(trace, batch)[:max_steps]
+    return [np.unique(trace.topk_ids[l, grid[t]]).tolist() for t in range(len(grid)) for l in range(trace.num_layers)]
+
+
 @dataclass
 class SimResult:
     slots: int
@@ -162,12 +168,9 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
     if bw <= 0:
         raise ValueError(f"no measured PCIe bandwidth for {model!r}: pass pcie_gbps")
     layer_s = layer_us * 1e-6 if layer_us is not None else layer_seconds(model, batch)
-    grid = lanes(trace, batch)
-    if max_steps is not None:
-        grid = grid[:max_steps]
+    grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
-    # the unique experts of every layer call, in call order (sorted lists; sets for scoring)
-    schedule = [np.unique(trace.topk_ids[l, grid[t]]).tolist() for t in range(steps) for l in range(L)]
+    schedule = call_schedule(trace, batch, max_steps)
     slots = capacity_slots(capacity, L, E)
 
     clock = [0]  # the current layer call, for Belady's next use
