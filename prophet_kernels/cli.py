@@ -269,7 +269,7 @@ def _simulate(args: argparse.Namespace) -> int:
     held = load_trace(args.trace)
     pred = args.predictor
     if pred and pred != "oracle":
-        pred = fit_predictor(pred, _train_trace_for(args, held))
+        pred = fit_predictor(pred, _train_trace_for(args, held), held)
     r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, pcie_gbps=args.pcie_gbps,
                  layer_us=args.layer_us, unlimited_budget=args.unlimited_budget, max_steps=args.max_steps, progress=True)
     d = r.as_dict()

@@ -255,6 +255,7 @@ class GateLookaheadPredictor(Predictor):
     name = "gate"
     trace_field = "lookahead"
     record_hint = "record it with --lookahead D"
+    wraps = False  # predicts the next token's first layers from the last ones (see LearnedGatePredictor)
 
     def __init__(self, gates: Sequence[torch.Tensor] | None = None, norm_weights: Sequence[torch.Tensor] | None = None,
                  top_k: int | None = None, width: int | None = None):
@@ -274,7 +275,7 @@ class GateLookaheadPredictor(Predictor):
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         out = {}
         for d in range(1, depth + 1):
-            if layer + d >= num_layers:
+            if layer + d >= num_layers and not self.wraps:
                 break
             if isinstance(hidden, TraceHidden):
                 la = getattr(hidden.trace, self.trace_field)
@@ -296,7 +297,7 @@ class GateLookaheadPredictor(Predictor):
                 picks = torch.topk(logits, m, dim=-1).indices.cpu().numpy()
             picks = np.asarray(picks)
             rank_score = np.broadcast_to(np.arange(picks.shape[1], 0, -1, dtype=np.float32), picks.shape)
-            out[layer + d] = _vote(picks, E, _scatter(picks, rank_score, E))
+            out[(layer + d) % num_layers] = _vote(picks, E, _scatter(picks, rank_score, E))
         return out
 
 
@@ -330,7 +331,12 @@ class LearnedGatePredictor(GateLookaheadPredictor):
     ran layer l+d) and carrying what attention will mix in, which x_l cannot see. At runtime the
     predictor keeps each layer's last call (rows = sequences; a call with another row count, e.g. a
     prefill, gets zero context, like a sequence's first token). Without P and C (an older fit) it
-    reads x_l alone."""
+    reads x_l alone.
+
+    Across the step boundary (fits with context, meta ``wrap``): for l + d >= L it predicts layer
+    j = l + d - L of the sequence's next token, from x_l and what this token left at layer j (its
+    own experts and MoE input there; this step ran layer j already). W starts at zero there (no gate
+    map spans two tokens). Without it, layer 0 of every token gets no prediction at all."""
     name = "learned-gate"
     trace_field = "learned_lookahead"
     record_hint = "record it with `prophet trace record --learned-gate PATH`"
@@ -341,7 +347,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
         """Without tensors it only replays a trace's recorded ranking (``meta``: its fit, with nbytes)."""
         super().__init__(top_k=top_k, width=width)
         # [D, L, E, H], [D, L, E], [D, L, R, H], [D, L, R], [D, L, E, R], [D, L, R, E+H], [D, L, E, E+H];
-        # rows with l + d >= L unused
+        # rows with l + d >= L: the next token's layer l + d - L (wrap fits), else unused
         self.W, self.b, self.A, self.a, self.B, self.P, self.C = W, b, A, a, B, P, C
         self.meta = dict(meta or {})
         self._last: dict[int, torch.Tensor] = {}  # layer -> context_features of its last call's tokens
@@ -354,17 +360,25 @@ class LearnedGatePredictor(GateLookaheadPredictor):
     def has_context(self) -> bool:
         return self.P is not None
 
+    @property
+    def wraps(self) -> bool:
+        return bool(self.meta.get("wrap", False))
+
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (getattr(self, n) for n in self.TENSORS) if t is not None]
 
     def logits(self, layer, d, x, context: torch.Tensor | None = None):
-        """`context`: the previous tokens' ``context_features`` at layer+d, one row per row of x
-        (default: what this predictor kept from layer+d's last call, or zeros)."""
+        """`context`: the previous tokens' ``context_features`` at layer+d (for a wrap, layer+d-L: this
+        token's), one row per row of x (default: what this predictor kept from that layer's last call,
+        or zeros)."""
         if self.W is None:
             raise ValueError("this LearnedGatePredictor has no weights (trace replay only): fit it "
                              "(LearnedGatePredictor.fit, `prophet trace fit-lookahead`) or load a saved one")
         if d > self.depth:
             raise ValueError(f"learned gate lookahead was fitted for depth {self.depth}, asked for {d}")
+        L = self.W.shape[1]
+        if layer + d >= L and not self.wraps:
+            raise ValueError(f"this learned gate lookahead was fitted without the step boundary: layer {layer} + {d} >= {L}")
         if self.W.device != x.device:  # fitted and loaded on the CPU; used where the hidden states are
             for n in self.TENSORS:
                 if getattr(self, n) is not None:
@@ -375,7 +389,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
         out = x @ self.W[i].t() + self.b[i]
         if self.has_context:
             if context is None:
-                last = self._last.get(layer + d)
+                last = self._last.get((layer + d) % L)
                 context = last if last is not None and last.shape[0] == x.shape[0] else \
                     x.new_zeros(x.shape[0], self.P.shape[-1])
             pre = pre + context @ self.P[i].t()
@@ -394,7 +408,8 @@ class LearnedGatePredictor(GateLookaheadPredictor):
             seq_len: int | None = None, progress: bool = False) -> "LearnedGatePredictor":
         """hidden [L, N, H]: each layer's MoE input (normalised) for N train tokens; topk_ids [L, N, k].
         seq_len: the tokens are windows of seq_len in order, and the fit uses the previous token's
-        context; None: no context (x_l alone)."""
+        context and fits the step boundary (l + d >= L: the next token's layer l + d - L, trained on
+        the tokens whose window continues); None: no context (x_l alone), no step boundary."""
         from tqdm import tqdm
 
         L, N, H = hidden.shape
@@ -412,7 +427,8 @@ class LearnedGatePredictor(GateLookaheadPredictor):
         if seq_len is not None:
             if N % seq_len:
                 raise ValueError(f"{N} train tokens are not whole windows of seq_len={seq_len}")
-            ctx = previous_token(context_features(hidden, target), seq_len)  # [L, N, E+H]
+            own = context_features(hidden, target)  # [L, N, E+H]: what each token leaves at each layer
+            ctx = previous_token(own, seq_len)
             P = torch.empty(depth, L, R, E + H).uniform_(-1, 1, generator=g) / (E + H) ** 0.5
             tensors += [P, torch.zeros(depth, L, E, E + H)]
         # one set of leaves and one optimizer per distance: a shared AdamW would keep moving the other
@@ -424,33 +440,45 @@ class LearnedGatePredictor(GateLookaheadPredictor):
                  for idx in torch.randperm(N, generator=g).split(batch)]
         for d, idx in tqdm(steps, desc="fit learned gate lookahead", disable=not progress):
             n = L - d
-            x = hidden[:n, idx]  # [n, b, H] -> logits for layers d .. L-1
+            rows = n if seq_len is None else L  # layers d .. L-1 of this token (+ 0 .. d-1 of the next)
+            x = hidden[:rows, idx]  # [rows, b, H]
             Wd, bd, Ad, ad, Bd = per_d[d - 1][:5]
-            pre = torch.einsum("lbh,lrh->lbr", x, Ad[:n]) + ad[:n, None]
-            logits = torch.einsum("lbh,leh->lbe", x, Wd[:n]) + bd[:n, None]
+            pre = torch.einsum("lbh,lrh->lbr", x, Ad[:rows]) + ad[:rows, None]
+            logits = torch.einsum("lbh,leh->lbe", x, Wd[:rows]) + bd[:rows, None]
+            tgt, weight = target[d:, idx], None
             if seq_len is not None:
                 Pd, Cd = per_d[d - 1][5:]
-                c = ctx[d:, idx]  # the previous token's context at the target layers
-                pre = pre + torch.einsum("lbf,lrf->lbr", c, Pd[:n])
-                logits = logits + torch.einsum("lbf,lef->lbe", c, Cd[:n])
-            logits = logits + torch.einsum("lbr,ler->lbe", torch.nn.functional.gelu(pre), Bd[:n])
+                last = idx % seq_len == seq_len - 1  # no next token in the window: no wrap target
+                nxt = torch.where(last, idx, idx + 1)
+                # the previous token's context at layers d..L-1; this token's own at the next token's 0..d-1
+                c = torch.cat([ctx[d:, idx], own[:d, idx]])
+                tgt = torch.cat([tgt, target[:d, nxt]])
+                weight = torch.ones(rows, len(idx))
+                weight[n:, last] = 0
+                pre = pre + torch.einsum("lbf,lrf->lbr", c, Pd)
+                logits = logits + torch.einsum("lbf,lef->lbe", c, Cd)
+            logits = logits + torch.einsum("lbr,ler->lbe", torch.nn.functional.gelu(pre), Bd[:rows])
             # summed over layers: the same step for each layer as fitting it alone
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, target[d:, idx], reduction="none")
-            loss = loss.mean((1, 2)).sum()
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, tgt, reduction="none").mean(2)
+            if weight is None:
+                loss = loss.mean(1).sum()
+            else:
+                loss = ((loss * weight).sum(1) / weight.sum(1).clamp(min=1)).sum()
             opts[d - 1].zero_grad()
             loss.backward()
             opts[d - 1].step()
         params = [torch.stack([p[j].detach() for p in per_d]) for j in range(len(tensors))]
         return cls(*params, top_k=k, meta={"train_tokens": N, "depth": depth, "mlp_width": R, "epochs": epochs,
-                                           "lr": lr, "seed": seed, "context": seq_len is not None})
+                                           "lr": lr, "seed": seed, "context": seq_len is not None,
+                                           "wrap": seq_len is not None})
 
     @property
     def nbytes(self):
-        """Parameters of the layer pairs it predicts (l + d < L), stored in bf16."""
+        """Parameters of the layer pairs it predicts (l + d < L, and the step boundary's), stored in bf16."""
         if self.W is None:
             return int(self.meta.get("nbytes", 0))
         D, L = self.W.shape[:2]
-        used = sum(L - d for d in range(1, D + 1)) / (D * L)
+        used = 1.0 if self.wraps else sum(L - d for d in range(1, D + 1)) / (D * L)
         return int(sum(t.numel() for t in self._tensors()) * used) * 2
 
     def save(self, path) -> None:

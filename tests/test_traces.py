@@ -126,8 +126,10 @@ def test_learned_gate_lookahead_fit_record_replay(tmp_path):
     assert x.shape == (4, 64, 32) and ids.shape == (4, 64, 2)
     untrained = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=0, seq_len=16)
     gate = GateLookaheadPredictor(gates, norms, top_k=2)
-    for l in range(3):
-        assert untrained.predict(l, ids[l], x[l], 4, 2) == gate.predict(l, ids[l], x[l], 4, 2)
+    for l in range(4):
+        got, ref = untrained.predict(l, ids[l], x[l], 4, 2), gate.predict(l, ids[l], x[l], 4, 2)
+        assert {f: got[f] for f in ref} == ref  # within the step: the gate lookahead's ranking
+        assert set(got) == {(l + 1) % 4, (l + 2) % 4}  # and across the step boundary (wrap fit)
 
     # a routing the router cannot see from layer l: layer l+1's experts are a fixed function of a
     # direction of x_l that the gate ignores; the learned map must pick it up
@@ -156,18 +158,17 @@ def test_learned_gate_lookahead_fit_record_replay(tmp_path):
     # runtime keeps each layer's last call as the next token's context; a window starts with none);
     # save/load keeps the predictions (bf16 storage)
     pred = LearnedGatePredictor.fit(x, ids, gates, norms, depth=2, epochs=3, seq_len=16)
-    assert pred.has_context and pred.meta["context"]
+    assert pred.has_context and pred.meta["context"] and pred.wraps
     tr = record(model, windows[:2], lookahead_depth=2, batch=2, learned=pred)
     assert tr.learned_lookahead.shape == (2, 4, 32, 4) and tr.meta["learned_lookahead"]["nbytes"] == pred.nbytes > 0
-    wide = LearnedGatePredictor(pred.W, pred.b, pred.A, pred.a, pred.B, pred.P, pred.C, top_k=2, width=4)
+    wide = LearnedGatePredictor(pred.W, pred.b, pred.A, pred.a, pred.B, pred.P, pred.C, top_k=2, width=4, meta=pred.meta)
     for n in range(20):  # crosses the second window's start (token 16)
         if n % 16 == 0:
             wide._last.clear()
         for l in range(4):
             got = wide.predict(l, ids[l, n:n + 1], x[l, n:n + 1], 4, 2)
-            for d in (1, 2):
-                if l + d < 4:
-                    assert got[l + d] == tr.learned_lookahead[d - 1, l, n].tolist(), (n, l, d)
+            for d in (1, 2):  # l + d >= 4: the next token's layer l + d - 4
+                assert got[(l + d) % 4] == tr.learned_lookahead[d - 1, l, n].tolist(), (n, l, d)
     # a call with 5 rows after calls with 1 (a prefill after decode): zero context, not a shape error
     assert torch.equal(wide.logits(0, 1, x[0, :5]), wide.logits(0, 1, x[0, :5], torch.zeros(5, pred.P.shape[-1])))
     assert not torch.equal(wide.logits(0, 1, x[0, :1]), wide.logits(0, 1, x[0, :1], torch.zeros(1, pred.P.shape[-1])))
@@ -215,6 +216,38 @@ def test_learned_gate_lookahead_reads_the_previous_token():
     assert recall(with_ctx) > 0.8 > 0.5 > recall(without)
     with pytest.raises(ValueError, match="whole windows"):
         LearnedGatePredictor.fit(xs[:, :3001], ids[:, :3001], gates, ones, seq_len=S, depth=1, epochs=0)
+
+
+def test_learned_gate_lookahead_predicts_across_the_step_boundary():
+    """The next token's layer 0 routes by a direction of this token's last-layer input: a wrap fit
+    learns it (decoding token by token, the last layer's call names the next token's layer-0
+    experts); a fit without the step boundary names nothing for layer 0, and says why if asked."""
+    g = torch.Generator().manual_seed(1)
+    S, N, H, E = 20, 4000, 16, 8
+    xs = torch.randn(2, N, H, generator=g)
+    proj = torch.randn(H, E, generator=g)
+    nxt = torch.topk(xs[1] @ proj, 2).indices  # what token n's layer-1 input says about token n+1's layer 0
+    first = torch.topk(torch.randn(N, E, generator=g), 2).indices
+    layer0 = torch.where((torch.arange(N) % S == 0)[:, None], first, nxt.roll(1, 0))  # a window starts fresh
+    ids = torch.stack([layer0, torch.topk(torch.randn(N, E, generator=g), 2).indices])
+    gates, ones = [torch.randn(E, H, generator=g) for _ in range(2)], [torch.ones(H)] * 2
+    kw = dict(depth=1, epochs=60, lr=1e-2, seed=0)
+    wrap = LearnedGatePredictor.fit(xs[:, :3000], ids[:, :3000], gates, ones, seq_len=S, **kw)
+    assert wrap.wraps
+    hit = total = 0
+    for n in range(3000, 3200):  # held-out tokens decoded one at a time: layer 0, then layer 1
+        if n % S == 0:
+            wrap._last.clear()
+        wrap.predict(0, ids[0, n:n + 1], xs[0, n:n + 1], 2, 1)
+        want = wrap.predict(1, ids[1, n:n + 1], xs[1, n:n + 1], 2, 1)[0]
+        if (n + 1) % S:
+            hit += len(set(want) & set(ids[0, n + 1].tolist()))
+            total += 2
+    assert hit / total > 0.8
+    without = LearnedGatePredictor.fit(xs[:, :3000], ids[:, :3000], gates, ones, **kw)
+    assert not without.wraps and without.predict(1, ids[1, :1], xs[1, :1], 2, 1) == {}
+    with pytest.raises(ValueError, match="without the step boundary"):
+        without.logits(1, 1, xs[1, :1])
 
 
 # ---------------------------------------------------------------------------------- policies

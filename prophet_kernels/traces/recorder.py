@@ -98,7 +98,8 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
         lla = torch.full(shape, -1, dtype=torch.int16) if learned is not None else None
         if learned is not None:  # each layer's MoE input, and what each token leaves the next one there
             xs = _moe_inputs(layers, got)
-            ctx = [previous_token(context_features(x, multi_hot(i, E)), windows.shape[1]) for x, (_, _, i) in zip(xs, got)]
+            own = [context_features(x, multi_hot(i, E)) for x, (_, _, i) in zip(xs, got)]
+            ctx = [previous_token(f, windows.shape[1]) for f in own]
         for l, (resid, _, _) in enumerate(got):
             for d in range(1, min(lookahead_depth, L - 1 - l) + 1):
                 nxt = layers[l + d]
@@ -106,6 +107,10 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
                 la[d - 1, l] = torch.topk(logits.float(), m, dim=-1).indices.to(torch.int16)
                 if learned is not None:
                     logits = learned.logits(l, d, xs[l], ctx[l + d])
+                    lla[d - 1, l] = torch.topk(logits, m, dim=-1).indices.to(torch.int16)
+            if learned is not None and learned.wraps:  # the next token's layers l + d - L: this token's context
+                for d in range(max(1, L - l), lookahead_depth + 1):
+                    logits = learned.logits(l, d, xs[l], own[l + d - L])
                     lla[d - 1, l] = torch.topk(logits, m, dim=-1).indices.to(torch.int16)
         look.append(la)
         learned_look.append(lla)
