@@ -27,7 +27,7 @@ from prophet_kernels.residency import ExpertResidency  # noqa: E402
 from prophet_kernels.traces import load_trace  # noqa: E402
 
 CASES = [("lru", "none"), ("cyclic", "none"), ("next-use", "none"), ("lru", "same"), ("cyclic", "same"),
-         ("lru", "gate"), ("cyclic", "gate"), ("next-use", "gate")]
+         ("lru", "gate"), ("cyclic", "gate"), ("next-use", "gate"), ("next-use", "learned-gate")]
 
 
 def main(argv=None):
@@ -45,11 +45,12 @@ def main(argv=None):
     ids = [[torch.from_numpy(tr.topk_ids[l, t:t + 1].astype(np.int32)) for l in range(L)] for t in range(steps)]
     needed = [[sorted(set(tr.topk_ids[l, t].tolist())) for l in range(L)] for t in range(steps)]
     rows = []
-    print(f"{'policy':8s}{'predictor':>10s}{'us/layer':>10s}{'hit rate':>10s}")
+    print(f"{'policy':10s}{'predictor':>14s}{'us/layer':>10s}{'hit rate':>10s}")
     for policy, pred in CASES:
         times = []
         for _ in range(args.repeats):
-            predictor = None if pred == "none" else (fit_predictor(pred, tr) if pred == "gate" else make_predictor(pred))
+            predictor = None if pred == "none" else \
+                (fit_predictor(pred, tr, tr) if pred in ("gate", "learned-gate") else make_predictor(pred))
             res = ExpertResidency(SlotTable(L, E, int(args.capacity * L * E), policy), 1, predictor, 1, None)
             hidden = None
             t0 = time.perf_counter()
@@ -57,13 +58,13 @@ def main(argv=None):
                 for layer in range(L):
                     slots, _ = res.acquire(layer, needed[t][layer])
                     if predictor is not None:
-                        if pred == "gate":  # the replay form reads the recorded lookahead of token t
+                        if pred in ("gate", "learned-gate"):  # the replay form reads the recorded ranking of token t
                             hidden = TraceHidden(tr, np.array([t]))
                         res.prefetch(layer, ids[t][layer], hidden)
                     res.release(slots)
             times.append(time.perf_counter() - t0)
         us = min(times) / (steps * L) * 1e6
-        print(f"{policy:8s}{pred:>10s}{us:>10.1f}{res.stats.hit_rate:>10.3f}")
+        print(f"{policy:10s}{pred:>14s}{us:>10.1f}{res.stats.hit_rate:>10.3f}")
         rows.append({"bench": "residency", "trace": args.trace, "policy": policy, "predictor": pred,
                      "capacity": args.capacity, "steps": steps, "repeats": args.repeats, "us_per_layer_call": us,
                      "hit_rate": res.stats.hit_rate, "cpu": platform.processor() or platform.machine(),

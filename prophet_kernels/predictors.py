@@ -296,6 +296,9 @@ class GateLookaheadPredictor(Predictor):
                 m = min(self.width or self.k or _ids(topk_ids).shape[1], E)
                 picks = torch.topk(logits, m, dim=-1).indices.cpu().numpy()
             picks = np.asarray(picks)
+            if picks.shape[0] == 1:  # one token (decode at batch 1): its ranking is the answer
+                out[(layer + d) % num_layers] = picks[0].tolist()
+                continue
             rank_score = np.broadcast_to(np.arange(picks.shape[1], 0, -1, dtype=np.float32), picks.shape)
             out[(layer + d) % num_layers] = _vote(picks, E, _scatter(picks, rank_score, E))
         return out

@@ -113,6 +113,17 @@ def test_recorder_matches_router_and_runtime_gate_lookahead():
     assert one == tr.lookahead[0, 0, 0].tolist()
 
 
+def test_one_token_answer_is_its_ranking():
+    """Decode at batch 1 skips the vote: the one token's ranking, best first, is the answer, as the
+    vote over a batch ranks it (a token alone in a batch of copies of itself votes the same)."""
+    tr = _random_trace(E=16, k=4)
+    pred = GateLookaheadPredictor()
+    for t in range(5):
+        one = pred.predict(0, None, TraceHidden(tr, np.array([t])), 4, 2)
+        assert one == {d: tr.lookahead[d - 1, 0, t].tolist() for d in (1, 2)}
+        assert one == pred.predict(0, None, TraceHidden(tr, np.array([t, t])), 4, 2)
+
+
 def test_learned_gate_lookahead_fit_record_replay(tmp_path):
     """At zero training it is the gate lookahead; fitted, it predicts a routing that the gate
     lookahead cannot (an independent recall computed here) better; its recorded ranking equals
