@@ -273,28 +273,27 @@ class GateLookaheadPredictor(Predictor):
         return x @ self.gates[layer + d].float().t()
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        ds = [d for d in range(1, depth + 1) if layer + d < num_layers or self.wraps]
+        ranked, E = [], 0
+        if isinstance(hidden, TraceHidden):
+            la = getattr(hidden.trace, self.trace_field)
+            if la is None:
+                raise ValueError(f"the replayed trace has no {self.trace_field} ranking for the {self.name} "
+                                 f"predictor ({self.record_hint})")
+            m = self.width or hidden.trace.top_k
+            if m > la.shape[3]:
+                raise ValueError(f"lookahead width {m} exceeds the trace's recorded ranking ({la.shape[3]}); "
+                                 "record the trace with a larger --lookahead-width")
+            ds = [d for d in ds if d <= la.shape[0]]
+            ranked = [la[d - 1, layer, hidden.tokens, :m] for d in ds]
+            E = hidden.trace.num_experts
+        elif ds:
+            logits = torch.stack([self.logits(layer, d, hidden) for d in ds])  # [D, T, E]
+            E = logits.shape[-1]
+            m = min(self.width or self.k or _ids(topk_ids).shape[1], E)
+            ranked = torch.topk(logits, m, dim=-1).indices.cpu().numpy()  # one host transfer for all distances
         out = {}
-        for d in range(1, depth + 1):
-            if layer + d >= num_layers and not self.wraps:
-                break
-            if isinstance(hidden, TraceHidden):
-                la = getattr(hidden.trace, self.trace_field)
-                if la is None:
-                    raise ValueError(f"the replayed trace has no {self.trace_field} ranking for the {self.name} "
-                                     f"predictor ({self.record_hint})")
-                if d > la.shape[0]:
-                    break
-                m = self.width or hidden.trace.top_k
-                if m > la.shape[3]:
-                    raise ValueError(f"lookahead width {m} exceeds the trace's recorded ranking ({la.shape[3]}); "
-                                     "record the trace with a larger --lookahead-width")
-                picks = la[d - 1, layer, hidden.tokens, :m]
-                E = hidden.trace.num_experts
-            else:
-                logits = self.logits(layer, d, hidden)
-                E = logits.shape[-1]
-                m = min(self.width or self.k or _ids(topk_ids).shape[1], E)
-                picks = torch.topk(logits, m, dim=-1).indices.cpu().numpy()
+        for d, picks in zip(ds, ranked):
             picks = np.asarray(picks)
             if picks.shape[0] == 1:  # one token (decode at batch 1): its ranking is the answer
                 out[(layer + d) % num_layers] = picks[0].tolist()
