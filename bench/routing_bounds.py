@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.common import write_rows  # noqa: E402
 from prophet_kernels.predictors import LearnedGatePredictor, OraclePredictor, Predictor  # noqa: E402
 from prophet_kernels.provenance import git_commit, utc_now  # noqa: E402
-from prophet_kernels.simulator import call_schedule, simulate  # noqa: E402
+from prophet_kernels.simulator import call_schedule, lanes, simulate  # noqa: E402
 from prophet_kernels.traces import load_trace  # noqa: E402
 
 
@@ -54,7 +54,7 @@ def main() -> None:
     width = held.learned_lookahead.shape[-1] if held.learned_lookahead is not None else None
     if width is None:
         raise SystemExit(f"{args.trace} has no learned-gate ranking (record it with --learned-gate)")
-    schedule = call_schedule(held, 1, args.max_steps)
+    schedule = call_schedule(held, lanes(held, 1)[:args.max_steps])
     top_k = held.top_k
     configs = [
         (f"learned-gate top-{top_k} (realisable)", LearnedGatePredictor(meta=fit)),

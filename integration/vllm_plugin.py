@@ -225,7 +225,7 @@ def _(x, topk_weights, topk_ids, group, layer):
 
 
 def _method_class():
-    from prophet_kernels.store import expert_tensors
+    from prophet_kernels.store import expert_tensors, host_copy
     from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
@@ -282,8 +282,7 @@ def _method_class():
                 return super().process_weights_after_loading(layer)
             w13, w2 = layer.w13_weight.data, layer.w2_weight.data
             if w13.device.type != "cpu":  # vLLM moved host params to the device for this call
-                a, b = expert_tensors(w13.shape[0], w13.shape[2], w2.shape[2], w13.dtype, pin=True)
-                w13, w2 = a.copy_(w13), b.copy_(w2)
+                w13, w2 = host_copy(w13, w2, pin=True)
             for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters
                 del layer._parameters[name]
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \

@@ -447,7 +447,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
             Wd, bd, Ad, ad, Bd = per_d[d - 1][:5]
             pre = torch.einsum("lbh,lrh->lbr", x, Ad[:rows]) + ad[:rows, None]
             logits = torch.einsum("lbh,leh->lbe", x, Wd[:rows]) + bd[:rows, None]
-            tgt, weight = target[d:, idx], None
+            tgt, weight = target[d:, idx], torch.ones(rows, len(idx))
             if seq_len is not None:
                 Pd, Cd = per_d[d - 1][5:]
                 last = idx % seq_len == seq_len - 1  # no next token in the window: no wrap target
@@ -455,17 +455,13 @@ class LearnedGatePredictor(GateLookaheadPredictor):
                 # the previous token's context at layers d..L-1; this token's own at the next token's 0..d-1
                 c = torch.cat([ctx[d:, idx], own[:d, idx]])
                 tgt = torch.cat([tgt, target[:d, nxt]])
-                weight = torch.ones(rows, len(idx))
                 weight[n:, last] = 0
                 pre = pre + torch.einsum("lbf,lrf->lbr", c, Pd)
                 logits = logits + torch.einsum("lbf,lef->lbe", c, Cd)
             logits = logits + torch.einsum("lbr,ler->lbe", torch.nn.functional.gelu(pre), Bd[:rows])
             # summed over layers: the same step for each layer as fitting it alone
             loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, tgt, reduction="none").mean(2)
-            if weight is None:
-                loss = loss.mean(1).sum()
-            else:
-                loss = ((loss * weight).sum(1) / weight.sum(1).clamp(min=1)).sum()
+            loss = ((loss * weight).sum(1) / weight.sum(1).clamp(min=1)).sum()
             opts[d - 1].zero_grad()
             loss.backward()
             opts[d - 1].step()

@@ -71,9 +71,8 @@ def lanes(trace, batch: int) -> np.ndarray:
     return np.stack([p[:steps] for p in per_lane], axis=1)
 
 
-def call_schedule(trace, batch: int = 1, max_steps: int | None = None) -> list[list[int]]:
-    """The unique experts of every layer call of the replay (``lanes``), in call order, sorted."""
-    grid = lanes(trace, batch)[:max_steps]
+def call_schedule(trace, grid: np.ndarray) -> list[list[int]]:
+    """The unique experts of every layer call of a replay grid (``lanes``), in call order, sorted."""
     return [np.unique(trace.topk_ids[l, grid[t]]).tolist() for t in range(len(grid)) for l in range(trace.num_layers)]
 
 
@@ -170,7 +169,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
     layer_s = layer_us * 1e-6 if layer_us is not None else layer_seconds(model, batch)
     grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
-    schedule = call_schedule(trace, batch, max_steps)
+    schedule = call_schedule(trace, grid)
     slots = capacity_slots(capacity, L, E)
 
     clock = [0]  # the current layer call, for Belady's next use

@@ -44,7 +44,7 @@ def expert_block(w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
     return w13.as_strided((E, n), (n, 1)) if fused else None
 
 
-def _host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One layer's experts copied into host tensors of the one-block layout (pinned if asked);
     tensors of mismatched shapes are copied as they are (the store's constructor names the problem)."""
     w13, w2 = w13.detach(), w2.detach()
@@ -95,7 +95,7 @@ class HostExpertStore:
             raise ValueError(f"w13 must be [L, E, 2I, H], got shape {tuple(w13.shape)}")
         if isinstance(w2, torch.Tensor) and w2.dim() != 4:
             raise ValueError(f"w2 must be [L, E, H, I], got shape {tuple(w2.shape)}")
-        return cls(*map(list, zip(*(_host_copy(a, b, pin) for a, b in zip(w13, w2)))))
+        return cls(*map(list, zip(*(host_copy(a, b, pin) for a, b in zip(w13, w2)))))
 
     @classmethod
     def from_parameters(cls, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], pin: bool | None = None,
@@ -107,7 +107,7 @@ class HostExpertStore:
         pin = torch.cuda.is_available() if pin is None else pin
         w13, w2 = [], []
         for l, (gate_up, down) in enumerate(pairs):
-            a, b = _host_copy(gate_up, down, pin)
+            a, b = host_copy(gate_up, down, pin)
             w13.append(a)
             w2.append(b)
             if release is not None:

@@ -101,17 +101,18 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
             own = [context_features(x, multi_hot(i, E)) for x, (_, _, i) in zip(xs, got)]
             ctx = [previous_token(f, windows.shape[1]) for f in own]
         for l, (resid, _, _) in enumerate(got):
-            for d in range(1, min(lookahead_depth, L - 1 - l) + 1):
-                nxt = layers[l + d]
-                logits = nxt.mlp.gate(nxt.post_attention_layernorm(resid))[0]
-                la[d - 1, l] = torch.topk(logits.float(), m, dim=-1).indices.to(torch.int16)
+            for d in range(1, lookahead_depth + 1):
+                if l + d < L:
+                    nxt = layers[l + d]
+                    logits = nxt.mlp.gate(nxt.post_attention_layernorm(resid))[0]
+                    la[d - 1, l] = torch.topk(logits.float(), m, dim=-1).indices.to(torch.int16)
+                    context = ctx[l + d] if learned is not None else None
+                elif learned is not None and learned.wraps:  # the next token's layer l + d - L: this token's context
+                    context = own[l + d - L]
+                else:
+                    break
                 if learned is not None:
-                    logits = learned.logits(l, d, xs[l], ctx[l + d])
-                    lla[d - 1, l] = torch.topk(logits, m, dim=-1).indices.to(torch.int16)
-            if learned is not None and learned.wraps:  # the next token's layers l + d - L: this token's context
-                for d in range(max(1, L - l), lookahead_depth + 1):
-                    logits = learned.logits(l, d, xs[l], own[l + d - L])
-                    lla[d - 1, l] = torch.topk(logits, m, dim=-1).indices.to(torch.int16)
+                    lla[d - 1, l] = torch.topk(learned.logits(l, d, xs[l], context), m, dim=-1).indices.to(torch.int16)
         look.append(la)
         learned_look.append(lla)
     seq_len = windows.shape[1]
