@@ -46,7 +46,13 @@ class ProphetMoE:
 
     @property
     def stats(self) -> Stats:
+        """The counters, with the stall of every demand copy issued so far (waits for their timing)."""
+        self._add_stalls(wait=True)
         return self.residency.stats
+
+    def _add_stalls(self, wait: bool) -> None:
+        for layer, seconds in self.prefetcher.stalls(wait):
+            self.residency.stats.layers[layer].stall_s += seconds
 
     @property
     def predictor(self):
@@ -78,6 +84,8 @@ class ProphetMoE:
             experts = torch.unique(topk_ids).tolist()
         if experts[0] < 0 or experts[-1] >= E:
             raise ValueError(f"topk_ids holds expert ids outside [0, {E}) in layer {layer}")
+        self._add_stalls(wait=False)
+        st = self.residency.stats.layers[layer]
         with nvtx_range(f"ensure_resident L{layer}"):
             slots, fills = self.residency.acquire(layer, experts)
             try:
@@ -87,8 +95,8 @@ class ProphetMoE:
                 # behind it): late hits; every other hit had landed, so only these and the misses
                 # need a wait on the compute stream.
                 late = self.prefetcher.in_flight([s for s in slots if s not in fresh])
-                self.stats.layers[layer].late_hits += len(late)
-                self.stats.layers[layer].stall_s += self.prefetcher.demand(fills)
+                st.late_hits += len(late)
+                self.prefetcher.demand(layer, fills)
                 row = self.buffer.upload_row(layer)
                 self.prefetcher.wait_ready(late + filled)
             except BaseException:

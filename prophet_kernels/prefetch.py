@@ -1,9 +1,13 @@
 """Stream prefetcher: host-to-device expert copies on one side stream, one event pair per slot.
 
     ready[s]  recorded on the copy stream after slot s was filled; a reader waits on it
-    read[s]   recorded on the compute stream after the last kernel that read slot s; the next
-              copy into s waits on it, so an eviction never overwrites weights a launched kernel
-              still reads (the host-side pins cover kernels about to launch)
+    read[s]   the event recorded on the compute stream after the last layer call whose kernels
+              read slot s (one event per call, shared by its slots); the next copy into s waits
+              on it, so an eviction never overwrites weights a launched kernel still reads (the
+              host-side pins cover kernels about to launch)
+
+Demand copies are timed by an event pair on the copy stream, read when they have completed
+(``stalls``), so timing them costs no host synchronisation.
 
 On the CPU there are no streams or events: copies are plain synchronous copies.
 NVTX ranges (``nvtx`` package, a no-op without it) name every copy for nsys timelines.
@@ -33,8 +37,8 @@ class StreamPrefetcher:
         if self.cuda:
             self.stream = torch.cuda.Stream(device=buffer.device)
             self.ready = [torch.cuda.Event() for _ in range(buffer.num_slots)]
-            self.read = [torch.cuda.Event() for _ in range(buffer.num_slots)]
-            self._read_recorded = [False] * buffer.num_slots
+            self.read: list[torch.cuda.Event | None] = [None] * buffer.num_slots
+        self._timed: list[tuple] = []  # demand copies not yet reported by stalls(): (layer, seconds | (start, end))
 
     def copy(self, slot: int, layer: int, expert: int, label: str = "prefetch") -> None:
         """Fill `slot` with expert `expert` of `layer` (asynchronous on CUDA)."""
@@ -50,7 +54,7 @@ class StreamPrefetcher:
                     dst.copy_(s)
                 return
             with torch.cuda.stream(self.stream):
-                if self._read_recorded[slot]:
+                if self.read[slot] is not None:
                     self.stream.wait_event(self.read[slot])
                 for dst, s in pairs:
                     dst.copy_(s, non_blocking=True)
@@ -68,28 +72,44 @@ class StreamPrefetcher:
                 cur.wait_event(self.ready[s])
 
     def mark_read(self, slots) -> None:
-        """Record that kernels enqueued so far on the compute stream read `slots`."""
-        if self.cuda:
-            cur = torch.cuda.current_stream(self.buffer.device)
+        """Record that kernels enqueued so far on the compute stream read `slots` (one event)."""
+        if self.cuda and slots:
+            done = torch.cuda.Event()
+            done.record(torch.cuda.current_stream(self.buffer.device))
             for s in slots:
-                self.read[s].record(cur)
-                self._read_recorded[s] = True
+                self.read[s] = done
 
-    def demand(self, fills) -> float:
-        """Fetch misses now (the reader waits on their ready events through wait_ready). Returns the
-        stall in seconds: host wall time of the copies on the CPU; on CUDA the copy stream's time
-        for them (timed by events, which costs one synchronisation of the copy stream)."""
+    def demand(self, layer: int, fills) -> None:
+        """Fetch misses of `layer` now (the reader waits on their ready events through wait_ready).
+        Their stall, reported by ``stalls``: host wall time of the copies on the CPU; on CUDA the
+        copy stream's time for them, from an event pair read once the copies have completed."""
         if not fills:
-            return 0.0
+            return
         if not self.cuda:
             t0 = time.perf_counter()
-            for slot, layer, expert in fills:
-                self.copy(slot, layer, expert, label="demand")
-            return time.perf_counter() - t0
+            for slot, layer_, expert in fills:
+                self.copy(slot, layer_, expert, label="demand")
+            self._timed.append((layer, time.perf_counter() - t0))
+            return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record(self.stream)
-        for slot, layer, expert in fills:
-            self.copy(slot, layer, expert, label="demand")
+        for slot, layer_, expert in fills:
+            self.copy(slot, layer_, expert, label="demand")
         end.record(self.stream)
-        end.synchronize()  # host sync (stats only): the compute stream waits on these copies anyway
-        return start.elapsed_time(end) / 1e3
+        self._timed.append((layer, (start, end)))
+
+    def stalls(self, wait: bool = False) -> list[tuple[int, float]]:
+        """(layer, seconds) of the demand copies timed since the last call, oldest first: those that
+        have completed (non-blocking queries), or all of them with ``wait`` (synchronises with them)."""
+        out = []
+        while self._timed:
+            layer, t = self._timed[0]
+            if isinstance(t, tuple):
+                start, end = t
+                if not wait and not end.query():
+                    break  # the copy stream runs in order: later ones are not done either
+                end.synchronize()
+                t = start.elapsed_time(end) / 1e3
+            out.append((layer, t))
+            self._timed.pop(0)
+        return out
