@@ -14,8 +14,9 @@ Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environmen
 > 1), ``policy`` (lru, lfu, cyclic, next-use: layer distance in the decode cycle and use frequency,
 docs/routing.md), ``predictor`` (none, same, gate: the next layers' routers on this layer's MoE
 input, for OLMoE and Mixtral; learned-gate: a fitted ``LearnedGatePredictor`` saved at
-``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``, ``log_every_s`` (stats
-log period; 0 logs only at shutdown).
+``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``, ``prefetch_budget``
+(most experts one layer call may prefetch; unset: no limit), ``log_every_s`` (stats log period; 0
+logs only at shutdown).
 
 Lifecycle per model (all in the worker process):
   create_weights   each MoE layer's w13 [E, 2I, H] / w2 [E, H, I] are created in host memory
@@ -60,6 +61,7 @@ class ProphetSettings:
     policy: str = "next-use"
     predictor: str = "none"
     prefetch_depth: int = 1
+    prefetch_budget: int | None = None  # experts per layer call; None: no limit
     log_every_s: float = 30.0
     predictor_path: str = ""
 
@@ -89,7 +91,7 @@ class ProphetSettings:
     def _parse(name, value):
         if name == "enabled" and isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")
-        kind = {"buffer": float, "prefetch_depth": int, "log_every_s": float}.get(name)
+        kind = {"buffer": float, "prefetch_depth": int, "prefetch_budget": int, "log_every_s": float}.get(name)
         if kind is None or not isinstance(value, str):
             return value
         try:
@@ -110,6 +112,9 @@ class ProphetSettings:
                              f"{', '.join(RUNTIME_PREDICTORS)}")
         if self.prefetch_depth < 0:
             raise ValueError(f"Prophet prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.prefetch_budget is not None and (not isinstance(self.prefetch_budget, int) or self.prefetch_budget < 1):
+            raise ValueError(f"Prophet prefetch_budget must be a whole number of experts >= 1 (or unset: no limit), "
+                             f"got {self.prefetch_budget!r}")
         if self.predictor == "learned-gate" and not os.path.isfile(self.predictor_path):
             raise ValueError(f"Prophet predictor 'learned-gate' needs predictor_path, the file saved by "
                              f"`prophet trace fit-lookahead` (got {self.predictor_path!r})")
@@ -172,18 +177,20 @@ class _ModelExperts:
             predictor = LearnedGatePredictor.load(s.predictor_path)
             predictor.check_model(store.num_layers, store.num_experts, store.hidden)
         try:
+            budget = None if s.prefetch_budget is None else s.prefetch_budget * store.expert_bytes
             self.moe = ProphetMoE(store, slots, device=device, policy=s.policy, predictor=predictor,
-                                  prefetch_depth=s.prefetch_depth, top_k=self.top_k,
+                                  prefetch_depth=s.prefetch_depth, prefetch_budget_bytes=budget, top_k=self.top_k,
                                   max_batch_tokens=self.max_batch_tokens)
         except ValueError as e:
             raise ValueError(f"Prophet buffer={s.buffer} ({slots} slots for {store.num_layers} layers x "
                              f"{store.num_experts} experts, up to {self.max_batch_tokens} tokens per step): {e}") from None
         logger.info("Prophet: %d MoE layers x %d experts in %s host memory (%.1f MiB); device buffer %d slots "
-                    "(%.1f MiB, %.1f%% of experts), policy %s, predictor %s, prefetch depth %d",
+                    "(%.1f MiB, %.1f%% of experts), policy %s, predictor %s, prefetch depth %d, prefetch budget %s",
                     store.num_layers, store.num_experts, "pinned" if store.pinned else "pageable",
                     store.num_layers * store.num_experts * store.expert_bytes / 2**20, slots,
                     slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
-                    s.policy, s.predictor, s.prefetch_depth)
+                    s.policy, s.predictor, s.prefetch_depth,
+                    "no limit" if s.prefetch_budget is None else f"{s.prefetch_budget} experts per layer call")
 
     def forward(self, layer: int, x, topk_weights, topk_ids):
         if self.moe is None:
@@ -201,7 +208,8 @@ class _ModelExperts:
             return None
         store = self.moe.store
         return {"num_experts": store.num_experts, "slots": self.moe.buffer.num_slots,
-                "expert_bytes": store.expert_bytes, **self.moe.stats.as_dict()}
+                "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
+                **self.moe.stats.as_dict()}
 
 
 def offer_gate_parts(parts) -> None:
