@@ -1,9 +1,16 @@
-"""What would it take to reach 99% hits at 50% capacity on the OLMoE-shape trace? Bounds that keep
-the realisable predictor's candidate list but remove its wrong guesses (which no real predictor can
-do), next to the realisable configuration and the oracle. Same simulator, policy, depth and copy
-budget as `prophet simulate`; only the predictor differs.
+"""What would it take to reach 99% hits at 50% capacity on the OLMoE-shape trace? Two parts:
+
+  predictors  bounds that keep the realisable predictor's candidate list but remove its wrong
+              guesses (which no real predictor can do), next to the realisable configuration and
+              the oracle; same simulator, policy, depth and copy budget as `prophet simulate`
+  budgets     the learned lookahead and the oracle under each rule for how many copies one layer
+              call may issue: derived (`prophet simulate`'s default: what can start before the
+              farthest target layer begins, behind the copies queued), a fixed 1 / 2 / 3 experts
+              per call (the vLLM plugin's `prefetch_budget`), and no limit (copies queue on the one
+              copy engine); the bandwidth and its timing are the same in all
 
     python bench/routing_bounds.py [--trace olmoe-heldout] [--capacity 0.5] [--depth 3] [--max-steps 4096]
+                                   [--parts predictors,budgets]
 
 Rows: bench/results/routing_bounds.jsonl (simulation on the CPU with the measured H100 constants).
 """
@@ -47,7 +54,11 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--policy", default="next-use")
     ap.add_argument("--max-steps", type=int, default=4096)
+    ap.add_argument("--parts", default="predictors,budgets", help="predictors, budgets, or both (default)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if not parts <= {"predictors", "budgets"}:
+        raise SystemExit(f"--parts: unknown part(s) {sorted(parts - {'predictors', 'budgets'})}")
 
     held = load_trace(args.trace)
     fit = held.meta.get("learned_lookahead") or {}
@@ -63,18 +74,34 @@ def main() -> None:
         (f"learned-gate top-{width}, wrong guesses removed", WithoutWrongGuesses(LearnedGatePredictor(meta=fit, width=width), schedule)),
         ("oracle (exact future routing)", "oracle"),
     ]
-    rows = []
+    runs = []  # (part, label, predictor, budget rule: None = derived, an int = fixed per call, "none" = no limit)
+    if "predictors" in parts:
+        runs += [("predictors", label, pred, None) for label, pred in configs]
+    if "budgets" in parts:
+        learned = (f"learned-gate top-{top_k}", lambda: LearnedGatePredictor(meta=fit))
+        for budget in (None, 1, 2, 3, "none"):
+            for label, make in (learned, ("oracle", lambda: "oracle")):
+                runs.append(("budgets", label, make(), budget))
+    rows, part = [], None
     print(f"{args.trace}, capacity {args.capacity}, {args.policy}, depth {args.depth}, batch 1, {args.max_steps} steps")
-    print("| predictor | hit rate | landed | missed, never named | missed, named | stall us/token | recall d=1..3 |")
-    print("|---|---:|---:|---:|---:|---:|---|")
-    for label, pred in configs:
-        r = simulate(held, args.capacity, args.policy, pred, args.depth, max_steps=args.max_steps, progress=True)
+    for part_, label, pred, budget in runs:
+        if part_ != part:
+            part = part_
+            print(f"\n{part}:")
+            print("| predictor | copies per layer call | hit rate | landed | missed, never named | missed, named | "
+                  "stall us/token | H2D MB/token | recall d=1..3 |")
+            print("|---|---|---:|---:|---:|---:|---:|---:|---|")
+        rule = {None: "derived", "none": "no limit"}.get(budget, f"at most {budget}")
+        r = simulate(held, args.capacity, args.policy, pred, args.depth, max_steps=args.max_steps, progress=True,
+                     unlimited_budget=budget == "none", prefetch_budget=budget if isinstance(budget, int) else None)
         d = r.as_dict()
         never = r.misses_unpredicted / r.requests
         named = (r.misses - r.misses_unpredicted) / r.requests
-        print(f"| {label} | {r.hit_rate:.2%} | {r.ready_hit_rate:.2%} | {never:.2%} | {named:.2%} | "
-              f"{d['stall_us_per_token']:.0f} | " + ", ".join(f"{x:.1%}" for x in r.pred_recall) + " |", flush=True)
-        rows.append({"bench": "routing_bounds", "trace": args.trace, "config": label, **d,
+        print(f"| {label} | {rule} | {r.hit_rate:.2%} | {r.ready_hit_rate:.2%} | {never:.2%} | {named:.2%} | "
+              f"{d['stall_us_per_token']:.0f} | {d['bytes_per_token'] / 1e6:.1f} | "
+              + ", ".join(f"{x:.1%}" for x in r.pred_recall) + " |", flush=True)
+        rows.append({"bench": "routing_bounds", "part": part, "trace": args.trace, "config": label,
+                     "copies_per_call": rule, "capacity": args.capacity, **d,
                      "missed_never_named": never, "missed_named": named,
                      "device": "cpu (simulation, measured H100 constants)", "commit": git_commit(), "date": utc_now()})
     print(f"rows: {write_rows('routing_bounds', rows)}")

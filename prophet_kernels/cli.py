@@ -219,6 +219,9 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pcie-gbps", type=float, help="host-to-device GB/s (default: measured on the H100)")
     p.add_argument("--layer-us", type=float, help="time of one layer (default: measured on the H100)")
     p.add_argument("--unlimited-budget", action="store_true", help="no prefetch byte budget (timing still modelled)")
+    p.add_argument("--prefetch-budget", type=int, metavar="N",
+                   help="at most N experts per prefetch call, fixed (the vLLM plugin's prefetch_budget), instead of "
+                        "the budget derived from bandwidth and layer time")
     p.add_argument("--max-steps", type=int, help="replay at most this many decode steps")
     p.add_argument("--sweep", action="store_true",
                    help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures")
@@ -271,7 +274,8 @@ def _simulate(args: argparse.Namespace) -> int:
     if pred and pred != "oracle":
         pred = fit_predictor(pred, _train_trace_for(args, held), held)
     r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, pcie_gbps=args.pcie_gbps,
-                 layer_us=args.layer_us, unlimited_budget=args.unlimited_budget, max_steps=args.max_steps, progress=True)
+                 layer_us=args.layer_us, unlimited_budget=args.unlimited_budget, max_steps=args.max_steps, progress=True,
+                 prefetch_budget=args.prefetch_budget)
     d = r.as_dict()
     print(f"{held.meta.get('shape')} trace, {r.tokens} tokens, {r.slots} slots, {args.policy}, predictor {r.predictor} "
           f"(depth {r.depth}), batch {r.batch}")

@@ -148,15 +148,20 @@ class _Scored(Predictor):
 def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor | str | None = None, depth: int = 1,
              batch: int = 1, expert_bytes: int | None = None, pcie_gbps: float | None = None,
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
-             progress: bool = False) -> SimResult:
+             progress: bool = False, prefetch_budget: int | None = None) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
-    H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled)."""
+    H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
+    prefetch_budget fixes it at that many experts per layer call instead of deriving it from the
+    copy engine's backlog (what ``ProphetMoE(prefetch_budget_bytes=...)`` and the vLLM plugin's
+    ``prefetch_budget`` setting do)."""
     from tqdm import tqdm
 
     from .planner.catalog import get_model
     from .planner.memory import expert_bytes as model_expert_bytes
 
+    if prefetch_budget is not None and (unlimited_budget or prefetch_budget < 0):
+        raise ValueError(f"prefetch_budget={prefetch_budget}: give a number of experts >= 0, without unlimited_budget")
     L, E = trace.num_layers, trace.num_experts
     model = trace.meta.get("mimics")
     if expert_bytes is None:
@@ -192,7 +197,8 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
     name = getattr(predictor, "name", "none") if predictor is not None else "none"
     scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
     table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
-    res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0, None)
+    res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0,
+                          None if prefetch_budget is None else prefetch_budget * expert_bytes)
 
     ready = [0.0] * slots  # when each slot's last copy lands
     now = engine = 0.0
@@ -216,7 +222,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
                 res.stats.layers[l].stall_s += wait - now
                 now = wait
             if res.prefetch_depth:
-                if not unlimited_budget:  # what can start before the farthest target layer begins
+                if not unlimited_budget and prefetch_budget is None:  # what can start before the farthest target layer begins
                     window = now + depth * layer_s - max(engine, now)
                     res.prefetch_budget_bytes = max(0, math.ceil(window / copy_s)) * expert_bytes
                 for s, _, _ in res.prefetch(l, trace.topk_ids[l, tokens], TraceHidden(trace, tokens)):

@@ -460,6 +460,13 @@ def test_simulator_oracle_and_timing():
     # the budget derived from bandwidth x layer time limits prefetching
     tight = simulate(tr, cap, "lru", "oracle", 1, layer_us=1.0, pcie_gbps=1.0, expert_bytes=10**6)
     assert tight.prefetched < oracle.prefetched
+    # a fixed budget (the runtime's prefetch_budget) replaces the derived one: at most N per layer call
+    calls = oracle.steps * tr.num_layers
+    one = simulate(tr, cap, "lru", "oracle", 2, layer_us=1.0, pcie_gbps=1.0, expert_bytes=10**6, prefetch_budget=1)
+    assert tight.prefetched < one.prefetched <= calls and one.prefetched < oracle.prefetched
+    assert simulate(tr, cap, "lru", "oracle", 2, prefetch_budget=0).prefetched == 0
+    with pytest.raises(ValueError, match="prefetch_budget"):
+        simulate(tr, cap, "lru", "oracle", 1, unlimited_budget=True, prefetch_budget=1)
     # miss breakdown: without a predictor every miss is unpredicted; the oracle names every layer
     # call but the first (cold start), so its other misses are budget misses
     cold = len(set(tr.topk_ids[0, 0].tolist()))
