@@ -8,8 +8,9 @@ experts. Time: each layer computes for `layer_s`; one copy engine moves `pcie_Bp
 issue order (demand fetches queue behind prefetches already issued, as on one copy stream); a
 layer waits for its experts' copies (stall). A prefetch is issued only while the engine's backlog
 lets it start before the last target layer begins (the byte budget of each call, derived from
-bandwidth and layer time); a prefetched expert whose copy has not landed when needed counts as
-a hit that stalls ("late").
+bandwidth and layer time; or a fixed number of experts per call, ``prefetch_budget``, as the
+runtime's setting; or no limit, ``unlimited_budget``); a prefetched expert whose copy has not
+landed when needed counts as a hit that stalls ("late").
 """
 
 from __future__ import annotations
