@@ -10,7 +10,7 @@
               copy engine); the bandwidth and its timing are the same in all
 
     python bench/routing_bounds.py [--trace olmoe-heldout] [--capacity 0.5] [--depth 3] [--max-steps 4096]
-                                   [--parts predictors,budgets]
+                                   [--parts predictors,budgets] [--batch 1]
 
 Rows: bench/results/routing_bounds.jsonl (simulation on the CPU with the measured H100 constants).
 """
@@ -54,6 +54,7 @@ def main() -> None:
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--policy", default="next-use")
     ap.add_argument("--max-steps", type=int, default=4096)
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoding together (default 1)")
     ap.add_argument("--parts", default="predictors,budgets", help="predictors, budgets, or both (default)")
     args = ap.parse_args()
     parts = set(args.parts.split(","))
@@ -65,7 +66,7 @@ def main() -> None:
     width = held.learned_lookahead.shape[-1] if held.learned_lookahead is not None else None
     if width is None:
         raise SystemExit(f"{args.trace} has no learned-gate ranking (record it with --learned-gate)")
-    schedule = call_schedule(held, lanes(held, 1)[:args.max_steps])
+    schedule = call_schedule(held, lanes(held, args.batch)[:args.max_steps])
     top_k = held.top_k
     configs = [
         (f"learned-gate top-{top_k} (realisable)", LearnedGatePredictor(meta=fit)),
@@ -83,7 +84,7 @@ def main() -> None:
             for label, make in (learned, ("oracle", lambda: "oracle")):
                 runs.append(("budgets", label, make(), budget))
     rows, part = [], None
-    print(f"{args.trace}, capacity {args.capacity}, {args.policy}, depth {args.depth}, batch 1, {args.max_steps} steps")
+    print(f"{args.trace}, capacity {args.capacity}, {args.policy}, depth {args.depth}, batch {args.batch}, {args.max_steps} steps")
     for part_, label, pred, budget in runs:
         if part_ != part:
             part = part_
@@ -92,7 +93,7 @@ def main() -> None:
                   "stall us/token | H2D MB/token | recall d=1..3 |")
             print("|---|---|---:|---:|---:|---:|---:|---:|---|")
         rule = {None: "derived", "none": "no limit"}.get(budget, f"at most {budget}")
-        r = simulate(held, args.capacity, args.policy, pred, args.depth, max_steps=args.max_steps, progress=True,
+        r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, max_steps=args.max_steps, progress=True,
                      unlimited_budget=budget == "none", prefetch_budget=budget if isinstance(budget, int) else None)
         d = r.as_dict()
         never = r.misses_unpredicted / r.requests

@@ -16,6 +16,8 @@ MAX_TOKENS = 24
 
 def test_settings_off_by_default_and_from_env():
     assert not ProphetSettings.resolve(None, environ={}).enabled
+    assert ProphetSettings.resolve(None, environ={}).prefetch_budget == 1  # the default: one copy per layer call
+    assert ProphetSettings.resolve(None, environ={"PROPHET_PREFETCH_BUDGET": "none"}).prefetch_budget is None
     s = ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_BUFFER": "12", "PROPHET_POLICY": "cyclic",
                                                "PROPHET_PREFETCH_DEPTH": "2", "PROPHET_PREFETCH_BUDGET": "3"})
     assert (s.enabled, s.buffer, s.policy, s.prefetch_depth, s.prefetch_budget) == (True, 12.0, "cyclic", 2, 3)
@@ -108,16 +110,14 @@ def _expert_params(worker):
 @pytest.mark.parametrize("buffer, policy, predictor", [
     (0.375, "lru", "same"),  # 3 of 8 experts
     (9, "cyclic", "same"),  # one slot more than one layer can need (E = 8)
-    (0.5, "cyclic", "gate"),  # the next layers' routers on this layer's MoE input, inside vLLM (budget: 1 expert)
+    (0.5, "cyclic", "gate"),  # the next layers' routers on this layer's MoE input, inside vLLM
     (0.5, "next-use", "learned-gate"),  # a fitted learned gate lookahead, loaded from its file
 ])
 def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, buffer, policy, predictor):
     ps, base = baseline
     cfg = {"buffer": buffer, "policy": policy, "predictor": predictor}
-    if predictor == "learned-gate":
-        cfg |= {"predictor_path": learned_gates[family], "prefetch_depth": 2}
-    if predictor == "gate":
-        cfg |= {"prefetch_budget": 1}
+    if predictor == "learned-gate":  # (and no limit on the copies a layer call may prefetch)
+        cfg |= {"predictor_path": learned_gates[family], "prefetch_depth": 2, "prefetch_budget": "none"}
     llm = demo.make_llm(checkpoints[family], cfg)
     try:
         tokens = demo.greedy(llm, ps, MAX_TOKENS)
@@ -132,7 +132,7 @@ def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, 
     assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetched"] > 0
     assert t["hits"] + t["misses"] == sum(layer["hits"] + layer["misses"] for layer in stats["layers"])
     assert t["bytes_h2d"] > 0
-    assert stats["prefetch_budget_bytes"] == (stats["expert_bytes"] if predictor == "gate" else None)
+    assert stats["prefetch_budget_bytes"] == (None if predictor == "learned-gate" else stats["expert_bytes"])
 
 
 def test_baseline_routing_is_not_trivial(checkpoints):
