@@ -17,7 +17,7 @@ input, for OLMoE and Mixtral; learned-gate: a fitted ``LearnedGatePredictor`` sa
 ``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``, ``prefetch_budget``
 (most experts one layer call may prefetch, default 1; ``none``: no limit. Simulated on recorded
 routing, docs/routing.md: one copy per call had the least stall at batch 1 on the OLMoE shape, and
-stalled 0.3-3.3% more than the best rule tried at batch 16 and on the Mixtral shape; no limit
+stalled 0.3-4.1% more than the best rule tried at batch 16 and on the Mixtral shape; no limit
 stalled 18-37% more), ``log_every_s`` (stats log period; 0 logs only at shutdown).
 
 Lifecycle per model (all in the worker process):
