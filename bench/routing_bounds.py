@@ -79,10 +79,9 @@ def main() -> None:
     if "predictors" in parts:
         runs += [("predictors", label, pred, None) for label, pred in configs]
     if "budgets" in parts:
-        learned = (f"learned-gate top-{top_k}", lambda: LearnedGatePredictor(meta=fit))
         for budget in (None, 1, 2, 3, "none"):
-            for label, make in (learned, ("oracle", lambda: "oracle")):
-                runs.append(("budgets", label, make(), budget))
+            runs += [("budgets", f"learned-gate top-{top_k}", LearnedGatePredictor(meta=fit), budget),
+                     ("budgets", "oracle", "oracle", budget)]
     rows, part = [], None
     print(f"{args.trace}, capacity {args.capacity}, {args.policy}, depth {args.depth}, batch {args.batch}, {args.max_steps} steps")
     for part_, label, pred, budget in runs:

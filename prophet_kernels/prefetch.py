@@ -85,18 +85,15 @@ class StreamPrefetcher:
         copy stream's time for them, from an event pair read once the copies have completed."""
         if not fills:
             return
-        if not self.cuda:
-            t0 = time.perf_counter()
-            for slot, layer_, expert in fills:
-                self.copy(slot, layer_, expert, label="demand")
-            self._timed.append((layer, time.perf_counter() - t0))
-            return
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record(self.stream)
-        for slot, layer_, expert in fills:
-            self.copy(slot, layer_, expert, label="demand")
-        end.record(self.stream)
-        self._timed.append((layer, (start, end)))
+        events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) if self.cuda else None
+        if events:
+            events[0].record(self.stream)
+        t0 = time.perf_counter()
+        for slot, owner, expert in fills:
+            self.copy(slot, owner, expert, label="demand")
+        if events:
+            events[1].record(self.stream)
+        self._timed.append((layer, events or time.perf_counter() - t0))
 
     def stalls(self, wait: bool = False) -> list[tuple[int, float]]:
         """(layer, seconds) of the demand copies timed since the last call, oldest first: those that

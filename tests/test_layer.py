@@ -41,17 +41,27 @@ def _routing(steps, seed=1, max_t=4):
 
 
 def _check_run(moe, w13, w2, routing):
+    """Every forward queued first (no synchronisation between layers), then each output against the
+    same kernels on all-resident weights: exact on the CPU, within 1e-4 in fp32 on a GPU; the stats
+    add up. Returns the stats."""
+    ys = [moe.forward(layer, x, w, ids) for layer, x, w, ids in routing]
+    w13, w2 = w13.to(moe.device), w2.to(moe.device)
     unique = 0
-    for layer, x, w, ids in routing:
-        y = moe.forward(layer, x, w, ids)
-        assert torch.equal(y, fused_experts(x, w13[layer], w2[layer], w, ids)), f"layer {layer} differs"
+    for (layer, x, w, ids), y in zip(routing, ys):
+        ref = fused_experts(x, w13[layer], w2[layer], w, ids)
+        if moe.device.type == "cpu":
+            assert torch.equal(y, ref), f"layer {layer} differs"
+        else:
+            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
         unique += len(torch.unique(ids))
-    s = moe.stats
+    s = moe.stats  # waits for the demand copies' timing
+    assert not moe.prefetcher._timed
     assert s.hits + s.misses == unique
     assert s.bytes_h2d == (s.misses + s.prefetched) * moe.store.expert_bytes
     assert 0 <= s.prefetch_used <= s.prefetched
     assert all(p == 0 for p in moe.buffer.pins)
     assert all((layer.stall_s > 0) == (layer.misses > 0) for layer in s.layers), "stall only where a layer missed"
+    return s
 
 
 @pytest.mark.parametrize("slots", [K * 4, 11, E * L])  # one layer's worst case, in between, everything
@@ -87,23 +97,9 @@ def test_device_run_equals_all_resident(monkeypatch, device, slots):
     w13, w2 = _weights(7)
     moe = ProphetMoE.from_weights(w13, w2, slots, device=device, policy="next-use", predictor="same",
                                   prefetch_depth=2)
-    w13d, w2d = w13.to(device), w2.to(device)
     routing = [(layer, x.to(device), w.to(device), ids.to(device)) for layer, x, w, ids in _routing(steps=12, seed=8)]
-    ys = [moe.forward(layer, x, w, ids) for layer, x, w, ids in routing]  # all queued before any check
-    unique = 0
-    for (layer, x, w, ids), y in zip(routing, ys):
-        ref = fused_experts(x, w13d[layer], w2d[layer], w, ids)
-        if device == "cpu":
-            assert torch.equal(y, ref), f"layer {layer} differs"
-        else:
-            torch.testing.assert_close(y, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
-        unique += len(torch.unique(ids))
-    s = moe.stats  # waits for the demand copies' timing
-    assert not moe.prefetcher._timed
-    assert s.hits + s.misses == unique and s.misses > slots and s.prefetched > 0 and s.evictions > 0
-    assert s.bytes_h2d == (s.misses + s.prefetched) * moe.store.expert_bytes
-    assert all((layer.stall_s > 0) == (layer.misses > 0) for layer in s.layers)
-    assert all(p == 0 for p in moe.buffer.pins)
+    s = _check_run(moe, w13, w2, routing)
+    assert s.misses > slots and s.prefetched > 0 and s.evictions > 0
 
 
 def test_oracle_predictor_has_no_misses_after_warmup(torch_path):
