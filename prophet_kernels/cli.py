@@ -243,14 +243,24 @@ def _simulate(args: argparse.Namespace) -> int:
     from .simulator import simulate
     from .traces import load_trace
 
+    # Copy budget and timing: one set for every row of a sweep, recorded in the rows and in the file names.
+    timing = {k: v for k, v in dict(unlimited_budget=args.unlimited_budget or None, prefetch_budget=args.prefetch_budget,
+                                    pcie_gbps=args.pcie_gbps, layer_us=args.layer_us).items() if v is not None}
+    if args.unlimited_budget and args.prefetch_budget is not None:
+        raise ValueError("give --unlimited-budget or --prefetch-budget, not both")
+    if args.batch_sweep and args.layer_us is not None:
+        raise ValueError("--layer-us fixes one layer time; --batch-sweep uses each batch's measured one")
+    suffix = "".join(f"_{k}{'' if v is True else v}" for k, v in timing.items())
     if args.batch_sweep:
         for name in _csv_list(args.trace):
             held = load_trace(name)
             shape = held.meta.get("shape")
-            print(f"\n{shape}: hit rate / landed in time / stall us per token at capacity {args.capacity}")
-            rows = rr.batch_rows(held, _train_trace_for(args, held), args.batch_sweep, args.capacity, args.max_steps)
+            print(f"\n{shape}: hit rate / landed in time / stall us per token at capacity {args.capacity}"
+                  + (f" ({', '.join(f'{k}={v}' for k, v in timing.items())})" if timing else ""))
+            rows = rr.batch_rows(held, _train_trace_for(args, held), args.batch_sweep, args.capacity, args.max_steps,
+                                 **timing)
             print(rr.batch_table(rows))
-            print(f"rows: {rr.write_rows(rows, Path(args.out) / f'simulate_{shape}_batch.jsonl')}")
+            print(f"rows: {rr.write_rows(rows, Path(args.out) / f'simulate_{shape}_batch{suffix}.jsonl')}")
         return 0
     if args.sweep:
         out = Path(args.out)
@@ -258,24 +268,25 @@ def _simulate(args: argparse.Namespace) -> int:
         for name in _csv_list(args.trace):
             held = load_trace(name)
             rows = rr.run_table(held, _train_trace_for(args, held), batch=args.batch, max_steps=args.max_steps,
-                                unlimited_budget=args.unlimited_budget)
+                                **timing)
             shape = held.meta.get("shape")
-            print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate")
+            tag = f"{shape}_b{args.batch}{suffix}"
+            print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate"
+                  + (f" ({', '.join(f'{k}={v}' for k, v in timing.items())})" if timing else ""))
             section = rr.render_section(rows)
             print(section)
-            md = out / f"routing_{shape}_b{args.batch}.md"
+            md = out / f"routing_{tag}.md"
             md.write_text(section)
             print(f"markdown: {md}")
-            print(f"rows: {rr.write_rows(rows, out / f'simulate_{shape}_b{args.batch}.jsonl')}")
-            print(f"figure: {rr.figure_hit_vs_capacity(rows, out / f'hit_vs_capacity_{shape}_b{args.batch}.png', f'{shape}: hit rate vs capacity (B={args.batch})')}")
+            print(f"rows: {rr.write_rows(rows, out / f'simulate_{tag}.jsonl')}")
+            print(f"figure: {rr.figure_hit_vs_capacity(rows, out / f'hit_vs_capacity_{tag}.png', f'{shape}: hit rate vs capacity (B={args.batch}{suffix})')}")
         return 0
     held = load_trace(args.trace)
     pred = args.predictor
     if pred and pred != "oracle":
         pred = fit_predictor(pred, _train_trace_for(args, held), held)
-    r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, pcie_gbps=args.pcie_gbps,
-                 layer_us=args.layer_us, unlimited_budget=args.unlimited_budget, max_steps=args.max_steps, progress=True,
-                 prefetch_budget=args.prefetch_budget)
+    r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, max_steps=args.max_steps,
+                 progress=True, **timing)
     d = r.as_dict()
     print(f"{held.meta.get('shape')} trace, {r.tokens} tokens, {r.slots} slots, {args.policy}, predictor {r.predictor} "
           f"(depth {r.depth}), batch {r.batch}")

@@ -50,7 +50,10 @@ def _instance(pred: str | None, fitted: dict):
 
 
 def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: int | None = None,
-              predictors=PREDICTORS, depths=DEPTHS, unlimited_budget: bool = False, progress: bool = True) -> list[dict]:
+              predictors=PREDICTORS, depths=DEPTHS, progress: bool = True, **timing) -> list[dict]:
+    """Simulated rows for every configuration x capacity. ``timing``: ``simulate``'s copy-budget and
+    timing arguments (unlimited_budget, prefetch_budget, pcie_gbps, layer_us), applied to every row
+    and recorded in it."""
     from tqdm import tqdm
 
     from .simulator import simulate
@@ -62,9 +65,9 @@ def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: 
     shape = heldout.meta.get("shape", "?")
     for cap, (policy, pred, depth) in tqdm(todo, desc=f"sweep {shape}", disable=not progress):
         p = _instance(pred, fitted)
-        r = simulate(heldout, cap, policy, p, depth, batch=batch, max_steps=max_steps, unlimited_budget=unlimited_budget)
+        r = simulate(heldout, cap, policy, p, depth, batch=batch, max_steps=max_steps, **timing)
         row = r.as_dict() | {"shape": shape, "mimics": heldout.meta.get("mimics"), "capacity": cap,
-                             "unlimited_budget": unlimited_budget}
+                             "unlimited_budget": False} | timing
         if pred in sizes:
             row["predictor_bytes"], row["predictor_fit_s"] = sizes[pred]
         rows.append(row)
@@ -221,9 +224,12 @@ BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("next-use", None, 0), (
 
 
 def batch_rows(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,
-               progress: bool = True) -> list[dict]:
+               progress: bool = True, **timing) -> list[dict]:
     """Simulated rows for ``BATCH_CONFIGS`` x batches at one capacity. Layer time per batch comes
-    from ``simulator.layer_seconds`` (measured at the end points)."""
+    from ``simulator.layer_seconds`` (measured at the end points); ``timing`` as in ``run_table``
+    except layer_us, which would give every batch the same layer time."""
+    if timing.get("layer_us") is not None:
+        raise ValueError("layer_us fixes one layer time for every batch; a batch sweep takes each batch's measured one")
     from tqdm import tqdm
 
     from .simulator import layer_seconds, simulate
@@ -234,9 +240,9 @@ def batch_rows(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_st
     rows = []
     todo = [(cfg, b) for cfg in configs for b in batches]
     for (policy, pred, depth), b in tqdm(todo, desc=f"batch sweep {heldout.meta.get('shape')}", disable=not progress):
-        r = simulate(heldout, capacity, policy, _instance(pred, fitted), depth, batch=b, max_steps=max_steps)
+        r = simulate(heldout, capacity, policy, _instance(pred, fitted), depth, batch=b, max_steps=max_steps, **timing)
         rows.append(r.as_dict() | {"shape": heldout.meta.get("shape"), "mimics": model, "capacity": capacity,
-                                   "layer_us": layer_seconds(model, b) * 1e6})
+                                   "layer_us": layer_seconds(model, b) * 1e6} | timing)
     return rows
 
 

@@ -580,6 +580,33 @@ def test_batch_table():
     assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "| learned-gate d=3 + LRU |" in text and "B=2" in text and "| gate d=3 + next-use |" in text
 
 
+def test_cli_sweeps_take_the_copy_budget(tmp_path):
+    """--prefetch-budget / --unlimited-budget / --pcie-gbps reach every row of a sweep (they used to be
+    dropped silently), the rows and file names record them, and contradictory options fail in one line."""
+    import json
+
+    from prophet_kernels import routing_report as rr
+
+    held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
+    held.save(tmp_path / "held.npz"), train.save(tmp_path / "train.npz")
+    run = lambda *a: subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "simulate", "--trace",
+                                     str(tmp_path / "held.npz"), "--train-trace", str(tmp_path / "train.npz"),
+                                     "--out", str(tmp_path), *a], capture_output=True, text=True)
+    r = run("--batch-sweep", "1,2", "--prefetch-budget", "0", "--pcie-gbps", "20")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "simulate_test_batch_prefetch_budget0_pcie_gbps20.0.jsonl").open()]
+    assert len(rows) == 2 * len(rr.BATCH_CONFIGS)
+    assert all(x["prefetch_budget"] == 0 and x["pcie_gbps"] == 20.0 for x in rows)
+    assert all(x["prefetched"] == 0 for x in rows)  # a budget of 0 experts issues no prefetch at all
+    # the same sweep without the budget prefetches (so the option above was applied, not ignored)
+    free = rr.batch_rows(held, train, batches=(1, 2), progress=False, pcie_gbps=20.0)
+    assert sum(x["prefetched"] for x in free) > 0
+    r = run("--batch-sweep", "1", "--layer-us", "100")
+    assert r.returncode == 2 and "--layer-us" in r.stderr and "Traceback" not in r.stderr
+    r = run("--sweep", "--unlimited-budget", "--prefetch-budget", "2")
+    assert r.returncode == 2 and "not both" in r.stderr
+
+
 def test_train_and_record_cli(tmp_path):
     """A few training steps on a small slice of the real corpus, then `prophet trace record`."""
     pytest.importorskip("transformers")
