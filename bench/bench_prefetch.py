@@ -8,6 +8,8 @@ tiny functional pass anywhere (CPU: plain copies, PyTorch experts).
     oracle predictor and buffers of 25/50/75/100% of experts vs all-resident fused_experts, on
     uniform random routing (no reuse between steps: the PCIe-bound worst case) or on a recorded
     trace (`--routing olmoe-heldout`: routing of the trained OLMoE-shaped model)
+(d) `--only host`: where the host's time goes per decode layer call (wall time and a cProfile's
+    top functions) for all-resident fused_experts and ProphetMoE; a profile, run on request
 
 Rows (JSON lines, with device, versions, commit, date) go to bench/results/bench_prefetch.jsonl
 (bench_prefetch_cpu.jsonl without a GPU). Profile (c) with bench/nsys_prefetch.sh.
@@ -169,17 +171,16 @@ def _routings(tr, steps, T, L, E, k, dev):
     return [[(ids[l, tok[i]].contiguous(), w[l, tok[i]].contiguous()) for l in range(L)] for i in range(steps)]
 
 
-def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmup=1,
-                fracs=(0.25, 0.5, 0.75, 1.0), batches=(1, 16), budget_experts=None):
-    """Time per decode step of an L-layer stack: ProphetMoE (oracle predictor; prefetch budget per
-    layer call of `budget_experts` experts, unlimited if None) at each buffer fraction and policy vs
-    all experts resident (fused_experts). The first `warmup` steps fill the buffer and are not timed."""
-    from prophet_kernels import HostExpertStore, OraclePredictor, ProphetMoE, fused_experts
+def _stack(dev, small, routing):
+    """The decode stack of parts (c) and (d): OLMoE-shaped (16 layers; tiny with `small`), or the
+    trace's layers, experts and top-k. Returns L, E, H, I, k, trace (None for uniform routing), the
+    host store (pinned once, shared by every configuration) and the all-resident device weights."""
+    from prophet_kernels import HostExpertStore
 
     olmoe = MOE_SHAPES["olmoe"]
     L, E, H, I, k = (4, 8, 64, 32, 2) if small else (16, olmoe["E"], olmoe["H"], olmoe["I"], olmoe["k"])
     tr = None
-    if routing != "uniform":  # the stack takes the trace's layers, experts and top-k
+    if routing != "uniform":
         from prophet_kernels.traces import load_trace
 
         tr = load_trace(routing)
@@ -188,8 +189,78 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
     g = torch.Generator().manual_seed(0)
     w13 = (torch.randn(L, E, 2 * I, H, generator=g) / 32).to(dtype)
     w2 = (torch.randn(L, E, H, I, generator=g) / 32).to(dtype)
-    w13_dev, w2_dev = w13.to(dev), w2.to(dev)
-    store = HostExpertStore.from_tensors(w13, w2)  # pinned once, shared by every configuration
+    return L, E, H, I, k, tr, HostExpertStore.from_tensors(w13, w2), w13.to(dev), w2.to(dev)
+
+
+def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12):
+    """(d) Where the host's time goes per decode layer call (T=1): wall time per layer call (whole
+    steps timed, synchronised at step ends) and, from a cProfile of the same steps, the functions
+    with the most own time per layer call, for all-resident fused_experts (with and without its id
+    check, the check being one host sync) and ProphetMoE (100% buffer: no copies once warm; 50%
+    with the oracle predictor, next-use, at most 2 prefetched experts per call). The profile
+    slows Python code down, so its per-call times are shares to read against the wall time."""
+    import cProfile
+    import pstats
+
+    from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
+
+    L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
+    steps_r = _routings(tr, warmup + steps, 1, L, E, k, dev)
+    xs = [torch.randn(1, H, dtype=store.dtype, device=dev) for _ in range(L)]
+    schedule = [torch.unique(ids).tolist() for st in steps_r for ids, _ in st]
+
+    def resident(check):
+        return lambda i: [fused_experts(xs[l], w13_dev[l], w2_dev[l], *reversed(steps_r[i][l]), check=check)
+                          for l in range(L)]
+
+    def prophet(frac, predictor, policy, budget):
+        moe = ProphetMoE(store, max(int(frac * E * L), 2 * k), device=dev, policy=policy, predictor=predictor,
+                         prefetch_budget_bytes=None if budget is None else budget * store.expert_bytes)
+        return lambda i: [moe.forward(l, xs[l], steps_r[i][l][1], steps_r[i][l][0]) for l in range(L)]
+
+    configs = [("resident, id check", resident(True)), ("resident, no check", resident(False)),
+               ("prophet 100%, no predictor", prophet(1.0, None, "lru", None)),
+               ("prophet 50%, oracle, next-use, 2/call", prophet(0.5, OraclePredictor(schedule), "next-use", 2))]
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    rows = []
+    for name, run in configs:
+        for i in range(warmup):
+            run(i)
+        sync()
+        t0 = time.perf_counter()
+        for i in range(warmup, warmup + steps):
+            run(i)
+            sync()
+        wall_us = (time.perf_counter() - t0) / (steps * L) * 1e6
+        prof = cProfile.Profile()
+        prof.enable()
+        for i in range(warmup, warmup + steps):
+            run(i)
+            sync()
+        prof.disable()
+        st = pstats.Stats(prof)
+        calls = steps * L
+        own = sorted(((v[2], f"{Path(f[0]).name}:{f[1]}({f[2]})", v[1]) for f, v in st.stats.items()), reverse=True)
+        profiled_us = st.total_tt / calls * 1e6
+        rows.append({"bench": "host_time", "config": name, "routing": routing, "T": 1, "layers": L, "E": E,
+                     "us_per_layer_call": wall_us, "profiled_us_per_layer_call": profiled_us,
+                     "top_own_us_per_layer_call": [[fn, round(t / calls * 1e6, 2), round(n / calls, 2)]
+                                                   for t, fn, n in own[:top]]})
+        print(f"\n{name}: {wall_us:.1f} us per layer call ({profiled_us:.1f} under the profiler); own time per call:")
+        for t, fn, n in own[:top]:
+            print(f"  {t / calls * 1e6:8.2f} us  {n / calls:5.2f} calls  {fn}")
+    return rows
+
+
+def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmup=1,
+                fracs=(0.25, 0.5, 0.75, 1.0), batches=(1, 16), budget_experts=None):
+    """Time per decode step of an L-layer stack: ProphetMoE (oracle predictor; prefetch budget per
+    layer call of `budget_experts` experts, unlimited if None) at each buffer fraction and policy vs
+    all experts resident (fused_experts). The first `warmup` steps fill the buffer and are not timed."""
+    from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
+
+    L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
+    dtype = store.dtype
     budget = None if budget_experts is None else budget_experts * store.expert_bytes
     rows = []
     for T in batches:
@@ -249,7 +320,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny shapes (functional check; default without a GPU)")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--only", choices=["copy", "overlap", "decode"], help="run one part")
+    ap.add_argument("--only", choices=["copy", "overlap", "decode", "host"], help="run one part")
     ap.add_argument("--routing", default="uniform",
                     help="part (c): 'uniform' random top-k, or a trace name/path (e.g. olmoe-heldout)")
     ap.add_argument("--policies", default="lru", help="part (c): comma-separated eviction policies")
@@ -268,6 +339,8 @@ def main(argv=None):
     if args.only in (None, "decode"):
         rows += decode_step(dev, 3 if small else args.repeats, small, args.routing,
                             tuple(args.policies.split(",")), args.warmup, budget_experts=args.budget_experts)
+    if args.only == "host":  # (d) only on request: a profile, not a timing table
+        rows += host_time(dev, small, args.routing)
     prov = provenance(dev)
     for r in rows:
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one script (METHOD.md: batch the runs, bring results back under $OUT).
 #   bench/gpu_session.sh kernels    GPU tests, retune the decode configs, bench_moe at T <= 64
-#   bench/gpu_session.sh prefetch   ProphetMoE on the device vs all-resident (test), bench_prefetch (a)-(c),
+#   bench/gpu_session.sh prefetch   ProphetMoE on the device vs all-resident (test), bench_prefetch (a)-(d),
 #                                   compute-sanitizer on a short (c)
 #   bench/gpu_session.sh vllm       bench_vllm (vLLM 0.26 carried in first: ../shared/tools/gpu-vllm/README.md,
 #                                   the c1, c2 calls, then this stage in the c3 call; installs it itself)
@@ -31,6 +31,8 @@ prefetch)
     echo "sanitizer $tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -1)"
   done
   unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  timeout 120 $PY bench/bench_prefetch.py --only host --routing olmoe-heldout --out "$OUT" 2>&1 | grep -v "^{" \
+    | tee "$OUT/host_time.txt" | grep "per layer call"
   timeout 120 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | tail -3
   timeout 60 $PY bench/bench_prefetch.py --only overlap --out "$OUT" 2>&1 | tail -2
   timeout 200 $PY bench/bench_prefetch.py --only decode --routing olmoe-heldout --policies lru,next-use --warmup 32 \

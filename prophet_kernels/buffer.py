@@ -303,6 +303,7 @@ class SlotTable:
                 f"configured maximum batch: need at least {max(1, min_slots)} slots")
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
         self._table = [[-1] * num_experts for _ in range(num_layers)]  # host copy, source of truth
+        self.row_version = [0] * num_layers  # bumped whenever a layer's row of the table changes
         self.owner: list[tuple[int, int] | None] = [None] * num_slots
         self.pins = [0] * num_slots
         self._pinned = 0  # slots with pins > 0
@@ -346,9 +347,11 @@ class SlotTable:
             slot = self.policy.victim(_Unpinned(self.pins))
             evicted = self.owner[slot]
             self._table[evicted[0]][evicted[1]] = -1
+            self.row_version[evicted[0]] += 1
             self.policy.remove(slot)
         self.owner[slot] = (layer, expert)
         self._table[layer][expert] = slot
+        self.row_version[layer] += 1
         self.policy.insert(slot)
         return slot, evicted
 
@@ -364,10 +367,19 @@ class PagedExpertBuffer(SlotTable):
         self.w13, self.w2 = expert_tensors(num_slots, hidden, intermediate, dtype, self.device)
         self.blocks = expert_block(self.w13, self.w2)
         self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
+        self._uploaded = [0] * num_layers  # row_version each device row holds (all -1 at version 0)
 
     def upload_row(self, layer: int) -> torch.Tensor:
-        """Write layer's page-table row to the device (from a pageable host tensor: the copy is
-        staged before this returns, so later host edits cannot race it) and return the row."""
+        """Bring layer's page-table row on the device up to date with the host table and return it.
+        A row that has not changed since its last upload is not copied. On CUDA the row is staged in
+        a fresh pinned tensor from PyTorch's caching host allocator and copied without blocking: a
+        copy from pageable memory would synchronise the host with the compute stream on every layer
+        call, and the caching allocator keeps the staging block until the copy has run. The copy is
+        ordered on the compute stream, after kernels already launched that read the old row."""
         row = self.page_table[layer]
-        row.copy_(torch.tensor(self._table[layer], dtype=torch.int32))
+        version = self.row_version[layer]
+        if self._uploaded[layer] != version:
+            cuda = row.is_cuda
+            row.copy_(torch.tensor(self._table[layer], dtype=torch.int32, pin_memory=cuda), non_blocking=cuda)
+            self._uploaded[layer] = version
         return row

@@ -13,6 +13,7 @@ the same code the trace simulator replays; this class moves the bytes and runs t
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .buffer import PagedExpertBuffer
@@ -80,10 +81,15 @@ class ProphetMoE:
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
         with nvtx_range(f"route L{layer}"):
-            # Host sync (host-driven mode): the host must know which experts to make resident.
-            experts = torch.unique(topk_ids).tolist()
-        if experts[0] < 0 or experts[-1] >= E:
-            raise ValueError(f"topk_ids holds expert ids outside [0, {E}) in layer {layer}")
+            # Host sync (host-driven mode): the host must know which experts to make resident. One
+            # copy of the ids, counted on the host (torch.unique on the device would launch a sort
+            # and synchronise twice: for its output size, then for the list).
+            ids = topk_ids.reshape(-1).cpu().numpy()
+            lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= E:
+                raise ValueError(f"topk_ids holds expert ids outside [0, {E}) in layer {layer}: "
+                                 f"{lo if lo < 0 else hi}")
+            experts = np.flatnonzero(np.bincount(ids, minlength=E)).tolist()
         self._add_stalls(wait=False)
         st = self.residency.stats.layers[layer]
         with nvtx_range(f"ensure_resident L{layer}"):

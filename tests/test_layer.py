@@ -146,6 +146,31 @@ def test_prefetch_budget(torch_path):
     assert 0 < moe.stats.prefetched <= len(routing)
 
 
+def test_page_table_rows_follow_the_host_table(monkeypatch):
+    """upload_row copies a row only when it changed (fills and evictions of that layer), and the
+    device row then equals the host table, across random churn with a small buffer."""
+    from prophet_kernels.buffer import PagedExpertBuffer
+
+    buf = PagedExpertBuffer(L, E, H, I, num_slots=5, dtype=torch.float32, device="cpu")
+    copies = []
+    real = torch.Tensor.copy_
+    monkeypatch.setattr(torch.Tensor, "copy_", lambda self, src, *a, **k: (copies.append(1), real(self, src, *a, **k))[1])
+    g = torch.Generator().manual_seed(5)
+    for _ in range(60):
+        layer, expert = int(torch.randint(0, L, (), generator=g)), int(torch.randint(0, E, (), generator=g))
+        if buf.lookup(layer, expert) < 0:
+            buf.allocate(layer, expert)  # may evict another layer's expert: that row changes too
+        for l in range(L):
+            before = len(copies)
+            row = buf.upload_row(l)
+            assert row.tolist() == [buf.lookup(l, e) for e in range(E)]
+            assert len(copies) - before <= 1
+            again = len(copies)
+            buf.upload_row(l)
+            assert len(copies) == again  # unchanged row: no copy
+    assert len(copies) > 0 and buf.page_table.tolist() == [[buf.lookup(l, e) for e in range(E)] for l in range(L)]
+
+
 def test_policies():
     lru, lfu = LRUPolicy(), LFUPolicy()
     for p in (lru, lfu):
@@ -177,6 +202,8 @@ def test_bad_configuration_errors(torch_path):
         moe.forward(3, x, w, torch.zeros(3, K, dtype=torch.int32))
     with pytest.raises(ValueError, match=r"outside \[0, 8\)"):
         moe.forward(0, x, w, torch.tensor([[0, 8]] * 3, dtype=torch.int32))
+    with pytest.raises(ValueError, match=r"outside \[0, 8\) in layer 1: -1"):
+        moe.forward(1, x, w, torch.tensor([[0, 1], [-1, 2], [3, 1]]))
     with pytest.raises(ValueError, match="needs 6 unique experts but the buffer has 4 slots"):
         moe.forward(0, x, w, torch.tensor([[0, 1], [2, 3], [4, 5]], dtype=torch.int32))
     assert moe.stats.hits + moe.stats.misses == 0  # refused before touching anything
@@ -257,3 +284,20 @@ def test_store_builders(tmp_path):
     save_file(olmoe, tmp_path / "broken.safetensors")
     with pytest.raises(ValueError, match="layer 1: checkpoint lacks expert tensors"):
         HostExpertStore.from_safetensors(tmp_path / "broken.safetensors", pin=False, progress=False)
+
+
+def test_bench_prefetch_parts_run_on_the_cpu(torch_path, tmp_path):
+    """The decode (c) and host-time (d) parts of bench/bench_prefetch.py run end to end on tiny
+    shapes and write their rows, so a lent GPU's minutes are not spent on a broken script."""
+    import json
+
+    from bench import bench_prefetch
+
+    bench_prefetch.main(["--small", "--only", "host", "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()]
+    assert [r["config"] for r in rows][:2] == ["resident, id check", "resident, no check"] and len(rows) == 4
+    assert all(r["us_per_layer_call"] > 0 and r["top_own_us_per_layer_call"] and r["device"] for r in rows)
+    bench_prefetch.main(["--small", "--only", "decode", "--budget-experts", "1", "--out", str(tmp_path)])
+    rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][4:]
+    assert rows and all(r["bench"] == "decode_step" and r["budget_experts"] == 1 and 0 <= r["hit_rate"] <= 1
+                        for r in rows)
