@@ -210,13 +210,18 @@ def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12):
     schedule = [torch.unique(ids).tolist() for st in steps_r for ids, _ in st]
 
     def resident(check):
-        return lambda i: [fused_experts(xs[l], w13_dev[l], w2_dev[l], *reversed(steps_r[i][l]), check=check)
-                          for l in range(L)]
+        def run(i):
+            for l, (ids, w) in enumerate(steps_r[i]):
+                fused_experts(xs[l], w13_dev[l], w2_dev[l], w, ids, check=check)
+        return run
 
     def prophet(frac, predictor, policy, budget):
         moe = ProphetMoE(store, max(int(frac * E * L), 2 * k), device=dev, policy=policy, predictor=predictor,
                          prefetch_budget_bytes=None if budget is None else budget * store.expert_bytes)
-        return lambda i: [moe.forward(l, xs[l], steps_r[i][l][1], steps_r[i][l][0]) for l in range(L)]
+        def run(i):
+            for l, (ids, w) in enumerate(steps_r[i]):
+                moe.forward(l, xs[l], w, ids)
+        return run
 
     configs = [("resident, id check", resident(True)), ("resident, no check", resident(False)),
                ("prophet 100%, no predictor", prophet(1.0, None, "lru", None)),
@@ -252,11 +257,43 @@ def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12):
     return rows
 
 
+def _graphed_step(steps, xs, w13_dev, w2_dev, fused_experts):
+    """All-resident decode step captured once as a CUDA graph over static routing buffers; a run
+    copies the step's routing in (two small copies) and replays. None off CUDA, and without
+    PyTorch's caching allocator (the sanitizer runs turn it off; capture needs its private pools)."""
+    if xs[0].device.type != "cuda" or os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
+        return None
+    L = len(xs)
+    all_ids = torch.stack([torch.stack([ids for ids, _ in st]) for st in steps])  # [steps, L, T, k]
+    all_w = torch.stack([torch.stack([w for _, w in st]) for st in steps])
+    ids, w = all_ids[0].clone(), all_w[0].clone()
+
+    def layers():
+        for l in range(L):
+            fused_experts(xs[l], w13_dev[l], w2_dev[l], w[l], ids[l], check=False)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        layers()  # compile and pick configs outside the capture
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        layers()
+
+    def run(step):
+        ids.copy_(all_ids[step])
+        w.copy_(all_w[step])
+        graph.replay()
+    return run
+
+
 def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmup=1,
                 fracs=(0.25, 0.5, 0.75, 1.0), batches=(1, 16), budget_experts=None):
     """Time per decode step of an L-layer stack: ProphetMoE (oracle predictor; prefetch budget per
     layer call of `budget_experts` experts, unlimited if None) at each buffer fraction and policy vs
-    all experts resident (fused_experts). The first `warmup` steps fill the buffer and are not timed."""
+    all experts resident (fused_experts: eager with and without its id check, and on CUDA the step
+    as one CUDA graph). The first `warmup` steps fill the buffer and are not timed."""
     from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
 
     L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
@@ -267,10 +304,12 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
         steps = _routings(tr, warmup + repeats, T, L, E, k, dev)
         xs = [torch.randn(T, H, dtype=dtype, device=dev) for _ in range(L)]
 
-        def resident(step):
-            for l in range(L):
-                ids, w = steps[step][l]
-                fused_experts(xs[l], w13_dev[l], w2_dev[l], w, ids)
+        def resident(check):
+            def run(step):
+                for l in range(L):
+                    ids, w = steps[step][l]
+                    fused_experts(xs[l], w13_dev[l], w2_dev[l], w, ids, check=check)
+            return run
 
         def timed(fn):
             ts = []
@@ -284,8 +323,16 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
                 ts.append(time.perf_counter() - t0)
             return sorted(ts)[len(ts) // 2]
 
-        resident(0)
-        t_res = timed(resident)
+        # Baselines, all experts resident: eager with the id check (one host sync per layer: the
+        # baseline of the first runs), eager without it (what vLLM's eager mode runs), and the whole
+        # step in one CUDA graph (what vLLM's decode runs; the strongest: no host work per layer).
+        base = {}
+        for name, run in (("resident_checked", resident(True)), ("resident", resident(False)),
+                          ("resident_graph", _graphed_step(steps, xs, w13_dev, w2_dev, fused_experts))):
+            if run is not None:
+                run(0)
+                base[name] = timed(run)
+        t_res = base["resident"]
         schedule = [torch.unique(ids).tolist() for st in steps for ids, _ in st]
         for policy in policies:
             for frac in fracs:
@@ -306,7 +353,9 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
                 d = {f: s1[f] - s0[f] for f in ("hits", "late_hits", "misses", "stall_s", "bytes_h2d")}
                 rows.append({"bench": "decode_step", "routing": routing, "policy": policy, "T": T, "layers": L,
                              "E": E, "buffer_frac": frac, "slots": slots, "budget_experts": budget_experts, "step_ms": t * 1e3,
-                             "resident_step_ms": t_res * 1e3, "ratio_to_resident": t / t_res,
+                             **{f"{n}_step_ms": v * 1e3 for n, v in base.items()},
+                             "ratio_to_resident": t / t_res,
+                             "ratio_to_resident_graph": t / base["resident_graph"] if "resident_graph" in base else None,
                              "hit_rate": d["hits"] / max(1, d["hits"] + d["misses"]),
                              "ready_hit_rate": (d["hits"] - d["late_hits"]) / max(1, d["hits"] + d["misses"]),
                              "misses_per_step": d["misses"] / repeats,
@@ -314,6 +363,24 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
                              "stall_share": d["stall_s"] / repeats / t})
                 del moe
     return rows
+
+
+def decode_table(rows: list[dict]) -> str:
+    """Part (c) rows as a table: step time vs each all-resident baseline, hits, copies, stall."""
+    graph = any(r.get("resident_graph_step_ms") for r in rows)
+    head = ["policy", "T", "buffer", "budget", "step ms", "resident ms (checked/eager" + ("/graph)" if graph else ")"),
+            "x eager", "x graph" if graph else None, "hit", "landed", "MB/step", "stall"]
+    head = [h for h in head if h]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        res = "/".join(f"{r[n]:.2f}" for n in ("resident_checked_step_ms", "resident_step_ms", "resident_graph_step_ms")
+                       if r.get(n))
+        cells = [r["policy"], r["T"], f"{r['buffer_frac']:.0%}", r["budget_experts"] if r["budget_experts"] is not None
+                 else "none", f"{r['step_ms']:.2f}", res, f"{r['ratio_to_resident']:.2f}",
+                 f"{r['ratio_to_resident_graph']:.2f}" if graph else None, f"{r['hit_rate']:.1%}",
+                 f"{r['ready_hit_rate']:.1%}", f"{r['h2d_MB_per_step']:.1f}", f"{r['stall_share']:.0%}"]
+        lines.append("| " + " | ".join(str(c) for c in cells if c is not None) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
@@ -343,8 +410,12 @@ def main(argv=None):
         rows += host_time(dev, small, args.routing)
     prov = provenance(dev)
     for r in rows:
-        print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
+        if r["bench"] not in ("decode_step", "host_time"):  # those print their own tables
+            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in r.items()})
         r.update(prov)
+    decode = [r for r in rows if r["bench"] == "decode_step"]
+    if decode:
+        print(decode_table(decode))
     name = "bench_prefetch" if dev.type == "cuda" else "bench_prefetch_cpu"
     print(f"rows -> {write_rows(name, rows, args.out)}")
 

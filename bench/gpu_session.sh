@@ -36,10 +36,10 @@ prefetch)
   timeout 120 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | tail -3
   timeout 60 $PY bench/bench_prefetch.py --only overlap --out "$OUT" 2>&1 | tail -2
   timeout 200 $PY bench/bench_prefetch.py --only decode --routing olmoe-heldout --policies lru,next-use --warmup 32 \
-    --out "$OUT" 2>&1 | tail -17 | cut -c1-260
+    --out "$OUT" 2>&1 | grep -E "^\||Error|error"
   timeout 200 $PY bench/bench_prefetch.py --only decode --routing olmoe-heldout --policies next-use --warmup 32 \
-    --budget-experts 2 --out "$OUT" 2>&1 | tail -9 | cut -c1-260
-  timeout 150 $PY bench/bench_prefetch.py --only decode --routing uniform --out "$OUT" 2>&1 | tail -9 | cut -c1-260
+    --budget-experts 2 --out "$OUT" 2>&1 | grep -E "^\||Error|error"
+  timeout 150 $PY bench/bench_prefetch.py --only decode --routing uniform --out "$OUT" 2>&1 | grep -E "^\||Error|error"
   ;;
 vllm)
   if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
