@@ -17,6 +17,7 @@ chosen as a victim (the experts of the layer being computed and those being pref
 from __future__ import annotations
 
 import heapq
+from array import array
 from collections import OrderedDict
 
 import numpy as np
@@ -302,7 +303,8 @@ class SlotTable:
                 f"expert buffer of {num_slots} slots is smaller than one layer's unique experts at the "
                 f"configured maximum batch: need at least {max(1, min_slots)} slots")
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
-        self._table = [[-1] * num_experts for _ in range(num_layers)]  # host copy, source of truth
+        # host copy, source of truth; int32 arrays, so a row uploads without a conversion
+        self._table = [array("i", [-1] * num_experts) for _ in range(num_layers)]
         self.row_version = [0] * num_layers  # bumped whenever a layer's row of the table changes
         self.owner: list[tuple[int, int] | None] = [None] * num_slots
         self.pins = [0] * num_slots
@@ -367,6 +369,7 @@ class PagedExpertBuffer(SlotTable):
         self.w13, self.w2 = expert_tensors(num_slots, hidden, intermediate, dtype, self.device)
         self.blocks = expert_block(self.w13, self.w2)
         self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
+        self._rows = list(self.page_table.unbind(0))  # one view per layer, built once (indexing costs ~2 us)
         self._uploaded = [0] * num_layers  # row_version each device row holds (all -1 at version 0)
 
     def upload_row(self, layer: int) -> torch.Tensor:
@@ -376,10 +379,13 @@ class PagedExpertBuffer(SlotTable):
         copy from pageable memory would synchronise the host with the compute stream on every layer
         call, and the caching allocator keeps the staging block until the copy has run. The copy is
         ordered on the compute stream, after kernels already launched that read the old row."""
-        row = self.page_table[layer]
+        row = self._rows[layer]
         version = self.row_version[layer]
         if self._uploaded[layer] != version:
-            cuda = row.is_cuda
-            row.copy_(torch.tensor(self._table[layer], dtype=torch.int32, pin_memory=cuda), non_blocking=cuda)
+            host = torch.frombuffer(self._table[layer], dtype=torch.int32)  # a view of the host row
+            if row.is_cuda:
+                row.copy_(host.pin_memory(), non_blocking=True)  # pin_memory() copies: a snapshot
+            else:
+                row.copy_(host)
             self._uploaded[layer] = version
         return row

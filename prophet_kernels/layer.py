@@ -13,7 +13,6 @@ the same code the trace simulator replays; this class moves the bytes and runs t
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 from .buffer import PagedExpertBuffer
@@ -23,6 +22,17 @@ from .predictors import make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .residency import ExpertResidency, Stats
 from .store import HostExpertStore
+
+
+def unique_experts(topk_ids: torch.Tensor) -> list[int]:
+    """The sorted unique ids of a [T, k] routing, on the host. The host sync of the host-driven
+    mode: one copy of the ids (torch.unique on the device would launch a sort and synchronise
+    twice, for its output size and for the list). Decode-sized batches go through a Python set,
+    larger ones through torch.unique on the host copy (each the faster one there)."""
+    ids = topk_ids.reshape(-1).cpu()
+    if ids.numel() <= 1024:
+        return sorted(set(ids.tolist()))
+    return torch.unique(ids).tolist()
 
 
 class ProphetMoE:
@@ -81,15 +91,10 @@ class ProphetMoE:
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
         with nvtx_range(f"route L{layer}"):
-            # Host sync (host-driven mode): the host must know which experts to make resident. One
-            # copy of the ids, counted on the host (torch.unique on the device would launch a sort
-            # and synchronise twice: for its output size, then for the list).
-            ids = topk_ids.reshape(-1).cpu().numpy()
-            lo, hi = int(ids.min()), int(ids.max())
-            if lo < 0 or hi >= E:
-                raise ValueError(f"topk_ids holds expert ids outside [0, {E}) in layer {layer}: "
-                                 f"{lo if lo < 0 else hi}")
-            experts = np.flatnonzero(np.bincount(ids, minlength=E)).tolist()
+            experts = unique_experts(topk_ids)
+        if experts[0] < 0 or experts[-1] >= E:
+            raise ValueError(f"topk_ids holds expert ids outside [0, {E}) in layer {layer}: "
+                             f"{experts[0] if experts[0] < 0 else experts[-1]}")
         self._add_stalls(wait=False)
         st = self.residency.stats.layers[layer]
         with nvtx_range(f"ensure_resident L{layer}"):

@@ -295,9 +295,27 @@ def test_bench_prefetch_parts_run_on_the_cpu(torch_path, tmp_path):
 
     bench_prefetch.main(["--small", "--only", "host", "--out", str(tmp_path)])
     rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()]
-    assert [r["config"] for r in rows][:2] == ["resident, id check", "resident, no check"] and len(rows) == 4
+    assert [r["config"] for r in rows][:2] == ["resident, id check", "resident, no check"] and len(rows) == 5
     assert all(r["us_per_layer_call"] > 0 and r["top_own_us_per_layer_call"] and r["device"] for r in rows)
+    bench_prefetch.main(["--small", "--only", "host", "--stub-experts", "--out", str(tmp_path)])
+    stubbed = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][5:]
+    assert len(stubbed) == 3 and all(r["experts_stubbed"] and r["config"].startswith("prophet") for r in stubbed)
+    import prophet_kernels.layer
+    from prophet_kernels.kernels.moe import fused_experts_paged
+    assert prophet_kernels.layer.fused_experts_paged is fused_experts_paged  # the stub was taken out again
     bench_prefetch.main(["--small", "--only", "decode", "--budget-experts", "1", "--out", str(tmp_path)])
-    rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][4:]
+    rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][8:]
     assert rows and all(r["bench"] == "decode_step" and r["budget_experts"] == 1 and 0 <= r["hit_rate"] <= 1
                         for r in rows)
+
+
+@pytest.mark.parametrize("T,k,E_", [(1, 8, 64), (5, 2, 8), (128, 8, 64), (700, 2, 8), (4096, 8, 64)])
+def test_unique_experts_both_paths(T, k, E_):
+    """Decode-sized batches (a Python set) and larger ones (torch.unique on the host copy) give the
+    sorted unique ids, as torch.unique does on the original tensor."""
+    from prophet_kernels.layer import unique_experts
+
+    g = torch.Generator().manual_seed(T)
+    ids = torch.randint(0, E_, (T, k), generator=g, dtype=torch.int32)
+    assert unique_experts(ids) == torch.unique(ids).tolist()
+    assert unique_experts(ids.long()) == torch.unique(ids).tolist()
