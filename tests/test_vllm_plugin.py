@@ -135,6 +135,26 @@ def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, 
     assert stats["prefetch_budget_bytes"] == (None if predictor == "learned-gate" else stats["expert_bytes"])
 
 
+def test_prophet_under_torch_compile(checkpoints, baseline):
+    """enforce_eager=False: vLLM traces and compiles the model (torch.compile, inductor on the CPU
+    build; no CUDA graphs there). Prophet's MoE is an opaque custom op in the compiled graph and its
+    host decisions still run every step: tokens identical to the eager run without Prophet."""
+    ps, base = baseline
+    llm = demo.make_llm(checkpoints["olmoe"], {"buffer": 0.375, "policy": "lru", "predictor": "same"},
+                        enforce_eager=False)
+    try:
+        mode = llm.llm_engine.vllm_config.compilation_config.mode
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert int(mode) > 0, f"vLLM did not compile (mode {mode})"
+    assert tokens == base["olmoe"]
+    t = stats["total"]
+    assert t["misses"] > 0 and t["evictions"] > 0 and t["hits"] + t["misses"] == sum(
+        layer["hits"] + layer["misses"] for layer in stats["layers"])
+
+
 def test_baseline_routing_is_not_trivial(checkpoints):
     """The tiny models route tokens to different experts (else the test above proves little)."""
     import torch
