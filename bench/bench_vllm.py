@@ -5,6 +5,7 @@ own process so that memory numbers are clean.
 
     python bench/bench_vllm.py                                   # off, prophet 0.25/0.5/0.75, offload
     python bench/bench_vllm.py --configs off prophet:0.5 --out-dir /tmp/x
+    python bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5    # decode speed with CUDA graphs
 
 The weights are a seeded random checkpoint written once (`--weights random`, the default) so that
 every engine, with experts on the host or the device, computes the same function and the greedy
@@ -95,15 +96,23 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
     kwargs = dict(load_format=load_format, dtype="bfloat16", max_model_len=2048, max_num_seqs=None,
                   attention_backend="TRITON_ATTN")
     prophet = None
-    if name.startswith("prophet:"):
-        prophet = {"buffer": float(name.split(":")[1]), "policy": "next-use", "log_every_s": 0}
+    base, _, buffer = name.partition(":")
+    if base in ("prophet", "prophet-graphs"):
+        prophet = {"buffer": float(buffer), "policy": "next-use", "log_every_s": 0}
     elif name == "offload":
         kwargs.update(cpu_offload_gb=13, cpu_offload_params={"experts"})
-    elif name != "off":
+    elif name not in ("off", "off-graphs"):
         raise ValueError(f"unknown configuration {name!r}")
+    graphs = base.endswith("-graphs")
+    if graphs:  # vLLM's CUDA graphs: its defaults without Prophet; with it, piecewise around its MoE op
+        kwargs["enforce_eager"] = False
+        if prophet is not None:
+            from integration.vllm_plugin import piecewise_compilation_config
+
+            kwargs["compilation_config"] = piecewise_compilation_config()
     t0 = time.perf_counter()
-    llm = make_llm(model, prophet, **kwargs)  # eager: Prophet's host-driven mode needs it
-    row = {"config": name, "engine_start_s": time.perf_counter() - t0, "enforce_eager": True}
+    llm = make_llm(model, prophet, **kwargs)  # eager unless "-graphs"
+    row = {"config": name, "engine_start_s": time.perf_counter() - t0, "enforce_eager": not graphs}
     prompt = list(range(100, 116))
     greedy(llm, [prompt], NEW_TOKENS)  # warm-up
     for batch in (1, 32):
@@ -120,9 +129,47 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
     return row
 
 
+KV_BYTES_PER_TOKEN = 16 * 2 * 16 * 128 * 2  # OLMoE-1B-7B: layers x (K, V) x kv heads x head dim x bf16
+
+
+def compare_rows(rows: list[dict]) -> None:
+    """Adds to each Prophet row its KV-token gain over the run without Prophet in the same mode (CUDA
+    graphs take memory and may round differently; else eager "off"), the gain predicted from the
+    freed expert bytes, their ratio, and whether the batch-1 tokens match that run's."""
+    bases = {mode: next((r for r in rows if r["config"] == mode and r.get("kv_tokens")), None)
+             for mode in ("off", "off-graphs")}
+    for r in rows:
+        graphs = r["config"].partition(":")[0].endswith("-graphs")
+        base = bases["off-graphs"] if graphs and bases["off-graphs"] else bases["off"]
+        r["compared_with"] = base["config"] if base and r is not base else None
+        if base and r is not base and r.get("kv_tokens") and "slots" in r:
+            freed = (r["layers"] * r["experts"] - r["slots"]) * r["expert_bytes"]
+            r["kv_tokens_predicted_gain"] = freed / KV_BYTES_PER_TOKEN
+            r["kv_tokens_gain"] = r["kv_tokens"] - base["kv_tokens"]
+            r["gain_ratio"] = r["kv_tokens_gain"] / r["kv_tokens_predicted_gain"]
+        if base and r is not base and "tokens_b1" in r:
+            r["tokens_identical_to_off"] = r["tokens_b1"] == base.get("tokens_b1")
+
+
+def summary_table(rows: list[dict]) -> str:
+    nan = float("nan")
+    lines = [f"\n{'config':20s}{'model GiB':>10s}{'KV tokens':>12s}{'gain':>10s}{'predicted':>11s}{'ratio':>7s}"
+             f"{'tok/s B=1':>11s}{'tok/s B=32':>12s}{'same tokens':>12s}  vs"]
+    for r in rows:
+        g = r.get("kv_tokens_gain")
+        lines.append(f"{r['config']:20s}{r.get('model_GiB') or nan:>10.2f}{r.get('kv_tokens') or 0:>12,d}"
+                     f"{g if g is not None else '-':>10}{r.get('kv_tokens_predicted_gain', nan):>11.0f}"
+                     f"{r.get('gain_ratio', nan):>7.3f}{r.get('tok_s_b1', nan):>11.1f}"
+                     f"{r.get('tok_s_b32', nan):>12.1f}{str(r.get('tokens_identical_to_off', '-')):>12s}"
+                     f"  {r.get('compared_with') or '-'}")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS, help="off, prophet:<buffer>, offload")
+    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
+                    help="off, prophet:<buffer>, offload (eager), off-graphs, prophet-graphs:<buffer> (CUDA graphs; "
+                         "piecewise around Prophet's MoE op)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
@@ -175,24 +222,8 @@ def main(argv=None):
         print(f"{name}: model {row['model_GiB']} GiB, KV {row['kv_tokens']} tokens, "
               f"tok/s {row.get('tok_s_b1', float('nan')):.1f} / {row.get('tok_s_b32', float('nan')):.1f}"
               + (f"  ERROR {row['error']}" if "error" in row else ""), flush=True)
-    base = next((r for r in rows if r["config"] == "off" and r.get("kv_tokens")), None)
-    kv_bytes_per_token = 16 * 2 * 16 * 128 * 2  # layers x (K, V) x kv heads x head dim x bf16
-    for r in rows:
-        if base and r is not base and r.get("kv_tokens") and "slots" in r:
-            freed = (r["layers"] * r["experts"] - r["slots"]) * r["expert_bytes"]
-            r["kv_tokens_predicted_gain"] = freed / kv_bytes_per_token
-            r["kv_tokens_gain"] = r["kv_tokens"] - base["kv_tokens"]
-            r["gain_ratio"] = r["kv_tokens_gain"] / r["kv_tokens_predicted_gain"]
-        if base and r is not base and "tokens_b1" in r:
-            r["tokens_identical_to_off"] = r["tokens_b1"] == base.get("tokens_b1")
-    print(f"\n{'config':14s}{'model GiB':>10s}{'KV tokens':>12s}{'gain':>10s}{'predicted':>11s}{'ratio':>7s}"
-          f"{'tok/s B=1':>11s}{'tok/s B=32':>12s}{'same tokens':>12s}")
-    for r in rows:
-        g = r.get("kv_tokens_gain")
-        print(f"{r['config']:14s}{r['model_GiB'] or float('nan'):>10.2f}{r['kv_tokens'] or 0:>12,d}"
-              f"{g if g is not None else '-':>10}{r.get('kv_tokens_predicted_gain', float('nan')):>11.0f}"
-              f"{r.get('gain_ratio', float('nan')):>7.3f}{r.get('tok_s_b1', float('nan')):>11.1f}"
-              f"{r.get('tok_s_b32', float('nan')):>12.1f}{str(r.get('tokens_identical_to_off', '-')):>12s}")
+    compare_rows(rows)
+    print(summary_table(rows))
     prov = provenance(torch.device("cuda"))
     try:
         import vllm

@@ -5,6 +5,7 @@
 #                                   compute-sanitizer on a short (c)
 #   bench/gpu_session.sh vllm       bench_vllm (vLLM 0.26 carried in first: ../shared/tools/gpu-vllm/README.md,
 #                                   the c1, c2 calls, then this stage in the c3 call; installs it itself)
+#   bench/gpu_session.sh vllm-graphs  the same with vLLM's CUDA graphs (piecewise around Prophet's MoE op)
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -46,5 +47,11 @@ vllm)
   export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
   timeout 570 $PY bench/bench_vllm.py --configs off prophet:0.5 prophet:0.25 prophet:0.75 --timeout 150 \
     --out-dir "$OUT" 2>&1 | tail -12
+  ;;
+vllm-graphs)
+  if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
+  export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+  timeout 570 $PY bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5 --timeout 270 \
+    --out-dir "$OUT" 2>&1 | tail -8
   ;;
 esac

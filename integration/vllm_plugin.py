@@ -30,7 +30,8 @@ Lifecycle per model (all in the worker process):
                    difference to the KV cache
   apply            routes into ProphetMoE.forward (Triton paged kernels on CUDA, PyTorch on the
                    CPU build), behind the custom op ``prophet::moe_apply`` so torch.compile keeps
-                   it as one opaque call
+                   it as one opaque call; it writes a buffer allocated before it, so piecewise
+                   CUDA graphs split there (:func:`piecewise_compilation_config`) read fixed addresses
 Stats: logged every ``log_every_s`` and at exit; :func:`prophet_stats` returns them (pass the
 ``LLM`` to fetch them from its worker processes).
 """
@@ -224,16 +225,21 @@ def offer_gate_parts(parts) -> None:
         building.gate_parts = list(parts)
 
 
-@torch.library.custom_op("prophet::moe_apply", mutates_args=())
-def moe_apply(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, group: int,
-              layer: int) -> torch.Tensor:
-    """One MoE layer through Prophet (an opaque op for torch.compile: the host decides residency)."""
-    return _GROUPS[group].forward(layer, x, topk_weights, topk_ids)
+MOE_OP = "prophet::moe_apply"
+
+
+@torch.library.custom_op(MOE_OP, mutates_args=("out",))
+def moe_apply(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor,
+              group: int, layer: int) -> None:
+    """One MoE layer through Prophet into `out` (an opaque op for torch.compile: the host decides
+    residency). It writes a buffer its caller allocated, like vLLM's attention ops, so that under
+    piecewise CUDA graphs the graph after it reads a fixed address."""
+    out.copy_(_GROUPS[group].forward(layer, x, topk_weights, topk_ids))
 
 
 @moe_apply.register_fake
-def _(x, topk_weights, topk_ids, group, layer):
-    return torch.empty_like(x)
+def _(x, topk_weights, topk_ids, out, group, layer):
+    return None
 
 
 def _method_class():
@@ -262,8 +268,10 @@ def _method_class():
             if cfg is not None and cfg.model_config is not None and not cfg.model_config.enforce_eager \
                     and torch.cuda.is_available() and _captures_moe(cfg):
                 raise ValueError("Prophet decides expert residency on the host at every step, which a CUDA graph "
-                                 "would freeze: run with enforce_eager=True, or compilation_config="
-                                 "{'cudagraph_mode': 'PIECEWISE', 'splitting_ops': [..., 'prophet::moe_apply']}")
+                                 "would freeze: run with enforce_eager=True, or keep CUDA graphs for the rest of "
+                                 "the model with compilation_config=integration.vllm_plugin."
+                                 "piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
+                                 f"'{MOE_OP}' among vLLM's splitting ops)")
             building = _BUILDING[0]
             cfg_id = id(cfg)
             if building is None or building.moe is not None or building.config_id != cfg_id:
@@ -306,8 +314,9 @@ def _method_class():
                 return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
             if shared_experts is not None:
                 raise NotImplementedError("Prophet does not run shared experts (OLMoE and Mixtral have none)")
-            return torch.ops.prophet.moe_apply(x, topk_weights.float(), topk_ids, self.experts.key,
-                                               self.layer_index)
+            out = torch.empty_like(x)
+            torch.ops.prophet.moe_apply(x, topk_weights.float(), topk_ids, out, self.experts.key, self.layer_index)
+            return out
 
     return ProphetFusedMoEMethod
 
@@ -319,7 +328,23 @@ def _captures_moe(cfg) -> bool:
     if "NONE" in mode:
         return False
     splitting = [str(s) for s in (getattr(cc, "splitting_ops", None) or [])]
-    return "FULL" in mode or not any("prophet::moe_apply" in s or "prophet.moe_apply" in s for s in splitting)
+    return "FULL" in mode or not any(MOE_OP in s or MOE_OP.replace("::", ".") in s for s in splitting)
+
+
+def piecewise_compilation_config() -> dict:
+    """vLLM compilation settings under which CUDA graphs capture everything but attention (as in
+    vLLM's own piecewise mode) and Prophet's MoE op, whose host decisions then run at every step:
+    ``LLM(..., compilation_config=piecewise_compilation_config())``, or for ``vllm serve`` the same
+    dict as JSON after ``-cc``. vLLM keeps a given splitting-op list as it is, so the list carries
+    vLLM's own ones (read from the installed vLLM) plus Prophet's."""
+    from vllm.config import CompilationConfig
+
+    own = list(getattr(CompilationConfig, "_attention_ops", None) or [])
+    if not own:
+        raise RuntimeError("this vLLM names no attention splitting ops (CompilationConfig._attention_ops): "
+                           f"give compilation_config's splitting_ops yourself, with '{MOE_OP}' among them")
+    own += ["vllm::unified_kv_cache_update", "vllm::unified_mla_kv_cache_update"]  # vLLM splits these too
+    return {"cudagraph_mode": "PIECEWISE", "splitting_ops": own + [MOE_OP]}
 
 
 def register() -> None:

@@ -52,6 +52,31 @@ def test_settings_env_not_a_number():
         ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_BUFFER": "half"})
 
 
+def test_bench_vllm_compares_each_mode_with_its_own_baseline():
+    """bench/bench_vllm.py's arithmetic on made-up rows: the KV gain of a Prophet run is counted
+    against the run without Prophet in the same mode (eager or CUDA graphs), and predicted from
+    the expert bytes it freed."""
+    from bench.bench_vllm import KV_BYTES_PER_TOKEN, compare_rows, summary_table
+
+    eb = 12_582_912  # one OLMoE-1B-7B expert, bf16
+    p = {"layers": 16, "experts": 64, "expert_bytes": eb}
+    rows = [{"config": "off", "kv_tokens": 458_912, "tokens_b1": [1, 2]},
+            {"config": "prophet:0.5", "kv_tokens": 500_000, "slots": 512, "tokens_b1": [1, 2]} | p,
+            {"config": "off-graphs", "kv_tokens": 450_000, "tokens_b1": [1, 3]},
+            {"config": "prophet-graphs:0.5", "kv_tokens": 490_000, "slots": 512, "tokens_b1": [1, 2]} | p,
+            {"config": "offload", "kv_tokens": 557_008}]
+    compare_rows(rows)
+    eager, graphs = rows[1], rows[3]
+    assert eager["compared_with"] == "off" and graphs["compared_with"] == "off-graphs"
+    assert eager["kv_tokens_predicted_gain"] == 512 * eb / KV_BYTES_PER_TOKEN == 49_152
+    assert eager["kv_tokens_gain"] == 41_088 and graphs["kv_tokens_gain"] == 40_000
+    assert abs(graphs["gain_ratio"] - 40_000 / 49_152) < 1e-12
+    assert eager["tokens_identical_to_off"] and not graphs["tokens_identical_to_off"]
+    assert "kv_tokens_gain" not in rows[4] and rows[0]["compared_with"] is None
+    text = summary_table(rows)
+    assert "prophet-graphs:0.5" in text and "off-graphs" in text.splitlines()[-2]
+
+
 # ------------------------------------------------------------------ real engine
 
 vllm = pytest.importorskip("vllm")
@@ -135,13 +160,37 @@ def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, 
     assert stats["prefetch_budget_bytes"] == (None if predictor == "learned-gate" else stats["expert_bytes"])
 
 
+def test_piecewise_config_keeps_the_moe_op_out_of_cuda_graphs():
+    """The settings the plugin's error message points to: vLLM's default graph modes capture the MoE
+    op (refused), eager and the helper's piecewise settings do not; the helper keeps vLLM's own
+    splitting ops (attention), which a given list would otherwise drop."""
+    from types import SimpleNamespace
+
+    from vllm.config import CompilationConfig
+
+    from integration.vllm_plugin import MOE_OP, _captures_moe, piecewise_compilation_config
+
+    def cfg(**cc):
+        return SimpleNamespace(compilation_config=SimpleNamespace(**cc))
+
+    pw = piecewise_compilation_config()
+    assert not _captures_moe(cfg(**pw))
+    assert MOE_OP in pw["splitting_ops"] and set(CompilationConfig._attention_ops) <= set(pw["splitting_ops"])
+    assert _captures_moe(cfg(cudagraph_mode="FULL_AND_PIECEWISE", splitting_ops=pw["splitting_ops"]))
+    assert _captures_moe(cfg(cudagraph_mode="PIECEWISE", splitting_ops=list(CompilationConfig._attention_ops)))
+    assert not _captures_moe(cfg(cudagraph_mode="NONE", splitting_ops=[]))
+    assert CompilationConfig(**pw).cudagraph_mode.name == "PIECEWISE"  # vLLM takes the dict as it is
+
+
 def test_prophet_under_torch_compile(checkpoints, baseline):
-    """enforce_eager=False: vLLM traces and compiles the model (torch.compile, inductor on the CPU
-    build; no CUDA graphs there). Prophet's MoE is an opaque custom op in the compiled graph and its
+    """enforce_eager=False with the piecewise settings a GPU run would use: vLLM traces and compiles
+    the model (torch.compile, inductor on the CPU build; no CUDA graphs there). Prophet's MoE is an opaque custom op in the compiled graph and its
     host decisions still run every step: tokens identical to the eager run without Prophet."""
     ps, base = baseline
+    from integration.vllm_plugin import piecewise_compilation_config
+
     llm = demo.make_llm(checkpoints["olmoe"], {"buffer": 0.375, "policy": "lru", "predictor": "same"},
-                        enforce_eager=False)
+                        enforce_eager=False, compilation_config=piecewise_compilation_config())
     try:
         mode = llm.llm_engine.vllm_config.compilation_config.mode
         tokens = demo.greedy(llm, ps, MAX_TOKENS)
