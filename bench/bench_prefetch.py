@@ -197,7 +197,8 @@ def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12, 
     steps timed, synchronised at step ends) and, from a cProfile of the same steps, the functions
     with the most own time per layer call, for all-resident fused_experts (with and without its id
     check, the check being one host sync) and ProphetMoE (100% buffer: no copies once warm; 50%
-    with the oracle predictor, next-use, at most 2 prefetched experts per call). The profile
+    with LRU alone; 50% with the oracle predictor, next-use, at most 2 prefetched experts per
+    call). The profile
     slows Python code down, so its per-call times are shares to read against the wall time. The
     wall time is the fastest of `passes` passes over the timed steps. `stub_experts` replaces
     ProphetMoE's expert kernels by the identity (and drops the all-resident rows): what remains is
@@ -229,51 +230,52 @@ def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12, 
                 ("prophet 50%, LRU, no predictor", prophet(0.5, None, "lru", None)),
                 ("prophet 50%, oracle, next-use, 2/call", prophet(0.5, OraclePredictor(schedule), "next-use", 2))]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    timed, calls = range(warmup, warmup + steps), steps * L
     real_experts = layer_mod.fused_experts_paged
     if stub_experts:
         layer_mod.fused_experts_paged = lambda x, *args, **kwargs: x
+    rows = []
     try:
-        return _host_time_rows(configs, sync, warmup, steps, passes, L, E, top, routing, stub_experts)
+        for name, run in configs:
+            for i in range(warmup):
+                run(i)
+            best, st = _time_and_profile(run, timed, sync, passes)
+            own = sorted(((v[2], f"{Path(f[0]).name}:{f[1]}({f[2]})", v[1]) for f, v in st.stats.items()),
+                         reverse=True)[:top]
+            row = {"bench": "host_time", "config": name, "routing": routing, "T": 1, "layers": L, "E": E,
+                   "experts_stubbed": stub_experts, "us_per_layer_call": best / calls * 1e6,
+                   "profiled_us_per_layer_call": st.total_tt / calls * 1e6,
+                   "top_own_us_per_layer_call": [[fn, round(t / calls * 1e6, 2), round(n / calls, 2)] for t, fn, n in own]}
+            rows.append(row)
+            print(f"\n{name}: {row['us_per_layer_call']:.1f} us per layer call "
+                  f"({row['profiled_us_per_layer_call']:.1f} under the profiler); own time per call:")
+            for fn, us, n in row["top_own_us_per_layer_call"]:
+                print(f"  {us:8.2f} us  {n:5.2f} calls  {fn}")
     finally:
         layer_mod.fused_experts_paged = real_experts
+    return rows
 
 
-def _host_time_rows(configs, sync, warmup, steps, passes, L, E, top, routing, stub_experts):
+def _time_and_profile(run, timed, sync, passes):
+    """The fastest of `passes` passes over the `timed` steps (seconds, synchronised at step ends)
+    and the cProfile stats of one more pass."""
     import cProfile
     import pstats
 
-    rows = []
-    for name, run in configs:
-        for i in range(warmup):
-            run(i)
-        sync()
-        best = float("inf")
-        for _ in range(passes):
-            t0 = time.perf_counter()
-            for i in range(warmup, warmup + steps):
-                run(i)
-                sync()
-            best = min(best, time.perf_counter() - t0)
-        wall_us = best / (steps * L) * 1e6
-        prof = cProfile.Profile()
-        prof.enable()
-        for i in range(warmup, warmup + steps):
+    best = float("inf")
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        for i in timed:
             run(i)
             sync()
-        prof.disable()
-        st = pstats.Stats(prof)
-        calls = steps * L
-        own = sorted(((v[2], f"{Path(f[0]).name}:{f[1]}({f[2]})", v[1]) for f, v in st.stats.items()), reverse=True)
-        profiled_us = st.total_tt / calls * 1e6
-        rows.append({"bench": "host_time", "config": name, "routing": routing, "T": 1, "layers": L, "E": E,
-                     "experts_stubbed": stub_experts,
-                     "us_per_layer_call": wall_us, "profiled_us_per_layer_call": profiled_us,
-                     "top_own_us_per_layer_call": [[fn, round(t / calls * 1e6, 2), round(n / calls, 2)]
-                                                   for t, fn, n in own[:top]]})
-        print(f"\n{name}: {wall_us:.1f} us per layer call ({profiled_us:.1f} under the profiler); own time per call:")
-        for t, fn, n in own[:top]:
-            print(f"  {t / calls * 1e6:8.2f} us  {n / calls:5.2f} calls  {fn}")
-    return rows
+        best = min(best, time.perf_counter() - t0)
+    prof = cProfile.Profile()
+    prof.enable()
+    for i in timed:
+        run(i)
+        sync()
+    prof.disable()
+    return best, pstats.Stats(prof)
 
 
 def _graphed_step(steps, xs, w13_dev, w2_dev, fused_experts):
