@@ -345,13 +345,20 @@ class LearnedGatePredictor(GateLookaheadPredictor):
     TENSORS = ("W", "b", "A", "a", "B", "P", "C")
 
     def __init__(self, W: torch.Tensor | None = None, b=None, A=None, a=None, B=None, P=None, C=None,
-                 top_k: int | None = None, width: int | None = None, meta: dict | None = None):
-        """Without tensors it only replays a trace's recorded ranking (``meta``: its fit, with nbytes)."""
+                 top_k: int | None = None, width: int | None = None, meta: dict | None = None,
+                 wrap: bool | None = None):
+        """Without tensors it only replays a trace's recorded ranking (``meta``: its fit, with nbytes).
+        ``wrap``: the tensors' rows for l + d >= L predict the next token's first layers (what
+        ``fit`` with context makes); default: what ``meta`` says, else no."""
         super().__init__(top_k=top_k, width=width)
         # [D, L, E, H], [D, L, E], [D, L, R, H], [D, L, R], [D, L, E, R], [D, L, R, E+H], [D, L, E, E+H];
         # rows with l + d >= L: the next token's layer l + d - L (wrap fits), else unused
         self.W, self.b, self.A, self.a, self.B, self.P, self.C = W, b, A, a, B, P, C
         self.meta = dict(meta or {})
+        if wrap is not None:
+            if wrap and P is None:
+                raise ValueError("wrap=True needs the context tensors P and C (a fit with context)")
+            self.meta["wrap"] = bool(wrap)
         self._last: dict[int, torch.Tensor] = {}  # layer -> context_features of its last call's tokens
 
     @property

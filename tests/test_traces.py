@@ -259,6 +259,15 @@ def test_learned_gate_lookahead_predicts_across_the_step_boundary():
     assert not without.wraps and without.predict(1, ids[1, :1], xs[1, :1], 2, 1) == {}
     with pytest.raises(ValueError, match="without the step boundary"):
         without.logits(1, 1, xs[1, :1])
+    # built from the tensors alone (no meta), the wrap is said explicitly; it needs the context tensors
+    t = [getattr(wrap, n) for n in LearnedGatePredictor.TENSORS]
+    rebuilt = LearnedGatePredictor(*t, top_k=2, wrap=True)
+    c = torch.randn(3, wrap.P.shape[-1], generator=g)
+    assert rebuilt.wraps and torch.equal(rebuilt.logits(1, 1, xs[1, :3], c), wrap.logits(1, 1, xs[1, :3], c))
+    with pytest.raises(ValueError, match="without the step boundary"):
+        LearnedGatePredictor(*t, top_k=2).logits(1, 1, xs[1, :3], c)
+    with pytest.raises(ValueError, match="wrap=True needs the context tensors"):
+        LearnedGatePredictor(*[getattr(without, n) for n in LearnedGatePredictor.TENSORS], top_k=2, wrap=True)
 
 
 # ---------------------------------------------------------------------------------- policies
