@@ -149,19 +149,29 @@ def compare_rows(rows: list[dict]) -> None:
             r["gain_ratio"] = r["kv_tokens_gain"] / r["kv_tokens_predicted_gain"]
         if base and r is not base and "tokens_b1" in r:
             r["tokens_identical_to_off"] = r["tokens_b1"] == base.get("tokens_b1")
+            # vLLM's own MoE kernels and Prophet's round bf16 differently, so a late divergence can
+            # be rounding; the buffer itself must not change a bit: every Prophet run of one mode
+            # uses the same kernels, whatever the buffer size (checked below)
+            r["first_divergence_vs_off"] = next(
+                (i for i, (a, b) in enumerate(zip(r["tokens_b1"], base.get("tokens_b1") or [])) if a != b), None)
+    for graphs in (False, True):
+        prophet = [r for r in rows if "slots" in r and "tokens_b1" in r
+                   and r["config"].partition(":")[0].endswith("-graphs") == graphs]
+        for r in prophet[1:]:
+            r["tokens_identical_to_" + prophet[0]["config"]] = r["tokens_b1"] == prophet[0]["tokens_b1"]
 
 
 def summary_table(rows: list[dict]) -> str:
     nan = float("nan")
     lines = [f"\n{'config':20s}{'model GiB':>10s}{'KV tokens':>12s}{'gain':>10s}{'predicted':>11s}{'ratio':>7s}"
-             f"{'tok/s B=1':>11s}{'tok/s B=32':>12s}{'same tokens':>12s}  vs"]
+             f"{'tok/s B=1':>11s}{'tok/s B=32':>12s}{'same tokens':>12s}{'differ at':>10s}  vs"]
     for r in rows:
         g = r.get("kv_tokens_gain")
         lines.append(f"{r['config']:20s}{r.get('model_GiB') or nan:>10.2f}{r.get('kv_tokens') or 0:>12,d}"
                      f"{g if g is not None else '-':>10}{r.get('kv_tokens_predicted_gain', nan):>11.0f}"
                      f"{r.get('gain_ratio', nan):>7.3f}{r.get('tok_s_b1', nan):>11.1f}"
                      f"{r.get('tok_s_b32', nan):>12.1f}{str(r.get('tokens_identical_to_off', '-')):>12s}"
-                     f"  {r.get('compared_with') or '-'}")
+                     f"{str(r.get('first_divergence_vs_off', '-')):>10s}  {r.get('compared_with') or '-'}")
     return "\n".join(lines)
 
 

@@ -72,6 +72,12 @@ def test_bench_vllm_compares_each_mode_with_its_own_baseline():
     assert eager["kv_tokens_gain"] == 41_088 and graphs["kv_tokens_gain"] == 40_000
     assert abs(graphs["gain_ratio"] - 40_000 / 49_152) < 1e-12
     assert eager["tokens_identical_to_off"] and not graphs["tokens_identical_to_off"]
+    assert eager["first_divergence_vs_off"] is None and graphs["first_divergence_vs_off"] == 1
+    more = [{"config": "off", "kv_tokens": 1, "tokens_b1": [1, 2]},
+            {"config": "prophet:0.5", "kv_tokens": 2, "slots": 512, "tokens_b1": [1, 2]} | p,
+            {"config": "prophet:0.25", "kv_tokens": 3, "slots": 256, "tokens_b1": [1, 5]} | p]
+    compare_rows(more)  # buffers of one mode must agree with each other to the bit
+    assert more[2]["tokens_identical_to_prophet:0.5"] is False and "tokens_identical_to_prophet:0.5" not in more[1]
     assert "kv_tokens_gain" not in rows[4] and rows[0]["compared_with"] is None
     text = summary_table(rows)
     assert "prophet-graphs:0.5" in text and "off-graphs" in text.splitlines()[-2]
