@@ -96,9 +96,12 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
     kwargs = dict(load_format=load_format, dtype="bfloat16", max_model_len=2048, max_num_seqs=None,
                   attention_backend="TRITON_ATTN")
     prophet = None
-    base, _, buffer = name.partition(":")
-    if base in ("prophet", "prophet-graphs"):
+    base, _, rest = name.partition(":")
+    if base in ("prophet", "prophet-graphs"):  # prophet:<buffer>[:<predictor>]
+        buffer, _, predictor = rest.partition(":")
         prophet = {"buffer": float(buffer), "policy": "next-use", "log_every_s": 0}
+        if predictor:
+            prophet["predictor"] = predictor
     elif name == "offload":
         kwargs.update(cpu_offload_gb=13, cpu_offload_params={"experts"})
     elif name not in ("off", "off-graphs"):
@@ -178,8 +181,8 @@ def summary_table(rows: list[dict]) -> str:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
-                    help="off, prophet:<buffer>, offload (eager), off-graphs, prophet-graphs:<buffer> (CUDA graphs; "
-                         "piecewise around Prophet's MoE op)")
+                    help="off, prophet:<buffer>[:<predictor>], offload (eager), off-graphs, "
+                         "prophet-graphs:<buffer>[:<predictor>] (CUDA graphs; piecewise around Prophet's MoE op)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
