@@ -190,12 +190,13 @@ def test_piecewise_config_keeps_the_moe_op_out_of_cuda_graphs():
 
 def test_prophet_under_torch_compile(checkpoints, baseline):
     """enforce_eager=False with the piecewise settings a GPU run would use: vLLM traces and compiles
-    the model (torch.compile, inductor on the CPU build; no CUDA graphs there). Prophet's MoE is an opaque custom op in the compiled graph and its
-    host decisions still run every step: tokens identical to the eager run without Prophet."""
+    the model (torch.compile, inductor on the CPU build; no CUDA graphs there). Prophet's MoE is an
+    opaque custom op in the compiled graph; its host decisions (and the gate lookahead's prefetches)
+    still run every step: tokens identical to the eager run without Prophet."""
     ps, base = baseline
     from integration.vllm_plugin import piecewise_compilation_config
 
-    llm = demo.make_llm(checkpoints["olmoe"], {"buffer": 0.375, "policy": "lru", "predictor": "same"},
+    llm = demo.make_llm(checkpoints["olmoe"], {"buffer": 0.375, "policy": "next-use", "predictor": "gate"},
                         enforce_eager=False, compilation_config=piecewise_compilation_config())
     try:
         mode = llm.llm_engine.vllm_config.compilation_config.mode
@@ -206,7 +207,7 @@ def test_prophet_under_torch_compile(checkpoints, baseline):
     assert int(mode) > 0, f"vLLM did not compile (mode {mode})"
     assert tokens == base["olmoe"]
     t = stats["total"]
-    assert t["misses"] > 0 and t["evictions"] > 0 and t["hits"] + t["misses"] == sum(
+    assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetched"] > 0 and t["hits"] + t["misses"] == sum(
         layer["hits"] + layer["misses"] for layer in stats["layers"])
 
 
