@@ -1,6 +1,7 @@
 """Host cost of the residency decisions per MoE layer call (ExpertResidency.acquire + prefetch +
 release, the Python that ProphetMoE runs between kernels in the host-driven mode), replayed on a
-recorded trace at batch 1. CPU only: no tensors move. Prints a table, writes JSON rows to
+recorded trace at batch 1, and of the live gate lookahead (its logits from a hidden state, OLMoE
+dimensions). CPU only: no tensors move. Prints a table, writes JSON rows to
 bench/results/bench_residency.jsonl.
 
     python bench/bench_residency.py [--trace olmoe-heldout] [--steps 2000] [--capacity 0.5]
@@ -68,7 +69,36 @@ def main(argv=None):
                      "capacity": args.capacity, "steps": steps, "repeats": args.repeats, "us_per_layer_call": us,
                      "hit_rate": res.stats.hit_rate, "cpu": platform.processor() or platform.machine(),
                      "python": platform.python_version(), "commit": git_commit(), "date": utc_now()})
+    rows += live_gate_rows(args.repeats)
     print(f"rows -> {write_rows('bench_residency', rows, args.out_dir)}")
+
+
+def live_gate_rows(repeats: int, calls: int = 300) -> list[dict]:
+    """The live gate lookahead's own cost per layer call at T=1 with OLMoE-1B-7B's dimensions (64
+    experts, hidden 2048, random bf16 routers and norms as vLLM holds them): its logits for the
+    next `depth` layers from this layer's MoE input, the ranking, one host transfer. On the CPU the
+    matmul is most of it; on a GPU the launches and the transfer's sync are."""
+    from prophet_kernels.predictors import GateLookaheadPredictor
+
+    g = torch.Generator().manual_seed(0)
+    L, E, H, k = 16, 64, 2048, 8
+    pred = GateLookaheadPredictor([(torch.randn(E, H, generator=g) / H**0.5).to(torch.bfloat16) for _ in range(L)],
+                                  [(torch.rand(H, generator=g) + 0.5).to(torch.bfloat16) for _ in range(L)], top_k=k)
+    x, ids = torch.randn(1, H, generator=g).to(torch.bfloat16), torch.randint(0, E, (1, k), generator=g)
+    rows = []
+    for depth in (1, 3):
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            for i in range(calls):
+                pred.predict(i % (L - depth), ids, x, L, depth)
+            times.append(time.perf_counter() - t0)
+        us = min(times) / calls * 1e6
+        print(f"live gate lookahead, depth {depth}: {us:.1f} us per layer call (OLMoE dims, T=1)")
+        rows.append({"bench": "live_gate", "depth": depth, "E": E, "H": H, "T": 1, "us_per_layer_call": us,
+                     "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+                     "commit": git_commit(), "date": utc_now()})
+    return rows
 
 
 if __name__ == "__main__":

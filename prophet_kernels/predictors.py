@@ -262,15 +262,27 @@ class GateLookaheadPredictor(Predictor):
         if width is not None and width < 1:
             raise ValueError(f"lookahead width must be >= 1, got {width}")
         self.gates, self.norms, self.k, self.width = gates, norm_weights, top_k, width
+        self._maps: dict = {}  # (layer, distances, device) -> the folded maps, built on first use
         if width is not None:
             self.name = f"{type(self).name}-top{width}"  # the plain name is the top-k lookahead
 
     def logits(self, layer: int, d: int, x: torch.Tensor) -> torch.Tensor:
+        return self.stacked_logits(layer, (d,), x)[0]
+
+    def stacked_logits(self, layer: int, ds: Sequence[int], x: torch.Tensor) -> torch.Tensor:
+        """[len(ds), T, E] logits for layers layer+d, d in ds, in one matmul: the norm ratio is
+        folded into each router once (gate_{l+d} * w_{l+d} / w_l, fp32, kept per layer and
+        distances on x's device), so a decode call costs a cast, a matmul and no weight casts."""
         if self.gates is None:
             raise ValueError("GateLookaheadPredictor needs the model's router and norm weights "
                              "(traces.recorder.gate_lookahead_parts) to predict from a hidden state")
-        x = x.float() * (self.norms[layer + d].float() / self.norms[layer].float())
-        return x @ self.gates[layer + d].float().t()
+        key = (layer, tuple(ds), x.device)
+        maps = self._maps.get(key)
+        if maps is None:
+            maps = self._maps[key] = torch.cat([
+                self.gates[layer + d].float() * (self.norms[layer + d].float() / self.norms[layer].float())
+                for d in ds]).to(x.device)  # [len(ds) * E, H]
+        return (x.float() @ maps.t()).view(x.shape[0], len(ds), -1).transpose(0, 1)
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         ds = [d for d in range(1, depth + 1) if layer + d < num_layers or self.wraps]
@@ -288,7 +300,7 @@ class GateLookaheadPredictor(Predictor):
             ranked = [la[d - 1, layer, hidden.tokens, :m] for d in ds]
             E = hidden.trace.num_experts
         elif ds:
-            logits = torch.stack([self.logits(layer, d, hidden) for d in ds])  # [D, T, E]
+            logits = self.stacked_logits(layer, ds, hidden)  # [D, T, E]
             E = logits.shape[-1]
             m = min(self.width or self.k or _ids(topk_ids).shape[1], E)
             ranked = torch.topk(logits, m, dim=-1).indices.cpu().numpy()  # one host transfer for all distances
@@ -375,6 +387,9 @@ class LearnedGatePredictor(GateLookaheadPredictor):
 
     def _tensors(self) -> list[torch.Tensor]:
         return [t for t in (getattr(self, n) for n in self.TENSORS) if t is not None]
+
+    def stacked_logits(self, layer, ds, x):
+        return torch.stack([self.logits(layer, d, x) for d in ds])
 
     def logits(self, layer, d, x, context: torch.Tensor | None = None):
         """`context`: the previous tokens' ``context_features`` at layer+d (for a wrap, layer+d-L: this

@@ -113,6 +113,28 @@ def test_recorder_matches_router_and_runtime_gate_lookahead():
     assert one == tr.lookahead[0, 0, 0].tolist()
 
 
+def test_gate_lookahead_folded_maps_match_the_formula():
+    """The live gate lookahead folds each norm ratio into its router once; its logits for all
+    distances at once equal gate_{l+d}(x * w_{l+d} / w_l) computed directly (bf16 weights, as vLLM
+    holds them), and it keeps one folded map per layer and distances."""
+    g = torch.Generator().manual_seed(3)
+    L, E, H = 5, 16, 40
+    gates = [(torch.randn(E, H, generator=g) / 6).to(torch.bfloat16) for _ in range(L)]
+    norms = [(torch.rand(H, generator=g) + 0.5).to(torch.bfloat16) for _ in range(L)]
+    pred = GateLookaheadPredictor(gates, norms, top_k=3)
+    x = torch.randn(7, H, generator=g).to(torch.bfloat16)
+    for layer, ds in ((0, (1, 2, 3)), (2, (1, 2)), (3, (1,))):
+        got = pred.stacked_logits(layer, ds, x)
+        for j, d in enumerate(ds):
+            want = (x.float() * (norms[layer + d].float() / norms[layer].float())) @ gates[layer + d].float().t()
+            torch.testing.assert_close(got[j], want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pred.logits(layer, d, x), want, rtol=1e-5, atol=1e-5)
+    # one map per (layer, distances) asked for: three stacks and six single distances, (3, (1,)) being both
+    assert len(pred._maps) == 8
+    out = pred.predict(0, None, x[:1], L, 3)
+    assert out == {d: torch.topk(pred.logits(0, d, x[:1])[0], 3).indices.tolist() for d in (1, 2, 3)}
+
+
 def test_one_token_answer_is_its_ranking():
     """Decode at batch 1 skips the vote: the one token's ranking, best first, is the answer, as the
     vote over a batch ranks it (a token alone in a batch of copies of itself votes the same)."""
