@@ -1,7 +1,7 @@
 """Host cost of the residency decisions per MoE layer call (ExpertResidency.acquire + prefetch +
 release, the Python that ProphetMoE runs between kernels in the host-driven mode), replayed on a
-recorded trace at batch 1, and of the live gate lookahead (its logits from a hidden state, OLMoE
-dimensions). CPU only: no tensors move. Prints a table, writes JSON rows to
+recorded trace at batch 1, and of the live gate and learned gate lookaheads (logits from a hidden
+state, OLMoE dimensions). CPU only: no tensors move. Prints a table, writes JSON rows to
 bench/results/bench_residency.jsonl.
 
     python bench/bench_residency.py [--trace olmoe-heldout] [--steps 2000] [--capacity 0.5]
@@ -74,30 +74,34 @@ def main(argv=None):
 
 
 def live_gate_rows(repeats: int, calls: int = 300) -> list[dict]:
-    """The live gate lookahead's own cost per layer call at T=1 with OLMoE-1B-7B's dimensions (64
-    experts, hidden 2048, random bf16 routers and norms as vLLM holds them): its logits for the
-    next `depth` layers from this layer's MoE input, the ranking, one host transfer. On the CPU the
-    matmul is most of it; on a GPU the launches and the transfer's sync are."""
-    from prophet_kernels.predictors import GateLookaheadPredictor
+    """The live gate and learned gate lookaheads' own cost per layer call at T=1 with OLMoE-1B-7B's
+    dimensions (64 experts, hidden 2048; random bf16 routers and norms as vLLM holds them, random
+    fp32 learned maps): logits for the next `depth` layers from this layer's MoE input, the
+    ranking, one host transfer. On the CPU the matmuls are most of it; on a GPU the launches and
+    the transfer's sync are."""
+    from prophet_kernels.predictors import GateLookaheadPredictor, LearnedGatePredictor
 
     g = torch.Generator().manual_seed(0)
-    L, E, H, k = 16, 64, 2048, 8
-    pred = GateLookaheadPredictor([(torch.randn(E, H, generator=g) / H**0.5).to(torch.bfloat16) for _ in range(L)],
+    L, E, H, k, R, D = 16, 64, 2048, 8, 256, 3  # R: the learned fit's default MLP width at this H
+    gate = GateLookaheadPredictor([(torch.randn(E, H, generator=g) / H**0.5).to(torch.bfloat16) for _ in range(L)],
                                   [(torch.rand(H, generator=g) + 0.5).to(torch.bfloat16) for _ in range(L)], top_k=k)
+    shapes = [(D, L, E, H), (D, L, E), (D, L, R, H), (D, L, R), (D, L, E, R), (D, L, R, E + H), (D, L, E, E + H)]
+    learned = LearnedGatePredictor(*(torch.randn(*sh, generator=g) / H**0.5 for sh in shapes), top_k=k, wrap=True)
     x, ids = torch.randn(1, H, generator=g).to(torch.bfloat16), torch.randint(0, E, (1, k), generator=g)
     rows = []
-    for depth in (1, 3):
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            for i in range(calls):
-                pred.predict(i % (L - depth), ids, x, L, depth)
-            times.append(time.perf_counter() - t0)
-        us = min(times) / calls * 1e6
-        print(f"live gate lookahead, depth {depth}: {us:.1f} us per layer call (OLMoE dims, T=1)")
-        rows.append({"bench": "live_gate", "depth": depth, "E": E, "H": H, "T": 1, "us_per_layer_call": us,
-                     "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
-                     "commit": git_commit(), "date": utc_now()})
+    for name, pred in (("gate", gate), ("learned-gate", learned)):
+        for depth in (1, 3):
+            times = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                for i in range(calls):
+                    pred.predict(i % (L - depth), ids, x, L, depth)
+                times.append(time.perf_counter() - t0)
+            us = min(times) / calls * 1e6
+            print(f"live {name} lookahead, depth {depth}: {us:.1f} us per layer call (OLMoE dims, T=1)")
+            rows.append({"bench": "live_gate", "predictor": name, "depth": depth, "E": E, "H": H, "T": 1,
+                         "us_per_layer_call": us, "cpu": platform.processor() or platform.machine(),
+                         "python": platform.python_version(), "commit": git_commit(), "date": utc_now()})
     return rows
 
 

@@ -135,6 +135,37 @@ def test_gate_lookahead_folded_maps_match_the_formula():
     assert out == {d: torch.topk(pred.logits(0, d, x[:1])[0], 3).indices.tolist() for d in (1, 2, 3)}
 
 
+def _random_learned_gate(L=4, E=8, H=24, R=16, D=3, wrap=True, seed=4):
+    g = torch.Generator().manual_seed(seed)
+    F = E + H
+    shapes = [(D, L, E, H), (D, L, E), (D, L, R, H), (D, L, R), (D, L, E, R), (D, L, R, F), (D, L, E, F)]
+    return LearnedGatePredictor(*(torch.randn(*sh, generator=g) / 4 for sh in shapes), top_k=2, wrap=wrap)
+
+
+def test_learned_gate_stacked_logits_match_one_distance_at_a_time():
+    """The live learned lookahead computes distances 1..m in batched matmuls; each slice equals
+    logits() for that distance, with and without the previous call's context, across the step
+    boundary too."""
+    from prophet_kernels.predictors import context_features, multi_hot
+
+    pred = _random_learned_gate()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 24, generator=g)
+    for layer in range(4):
+        for m in (1, 2, 3):
+            got = pred.stacked_logits(layer, range(1, m + 1), x)
+            for d in range(1, m + 1):
+                torch.testing.assert_close(got[d - 1], pred.logits(layer, d, x), rtol=1e-5, atol=1e-5)
+        # leave this layer's context for the next calls (as predict does)
+        pred._last[layer] = context_features(x, multi_hot(torch.randint(0, 8, (3, 2), generator=g), 8))
+    assert len(pred._last) == 4
+    for layer in range(4):  # now every distance reads a kept context
+        got = pred.stacked_logits(layer, (1, 2, 3), x)
+        for d in (1, 2, 3):
+            torch.testing.assert_close(got[d - 1], pred.logits(layer, d, x), rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(got[d - 1], pred.logits(layer, d, x, torch.zeros(3, 32)))
+
+
 def test_one_token_answer_is_its_ranking():
     """Decode at batch 1 skips the vote: the one token's ranking, best first, is the answer, as the
     vote over a batch ranks it (a token alone in a batch of copies of itself votes the same)."""
