@@ -199,43 +199,57 @@ def _stack(dev, small, routing):
     return L, E, H, I, k, tr, HostExpertStore.from_tensors(w13, w2), w13.to(dev), w2.to(dev)
 
 
+def _resident_step(steps, xs, w13_dev, w2_dev, check):
+    """run(i): decode step i with every expert resident (fused_experts on the contiguous weights)."""
+    from prophet_kernels import fused_experts
+
+    def run(i):
+        for l, (ids, w) in enumerate(steps[i]):
+            fused_experts(xs[l], w13_dev[l], w2_dev[l], w, ids, check=check)
+    return run
+
+
+def _prophet_step(moe, steps, xs):
+    """run(i): decode step i through ProphetMoE."""
+    def run(i):
+        for l, (ids, w) in enumerate(steps[i]):
+            moe.forward(l, xs[l], w, ids)
+    return run
+
+
+def _schedule(steps) -> list[list[int]]:
+    """The unique experts of every layer call of `steps`, for the oracle predictor."""
+    return [torch.unique(ids).tolist() for st in steps for ids, _ in st]
+
+
 def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12, stub_experts=False, passes=5):
     """(d) Where the host's time goes per decode layer call (T=1): wall time per layer call (whole
     steps timed, synchronised at step ends) and, from a cProfile of the same steps, the functions
     with the most own time per layer call, for all-resident fused_experts (with and without its id
     check, the check being one host sync) and ProphetMoE (100% buffer: no copies once warm; 50%
     with LRU alone; 50% with the oracle predictor, next-use, at most 2 prefetched experts per
-    call). The profile
-    slows Python code down, so its per-call times are shares to read against the wall time. The
-    wall time is the fastest of `passes` passes over the timed steps. `stub_experts` replaces
+    call). The profile slows Python code down, so its per-call times are shares to read against
+    the wall time. The wall time is the fastest of `passes` passes over the timed steps. `stub_experts` replaces
     ProphetMoE's expert kernels by the identity (and drops the all-resident rows): what remains is
     the orchestration's own host work (route, residency, copies issued, page-table row, events)."""
     import prophet_kernels.layer as layer_mod
-    from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
+    from prophet_kernels import OraclePredictor, ProphetMoE
 
     L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
     steps_r = _routings(tr, warmup + steps, 1, L, E, k, dev)
     xs = [torch.randn(1, H, dtype=store.dtype, device=dev) for _ in range(L)]
-    schedule = [torch.unique(ids).tolist() for st in steps_r for ids, _ in st]
-
-    def resident(check):
-        def run(i):
-            for l, (ids, w) in enumerate(steps_r[i]):
-                fused_experts(xs[l], w13_dev[l], w2_dev[l], w, ids, check=check)
-        return run
 
     def prophet(frac, predictor, policy, budget):
         moe = ProphetMoE(store, max(int(frac * E * L), 2 * k), device=dev, policy=policy, predictor=predictor,
                          prefetch_budget_bytes=None if budget is None else budget * store.expert_bytes)
-        def run(i):
-            for l, (ids, w) in enumerate(steps_r[i]):
-                moe.forward(l, xs[l], w, ids)
-        return run
+        return _prophet_step(moe, steps_r, xs)
 
-    configs = [] if stub_experts else [("resident, id check", resident(True)), ("resident, no check", resident(False))]
+    configs = [] if stub_experts else [(f"resident, {'id check' if check else 'no check'}",
+                                        _resident_step(steps_r, xs, w13_dev, w2_dev, check)) for check in (True, False)]
     configs += [("prophet 100%, no predictor", prophet(1.0, None, "lru", None)),
                 ("prophet 50%, LRU, no predictor", prophet(0.5, None, "lru", None)),
-                ("prophet 50%, oracle, next-use, 2/call", prophet(0.5, OraclePredictor(schedule), "next-use", 2))]
+                ("prophet 50%, oracle, next-use, 2/call",
+                 prophet(0.5, OraclePredictor(_schedule(steps_r)), "next-use", 2))]
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     timed, calls = range(warmup, warmup + steps), steps * L
     real_experts = layer_mod.fused_experts_paged
@@ -285,29 +299,25 @@ def _time_and_profile(run, timed, sync, passes):
     return best, pstats.Stats(prof)
 
 
-def _graphed_step(steps, xs, w13_dev, w2_dev, fused_experts):
+def _graphed_step(steps, xs, w13_dev, w2_dev):
     """All-resident decode step captured once as a CUDA graph over static routing buffers; a run
     copies the step's routing in (two small copies) and replays. None off CUDA, and without
     PyTorch's caching allocator (the sanitizer runs turn it off; capture needs its private pools)."""
     if xs[0].device.type != "cuda" or os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
         return None
-    L = len(xs)
     all_ids = torch.stack([torch.stack([ids for ids, _ in st]) for st in steps])  # [steps, L, T, k]
     all_w = torch.stack([torch.stack([w for _, w in st]) for st in steps])
     ids, w = all_ids[0].clone(), all_w[0].clone()
-
-    def layers():
-        for l in range(L):
-            fused_experts(xs[l], w13_dev[l], w2_dev[l], w[l], ids[l], check=False)
+    layers = _resident_step([list(zip(ids, w))], xs, w13_dev, w2_dev, check=False)  # reads the static buffers
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        layers()  # compile and pick configs outside the capture
+        layers(0)  # compile and pick configs outside the capture
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        layers()
+        layers(0)
 
     def run(step):
         ids.copy_(all_ids[step])
@@ -322,7 +332,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
     layer call of `budget_experts` experts, unlimited if None) at each buffer fraction and policy vs
     all experts resident (fused_experts: eager with and without its id check, and on CUDA the step
     as one CUDA graph). The first `warmup` steps fill the buffer and are not timed."""
-    from prophet_kernels import OraclePredictor, ProphetMoE, fused_experts
+    from prophet_kernels import OraclePredictor, ProphetMoE
 
     L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
     dtype = store.dtype
@@ -331,13 +341,6 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
     for T in batches:
         steps = _routings(tr, warmup + repeats, T, L, E, k, dev)
         xs = [torch.randn(T, H, dtype=dtype, device=dev) for _ in range(L)]
-
-        def resident(check):
-            def run(step):
-                for l in range(L):
-                    ids, w = steps[step][l]
-                    fused_experts(xs[l], w13_dev[l], w2_dev[l], w, ids, check=check)
-            return run
 
         def timed(fn):
             ts = []
@@ -355,23 +358,20 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
         # baseline of the first runs), eager without it (what vLLM's eager mode runs), and the whole
         # step in one CUDA graph (what vLLM's decode runs; the strongest: no host work per layer).
         base = {}
-        for name, run in (("resident_checked", resident(True)), ("resident", resident(False)),
-                          ("resident_graph", _graphed_step(steps, xs, w13_dev, w2_dev, fused_experts))):
+        for name, run in (("resident_checked", _resident_step(steps, xs, w13_dev, w2_dev, check=True)),
+                          ("resident", _resident_step(steps, xs, w13_dev, w2_dev, check=False)),
+                          ("resident_graph", _graphed_step(steps, xs, w13_dev, w2_dev))):
             if run is not None:
                 run(0)
                 base[name] = timed(run)
         t_res = base["resident"]
-        schedule = [torch.unique(ids).tolist() for st in steps for ids, _ in st]
+        schedule = _schedule(steps)
         for policy in policies:
             for frac in fracs:
                 slots = max(int(frac * E * L), min(E, k * T) * 2)
                 moe = ProphetMoE(store, slots, device=dev, policy=policy, predictor=OraclePredictor(schedule),
                                  prefetch_budget_bytes=budget)
-
-                def prophet(step):
-                    for l in range(L):
-                        ids, w = steps[step][l]
-                        moe.forward(l, xs[l], w, ids)
+                prophet = _prophet_step(moe, steps, xs)
 
                 for i in range(warmup):  # fill the buffer (not timed)
                     prophet(i)

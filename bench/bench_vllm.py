@@ -106,7 +106,7 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
         kwargs.update(cpu_offload_gb=13, cpu_offload_params={"experts"})
     elif name not in ("off", "off-graphs"):
         raise ValueError(f"unknown configuration {name!r}")
-    graphs = base.endswith("-graphs")
+    graphs = with_graphs(name)
     if graphs:  # vLLM's CUDA graphs: its defaults without Prophet; with it, piecewise around its MoE op
         kwargs["enforce_eager"] = False
         if prophet is not None:
@@ -135,6 +135,11 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
 KV_BYTES_PER_TOKEN = 16 * 2 * 16 * 128 * 2  # OLMoE-1B-7B: layers x (K, V) x kv heads x head dim x bf16
 
 
+def with_graphs(config: str) -> bool:
+    """Whether a configuration runs vLLM's CUDA graphs ("off-graphs", "prophet-graphs:...")."""
+    return config.partition(":")[0].endswith("-graphs")
+
+
 def compare_rows(rows: list[dict]) -> None:
     """Adds to each Prophet row its KV-token gain over the run without Prophet in the same mode (CUDA
     graphs take memory and may round differently; else eager "off"), the gain predicted from the
@@ -142,15 +147,16 @@ def compare_rows(rows: list[dict]) -> None:
     bases = {mode: next((r for r in rows if r["config"] == mode and r.get("kv_tokens")), None)
              for mode in ("off", "off-graphs")}
     for r in rows:
-        graphs = r["config"].partition(":")[0].endswith("-graphs")
-        base = bases["off-graphs"] if graphs and bases["off-graphs"] else bases["off"]
+        base = bases["off-graphs"] if with_graphs(r["config"]) and bases["off-graphs"] else bases["off"]
         r["compared_with"] = base["config"] if base and r is not base else None
-        if base and r is not base and r.get("kv_tokens") and "slots" in r:
+        if r["compared_with"] is None:
+            continue
+        if r.get("kv_tokens") and "slots" in r:
             freed = (r["layers"] * r["experts"] - r["slots"]) * r["expert_bytes"]
             r["kv_tokens_predicted_gain"] = freed / KV_BYTES_PER_TOKEN
             r["kv_tokens_gain"] = r["kv_tokens"] - base["kv_tokens"]
             r["gain_ratio"] = r["kv_tokens_gain"] / r["kv_tokens_predicted_gain"]
-        if base and r is not base and "tokens_b1" in r:
+        if "tokens_b1" in r:
             r["tokens_identical_to_off"] = r["tokens_b1"] == base.get("tokens_b1")
             # vLLM's own MoE kernels and Prophet's round bf16 differently, so a late divergence can
             # be rounding; the buffer itself must not change a bit: every Prophet run of one mode
@@ -158,8 +164,7 @@ def compare_rows(rows: list[dict]) -> None:
             r["first_divergence_vs_off"] = next(
                 (i for i, (a, b) in enumerate(zip(r["tokens_b1"], base.get("tokens_b1") or [])) if a != b), None)
     for graphs in (False, True):
-        prophet = [r for r in rows if "slots" in r and "tokens_b1" in r
-                   and r["config"].partition(":")[0].endswith("-graphs") == graphs]
+        prophet = [r for r in rows if "slots" in r and "tokens_b1" in r and with_graphs(r["config"]) == graphs]
         for r in prophet[1:]:
             r["tokens_identical_to_" + prophet[0]["config"]] = r["tokens_b1"] == prophet[0]["tokens_b1"]
 
