@@ -251,12 +251,12 @@ def _simulate(args: argparse.Namespace) -> int:
     if args.batch_sweep and args.layer_us is not None:
         raise ValueError("--layer-us fixes one layer time; --batch-sweep uses each batch's measured one")
     suffix = "".join(f"_{k}{'' if v is True else v}" for k, v in timing.items())
+    described = f" ({', '.join(f'{k}={v}' for k, v in timing.items())})" if timing else ""
     if args.batch_sweep:
         for name in _csv_list(args.trace):
             held = load_trace(name)
             shape = held.meta.get("shape")
-            print(f"\n{shape}: hit rate / landed in time / stall us per token at capacity {args.capacity}"
-                  + (f" ({', '.join(f'{k}={v}' for k, v in timing.items())})" if timing else ""))
+            print(f"\n{shape}: hit rate / landed in time / stall us per token at capacity {args.capacity}{described}")
             rows = rr.batch_rows(held, _train_trace_for(args, held), args.batch_sweep, args.capacity, args.max_steps,
                                  **timing)
             print(rr.batch_table(rows))
@@ -271,8 +271,7 @@ def _simulate(args: argparse.Namespace) -> int:
                                 **timing)
             shape = held.meta.get("shape")
             tag = f"{shape}_b{args.batch}{suffix}"
-            print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate"
-                  + (f" ({', '.join(f'{k}={v}' for k, v in timing.items())})" if timing else ""))
+            print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate{described}")
             section = rr.render_section(rows)
             print(section)
             md = out / f"routing_{tag}.md"
