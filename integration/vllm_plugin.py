@@ -27,11 +27,13 @@ Lifecycle per model (all in the worker process):
   process_weights  each layer hands its tensors to the model's host store and drops its
   _after_loading   parameters; after the last layer the device buffer (slots, page table) is
                    allocated, before vLLM's profiling run, so vLLM's memory accounting gives the
-                   difference to the KV cache
+                   difference to the KV cache; each layer's vLLM MoE runner now enters through
+                   Prophet's custom op ``prophet::moe_forward`` (vLLM's routing, then ``apply``),
+                   one opaque call for torch.compile on the CPU and CUDA builds alike; its output
+                   is allocated before it in traced code, so piecewise CUDA graphs split there
+                   (:func:`piecewise_compilation_config`) read fixed addresses
   apply            routes into ProphetMoE.forward (Triton paged kernels on CUDA, PyTorch on the
-                   CPU build), behind the custom op ``prophet::moe_apply`` so torch.compile keeps
-                   it as one opaque call; it writes a buffer allocated before it, so piecewise
-                   CUDA graphs split there (:func:`piecewise_compilation_config`) read fixed addresses
+                   CPU build)
 Stats: logged every ``log_every_s`` and at exit; :func:`prophet_stats` returns them (pass the
 ``LLM`` to fetch them from its worker processes).
 """
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -144,6 +147,7 @@ class _ModelExperts:
         self.loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.top_k = None
         self.gate_parts = None  # [(router [E, H], MoE-input norm [H]) per layer], from integration.vllm_models
+        self.runners: dict[int, weakref.ref] = {}  # layer -> vLLM's MoE runner, whose entry is Prophet's op
         self.moe = None
         self._last_log = time.monotonic()
 
@@ -158,6 +162,8 @@ class _ModelExperts:
         self.loaded[index] = (w13, w2)
         if len(self.loaded) == self.num_layers:
             self._build(device)
+            if _BUILDING[0] is self:  # built: the model's MoE methods keep it alive, not this module
+                _BUILDING[0] = None
 
     def _build(self, device: torch.device) -> None:
         from prophet_kernels import HostExpertStore, ProphetMoE
@@ -225,21 +231,38 @@ def offer_gate_parts(parts) -> None:
         building.gate_parts = list(parts)
 
 
-MOE_OP = "prophet::moe_apply"
+MOE_OP = "prophet::moe_forward"
 
 
 @torch.library.custom_op(MOE_OP, mutates_args=("out",))
-def moe_apply(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor,
-              group: int, layer: int) -> None:
-    """One MoE layer through Prophet into `out` (an opaque op for torch.compile: the host decides
-    residency). It writes a buffer its caller allocated, like vLLM's attention ops, so that under
-    piecewise CUDA graphs the graph after it reads a fixed address."""
-    out.copy_(_GROUPS[group].forward(layer, x, topk_weights, topk_ids))
+def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, shared_experts_input: torch.Tensor | None,
+                input_ids: torch.Tensor | None, out: torch.Tensor, group: int, layer: int) -> None:
+    """One MoE layer: vLLM's routing, then Prophet's experts (``apply``), written into ``out``. Opaque
+    to torch.compile, because the host decides residency at every step. ``out`` is allocated by the
+    traced code before the op (:func:`_traced_moe_entry`), as vLLM's attention ops take theirs, so
+    that under piecewise CUDA graphs split here the graph after it reads a fixed address."""
+    runner = _GROUPS[group].runners[layer]()
+    y = runner._forward_impl(hidden_states, router_logits, shared_experts_input, input_ids)
+    if not isinstance(y, torch.Tensor) or y.shape != out.shape:
+        raise RuntimeError(f"Prophet: vLLM's MoE layer returned {type(y).__name__} "
+                           f"{tuple(getattr(y, 'shape', ()))}, expected one tensor of {tuple(out.shape)}")
+    out.copy_(y)
 
 
-@moe_apply.register_fake
-def _(x, topk_weights, topk_ids, out, group, layer):
+@moe_forward.register_fake
+def _(hidden_states, router_logits, shared_experts_input, input_ids, out, group, layer):
     return None
+
+
+def _traced_moe_entry(group: int, layer: int, hidden_states, router_logits, shared_experts_input, input_ids,
+                      layer_name, hidden_dim_unpadded):
+    """Replaces a vLLM MoE runner's ``_forward_entry`` (same arguments) when Prophet runs the layer.
+    vLLM's own entry on CUDA is its opaque op ``vllm::moe_forward``, whose output the op allocates:
+    a graph piece after it would read an address that can change between steps. Here the output is
+    allocated in the traced code and the op is Prophet's, the same on the CPU and CUDA builds."""
+    out = torch.empty_like(hidden_states)
+    torch.ops.prophet.moe_forward(hidden_states, router_logits, shared_experts_input, input_ids, out, group, layer)
+    return out
 
 
 def _method_class():
@@ -272,6 +295,8 @@ def _method_class():
                                  "the model with compilation_config=integration.vllm_plugin."
                                  "piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
                                  f"'{MOE_OP}' among vLLM's splitting ops)")
+            # vLLM registers each MoE layer's runner here by name; process_weights_after_loading finds it
+            self.forward_context = cfg.compilation_config.static_forward_context if cfg is not None else {}
             building = _BUILDING[0]
             cfg_id = id(cfg)
             if building is None or building.moe is not None or building.config_id != cfg_id:
@@ -305,6 +330,12 @@ def _method_class():
                 w13, w2 = host_copy(w13, w2, pin=True)
             for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters
                 del layer._parameters[name]
+            runners = [r for r in list(self.forward_context.values()) if getattr(r, "routed_experts", None) is layer]
+            if len(runners) != 1:
+                raise RuntimeError(f"Prophet: found {len(runners)} vLLM MoE runners for one MoE layer in the static "
+                                   "forward context (expected 1; this vLLM's MoE layout is not supported)")
+            runners[0]._forward_entry = functools.partial(_traced_moe_entry, self.experts.key, self.layer_index)
+            self.experts.runners[self.layer_index] = weakref.ref(runners[0])
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
             self.experts.layer_loaded(self.layer_index, w13, w2, device)
@@ -314,9 +345,7 @@ def _method_class():
                 return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
             if shared_experts is not None:
                 raise NotImplementedError("Prophet does not run shared experts (OLMoE and Mixtral have none)")
-            out = torch.empty_like(x)
-            torch.ops.prophet.moe_apply(x, topk_weights.float(), topk_ids, out, self.experts.key, self.layer_index)
-            return out
+            return self.experts.forward(self.layer_index, x, topk_weights.float(), topk_ids)
 
     return ProphetFusedMoEMethod
 
@@ -362,13 +391,20 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _local_stats() -> list[dict]:
+def _local_stats(keys=None) -> list[dict]:
     return [{"model": g.key, "num_layers": g.num_layers, **(g.stats() or {})} for g in list(_GROUPS.values())
-            if g.moe is not None]
+            if g.moe is not None and (keys is None or g.key in keys)]
 
 
 def _worker_stats(worker) -> list[dict]:  # runs in each vLLM worker (collective_rpc)
-    return _local_stats()
+    """The stats of the model this worker serves. A process can hold the Prophet experts of an
+    earlier engine that is not collected yet (seen with vLLM 0.26 in one process), so the worker's
+    own model names its groups; all of the process's if the model is not a plain module."""
+    model = getattr(getattr(worker, "model_runner", None), "model", None)
+    if not isinstance(model, torch.nn.Module):
+        return _local_stats()
+    return _local_stats({m.quant_method.experts.key for m in model.modules()
+                         if isinstance(getattr(getattr(m, "quant_method", None), "experts", None), _ModelExperts)})
 
 
 def prophet_stats(llm=None) -> list[dict]:

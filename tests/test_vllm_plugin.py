@@ -52,6 +52,37 @@ def test_settings_env_not_a_number():
         ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_BUFFER": "half"})
 
 
+def test_worker_stats_are_the_workers_own_model():
+    """A process can still hold an earlier engine's Prophet experts (vLLM 0.26 had not collected them
+    when the next engine in the same process was asked): a worker reports only its own model's."""
+    import types
+
+    import torch
+
+    from integration import vllm_plugin
+    from prophet_kernels import ProphetMoE
+
+    def group(num_layers):
+        g = vllm_plugin._ModelExperts(ProphetSettings(enabled=True), 16, config_id=object())
+        g.num_layers = num_layers
+        w13, w2 = torch.randn(num_layers, 4, 8, 6), torch.randn(num_layers, 4, 6, 4)
+        g.moe = ProphetMoE.from_weights(w13, w2, num_slots=4)
+        return g
+
+    stale, own = group(2), group(3)
+
+    class MoE(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.quant_method = types.SimpleNamespace(experts=experts)
+
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), MoE(own), MoE(own), MoE(None))
+    worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model))
+    assert [s["model"] for s in vllm_plugin._worker_stats(worker)] == [own.key]
+    assert {s["model"] for s in prophet_stats()} >= {stale.key, own.key}  # the process's, without an engine
+    assert vllm_plugin._worker_stats(types.SimpleNamespace()) == prophet_stats()  # no model: all of them
+
+
 def test_bench_vllm_compares_each_mode_with_its_own_baseline():
     """bench/bench_vllm.py's arithmetic on made-up rows: the KV gain of a Prophet run is counted
     against the run without Prophet in the same mode (eager or CUDA graphs), and predicted from
@@ -188,14 +219,42 @@ def test_piecewise_config_keeps_the_moe_op_out_of_cuda_graphs():
     assert CompilationConfig(**pw).cudagraph_mode.name == "PIECEWISE"  # vLLM takes the dict as it is
 
 
-def test_prophet_under_torch_compile(checkpoints, baseline):
-    """enforce_eager=False with the piecewise settings a GPU run would use: vLLM traces and compiles
-    the model (torch.compile, inductor on the CPU build; no CUDA graphs there). Prophet's MoE is an
-    opaque custom op in the compiled graph; its host decisions (and the gate lookahead's prefetches)
-    still run every step: tokens identical to the eager run without Prophet."""
-    ps, base = baseline
-    from integration.vllm_plugin import piecewise_compilation_config
+def test_prophet_under_torch_compile(checkpoints, baseline, monkeypatch):
+    """enforce_eager=False with the piecewise settings a GPU run would use: vLLM traces the model
+    with Dynamo and compiles it (inductor; the CPU build neither splits the graph nor captures CUDA
+    graphs). vLLM is made to enter its MoE layers as its CUDA build does, through its opaque op
+    ``vllm::moe_forward`` (which allocates its output); Prophet replaces that entry with its own op.
+    The traced graph, split as vLLM's CUDA build splits it for piecewise graphs, has Prophet's op as
+    the boundary of every MoE layer and no MoE op inside a piece that CUDA graphs would capture.
+    Prophet's host decisions (and the gate lookahead's prefetches) still run every step: tokens
+    identical to the eager run without Prophet."""
+    import torch
+    from vllm.compilation.backends import split_graph
+    from vllm.config import CompilationConfig
+    from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
+    from integration.vllm_plugin import MOE_OP, piecewise_compilation_config
+
+    ps, base = baseline
+    monkeypatch.setattr(MoERunner, "_select_forward", lambda self: torch.ops.vllm.moe_forward)  # as on CUDA
+    for flag, value in (("VLLM_DISABLE_COMPILE_CACHE", True), ("VLLM_USE_AOT_COMPILE", False)):
+        monkeypatch.setattr(vllm.envs, flag, value, raising=False)  # trace afresh; the backend below is not saved
+    splitting_ops = piecewise_compilation_config()["splitting_ops"]
+    pieces = []
+    init_backend = CompilationConfig.init_backend
+
+    def recording_backend(self, vllm_config, *args, **kwargs):
+        backend = init_backend(self, vllm_config, *args, **kwargs)
+        compile_graph = torch._dynamo.lookup_backend(backend) if isinstance(backend, str) else backend
+
+        def record(graph, example_inputs):
+            pieces.append([(item.is_splitting_graph, [str(n.target) for n in item.graph.graph.nodes
+                                                      if n.op == "call_function"])
+                           for item in split_graph(graph, splitting_ops)[1]])
+            return compile_graph(graph, example_inputs)
+        return record
+
+    monkeypatch.setattr(CompilationConfig, "init_backend", recording_backend)
     llm = demo.make_llm(checkpoints["olmoe"], {"buffer": 0.375, "policy": "next-use", "predictor": "gate"},
                         enforce_eager=False, compilation_config=piecewise_compilation_config())
     try:
@@ -205,6 +264,11 @@ def test_prophet_under_torch_compile(checkpoints, baseline):
     finally:
         del llm
     assert int(mode) > 0, f"vLLM did not compile (mode {mode})"
+    assert pieces, "vLLM traced no graph"
+    op = MOE_OP.replace("::", ".")
+    for split in pieces:
+        assert sum(op in str(ops) for boundary, ops in split if boundary) == stats["num_layers"]
+        assert not any("moe_forward" in str(ops) for boundary, ops in split if not boundary)
     assert tokens == base["olmoe"]
     t = stats["total"]
     assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetched"] > 0 and t["hits"] + t["misses"] == sum(
