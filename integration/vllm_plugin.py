@@ -417,6 +417,11 @@ def prophet_stats(llm=None) -> list[dict]:
 
 @atexit.register
 def _log_at_exit() -> None:
-    for g in list(_GROUPS.values()):
-        if g.moe is not None:
-            logger.info("Prophet stats at exit (model %d): %s", g.key, g.moe.stats)
+    # by now a handler's stream may be closed (pytest's capture): then the record is dropped quietly
+    raising, logging.raiseExceptions = logging.raiseExceptions, False
+    try:
+        for g in list(_GROUPS.values()):
+            if g.moe is not None:
+                logger.info("Prophet stats at exit (model %d): %s", g.key, g.moe.stats)
+    finally:
+        logging.raiseExceptions = raising

@@ -266,8 +266,10 @@ def test_prophet_under_torch_compile(checkpoints, baseline, monkeypatch):
     assert int(mode) > 0, f"vLLM did not compile (mode {mode})"
     assert pieces, "vLLM traced no graph"
     op = MOE_OP.replace("::", ".")
-    for split in pieces:
-        assert sum(op in str(ops) for boundary, ops in split if boundary) == stats["num_layers"]
+    for split in pieces:  # the op alone between pieces; its output allocated in the piece before it
+        moe_boundaries = [ops for boundary, ops in split if boundary and op in str(ops)]
+        assert len(moe_boundaries) == stats["num_layers"]
+        assert all(ops in ([op], [op + ".default"]) for ops in moe_boundaries)  # (torch 2.11 / 2.13 names)
         assert not any("moe_forward" in str(ops) for boundary, ops in split if not boundary)
     assert tokens == base["olmoe"]
     t = stats["total"]
