@@ -265,8 +265,25 @@ def _traced_moe_entry(group: int, layer: int, hidden_states, router_logits, shar
     return out
 
 
+def _loaded_host_weights(host: tuple[torch.Tensor, torch.Tensor], params: tuple[torch.Tensor, torch.Tensor]):
+    """The layer's experts in host memory once vLLM has loaded them: ``host``, the tensors
+    ``create_weights`` gave the parameters, which vLLM's loader filled. On CUDA, vLLM runs
+    ``process_weights_after_loading`` with host parameters moved to the device (its
+    ``device_loading_context``), a copy of ``host``: no copy back. A parameter whose data is
+    neither (replaced after ``create_weights``) is copied to host memory as it is."""
+    from prophet_kernels.store import host_copy
+
+    def same(param, h):  # the same tensor, or a copy of it (first row of every expert compared)
+        return param.data_ptr() == h.data_ptr() or (
+            param.shape == h.shape and param.dtype == h.dtype and torch.equal(param[:, 0].cpu(), h[:, 0]))
+
+    if all(same(p, h) for p, h in zip(params, host)):
+        return host
+    return host_copy(*params, pin=torch.cuda.is_available())
+
+
 def _method_class():
-    from prophet_kernels.store import expert_tensors, host_copy
+    from prophet_kernels.store import expert_tensors
     from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
@@ -318,16 +335,15 @@ def _method_class():
                 super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                        params_dtype, **extra)
             # empty tensors: re-creating them in the store's one-block layout (pinned with CUDA) costs no copy
-            layer.w13_weight.data, layer.w2_weight.data = expert_tensors(
-                num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
-                pin=torch.cuda.is_available())
+            self.host_weights = expert_tensors(num_experts, hidden_size, intermediate_size_per_partition,
+                                               params_dtype, pin=torch.cuda.is_available())
+            layer.w13_weight.data, layer.w2_weight.data = self.host_weights
 
         def process_weights_after_loading(self, layer):
             if self.experts is None:
                 return super().process_weights_after_loading(layer)
-            w13, w2 = layer.w13_weight.data, layer.w2_weight.data
-            if w13.device.type != "cpu":  # vLLM moved host params to the device for this call
-                w13, w2 = host_copy(w13, w2, pin=True)
+            w13, w2 = _loaded_host_weights(self.host_weights, (layer.w13_weight.data, layer.w2_weight.data))
+            self.host_weights = None
             for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters
                 del layer._parameters[name]
             runners = [r for r in list(self.forward_context.values()) if getattr(r, "routed_experts", None) is layer]

@@ -108,3 +108,41 @@ def test_gemv_pdl_levels(name, pdl):
             yg.fill_(float("nan"))
             g.replay()
             assert rel_err(yg, fused_experts_reference(x, w13, w2, w, ids)) < 1e-2
+
+
+def test_pinned_store_memory_is_exact_and_unregistered(monkeypatch):
+    """A pinned store's layer blocks are page-locked at their exact size, outside PyTorch's pinned
+    allocator (which would round 768 MiB up to 1 GiB), copy to the device without blocking, and are
+    unregistered from CUDA (successfully: they were registered) once no tensor uses them."""
+    import gc
+
+    from prophet_kernels.store import HostExpertStore
+
+    real, unregistered = torch.cuda.cudart(), []
+
+    class Recording:
+        def cudaHostRegister(self, ptr, size, flags):
+            return real.cudaHostRegister(ptr, size, flags)
+
+        def cudaHostUnregister(self, ptr):
+            err = real.cudaHostUnregister(ptr)
+            unregistered.append((ptr, int(getattr(err, "value", err))))
+            return err
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Recording())
+    g = torch.Generator().manual_seed(11)
+    w13, w2 = torch.randn(2, 5, 2 * 96, 160, generator=g), torch.randn(2, 5, 160, 96, generator=g)
+    stats = getattr(torch.cuda.memory, "host_memory_stats", None)
+    before = stats()["allocated_bytes.current"] if stats else None
+    store = HostExpertStore.from_tensors(w13, w2, pin=True)
+    assert store.pinned and store.blocks[0] is not None
+    if stats:
+        assert stats()["allocated_bytes.current"] == before  # nothing from PyTorch's pinned allocator
+    dev = torch.empty_like(store.blocks[1], device="cuda")
+    dev.copy_(store.blocks[1], non_blocking=True)
+    torch.cuda.synchronize()
+    assert torch.equal(dev.cpu(), store.blocks[1])
+    ptrs = [t.data_ptr() for t in store.w13]
+    del store
+    gc.collect()
+    assert sorted(unregistered) == sorted((p, 0) for p in ptrs)

@@ -239,6 +239,47 @@ def test_one_block_layout_one_copy_per_expert(torch_path, monkeypatch):
     assert len(copies) - n_one_block == s.misses + s.prefetched  # one more copy per expert
 
 
+def test_pinned_store_registers_exact_sizes(monkeypatch):
+    """Pinned stores register each layer's block with CUDA at its exact size (PyTorch's pinned
+    allocator would round it up to a power of two) and unregister it once no tensor uses the memory
+    (views included). CUDA's registration calls are recorded by a stand-in here; a GPU test pins for real."""
+    import gc
+
+    calls = []
+
+    class Cudart:
+        def cudaHostRegister(self, ptr, size, flags):
+            calls.append(("register", ptr, size))
+            return 0
+
+        def cudaHostUnregister(self, ptr):
+            calls.append(("unregister", ptr))
+            return 0
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    w13, w2 = _weights(3)
+    store = HostExpertStore.from_tensors(w13, w2, pin=True)
+    layer_bytes = E * 3 * I * H * 4
+    assert layer_bytes & (layer_bytes - 1)  # not a power of two: rounding would show
+    assert calls == [("register", store.w13[l].data_ptr(), layer_bytes) for l in range(L)]
+    assert all(torch.equal(store.w13[l], w13[l]) and torch.equal(store.w2[l], w2[l]) for l in range(L))
+    ptr, view = store.w13[0].data_ptr(), store.w2[0][1:3]  # a view that outlives the store
+    del store
+    gc.collect()
+    assert ("unregister", ptr) not in calls and len([c for c in calls if c[0] == "unregister"]) == L - 1
+    del view
+    gc.collect()
+    assert calls[-1] == ("unregister", ptr)
+
+    class Failing(Cudart):
+        def cudaHostRegister(self, ptr, size, flags):
+            return 2  # cudaErrorMemoryAllocation
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Failing())
+    with pytest.raises(RuntimeError, match=r"page-locking [\d.]+ MiB of host memory for experts failed"):
+        HostExpertStore.from_tensors(w13, w2, pin=True)
+
+
 def test_store_builders(tmp_path):
     from safetensors.torch import save_file
 

@@ -83,6 +83,25 @@ def test_worker_stats_are_the_workers_own_model():
     assert vllm_plugin._worker_stats(types.SimpleNamespace()) == prophet_stats()  # no model: all of them
 
 
+def test_loaded_weights_are_the_host_tensors_vllm_filled():
+    """On CUDA vLLM hands process_weights_after_loading a device copy of host parameters: Prophet keeps
+    the host tensors it created (no copy back); a parameter replaced since is copied as it is."""
+    import torch
+
+    from integration.vllm_plugin import _loaded_host_weights
+    from prophet_kernels.store import expert_tensors
+
+    host = expert_tensors(4, 6, 3, torch.float32)
+    for t in host:
+        t.copy_(torch.randn(t.shape))
+    assert all(a is b for a, b in zip(_loaded_host_weights(host, host), host))
+    moved = tuple(t.clone() for t in host)  # what vLLM's device_loading_context passes on CUDA
+    assert all(a is b for a, b in zip(_loaded_host_weights(host, moved), host))
+    replaced = tuple(torch.randn(t.shape) for t in host)
+    got = _loaded_host_weights(host, replaced)
+    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(got, replaced))
+
+
 def test_bench_vllm_compares_each_mode_with_its_own_baseline():
     """bench/bench_vllm.py's arithmetic on made-up rows: the KV gain of a Prophet run is counted
     against the run without Prophet in the same mode (eager or CUDA graphs), and predicted from
