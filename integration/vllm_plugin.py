@@ -27,7 +27,7 @@ Lifecycle per model (all in the worker process):
   process_weights  each layer hands its tensors to the model's host store and drops its
   _after_loading   parameters; after the last layer the device buffer (slots, page table) is
                    allocated, before vLLM's profiling run, so vLLM's memory accounting gives the
-                   difference to the KV cache; each layer's vLLM MoE runner now enters through
+                   difference to the KV cache; each layer's vLLM MoE runner then enters through
                    Prophet's custom op ``prophet::moe_forward`` (vLLM's routing, then ``apply``),
                    one opaque call for torch.compile on the CPU and CUDA builds alike; its output
                    is allocated before it in traced code, so piecewise CUDA graphs split there
