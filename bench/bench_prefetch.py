@@ -52,7 +52,9 @@ def copy_engine(dev, repeats):
     stream with an event wait), the store -> buffer copy made directly (one block; and as the two
     copies of the earlier layout), and the prefetcher: end to end as a reader sees it (`ratio`:
     copy plus the hand-off to the compute stream), its copy alone on the copy stream
-    (`ratio_copy_stream`: the copy engine's rate), and eight back to back (`ratio_x8`)."""
+    (`ratio_copy_stream`: the copy engine's rate), and eight back to back (`ratio_x8`). The plain
+    copies read memory from PyTorch's pinned allocator, the others the store's (page-locked with
+    cudaHostRegister at its exact size): `direct` vs `plain` shows whether that kind matters."""
     from prophet_kernels import ProphetMoE
 
     rows = []
