@@ -342,6 +342,9 @@ def _method_class():
         def process_weights_after_loading(self, layer):
             if self.experts is None:
                 return super().process_weights_after_loading(layer)
+            if self.host_weights is None:
+                raise RuntimeError("Prophet: process_weights_after_loading ran again (weights reloaded into a running "
+                                   "model); the experts are in Prophet's store now and cannot be reloaded in place")
             w13, w2 = _loaded_host_weights(self.host_weights, (layer.w13_weight.data, layer.w2_weight.data))
             self.host_weights = None
             for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters

@@ -187,6 +187,14 @@ def _expert_params(worker):
     return [n for n, _ in worker.model_runner.model.named_parameters() if "w13_weight" in n or "w2_weight" in n]
 
 
+def _reload_experts(worker):  # vLLM's weight-reload step run again on a served model: a clear refusal
+    layer = next(m for m in worker.model_runner.model.modules() if hasattr(getattr(m, "quant_method", None), "experts"))
+    try:
+        layer.quant_method.process_weights_after_loading(layer)
+    except RuntimeError as e:
+        return str(e)
+
+
 @pytest.mark.parametrize("family", list(demo.TINY))
 @pytest.mark.parametrize("buffer, policy, predictor", [
     (0.375, "lru", "same"),  # 3 of 8 experts
@@ -204,6 +212,7 @@ def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, 
         tokens = demo.greedy(llm, ps, MAX_TOKENS)
         (stats,) = prophet_stats(llm)
         assert llm.collective_rpc(_expert_params) == [[]]  # the experts are not model parameters any more
+        assert "cannot be reloaded in place" in llm.collective_rpc(_reload_experts)[0]
     finally:
         del llm
     assert all(len(t) == MAX_TOKENS for t in tokens)
