@@ -147,7 +147,6 @@ class _ModelExperts:
         self.loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.top_k = None
         self.gate_parts = None  # [(router [E, H], MoE-input norm [H]) per layer], from integration.vllm_models
-        self.runners: dict[int, weakref.ref] = {}  # layer -> vLLM's MoE runner, whose entry is Prophet's op
         self.moe = None
         self._last_log = time.monotonic()
 
@@ -236,32 +235,37 @@ MOE_OP = "prophet::moe_forward"
 
 @torch.library.custom_op(MOE_OP, mutates_args=("out",))
 def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, shared_experts_input: torch.Tensor | None,
-                input_ids: torch.Tensor | None, out: torch.Tensor, group: int, layer: int) -> None:
+                input_ids: torch.Tensor | None, out: torch.Tensor, layer_name: str) -> None:
     """One MoE layer: vLLM's routing, then Prophet's experts (``apply``), written into ``out``. Opaque
     to torch.compile, because the host decides residency at every step. ``out`` is allocated by the
     traced code before the op (:func:`_traced_moe_entry`), as vLLM's attention ops take theirs, so
-    that under piecewise CUDA graphs split here the graph after it reads a fixed address."""
-    runner = _GROUPS[group].runners[layer]()
+    that under piecewise CUDA graphs split here the graph after it reads a fixed address. The layer
+    is found by its vLLM name in the running engine's forward context (as vLLM's own op finds it), so
+    a compiled graph that vLLM caches and loads again names no object of an earlier process or engine."""
+    from vllm.forward_context import get_forward_context
+
+    runner = get_forward_context().no_compile_layers[layer_name]
     y = runner._forward_impl(hidden_states, router_logits, shared_experts_input, input_ids)
     if not isinstance(y, torch.Tensor) or y.shape != out.shape:
-        raise RuntimeError(f"Prophet: vLLM's MoE layer returned {type(y).__name__} "
+        raise RuntimeError(f"Prophet: vLLM's MoE layer {layer_name} returned {type(y).__name__} "
                            f"{tuple(getattr(y, 'shape', ()))}, expected one tensor of {tuple(out.shape)}")
     out.copy_(y)
 
 
 @moe_forward.register_fake
-def _(hidden_states, router_logits, shared_experts_input, input_ids, out, group, layer):
+def _(hidden_states, router_logits, shared_experts_input, input_ids, out, layer_name):
     return None
 
 
-def _traced_moe_entry(group: int, layer: int, hidden_states, router_logits, shared_experts_input, input_ids,
-                      layer_name, hidden_dim_unpadded):
-    """Replaces a vLLM MoE runner's ``_forward_entry`` (same arguments) when Prophet runs the layer.
-    vLLM's own entry on CUDA is its opaque op ``vllm::moe_forward``, whose output the op allocates:
-    a graph piece after it would read an address that can change between steps. Here the output is
-    allocated in the traced code and the op is Prophet's, the same on the CPU and CUDA builds."""
+def _traced_moe_entry(name: str, hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
+                      hidden_dim_unpadded):
+    """Replaces a vLLM MoE runner's ``_forward_entry`` (same arguments after ``name``, the runner's
+    layer name) when Prophet runs the layer. vLLM's own entry on CUDA is its opaque op
+    ``vllm::moe_forward``, whose output the op allocates: a graph piece after it would read an
+    address that can change between steps. Here the output is allocated in the traced code and the
+    op is Prophet's, the same on the CPU and CUDA builds."""
     out = torch.empty_like(hidden_states)
-    torch.ops.prophet.moe_forward(hidden_states, router_logits, shared_experts_input, input_ids, out, group, layer)
+    torch.ops.prophet.moe_forward(hidden_states, router_logits, shared_experts_input, input_ids, out, name)
     return out
 
 
@@ -353,8 +357,7 @@ def _method_class():
             if len(runners) != 1:
                 raise RuntimeError(f"Prophet: found {len(runners)} vLLM MoE runners for one MoE layer in the static "
                                    "forward context (expected 1; this vLLM's MoE layout is not supported)")
-            runners[0]._forward_entry = functools.partial(_traced_moe_entry, self.experts.key, self.layer_index)
-            self.experts.runners[self.layer_index] = weakref.ref(runners[0])
+            runners[0]._forward_entry = functools.partial(_traced_moe_entry, runners[0].layer_name)
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
             self.experts.layer_loaded(self.layer_index, w13, w2, device)
