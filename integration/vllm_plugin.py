@@ -269,6 +269,16 @@ def _traced_moe_entry(name: str, hidden_states, router_logits, shared_experts_in
     return out
 
 
+def _record_settings(cfg, settings: ProphetSettings) -> None:
+    """Prophet's resolved settings into vLLM's ``additional_config`` (key ``prophet_resolved``), which
+    vLLM hashes into its compile-cache keys when it first compiles, after the model is built: a run
+    with Prophet turned on by environment variables alone would otherwise load a graph compiled
+    without it (vLLM hashes its own environment variables, not Prophet's)."""
+    extra = getattr(cfg, "additional_config", None)
+    if isinstance(extra, dict):
+        extra["prophet_resolved"] = dataclasses.asdict(settings)
+
+
 def _loaded_host_weights(host: tuple[torch.Tensor, torch.Tensor], params: tuple[torch.Tensor, torch.Tensor]):
     """The layer's experts in host memory once vLLM has loaded them: ``host``, the tensors
     ``create_weights`` gave the parameters, which vLLM's loader filled. On CUDA, vLLM runs
@@ -316,6 +326,7 @@ def _method_class():
                                  "the model with compilation_config=integration.vllm_plugin."
                                  "piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
                                  f"'{MOE_OP}' among vLLM's splitting ops)")
+            _record_settings(cfg, self.prophet)
             # vLLM registers each MoE layer's runner here by name; process_weights_after_loading finds it
             self.forward_context = cfg.compilation_config.static_forward_context if cfg is not None else {}
             building = _BUILDING[0]

@@ -337,6 +337,27 @@ def test_unknown_policy_fails_at_startup(checkpoints):
     assert "unknown Prophet policy 'fifo'" in msg
 
 
+def test_enabled_by_environment(checkpoints, baseline, monkeypatch):
+    """PROPHET=1 and PROPHET_<KEY> alone turn Prophet on (tokens identical, misses); the resolved
+    settings land in vLLM's additional_config, so vLLM's compile-cache key differs from a run without."""
+    ps, base = baseline
+    monkeypatch.setenv("PROPHET", "1")
+    monkeypatch.setenv("PROPHET_BUFFER", "0.5")
+    llm = demo.make_llm(checkpoints["olmoe"], None)
+    try:
+        cfg = llm.llm_engine.vllm_config
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == base["olmoe"] and stats["total"]["misses"] > 0 and stats["slots"] == 16
+    resolved = cfg.additional_config["prophet_resolved"]
+    assert resolved["enabled"] and resolved["buffer"] == 0.5
+    with_prophet = cfg.compute_hash()
+    del cfg.additional_config["prophet_resolved"]
+    assert cfg.compute_hash() != with_prophet
+
+
 def test_off_without_settings(checkpoints, baseline):
     """Installed but not enabled: vLLM's own method runs (experts stay parameters)."""
     assert "PROPHET" not in os.environ
