@@ -221,7 +221,9 @@ def _prophet_step(moe, steps, xs):
 
 def _schedule(steps) -> list[list[int]]:
     """The unique experts of every layer call of `steps`, for the oracle predictor."""
-    return [torch.unique(ids).tolist() for st in steps for ids, _ in st]
+    from prophet_kernels.layer import unique_experts
+
+    return [unique_experts(ids) for st in steps for ids, _ in st]
 
 
 def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12, stub_experts=False, passes=5):

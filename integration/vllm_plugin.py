@@ -326,7 +326,6 @@ def _method_class():
                                  "the model with compilation_config=integration.vllm_plugin."
                                  "piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
                                  f"'{MOE_OP}' among vLLM's splitting ops)")
-            _record_settings(cfg, self.prophet)
             # vLLM registers each MoE layer's runner here by name; process_weights_after_loading finds it
             self.forward_context = cfg.compilation_config.static_forward_context if cfg is not None else {}
             building = _BUILDING[0]
@@ -334,6 +333,7 @@ def _method_class():
             if building is None or building.moe is not None or building.config_id != cfg_id:
                 max_tokens = cfg.scheduler_config.max_num_batched_tokens if cfg is not None else 8192
                 building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id)
+                _record_settings(cfg, self.prophet)  # once per model
             self.experts = building
             self.layer_index = building.add_layer(moe.experts_per_token)
 
