@@ -61,6 +61,7 @@ def vllm_env(cache_dir: str) -> None:
     for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TORCHINDUCTOR_CACHE_DIR", "inductor"),
                      ("VLLM_RPC_BASE_PATH", "rpc")):
         os.environ.setdefault(var, str(Path(cache_dir) / sub))
+        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)  # vLLM binds its IPC sockets there
 
 
 def make_llm(model: str, prophet: dict | None, **llm_kwargs):

@@ -35,7 +35,10 @@ Lifecycle per model (all in the worker process):
   apply            routes into ProphetMoE.forward (Triton paged kernels on CUDA, PyTorch on the
                    CPU build)
 Stats: logged every ``log_every_s`` and at exit; :func:`prophet_stats` returns them (pass the
-``LLM`` to fetch them from its worker processes).
+``LLM`` to fetch them from its worker processes: ``register`` gives vLLM's workers a
+``prophet_stats`` method, which ``LLM.collective_rpc`` calls by name). `vllm serve` kills its
+workers at shutdown unless given ``--shutdown-timeout N`` (vLLM's default 0), so there the
+at-exit line needs that flag; the periodic one does not.
 """
 
 from __future__ import annotations
@@ -416,9 +419,14 @@ def register() -> None:
         return
     from vllm import ModelRegistry
     from vllm.model_executor.custom_op import CustomOp, op_registry_oot
+    from vllm.v1.worker.worker_base import WorkerBase
 
     if "UnquantizedFusedMoEMethod" not in op_registry_oot:
         CustomOp.register_oot(_method_class(), name="UnquantizedFusedMoEMethod")
+    # a worker method, so that `prophet_stats(llm)` asks by name: vLLM's engine client refuses to
+    # send a function to an engine in another process (its default) unless insecure serialization is on
+    if not hasattr(WorkerBase, WORKER_STATS):
+        setattr(WorkerBase, WORKER_STATS, _worker_stats)
     for arch, cls in GATE_MODELS.items():  # lazily imported: no CUDA initialisation here
         ModelRegistry.register_model(arch, f"integration.vllm_models:{cls}")
     _REGISTERED = True
@@ -427,6 +435,9 @@ def register() -> None:
 def _local_stats(keys=None) -> list[dict]:
     return [{"model": g.key, "num_layers": g.num_layers, **(g.stats() or {})} for g in list(_GROUPS.values())
             if g.moe is not None and (keys is None or g.key in keys)]
+
+
+WORKER_STATS = "prophet_stats"  # the method register() gives vLLM's workers
 
 
 def _worker_stats(worker) -> list[dict]:  # runs in each vLLM worker (collective_rpc)
@@ -445,7 +456,12 @@ def prophet_stats(llm=None) -> list[dict]:
     evictions, bytes host-to-device, stall seconds). With ``llm`` (a ``vllm.LLM``), asks its workers."""
     if llm is None:
         return _local_stats()
-    return [s for worker in llm.collective_rpc(_worker_stats) for s in worker]
+    try:
+        per_worker = llm.collective_rpc(WORKER_STATS)
+    except NotImplementedError as e:  # vLLM's answer when a worker has no such method
+        raise RuntimeError("vLLM's workers do not have Prophet's plugin loaded (is VLLM_PLUGINS set without "
+                           "'prophet'?), so they cannot report Prophet's stats") from e
+    return [s for worker in per_worker for s in worker]
 
 
 @atexit.register
@@ -458,3 +474,4 @@ def _log_at_exit() -> None:
                 logger.info("Prophet stats at exit (model %d): %s", g.key, g.moe.stats)
     finally:
         logging.raiseExceptions = raising
+

@@ -83,6 +83,18 @@ def test_worker_stats_are_the_workers_own_model():
     assert vllm_plugin._worker_stats(types.SimpleNamespace()) == prophet_stats()  # no model: all of them
 
 
+def test_stats_without_the_plugin_in_the_workers_says_so():
+    from integration import vllm_plugin
+
+    class NoMethod:  # what vLLM's executor raises for a method its workers do not have
+        def collective_rpc(self, method):
+            assert method == vllm_plugin.WORKER_STATS
+            raise NotImplementedError(f"Method {method!r} is not implemented.")
+
+    with pytest.raises(RuntimeError, match="do not have Prophet's plugin loaded"):
+        prophet_stats(NoMethod())
+
+
 def test_loaded_weights_are_the_host_tensors_vllm_filled():
     """On CUDA vLLM hands process_weights_after_loading a device copy of host parameters: Prophet keeps
     the host tensors it created (no copy back); a parameter replaced since is copied as it is."""
@@ -356,6 +368,27 @@ def test_enabled_by_environment(checkpoints, baseline, monkeypatch):
     with_prophet = cfg.compute_hash()
     del cfg.additional_config["prophet_resolved"]
     assert cfg.compute_hash() != with_prophet
+
+
+def test_engine_in_its_own_process(checkpoints, baseline, monkeypatch):
+    """vLLM's default (and `vllm serve`'s): the engine and its worker in other processes, Prophet turned
+    on by the environment they inherit. Tokens identical, and `prophet_stats(llm)` reaches the worker
+    (vLLM's client refuses to send it a function unless insecure serialization is allowed)."""
+    ps, base = baseline
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
+    monkeypatch.setenv("PROPHET", "1")
+    monkeypatch.setenv("PROPHET_BUFFER", "0.375")
+    llm = demo.make_llm(checkpoints["mixtral"], None)
+    try:
+        assert type(llm.llm_engine.engine_core).__name__ == "SyncMPClient"  # the engine is in another process
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    assert tokens == base["mixtral"]
+    assert stats["slots"] == 12 and stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
 
 def test_off_without_settings(checkpoints, baseline):
