@@ -1,31 +1,43 @@
-"""vLLM's OLMoE and Mixtral with one addition for Prophet: after loading, they hand their routers and
-MoE-input norms to the model's Prophet experts, so that the gate-lookahead predictor (layer l+d's
-router on layer l's MoE input) can run inside vLLM. Registered (lazily, by name) by
-``integration.vllm_plugin.register``; without Prophet they are vLLM's classes unchanged."""
+"""vLLM's OLMoE and Mixtral with two additions for Prophet, after loading: they refuse to be served
+without Prophet when it is on (their MoE layers did not run vLLM's unquantized method: quantized
+experts), and hand their routers and MoE-input norms to the model's Prophet experts, so that the
+gate-lookahead predictor (layer l+d's router on layer l's MoE input) can run inside vLLM.
+Registered (lazily, by name) by ``integration.vllm_plugin.register``; without Prophet they are
+vLLM's classes unchanged."""
 
 from __future__ import annotations
 
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 
-from integration.vllm_plugin import offer_gate_parts
+from integration.vllm_plugin import offer_gate_parts, require_prophet_experts
 
 
-def _offer_routers(model, moe: str) -> None:
-    """Each decoder layer's router (``layer.<moe>.gate``) and MoE-input norm, to Prophet."""
+def _after_loading(model, moe: str) -> None:
+    """Refuses a model whose MoE layers Prophet did not take although it is on (quantized experts),
+    then hands each decoder layer's router (``layer.<moe>.gate``) and MoE-input norm to Prophet."""
+    require_prophet_experts(model, model.prophet_vllm_config)
     offer_gate_parts([(getattr(layer, moe).gate.weight, layer.post_attention_layernorm.weight)
                       for layer in model.model.layers])
 
 
 class ProphetOlmoeForCausalLM(OlmoeForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.prophet_vllm_config = vllm_config
+
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
-        _offer_routers(self, "mlp")
+        _after_loading(self, "mlp")
         return loaded
 
 
 class ProphetMixtralForCausalLM(MixtralForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.prophet_vllm_config = vllm_config
+
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
-        _offer_routers(self, "block_sparse_moe")
+        _after_loading(self, "block_sparse_moe")
         return loaded

@@ -442,6 +442,22 @@ def _local_stats(keys=None) -> list[dict]:
 WORKER_STATS = "prophet_stats"  # the method register() gives vLLM's workers
 
 
+def model_groups(model: torch.nn.Module) -> set[int]:
+    """The keys of the Prophet expert groups whose MoE layers are in `model`."""
+    return {m.quant_method.experts.key for m in model.modules()
+            if isinstance(getattr(getattr(m, "quant_method", None), "experts", None), _ModelExperts)}
+
+
+def require_prophet_experts(model: torch.nn.Module, vllm_config) -> None:
+    """After loading: with Prophet on, refuse a model none of whose MoE layers it took, which happens
+    when they do not run vLLM's unquantized MoE method (quantized experts); else the model would be
+    served all-resident, as if Prophet were off, without a word."""
+    if ProphetSettings.resolve(vllm_config.additional_config).enabled and not model_groups(model):
+        quant = getattr(vllm_config.model_config, "quantization", None)
+        raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized MoE method "
+                         f"(quantization: {quant}); Prophet serves unquantized experts (bf16, fp16, fp32) only")
+
+
 def _worker_stats(worker) -> list[dict]:  # runs in each vLLM worker (collective_rpc)
     """The stats of the model this worker serves. A process can hold the Prophet experts of an
     earlier engine that is not collected yet (seen with vLLM 0.26 in one process), so the worker's
@@ -449,8 +465,7 @@ def _worker_stats(worker) -> list[dict]:  # runs in each vLLM worker (collective
     model = getattr(getattr(worker, "model_runner", None), "model", None)
     if not isinstance(model, torch.nn.Module):
         return _local_stats()
-    return _local_stats({m.quant_method.experts.key for m in model.modules()
-                         if isinstance(getattr(getattr(m, "quant_method", None), "experts", None), _ModelExperts)})
+    return _local_stats(model_groups(model))
 
 
 def prophet_stats(llm=None) -> list[dict]:

