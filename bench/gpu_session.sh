@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one script (METHOD.md: batch the runs, bring results back under $OUT).
 #   bench/gpu_session.sh kernels    GPU tests, retune the decode configs, bench_moe at T <= 64
-#   bench/gpu_session.sh prefetch   ProphetMoE on the device vs all-resident and the pinned store (tests),
+#   bench/gpu_session.sh prefetch   ProphetMoE on the device vs all-resident, the pinned store, transformers (tests),
 #                                   bench_prefetch (a)-(d), compute-sanitizer on a short (c)
 #   bench/gpu_session.sh vllm       bench_vllm (vLLM 0.26 carried in first: ../shared/tools/gpu-vllm/README.md,
 #                                   the c1, c2 calls, then this stage in the c3 call; installs it itself)
@@ -24,7 +24,8 @@ kernels)
   timeout 150 $PY bench/bench_moe.py --T 1 4 16 64 --no-reference --out-dir "$OUT" 2>&1 | tail -14
   ;;
 prefetch)
-  timeout 120 $PY -m pytest -q tests/test_layer.py tests/test_gpu.py -k "device_run or pinned_store" 2>&1 | tail -3 \
+  timeout 150 $PY -m pytest -q tests/test_layer.py tests/test_gpu.py tests/test_transformers_experts.py \
+    -k "device_run or pinned_store or on_the_gpu" 2>&1 | tail -3 \
     | tee "$OUT/test_layer_device.txt"
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
   for tool in memcheck racecheck; do

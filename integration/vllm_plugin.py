@@ -112,11 +112,12 @@ class ProphetSettings:
             raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
 
     def validated(self) -> "ProphetSettings":
-        from prophet_kernels.buffer import POLICIES
+        from prophet_kernels.buffer import POLICIES, check_buffer
 
-        if not self.buffer > 0 or (self.buffer > 1 and self.buffer != int(self.buffer)):
-            raise ValueError(f"Prophet buffer={self.buffer}: give a fraction of the experts in (0, 1] or a whole "
-                             "number of slots")
+        try:
+            check_buffer(self.buffer)
+        except ValueError as e:
+            raise ValueError(f"Prophet {e}") from None
         if self.policy not in POLICIES:
             raise ValueError(f"unknown Prophet policy {self.policy!r}; known: {', '.join(POLICIES)}")
         if self.predictor not in RUNTIME_PREDICTORS:
@@ -133,9 +134,9 @@ class ProphetSettings:
         return self
 
     def num_slots(self, num_layers: int, num_experts: int) -> int:
-        if self.buffer <= 1:
-            return max(1, int(self.buffer * num_layers * num_experts))
-        return int(self.buffer)
+        from prophet_kernels.buffer import slots_for
+
+        return slots_for(self.buffer, num_layers, num_experts)
 
 
 class _ModelExperts:

@@ -294,6 +294,19 @@ class _Unpinned:
         return self.pins[slot] == 0
 
 
+def check_buffer(buffer: float) -> float:
+    """A buffer size: a fraction of all routed experts in (0, 1], or a whole number of slots > 1."""
+    if not buffer > 0 or (buffer > 1 and buffer != int(buffer)):
+        raise ValueError(f"buffer={buffer}: give a fraction of the experts in (0, 1] or a whole number of slots")
+    return buffer
+
+
+def slots_for(buffer: float, num_layers: int, num_experts: int) -> int:
+    """Slots of a buffer given as a fraction of all routed experts in (0, 1], or as a slot count > 1."""
+    check_buffer(buffer)
+    return max(1, int(buffer * num_layers * num_experts)) if buffer <= 1 else int(buffer)
+
+
 class SlotTable:
     """Residency decisions for S slots serving L layers x E experts: owners, pins, eviction."""
 

@@ -79,6 +79,16 @@ def host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool) -> tuple[torch.Ten
     return w13.to("cpu").contiguous(), w2.to("cpu").contiguous()
 
 
+def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The submodules holding one MoE layer's routed experts as fused 3-D ``gate_up_proj`` [E, 2I, H]
+    and ``down_proj`` [E, H, I] tensors (transformers 5.x experts), in module (= layer) order."""
+    found = [m for m in model.modules() if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
+             and isinstance(getattr(m, "down_proj", None), torch.Tensor) and m.gate_up_proj.dim() == 3]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no submodule with 3-D gate_up_proj and down_proj experts")
+    return found
+
+
 class HostExpertStore:
     """All experts in host memory, one (w13, w2) tensor pair per MoE layer."""
 
@@ -142,12 +152,7 @@ class HostExpertStore:
     def from_module(cls, model: torch.nn.Module, pin: bool | None = None) -> "HostExpertStore":
         """From every submodule with fused ``gate_up_proj`` and ``down_proj`` parameters
         (transformers 5.x experts), in module order."""
-        pairs = [(m.gate_up_proj, m.down_proj) for m in model.modules()
-                 if isinstance(getattr(m, "gate_up_proj", None), torch.Tensor)
-                 and isinstance(getattr(m, "down_proj", None), torch.Tensor)]
-        if not pairs:
-            raise ValueError(f"{type(model).__name__} has no submodule with gate_up_proj and down_proj parameters")
-        return cls.from_parameters(pairs, pin)
+        return cls.from_parameters([(m.gate_up_proj, m.down_proj) for m in expert_modules(model)], pin)
 
     @classmethod
     def from_safetensors(cls, paths: str | Path | Sequence[str | Path], pin: bool | None = None,

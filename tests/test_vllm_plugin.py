@@ -11,6 +11,7 @@ import pytest
 from integration.vllm_plugin import ProphetSettings, prophet_stats
 
 MAX_TOKENS = 24
+pytestmark = pytest.mark.usefixtures("torch_path")  # conftest: the CPU build of vLLM has no Triton
 
 
 # ------------------------------------------------------------------ settings (no engine needed)
@@ -177,15 +178,6 @@ def test_bench_vllm_compares_each_mode_with_its_own_baseline():
 
 vllm = pytest.importorskip("vllm")
 from integration import demo  # noqa: E402
-
-
-@pytest.fixture(scope="module", autouse=True)
-def torch_path():
-    """The CPU build of vLLM has no Triton: ProphetMoE takes its PyTorch path there (conftest turns
-    on the Triton interpreter for the kernel tests; the interpreter would take ~25 s per engine)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("TRITON_INTERPRET", "0")
-        yield
 
 
 @pytest.fixture(scope="module")

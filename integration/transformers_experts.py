@@ -1,0 +1,100 @@
+"""Prophet as a transformers experts implementation (transformers 5's ``ExpertsInterface``): the
+routed experts of a transformers OLMoE or Mixtral model move into Prophet's (pinned) host store,
+and each MoE block's experts call runs through one ``ProphetMoE`` (the same orchestration the vLLM
+plugin uses) with a paged expert buffer on the device.
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)   # loaded on the host
+    moe = enable_prophet(model, buffer=0.5, predictor="gate")                  # experts -> host store
+    model.to("cuda")                      # the rest of the model; the experts stay on the host
+    model.generate(...)
+    print(moe.stats)
+
+The experts leave the model's parameters (one layer at a time, so the host never holds them
+twice); save the model from its original checkpoint, not from this one. Router, attention and the
+generation loop are transformers' own: only the experts' weighted sum is Prophet's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from prophet_kernels import HostExpertStore, ProphetMoE
+from prophet_kernels.buffer import SlotTable, slots_for
+from prophet_kernels.planner.memory import max_unique_experts
+from prophet_kernels.store import expert_modules
+
+NAME = "prophet"  # the experts_implementation name
+PREDICTORS = ("none", "same", "gate")
+
+
+def prophet_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The experts call of one MoE block (transformers' signature: [T, H], [T, k], [T, k] -> [T, H])."""
+    moe, layer = experts.prophet
+    return moe.forward(layer, hidden_states, top_k_weights, top_k_index.to(torch.int64))
+
+
+def _register() -> None:
+    from transformers.integrations.moe import ExpertsInterface
+
+    ExpertsInterface.register(NAME, prophet_experts_forward)
+
+
+def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-use", predictor: str = "none",
+                   prefetch_depth: int = 1, prefetch_budget: int | None = 1,
+                   max_batch_tokens: int | None = None) -> ProphetMoE:
+    """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
+
+    buffer: fraction of all routed experts in (0, 1], or a slot count > 1. device: the expert
+    buffer's (default cuda when present, else cpu; the rest of the model follows with
+    ``model.to(device)``). predictor: none, same (this layer's experts), gate (the next layers'
+    routers on this layer's MoE input). prefetch_budget: most experts one layer call may prefetch
+    (None: no limit). max_batch_tokens: the most tokens one forward carries; the buffer must hold
+    the unique experts one layer can need then (default: any batch, so all E of a layer)."""
+    if predictor not in PREDICTORS:
+        raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join(PREDICTORS)}")
+    if any(hasattr(m, "prophet") for m in model.modules()):
+        raise ValueError("Prophet is already enabled on this model")
+    modules = expert_modules(model)
+    act = str(getattr(model.config, "hidden_act", None))
+    for m in modules:
+        problems = [p for p, bad in (("a bias", getattr(m, "has_bias", False)),
+                                     ("no gate", not getattr(m, "has_gate", True)),
+                                     ("transposed weights", getattr(m, "is_transposed", False)),
+                                     ("interleaved gate/up weights", not getattr(m, "is_concatenated", True)),
+                                     (f"activation {act}", act not in ("silu", "swish"))) if bad]
+        if problems:
+            raise ValueError(f"Prophet supports SiLU-gated experts without bias with [gate; up] weights "
+                             f"(OLMoE, Mixtral); {type(m).__name__} has {', '.join(problems)}")
+    top_k = int(getattr(model.config, "num_experts_per_tok"))
+    L, E = len(modules), modules[0].gate_up_proj.shape[0]
+    slots = slots_for(buffer, L, E)
+    # what can be refused is refused before the experts leave the model: buffer size, policy
+    SlotTable(L, E, slots, policy, max_unique_experts(E, top_k, max_batch_tokens or 2**31))
+    if predictor == "gate":  # the routers stay the model's
+        from prophet_kernels.predictors import GateLookaheadPredictor
+        from prophet_kernels.traces.recorder import gate_lookahead_parts
+
+        gates, norms, _ = gate_lookahead_parts(model)
+        predictor = GateLookaheadPredictor(gates, norms, top_k)
+
+    def release(layer: int) -> None:  # the layer is in the store: drop the model's copy
+        del modules[layer].gate_up_proj, modules[layer].down_proj
+
+    # a generator: each layer's parameters are dropped once copied, so the host holds one layer twice at most
+    store = HostExpertStore.from_parameters(((m.gate_up_proj.data, m.down_proj.data) for m in modules),
+                                            release=release)
+    try:
+        moe = ProphetMoE(store, slots, device=device, policy=policy,
+                         predictor=None if predictor == "none" else predictor, prefetch_depth=prefetch_depth,
+                         prefetch_budget_bytes=None if prefetch_budget is None else prefetch_budget * store.expert_bytes,
+                         top_k=top_k, max_batch_tokens=max_batch_tokens or 2**31)
+    except BaseException:  # e.g. out of device memory: the experts go back to the model (host copies)
+        for m, w13, w2 in zip(modules, store.w13, store.w2):
+            m.gate_up_proj, m.down_proj = torch.nn.Parameter(w13, False), torch.nn.Parameter(w2, False)
+        raise
+    for layer, m in enumerate(modules):
+        m.prophet = (moe, layer)
+    _register()
+    model.set_experts_implementation(NAME)
+    return moe

@@ -1,0 +1,105 @@
+"""Prophet as a transformers experts implementation: tiny random-init OLMoE and Mixtral models
+generate the same greedy tokens (and nearly the same logits, fp32) with their experts in Prophet's
+host store and a buffer smaller than the experts as with transformers' own experts; misses and
+evictions happen; the experts leave the model; bad settings are refused before anything moves."""
+
+import pytest
+import torch
+
+from integration import demo
+from integration.transformers_experts import enable_prophet
+
+NEW_TOKENS = 16
+pytestmark = pytest.mark.usefixtures("torch_path")  # conftest: ProphetMoE's PyTorch path on the CPU
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prophet-hf")
+    return {f: demo.make_tiny_checkpoint(f, root / f, seed=2) for f in demo.TINY}
+
+
+def _load(path):
+    import transformers
+
+    return transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _generate(model, prompts):
+    """Greedy tokens and the first step's logits for a batch of equal-length prompts."""
+    ids = torch.tensor(prompts)
+    with torch.no_grad():
+        logits = model(ids).logits[:, -1]
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+                             pad_token_id=0)
+    return out[:, ids.shape[1]:].tolist(), logits
+
+
+@pytest.mark.parametrize("family", list(demo.TINY))
+@pytest.mark.parametrize("buffer, policy, predictor", [(0.375, "lru", "none"), (0.5, "next-use", "gate"),
+                                                      (9, "cyclic", "same")])
+def test_tokens_identical_with_prophet_experts(checkpoints, family, buffer, policy, predictor):
+    prompts = [p[:12] for p in demo.prompts(4, length=12)]
+    ref_model = _load(checkpoints[family])
+    want, want_logits = _generate(ref_model, prompts)
+
+    model = _load(checkpoints[family])
+    moe = enable_prophet(model, buffer=buffer, device="cpu", policy=policy, predictor=predictor)
+    assert not [n for n, _ in model.named_parameters() if "gate_up_proj" in n or "down_proj" in n]
+    assert moe.buffer.num_slots == (int(buffer * 4 * 8) if buffer <= 1 else buffer) < 4 * 8
+    got, got_logits = _generate(model, prompts)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)  # summation order differs
+    st = moe.stats
+    assert st.misses > 0 and st.evictions > 0  # (LRU at 3/8 of the experts cycles with no hits: 4 prompts need ~7 of 8 per layer)
+    if predictor != "none":
+        assert st.prefetched > 0
+
+
+def test_refused_before_the_experts_move(checkpoints):
+    model = _load(checkpoints["olmoe"])
+    before = {n: p.clone() for n, p in model.named_parameters() if "gate_up_proj" in n or "down_proj" in n}
+    # the last one is refused by ProphetMoE itself, after the experts moved: they are put back
+    for kwargs, match in [({"buffer": 7}, "need at least 8 slots"),  # a prefill can need all 8 of a layer
+                          ({"buffer": 0.0}, "fraction of the experts"),
+                          ({"buffer": 2.5}, "whole number of slots"),
+                          ({"policy": "fifo"}, "fifo"),
+                          ({"predictor": "oracle"}, "unknown predictor"),
+                          ({"prefetch_depth": -1}, "prefetch_depth")]:
+        with pytest.raises(ValueError, match=match):
+            enable_prophet(model, device="cpu", **kwargs)
+        after = {n: p for n, p in model.named_parameters() if "gate_up_proj" in n or "down_proj" in n}
+        assert after.keys() == before.keys() and all(torch.equal(after[n], before[n]) for n in before), kwargs
+    enable_prophet(model, buffer=8, device="cpu", max_batch_tokens=1)  # decode only: one token's 2 experts
+    with pytest.raises(ValueError, match="already enabled"):
+        enable_prophet(model, device="cpu")
+
+
+def test_not_silu_gated_is_refused():
+    import transformers
+
+    cfg = transformers.OlmoeConfig(**demo.TINY["olmoe"], hidden_act="gelu")
+    model = transformers.OlmoeForCausalLM(cfg)
+    with pytest.raises(ValueError, match="SiLU-gated .* activation gelu"):
+        enable_prophet(model, device="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_on_the_gpu(checkpoints):
+    """bf16 on CUDA: the Triton paged kernels and the copy stream, the store pinned, no expert on the
+    device but the buffer; logits within bf16 rounding of transformers' own experts."""
+    ids = torch.tensor([p[:12] for p in demo.prompts(4, length=12)], device="cuda")
+    ref = _load(checkpoints["olmoe"]).to("cuda", torch.bfloat16)
+    with torch.no_grad():
+        want = ref(ids).logits[:, -1].float()
+    del ref
+    model = _load(checkpoints["olmoe"]).to(torch.bfloat16)
+    moe = enable_prophet(model, buffer=0.375, device="cuda", predictor="gate")
+    model.to("cuda")
+    assert moe.store.pinned and not [n for n, _ in model.named_parameters() if "gate_up_proj" in n]
+    with torch.no_grad():
+        got = model(ids).logits[:, -1].float()
+        model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False, pad_token_id=0)
+    torch.cuda.synchronize()
+    assert ((got - want).norm() / want.norm()).item() < 2e-2
+    assert moe.stats.misses > 0
