@@ -492,4 +492,3 @@ def _log_at_exit() -> None:
                 logger.info("Prophet stats at exit (model %d): %s", g.key, g.moe.stats)
     finally:
         logging.raiseExceptions = raising
-
