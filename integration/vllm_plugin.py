@@ -38,7 +38,8 @@ Stats: logged every ``log_every_s`` and at exit; :func:`prophet_stats` returns t
 ``LLM`` to fetch them from its worker processes: ``register`` gives vLLM's workers a
 ``prophet_stats`` method, which ``LLM.collective_rpc`` calls by name). `vllm serve` kills its
 workers at shutdown unless given ``--shutdown-timeout N`` (vLLM's default 0), so there the
-at-exit line needs that flag; the periodic one does not.
+at-exit line needs that flag; the periodic one does not. A `vllm serve` started with
+``VLLM_SERVER_DEV_MODE=1`` returns them on ``POST /collective_rpc {"method": "prophet_stats"}``.
 """
 
 from __future__ import annotations
