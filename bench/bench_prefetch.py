@@ -238,13 +238,14 @@ def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12, 
     the orchestration's own host work (route, residency, copies issued, page-table row, events)."""
     import prophet_kernels.layer as layer_mod
     from prophet_kernels import OraclePredictor, ProphetMoE
+    from prophet_kernels.buffer import slots_for
 
     L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
     steps_r = _routings(tr, warmup + steps, 1, L, E, k, dev)
     xs = [torch.randn(1, H, dtype=store.dtype, device=dev) for _ in range(L)]
 
     def prophet(frac, predictor, policy, budget):
-        moe = ProphetMoE(store, max(int(frac * E * L), 2 * k), device=dev, policy=policy, predictor=predictor,
+        moe = ProphetMoE(store, max(slots_for(frac, L, E), 2 * k), device=dev, policy=policy, predictor=predictor,
                          prefetch_budget_bytes=None if budget is None else budget * store.expert_bytes)
         return _prophet_step(moe, steps_r, xs)
 
@@ -337,6 +338,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
     all experts resident (fused_experts: eager with and without its id check, and on CUDA the step
     as one CUDA graph). The first `warmup` steps fill the buffer and are not timed."""
     from prophet_kernels import OraclePredictor, ProphetMoE
+    from prophet_kernels.buffer import slots_for
 
     L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
     dtype = store.dtype
@@ -372,7 +374,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
         schedule = _schedule(steps)
         for policy in policies:
             for frac in fracs:
-                slots = max(int(frac * E * L), min(E, k * T) * 2)
+                slots = max(slots_for(frac, L, E), min(E, k * T) * 2)
                 moe = ProphetMoE(store, slots, device=dev, policy=policy, predictor=OraclePredictor(schedule),
                                  prefetch_budget_bytes=budget)
                 prophet = _prophet_step(moe, steps, xs)

@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import write_rows  # noqa: E402
-from prophet_kernels.buffer import SlotTable  # noqa: E402
+from prophet_kernels.buffer import SlotTable, slots_for  # noqa: E402
 from prophet_kernels.predictors import TraceHidden, fit_predictor  # noqa: E402
 from prophet_kernels.provenance import git_commit, utc_now  # noqa: E402
 from prophet_kernels.residency import ExpertResidency  # noqa: E402
@@ -51,7 +51,7 @@ def main(argv=None):
         times = []
         for _ in range(args.repeats):
             predictor = None if pred == "none" else fit_predictor(pred, tr, tr)
-            res = ExpertResidency(SlotTable(L, E, int(args.capacity * L * E), policy), 1, predictor, 1, None)
+            res = ExpertResidency(SlotTable(L, E, slots_for(args.capacity, L, E), policy), 1, predictor, 1, None)
             hidden = None
             t0 = time.perf_counter()
             for t in range(steps):

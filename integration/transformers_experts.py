@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from prophet_kernels import HostExpertStore, ProphetMoE
-from prophet_kernels.buffer import SlotTable, slots_for
+from prophet_kernels.buffer import SlotTable, check_buffer, slots_for
 from prophet_kernels.planner.memory import max_unique_experts
 from prophet_kernels.store import expert_modules
 
@@ -68,7 +68,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
                              f"(OLMoE, Mixtral); {type(m).__name__} has {', '.join(problems)}")
     top_k = int(getattr(model.config, "num_experts_per_tok"))
     L, E = len(modules), modules[0].gate_up_proj.shape[0]
-    slots = slots_for(buffer, L, E)
+    slots = slots_for(check_buffer(buffer), L, E)
     # what can be refused is refused before the experts leave the model: buffer size, policy
     SlotTable(L, E, slots, policy, max_unique_experts(E, top_k, max_batch_tokens or 2**31))
     if predictor == "gate":  # the routers stay the model's

@@ -302,8 +302,10 @@ def check_buffer(buffer: float) -> float:
 
 
 def slots_for(buffer: float, num_layers: int, num_experts: int) -> int:
-    """Slots of a buffer given as a fraction of all routed experts in (0, 1], or as a slot count > 1."""
-    check_buffer(buffer)
+    """Slots of a buffer given as a fraction of all routed experts in (0, 1] (rounded down, at least
+    one), or as a slot count > 1 (its whole part; :func:`check_buffer` refuses a fractional one)."""
+    if not buffer > 0:
+        raise ValueError(f"buffer={buffer}: give a fraction of the experts in (0, 1] or a whole number of slots")
     return max(1, int(buffer * num_layers * num_experts)) if buffer <= 1 else int(buffer)
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .buffer import BeladyPolicy, SlotTable
+from .buffer import BeladyPolicy, SlotTable, slots_for
 from .predictors import OraclePredictor, Predictor, TraceHidden
 from .residency import ExpertResidency
 
@@ -52,13 +52,6 @@ def layer_seconds(model: str, batch: int) -> float:
             f = math.log(batch / b0) / math.log(b1 / b0)
             return (t0 + f * (t1 - t0)) * 1e-6
     raise AssertionError
-
-
-def capacity_slots(capacity: float, num_layers: int, num_experts: int) -> int:
-    """A capacity given as a fraction of all experts (0 < c <= 1) or as a slot count (c > 1)."""
-    if capacity <= 0:
-        raise ValueError(f"capacity must be > 0, got {capacity}")
-    return int(capacity) if capacity > 1 else max(1, round(capacity * num_layers * num_experts))
 
 
 def lanes(trace, batch: int) -> np.ndarray:
@@ -176,7 +169,7 @@ def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor |
     grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
     schedule = call_schedule(trace, grid)
-    slots = capacity_slots(capacity, L, E)
+    slots = slots_for(capacity, L, E)  # the slots ProphetMoE and the vLLM plugin build for it
 
     clock = [0]  # the current layer call, for Belady's next use
     if policy == "belady":
