@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import torch
 
+from integration.settings import ProphetSettings
 from prophet_kernels import HostExpertStore, ProphetMoE
-from prophet_kernels.buffer import SlotTable, check_buffer, slots_for
+from prophet_kernels.buffer import SlotTable
 from prophet_kernels.planner.memory import max_unique_experts
 from prophet_kernels.store import expert_modules
 
 NAME = "prophet"  # the experts_implementation name
-PREDICTORS = ("none", "same", "gate")
 
 
 def prophet_experts_forward(experts, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -41,18 +41,20 @@ def _register() -> None:
 
 
 def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-use", predictor: str = "none",
-                   prefetch_depth: int = 1, prefetch_budget: int | None = 1,
+                   prefetch_depth: int = 1, prefetch_budget: int | None = 1, predictor_path: str = "",
                    max_batch_tokens: int | None = None) -> ProphetMoE:
     """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
 
-    buffer: fraction of all routed experts in (0, 1], or a slot count > 1. device: the expert
-    buffer's (default cuda when present, else cpu; the rest of the model follows with
-    ``model.to(device)``). predictor: none, same (this layer's experts), gate (the next layers'
-    routers on this layer's MoE input). prefetch_budget: most experts one layer call may prefetch
-    (None: no limit). max_batch_tokens: the most tokens one forward carries; the buffer must hold
-    the unique experts one layer can need then (default: any batch, so all E of a layer)."""
-    if predictor not in PREDICTORS:
-        raise ValueError(f"unknown predictor {predictor!r}; known: {', '.join(PREDICTORS)}")
+    The settings are the vLLM plugin's (``integration.settings.ProphetSettings``): buffer (fraction
+    of all routed experts in (0, 1], or a slot count > 1), policy, predictor (none, same, gate: the
+    next layers' routers on this layer's MoE input, learned-gate: the file at ``predictor_path``),
+    prefetch_depth, prefetch_budget (most experts one layer call may prefetch; None: no limit).
+    device: the expert buffer's (default cuda when present, else cpu; the rest of the model follows
+    with ``model.to(device)``). max_batch_tokens: the most tokens one forward carries; the buffer
+    must hold the unique experts one layer can need then (default: any batch, so all E of a layer)."""
+    settings = ProphetSettings(enabled=True, buffer=buffer, policy=policy, predictor=predictor,
+                               prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget,
+                               predictor_path=predictor_path).validated()
     if any(hasattr(m, "prophet") for m in model.modules()):
         raise ValueError("Prophet is already enabled on this model")
     modules = expert_modules(model)
@@ -68,15 +70,15 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
                              f"(OLMoE, Mixtral); {type(m).__name__} has {', '.join(problems)}")
     top_k = int(getattr(model.config, "num_experts_per_tok"))
     L, E = len(modules), modules[0].gate_up_proj.shape[0]
-    slots = slots_for(check_buffer(buffer), L, E)
-    # what can be refused is refused before the experts leave the model: buffer size, policy
-    SlotTable(L, E, slots, policy, max_unique_experts(E, top_k, max_batch_tokens or 2**31))
+    tokens = max_batch_tokens or 2**31
+    # a buffer too small is refused before the experts leave the model (ProphetMoE's own check, early)
+    SlotTable(L, E, settings.num_slots(L, E), policy, max_unique_experts(E, top_k, tokens))
+    gates = None
     if predictor == "gate":  # the routers stay the model's
-        from prophet_kernels.predictors import GateLookaheadPredictor
         from prophet_kernels.traces.recorder import gate_lookahead_parts
 
-        gates, norms, _ = gate_lookahead_parts(model)
-        predictor = GateLookaheadPredictor(gates, norms, top_k)
+        routers, norms, _ = gate_lookahead_parts(model)
+        gates = list(zip(routers, norms))
 
     def release(layer: int) -> None:  # the layer is in the store: drop the model's copy
         del modules[layer].gate_up_proj, modules[layer].down_proj
@@ -85,10 +87,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
     store = HostExpertStore.from_parameters(((m.gate_up_proj.data, m.down_proj.data) for m in modules),
                                             release=release)
     try:
-        moe = ProphetMoE(store, slots, device=device, policy=policy,
-                         predictor=None if predictor == "none" else predictor, prefetch_depth=prefetch_depth,
-                         prefetch_budget_bytes=None if prefetch_budget is None else prefetch_budget * store.expert_bytes,
-                         top_k=top_k, max_batch_tokens=max_batch_tokens or 2**31)
+        moe = settings.build(store, device, top_k, tokens, gates)
     except BaseException:  # e.g. out of device memory: the experts go back to the model (host copies)
         for m, w13, w2 in zip(modules, store.w13, store.w2):
             m.gate_up_proj, m.down_proj = torch.nn.Parameter(w13, False), torch.nn.Parameter(w2, False)

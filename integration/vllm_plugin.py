@@ -49,11 +49,12 @@ import dataclasses
 import functools
 import json
 import logging
-import os
 import time
 import weakref
 
 import torch
+
+from integration.settings import ProphetSettings  # the plugin's settings (tests import them from here)
 
 logger = logging.getLogger("vllm.prophet")  # under vLLM's logger: its handlers and level
 
@@ -61,83 +62,7 @@ _REGISTERED = False
 _GROUPS: "weakref.WeakValueDictionary[int, _ModelExperts]" = weakref.WeakValueDictionary()
 _NEXT_GROUP = [0]
 _BUILDING: list = [None]  # the model whose MoE layers are being created in this process
-RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
 GATE_MODELS = {"OlmoeForCausalLM": "ProphetOlmoeForCausalLM", "MixtralForCausalLM": "ProphetMixtralForCausalLM"}
-
-
-@dataclasses.dataclass(frozen=True)
-class ProphetSettings:
-    enabled: bool = False
-    buffer: float = 0.5
-    policy: str = "next-use"
-    predictor: str = "none"
-    prefetch_depth: int = 1
-    prefetch_budget: int | None = 1  # experts per layer call; None: no limit
-    log_every_s: float = 30.0
-    predictor_path: str = ""
-
-    @classmethod
-    def resolve(cls, additional_config=None, environ=None) -> "ProphetSettings":
-        """Environment (``PROPHET=1``, ``PROPHET_<KEY>``) overlaid by ``additional_config["prophet"]``."""
-        environ = os.environ if environ is None else environ
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict = {}
-        if environ.get("PROPHET", "").strip().lower() in ("1", "true", "yes", "on"):
-            values["enabled"] = True
-        for name in fields:
-            raw = environ.get(f"PROPHET_{name.upper()}")
-            if raw is not None and name != "enabled":
-                values[name] = raw
-        extra = (additional_config or {}).get("prophet") if isinstance(additional_config, dict) else None
-        if extra is not None:
-            if not isinstance(extra, dict):
-                raise ValueError(f"additional_config['prophet'] must be a dict of settings, got {extra!r}")
-            unknown = sorted(set(extra) - set(fields))
-            if unknown:
-                raise ValueError(f"unknown Prophet setting(s) {unknown}; known: {sorted(fields)}")
-            values = {"enabled": True, **values, **extra}
-        return cls(**{k: cls._parse(k, v) for k, v in values.items()}).validated()
-
-    @staticmethod
-    def _parse(name, value):
-        if name == "enabled" and isinstance(value, str):
-            return value.strip().lower() in ("1", "true", "yes", "on")
-        if name == "prefetch_budget" and isinstance(value, str) and value.strip().lower() in ("none", "unlimited"):
-            return None
-        kind = {"buffer": float, "prefetch_depth": int, "prefetch_budget": int, "log_every_s": float}.get(name)
-        if kind is None or not isinstance(value, str):
-            return value
-        try:
-            return kind(value)
-        except ValueError:
-            raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
-
-    def validated(self) -> "ProphetSettings":
-        from prophet_kernels.buffer import POLICIES, check_buffer
-
-        try:
-            check_buffer(self.buffer)
-        except ValueError as e:
-            raise ValueError(f"Prophet {e}") from None
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown Prophet policy {self.policy!r}; known: {', '.join(POLICIES)}")
-        if self.predictor not in RUNTIME_PREDICTORS:
-            raise ValueError(f"Prophet predictor {self.predictor!r} is not available inside vLLM; known: "
-                             f"{', '.join(RUNTIME_PREDICTORS)}")
-        if self.prefetch_depth < 0:
-            raise ValueError(f"Prophet prefetch_depth must be >= 0, got {self.prefetch_depth}")
-        if self.prefetch_budget is not None and (not isinstance(self.prefetch_budget, int) or self.prefetch_budget < 1):
-            raise ValueError(f"Prophet prefetch_budget must be a whole number of experts >= 1 (or none: no limit), "
-                             f"got {self.prefetch_budget!r}")
-        if self.predictor == "learned-gate" and not os.path.isfile(self.predictor_path):
-            raise ValueError(f"Prophet predictor 'learned-gate' needs predictor_path, the file saved by "
-                             f"`prophet trace fit-lookahead` (got {self.predictor_path!r})")
-        return self
-
-    def num_slots(self, num_layers: int, num_experts: int) -> int:
-        from prophet_kernels.buffer import slots_for
-
-        return slots_for(self.buffer, num_layers, num_experts)
 
 
 class _ModelExperts:
@@ -171,35 +96,17 @@ class _ModelExperts:
                 _BUILDING[0] = None
 
     def _build(self, device: torch.device) -> None:
-        from prophet_kernels import HostExpertStore, ProphetMoE
+        from prophet_kernels import HostExpertStore
 
         store = HostExpertStore([self.loaded[i][0] for i in range(self.num_layers)],
                                 [self.loaded[i][1] for i in range(self.num_layers)])
         self.loaded.clear()
         s = self.settings
-        slots = s.num_slots(store.num_layers, store.num_experts)
-        predictor = None if s.predictor == "none" else s.predictor
-        if s.predictor == "gate":
-            from prophet_kernels.predictors import GateLookaheadPredictor
-
-            if self.gate_parts is None or len(self.gate_parts) != store.num_layers:
-                raise ValueError(f"Prophet predictor 'gate' needs the model's routers: supported for "
-                                 f"{', '.join(GATE_MODELS)}")
-            predictor = GateLookaheadPredictor([g for g, _ in self.gate_parts], [n for _, n in self.gate_parts],
-                                               self.top_k)
-        elif s.predictor == "learned-gate":
-            from prophet_kernels.predictors import LearnedGatePredictor
-
-            predictor = LearnedGatePredictor.load(s.predictor_path)
-            predictor.check_model(store.num_layers, store.num_experts, store.hidden)
-        try:
-            budget = None if s.prefetch_budget is None else s.prefetch_budget * store.expert_bytes
-            self.moe = ProphetMoE(store, slots, device=device, policy=s.policy, predictor=predictor,
-                                  prefetch_depth=s.prefetch_depth, prefetch_budget_bytes=budget, top_k=self.top_k,
-                                  max_batch_tokens=self.max_batch_tokens)
-        except ValueError as e:
-            raise ValueError(f"Prophet buffer={s.buffer} ({slots} slots for {store.num_layers} layers x "
-                             f"{store.num_experts} experts, up to {self.max_batch_tokens} tokens per step): {e}") from None
+        if s.predictor == "gate" and (self.gate_parts is None or len(self.gate_parts) != store.num_layers):
+            raise ValueError(f"Prophet predictor 'gate' needs the model's routers: supported for "
+                             f"{', '.join(GATE_MODELS)}")
+        self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts)
+        slots = self.moe.buffer.num_slots
         logger.info("Prophet: %d MoE layers x %d experts in %s host memory (%.1f MiB); device buffer %d slots "
                     "(%.1f MiB, %.1f%% of experts), policy %s, predictor %s, prefetch depth %d, prefetch budget %s",
                     store.num_layers, store.num_experts, "pinned" if store.pinned else "pageable",

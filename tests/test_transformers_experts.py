@@ -56,16 +56,25 @@ def test_tokens_identical_with_prophet_experts(checkpoints, family, buffer, poli
         assert st.prefetched > 0
 
 
-def test_refused_before_the_experts_move(checkpoints):
+def test_refused_before_the_experts_move(checkpoints, tmp_path):
+    from prophet_kernels.predictors import LearnedGatePredictor
+
     model = _load(checkpoints["olmoe"])
     before = {n: p.clone() for n, p in model.named_parameters() if "gate_up_proj" in n or "down_proj" in n}
-    # the last one is refused by ProphetMoE itself, after the experts moved: they are put back
+    other = tmp_path / "other_shape.pt"  # a learned gate fitted for 2 layers, hidden 16: the model has 4, 128
+    LearnedGatePredictor(torch.randn(1, 2, 8, 16), torch.randn(1, 2, 8), torch.randn(1, 2, 4, 16),
+                         torch.randn(1, 2, 4), torch.randn(1, 2, 8, 4), top_k=2).save(other)
+    # the last one is refused while ProphetMoE is built, after the experts moved: they are put back
     for kwargs, match in [({"buffer": 7}, "need at least 8 slots"),  # a prefill can need all 8 of a layer
                           ({"buffer": 0.0}, "fraction of the experts"),
                           ({"buffer": 2.5}, "whole number of slots"),
                           ({"policy": "fifo"}, "fifo"),
-                          ({"predictor": "oracle"}, "unknown predictor"),
-                          ({"prefetch_depth": -1}, "prefetch_depth")]:
+                          ({"predictor": "oracle"}, "predictor 'oracle' is not available while serving; known: "
+                                                    "none, same, gate, learned-gate"),
+                          ({"prefetch_depth": -1}, "prefetch_depth"),
+                          ({"prefetch_budget": 0}, "prefetch_budget must be a whole number of experts >= 1"),
+                          ({"predictor": "learned-gate"}, "needs predictor_path"),
+                          ({"predictor": "learned-gate", "predictor_path": str(other)}, "fitted for 2 layers")]:
         with pytest.raises(ValueError, match=match):
             enable_prophet(model, device="cpu", **kwargs)
         after = {n: p for n, p in model.named_parameters() if "gate_up_proj" in n or "down_proj" in n}

@@ -35,7 +35,7 @@ def test_settings_additional_config_wins_and_enables():
 
 @pytest.mark.parametrize("cfg, match", [
     ({"policy": "fifo"}, "unknown Prophet policy 'fifo'; known: lru, lfu, cyclic"),
-    ({"predictor": "learned"}, "predictor 'learned' is not available inside vLLM; known: none, same, gate, learned-gate"),
+    ({"predictor": "learned"}, "predictor 'learned' is not available while serving; known: none, same, gate, learned-gate"),
     ({"predictor": "learned-gate"}, "'learned-gate' needs predictor_path"),
     ({"buffer": 0}, "buffer=0"),
     ({"buffer": 2.5}, "whole number of slots"),

@@ -1,0 +1,115 @@
+"""Prophet's settings and the ``ProphetMoE`` they build: one definition for both integrations (the
+vLLM plugin resolves them from ``additional_config`` and ``PROPHET_<KEY>`` environment variables,
+the transformers integration from ``enable_prophet``'s arguments), so both accept and refuse the
+same things and build the same layer."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
+
+
+@dataclasses.dataclass(frozen=True)
+class ProphetSettings:
+    enabled: bool = False
+    buffer: float = 0.5
+    policy: str = "next-use"
+    predictor: str = "none"
+    prefetch_depth: int = 1
+    prefetch_budget: int | None = 1  # experts per layer call; None: no limit
+    log_every_s: float = 30.0
+    predictor_path: str = ""
+
+    @classmethod
+    def resolve(cls, additional_config=None, environ=None) -> "ProphetSettings":
+        """Environment (``PROPHET=1``, ``PROPHET_<KEY>``) overlaid by ``additional_config["prophet"]``."""
+        environ = os.environ if environ is None else environ
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        values: dict = {}
+        if environ.get("PROPHET", "").strip().lower() in ("1", "true", "yes", "on"):
+            values["enabled"] = True
+        for name in fields:
+            raw = environ.get(f"PROPHET_{name.upper()}")
+            if raw is not None and name != "enabled":
+                values[name] = raw
+        extra = (additional_config or {}).get("prophet") if isinstance(additional_config, dict) else None
+        if extra is not None:
+            if not isinstance(extra, dict):
+                raise ValueError(f"additional_config['prophet'] must be a dict of settings, got {extra!r}")
+            unknown = sorted(set(extra) - set(fields))
+            if unknown:
+                raise ValueError(f"unknown Prophet setting(s) {unknown}; known: {sorted(fields)}")
+            values = {"enabled": True, **values, **extra}
+        return cls(**{k: cls._parse(k, v) for k, v in values.items()}).validated()
+
+    @staticmethod
+    def _parse(name, value):
+        if name == "enabled" and isinstance(value, str):
+            return value.strip().lower() in ("1", "true", "yes", "on")
+        if name == "prefetch_budget" and isinstance(value, str) and value.strip().lower() in ("none", "unlimited"):
+            return None
+        kind = {"buffer": float, "prefetch_depth": int, "prefetch_budget": int, "log_every_s": float}.get(name)
+        if kind is None or not isinstance(value, str):
+            return value
+        try:
+            return kind(value)
+        except ValueError:
+            raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
+
+    def validated(self) -> "ProphetSettings":
+        from prophet_kernels.buffer import POLICIES, check_buffer
+
+        try:
+            check_buffer(self.buffer)
+        except ValueError as e:
+            raise ValueError(f"Prophet {e}") from None
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown Prophet policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.predictor not in RUNTIME_PREDICTORS:
+            raise ValueError(f"Prophet predictor {self.predictor!r} is not available while serving; known: "
+                             f"{', '.join(RUNTIME_PREDICTORS)}")
+        if self.prefetch_depth < 0:
+            raise ValueError(f"Prophet prefetch_depth must be >= 0, got {self.prefetch_depth}")
+        if self.prefetch_budget is not None and (not isinstance(self.prefetch_budget, int) or self.prefetch_budget < 1):
+            raise ValueError(f"Prophet prefetch_budget must be a whole number of experts >= 1 (or none: no limit), "
+                             f"got {self.prefetch_budget!r}")
+        if self.predictor == "learned-gate" and not os.path.isfile(self.predictor_path):
+            raise ValueError(f"Prophet predictor 'learned-gate' needs predictor_path, the file saved by "
+                             f"`prophet trace fit-lookahead` (got {self.predictor_path!r})")
+        return self
+
+    def num_slots(self, num_layers: int, num_experts: int) -> int:
+        from prophet_kernels.buffer import slots_for
+
+        return slots_for(self.buffer, num_layers, num_experts)
+
+    def build(self, store, device, top_k: int, max_batch_tokens: int, gates=None):
+        """The ``ProphetMoE`` these settings describe over ``store``. ``gates``: each layer's (router
+        [E, H], MoE-input norm weight [H]), which the ``gate`` predictor needs. A buffer too small for
+        one layer's unique experts at ``max_batch_tokens`` is refused with the numbers."""
+        from prophet_kernels import ProphetMoE
+
+        predictor = None if self.predictor == "none" else self.predictor
+        if self.predictor == "gate":
+            from prophet_kernels.predictors import GateLookaheadPredictor
+
+            if gates is None or len(gates) != store.num_layers:
+                raise ValueError("Prophet predictor 'gate' needs every MoE layer's router and MoE-input norm")
+            predictor = GateLookaheadPredictor([g for g, _ in gates], [n for _, n in gates], top_k)
+        elif self.predictor == "learned-gate":
+            from prophet_kernels.predictors import LearnedGatePredictor
+
+            predictor = LearnedGatePredictor.load(self.predictor_path)
+            predictor.check_model(store.num_layers, store.num_experts, store.hidden)
+        slots = self.num_slots(store.num_layers, store.num_experts)
+        try:
+            return ProphetMoE(store, slots, device=device, policy=self.policy, predictor=predictor,
+                              prefetch_depth=self.prefetch_depth,
+                              prefetch_budget_bytes=None if self.prefetch_budget is None
+                              else self.prefetch_budget * store.expert_bytes,
+                              top_k=top_k, max_batch_tokens=max_batch_tokens)
+        except ValueError as e:
+            raise ValueError(f"Prophet buffer={self.buffer} ({slots} slots for {store.num_layers} layers x "
+                             f"{store.num_experts} experts, up to {max_batch_tokens} tokens per step): {e}") from None
