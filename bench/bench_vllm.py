@@ -115,7 +115,8 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
             kwargs["compilation_config"] = piecewise_compilation_config()
     t0 = time.perf_counter()
     llm = make_llm(model, prophet, **kwargs)  # eager unless "-graphs"
-    row = {"config": name, "engine_start_s": time.perf_counter() - t0, "enforce_eager": not graphs}
+    row = {"config": name, "engine_start_s": time.perf_counter() - t0, "enforce_eager": not graphs,
+           "memory": llm.collective_rpc(worker_memory)[0]}  # the engine is in this process: a function is fine
     prompt = list(range(100, 116))
     greedy(llm, [prompt], NEW_TOKENS)  # warm-up
     for batch in (1, 32):
@@ -133,6 +134,22 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
 
 
 KV_BYTES_PER_TOKEN = 16 * 2 * 16 * 128 * 2  # OLMoE-1B-7B: layers x (K, V) x kv heads x head dim x bf16
+
+
+def worker_memory(worker) -> dict:
+    """vLLM's own memory accounting, read in its worker (bytes; None where this vLLM keeps no such
+    field): the weights it measured while loading (Prophet's buffer is allocated then, so it is in
+    there), the activation peak and non-torch memory of its profiling run, its CUDA-graph estimate,
+    and what it gave the KV cache, which is the requested memory less all of those. The KV gain of a
+    Prophet run is then the weights it saved plus the activation peak it saved (its MoE scratch
+    against vLLM's MoE workspace at the profiling run's token count), which the rows separate."""
+    runner = getattr(worker, "model_runner", None)
+    fields = {"weights_bytes": getattr(runner, "model_memory_usage", None),
+              "peak_activation_bytes": getattr(worker, "peak_activation_memory", None),
+              "non_torch_bytes": getattr(worker, "non_torch_memory", None),
+              "cudagraph_estimate_bytes": getattr(worker, "cudagraph_memory_estimate", None),
+              "kv_cache_bytes": getattr(worker, "available_kv_cache_memory_bytes", None)}
+    return {k: int(v) if isinstance(v, (int, float)) else None for k, v in fields.items()}
 
 
 def with_graphs(config: str) -> bool:
@@ -156,6 +173,15 @@ def compare_rows(rows: list[dict]) -> None:
             r["kv_tokens_predicted_gain"] = freed / KV_BYTES_PER_TOKEN
             r["kv_tokens_gain"] = r["kv_tokens"] - base["kv_tokens"]
             r["gain_ratio"] = r["kv_tokens_gain"] / r["kv_tokens_predicted_gain"]
+            # where the gain came from, in vLLM's own accounting (base minus this run: saved bytes)
+            mb, mr = base.get("memory") or {}, r.get("memory") or {}
+            both = [k for k in mb if mb.get(k) is not None and mr.get(k) is not None]
+            saved = {k: mb[k] - mr[k] for k in ("weights_bytes", "peak_activation_bytes", "non_torch_bytes") if k in both}
+            r["saved_bytes"] = saved
+            if "weights_bytes" in saved:
+                r["weights_saved_ratio"] = saved["weights_bytes"] / freed
+            if "kv_cache_bytes" in both:
+                r["kv_cache_bytes_gain"] = mr["kv_cache_bytes"] - mb["kv_cache_bytes"]
         if "tokens_b1" in r:
             r["tokens_identical_to_off"] = r["tokens_b1"] == base.get("tokens_b1")
             # vLLM's own MoE kernels and Prophet's round bf16 differently, so a late divergence can
@@ -172,14 +198,19 @@ def compare_rows(rows: list[dict]) -> None:
 def summary_table(rows: list[dict]) -> str:
     nan = float("nan")
     lines = [f"\n{'config':20s}{'model GiB':>10s}{'KV tokens':>12s}{'gain':>10s}{'predicted':>11s}{'ratio':>7s}"
-             f"{'tok/s B=1':>11s}{'tok/s B=32':>12s}{'same tokens':>12s}{'differ at':>10s}  vs"]
+             f"{'wts/freed':>10s}{'peak saved':>11s}{'tok/s B=1':>11s}{'tok/s B=32':>12s}{'same tokens':>12s}{'differ at':>10s}  vs"]
     for r in rows:
         g = r.get("kv_tokens_gain")
+        peak = (r.get("saved_bytes") or {}).get("peak_activation_bytes")
         lines.append(f"{r['config']:20s}{r.get('model_GiB') or nan:>10.2f}{r.get('kv_tokens') or 0:>12,d}"
                      f"{g if g is not None else '-':>10}{r.get('kv_tokens_predicted_gain', nan):>11.0f}"
-                     f"{r.get('gain_ratio', nan):>7.3f}{r.get('tok_s_b1', nan):>11.1f}"
+                     f"{r.get('gain_ratio', nan):>7.3f}{r.get('weights_saved_ratio', nan):>10.3f}"
+                     f"{peak / 2**20 if peak is not None else nan:>11.0f}{r.get('tok_s_b1', nan):>11.1f}"
                      f"{r.get('tok_s_b32', nan):>12.1f}{str(r.get('tokens_identical_to_off', '-')):>12s}"
                      f"{str(r.get('first_divergence_vs_off', '-')):>10s}  {r.get('compared_with') or '-'}")
+    lines.append("gain: KV tokens over the run in 'vs'; predicted: (experts - slots) x expert bytes / KV bytes per "
+                 "token; wts/freed: weights vLLM measured saved / those bytes; peak saved: vLLM's profiling "
+                 "activation peak, 'vs' minus this run, MiB (MoE scratch at max_num_batched_tokens)")
     return "\n".join(lines)
 
 

@@ -163,7 +163,41 @@ def test_bench_vllm_compares_each_mode_with_its_own_baseline():
     assert more[2]["tokens_identical_to_prophet:0.5"] is False and "tokens_identical_to_prophet:0.5" not in more[1]
     assert "kv_tokens_gain" not in rows[4] and rows[0]["compared_with"] is None
     text = summary_table(rows)
-    assert "prophet-graphs:0.5" in text and "off-graphs" in text.splitlines()[-2]
+    assert "prophet-graphs:0.5" in text and "off-graphs" in text.splitlines()[-3]
+
+
+def test_bench_vllm_separates_weights_from_activation_peak():
+    """vLLM's memory accounting, read in its worker (fields missing in a vLLM release give None), and
+    the KV gain split into the weights a Prophet run saved (against the freed expert bytes) and the
+    activation peak it saved, each against the baseline of its own mode."""
+    from types import SimpleNamespace
+
+    from bench.bench_vllm import compare_rows, summary_table, worker_memory
+
+    GiB, MiB, eb = 2**30, 2**20, 12_582_912
+    worker = SimpleNamespace(model_runner=SimpleNamespace(model_memory_usage=12.9 * GiB),
+                             peak_activation_memory=1100 * MiB, non_torch_memory=300 * MiB,
+                             available_kv_cache_memory_bytes=56 * GiB)
+    mem = worker_memory(worker)
+    assert mem == {"weights_bytes": int(12.9 * GiB), "peak_activation_bytes": 1100 * MiB,
+                   "non_torch_bytes": 300 * MiB, "cudagraph_estimate_bytes": None, "kv_cache_bytes": 56 * GiB}
+    assert set(worker_memory(SimpleNamespace()).values()) == {None}
+    freed = 512 * eb
+    prophet_mem = dict(mem, weights_bytes=mem["weights_bytes"] - freed + 4096, peak_activation_bytes=900 * MiB,
+                       kv_cache_bytes=mem["kv_cache_bytes"] + freed + 200 * MiB)
+    rows = [{"config": "off", "kv_tokens": 458_912, "memory": mem},
+            {"config": "prophet:0.5", "kv_tokens": 509_664, "slots": 512, "layers": 16, "experts": 64,
+             "expert_bytes": eb, "memory": prophet_mem},
+            {"config": "prophet:0.25", "kv_tokens": 509_664, "slots": 256, "layers": 16, "experts": 64,
+             "expert_bytes": eb}]  # a run whose worker fields were not read
+    compare_rows(rows)
+    saved = rows[1]["saved_bytes"]
+    assert saved == {"weights_bytes": freed - 4096, "peak_activation_bytes": 200 * MiB, "non_torch_bytes": 0}
+    assert rows[1]["kv_cache_bytes_gain"] == freed + 200 * MiB
+    assert abs(rows[1]["weights_saved_ratio"] - (freed - 4096) / freed) < 1e-15
+    assert rows[2]["saved_bytes"] == {} and "weights_saved_ratio" not in rows[2] and "kv_cache_bytes_gain" not in rows[2]
+    line = next(x for x in summary_table(rows).splitlines() if x.startswith("prophet:0.5"))
+    assert " 1.000 " in line and " 200 " in line
 
 
 # ------------------------------------------------------------------ real engine
