@@ -5,6 +5,7 @@ same things and build the same layer."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 
@@ -85,6 +86,26 @@ class ProphetSettings:
 
         return slots_for(self.buffer, num_layers, num_experts)
 
+    @contextlib.contextmanager
+    def _buffer_named(self, num_layers: int, num_experts: int, max_batch_tokens: int):
+        """A ValueError from sizing the buffer, with this buffer setting and what it came to."""
+        try:
+            yield
+        except ValueError as e:
+            raise ValueError(f"Prophet buffer={self.buffer} ({self.num_slots(num_layers, num_experts)} slots for "
+                             f"{num_layers} layers x {num_experts} experts, up to {max_batch_tokens} tokens per "
+                             f"step): {e}") from None
+
+    def check_fits(self, num_layers: int, num_experts: int, top_k: int, max_batch_tokens: int) -> None:
+        """The refusal ``build`` gives a buffer too small for one layer's unique experts at
+        ``max_batch_tokens`` (ProphetMoE's own check), before anything is built or moved."""
+        from prophet_kernels.buffer import SlotTable
+        from prophet_kernels.planner.memory import max_unique_experts
+
+        with self._buffer_named(num_layers, num_experts, max_batch_tokens):
+            SlotTable(num_layers, num_experts, self.num_slots(num_layers, num_experts), self.policy,
+                      max_unique_experts(num_experts, top_k, max_batch_tokens))
+
     def build(self, store, device, top_k: int, max_batch_tokens: int, gates=None):
         """The ``ProphetMoE`` these settings describe over ``store``. ``gates``: each layer's (router
         [E, H], MoE-input norm weight [H]), which the ``gate`` predictor needs. A buffer too small for
@@ -103,13 +124,9 @@ class ProphetSettings:
 
             predictor = LearnedGatePredictor.load(self.predictor_path)
             predictor.check_model(store.num_layers, store.num_experts, store.hidden)
-        slots = self.num_slots(store.num_layers, store.num_experts)
-        try:
-            return ProphetMoE(store, slots, device=device, policy=self.policy, predictor=predictor,
-                              prefetch_depth=self.prefetch_depth,
+        with self._buffer_named(store.num_layers, store.num_experts, max_batch_tokens):
+            return ProphetMoE(store, self.num_slots(store.num_layers, store.num_experts), device=device,
+                              policy=self.policy, predictor=predictor, prefetch_depth=self.prefetch_depth,
                               prefetch_budget_bytes=None if self.prefetch_budget is None
                               else self.prefetch_budget * store.expert_bytes,
                               top_k=top_k, max_batch_tokens=max_batch_tokens)
-        except ValueError as e:
-            raise ValueError(f"Prophet buffer={self.buffer} ({slots} slots for {store.num_layers} layers x "
-                             f"{store.num_experts} experts, up to {max_batch_tokens} tokens per step): {e}") from None

@@ -20,8 +20,6 @@ import torch
 
 from integration.settings import ProphetSettings
 from prophet_kernels import HostExpertStore, ProphetMoE
-from prophet_kernels.buffer import SlotTable
-from prophet_kernels.planner.memory import max_unique_experts
 from prophet_kernels.store import expert_modules
 
 NAME = "prophet"  # the experts_implementation name
@@ -71,8 +69,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
     top_k = int(getattr(model.config, "num_experts_per_tok"))
     L, E = len(modules), modules[0].gate_up_proj.shape[0]
     tokens = max_batch_tokens or 2**31
-    # a buffer too small is refused before the experts leave the model (ProphetMoE's own check, early)
-    SlotTable(L, E, settings.num_slots(L, E), policy, max_unique_experts(E, top_k, tokens))
+    settings.check_fits(L, E, top_k, tokens)  # a buffer too small is refused before the experts leave the model
     gates = None
     if predictor == "gate":  # the routers stay the model's
         from prophet_kernels.traces.recorder import gate_lookahead_parts
