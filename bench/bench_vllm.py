@@ -187,6 +187,8 @@ def compare_rows(rows: list[dict], kv_bytes: int) -> None:
     graphs take memory and may round differently; else eager "off"), the gain predicted from the
     freed expert bytes (``kv_bytes``: KV-cache bytes per token), their ratio, and whether the batch-1
     tokens match that run's."""
+    from integration.demo import first_difference
+
     bases = {mode: next((r for r in rows if r["config"] == mode and r.get("kv_tokens")), None)
              for mode in ("off", "off-graphs")}
     for r in rows:
@@ -213,8 +215,7 @@ def compare_rows(rows: list[dict], kv_bytes: int) -> None:
             # vLLM's own MoE kernels and Prophet's round bf16 differently, so a late divergence can
             # be rounding; the buffer itself must not change a bit: every Prophet run of one mode
             # uses the same kernels, whatever the buffer size (checked below)
-            r["first_divergence_vs_off"] = next(
-                (i for i, (a, b) in enumerate(zip(r["tokens_b1"], base.get("tokens_b1") or [])) if a != b), None)
+            r["first_divergence_vs_off"] = first_difference(r["tokens_b1"], base.get("tokens_b1") or [])
     for graphs in (False, True):
         prophet = [r for r in rows if "slots" in r and "tokens_b1" in r and with_graphs(r["config"]) == graphs]
         for r in prophet[1:]:

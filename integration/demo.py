@@ -76,6 +76,11 @@ def make_llm(model: str, prophet: dict | None, **llm_kwargs):
     return LLM(**kwargs)
 
 
+def first_difference(a, b) -> int | None:
+    """The first position where two token sequences differ (over their common length), else None."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
 def greedy(llm, token_prompts, max_tokens: int) -> list[list[int]]:
     from vllm import SamplingParams
 
@@ -148,7 +153,7 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     print("per layer (hits/misses/evictions): " + "  ".join(
         f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
     if same != len(ps):
-        first = [next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None) for a, b in zip(base, tokens)]
+        first = [first_difference(a, b) for a, b in zip(base, tokens)]
         print(f"MISMATCH: Prophet changed the greedy tokens (dtype {dtype}; first differing token per prompt: "
               f"{first}; in bf16 or fp16 vLLM's MoE kernels and Prophet's round differently, so a late "
               f"divergence can be rounding: compare with --dtype float32)")
