@@ -119,8 +119,6 @@ def test_stats_without_the_plugin_in_the_workers_says_so():
 def test_loaded_weights_are_the_host_tensors_vllm_filled():
     """On CUDA vLLM hands process_weights_after_loading a device copy of host parameters: Prophet keeps
     the host tensors it created (no copy back); a parameter replaced since is copied as it is."""
-    import torch
-
     from integration.vllm_plugin import _loaded_host_weights
     from prophet_kernels.store import expert_tensors
 
@@ -226,7 +224,6 @@ def learned_gates(checkpoints, tmp_path_factory):
     """A LearnedGatePredictor fitted (briefly, with the previous token's context) on each tiny model's
     hidden states, saved to a file."""
     import numpy as np
-    import torch
     import transformers
 
     from prophet_kernels.predictors import LearnedGatePredictor
@@ -325,7 +322,6 @@ def test_prophet_under_torch_compile(checkpoints, baseline, monkeypatch):
     the boundary of every MoE layer and no MoE op inside a piece that CUDA graphs would capture.
     Prophet's host decisions (and the gate lookahead's prefetches) still run every step: tokens
     identical to the eager run without Prophet."""
-    import torch
     from vllm.compilation.backends import split_graph
     from vllm.config import CompilationConfig
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
@@ -376,7 +372,6 @@ def test_prophet_under_torch_compile(checkpoints, baseline, monkeypatch):
 
 def test_baseline_routing_is_not_trivial(checkpoints):
     """The tiny models route tokens to different experts (else the test above proves little)."""
-    import torch
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoints["olmoe"], torch_dtype=torch.float32)
