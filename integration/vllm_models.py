@@ -1,4 +1,4 @@
-"""vLLM's OLMoE and Mixtral with two additions for Prophet, after loading: they refuse to be served
+"""vLLM's OLMoE, Mixtral and Qwen3-MoE with two additions for Prophet, after loading: they refuse to be served
 without Prophet when it is on (their MoE layers did not run vLLM's unquantized method: quantized
 experts), and hand their routers and MoE-input norms to the model's Prophet experts, so that the
 gate-lookahead predictor (layer l+d's router on layer l's MoE input) can run inside vLLM.
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
+from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
 from integration.vllm_plugin import offer_gate_parts, require_prophet_experts
 
@@ -40,4 +41,15 @@ class ProphetMixtralForCausalLM(MixtralForCausalLM):
     def load_weights(self, weights):
         loaded = super().load_weights(weights)
         _after_loading(self, "block_sparse_moe")
+        return loaded
+
+
+class ProphetQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        self.prophet_vllm_config = vllm_config
+
+    def load_weights(self, weights):
+        loaded = super().load_weights(weights)
+        _after_loading(self, "mlp")
         return loaded

@@ -3,8 +3,9 @@ on the device, through ``ProphetMoE`` (the same orchestration the benchmarks and
 
 Entry point ``vllm.general_plugins: prophet = integration.vllm_plugin:register``. ``register()``
 runs in every vLLM process and is idempotent; it replaces vLLM's ``UnquantizedFusedMoEMethod``
-with :class:`ProphetFusedMoEMethod`, which behaves exactly like vLLM's method unless Prophet is
-turned on, per engine or per process:
+with :class:`ProphetFusedMoEMethod`, whose objects are vLLM's own method objects (class and all)
+unless Prophet is turned on, per engine or per process; the settings are checked in the process
+that builds the engine's config, before any engine starts:
 
     LLM(model, additional_config={"prophet": {"buffer": 0.375, "policy": "next-use", "predictor": "gate"}})
     PROPHET=1 PROPHET_BUFFER=0.375 PROPHET_POLICY=cyclic vllm serve <model>
@@ -13,7 +14,7 @@ Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environmen
 ``additional_config`` wins): ``buffer`` (fraction of all routed experts in (0, 1], or a slot count
 > 1), ``policy`` (lru, lfu, cyclic, next-use: layer distance in the decode cycle and use frequency,
 docs/routing.md), ``predictor`` (none, same, gate: the next layers' routers on this layer's MoE
-input, for OLMoE and Mixtral; learned-gate: a fitted ``LearnedGatePredictor`` saved at
+input, for OLMoE, Mixtral and Qwen3-MoE; learned-gate: a fitted ``LearnedGatePredictor`` saved at
 ``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``, ``prefetch_budget``
 (most experts one layer call may prefetch, default 1; ``none``: no limit. Simulated on recorded
 routing, docs/routing.md: one copy per call had the least stall at batch 1 on the OLMoE shape, and
@@ -54,7 +55,7 @@ import weakref
 
 import torch
 
-from integration.settings import ProphetSettings  # the plugin's settings (tests import them from here)
+from integration.settings import ProphetSettings, check_model_family  # (tests import the settings from here)
 
 logger = logging.getLogger("vllm.prophet")  # under vLLM's logger: its handlers and level
 
@@ -62,7 +63,8 @@ _REGISTERED = False
 _GROUPS: "weakref.WeakValueDictionary[int, _ModelExperts]" = weakref.WeakValueDictionary()
 _NEXT_GROUP = [0]
 _BUILDING: list = [None]  # the model whose MoE layers are being created in this process
-GATE_MODELS = {"OlmoeForCausalLM": "ProphetOlmoeForCausalLM", "MixtralForCausalLM": "ProphetMixtralForCausalLM"}
+GATE_MODELS = {"OlmoeForCausalLM": "ProphetOlmoeForCausalLM", "MixtralForCausalLM": "ProphetMixtralForCausalLM",
+               "Qwen3MoeForCausalLM": "ProphetQwen3MoeForCausalLM"}
 
 
 class _ModelExperts:
@@ -215,15 +217,22 @@ def _method_class():
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
     class ProphetFusedMoEMethod(UnquantizedFusedMoEMethod):
-        """vLLM's unquantized MoE method, or Prophet's when enabled (see the module docstring)."""
+        """Prophet's MoE method when Prophet is enabled; vLLM's own ``UnquantizedFusedMoEMethod``
+        object otherwise (see ``__init__``)."""
 
         def __init__(self, moe):
-            super().__init__(moe)
             cfg = get_current_vllm_config_or_none()
-            self.prophet = ProphetSettings.resolve(cfg.additional_config if cfg is not None else None)
-            self.experts = None
-            if not self.prophet.enabled:
+            settings = ProphetSettings.resolve(cfg.additional_config if cfg is not None else None)
+            if not settings.enabled:
+                # Off: this object becomes vLLM's own method, class and all, so that vLLM (and
+                # torch.compile's tracing of its MoE path) sees nothing of Prophet's.
+                self.__class__ = UnquantizedFusedMoEMethod
+                UnquantizedFusedMoEMethod.__init__(self, moe)
                 return
+            super().__init__(moe)
+            self.prophet = settings
+            if cfg is not None and cfg.model_config is not None:
+                check_model_family(architectures=getattr(cfg.model_config, "architectures", None) or ())
             problems = [p for p, bad in (
                 ("a bias", moe.has_bias), (f"activation {moe.activation}", "silu" not in str(moe.activation).lower()),
                 ("a non-gated activation", not moe.is_act_and_mul),
@@ -231,7 +240,7 @@ def _method_class():
             ) if bad]
             if problems:
                 raise ValueError(f"Prophet supports SiLU-gated MoE experts without bias on one device "
-                                 f"(OLMoE, Mixtral, ...); this layer has {', '.join(problems)}")
+                                 f"(OLMoE, Mixtral, Qwen3-MoE); this layer has {', '.join(problems)}")
             if cfg is not None and cfg.model_config is not None and not cfg.model_config.enforce_eager \
                     and torch.cuda.is_available() and _captures_moe(cfg):
                 raise ValueError("Prophet decides expert residency on the host at every step, which a CUDA graph "
@@ -252,14 +261,11 @@ def _method_class():
             self.layer_index = building.add_layer(moe.experts_per_token)
 
         @property
-        def is_monolithic(self) -> bool:
-            return False if self.experts is not None else super().is_monolithic
+        def is_monolithic(self) -> bool:  # Prophet's apply takes vLLM's routing (top-k weights and ids)
+            return False
 
         def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition,
                            params_dtype, **extra):
-            if self.experts is None:
-                return super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
-                                              params_dtype, **extra)
             with torch.device("cpu"):  # vLLM creates weights under the device context: host memory instead
                 super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                        params_dtype, **extra)
@@ -269,8 +275,6 @@ def _method_class():
             layer.w13_weight.data, layer.w2_weight.data = self.host_weights
 
         def process_weights_after_loading(self, layer):
-            if self.experts is None:
-                return super().process_weights_after_loading(layer)
             if self.host_weights is None:
                 raise RuntimeError("Prophet: process_weights_after_loading ran again (weights reloaded into a running "
                                    "model); the experts are in Prophet's store now and cannot be reloaded in place")
@@ -288,10 +292,8 @@ def _method_class():
             self.experts.layer_loaded(self.layer_index, w13, w2, device)
 
         def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-            if self.experts is None:
-                return super().apply(layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input)
             if shared_experts is not None:
-                raise NotImplementedError("Prophet does not run shared experts (OLMoE and Mixtral have none)")
+                raise NotImplementedError("Prophet does not run shared experts (the families it serves have none)")
             return self.experts.forward(self.layer_index, x, topk_weights.float(), topk_ids)
 
     return ProphetFusedMoEMethod
@@ -334,6 +336,7 @@ def register() -> None:
 
     if "UnquantizedFusedMoEMethod" not in op_registry_oot:
         CustomOp.register_oot(_method_class(), name="UnquantizedFusedMoEMethod")
+    _check_settings_in_front_end()
     # a worker method, so that `prophet_stats(llm)` asks by name: vLLM's engine client refuses to
     # send a function to an engine in another process (its default) unless insecure serialization is on
     if not hasattr(WorkerBase, WORKER_STATS):
@@ -343,9 +346,33 @@ def register() -> None:
     _REGISTERED = True
 
 
-def _local_stats(keys=None) -> list[dict]:
-    return [{"model": g.key, "num_layers": g.num_layers, **(g.stats() or {})} for g in list(_GROUPS.values())
-            if g.moe is not None and (keys is None or g.key in keys)]
+def _check_settings_in_front_end() -> None:
+    """Prophet's settings are checked where vLLM turns its arguments into an engine config, in the
+    process that starts the engine (``vllm serve``'s front end, ``LLM``'s): a bad setting is then
+    the last line of the output, not one line in the middle of the engine process's failure."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    create = EngineArgs.create_engine_config
+    if getattr(create, "prophet_checked", False):
+        return
+
+    @functools.wraps(create)
+    def create_engine_config(self, *args, **kwargs):
+        ProphetSettings.resolve(self.additional_config)  # raises ValueError naming the setting
+        return create(self, *args, **kwargs)
+
+    create_engine_config.prophet_checked = True
+    EngineArgs.create_engine_config = create_engine_config
+
+
+def _local_stats(keys=None, reset: bool = False) -> list[dict]:
+    out = []
+    for g in list(_GROUPS.values()):
+        if g.moe is not None and (keys is None or g.key in keys):
+            out.append({"model": g.key, "num_layers": g.num_layers, **g.stats()})
+            if reset:
+                g.moe.reset_stats()
+    return out
 
 
 WORKER_STATS = "prophet_stats"  # the method register() gives vLLM's workers
@@ -367,23 +394,25 @@ def require_prophet_experts(model: torch.nn.Module, vllm_config) -> None:
                          f"(quantization: {quant}); Prophet serves unquantized experts (bf16, fp16, fp32) only")
 
 
-def _worker_stats(worker) -> list[dict]:  # runs in each vLLM worker (collective_rpc)
+def _worker_stats(worker, reset: bool = False) -> list[dict]:  # runs in each vLLM worker (collective_rpc)
     """The stats of the model this worker serves. A process can hold the Prophet experts of an
     earlier engine that is not collected yet (seen with vLLM 0.26 in one process), so the worker's
     own model names its groups; all of the process's if the model is not a plain module."""
     model = getattr(getattr(worker, "model_runner", None), "model", None)
     if not isinstance(model, torch.nn.Module):
-        return _local_stats()
-    return _local_stats(model_groups(model))
+        return _local_stats(reset=reset)
+    return _local_stats(model_groups(model), reset=reset)
 
 
-def prophet_stats(llm=None) -> list[dict]:
+def prophet_stats(llm=None, reset: bool = False) -> list[dict]:
     """Prophet's stats per model: totals and per layer (hits, misses, late hits, prefetched,
-    evictions, bytes host-to-device, stall seconds). With ``llm`` (a ``vllm.LLM``), asks its workers."""
+    evictions, bytes host-to-device, stall seconds; docs/stats.md). With ``llm`` (a ``vllm.LLM``),
+    asks its workers. The counters run from the engine's start, so they include vLLM's profiling
+    and warm-up runs: ``reset=True`` returns them and starts them afresh (call it once after start-up)."""
     if llm is None:
-        return _local_stats()
+        return _local_stats(reset=reset)
     try:
-        per_worker = llm.collective_rpc(WORKER_STATS)
+        per_worker = llm.collective_rpc(WORKER_STATS, **({"kwargs": {"reset": True}} if reset else {}))
     except NotImplementedError as e:  # vLLM's answer when a worker has no such method
         raise RuntimeError("vLLM's workers do not have Prophet's plugin loaded (is VLLM_PLUGINS set without "
                            "'prophet'?), so they cannot report Prophet's stats") from e

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 import numpy as np
 import torch
@@ -269,6 +269,9 @@ class NextUsePolicy(EvictionPolicy):
 
 
 POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy, "next-use": NextUsePolicy}
+# The default everywhere (ProphetMoE, the plugin, the transformers integration, the simulator, the CLI):
+# the best policy without a predictor in the routing study (docs/routing.md).
+DEFAULT_POLICY = "next-use"
 
 
 def make_policy(policy) -> EvictionPolicy:
@@ -312,7 +315,11 @@ def slots_for(buffer: float, num_layers: int, num_experts: int) -> int:
 class SlotTable:
     """Residency decisions for S slots serving L layers x E experts: owners, pins, eviction."""
 
-    def __init__(self, num_layers: int, num_experts: int, num_slots: int, policy="lru", min_slots: int = 1):
+    def __init__(self, num_layers: int, num_experts: int, num_slots: int, policy=DEFAULT_POLICY, min_slots: int = 1):
+        for name, v in (("num_layers", num_layers), ("num_experts", num_experts), ("num_slots", num_slots)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise (ValueError if isinstance(v, int) else TypeError)(
+                    f"{name} must be a whole number >= 1, got {v!r}")
         if num_slots < max(1, min_slots):
             raise ValueError(
                 f"expert buffer of {num_slots} slots is smaller than one layer's unique experts at the "
@@ -328,21 +335,40 @@ class SlotTable:
         self.policy.bind(self)
         self._free = list(range(num_slots - 1, -1, -1))
 
+    def check_expert(self, layer: int, expert: int) -> None:
+        """ValueError unless (layer, expert) names one of the table's experts (no negative index:
+        Python's would alias expert E-1)."""
+        if not (0 <= layer < self.num_layers and 0 <= expert < self.num_experts):
+            raise ValueError(f"expert {expert!r} of layer {layer!r} is outside the table's "
+                             f"{self.num_layers} layers x {self.num_experts} experts")
+
+    def check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot!r} is outside [0, {self.num_slots})")
+
     def lookup(self, layer: int, expert: int) -> int:
+        self.check_expert(layer, expert)
         return self._table[layer][expert]
 
     def touch(self, slot: int) -> None:
         self.policy.touch(slot)
 
     def pin(self, slots) -> None:
+        slots = list(slots)
+        for s in slots:  # all checked before any pin changes
+            self.check_slot(s)
         for s in slots:
             self._pinned += self.pins[s] == 0
             self.pins[s] += 1
 
     def unpin(self, slots) -> None:
-        for s in slots:
-            if self.pins[s] <= 0:
+        slots = list(slots)
+        times = Counter(slots) if len(set(slots)) != len(slots) else None  # a slot listed more than once
+        for s in slots:  # all checked before any pin changes
+            self.check_slot(s)
+            if self.pins[s] < (times[s] if times else 1):
                 raise RuntimeError(f"slot {s} unpinned more often than pinned")
+        for s in slots:
             self.pins[s] -= 1
             self._pinned -= self.pins[s] == 0
 
@@ -353,6 +379,7 @@ class SlotTable:
     def allocate(self, layer: int, expert: int) -> tuple[int, tuple[int, int] | None]:
         """A slot for (layer, expert): a free one, else the policy's victim among unpinned slots.
         Returns (slot, evicted owner or None). The caller fills the slot before anyone reads it."""
+        self.check_expert(layer, expert)
         if self._table[layer][expert] >= 0:
             raise RuntimeError(f"expert {expert} of layer {layer} is already in slot {self._table[layer][expert]}")
         evicted = None
@@ -377,7 +404,7 @@ class PagedExpertBuffer(SlotTable):
     """S expert slots on `device` for a model of L MoE layers with E experts each."""
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
-                 dtype: torch.dtype, device, policy="lru", min_slots: int = 1):
+                 dtype: torch.dtype, device, policy=DEFAULT_POLICY, min_slots: int = 1):
         super().__init__(num_layers, num_experts, num_slots, policy, min_slots)
         self.device = torch.device(device)
         # one [S, 3*I*H] block: a slot's weights are contiguous, one copy fills it

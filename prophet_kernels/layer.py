@@ -13,10 +13,12 @@ the same code the trace simulator replays; this class moves the bytes and runs t
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
-from .buffer import PagedExpertBuffer
-from .kernels.moe import fused_experts_paged
+from .buffer import DEFAULT_POLICY, PagedExpertBuffer
+from .kernels.moe import check_inputs, fused_experts_paged
 from .planner.memory import max_unique_experts
 from .predictors import make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
@@ -38,10 +40,17 @@ def unique_experts(topk_ids: torch.Tensor) -> list[int]:
 class ProphetMoE:
     """Experts of L MoE layers in a host store, S slots on the device, optional prefetching."""
 
-    def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy="lru", predictor=None,
+    def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy=DEFAULT_POLICY, predictor=None,
                  prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None,
                  top_k: int | None = None, max_batch_tokens: int | None = None):
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        experts = store.num_layers * store.num_experts
+        if isinstance(num_slots, int) and not isinstance(num_slots, bool) and num_slots > experts:
+            warnings.warn(f"Prophet: a buffer of {num_slots} slots is more than the model's {experts} routed "
+                          f"experts ({store.num_layers} layers x {store.num_experts}); using {experts} slots "
+                          "(every expert resident): more would only take device memory from the KV cache",
+                          stacklevel=2)
+            num_slots = experts
         min_slots = 1
         if top_k is not None and max_batch_tokens is not None:
             if not 1 <= top_k <= store.num_experts:
@@ -61,6 +70,12 @@ class ProphetMoE:
         self._add_stalls(wait=True)
         return self.residency.stats
 
+    def reset_stats(self) -> None:
+        """Start the counters afresh (e.g. after a serving engine's warm-up and profiling runs);
+        residency is kept. A prefetch issued before the reset is not counted as used after it."""
+        self._add_stalls(wait=True)
+        self.residency.reset_stats()
+
     def _add_stalls(self, wait: bool) -> None:
         for layer, seconds in self.prefetcher.stalls(wait):
             self.residency.stats.layers[layer].stall_s += seconds
@@ -70,7 +85,7 @@ class ProphetMoE:
         return self.residency.predictor
 
     @classmethod
-    def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy="lru",
+    def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy=DEFAULT_POLICY,
                      predictor=None, prefetch_depth: int = 1, **kwargs) -> "ProphetMoE":
         """w13 [L, E, 2I, H], w2 [L, E, H, I] (any device; copied into the host store)."""
         return cls(HostExpertStore.from_tensors(w13, w2), num_slots, device, policy, predictor,
@@ -83,11 +98,13 @@ class ProphetMoE:
     # ---------------------------------------------------------------------------------- forward
 
     def forward(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """y [T, H] of MoE layer `layer`: x [T, H] in the store's dtype on the buffer's device,
+        topk_weights [T, k] floating, topk_ids [T, k] int32/int64 in [0, E). Everything is checked
+        before any expert moves or any counter changes: a refused call leaves no trace."""
         L, E = self.store.num_layers, self.store.num_experts
-        if not 0 <= layer < L:
-            raise ValueError(f"layer {layer} out of range [0, {L})")
-        if topk_ids.dim() != 2:
-            raise ValueError(f"topk_ids must be [T, k], got shape {tuple(topk_ids.shape)}")
+        if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < L:
+            raise ValueError(f"layer {layer!r} out of range [0, {L})")
+        check_inputs(x, self.buffer.w13, self.buffer.w2, topk_weights, topk_ids, self.buffer._rows[layer])
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
         with nvtx_range(f"route L{layer}"):

@@ -46,6 +46,8 @@ class StreamPrefetcher:
 
     def copy(self, slot: int, layer: int, expert: int, label: str = "prefetch") -> None:
         """Fill `slot` with expert `expert` of `layer` (asynchronous on CUDA)."""
+        self.buffer.check_slot(slot)  # no negative index: slot -1 would write slot S-1
+        self.buffer.check_expert(layer, expert)
         src = self.store.blocks[layer]
         if src is not None:  # one block per expert: one copy
             pairs = [(self.buffer.blocks[slot], src[expert])]

@@ -87,8 +87,21 @@ class ExpertResidency:
         self.stats = Stats(table.num_layers)
         self._unread_prefetch: set[int] = set()  # slots filled by prefetch, not yet read
 
+    def reset_stats(self) -> None:
+        self.stats = Stats(self.table.num_layers)
+        self._unread_prefetch.clear()
+
     def acquire(self, layer: int, experts) -> tuple[list[int], list[Fill]]:
-        """Slots for `experts` (unique ids of one layer, all pinned on return) and the demand fills."""
+        """Slots for `experts` (unique ids of one layer, all pinned on return) and the demand fills.
+        Refused before anything changes (pins, owners, policy, stats) when `experts` repeats an id or
+        names one outside the table, or needs more slots than there are."""
+        experts = list(experts)
+        if not 0 <= layer < self.table.num_layers:
+            raise ValueError(f"layer {layer!r} is outside [0, {self.table.num_layers})")
+        if len(set(experts)) != len(experts):
+            raise ValueError(f"layer {layer}: experts must be unique ids, got {experts}")
+        for e in experts:
+            self.table.check_expert(layer, e)
         if len(experts) > self.table.num_slots:
             raise ValueError(f"layer {layer} needs {len(experts)} unique experts but the buffer has "
                              f"{self.table.num_slots} slots; need at least {len(experts)} (or a smaller batch)")

@@ -31,17 +31,21 @@ def replayable(predictor: str | None, heldout) -> bool:
     return predictor != "learned-gate" or heldout.learned_lookahead is not None
 
 
-def fit_all(predictors, train, heldout=None) -> tuple[dict, dict]:
+def fit_all(predictors, train, heldout=None, progress: bool = False) -> tuple[dict, dict]:
     """Each named predictor fitted once on `train` (the oracle needs no fit) and (bytes, fit seconds).
     Fitted predictors are reused across runs: history predictors reset at each new step."""
+    from tqdm import tqdm
+
     from .predictors import fit_predictor
 
     fitted, sizes = {}, {}
-    for name in predictors:
-        if name != "oracle":
-            t0 = time.time()
-            fitted[name] = fit_predictor(name, train, heldout)
-            sizes[name] = (fitted[name].nbytes, time.time() - t0)
+    names = [n for n in predictors if n != "oracle"]
+    bar = tqdm(names, desc="fit predictors", disable=not progress or not names)
+    for name in bar:
+        bar.set_postfix_str(name)
+        t0 = time.time()
+        fitted[name] = fit_predictor(name, train, heldout)
+        sizes[name] = (fitted[name].nbytes, time.time() - t0)
     return fitted, sizes
 
 
@@ -49,29 +53,42 @@ def _instance(pred: str | None, fitted: dict):
     return "oracle" if pred == "oracle" else (fitted[pred] if pred else None)
 
 
+def _sweep_key(cap, policy, pred, depth) -> list:
+    return [cap, policy, pred or "none", depth]
+
+
 def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: int | None = None,
-              predictors=PREDICTORS, depths=DEPTHS, progress: bool = True, **timing) -> list[dict]:
+              predictors=PREDICTORS, depths=DEPTHS, progress: bool = True, rows_path: Path | None = None,
+              **timing) -> list[dict]:
     """Simulated rows for every configuration x capacity. ``timing``: ``simulate``'s copy-budget and
     timing arguments (unlimited_budget, prefetch_budget, pcie_gbps, layer_us), applied to every row
-    and recorded in it."""
+    and recorded in it. ``rows_path``: each row is appended there as it completes, and rows already
+    there (an interrupted sweep's) are kept instead of simulated again."""
     from tqdm import tqdm
 
     from .simulator import simulate
 
     predictors = [p for p in predictors if replayable(p, heldout)]
-    fitted, sizes = fit_all(predictors, train, heldout)
-    rows = []
     todo = [(c, cfg) for cfg in configs(predictors, depths) for c in capacities]
+    done = {}
+    if rows_path is not None and Path(rows_path).exists():
+        done = {tuple(r["sweep_key"]): r for r in read_rows(rows_path) if "sweep_key" in r}
+    left = [(c, cfg) for c, cfg in todo if tuple(_sweep_key(c, *cfg)) not in done]
+    if done and progress:
+        print(f"{rows_path}: {len(todo) - len(left)} of {len(todo)} rows already there, simulating the rest")
+    fitted, sizes = fit_all(sorted({cfg[1] for _, cfg in left if cfg[1]}), train, heldout, progress)
     shape = heldout.meta.get("shape", "?")
-    for cap, (policy, pred, depth) in tqdm(todo, desc=f"sweep {shape}", disable=not progress):
+    for cap, (policy, pred, depth) in tqdm(left, desc=f"sweep {shape}", disable=not progress or not left):
         p = _instance(pred, fitted)
         r = simulate(heldout, cap, policy, p, depth, batch=batch, max_steps=max_steps, **timing)
         row = r.as_dict() | {"shape": shape, "mimics": heldout.meta.get("mimics"), "capacity": cap,
-                             "unlimited_budget": False} | timing
+                             "unlimited_budget": False, "sweep_key": _sweep_key(cap, policy, pred, depth)} | timing
         if pred in sizes:
             row["predictor_bytes"], row["predictor_fit_s"] = sizes[pred]
-        rows.append(row)
-    return rows
+        if rows_path is not None:
+            append_row(row, rows_path)
+        done[tuple(row["sweep_key"])] = row
+    return [done[tuple(_sweep_key(c, *cfg))] for c, cfg in todo]
 
 
 def _label(row) -> str:
@@ -170,19 +187,31 @@ def read_rows(path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
-def write_rows(rows: list[dict], path: Path) -> Path:
+def _stamp() -> dict:
     import numpy
     import torch
 
     from .provenance import git_commit, utc_now
 
+    return {"commit": git_commit(), "date": utc_now(), "device": "cpu (simulation)", "torch": torch.__version__,
+            "numpy": numpy.__version__}
+
+
+def write_rows(rows: list[dict], path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    stamp = {"commit": git_commit(), "date": utc_now(), "device": "cpu (simulation)", "torch": torch.__version__,
-             "numpy": numpy.__version__}
+    stamp = _stamp()
     with open(path, "w") as f:
         for r in rows:
             f.write(json.dumps(r | stamp) + "\n")
     return path
+
+
+def append_row(row: dict, path: Path) -> None:
+    """One row, stamped, appended to `path` (JSON lines) and flushed: it survives an interruption."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(row | _stamp()) + "\n")
 
 
 def render_section(rows: list[dict]) -> str:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .buffer import BeladyPolicy, SlotTable, slots_for
+from .buffer import DEFAULT_POLICY, BeladyPolicy, SlotTable, slots_for
 from .predictors import OraclePredictor, Predictor, TraceHidden
 from .residency import ExpertResidency
 
@@ -139,7 +139,7 @@ class _Scored(Predictor):
         return want
 
 
-def simulate(trace, capacity: float, policy: str = "lru", predictor: Predictor | str | None = None, depth: int = 1,
+def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
              batch: int = 1, expert_bytes: int | None = None, pcie_gbps: float | None = None,
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
              progress: bool = False, prefetch_budget: int | None = None) -> SimResult:

@@ -609,7 +609,8 @@ def test_cli_simulate_and_dedup(tmp_path):
     run = lambda *a: subprocess.run([sys.executable, "-m", "prophet_kernels.cli", *a], capture_output=True, text=True)
     r = run("simulate", "--trace", "olmoe-heldout", "--predictor", "transition", "--depth", "2", "--max-steps", "20")
     assert r.returncode == 0, r.stderr
-    assert "hit rate" in r.stdout and "predictor recall" in r.stdout
+    assert "hit rate" in r.stdout and "predictor by depth (1, 2, ...): recall" in r.stdout
+    assert "read before eviction" in r.stdout and r.stdout.count("precision") == 1  # each figure named once
     r = run("dedup", "--trace", "mixtral-heldout", "--out", str(tmp_path))
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "dedup.png").exists() and (tmp_path / "unique_curve_mixtral.json").exists()

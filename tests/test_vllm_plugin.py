@@ -6,6 +6,7 @@ start-up with a clear message."""
 import os
 import re
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ import torch
 from integration.vllm_plugin import ProphetSettings, prophet_stats
 
 MAX_TOKENS = 24
+REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("torch_path")  # conftest: the CPU build of vLLM has no Triton
 
 
@@ -21,7 +23,8 @@ pytestmark = pytest.mark.usefixtures("torch_path")  # conftest: the CPU build of
 def test_settings_off_by_default_and_from_env():
     assert not ProphetSettings.resolve(None, environ={}).enabled
     assert ProphetSettings.resolve(None, environ={}).prefetch_budget == 1  # the default: one copy per layer call
-    assert ProphetSettings.resolve(None, environ={"PROPHET_PREFETCH_BUDGET": "none"}).prefetch_budget is None
+    on = {"PROPHET": "1", "PROPHET_PREFETCH_BUDGET": "none"}
+    assert ProphetSettings.resolve(None, environ=on).prefetch_budget is None
     s = ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_BUFFER": "12", "PROPHET_POLICY": "cyclic",
                                                "PROPHET_PREFETCH_DEPTH": "2", "PROPHET_PREFETCH_BUDGET": "3"})
     assert (s.enabled, s.buffer, s.policy, s.prefetch_depth, s.prefetch_budget) == (True, 12.0, "cyclic", 2, 3)
@@ -453,14 +456,28 @@ def test_engine_in_its_own_process(checkpoints, baseline, monkeypatch):
     assert stats["slots"] == 12 and stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
 
-def test_demo_prints_the_comparison(checkpoints, monkeypatch, capsys):
-    """`prophet demo --model <checkpoint>` (the README's main job on a given model): both runs, the
-    table, identical tokens, exit code 0."""
+def test_demo_prints_the_comparison(checkpoints, monkeypatch, capsys, tmp_path):
+    """`prophet demo --model <checkpoint>` (the README's main job on a given model): both engines with
+    vLLM's defaults (compiled), warmed up and timed (median and range), the table, identical tokens,
+    the dtype actually served (the fp32 checkpoint's own, not vLLM's "auto" bf16), exit code 0, and
+    its temporary folder removed."""
+    import tempfile
+
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))  # the demo lowers it
-    rc = demo.run_demo(model=checkpoints["mixtral"], buffer=0.375, max_tokens=8, num_prompts=2, dtype="float32")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    made = []
+    real_make_llm = demo.make_llm
+    monkeypatch.setattr(demo, "make_llm", lambda *a, **k: made.append(k) or real_make_llm(*a, **k))
+    assert demo.checkpoint_dtype(checkpoints["mixtral"]) == "float32"
+    rc = demo.run_demo(model=checkpoints["mixtral"], buffer=0.375, max_tokens=8, num_prompts=2, repeats=2)
     out = capsys.readouterr().out
     assert rc == 0, out
+    assert [k.get("enforce_eager") for k in made] == [False, False]  # vLLM's defaults, not eager
     assert "identical greedy tokens" in out and "2 of 2 prompts" in out and "MISMATCH" not in out
+    assert re.search(r"dtype served\s+float32\s+float32", out)
+    assert re.search(r"tokens/s \(CPU, median\)\s+[\d.]+ \(\d+-\d+\)\s+[\d.]+ \(\d+-\d+\)", out), out
+    assert "median of 2 runs after a warm-up" in out and "say nothing about speed on a GPU" in out
+    assert list(tmp_path.glob("prophet-demo-*")) == []  # its checkpoints and caches are gone
     slots = re.search(r"expert MiB on the device\s+([\d.]+)\s+([\d.]+)", out)
     assert slots and float(slots.group(2)) == pytest.approx(0.375 * float(slots.group(1)), abs=0.01)  # printed to 0.01
     misses = re.search(r"misses\s+-\s+(\d+)", out)
@@ -493,15 +510,192 @@ def test_bench_vllm_smoke_end_to_end(tmp_path, capsys):
     assert "prophet:0.5" in out and "wts/freed" in out
 
 
-def test_off_without_settings(checkpoints, baseline):
-    """Installed but not enabled: vLLM's own method runs (experts stay parameters)."""
+def _moe_method_classes(worker):
+    return sorted({type(m.quant_method).__module__ + "." + type(m.quant_method).__name__
+                   for m in worker.model_runner.model.modules() if hasattr(m, "quant_method")
+                   and "MoE" in type(m.quant_method).__name__})
+
+
+def test_off_without_settings(checkpoints, baseline, monkeypatch):
+    """Installed but not enabled: vLLM's own method object runs (its class, not a subclass; experts
+    stay parameters), and a stray Prophet setting in the environment is not even read."""
     assert "PROPHET" not in os.environ
+    monkeypatch.setenv("PROPHET_BUFFER", "abc")  # without PROPHET=1: must not stop the engine
     # engines of earlier tests may still be alive in this process (vLLM keeps some): only models
     # created by this engine count
     before = {s["model"] for s in prophet_stats()}
     llm = demo.make_llm(checkpoints["olmoe"], None)
     try:
         assert llm.collective_rpc(_expert_params) != [[]]
+        assert llm.collective_rpc(_moe_method_classes) == [[
+            "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method.UnquantizedFusedMoEMethod"]]
         assert [s for s in prophet_stats(llm) if s["model"] not in before] == []
     finally:
         del llm
+
+
+NO_PLUGIN_SCRIPT = """
+import json, sys
+from integration import demo
+if __name__ == "__main__":
+    llm = demo.make_llm(sys.argv[1], None, enforce_eager=False)
+    print("TOKENS " + json.dumps(demo.greedy(llm, demo.prompts(4), int(sys.argv[2]))))
+"""
+
+
+def test_off_compiled_engine_is_vllms_own(checkpoints, monkeypatch, tmp_path):
+    """Issue 25's serious finding: with the plugin installed and Prophet off, vLLM's default engine
+    (compiled, not eager) failed at start-up (Dynamo cannot trace the property that called
+    ``super().is_monolithic``). Now it runs, and its tokens equal those of the same compiled engine
+    with no plugin loaded at all (VLLM_PLUGINS="", in its own process); no compile cache is shared."""
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
+    monkeypatch.setattr(vllm.envs, "VLLM_DISABLE_COMPILE_CACHE", True, raising=False)
+    llm = demo.make_llm(checkpoints["olmoe"], None, enforce_eager=False)
+    try:
+        assert int(llm.llm_engine.vllm_config.compilation_config.mode) > 0
+        ours = demo.greedy(llm, demo.prompts(4), MAX_TOKENS)
+    finally:
+        del llm
+    env = dict(os.environ, VLLM_PLUGINS="", VLLM_DISABLE_COMPILE_CACHE="1", VLLM_CACHE_ROOT=str(tmp_path / "cache"))
+    script = tmp_path / "no_plugin.py"
+    script.write_text(NO_PLUGIN_SCRIPT)
+    r = subprocess.run([sys.executable, str(script), checkpoints["olmoe"], str(MAX_TOKENS)], env=env,
+                       capture_output=True, text=True, cwd=str(REPO), timeout=600)
+    line = next((x for x in r.stdout.splitlines() if x.startswith("TOKENS ")), None)
+    assert line, r.stderr[-3000:]
+    assert json.loads(line[len("TOKENS "):]) == ours
+
+
+def test_stats_reset_leaves_out_what_ran_before(checkpoints, baseline):
+    """prophet_stats(llm, reset=True) returns the counters so far (vLLM's start-up runs, if any, and
+    a first generation) and starts them afresh in the worker: the next generation is counted alone."""
+    ps, _ = baseline
+    llm = demo.make_llm(checkpoints["olmoe"], {"buffer": 0.5})
+    try:
+        demo.greedy(llm, ps, 4)
+        (before,) = prophet_stats(llm, reset=True)
+        (zero,) = prophet_stats(llm)
+        demo.greedy(llm, ps, 4)
+        (after,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert before["total"]["misses"] > 0
+    assert all(v == 0 for v in zero["total"].values()) and all(v == 0 for layer in zero["layers"] for v in layer.values())
+    assert after["total"]["hits"] + after["total"]["misses"] > 0  # counting again from zero
+
+
+def test_unsupported_family_is_refused_at_startup(tmp_path):
+    """A model family Prophet has not been tested on (Qwen2-MoE: shared experts) is refused at start-up
+    by name instead of failing at its first forward."""
+    import transformers
+
+    cfg = transformers.Qwen2MoeConfig(hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
+                                      shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                                      num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, vocab_size=512,
+                                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "qwen2moe")
+    msg = _build_error(str(tmp_path / "qwen2moe"), {"buffer": 0.5})
+    assert "this model is Qwen2MoeForCausalLM, which is not supported" in msg and "Qwen3-MoE" in msg
+
+
+def test_opcheck_moe_forward(monkeypatch):
+    """torch.library.opcheck on Prophet's custom op: schema (it mutates ``out`` only), fake tensor,
+    and dispatch through AOT autograd, with a stand-in for the vLLM layer it looks up by name."""
+    from vllm import forward_context
+
+    from integration.vllm_plugin import moe_forward  # noqa: F401 (registers the op)
+
+    class Runner:
+        def _forward_impl(self, hidden_states, router_logits, shared_experts_input, input_ids):
+            return hidden_states * router_logits.sum(-1, keepdim=True)
+
+    monkeypatch.setattr(forward_context, "get_forward_context",
+                        lambda: types.SimpleNamespace(no_compile_layers={"model.layers.0.mlp": Runner()}))
+    x, logits = torch.randn(5, 16), torch.randn(5, 4)
+    out = torch.empty_like(x)
+    torch.library.opcheck(torch.ops.prophet.moe_forward, (x, logits, None, None, out, "model.layers.0.mlp"))
+    torch.ops.prophet.moe_forward(x, logits, None, None, out, "model.layers.0.mlp")
+    assert torch.equal(out, x * logits.sum(-1, keepdim=True))
+
+
+# ------------------------------------------------------------------ the README's server command
+
+def _readme_server_command() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    block = text.split("<!-- server-command -->", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    return [line for line in block.strip().splitlines() if line.strip()]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _bash(line: str, port: int) -> str:
+    """A README line as run here: the venv's bin directory for `.venv/bin/`, a free port for 8000."""
+    import sys
+    from pathlib import Path
+
+    return line.replace(".venv/bin/", f"{Path(sys.executable).parent}/").replace("--port 8000", f"--port {port}")
+
+
+def test_openai_server_readme_command(tmp_path):
+    """The README's commands for vLLM's OpenAI server on this CPU machine, as written (the port and
+    the venv's path aside): a tiny checkpoint with a tokenizer, served with Prophet on, answers a
+    text completion."""
+    import json
+    import subprocess
+    import time
+    import urllib.request
+
+    make, serve = _readme_server_command()
+    port = _free_port()
+    subprocess.run(["bash", "-c", _bash(make, port)], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen(["bash", "-c", _bash(serve, port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)  # its own process group: the server and its engine stop together
+    try:
+        deadline = time.time() + 400
+        while time.time() < deadline:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(2)
+        else:
+            pytest.fail("server did not come up: " + (tmp_path / "server.log").read_text()[-3000:])
+        body = json.dumps({"model": "tiny-olmoe", "prompt": "The experts", "max_tokens": 8, "temperature": 0})
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
+                                     {"Content-Type": "application/json"})
+        reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+    finally:
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=60)
+        log.close()
+    assert reply["usage"]["completion_tokens"] == 8 and isinstance(reply["choices"][0]["text"], str)
+    assert "Prophet: 4 MoE layers x 8 experts" in (tmp_path / "server.log").read_text()
+
+
+def test_server_refuses_a_bad_setting_on_its_last_line(tmp_path, checkpoints):
+    """PROPHET_BUFFER=abc given to the server: refused in the front-end process before any engine
+    starts, and the refusal is the last line of the output."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PROPHET="1", PROPHET_BUFFER="abc", VLLM_CPU_KVCACHE_SPACE="1")
+    r = subprocess.run([sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", checkpoints["olmoe"],
+                        "--port", str(_free_port())], env=env, capture_output=True, text=True, timeout=300)
+    lines = [x for x in (r.stdout + r.stderr).splitlines() if x.strip()]
+    assert r.returncode != 0
+    assert "Prophet setting buffer='abc' is not a number" in lines[-1], "\n".join(lines[-20:])
+    assert not any("EngineCore" in x for x in lines), "an engine started before the refusal"

@@ -14,12 +14,15 @@ Pipeline (the route plan comes from :mod:`route_plan`)::
                    act            [P, I]   x dtype
       -> down:     out[n] = topk_weights[n] * (act[p] @ W2[s]^T),     n = sorted_ids[p]
                    out            [N, H]   x dtype (row per token-slot, never shared: no atomics)
-      -> combine:  y[t] = sum_j out[t*k + j]                          y [T, H]
+      -> combine:  y[t] = sum_j out[t*k + j] over the token-slots with a valid expert and slot
+                   y              [T, H]   x dtype
 
-Both kernels launch one program per (block, column tile); programs of unused blocks return at
-once. Programs run in grouped order (``GROUP_M`` blocks sweep the column tiles together) so that
-the blocks of one expert share each weight tile through L2 and large batches do not re-read their
-rows from HBM for every column tile.
+A token-slot whose expert id is outside [0, E) or whose expert has no slot in [0, S) is in no
+block, so its row of ``out`` is never written: the combine leaves it out (as the GEMV path's down
+kernel does), so it contributes exactly zero. Both GEMM kernels launch one program per (block,
+column tile); programs of unused blocks return at once. Programs run in grouped order
+(``GROUP_M`` blocks sweep the column tiles together) so that the blocks of one expert share each
+weight tile through L2 and large batches do not re-read their rows from HBM for every column tile.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from .gemv import _slot_of
 
 
 @triton.jit
@@ -112,7 +117,6 @@ def _down_kernel(
     topk_w_ptr,  # (N,) fp32
     sorted_ptr,  # (P,) int32
     block_slot_ptr,  # (NB,) int32
-    block_expert_ptr,  # (NB,) int32
     # sizes
     N, NB, H, I,
     # strides
@@ -126,18 +130,14 @@ def _down_kernel(
     """grid = (NB * cdiv(H, BN),), grouped order (see _block_coords)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(H, BN), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
+    if slot < 0:  # unused block, or an expert without a valid slot: the combine skips its rows
+        return
     offs_m = pid_m * BM + tl.arange(0, BM)
     ts = tl.load(sorted_ptr + offs_m)
     row_ok = ts < N
     offs_n = pid_n * BN + tl.arange(0, BN)
     n_ok = offs_n < H
     o_ptrs = out_ptr + ts[:, None].to(tl.int64) * stride_on + offs_n[None, :] * stride_oh
-    if slot < 0:
-        # A used block whose expert has no valid slot (only with check=False): defined zeros.
-        if tl.load(block_expert_ptr + pid_m) >= 0:
-            zero = tl.zeros([BM, BN], dtype=out_ptr.dtype.element_ty)
-            tl.store(o_ptrs, zero, mask=row_ok[:, None] & n_ok[None, :])
-        return
     offs_k = tl.arange(0, BK)
     a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_ap + offs_k[None, :] * stride_ai
     w_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_k[:, None] * stride_wi
@@ -157,6 +157,33 @@ def _down_kernel(
     rw = tl.load(topk_w_ptr + ts, mask=row_ok, other=0.0)
     out = (acc * rw[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(o_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit(do_not_specialize=["T"])
+def _combine_kernel(
+    # pointers
+    out_ptr,  # (N, H) per token-slot rows of down
+    y_ptr,  # (T, H) out
+    ids_ptr,  # (N,) int32
+    pt_ptr,  # (E,) int32 (unused without HAS_PT)
+    # sizes
+    H, E, S, TOPK,
+    # strides
+    stride_on, stride_oh, stride_yt, stride_yh,
+    # meta-parameters
+    BN: tl.constexpr, K_PAD: tl.constexpr, HAS_PT: tl.constexpr,
+):
+    """grid = (T, cdiv(H, BN)). y[t] = sum of the token's rows whose expert and slot are valid."""
+    t = tl.program_id(0)
+    offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
+    j = tl.arange(0, K_PAD)
+    n = t * TOPK + j  # token-slots of this token
+    ok = _slot_of(ids_ptr, pt_ptr, n, j < TOPK, E, S, HAS_PT) >= 0
+    rows = tl.load(out_ptr + n.to(tl.int64)[:, None] * stride_on + offs_n[None, :] * stride_oh,
+                   mask=ok[:, None] & (offs_n[None, :] < H), other=0.0)
+    y = tl.sum(rows.to(tl.float32), axis=0)
+    tl.store(y_ptr + t.to(tl.int64) * stride_yt + offs_n * stride_yh, y.to(y_ptr.dtype.element_ty),
+             mask=offs_n < H)
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
@@ -196,7 +223,7 @@ def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict) -> torch.Tens
     bn, bk = cfg["BN"], cfg["BK"]
     grid = lambda meta: (NB * triton.cdiv(H, meta["BN"]),)  # noqa: E731
     _down_kernel[grid](
-        act, w2_slots, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, plan.block_expert,
+        act, w2_slots, out, topk_weights_flat, plan.sorted_ids, plan.block_slot,
         N, NB, H, I,
         act.stride(0), act.stride(1),
         w2_slots.stride(0), w2_slots.stride(1), w2_slots.stride(2),
@@ -206,3 +233,19 @@ def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict) -> torch.Tens
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out
+
+
+def launch_combine(out, ids_flat, page_table, num_experts: int, num_slots: int, topk: int) -> torch.Tensor:
+    """y [T, H] = sum over each token's valid token-slots of ``out`` [T*k, H] (``ids_flat`` [T*k] int32)."""
+    N, H = out.shape
+    T = N // topk
+    y = torch.empty((T, H), dtype=out.dtype, device=out.device)
+    bn = min(512, triton.next_power_of_2(H))
+    has_pt = page_table is not None
+    _combine_kernel[(T, triton.cdiv(H, bn))](
+        out, y, ids_flat, page_table if has_pt else ids_flat,  # dummy when unused
+        H, num_experts, num_slots, topk,
+        out.stride(0), out.stride(1), y.stride(0), y.stride(1),
+        BN=bn, K_PAD=triton.next_power_of_2(topk), HAS_PT=has_pt, num_warps=4,
+    )
+    return y

@@ -12,16 +12,17 @@ import torch.nn.functional as F
 
 from . import use_triton
 from .gemv import gemv_experts
-from .grouped_gemm import launch_down, launch_gate_up
+from .grouped_gemm import launch_combine, launch_down, launch_gate_up
 from .launch_config import get_config
-from .route_plan import route_plan
+from .route_plan import narrow_ids, raise_shared_slots, route_plan
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _identity_tables: dict = {}
 
 
-def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None):
-    """Host-side checks (no device sync). Returns (T, H, I, k, E, S, ids int32, weights fp32)."""
+def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None) -> tuple[int, int, int, int, int, int]:
+    """The host-side contract of the MoE ops (shapes, dtypes, devices; no device work, no sync).
+    Returns (T, H, I, k, E, S); raises TypeError / ValueError naming the problem."""
     for name, t in (("x", x), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights),
                     ("topk_ids", topk_ids)):
         if not isinstance(t, torch.Tensor):
@@ -50,7 +51,7 @@ def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None):
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids must be [T={T}, k], got {list(topk_ids.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
+        raise TypeError(f"topk_ids must be int32 or int64 expert ids, got {topk_ids.dtype}")
     k = topk_ids.shape[1]
     if tuple(topk_weights.shape) != (T, k):
         raise ValueError(f"topk_weights must be [T, k] = {[T, k]}, got {list(topk_weights.shape)}")
@@ -74,9 +75,18 @@ def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None):
     devices = {t.device for t in tensors}
     if len(devices) > 1:
         raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
-    ids = topk_ids.to(torch.int32)
+    return T, H, I, k, E, S
+
+
+def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None):
+    """:func:`check_inputs`, then the kernels' forms of the routing (no sync): ids [T, k] int32 (an
+    int64 id outside [0, E) becomes -1 before narrowing), weights [T*k] fp32, and the page table
+    contiguous (the kernels index it without a stride). Returns (T, H, I, k, E, S, ids, weights, pt)."""
+    T, H, I, k, E, S = check_inputs(x, w13, w2, topk_weights, topk_ids, page_table)
+    ids = narrow_ids(topk_ids, E)
     weights = topk_weights.to(torch.float32).reshape(-1).contiguous()
-    return T, H, I, k, E, S, ids, weights
+    pt = page_table.contiguous() if page_table is not None else None
+    return T, H, I, k, E, S, ids, weights, pt
 
 
 def _capturing(device: torch.device) -> bool:
@@ -89,15 +99,15 @@ def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config):
     cfg = config or get_config(T, E, H, I, k, x.dtype, x.device)
     checking = check and not _capturing(x.device)
     if cfg.get("gemv"):
-        if checking:  # host sync: bad ids / missing slots raise before any GEMM
-            route_plan(ids, E, 16, page_table, num_slots=S).check(num_slots=S)
+        if checking:  # host sync: bad ids, missing slots, a shared slot raise before any GEMM
+            route_plan(ids, E, 16, page_table, num_slots=S).check(num_slots=S, page_table=page_table)
         return gemv_experts(x, w13, w2, page_table, weights, ids, E, cfg)
     plan = route_plan(ids, E, cfg["block_m"], page_table, num_slots=S)
     if checking:
-        plan.check(num_slots=S)  # host sync: bad ids / missing slots raise before any GEMM
+        plan.check(num_slots=S, page_table=page_table)  # host sync: bad ids, missing/shared slots raise
     act = launch_gate_up(x, w13, plan, k, cfg["gate_up"])
     out = launch_down(act, w2, weights, plan, cfg["down"])
-    return out if k == 1 else out.view(T, k, H).sum(dim=1)
+    return launch_combine(out, ids.reshape(-1).contiguous(), page_table, E, S, k)
 
 
 def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
@@ -115,9 +125,10 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
     topk_weights : ``[T, k]`` floating (used as fp32)
     topk_ids : ``[T, k]`` int32 (int64 accepted)
     check : bool
-        Verify on the device that every id is in ``[0, E)`` and every routed expert has a slot in
-        ``[0, S)``; costs one host synchronisation and is skipped under CUDA-graph capture.
-        With ``check=False`` an invalid id is dropped and an expert without a slot yields zeros.
+        Verify on the device that every id is in ``[0, E)``, every routed expert has a slot in
+        ``[0, S)`` and no two experts share a slot; costs one host synchronisation and is skipped
+        under CUDA-graph capture. With ``check=False`` a token-slot whose id is invalid or whose
+        expert has no slot contributes zero (it is dropped, as if its routing weight were 0).
     config : dict, optional
         Launch config (see :mod:`launch_config`); default: tuned table lookup.
 
@@ -125,21 +136,22 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
     -------
     y : ``[T, H]`` x's dtype
     """
-    T, H, I, k, E, S, ids, weights = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
-                                               page_table)
-    if not use_triton(x.device):
+    T, H, I, k, E, S, ids, weights, pt = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
+                                                   page_table)
+    if not use_triton(x.device, x.dtype):
         return fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights,
-                                             topk_ids, compute_dtype=x.dtype)
-    return _run(x, w13_slots, w2_slots, page_table, weights, ids, T, H, I, k, E, S, check, config)
+                                             topk_ids, compute_dtype=x.dtype, check=check)
+    return _run(x, w13_slots, w2_slots, pt, weights, ids, T, H, I, k, E, S, check, config)
 
 
 def fused_experts(x, w13, w2, topk_weights, topk_ids, *, check: bool = True,
                   config: dict | None = None) -> torch.Tensor:
     """MoE experts on contiguous weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]``: the same kernels as
     :func:`fused_experts_paged` with expert e in slot e (no page table read)."""
-    T, H, I, k, E, S, ids, weights = _validate(x, w13, w2, topk_weights, topk_ids)
-    if not use_triton(x.device):
-        return fused_experts_reference(x, w13, w2, topk_weights, topk_ids, compute_dtype=x.dtype)
+    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids)
+    if not use_triton(x.device, x.dtype):
+        return fused_experts_reference(x, w13, w2, topk_weights, topk_ids, compute_dtype=x.dtype,
+                                       check=check)
     return _run(x, w13, w2, None, weights, ids, T, H, I, k, E, S, check, config)
 
 
@@ -147,19 +159,21 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, *, check: bool = True,
 
 
 def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
-                            compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                            compute_dtype: torch.dtype = torch.float32, check: bool = True) -> torch.Tensor:
     """Plain PyTorch: loop over the routed experts, gather their tokens, two matmuls, one row per token-slot.
-    Computes in ``compute_dtype`` (fp32 by default) and returns x's dtype. Syncs the host."""
-    T, H, I, k, E, S, ids, weights = _validate(x, w13, w2, topk_weights, topk_ids)
+    Computes in ``compute_dtype`` (fp32 by default) and returns x's dtype. Syncs the host.
+    ``check``: an id outside [0, E) raises; without it, that token-slot contributes zero (the kernels' rule)."""
+    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids)
     flat = ids.reshape(-1).long()
-    if T and (flat.min() < 0 or flat.max() >= E):
+    valid = (flat >= 0) & (flat < E)
+    if check and T and not bool(valid.all()):
         raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
     tok = torch.arange(T, device=x.device).repeat_interleave(k)
     xc = x.to(compute_dtype)
     # One output row per token-slot, summed over j in order afterwards (as the kernels do): the
     # result does not depend on which slot an expert sits in, so paged == contiguous exactly.
     rows = torch.zeros((T * k, H), dtype=compute_dtype, device=x.device)
-    for e in torch.unique(flat).tolist():
+    for e in torch.unique(flat[valid]).tolist():
         sel = flat == e
         h = xc[tok[sel]] @ w13[e].to(compute_dtype).t()
         a = F.silu(h[:, :I]) * h[:, I:]
@@ -168,20 +182,26 @@ def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
 
 
 def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
-                                  compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                                  compute_dtype: torch.dtype = torch.float32, check: bool = True) -> torch.Tensor:
     """Plain PyTorch paged reference: translate ids through the page table, then
-    :func:`fused_experts_reference` on the slot buffer. Syncs the host."""
-    T, H, I, k, E, S, ids, weights = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
-                                               page_table)
-    flat = ids.reshape(-1).long()
+    :func:`fused_experts_reference` on the slot buffer. Syncs the host. ``check``: an id outside
+    [0, E), a routed expert without a slot in [0, S) or two experts sharing a slot raise; without
+    it, such a token-slot contributes zero (the kernels' rule)."""
+    T, H, I, k, E, S, ids, weights, pt = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
+                                                   page_table)
     if T == 0:
         return x.new_empty((0, H))
-    if flat.min() < 0 or flat.max() >= E:
+    flat = ids.reshape(-1).long()
+    valid = (flat >= 0) & (flat < E)
+    if check and not bool(valid.all()):
         raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
-    slots = page_table.long()[flat]
-    bad = (slots < 0) | (slots >= S)
-    if bad.any():
+    slots = torch.where(valid, pt.long()[flat.clamp(0, E - 1)], -1)
+    bad = valid & ((slots < 0) | (slots >= S))
+    if check and bad.any():
         experts = torch.unique(flat[bad]).tolist()
         raise ValueError(f"routed expert(s) {experts} have no slot in [0, {S}) in page_table")
-    return fused_experts_reference(x, w13_slots, w2_slots, topk_weights,
-                                   slots.view(T, k).to(torch.int32), compute_dtype=compute_dtype)
+    if check:
+        raise_shared_slots(pt)
+    slots = torch.where((slots >= 0) & (slots < S), slots, -1)
+    return fused_experts_reference(x, w13_slots, w2_slots, topk_weights, slots.view(T, k).to(torch.int32),
+                                   compute_dtype=compute_dtype, check=False)

@@ -91,10 +91,15 @@ class RoutePlan:
         # Host synchronisation: reads five counters back; only called to check or report.
         return dict(zip(_STATUS_FIELDS, self.status.tolist()))
 
-    def check(self, num_slots: int | None = None) -> None:
+    def check(self, num_slots: int | None = None, page_table: torch.Tensor | None = None) -> None:
         """Raise ValueError if the routing held an invalid expert id or a routed expert whose
-        slot is not in [0, num_slots). One explicit host synchronisation."""
-        st = self.status_dict()
+        slot is not in [0, num_slots), or if ``page_table`` gives two experts one slot. One
+        explicit host synchronisation (the status and the shared-slot count read together)."""
+        status = self.status
+        if page_table is not None:
+            status = torch.cat([status, _shared_slot_count(page_table).view(1)])
+        values = status.tolist()
+        st = dict(zip(_STATUS_FIELDS, values))
         if st["num_bad_ids"]:
             raise ValueError(
                 f"topk_ids holds {st['num_bad_ids']} expert id(s) outside [0, {self.num_experts})"
@@ -107,6 +112,35 @@ class RoutePlan:
                 f"{st['num_misses']} with page_table slot -1 (experts {missing}), "
                 f"{st['num_bad_slots']} with a slot >= num_slots"
             )
+        if page_table is not None and values[-1]:
+            raise_shared_slots(page_table)
+
+
+def _shared_slot_count(page_table: torch.Tensor) -> torch.Tensor:
+    """Number of experts whose slot (>= 0) an earlier expert of the sorted table also holds (device, no sync)."""
+    s = torch.sort(page_table.reshape(-1)).values
+    return ((s[1:] == s[:-1]) & (s[1:] >= 0)).sum().to(torch.int32)
+
+
+def raise_shared_slots(page_table: torch.Tensor) -> None:
+    """Raise ValueError naming the experts if ``page_table`` [E] gives one slot (>= 0) to several
+    experts (each slot holds one expert: a kernel would read one expert's weights for another)."""
+    pt = page_table.reshape(-1).long()
+    slots, counts = torch.unique(pt[pt >= 0], return_counts=True)
+    shared = slots[counts > 1].tolist()
+    if shared:
+        s = shared[0]
+        experts = torch.nonzero(pt == s).flatten().tolist()
+        raise ValueError(f"page_table gives slot {s} to experts {experts} (each slot holds one expert); "
+                         f"{len(shared)} slot(s) shared in all")
+
+
+def narrow_ids(topk_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """``topk_ids`` as int32, same shape. An int64 id outside [0, E) becomes -1 first (on the device,
+    no sync), so that narrowing cannot turn it into a valid one (2**32 + 1 would become expert 1)."""
+    if topk_ids.dtype == torch.int64:
+        topk_ids = torch.where((topk_ids >= 0) & (topk_ids < num_experts), topk_ids, -1)
+    return topk_ids.to(torch.int32)
 
 
 # ----------------------------------------------------------------------------- jit helpers
@@ -306,18 +340,24 @@ def _alloc(E: int, P: int, NB: int, device, num_experts: int, N: int, block_m: i
     return RoutePlan(*parts, num_experts=num_experts, num_token_slots=N, block_m=block_m)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def _check_args(topk_ids: torch.Tensor, num_experts: int, block_m: int, page_table):
     if not isinstance(topk_ids, torch.Tensor) or topk_ids.dim() != 2:
         raise ValueError(f"topk_ids must be a 2-D tensor [T, k], got {getattr(topk_ids, 'shape', type(topk_ids))}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"topk_ids must be int32 or int64, got {topk_ids.dtype}")
-    if num_experts < 1:
-        raise ValueError(f"num_experts must be >= 1, got {num_experts}")
-    if block_m < 16 or block_m & (block_m - 1):
-        raise ValueError(f"block_m must be a power of two >= 16, got {block_m}")
+    if not _is_int(num_experts) or num_experts < 1:
+        raise ValueError(f"num_experts must be a whole number >= 1, got {num_experts!r}")
+    if not _is_int(block_m) or block_m < 16 or block_m & (block_m - 1):
+        raise ValueError(f"block_m must be a power of two >= 16, got {block_m!r}")
     if topk_ids.shape[1] < 1 and topk_ids.shape[0] > 0:
         raise ValueError("topk_ids has k = 0 experts per token")
     if page_table is not None:
+        if not isinstance(page_table, torch.Tensor):
+            raise TypeError(f"page_table must be an int32 tensor [E], got {type(page_table).__name__}")
         if page_table.dim() != 1 or page_table.shape[0] != num_experts:
             raise ValueError(f"page_table must have shape [{num_experts}], got {list(page_table.shape)}")
         if page_table.dtype != torch.int32:
@@ -349,7 +389,8 @@ def route_plan(topk_ids: torch.Tensor, num_experts: int, block_m: int,
 
     if not use_triton(topk_ids.device):
         return route_plan_reference(topk_ids, num_experts, block_m, page_table, num_slots=num_slots)
-    ids = topk_ids.reshape(-1).to(torch.int32).contiguous()
+    ids = narrow_ids(topk_ids, num_experts).reshape(-1).contiguous()
+    page_table = page_table.contiguous() if page_table is not None else None  # indexed without a stride
     N = ids.numel()
     E = num_experts
     E_PAD = _e_pad(E)
