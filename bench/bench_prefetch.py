@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import MOE_SHAPES, provenance, random_routing, write_rows  # noqa: E402
+from prophet_kernels.benchmark.common import MOE_SHAPES, provenance, random_routing, write_rows  # noqa: E402
 
 
 def _cuda_time(fn, repeats: int, stream=None) -> float:
@@ -169,7 +169,7 @@ def _routings(tr, steps, T, L, E, k, dev):
     simulator replays them)."""
     if tr is None:
         return [[random_routing(T, E, k, dev) for _ in range(L)] for _ in range(steps)]
-    from prophet_kernels.simulator import lanes
+    from prophet_kernels.routing.simulator import lanes
 
     tok = lanes(tr, T)
     if len(tok) < steps:
@@ -190,7 +190,7 @@ def _stack(dev, small, routing):
     L, E, H, I, k = (4, 8, 64, 32, 2) if small else (16, olmoe["E"], olmoe["H"], olmoe["I"], olmoe["k"])
     tr = None
     if routing != "uniform":
-        from prophet_kernels.traces import load_trace
+        from prophet_kernels.routing.traces import load_trace
 
         tr = load_trace(routing)
         L, E, k = tr.num_layers, tr.num_experts, tr.top_k
@@ -221,7 +221,7 @@ def _prophet_step(moe, steps, xs):
 
 def _schedule(steps) -> list[list[int]]:
     """The unique experts of every layer call of `steps`, for the oracle predictor."""
-    from prophet_kernels.layer import unique_experts
+    from prophet_kernels.memory.layer import unique_experts
 
     return [unique_experts(ids) for st in steps for ids, _ in st]
 
@@ -236,9 +236,9 @@ def host_time(dev, small, routing="olmoe-heldout", steps=24, warmup=32, top=12, 
     the wall time. The wall time is the fastest of `passes` passes over the timed steps. `stub_experts` replaces
     ProphetMoE's expert kernels by the identity (and drops the all-resident rows): what remains is
     the orchestration's own host work (route, residency, copies issued, page-table row, events)."""
-    import prophet_kernels.layer as layer_mod
+    import prophet_kernels.memory.layer as layer_mod
     from prophet_kernels import OraclePredictor, ProphetMoE
-    from prophet_kernels.buffer import slots_for
+    from prophet_kernels.memory.buffer import slots_for
 
     L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
     steps_r = _routings(tr, warmup + steps, 1, L, E, k, dev)
@@ -338,7 +338,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
     all experts resident (fused_experts: eager with and without its id check, and on CUDA the step
     as one CUDA graph). The first `warmup` steps fill the buffer and are not timed."""
     from prophet_kernels import OraclePredictor, ProphetMoE
-    from prophet_kernels.buffer import slots_for
+    from prophet_kernels.memory.buffer import slots_for
 
     L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
     dtype = store.dtype

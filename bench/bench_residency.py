@@ -20,12 +20,12 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_rows  # noqa: E402
-from prophet_kernels.buffer import SlotTable, slots_for  # noqa: E402
-from prophet_kernels.predictors import TraceHidden, fit_predictor  # noqa: E402
+from prophet_kernels.benchmark.common import write_rows  # noqa: E402
+from prophet_kernels.memory.buffer import SlotTable, slots_for  # noqa: E402
+from prophet_kernels.memory.predictors import TraceHidden, fit_predictor  # noqa: E402
 from prophet_kernels.provenance import git_commit, utc_now  # noqa: E402
-from prophet_kernels.residency import ExpertResidency  # noqa: E402
-from prophet_kernels.traces import load_trace  # noqa: E402
+from prophet_kernels.memory.residency import ExpertResidency  # noqa: E402
+from prophet_kernels.routing.traces import load_trace  # noqa: E402
 
 CASES = [("lru", "none"), ("cyclic", "none"), ("next-use", "none"), ("lru", "same"), ("cyclic", "same"),
          ("lru", "gate"), ("cyclic", "gate"), ("next-use", "gate"), ("next-use", "learned-gate")]
@@ -79,7 +79,7 @@ def live_gate_rows(repeats: int, calls: int = 300) -> list[dict]:
     fp32 learned maps): logits for the next `depth` layers from this layer's MoE input, the
     ranking, one host transfer. On the CPU the matmuls are most of it; on a GPU the launches and
     the transfer's sync are."""
-    from prophet_kernels.predictors import GateLookaheadPredictor, LearnedGatePredictor
+    from prophet_kernels.memory.predictors import GateLookaheadPredictor, LearnedGatePredictor
 
     g = torch.Generator().manual_seed(0)
     L, E, H, k, R, D = 16, 64, 2048, 8, 256, 3  # R: the learned fit's default MLP width at this H

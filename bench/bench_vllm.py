@@ -110,8 +110,8 @@ def write_random_olmoe(path: Path, dims: dict, seed: int = 0) -> Path:
 def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = False) -> dict:
     """In the child: build the engine, decode, report (printed as one RESULT line)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-    from integration.demo import greedy, make_llm
-    from integration.vllm_plugin import prophet_stats, register
+    from prophet_kernels.integration.demo import greedy, make_llm
+    from prophet_kernels.integration.vllm_plugin import prophet_stats, register
 
     register()
     # vLLM's defaults for the batch limit (None), not the demo's small CPU ones
@@ -134,7 +134,7 @@ def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = Fals
     if graphs:  # vLLM's CUDA graphs: its defaults without Prophet; with it, piecewise around its MoE op
         kwargs["enforce_eager"] = False
         if prophet is not None:
-            from integration.vllm_plugin import piecewise_compilation_config
+            from prophet_kernels.integration.vllm_plugin import piecewise_compilation_config
 
             kwargs["compilation_config"] = piecewise_compilation_config()
     t0 = time.perf_counter()
@@ -187,7 +187,7 @@ def compare_rows(rows: list[dict], kv_bytes: int) -> None:
     graphs take memory and may round differently; else eager "off"), the gain predicted from the
     freed expert bytes (``kv_bytes``: KV-cache bytes per token), their ratio, and whether the batch-1
     tokens match that run's."""
-    from integration.demo import first_difference
+    from prophet_kernels.integration.demo import first_difference
 
     bases = {mode: next((r for r in rows if r["config"] == mode and r.get("kv_tokens")), None)
              for mode in ("off", "off-graphs")}
@@ -267,7 +267,7 @@ def main(argv=None):
     if not torch.cuda.is_available() and not args.smoke:
         sys.exit("bench_vllm.py needs a GPU; --smoke runs it on a tiny model without one (the plugin itself "
                  "is tested on the CPU by tests/test_vllm_plugin.py)")
-    from bench.common import provenance, write_rows
+    from prophet_kernels.benchmark.common import provenance, write_rows
 
     configs = args.configs or (SMOKE_CONFIGS if args.smoke else DEFAULT_CONFIGS)
     dims, label = (SMOKE_DIMS, "tiny OLMoE-shaped (--smoke)") if args.smoke else (OLMOE_1B_7B, "OLMoE-1B-7B")
@@ -276,7 +276,7 @@ def main(argv=None):
     (out / "logs").mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="prophet-vllm-")) / "olmoe"
     if args.smoke:  # the demo's settings for vLLM on the CPU (a 1 GiB KV cache, caches under the run's directory)
-        from integration.demo import vllm_env
+        from prophet_kernels.integration.demo import vllm_env
 
         vllm_env(str(root.parent))
     if args.weights == "random":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One lent-GPU session in one script (METHOD.md: batch the runs, bring results back under $OUT).
-#   bench/gpu_session.sh kernels    GPU tests, retune the decode configs, bench_moe at T <= 64
+#   bench/gpu_session.sh kernels    GPU tests, retune the decode configs, the kernel benchmark (prophet bench) at T <= 64
 #   bench/gpu_session.sh prefetch   ProphetMoE on the device vs all-resident, the pinned store, transformers (tests),
 #                                   bench_prefetch (a)-(d), compute-sanitizer on a short (c)
 #   bench/gpu_session.sh vllm       bench_vllm (vLLM 0.26 carried in first: ../shared/tools/gpu-vllm/README.md,
@@ -21,7 +21,7 @@ kernels)
   timeout 200 $PY -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 | tee "$OUT/test_gpu.txt"
   timeout 240 $PY bench/tune_moe.py --shapes olmoe mixtral --T 1 4 2>&1 | tee "$OUT/tune.txt" | grep -E "gemv|best|T=" | tail -12
   cp prophet_kernels/kernels/configs/*.json "$OUT/"
-  timeout 150 $PY bench/bench_moe.py --T 1 4 16 64 --no-reference --out-dir "$OUT" 2>&1 | tail -14
+  timeout 150 $PY -m prophet_kernels.benchmark.moe --T 1 4 16 64 --no-reference --out-dir "$OUT" 2>&1 | tail -14
   ;;
 prefetch)
   timeout 150 $PY -m pytest -q tests/test_layer.py tests/test_gpu.py tests/test_transformers_experts.py \

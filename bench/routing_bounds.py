@@ -23,11 +23,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import write_rows  # noqa: E402
-from prophet_kernels.predictors import LearnedGatePredictor, OraclePredictor, Predictor  # noqa: E402
+from prophet_kernels.benchmark.common import write_rows  # noqa: E402
+from prophet_kernels.memory.predictors import LearnedGatePredictor, OraclePredictor, Predictor  # noqa: E402
 from prophet_kernels.provenance import git_commit, utc_now  # noqa: E402
-from prophet_kernels.simulator import call_schedule, lanes, simulate  # noqa: E402
-from prophet_kernels.traces import load_trace  # noqa: E402
+from prophet_kernels.routing.simulator import call_schedule, lanes, simulate  # noqa: E402
+from prophet_kernels.routing.traces import load_trace  # noqa: E402
 
 
 class WithoutWrongGuesses(Predictor):

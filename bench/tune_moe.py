@@ -26,8 +26,8 @@ if __package__ in (None, ""):
 
 import torch
 
-from bench.bench_moe import time_graph
-from bench.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
+from prophet_kernels.benchmark.moe import time_graph
+from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
 from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key

@@ -1,24 +1,26 @@
 """Prophet: serve Mixture-of-Experts models on one GPU from a paged expert buffer.
 
-Public kernel API (names are a contract):
+Subpackages (imports go one way: integration -> memory -> kernels, planner; routing -> memory):
 
-- :func:`route_plan` -- batch dedup: token-slots grouped by unique expert, padded per block.
-- :func:`fused_experts_paged` -- MoE experts reading weights through a page table.
-- :func:`fused_experts` -- the same kernels on contiguous ``[E, ...]`` weights.
-- ``*_reference`` -- plain PyTorch references of each.
+- ``kernels``      Triton kernels: route plan (batch dedup), paged grouped GEMMs, the GEMV decode
+                   path, launch configs as data, and a PyTorch reference per op.
+- ``memory``       host expert store, paged expert buffer, residency decisions, predictors, copy
+                   stream, and ``ProphetMoE``, the layer both integrations drive.
+- ``routing``      the routing study: traces, the trace-driven simulator, the sweep report.
+- ``planner``      the capacity planner: model and GPU catalogue, memory model, tables, figures.
+- ``integration``  the vLLM plugin, the transformers experts implementation, their shared settings,
+                   ``prophet demo``.
+- ``benchmark``    the kernel benchmark behind ``prophet bench``.
 
-Memory system (host-driven mode): :class:`HostExpertStore` (all experts in pinned host memory),
-:class:`PagedExpertBuffer` (S device slots, page table, eviction policy, pins),
-:class:`StreamPrefetcher` (copy stream, per-slot events), :class:`ProphetMoE` (the layer-level
-orchestration: ``ProphetMoE.from_weights(w13, w2, num_slots, ...)``, ``forward``, ``stats``),
-whose decisions live in :class:`ExpertResidency` over a :class:`SlotTable`.
+Public names, importable from here (a contract): :func:`route_plan`, :func:`fused_experts_paged`,
+:func:`fused_experts` and their ``*_reference``; :class:`HostExpertStore`,
+:class:`PagedExpertBuffer`, :class:`SlotTable`, :class:`ExpertResidency`,
+:class:`StreamPrefetcher`, :class:`ProphetMoE`; the predictors; :class:`Trace`,
+:func:`load_trace`, :func:`simulate`.
 
-Routing: :class:`Trace` / :func:`load_trace` (recorded routing), :func:`simulate` (replays a trace
-through the same decisions), predictors (same, frequency, transition, learned, gate lookahead, oracle).
-
-The kernel modules load on first use, so that a caller (the ``prophet`` command, a test
-conftest) can still choose the Triton interpreter (``TRITON_INTERPRET=1``) after importing the
-package: Triton decides interpreter or compiler when a kernel is defined.
+They load on first use, so that a caller (the ``prophet`` command, a test conftest) can still
+choose the Triton interpreter (``TRITON_INTERPRET=1``) after importing the package: Triton decides
+interpreter or compiler when a kernel is defined.
 """
 
 import importlib
@@ -33,22 +35,22 @@ _EXPORTS = {
     "fused_experts_paged": "kernels.moe",
     "fused_experts_reference": "kernels.moe",
     "fused_experts_paged_reference": "kernels.moe",
-    "HostExpertStore": "store",
-    "PagedExpertBuffer": "buffer",
-    "StreamPrefetcher": "prefetch",
-    "ProphetMoE": "layer",
-    "SlotTable": "buffer",
-    "ExpertResidency": "residency",
-    "OraclePredictor": "predictors",
-    "SameExpertsPredictor": "predictors",
-    "FrequencyPredictor": "predictors",
-    "TransitionPredictor": "predictors",
-    "LearnedPredictor": "predictors",
-    "GateLookaheadPredictor": "predictors",
-    "fit_predictor": "predictors",
-    "Trace": "traces",
-    "load_trace": "traces",
-    "simulate": "simulator",
+    "HostExpertStore": "memory.store",
+    "PagedExpertBuffer": "memory.buffer",
+    "StreamPrefetcher": "memory.prefetch",
+    "ProphetMoE": "memory.layer",
+    "SlotTable": "memory.buffer",
+    "ExpertResidency": "memory.residency",
+    "OraclePredictor": "memory.predictors",
+    "SameExpertsPredictor": "memory.predictors",
+    "FrequencyPredictor": "memory.predictors",
+    "TransitionPredictor": "memory.predictors",
+    "LearnedPredictor": "memory.predictors",
+    "GateLookaheadPredictor": "memory.predictors",
+    "fit_predictor": "memory.predictors",
+    "Trace": "routing.traces",
+    "load_trace": "routing.traces",
+    "simulate": "routing.simulator",
 }
 __all__ = list(_EXPORTS)
 

@@ -2,7 +2,7 @@
 
     prophet plan [OPTIONS]   capacity planner: KV cache Prophet frees per model, GPU, batch, buffer
     prophet info             versions, device, which kernel path runs here, native library, vLLM and the plugin
-    prophet bench [ARGS]     the MoE kernel benchmark (bench/bench_moe.py; small CPU run without a GPU)
+    prophet bench [ARGS]     the MoE kernel benchmark (benchmark/moe.py; small CPU run without a GPU)
     prophet trace train|record   train a routing-shape model on the offline corpus; record traces
     prophet simulate [OPTIONS]   replay a routing trace through the buffer: one run, or --sweep
     prophet dedup [OPTIONS]      unique experts per layer vs batch, measured on traces
@@ -16,8 +16,6 @@ import argparse
 import os
 import sys
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def _info() -> int:
@@ -66,13 +64,9 @@ def _installed(name: str) -> bool:
 
 
 def _bench(args: list[str]) -> int:
-    # bench_moe.main picks the Triton interpreter without a GPU before any kernel module loads
-    # (the package loads its kernels lazily, see __init__).
-    if not (REPO / "bench" / "bench_moe.py").exists():
-        print("prophet bench needs the source checkout (bench/ is not installed)", file=sys.stderr)
-        return 2
-    sys.path.insert(0, str(REPO))
-    from bench.bench_moe import main as bench_main
+    # the benchmark picks the Triton interpreter without a GPU before any kernel module loads
+    # (the package loads its kernels lazily, see __init__)
+    from .benchmark.moe import main as bench_main
 
     bench_main(args, prog="prophet bench")
     return 0
@@ -145,7 +139,7 @@ def _plan(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------ routing traces
 
 def _add_trace_args(p: argparse.ArgumentParser) -> None:
-    from .traces.train import SHAPES
+    from .routing.traces.train import SHAPES
 
     sub = p.add_subparsers(dest="trace_cmd", required=True)
     t = sub.add_parser("train", help="train a small model with a real MoE's routing shape on the offline corpus")
@@ -182,10 +176,10 @@ def _trace(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .traces import DATA
-    from .traces.corpus import load_corpus
-    from .traces.recorder import record
-    from .traces.train import get_shape, heldout_windows, model_class, train, train_windows
+    from .routing.traces import DATA
+    from .routing.traces.corpus import load_corpus
+    from .routing.traces.recorder import record
+    from .routing.traces.train import get_shape, heldout_windows, model_class, train, train_windows
 
     if args.trace_cmd == "train":
         log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr)
@@ -205,7 +199,7 @@ def _trace(args: argparse.Namespace) -> int:
         windows = train_windows(corpus, args.seqs, args.seq_len)
     learned = None
     if args.learned_gate:
-        from .predictors import LearnedGatePredictor
+        from .memory.predictors import LearnedGatePredictor
         learned = LearnedGatePredictor.load(args.learned_gate)
     meta = {"shape": shape.name, "mimics": shape.mimics, "split": args.split, "corpus": corpus.meta,
             "model": f"transformers {type(model).__name__}, {shape.num_layers} layers, {shape.num_experts} experts, "
@@ -224,8 +218,8 @@ def _trace(args: argparse.Namespace) -> int:
 def _fit_lookahead(args, model, windows, ckpt: Path) -> int:
     import torch
 
-    from .predictors import LearnedGatePredictor
-    from .traces.recorder import gate_lookahead_parts, hidden_states
+    from .memory.predictors import LearnedGatePredictor
+    from .routing.traces.recorder import gate_lookahead_parts, hidden_states
 
     torch.manual_seed(args.seed)
     x, ids = hidden_states(model, windows, progress=True)
@@ -242,7 +236,7 @@ def _fit_lookahead(args, model, windows, ckpt: Path) -> int:
 
 
 def _add_simulate_args(p: argparse.ArgumentParser) -> None:
-    from .buffer import DEFAULT_POLICY
+    from .memory.buffer import DEFAULT_POLICY
 
     p.add_argument("--trace", default="olmoe-heldout", help="trace name or path (default olmoe-heldout)")
     p.add_argument("--train-trace", help="trace to fit predictors on (default: the same shape's train trace)")
@@ -274,17 +268,17 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _train_trace_for(args, heldout):
-    from .traces import load_trace
+    from .routing.traces import load_trace
 
     name = args.train_trace or f"{heldout.meta.get('shape')}-train"
     return load_trace(name)
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from . import routing_report as rr
-    from .predictors import fit_predictor
-    from .simulator import simulate
-    from .traces import load_trace
+    from .routing import report as rr
+    from .memory.predictors import fit_predictor
+    from .routing.simulator import simulate
+    from .routing.traces import load_trace
 
     # Copy budget and timing: one set for every row of a sweep, recorded in the rows and in the file names.
     timing = {k: v for k, v in dict(unlimited_budget=args.unlimited_budget or None, prefetch_budget=args.prefetch_budget,
@@ -357,9 +351,9 @@ def _add_dedup_args(p: argparse.ArgumentParser) -> None:
 def _dedup(args: argparse.Namespace) -> int:
     import json
 
-    from . import routing_report as rr
-    from .traces import load_trace
-    from .traces.dedup import dedup_table, verdict
+    from .routing import report as rr
+    from .routing.traces import load_trace
+    from .routing.traces.dedup import dedup_table, verdict
 
     out = Path(args.out)
     tables = {}
@@ -381,7 +375,7 @@ def _dedup(args: argparse.Namespace) -> int:
 
 
 def _add_demo_args(p):
-    from .buffer import DEFAULT_POLICY
+    from .memory.buffer import DEFAULT_POLICY
 
     p.add_argument("--model", help="checkpoint directory to serve (default: a tiny random-init model, built here)")
     p.add_argument("--family", default="olmoe",
@@ -405,7 +399,7 @@ def _add_demo_args(p):
 
 
 def _demo(args) -> int:
-    from integration.demo import run_demo
+    from .integration.demo import run_demo
 
     return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts,
                     args.dtype, predictor_path=args.predictor_path, repeats=args.repeats, keep=args.keep)
@@ -418,7 +412,7 @@ def _add_tiny_args(p):
 
 
 def _tiny(args) -> int:
-    from integration.demo import make_tiny_checkpoint
+    from .integration.demo import make_tiny_checkpoint
 
     if Path(args.out, "config.json").exists():
         raise ValueError(f"{args.out} already holds a checkpoint")
@@ -432,7 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_plan_args(sub.add_parser("plan", help="capacity planner: KV cache freed per model/GPU/batch/buffer"))
     sub.add_parser("info", help="versions, device, kernel path, native library")
-    sub.add_parser("bench", help="MoE kernel benchmark (pass bench_moe.py options after it)", add_help=False)
+    sub.add_parser("bench", help="MoE kernel benchmark (prophet bench --help for its options)", add_help=False)
     _add_trace_args(sub.add_parser("trace", help="routing traces: train a routing-shape model, record traces"))
     _add_simulate_args(sub.add_parser("simulate", help="replay a routing trace through the expert buffer"))
     _add_dedup_args(sub.add_parser("dedup", help="unique experts per layer vs batch, measured on traces"))

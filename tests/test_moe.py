@@ -10,7 +10,7 @@ import torch
 from prophet_kernels import (fused_experts, fused_experts_paged, fused_experts_paged_reference,
                              fused_experts_reference)
 from prophet_kernels.kernels import launch_config
-from prophet_kernels.store import expert_block, expert_tensors
+from prophet_kernels.memory.store import expert_block, expert_tensors
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # interpreter on the CPU, compiled on a GPU
 GEMV = {"gemv": True, "block_m": 16, "gate_up": {"BN": 16, "BK": 32}, "down": {"BN": 32, "BK": 16}}

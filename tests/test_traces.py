@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from prophet_kernels.buffer import BeladyPolicy, NextUsePolicy, SlotTable
-from prophet_kernels.layer import ProphetMoE
-from prophet_kernels.predictors import (
+from prophet_kernels.memory.buffer import BeladyPolicy, NextUsePolicy, SlotTable
+from prophet_kernels.memory.layer import ProphetMoE
+from prophet_kernels.memory.predictors import (
     GateLookaheadPredictor, LearnedGatePredictor, LearnedPredictor, OraclePredictor, SameExpertsPredictor, TraceHidden, TransitionPredictor,
     fit_predictor, make_predictor, previous_token)
-from prophet_kernels.simulator import lanes, simulate
-from prophet_kernels.traces import DATA, Trace, load_trace
-from prophet_kernels.traces.dedup import dedup_table, verdict
+from prophet_kernels.routing.simulator import lanes, simulate
+from prophet_kernels.routing.traces import DATA, Trace, load_trace
+from prophet_kernels.routing.traces.dedup import dedup_table, verdict
 
 
 def _random_trace(L=4, E=8, k=2, seqs=6, seq_len=20, seed=0, lookahead=True):
@@ -66,7 +66,7 @@ def test_trace_rejects_bad_input(tmp_path):
 
 def _tiny_olmoe():
     transformers = pytest.importorskip("transformers")
-    from prophet_kernels.traces.recorder import moe_layers
+    from prophet_kernels.routing.traces.recorder import moe_layers
 
     torch.manual_seed(0)
     cfg = transformers.OlmoeConfig(vocab_size=64, hidden_size=32, intermediate_size=16, num_hidden_layers=4,
@@ -79,7 +79,7 @@ def _tiny_olmoe():
 
 
 def test_recorder_matches_router_and_runtime_gate_lookahead():
-    from prophet_kernels.traces.recorder import gate_lookahead_parts, moe_layers, record
+    from prophet_kernels.routing.traces.recorder import gate_lookahead_parts, moe_layers, record
 
     model = _tiny_olmoe()
     windows = np.random.default_rng(0).integers(1, 64, (3, 11))
@@ -146,7 +146,7 @@ def test_learned_gate_stacked_logits_match_one_distance_at_a_time():
     """The live learned lookahead computes distances 1..m in batched matmuls; each slice equals
     logits() for that distance, with and without the previous call's context, across the step
     boundary too."""
-    from prophet_kernels.predictors import context_features, multi_hot
+    from prophet_kernels.memory.predictors import context_features, multi_hot
 
     pred = _random_learned_gate()
     g = torch.Generator().manual_seed(5)
@@ -181,7 +181,7 @@ def test_learned_gate_lookahead_fit_record_replay(tmp_path):
     """At zero training it is the gate lookahead; fitted, it predicts a routing that the gate
     lookahead cannot (an independent recall computed here) better; its recorded ranking equals
     its runtime prediction from the MoE input; it saves and loads."""
-    from prophet_kernels.traces.recorder import gate_lookahead_parts, hidden_states, moe_layers, record
+    from prophet_kernels.routing.traces.recorder import gate_lookahead_parts, hidden_states, moe_layers, record
 
     model = _tiny_olmoe()
     gates, norms, _ = gate_lookahead_parts(model)
@@ -447,7 +447,7 @@ def test_belady_policy_needs_the_future():
 
 def test_acquire_never_evicts_an_expert_the_same_call_needs():
     """LRU's oldest slot holds expert 0; a call needing [2, 0] must evict expert 1, not 0 (and copy 0 again)."""
-    from prophet_kernels.residency import ExpertResidency
+    from prophet_kernels.memory.residency import ExpertResidency
 
     res = ExpertResidency(SlotTable(1, 4, 2, "lru"), 10, None, 0, None)
     first, _ = res.acquire(0, [0, 1])
@@ -619,7 +619,7 @@ def test_cli_simulate_and_dedup(tmp_path):
 
 
 def test_sweep_table_and_report(tmp_path):
-    from prophet_kernels import routing_report as rr
+    from prophet_kernels.routing import report as rr
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
     rows = rr.run_table(held, train, capacities=(0.25, 0.5), predictors=("frequency", "gate", "oracle"), depths=(1, 2),
@@ -634,7 +634,7 @@ def test_sweep_table_and_report(tmp_path):
 
 
 def test_batch_table():
-    from prophet_kernels import routing_report as rr
+    from prophet_kernels.routing import report as rr
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
     rows = rr.batch_rows(held, train, batches=(1, 2), progress=False)
@@ -648,7 +648,7 @@ def test_cli_sweeps_take_the_copy_budget(tmp_path):
     dropped silently), the rows and file names record them, and contradictory options fail in one line."""
     import json
 
-    from prophet_kernels import routing_report as rr
+    from prophet_kernels.routing import report as rr
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
     held.save(tmp_path / "held.npz"), train.save(tmp_path / "train.npz")
@@ -673,8 +673,8 @@ def test_cli_sweeps_take_the_copy_budget(tmp_path):
 def test_train_and_record_cli(tmp_path):
     """A few training steps on a small slice of the real corpus, then `prophet trace record`."""
     pytest.importorskip("transformers")
-    from prophet_kernels.traces.corpus import Corpus, load_corpus
-    from prophet_kernels.traces.train import train
+    from prophet_kernels.routing.traces.corpus import Corpus, load_corpus
+    from prophet_kernels.routing.traces.train import train
 
     full = load_corpus(max_bytes_per_source=1 << 20)
     small = Corpus(full.train[:200_000], full.heldout[:50_000], full.meta)

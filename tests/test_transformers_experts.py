@@ -6,8 +6,8 @@ evictions happen; the experts leave the model; bad settings are refused before a
 import pytest
 import torch
 
-from integration import demo
-from integration.transformers_experts import enable_prophet
+from prophet_kernels.integration import demo
+from prophet_kernels.integration.transformers_experts import enable_prophet
 
 NEW_TOKENS = 16
 pytestmark = pytest.mark.usefixtures("torch_path")  # conftest: ProphetMoE's PyTorch path on the CPU
@@ -57,7 +57,7 @@ def test_tokens_identical_with_prophet_experts(checkpoints, family, buffer, poli
 
 
 def test_refused_before_the_experts_move(checkpoints, tmp_path):
-    from prophet_kernels.predictors import LearnedGatePredictor
+    from prophet_kernels.memory.predictors import LearnedGatePredictor
 
     model = _load(checkpoints["olmoe"])
     before = {n: p.clone() for n, p in model.named_parameters() if "gate_up_proj" in n or "down_proj" in n}

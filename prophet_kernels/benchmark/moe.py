@@ -7,8 +7,8 @@ roofline uses the HBM bandwidth and bf16 matmul rate measured at the start of th
 
 Without a GPU it runs a small shape under the Triton interpreter (a smoke run, not a speed claim).
 
-    python bench/bench_moe.py                      # GPU if present, else the small CPU run
-    python bench/bench_moe.py --shapes olmoe --T 1 16 256
+    prophet bench                                 # GPU if present, else the small CPU run
+    prophet bench --shapes olmoe --T 1 16 256
 """
 
 from __future__ import annotations
@@ -16,17 +16,12 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
-from pathlib import Path
-
-if __package__ in (None, ""):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
 
-from bench.common import (BATCH_SIZES, MOE_SHAPES, make_experts, measure_hbm_bandwidth,
-                          measure_matmul_peak, paged_copy, provenance, random_routing, write_rows)
+from .common import (BATCH_SIZES, MOE_SHAPES, make_experts, measure_hbm_bandwidth, measure_matmul_peak, paged_copy,
+                     provenance, random_routing, write_rows)
 
 SMALL_SHAPE = {"small": dict(E=8, k=2, H=96, I=80)}  # CPU interpreter smoke size
 SMALL_T = (1, 4, 16)
@@ -174,7 +169,8 @@ def main(argv=None, prog=None):
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rotations", type=int, default=8, help="routings/inputs rotated per graph")
     ap.add_argument("--no-reference", action="store_true", help="skip the slow eager reference")
-    ap.add_argument("--out-dir", default=None, help="JSON rows directory (default bench/results)")
+    ap.add_argument("--out-dir", default=None, help="JSON rows directory (default bench/results under the current "
+                                                    "directory: the repository's when run from its root)")
     args = ap.parse_args(argv)
 
     gpu = torch.cuda.is_available()

@@ -275,7 +275,7 @@ class GateLookaheadPredictor(Predictor):
         distances on x's device), so a decode call costs a cast, a matmul and no weight casts."""
         if self.gates is None:
             raise ValueError("GateLookaheadPredictor needs the model's router and norm weights "
-                             "(traces.recorder.gate_lookahead_parts) to predict from a hidden state")
+                             "(gate_lookahead_parts) to predict from a hidden state")
         key = (layer, tuple(ds), x.device)
         maps = self._maps.get(key)
         if maps is None:
@@ -550,6 +550,30 @@ def _scatter(picks: np.ndarray, values: np.ndarray, num_experts: int) -> np.ndar
 
 PREDICTORS = {"same": SameExpertsPredictor}
 TRAINED = {"frequency": FrequencyPredictor, "transition": TransitionPredictor, "learned": LearnedPredictor}
+
+
+# ------------------------------------------------------------------ a transformers model's gate parts
+
+
+def moe_layers(model) -> list:
+    """The decoder layers of a transformers OLMoE/Mixtral-style model, each with .mlp.gate."""
+    base = getattr(model, "model", model)
+    layers = list(getattr(base, "layers", []))
+    if not layers or not all(hasattr(l, "mlp") and hasattr(l.mlp, "gate") and hasattr(l, "post_attention_layernorm")
+                             for l in layers):
+        raise ValueError(f"{type(model).__name__} is not a supported MoE model: need model.layers[i].mlp.gate "
+                         "and .post_attention_layernorm (transformers OLMoE, Mixtral, Qwen3-MoE)")
+    return layers
+
+
+def gate_lookahead_parts(model) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
+    """Router weights [E, H], MoE-norm weights [H] per layer, and the norm's eps: what
+    ``GateLookaheadPredictor`` needs to predict from a layer's (normalised) MoE input."""
+    layers = moe_layers(model)
+    norm = layers[0].post_attention_layernorm
+    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+    return ([l.mlp.gate.weight.detach() for l in layers],
+            [l.post_attention_layernorm.weight.detach() for l in layers], float(eps))
 
 
 def fit_predictor(name: str, train_trace, replay_trace=None) -> Predictor:

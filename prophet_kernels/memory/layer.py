@@ -18,8 +18,8 @@ import warnings
 import torch
 
 from .buffer import DEFAULT_POLICY, PagedExpertBuffer
-from .kernels.moe import check_inputs, fused_experts_paged
-from .planner.memory import max_unique_experts
+from ..kernels.moe import check_inputs, fused_experts_paged
+from ..planner.memory import max_unique_experts
 from .predictors import make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .residency import ExpertResidency, Stats

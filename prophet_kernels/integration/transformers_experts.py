@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from integration.settings import ProphetSettings, check_model_family
+from prophet_kernels.integration.settings import ProphetSettings, check_model_family
 from prophet_kernels import HostExpertStore, ProphetMoE
-from prophet_kernels.store import expert_modules
+from prophet_kernels.memory.store import expert_modules
 
 NAME = "prophet"  # the experts_implementation name
 
@@ -43,7 +43,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
                    max_batch_tokens: int | None = None) -> ProphetMoE:
     """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
 
-    The settings are the vLLM plugin's (``integration.settings.ProphetSettings``): buffer (fraction
+    The settings are the vLLM plugin's (``settings.ProphetSettings``): buffer (fraction
     of all routed experts in (0, 1], or a slot count > 1), policy, predictor (none, same, gate: the
     next layers' routers on this layer's MoE input, learned-gate: the file at ``predictor_path``),
     prefetch_depth, prefetch_budget (most experts one layer call may prefetch; None: no limit).
@@ -73,7 +73,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = "next-
     settings.check_fits(L, E, top_k, tokens)  # a buffer too small is refused before the experts leave the model
     gates = None
     if predictor == "gate":  # the routers stay the model's
-        from prophet_kernels.traces.recorder import gate_lookahead_parts
+        from prophet_kernels.memory.predictors import gate_lookahead_parts
 
         routers, norms, _ = gate_lookahead_parts(model)
         gates = list(zip(routers, norms))

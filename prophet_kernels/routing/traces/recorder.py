@@ -13,20 +13,9 @@ import datetime
 import numpy as np
 import torch
 
-from ..predictors import context_features, multi_hot, previous_token
-from ..provenance import git_commit
+from ...memory.predictors import context_features, gate_lookahead_parts, moe_layers, multi_hot, previous_token  # noqa: F401
+from ...provenance import git_commit
 from .format import Trace
-
-
-def moe_layers(model) -> list:
-    """The decoder layers of a transformers OLMoE/Mixtral-style model, each with .mlp.gate."""
-    base = getattr(model, "model", model)
-    layers = list(getattr(base, "layers", []))
-    if not layers or not all(hasattr(l, "mlp") and hasattr(l.mlp, "gate") and hasattr(l, "post_attention_layernorm")
-                             for l in layers):
-        raise ValueError(f"{type(model).__name__} is not a supported MoE model: need model.layers[i].mlp.gate "
-                         "and .post_attention_layernorm (transformers OLMoE, Mixtral)")
-    return layers
 
 
 def _num_experts(model) -> int:
@@ -126,13 +115,3 @@ def record(model, windows: np.ndarray, lookahead_depth: int = 3, batch: int = 16
                  topk_weights=torch.cat(wts, 1).numpy(),
                  lookahead=torch.cat(look, 2).numpy() if lookahead_depth else None,
                  learned_lookahead=torch.cat(learned_look, 2).numpy() if learned is not None else None, meta=meta)
-
-
-def gate_lookahead_parts(model) -> tuple[list[torch.Tensor], list[torch.Tensor], float]:
-    """Router weights [E, H], MoE-norm weights [H] per layer, and the norm's eps: what
-    ``GateLookaheadPredictor`` needs to predict from a layer's (normalised) MoE input."""
-    layers = moe_layers(model)
-    norm = layers[0].post_attention_layernorm
-    eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
-    return ([l.mlp.gate.weight.detach() for l in layers],
-            [l.post_attention_layernorm.weight.detach() for l in layers], float(eps))

@@ -2,7 +2,7 @@
 without Prophet when it is on (their MoE layers did not run vLLM's unquantized method: quantized
 experts), and hand their routers and MoE-input norms to the model's Prophet experts, so that the
 gate-lookahead predictor (layer l+d's router on layer l's MoE input) can run inside vLLM.
-Registered (lazily, by name) by ``integration.vllm_plugin.register``; without Prophet they are
+Registered (lazily, by name) by ``vllm_plugin.register``; without Prophet they are
 vLLM's classes unchanged."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
-from integration.vllm_plugin import offer_gate_parts, require_prophet_experts
+from prophet_kernels.integration.vllm_plugin import offer_gate_parts, require_prophet_experts
 
 
 def _after_loading(model, moe: str) -> None:

@@ -36,7 +36,7 @@ def fit_all(predictors, train, heldout=None, progress: bool = False) -> tuple[di
     Fitted predictors are reused across runs: history predictors reset at each new step."""
     from tqdm import tqdm
 
-    from .predictors import fit_predictor
+    from ..memory.predictors import fit_predictor
 
     fitted, sizes = {}, {}
     names = [n for n in predictors if n != "oracle"]
@@ -191,7 +191,7 @@ def _stamp() -> dict:
     import numpy
     import torch
 
-    from .provenance import git_commit, utc_now
+    from ..provenance import git_commit, utc_now
 
     return {"commit": git_commit(), "date": utc_now(), "device": "cpu (simulation)", "torch": torch.__version__,
             "numpy": numpy.__version__}

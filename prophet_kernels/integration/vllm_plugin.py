@@ -1,46 +1,20 @@
 """vLLM plugin: serve MoE models with the experts in (pinned) host memory and a paged expert buffer
-on the device, through ``ProphetMoE`` (the same orchestration the benchmarks and the simulator use).
+on the device, through ``ProphetMoE`` (the one layer-level orchestration). Reference: docs/integrations.md.
 
-Entry point ``vllm.general_plugins: prophet = integration.vllm_plugin:register``. ``register()``
-runs in every vLLM process and is idempotent; it replaces vLLM's ``UnquantizedFusedMoEMethod``
-with :class:`ProphetFusedMoEMethod`, whose objects are vLLM's own method objects (class and all)
-unless Prophet is turned on, per engine or per process; the settings are checked in the process
-that builds the engine's config, before any engine starts:
+Entry point ``vllm.general_plugins: prophet = prophet_kernels.integration.vllm_plugin:register``.
+``register()`` runs in every vLLM process and is idempotent; it replaces vLLM's
+``UnquantizedFusedMoEMethod`` with :class:`ProphetFusedMoEMethod`, checks Prophet's settings where
+vLLM builds an engine config (the front-end process), gives vLLM's workers a ``prophet_stats``
+method, and registers the gate-predictor model classes (``vllm_models``). Turned on per engine
+(``additional_config={"prophet": {...}}``) or per process (``PROPHET=1``, ``PROPHET_<KEY>``).
 
-    LLM(model, additional_config={"prophet": {"buffer": 0.375, "policy": "next-use", "predictor": "gate"}})
-    PROPHET=1 PROPHET_BUFFER=0.375 PROPHET_POLICY=cyclic vllm serve <model>
-
-Settings (``additional_config["prophet"]`` keys, or ``PROPHET_<KEY>`` environment variables;
-``additional_config`` wins): ``buffer`` (fraction of all routed experts in (0, 1], or a slot count
-> 1), ``policy`` (lru, lfu, cyclic, next-use: layer distance in the decode cycle and use frequency,
-docs/routing.md), ``predictor`` (none, same, gate: the next layers' routers on this layer's MoE
-input, for OLMoE, Mixtral and Qwen3-MoE; learned-gate: a fitted ``LearnedGatePredictor`` saved at
-``predictor_path`` by ``prophet trace fit-lookahead``), ``prefetch_depth``, ``prefetch_budget``
-(most experts one layer call may prefetch, default 1; ``none``: no limit. Simulated on recorded
-routing, docs/routing.md: one copy per call had the least stall at batch 1 on the OLMoE shape, and
-stalled 0.3-4.1% more than the best rule tried at batch 16 and on the Mixtral shape; no limit
-stalled 18-37% more), ``log_every_s`` (stats log period; 0 logs only at shutdown).
-
-Lifecycle per model (all in the worker process):
-  create_weights   each MoE layer's w13 [E, 2I, H] / w2 [E, H, I] are created in host memory
-                   (pinned with CUDA; views of one block, so one copy moves an expert), where
-                   vLLM's weight loader fills them: no device copy
-  process_weights  each layer hands its tensors to the model's host store and drops its
-  _after_loading   parameters; after the last layer the device buffer (slots, page table) is
-                   allocated, before vLLM's profiling run, so vLLM's memory accounting gives the
-                   difference to the KV cache; each layer's vLLM MoE runner then enters through
-                   Prophet's custom op ``prophet::moe_forward`` (vLLM's routing, then ``apply``),
-                   one opaque call for torch.compile on the CPU and CUDA builds alike; its output
-                   is allocated before it in traced code, so piecewise CUDA graphs split there
-                   (:func:`piecewise_compilation_config`) read fixed addresses
-  apply            routes into ProphetMoE.forward (Triton paged kernels on CUDA, PyTorch on the
-                   CPU build)
-Stats: logged every ``log_every_s`` and at exit; :func:`prophet_stats` returns them (pass the
-``LLM`` to fetch them from its worker processes: ``register`` gives vLLM's workers a
-``prophet_stats`` method, which ``LLM.collective_rpc`` calls by name). `vllm serve` kills its
-workers at shutdown unless given ``--shutdown-timeout N`` (vLLM's default 0), so there the
-at-exit line needs that flag; the periodic one does not. A `vllm serve` started with
-``VLLM_SERVER_DEV_MODE=1`` returns them on ``POST /collective_rpc {"method": "prophet_stats"}``.
+Invariants: Prophet off, every method object is vLLM's own (class and all) and no setting is read.
+Prophet on, per model in the worker process: experts are created in host memory where vLLM's loader
+fills them (no device copy) and leave the model's parameters; the device buffer is allocated
+before vLLM's profiling run (so vLLM's accounting gives the freed memory to the KV cache); each MoE
+layer enters through Prophet's custom op ``prophet::moe_forward``, whose output the traced code
+allocates (piecewise CUDA graphs split there read fixed addresses), and finds its layer by vLLM's
+layer name in the running engine's forward context.
 """
 
 from __future__ import annotations
@@ -55,7 +29,7 @@ import weakref
 
 import torch
 
-from integration.settings import ProphetSettings, check_model_family  # (tests import the settings from here)
+from prophet_kernels.integration.settings import ProphetSettings, check_model_family  # (tests import them from here)
 
 logger = logging.getLogger("vllm.prophet")  # under vLLM's logger: its handlers and level
 
@@ -79,7 +53,7 @@ class _ModelExperts:
         self.num_layers = 0
         self.loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.top_k = None
-        self.gate_parts = None  # [(router [E, H], MoE-input norm [H]) per layer], from integration.vllm_models
+        self.gate_parts = None  # [(router [E, H], MoE-input norm [H]) per layer], from vllm_models
         self.moe = None
         self._last_log = time.monotonic()
 
@@ -200,7 +174,7 @@ def _loaded_host_weights(host: tuple[torch.Tensor, torch.Tensor], params: tuple[
     ``process_weights_after_loading`` with host parameters moved to the device (its
     ``device_loading_context``), a copy of ``host``: no copy back. A parameter whose data is
     neither (replaced after ``create_weights``) is copied to host memory as it is."""
-    from prophet_kernels.store import host_copy
+    from prophet_kernels.memory.store import host_copy
 
     def same(param, h):  # the same tensor, or a copy of it (first row of every expert compared)
         return param.data_ptr() == h.data_ptr() or (
@@ -212,7 +186,7 @@ def _loaded_host_weights(host: tuple[torch.Tensor, torch.Tensor], params: tuple[
 
 
 def _method_class():
-    from prophet_kernels.store import expert_tensors
+    from prophet_kernels.memory.store import expert_tensors
     from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
@@ -245,7 +219,7 @@ def _method_class():
                     and torch.cuda.is_available() and _captures_moe(cfg):
                 raise ValueError("Prophet decides expert residency on the host at every step, which a CUDA graph "
                                  "would freeze: run with enforce_eager=True, or keep CUDA graphs for the rest of "
-                                 "the model with compilation_config=integration.vllm_plugin."
+                                 "the model with compilation_config=prophet_kernels.integration.vllm_plugin."
                                  "piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
                                  f"'{MOE_OP}' among vLLM's splitting ops; for vllm serve: --enforce-eager, "
                                  f"or -cc '{json.dumps(piecewise_compilation_config())}')")
@@ -342,7 +316,7 @@ def register() -> None:
     if not hasattr(WorkerBase, WORKER_STATS):
         setattr(WorkerBase, WORKER_STATS, _worker_stats)
     for arch, cls in GATE_MODELS.items():  # lazily imported: no CUDA initialisation here
-        ModelRegistry.register_model(arch, f"integration.vllm_models:{cls}")
+        ModelRegistry.register_model(arch, f"prophet_kernels.integration.vllm_models:{cls}")
     _REGISTERED = True
 
 

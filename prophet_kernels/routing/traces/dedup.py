@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..planner.memory import expected_unique_experts, seed_unique_experts
+from ...planner.memory import expected_unique_experts, seed_unique_experts
 from ..simulator import lanes
 
 
