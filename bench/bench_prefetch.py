@@ -10,6 +10,11 @@ tiny functional pass anywhere (CPU: plain copies, PyTorch experts).
     trace (`--routing olmoe-heldout`: routing of the trained OLMoE-shaped model)
 (d) `--only host`: where the host's time goes per decode layer call (wall time and a cProfile's
     top functions) for all-resident fused_experts and ProphetMoE; a profile, run on request
+(e) `--only device`: device mode (issue 27). The device-driven fill (a kernel reading the fill list
+    and pinned host memory) vs a plain pinned copy (cudaMemcpyAsync) for 1 and 8 OLMoE experts; and
+    the decode step of the stack of (c), device mode captured as one CUDA graph per step and
+    replayed with each step's routing, at buffers of 100% and 50%, vs the all-resident step as one
+    CUDA graph and vs the PCIe floor (missed bytes / the pinned copy rate measured here)
 
 Rows (JSON lines, with device, versions, commit, date) go to bench/results/bench_prefetch.jsonl
 (bench_prefetch_cpu.jsonl without a GPU). Profile (c) with bench/nsys_prefetch.sh.
@@ -305,15 +310,21 @@ def _time_and_profile(run, timed, sync, passes):
 
 
 def _graphed_step(steps, xs, w13_dev, w2_dev):
-    """All-resident decode step captured once as a CUDA graph over static routing buffers; a run
-    copies the step's routing in (two small copies) and replays. None off CUDA, and without
-    PyTorch's caching allocator (the sanitizer runs turn it off; capture needs its private pools)."""
+    """All-resident decode step captured once as a CUDA graph (see ``_graphed``)."""
+    return _graphed(steps, xs, lambda st: _resident_step(st, xs, w13_dev, w2_dev, check=False))
+
+
+def _graphed(steps, xs, make_step):
+    """A decode step captured once as a CUDA graph over static routing buffers: ``make_step(static)``
+    returns run(0) reading ``static`` ([(ids, w)] per layer); a run copies the step's routing in (two
+    small copies) and replays. None off CUDA, and without PyTorch's caching allocator (the
+    sanitizer runs turn it off; capture needs its private pools)."""
     if xs[0].device.type != "cuda" or os.environ.get("PYTORCH_NO_CUDA_MEMORY_CACHING") == "1":
         return None
     all_ids = torch.stack([torch.stack([ids for ids, _ in st]) for st in steps])  # [steps, L, T, k]
     all_w = torch.stack([torch.stack([w for _, w in st]) for st in steps])
     ids, w = all_ids[0].clone(), all_w[0].clone()
-    layers = _resident_step([list(zip(ids, w))], xs, w13_dev, w2_dev, check=False)  # reads the static buffers
+    layers = make_step([list(zip(ids, w))])  # reads the static buffers
 
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -329,6 +340,87 @@ def _graphed_step(steps, xs, w13_dev, w2_dev):
         w.copy_(all_w[step])
         graph.replay()
     return run
+
+
+def device_fill(dev, repeats):
+    """(e) The device-driven fill (``fill_slots``: the list read on the device, the bytes read from
+    pinned host memory by the kernel) vs a plain pinned copy of the same experts, 1 and 8 OLMoE
+    experts. Programs: one per (expert, 8192-element chunk), i.e. as many SMs as the GPU gives."""
+    from prophet_kernels.kernels.residency import fill_slots
+    from prophet_kernels.memory.store import expert_block, expert_tensors
+
+    olmoe = MOE_SHAPES["olmoe"]
+    E, H, I = olmoe["E"], olmoe["H"], olmoe["I"]
+    src = expert_block(*expert_tensors(E, H, I, torch.bfloat16, pin=True))  # the store's [E, 3*I*H] layout
+    src.copy_(torch.randn(src.shape, dtype=torch.bfloat16))
+    dst = torch.empty((16,) + tuple(src.shape[1:]), dtype=src.dtype, device=dev)
+    rows = []
+    for n in (1, 8):
+        fills = torch.tensor([[e, e] for e in range(n)] + [[0, 0]], dtype=torch.int32, device=dev)
+        count = torch.tensor([n], dtype=torch.int32, device=dev)
+        t_fill = _cuda_time(lambda: fill_slots(src, dst, fills, count, max_fills=n), repeats)
+        assert torch.equal(dst[:n].cpu(), src[:n]), "device fill copied wrong bytes"
+        t_copy = _cuda_time(lambda: [dst[e].copy_(src[e], non_blocking=True) for e in range(n)], repeats)
+        nbytes = n * src[0].numel() * src.element_size()
+        chunks = -(-src.shape[1] // 8192)
+        rows.append({"bench": "device_fill", "experts": n, "bytes": nbytes, "fill_GBps": nbytes / t_fill / 1e9,
+                     "memcpy_GBps": nbytes / t_copy / 1e9, "ratio": t_copy / t_fill, "programs": n * chunks})
+    return rows
+
+
+def device_step(dev, repeats, small, routing="olmoe-heldout", fracs=(1.0, 0.5), batches=(1,), warmup=8):
+    """(e) Device mode, one CUDA graph per step, vs the all-resident step as one CUDA graph and the
+    PCIe floor. Without CUDA (or under the sanitizer) the same steps run eagerly (a functional pass)."""
+    from prophet_kernels import ProphetMoE
+    from prophet_kernels.memory.buffer import slots_for
+
+    L, E, H, I, k, tr, store, w13_dev, w2_dev = _stack(dev, small, routing)
+    rows = []
+    pinned_Bps = None
+    if dev.type == "cuda":
+        one = store.blocks[0][0]
+        slot = torch.empty_like(one, device=dev)
+        pinned_Bps = one.numel() * one.element_size() / _cuda_time(lambda: slot.copy_(one, non_blocking=True), repeats)
+    for T in batches:
+        steps = _routings(tr, warmup + repeats, T, L, E, k, dev)
+        xs = [torch.randn(T, H, dtype=store.dtype, device=dev) for _ in range(L)]
+        resident = _graphed_step(steps, xs, w13_dev, w2_dev) or _resident_step(steps, xs, w13_dev, w2_dev, False)
+        t_res = _median_step(resident, dev, range(warmup, warmup + repeats))
+        for frac in fracs:
+            slots = max(slots_for(frac, L, E), min(E, k * T))
+            moe = ProphetMoE(store, slots, device=dev, mode="device", predictor=None)
+            if slots >= L * E and E % k == 0:  # every expert resident before timing (the 100% bar)
+                every = torch.arange(E, dtype=torch.int32, device=dev).view(-1, k)
+                for layer in range(L):
+                    moe.forward(layer, xs[layer].new_zeros(E // k, H), torch.ones(E // k, k, device=dev), every)
+            run = _graphed(steps, xs, lambda st: _prophet_step(moe, st, xs)) or _prophet_step(moe, steps, xs)
+            for i in range(warmup):
+                run(i)
+            s0 = moe.stats
+            t = _median_step(run, dev, range(warmup, warmup + repeats))
+            s1 = moe.stats
+            missed = (s1.misses - s0.misses) / repeats
+            floor = max(t_res, missed * store.expert_bytes / pinned_Bps) if pinned_Bps else None
+            rows.append({"bench": "device_step", "routing": routing, "T": T, "layers": L, "E": E, "buffer_frac": frac,
+                         "slots": slots, "graph": dev.type == "cuda", "step_ms": t * 1e3, "resident_graph_step_ms": t_res * 1e3,
+                         "ratio_to_resident_graph": t / t_res, "misses_per_step": missed,
+                         "pcie_floor_ms": floor * 1e3 if floor else None, "ratio_to_floor": t / floor if floor else None,
+                         "hit_rate": (s1.hits - s0.hits) / max(1, s1.hits - s0.hits + s1.misses - s0.misses)})
+            del moe
+    return rows
+
+
+def _median_step(run, dev, steps) -> float:
+    ts = []
+    for i in steps:
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        run(i)
+        if dev.type == "cuda":
+            torch.cuda.synchronize()
+        ts.append(time.perf_counter() - t0)
+    return sorted(ts)[len(ts) // 2]
 
 
 def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmup=1,
@@ -421,7 +513,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--small", action="store_true", help="tiny shapes (functional check; default without a GPU)")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--only", choices=["copy", "overlap", "decode", "host"], help="run one part")
+    ap.add_argument("--only", choices=["copy", "overlap", "decode", "host", "device"], help="run one part")
     ap.add_argument("--routing", default="uniform",
                     help="part (c): 'uniform' random top-k, or a trace name/path (e.g. olmoe-heldout)")
     ap.add_argument("--policies", default="lru", help="part (c): comma-separated eviction policies")
@@ -444,6 +536,11 @@ def main(argv=None):
                             tuple(args.policies.split(",")), args.warmup, budget_experts=args.budget_experts)
     if args.only == "host":  # (d) only on request: a profile, not a timing table
         rows += host_time(dev, small, args.routing, stub_experts=args.stub_experts)
+    if args.only == "device":  # (e) on request (the runbook's device stage)
+        if dev.type == "cuda":
+            rows += device_fill(dev, args.repeats)
+        rows += device_step(dev, 3 if small else args.repeats, small,
+                            args.routing if args.routing != "uniform" else "olmoe-heldout")
     prov = provenance(dev)
     for r in rows:
         if r["bench"] not in ("decode_step", "host_time"):  # those print their own tables

@@ -6,6 +6,10 @@
 #   bench/gpu_session.sh vllm       bench_vllm (vLLM 0.26 carried in first: ../shared/tools/gpu-vllm/README.md,
 #                                   the c1, c2 calls, then this stage in the c3 call; installs it itself)
 #   bench/gpu_session.sh vllm-graphs  the same with vLLM's CUDA graphs (piecewise around Prophet's MoE op)
+#   bench/gpu_session.sh device     device mode (issue 27): its tests on the GPU (exactness vs host and
+#                                   all-resident, no host read), the device fill vs cudaMemcpyAsync, the
+#                                   decode step as one CUDA graph at 100%/50% vs the resident graph and the
+#                                   PCIe floor, compute-sanitizer memcheck + racecheck on 32 device steps
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -43,6 +47,19 @@ prefetch)
   timeout 200 $PY bench/bench_prefetch.py --only decode --routing olmoe-heldout --policies next-use --warmup 32 \
     --budget-experts 2 --out "$OUT" 2>&1 | grep -E "^\||Error|error"
   timeout 150 $PY bench/bench_prefetch.py --only decode --routing uniform --out "$OUT" 2>&1 | grep -E "^\||Error|error"
+  ;;
+device)
+  timeout 240 $PY -m pytest -q tests/test_device_mode.py tests/test_layer.py -k "device" 2>&1 | tail -3 \
+    | tee "$OUT/test_device.txt"
+  timeout 200 $PY bench/bench_prefetch.py --only device --routing olmoe-heldout --repeats 20 --out "$OUT" 2>&1 \
+    | grep -E "device_|Error|error" | tee "$OUT/device.txt"
+  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
+  for tool in memcheck racecheck; do
+    timeout 120 compute-sanitizer --tool $tool --print-limit 20 $PY bench/bench_prefetch.py --small --only device \
+      --repeats 32 --out "$OUT/sanitizer" > "$OUT/sanitizer_device_$tool.txt" 2>&1
+    echo "sanitizer $tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_device_$tool.txt" | tail -1)"
+  done
+  unset PYTORCH_NO_CUDA_MEMORY_CACHING
   ;;
 vllm)
   if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi

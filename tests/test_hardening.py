@@ -250,10 +250,13 @@ def test_15_one_default_policy_shown_in_help(capsys):
     from prophet_kernels.memory.buffer import DEFAULT_POLICY
     from prophet_kernels.routing.simulator import simulate
 
-    defaults = {ProphetSettings().policy, inspect.signature(ProphetMoE).parameters["policy"].default,
+    from prophet_kernels.memory.buffer import NextUsePolicy, default_policy
+
+    defaults = {ProphetSettings().policy_name, default_policy("host"),  # (host mode: the default mode)
                 inspect.signature(simulate).parameters["policy"].default,
                 inspect.signature(SlotTable).parameters["policy"].default}
-    assert defaults == {DEFAULT_POLICY} == {"next-use"}
+    assert defaults == {DEFAULT_POLICY} == {"next-use"} and ProphetSettings().mode == "host"
+    assert isinstance(_moe().buffer.policy, NextUsePolicy)  # ProphetMoE without a policy
     for cmd in ("simulate", "demo"):
         out = " ".join(_cli(cmd, "--help", capsys=capsys)[1].split())
         assert f"(default {DEFAULT_POLICY}" in out

@@ -348,6 +348,11 @@ def test_bench_prefetch_parts_run_on_the_cpu(torch_path, tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][8:]
     assert rows and all(r["bench"] == "decode_step" and r["budget_experts"] == 1 and 0 <= r["hit_rate"] <= 1
                         for r in rows)
+    n = len(rows) + 8
+    bench_prefetch.main(["--small", "--only", "device", "--out", str(tmp_path)])  # (e), eager off CUDA
+    rows = [json.loads(x) for x in (tmp_path / "bench_prefetch_cpu.jsonl").open()][n:]
+    assert [(r["bench"], r["buffer_frac"]) for r in rows] == [("device_step", 1.0), ("device_step", 0.5)]
+    assert rows[0]["misses_per_step"] == 0 and rows[1]["misses_per_step"] > 0  # 100%: preloaded
 
 
 @pytest.mark.parametrize("T,k,E_", [(1, 8, 64), (5, 2, 8), (128, 8, 64), (700, 2, 8), (4096, 8, 64)])

@@ -56,6 +56,19 @@ def test_tokens_identical_with_prophet_experts(checkpoints, family, buffer, poli
         assert st.prefetched > 0
 
 
+@pytest.mark.parametrize("family", list(demo.TINY))
+def test_device_mode_tokens_identical(checkpoints, family):
+    """mode="device" through transformers: the same greedy tokens, misses, evictions and prefetches."""
+    prompts = [p[:12] for p in demo.prompts(4, length=12)]
+    want, _ = _generate(_load(checkpoints[family]), prompts)
+    model = _load(checkpoints[family])
+    moe = enable_prophet(model, buffer=0.375, device="cpu", predictor="same", mode="device")
+    got, _ = _generate(model, prompts)
+    assert got == want
+    st = moe.stats
+    assert st.misses > 0 and st.evictions > 0 and st.prefetched > 0 and moe.mode == "device"
+
+
 def test_refused_before_the_experts_move(checkpoints, tmp_path):
     from prophet_kernels.memory.predictors import LearnedGatePredictor
 

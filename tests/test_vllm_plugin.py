@@ -285,6 +285,69 @@ def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, 
     assert stats["prefetch_budget_bytes"] == (None if predictor == "learned-gate" else stats["expert_bytes"])
 
 
+@pytest.mark.parametrize("family", list(demo.TINY))
+def test_device_mode_tokens_identical(checkpoints, baseline, family):
+    """mode: device (every residency decision on the device, no host sync): greedy tokens identical
+    to vLLM's own, with misses, evictions and the same-experts prefetch."""
+    ps, base = baseline
+    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "mode": "device", "predictor": "same"})
+    try:
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == base[family]
+    t = stats["total"]
+    assert t["misses"] > 0 and t["evictions"] > 0 and t["prefetched"] > 0 and t["late_hits"] == 0
+
+
+def test_device_mode_under_vllms_compilation(checkpoints, tmp_path, monkeypatch):
+    """Device mode under vLLM's default compilation (not eager): Dynamo traces the MoE layers through
+    Prophet's ops (vLLM keeps its own MoE entry; no split, no opaque host op), with the gate predictor;
+    tokens identical to the same compiled engine without Prophet."""
+    monkeypatch.setenv("VLLM_DISABLE_COMPILE_CACHE", "1")
+    monkeypatch.setattr(vllm.envs, "VLLM_DISABLE_COMPILE_CACHE", True, raising=False)
+    ps = demo.prompts(4)
+    off = demo.make_llm(checkpoints["olmoe"], None, enforce_eager=False)
+    try:
+        want = demo.greedy(off, ps, MAX_TOKENS)
+    finally:
+        del off
+    llm = demo.make_llm(checkpoints["olmoe"], {"buffer": 0.375, "mode": "device", "predictor": "gate"},
+                        enforce_eager=False)
+    try:
+        assert int(llm.llm_engine.vllm_config.compilation_config.mode) > 0
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == want
+    assert stats["total"]["misses"] > 0 and stats["total"]["prefetched"] > 0
+
+
+def test_device_mode_needs_no_eager_on_cuda():
+    """The CUDA-graph refusal is host mode's alone: under vLLM's default graphs (FULL_AND_PIECEWISE,
+    capturing the MoE op) device mode is accepted, host mode refused with the ways out."""
+    from types import SimpleNamespace
+
+    from prophet_kernels.integration.vllm_plugin import graphs_refusal
+
+    def cfg(eager, **cc):
+        return SimpleNamespace(model_config=SimpleNamespace(enforce_eager=eager),
+                               compilation_config=SimpleNamespace(**cc))
+
+    full = cfg(False, cudagraph_mode="FULL_AND_PIECEWISE", splitting_ops=[])
+    host, device = ProphetSettings(enabled=True), ProphetSettings(enabled=True, mode="device")
+    assert "use mode 'device'" in graphs_refusal(full, host, cuda=True)
+    assert graphs_refusal(full, device, cuda=True) is None
+    assert graphs_refusal(cfg(True, cudagraph_mode="FULL_AND_PIECEWISE", splitting_ops=[]), host, cuda=True) is None
+    assert graphs_refusal(full, host, cuda=False) is None  # (the CPU build has no CUDA graphs)
+    with pytest.raises(ValueError, match="unknown Prophet policy 'next-use' for mode device; known: lru"):
+        ProphetSettings.resolve({"prophet": {"mode": "device", "policy": "next-use"}}, environ={})
+    with pytest.raises(ValueError, match="unknown Prophet mode 'gpu'"):
+        ProphetSettings.resolve({"prophet": {"mode": "gpu"}}, environ={})
+
+
 def test_piecewise_config_keeps_the_moe_op_out_of_cuda_graphs():
     """The settings the plugin's error message points to: vLLM's default graph modes capture the MoE
     op (refused), eager and the helper's piecewise settings do not; the helper keeps vLLM's own

@@ -182,9 +182,9 @@ def _rate(n: int, seconds: list[float]) -> str:
     return f"{n / statistics.median(seconds):.1f} ({rates[0]:.0f}-{rates[-1]:.0f})"
 
 
-def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str = "next-use",
+def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str | None = None,
              predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4, dtype: str | None = None,
-             predictor_path: str = "", repeats: int = 3, keep: bool = False) -> int:
+             predictor_path: str = "", repeats: int = 3, keep: bool = False, mode: str = "host") -> int:
     """Serves `model` (default: a tiny random-init checkpoint of `family`, built here) through vLLM
     without and with Prophet and prints the comparison; 1 if the greedy tokens differ. `dtype`:
     float32 for the tiny checkpoint (exact on the CPU), the dtype the checkpoint's config names for
@@ -195,7 +195,9 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
 
     from prophet_kernels.integration.settings import ProphetSettings
 
-    settings = {"buffer": buffer, "policy": policy, "predictor": predictor, "log_every_s": 0}
+    settings = {"buffer": buffer, "mode": mode, "predictor": predictor, "log_every_s": 0}
+    if policy:
+        settings["policy"] = policy
     if predictor_path:
         settings["predictor_path"] = predictor_path
     ProphetSettings.resolve({"prophet": settings}, environ={})  # a bad setting fails now, not after the first engine

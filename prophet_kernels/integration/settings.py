@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import os
 
-from prophet_kernels.memory.buffer import DEFAULT_POLICY
+from prophet_kernels.memory.buffer import DEFAULT_MODE, default_policy
 
 RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
 
@@ -38,7 +38,8 @@ def check_model_family(model_type: str | None = None, architectures=()) -> None:
 class ProphetSettings:
     enabled: bool = False
     buffer: float = 0.5
-    policy: str = DEFAULT_POLICY
+    mode: str = DEFAULT_MODE  # "host" or "device" (ProphetMoE's mode)
+    policy: str | None = None  # None: the mode's default (default_policy)
     predictor: str = "none"
     prefetch_depth: int = 1
     prefetch_budget: int | None = 1  # experts per layer call; None: no limit
@@ -87,14 +88,18 @@ class ProphetSettings:
             raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
 
     def validated(self) -> "ProphetSettings":
-        from prophet_kernels.memory.buffer import POLICIES, check_buffer
+        from prophet_kernels.memory.buffer import DEVICE_POLICIES, MODES, POLICIES, check_buffer
 
         try:
             check_buffer(self.buffer)
         except ValueError as e:
             raise ValueError(f"Prophet {e}") from None
-        if self.policy not in POLICIES:
-            raise ValueError(f"unknown Prophet policy {self.policy!r}; known: {', '.join(POLICIES)}")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown Prophet mode {self.mode!r}; known: {', '.join(MODES)}")
+        known = POLICIES if self.mode == "host" else DEVICE_POLICIES
+        if self.policy is not None and self.policy not in known:
+            raise ValueError(f"unknown Prophet policy {self.policy!r}" + (f" for mode {self.mode}" if self.policy in POLICIES
+                                                                           else "") + f"; known: {', '.join(known)}")
         if self.predictor not in RUNTIME_PREDICTORS:
             raise ValueError(f"Prophet predictor {self.predictor!r} is not available while serving; known: "
                              f"{', '.join(RUNTIME_PREDICTORS)}")
@@ -107,6 +112,11 @@ class ProphetSettings:
             raise ValueError(f"Prophet predictor 'learned-gate' needs predictor_path, the file saved by "
                              f"`prophet trace fit-lookahead` (got {self.predictor_path!r})")
         return self
+
+    @property
+    def policy_name(self) -> str:
+        """The eviction policy these settings run: the one given, else the mode's default."""
+        return self.policy or default_policy(self.mode)
 
     def num_slots(self, num_layers: int, num_experts: int) -> int:
         from prophet_kernels.memory.buffer import slots_for
@@ -126,12 +136,12 @@ class ProphetSettings:
     def check_fits(self, num_layers: int, num_experts: int, top_k: int, max_batch_tokens: int) -> None:
         """The refusal ``build`` gives a buffer too small for one layer's unique experts at
         ``max_batch_tokens`` (ProphetMoE's own check), before anything is built or moved."""
-        from prophet_kernels.memory.buffer import SlotTable
+        from prophet_kernels.memory.buffer import check_sizes
         from prophet_kernels.planner.memory import max_unique_experts
 
         with self._buffer_named(num_layers, num_experts, max_batch_tokens):
-            SlotTable(num_layers, num_experts, self.num_slots(num_layers, num_experts), self.policy,
-                      max_unique_experts(num_experts, top_k, max_batch_tokens))
+            check_sizes(num_layers, num_experts, self.num_slots(num_layers, num_experts),
+                        max_unique_experts(num_experts, top_k, max_batch_tokens))
 
     def build(self, store, device, top_k: int, max_batch_tokens: int, gates=None):
         """The ``ProphetMoE`` these settings describe over ``store``. ``gates``: each layer's (router
@@ -153,7 +163,7 @@ class ProphetSettings:
             predictor.check_model(store.num_layers, store.num_experts, store.hidden)
         with self._buffer_named(store.num_layers, store.num_experts, max_batch_tokens):
             return ProphetMoE(store, self.num_slots(store.num_layers, store.num_experts), device=device,
-                              policy=self.policy, predictor=predictor, prefetch_depth=self.prefetch_depth,
+                              policy=self.policy_name, predictor=predictor, prefetch_depth=self.prefetch_depth,
                               prefetch_budget_bytes=None if self.prefetch_budget is None
                               else self.prefetch_budget * store.expert_bytes,
-                              top_k=top_k, max_batch_tokens=max_batch_tokens)
+                              top_k=top_k, max_batch_tokens=max_batch_tokens, mode=self.mode)

@@ -11,10 +11,11 @@ method, and registers the gate-predictor model classes (``vllm_models``). Turned
 Invariants: Prophet off, every method object is vLLM's own (class and all) and no setting is read.
 Prophet on, per model in the worker process: experts are created in host memory where vLLM's loader
 fills them (no device copy) and leave the model's parameters; the device buffer is allocated
-before vLLM's profiling run (so vLLM's accounting gives the freed memory to the KV cache); each MoE
-layer enters through Prophet's custom op ``prophet::moe_forward``, whose output the traced code
-allocates (piecewise CUDA graphs split there read fixed addresses), and finds its layer by vLLM's
-layer name in the running engine's forward context.
+before vLLM's profiling run (so vLLM's accounting gives the freed memory to the KV cache). Host mode:
+each MoE layer enters through Prophet's custom op ``prophet::moe_forward``, whose output the traced
+code allocates (piecewise CUDA graphs split there read fixed addresses), and finds its layer by
+vLLM's layer name in the running engine's forward context. Device mode: vLLM's own entry; the layer
+call has no host code to freeze, so vLLM compiles and captures it with the rest of the step.
 """
 
 from __future__ import annotations
@@ -84,18 +85,21 @@ class _ModelExperts:
         self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts)
         slots = self.moe.buffer.num_slots
         logger.info("Prophet: %d MoE layers x %d experts in %s host memory (%.1f MiB); device buffer %d slots "
-                    "(%.1f MiB, %.1f%% of experts), policy %s, predictor %s, prefetch depth %d, prefetch budget %s",
+                    "(%.1f MiB, %.1f%% of experts), %s mode, policy %s, predictor %s, prefetch depth %d, "
+                    "prefetch budget %s",
                     store.num_layers, store.num_experts, "pinned" if store.pinned else "pageable",
                     store.num_layers * store.num_experts * store.expert_bytes / 2**20, slots,
                     slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
-                    s.policy, s.predictor, s.prefetch_depth,
+                    s.mode, s.policy_name, s.predictor, s.prefetch_depth,
                     "no limit" if s.prefetch_budget is None else f"{s.prefetch_budget} experts per layer call")
 
     def forward(self, layer: int, x, topk_weights, topk_ids):
         if self.moe is None:
             raise RuntimeError("Prophet: forward before all MoE layers' weights were loaded")
         y = self.moe.forward(layer, x, topk_weights, topk_ids)
-        if layer == self.num_layers - 1 and self.settings.log_every_s > 0:
+        # (device mode: no host code here, the step is traced and captured whole; its stats are read
+        # on demand and at exit)
+        if self.settings.mode == "host" and layer == self.num_layers - 1 and self.settings.log_every_s > 0:
             now = time.monotonic()
             if now - self._last_log >= self.settings.log_every_s:
                 self._last_log = now
@@ -215,14 +219,9 @@ def _method_class():
             if problems:
                 raise ValueError(f"Prophet supports SiLU-gated MoE experts without bias on one device "
                                  f"(OLMoE, Mixtral, Qwen3-MoE); this layer has {', '.join(problems)}")
-            if cfg is not None and cfg.model_config is not None and not cfg.model_config.enforce_eager \
-                    and torch.cuda.is_available() and _captures_moe(cfg):
-                raise ValueError("Prophet decides expert residency on the host at every step, which a CUDA graph "
-                                 "would freeze: run with enforce_eager=True, or keep CUDA graphs for the rest of "
-                                 "the model with compilation_config=prophet_kernels.integration.vllm_plugin."
-                                 "piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
-                                 f"'{MOE_OP}' among vLLM's splitting ops; for vllm serve: --enforce-eager, "
-                                 f"or -cc '{json.dumps(piecewise_compilation_config())}')")
+            refusal = graphs_refusal(cfg, settings, torch.cuda.is_available())
+            if refusal:
+                raise ValueError(refusal)
             # vLLM registers each MoE layer's runner here by name; process_weights_after_loading finds it
             self.forward_context = cfg.compilation_config.static_forward_context if cfg is not None else {}
             building = _BUILDING[0]
@@ -260,7 +259,8 @@ def _method_class():
             if len(runners) != 1:
                 raise RuntimeError(f"Prophet: found {len(runners)} vLLM MoE runners for one MoE layer in the static "
                                    "forward context (expected 1; this vLLM's MoE layout is not supported)")
-            runners[0]._forward_entry = functools.partial(_traced_moe_entry, runners[0].layer_name)
+            if self.prophet.mode == "host":  # (device mode: vLLM's own entry, traced and captured with the step)
+                runners[0]._forward_entry = functools.partial(_traced_moe_entry, runners[0].layer_name)
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
             self.experts.layer_loaded(self.layer_index, w13, w2, device)
@@ -271,6 +271,20 @@ def _method_class():
             return self.experts.forward(self.layer_index, x, topk_weights.float(), topk_ids)
 
     return ProphetFusedMoEMethod
+
+
+def graphs_refusal(cfg, settings: ProphetSettings, cuda: bool) -> str | None:
+    """Why this engine's CUDA graphs cannot run Prophet, or None: host mode decides on the host at
+    every step, which a graph capturing the MoE op would freeze; device mode is captured whole."""
+    if settings.mode != "host" or not cuda or cfg is None or cfg.model_config is None or \
+            cfg.model_config.enforce_eager or not _captures_moe(cfg):
+        return None
+    return ("Prophet's host mode decides expert residency on the host at every step, which a CUDA graph would "
+            "freeze: use mode 'device' (every decision on the GPU, captured with the step), run with "
+            "enforce_eager=True, or keep CUDA graphs for the rest of the model with compilation_config="
+            "prophet_kernels.integration.vllm_plugin.piecewise_compilation_config() (cudagraph_mode PIECEWISE, with "
+            f"'{MOE_OP}' among vLLM's splitting ops; for vllm serve: PROPHET_MODE=device, --enforce-eager, "
+            f"or -cc '{json.dumps(piecewise_compilation_config())}')")
 
 
 def _captures_moe(cfg) -> bool:

@@ -155,6 +155,19 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, *, check: bool = True,
     return _run(x, w13, w2, None, weights, ids, T, H, I, k, E, S, check, config)
 
 
+@torch.library.custom_op("prophet::fused_experts_paged", mutates_args=())
+def fused_experts_paged_op(x: torch.Tensor, w13_slots: torch.Tensor, w2_slots: torch.Tensor, page_table: torch.Tensor,
+                           topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    """:func:`fused_experts_paged` with ``check=False`` as a ``torch.library`` op (no host sync, opaque to
+    torch.compile): what the device mode calls, so a compiled multi-layer step has no graph break."""
+    return fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, check=False)
+
+
+@fused_experts_paged_op.register_fake
+def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids):
+    return x.new_empty((x.shape[0], w13_slots.shape[2]))
+
+
 # ----------------------------------------------------------------------------- references
 
 

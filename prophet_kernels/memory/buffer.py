@@ -272,6 +272,15 @@ POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy, "next-us
 # The default everywhere (ProphetMoE, the plugin, the transformers integration, the simulator, the CLI):
 # the best policy without a predictor in the routing study (docs/routing.md).
 DEFAULT_POLICY = "next-use"
+MODES = ("host", "device")  # who decides residency: the host at every layer call, or the device (memory.device)
+DEFAULT_MODE = "host"  # until device mode is measured on a GPU and runs the next-use policy (PERF_NOTES.md)
+DEVICE_POLICIES = ("lru",)  # what device mode decides with so far
+
+
+def default_policy(mode: str) -> str:
+    """The eviction policy a mode uses when none is given: next-use (the routing study's best) on the
+    host, LRU on the device (the one device policy so far)."""
+    return DEFAULT_POLICY if mode == "host" else DEVICE_POLICIES[0]
 
 
 def make_policy(policy) -> EvictionPolicy:
@@ -312,18 +321,22 @@ def slots_for(buffer: float, num_layers: int, num_experts: int) -> int:
     return max(1, int(buffer * num_layers * num_experts)) if buffer <= 1 else int(buffer)
 
 
+def check_sizes(num_layers: int, num_experts: int, num_slots: int, min_slots: int = 1) -> None:
+    """Whole numbers >= 1, and a buffer that holds one layer's unique experts (``min_slots``)."""
+    for name, v in (("num_layers", num_layers), ("num_experts", num_experts), ("num_slots", num_slots)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise (ValueError if isinstance(v, int) else TypeError)(f"{name} must be a whole number >= 1, got {v!r}")
+    if num_slots < max(1, min_slots):
+        raise ValueError(
+            f"expert buffer of {num_slots} slots is smaller than one layer's unique experts at the "
+            f"configured maximum batch: need at least {max(1, min_slots)} slots")
+
+
 class SlotTable:
     """Residency decisions for S slots serving L layers x E experts: owners, pins, eviction."""
 
     def __init__(self, num_layers: int, num_experts: int, num_slots: int, policy=DEFAULT_POLICY, min_slots: int = 1):
-        for name, v in (("num_layers", num_layers), ("num_experts", num_experts), ("num_slots", num_slots)):
-            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-                raise (ValueError if isinstance(v, int) else TypeError)(
-                    f"{name} must be a whole number >= 1, got {v!r}")
-        if num_slots < max(1, min_slots):
-            raise ValueError(
-                f"expert buffer of {num_slots} slots is smaller than one layer's unique experts at the "
-                f"configured maximum batch: need at least {max(1, min_slots)} slots")
+        check_sizes(num_layers, num_experts, num_slots, min_slots)
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
         # host copy, source of truth; int32 arrays, so a row uploads without a conversion
         self._table = [array("i", [-1] * num_experts) for _ in range(num_layers)]

@@ -17,9 +17,11 @@ import warnings
 
 import torch
 
-from .buffer import DEFAULT_POLICY, PagedExpertBuffer
-from ..kernels.moe import check_inputs, fused_experts_paged
+from ..kernels.moe import check_inputs, fused_experts_paged, fused_experts_paged_op
+from ..kernels.route_plan import narrow_ids
 from ..planner.memory import max_unique_experts
+from .buffer import DEFAULT_MODE, MODES, PagedExpertBuffer, default_policy
+from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .residency import ExpertResidency, Stats
@@ -40,9 +42,16 @@ def unique_experts(topk_ids: torch.Tensor) -> list[int]:
 class ProphetMoE:
     """Experts of L MoE layers in a host store, S slots on the device, optional prefetching."""
 
-    def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy=DEFAULT_POLICY, predictor=None,
+    def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy: str | None = None, predictor=None,
                  prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None,
-                 top_k: int | None = None, max_batch_tokens: int | None = None):
+                 top_k: int | None = None, max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE):
+        """``mode``: "host" (the host decides at every layer call; every policy and predictor) or
+        "device" (every decision on the device, no host sync: a step can be one CUDA graph; LRU; the
+        same, gate and learned-gate predictors). ``policy``: default next-use in host mode, lru in
+        device mode."""
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        policy = policy or default_policy(mode)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         experts = store.num_layers * store.num_experts
         if isinstance(num_slots, int) and not isinstance(num_slots, bool) and num_slots > experts:
@@ -56,17 +65,25 @@ class ProphetMoE:
             if not 1 <= top_k <= store.num_experts:
                 raise ValueError(f"top_k={top_k} must be in [1, E={store.num_experts}]")
             min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
-        self.store = store
-        self.buffer = PagedExpertBuffer(store.num_layers, store.num_experts, store.hidden, store.intermediate,
-                                        num_slots, store.dtype, device, policy, min_slots)
+        self.store, self.mode = store, mode
+        self.current_slots: list[int] = []  # slots the layer being computed reads (pinned; host mode)
+        dims = (store.num_layers, store.num_experts, store.hidden, store.intermediate, num_slots, store.dtype, device)
+        if mode == "device":
+            self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots)
+            self.prefetcher = None
+            budget = None if prefetch_budget_bytes is None else prefetch_budget_bytes // store.expert_bytes
+            self.residency = DeviceResidency(self.buffer, store, make_predictor(predictor), prefetch_depth, budget,
+                                             policy)
+            return
+        self.buffer = PagedExpertBuffer(*dims, policy, min_slots)
         self.prefetcher = StreamPrefetcher(store, self.buffer)
         self.residency = ExpertResidency(self.buffer, store.expert_bytes, make_predictor(predictor),
                                          prefetch_depth, prefetch_budget_bytes)
-        self.current_slots: list[int] = []  # slots the layer being computed reads (pinned)
 
     @property
     def stats(self) -> Stats:
-        """The counters, with the stall of every demand copy issued so far (waits for their timing)."""
+        """The counters, with the stall of every demand copy issued so far (waits for their timing;
+        in device mode, one read of the device counters)."""
         self._add_stalls(wait=True)
         return self.residency.stats
 
@@ -77,6 +94,8 @@ class ProphetMoE:
         self.residency.reset_stats()
 
     def _add_stalls(self, wait: bool) -> None:
+        if self.prefetcher is None:  # device mode: no host timing
+            return
         for layer, seconds in self.prefetcher.stalls(wait):
             self.residency.stats.layers[layer].stall_s += seconds
 
@@ -85,7 +104,7 @@ class ProphetMoE:
         return self.residency.predictor
 
     @classmethod
-    def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy=DEFAULT_POLICY,
+    def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy: str | None = None,
                      predictor=None, prefetch_depth: int = 1, **kwargs) -> "ProphetMoE":
         """w13 [L, E, 2I, H], w2 [L, E, H, I] (any device; copied into the host store)."""
         return cls(HostExpertStore.from_tensors(w13, w2), num_slots, device, policy, predictor,
@@ -107,6 +126,8 @@ class ProphetMoE:
         check_inputs(x, self.buffer.w13, self.buffer.w2, topk_weights, topk_ids, self.buffer._rows[layer])
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
+        if self.mode == "device":
+            return self._forward_device(layer, x, topk_weights, topk_ids)
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)
         if experts[0] < 0 or experts[-1] >= E:
@@ -142,6 +163,25 @@ class ProphetMoE:
         finally:
             self.residency.release(slots)
             self.current_slots = []
+        return y
+
+    def _forward_device(self, layer: int, x, topk_weights, topk_ids) -> torch.Tensor:
+        """Device mode: no host synchronisation, fixed shapes (see ``memory.device``). The host checks
+        only what needs no device read: the buffer holds this batch's unique experts."""
+        E, S = self.store.num_experts, self.buffer.num_slots
+        most = min(E, topk_ids.numel())
+        if most > S:
+            raise ValueError(f"layer {layer} may need {most} unique experts at T={topk_ids.shape[0]} (k="
+                             f"{topk_ids.shape[1]}) but the buffer has {S} slots; need at least {most} (or a smaller batch)")
+        with nvtx_range(f"ensure_resident L{layer}"):
+            self.residency.demand(layer, narrow_ids(topk_ids, E).reshape(-1))
+        with nvtx_range(f"experts L{layer}"):
+            y = fused_experts_paged_op(x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights,
+                                       topk_ids)
+        with nvtx_range(f"predict L{layer}"):
+            self.residency.prefetch(layer, topk_ids, x)
+        if layer == self.store.num_layers - 1:
+            self.residency.join()  # a captured step ends with its side-stream work joined
         return y
 
     __call__ = forward

@@ -57,7 +57,26 @@ class TraceHidden:
     tokens: np.ndarray
 
 
+def ranked_experts(picks: torch.Tensor, num_experts: int, scored: bool = True) -> torch.Tensor:
+    """``_vote`` on the device, without a host sync and with a fixed shape: the union of per-token
+    picks [T, m] (best first per token), most votes first (ties: the higher summed rank score m -
+    position if ``scored``, then the lower id), as int32 [min(E, T*m)], -1 after the last picked."""
+    T, m = picks.shape
+    E = num_experts
+    flat = picks.reshape(-1).long()
+    counts = torch.zeros(E, dtype=torch.int64, device=picks.device).scatter_add_(0, flat, torch.ones_like(flat))
+    key = counts
+    if scored:
+        rank_score = torch.arange(m, 0, -1, device=picks.device).repeat(T)
+        key = counts * (T * m + 1) + torch.zeros_like(counts).scatter_add_(0, flat, rank_score)
+    order = torch.argsort(-key, stable=True)[: min(E, T * m)]
+    return torch.where(counts.gather(0, order) > 0, order, -1).to(torch.int32)
+
+
 class Predictor:
+    """What a layer call may prefetch. ``predict`` (host mode, the simulator): expert lists per future
+    layer, best first. Predictors that also run in device mode have ``device_predict``: the same
+    rankings as int32 tensors [W] (-1 padded), computed on the device without a host sync."""
     name = "predictor"
 
     def predict(self, layer: int, topk_ids, hidden, num_layers: int, depth: int) -> dict[int, list[int]]:
@@ -76,6 +95,10 @@ class SameExpertsPredictor(Predictor):
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         ids = _ids(topk_ids)
         order = _vote(ids, int(ids.max()) + 1)
+        return {(layer + d) % num_layers: order for d in range(1, depth + 1)}
+
+    def device_predict(self, layer, topk_ids, hidden, num_layers, depth, num_experts: int):
+        order = ranked_experts(topk_ids.clamp(0, num_experts - 1), num_experts, scored=False)
         return {(layer + d) % num_layers: order for d in range(1, depth + 1)}
 
 
@@ -315,6 +338,18 @@ class GateLookaheadPredictor(Predictor):
         return out
 
 
+    def device_predict(self, layer, topk_ids, hidden, num_layers, depth, num_experts: int):
+        """``predict`` from a hidden state, on the device: each token's `width` best experts per
+        distance, voted as ``predict`` votes them (ranked_experts)."""
+        ds = [d for d in range(1, depth + 1) if layer + d < num_layers or self.wraps]
+        if not ds:
+            return {}
+        logits = self.stacked_logits(layer, ds, hidden)  # [D, T, E]
+        m = min(self.width or self.k or topk_ids.shape[1], num_experts)
+        picks = torch.topk(logits, m, dim=-1).indices
+        return {(layer + d) % num_layers: ranked_experts(picks[i], num_experts) for i, d in enumerate(ds)}
+
+
 def multi_hot(topk_ids, num_experts: int, device=None) -> torch.Tensor:
     """[.., k] expert ids -> [.., E] float, 1 where routed."""
     ids = torch.as_tensor(topk_ids, device=device).long()
@@ -444,9 +479,18 @@ class LearnedGatePredictor(GateLookaheadPredictor):
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         out = super().predict(layer, topk_ids, hidden, num_layers, min(depth, self.depth))
+        self._remember(layer, topk_ids, hidden)
+        return out
+
+    def device_predict(self, layer, topk_ids, hidden, num_layers, depth, num_experts: int):
+        out = super().device_predict(layer, topk_ids, hidden, num_layers, min(depth, self.depth), num_experts)
+        self._remember(layer, topk_ids, hidden)
+        return out
+
+    def _remember(self, layer, topk_ids, hidden) -> None:
+        """This call's context for the next token's lookahead (fits with context)."""
         if self.has_context and isinstance(hidden, torch.Tensor) and topk_ids is not None:
             self._last[layer] = context_features(hidden, multi_hot(topk_ids, self.W.shape[2], hidden.device))
-        return out
 
     @classmethod
     def fit(cls, hidden: torch.Tensor, topk_ids: torch.Tensor, gates, norm_weights, depth: int = 3,

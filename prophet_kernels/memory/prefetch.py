@@ -27,10 +27,18 @@ except ImportError:  # the lent GPU machine has no nvtx package
     _nvtx = None
 
 
-@functools.lru_cache(maxsize=None)
 def nvtx_range(name: str, color: str = "blue"):
-    """An NVTX range context for nsys timelines, one object per (name, color): building an
-    ``nvtx.annotate`` costs ~4x entering a built one, and the names repeat every decode step."""
+    """An NVTX range context for nsys timelines (none while torch.compile traces: a compiled step
+    has no host code to mark)."""
+    if torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return _annotation(name, color)
+
+
+@functools.lru_cache(maxsize=None)
+def _annotation(name: str, color: str):
+    # one object per (name, color): building an ``nvtx.annotate`` costs ~4x entering a built one,
+    # and the names repeat every decode step
     return _nvtx.annotate(name, color=color) if _nvtx is not None else contextlib.nullcontext()
 
 

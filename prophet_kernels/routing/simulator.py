@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..memory.buffer import DEFAULT_POLICY, BeladyPolicy, SlotTable, slots_for
+from ..memory.device import DeviceDecisions
 from ..memory.predictors import OraclePredictor, Predictor, TraceHidden
 from ..memory.residency import ExpertResidency
 
@@ -35,6 +36,9 @@ MEASURED_LAYER_US = {
 # Pinned host-to-device copy bandwidth measured on the H100 (environment.md): 52.7 GB/s for one
 # 12.6 MB copy, 55 GB/s for large ones.
 MEASURED_PCIE_GBPS = {"OLMoE-1B-7B": 52.7, "Mixtral-8x7B": 55.0}
+
+
+DEVICE_SIM_POLICIES = ("device-lru",)  # the device mode's policy (LRU on the device), its decisions replayed
 
 
 def layer_seconds(model: str, batch: int) -> float:
@@ -190,9 +194,14 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         predictor = OraclePredictor(schedule)
     name = getattr(predictor, "name", "none") if predictor is not None else "none"
     scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
-    table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
-    res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0,
-                          None if prefetch_budget is None else prefetch_budget * expert_bytes)
+    budget_bytes = None if prefetch_budget is None else prefetch_budget * expert_bytes
+    device = policy in DEVICE_SIM_POLICIES
+    if device:  # the device mode's decisions (memory.device), same step function as its kernel
+        res = DeviceDecisions(L, E, slots, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes,
+                              min_slots=max(len(s) for s in schedule))
+    else:
+        table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
+        res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes)
 
     ready = [0.0] * slots  # when each slot's last copy lands
     now = engine = 0.0
@@ -203,6 +212,9 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         for l in range(L):
             c = t * L + l
             clock[0] = c
+            if device and engine > now:  # a device-mode layer call waits for all the previous call's
+                res.stats.layers[l].stall_s += engine - now  # prefetches before it decides: a stall too
+                now = engine
             got, fills = res.acquire(l, schedule[c])
             named = scored.named.pop(c, ()) if scored else ()
             unpredicted += sum(1 for _, _, e in fills if e not in named)  # fills are this call's misses
