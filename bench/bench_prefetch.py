@@ -411,6 +411,7 @@ def device_step(dev, repeats, small, routing="olmoe-heldout", fracs=(1.0, 0.5), 
 
 
 def _median_step(run, dev, steps) -> float:
+    """Median wall seconds of run(i) over `steps`, the device synchronised around each."""
     ts = []
     for i in steps:
         if dev.type == "cuda":
@@ -441,16 +442,7 @@ def decode_step(dev, repeats, small, routing="uniform", policies=("lru",), warmu
         xs = [torch.randn(T, H, dtype=dtype, device=dev) for _ in range(L)]
 
         def timed(fn):
-            ts = []
-            for i in range(warmup, warmup + repeats):
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                t0 = time.perf_counter()
-                fn(i)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize()
-                ts.append(time.perf_counter() - t0)
-            return sorted(ts)[len(ts) // 2]
+            return _median_step(fn, dev, range(warmup, warmup + repeats))
 
         # Baselines, all experts resident: eager with the id check (one host sync per layer: the
         # baseline of the first runs), eager without it (what vLLM's eager mode runs), and the whole

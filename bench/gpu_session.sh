@@ -20,6 +20,15 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PROPHET_COMMIT=${PROPHET_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+sanitize() {  # sanitize NAME SECONDS ARGS...: memcheck and racecheck on bench_prefetch.py --small ARGS
+  local name=$1 secs=$2
+  shift 2
+  for tool in memcheck racecheck; do
+    PYTORCH_NO_CUDA_MEMORY_CACHING=1 timeout "$secs" compute-sanitizer --tool $tool --print-limit 20 \
+      $PY bench/bench_prefetch.py --small "$@" --out "$OUT/sanitizer" > "$OUT/sanitizer_${name}_$tool.txt" 2>&1
+    echo "sanitizer $name $tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_${name}_$tool.txt" | tail -1)"
+  done
+}
 case "${1:-kernels}" in
 kernels)
   timeout 200 $PY -m pytest -q -x tests/test_gpu.py 2>&1 | tail -5 | tee "$OUT/test_gpu.txt"
@@ -31,13 +40,7 @@ prefetch)
   timeout 150 $PY -m pytest -q tests/test_layer.py tests/test_gpu.py tests/test_transformers_experts.py \
     -k "device_run or pinned_store or on_the_gpu" 2>&1 | tail -3 \
     | tee "$OUT/test_layer_device.txt"
-  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  for tool in memcheck racecheck; do
-    timeout 150 compute-sanitizer --tool $tool --print-limit 20 $PY bench/bench_prefetch.py --small --only decode \
-      --repeats 2 --out "$OUT/sanitizer" > "$OUT/sanitizer_$tool.txt" 2>&1
-    echo "sanitizer $tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_$tool.txt" | tail -1)"
-  done
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  sanitize decode 150 --only decode --repeats 2
   timeout 120 $PY bench/bench_prefetch.py --only host --routing olmoe-heldout --out "$OUT" 2>&1 | grep -v "^{" \
     | tee "$OUT/host_time.txt" | grep "per layer call"
   timeout 120 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | tail -3
@@ -53,13 +56,7 @@ device)
     | tee "$OUT/test_device.txt"
   timeout 200 $PY bench/bench_prefetch.py --only device --routing olmoe-heldout --repeats 20 --out "$OUT" 2>&1 \
     | grep -E "device_|Error|error" | tee "$OUT/device.txt"
-  export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  for tool in memcheck racecheck; do
-    timeout 120 compute-sanitizer --tool $tool --print-limit 20 $PY bench/bench_prefetch.py --small --only device \
-      --repeats 32 --out "$OUT/sanitizer" > "$OUT/sanitizer_device_$tool.txt" 2>&1
-    echo "sanitizer $tool rc=$? :: $(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$OUT/sanitizer_device_$tool.txt" | tail -1)"
-  done
-  unset PYTORCH_NO_CUDA_MEMORY_CACHING
+  sanitize device 120 --only device --repeats 32
   ;;
 vllm)
   if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi

@@ -22,34 +22,25 @@ def _after_loading(model, moe: str) -> None:
                       for layer in model.model.layers])
 
 
-class ProphetOlmoeForCausalLM(OlmoeForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.prophet_vllm_config = vllm_config
+def _with_prophet(base, moe: str):
+    """``base`` (a vLLM model class) whose ``load_weights`` ends with ``_after_loading``; its decoder
+    layers hold their MoE block in attribute ``moe``."""
 
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
-        _after_loading(self, "mlp")
-        return loaded
+    class Model(base):
+        def __init__(self, *, vllm_config, prefix: str = ""):
+            super().__init__(vllm_config=vllm_config, prefix=prefix)
+            self.prophet_vllm_config = vllm_config
 
+        def load_weights(self, weights):
+            loaded = super().load_weights(weights)
+            _after_loading(self, moe)
+            return loaded
 
-class ProphetMixtralForCausalLM(MixtralForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.prophet_vllm_config = vllm_config
-
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
-        _after_loading(self, "block_sparse_moe")
-        return loaded
+    Model.__name__ = Model.__qualname__ = f"Prophet{base.__name__}"
+    return Model
 
 
-class ProphetQwen3MoeForCausalLM(Qwen3MoeForCausalLM):
-    def __init__(self, *, vllm_config, prefix: str = ""):
-        super().__init__(vllm_config=vllm_config, prefix=prefix)
-        self.prophet_vllm_config = vllm_config
-
-    def load_weights(self, weights):
-        loaded = super().load_weights(weights)
-        _after_loading(self, "mlp")
-        return loaded
+# registered by name in vllm_plugin.GATE_MODELS
+ProphetOlmoeForCausalLM = _with_prophet(OlmoeForCausalLM, "mlp")
+ProphetMixtralForCausalLM = _with_prophet(MixtralForCausalLM, "block_sparse_moe")
+ProphetQwen3MoeForCausalLM = _with_prophet(Qwen3MoeForCausalLM, "mlp")
