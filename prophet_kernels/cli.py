@@ -243,7 +243,7 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity", type=float, default=0.5,
                    help="buffer: fraction of all experts (<= 1) or slots (> 1) (default 0.5)")
     p.add_argument("--policy", default=DEFAULT_POLICY,
-                   help=f"lru, lfu, cyclic, next-use, belady, or device-lru: the device mode's decisions (default "
+                   help=f"lru, lfu, cyclic, next-use, belady, or device-next-use, device-lru: the device mode's decisions (default "
                         f"{DEFAULT_POLICY}, as in the vLLM plugin's host mode)")
     p.add_argument("--predictor", help="same, frequency, transition, learned, gate, learned-gate, oracle (default none)")
     p.add_argument("--depth", type=int, default=1, help="prefetch depth in layers (default 1)")
@@ -385,9 +385,8 @@ def _add_demo_args(p):
                    help="expert buffer: fraction of all experts in (0, 1] or slot count (default 0.375)")
     p.add_argument("--mode", default="host", choices=["host", "device"],
                    help="who decides residency: the host at every layer call, or the device (default host)")
-    p.add_argument("--policy", default=None,
-                   help=f"eviction policy: lru, lfu, cyclic, next-use (default {DEFAULT_POLICY} in host mode, "
-                        "lru in device mode)")
+    p.add_argument("--policy", default=DEFAULT_POLICY,
+                   help=f"eviction policy: lru, lfu, cyclic, next-use; device mode: next-use or lru (default {DEFAULT_POLICY})")
     p.add_argument("--predictor", default="gate",
                    help="prefetch predictor: none, same, gate, learned-gate (with --predictor-path) (default gate)")
     p.add_argument("--predictor-path", default="",

@@ -10,8 +10,8 @@ import torch
 
 from prophet_kernels import ProphetMoE, fused_experts, fused_experts_reference
 from prophet_kernels.kernels import use_triton
-from prophet_kernels.kernels.residency import (DEMAND, PREFETCH, ResidencyState, _launch_residency, fill_slots,
-                                               residency_step_reference)
+from prophet_kernels.kernels.residency import (DEMAND, LRU, NEXT_USE, PREFETCH, ResidencyState, _launch_residency,
+                                               fill_slots, residency_step_reference)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = use_triton(torch.device(DEV))
@@ -25,11 +25,13 @@ def torch_path(monkeypatch):
 # ------------------------------------------------------------------ the residency step
 
 
-def random_state(g, L, E, S, mode):
+def random_state(g, L, E, S, mode, policy=LRU):
     """A consistent random state (page table and owners agree), with stamps that tie, slots marked
-    unread, some excluded (a prefetch step follows its layer's demand step), and random candidates:
-    routed ids with invalid ones (demand), or a ranked list with -1, invalid and repeated ids (prefetch)."""
-    st = ResidencyState.empty(L, E, S, DEV)
+    unread, some excluded (a prefetch step follows its layer's demand step), use shares (some at the
+    floor, some full, many tied), layers' last runs before and after slots' stamps, and random
+    candidates: routed ids with invalid ones (demand), or a ranked list with -1, invalid and repeated
+    ids (prefetch)."""
+    st = ResidencyState.empty(L, E, S, DEV, policy)
     occupied = int(torch.randint(0, S + 1, (1,), generator=g))
     pairs = torch.randperm(L * E, generator=g)[:occupied]
     slots = torch.randperm(S, generator=g)[:occupied]
@@ -39,6 +41,10 @@ def random_state(g, L, E, S, mode):
     st.unread[slots.to(DEV)] = torch.randint(0, 2, (occupied,), generator=g, dtype=torch.int32).to(DEV)
     st.clock.fill_(12 + int(torch.randint(0, 5, (1,), generator=g)))
     st.counters.copy_(torch.randint(0, 100, st.counters.shape, generator=g).to(DEV))
+    shares = torch.tensor([0, 1, 63, 64, 65, 2048, 30000, 65535, 65536], dtype=torch.int32)
+    st.freq[: L * E] = shares[torch.randint(0, len(shares), (L * E,), generator=g)].to(DEV)
+    st.ran[:L] = torch.randint(-1, 13, (L,), generator=g).to(DEV)
+    st.current.fill_(int(torch.randint(0, L, (1,), generator=g)))
     if mode == PREFETCH:
         st.excl[:S] = (torch.rand(S, generator=g) < 0.3).to(torch.int32).to(DEV)
         st.budget.fill_(int(torch.randint(0, E + 1, (1,), generator=g)))
@@ -55,12 +61,13 @@ def random_state(g, L, E, S, mode):
 @pytest.mark.skipif(not TRITON, reason="needs a GPU or the Triton interpreter")
 def test_residency_kernel_equals_reference_on_1000_random_states():
     """Decision parity: every state array, the fill list and its count, after one step, on random
-    states (both modes; small and OLMoE-sized tables)."""
+    states (both modes, both policies; small and OLMoE-sized tables)."""
     g = torch.Generator().manual_seed(2026)
     sizes = [(2, 8, 6), (3, 16, 13), (2, 5, 3), (4, 8, 32)] * 245 + [(2, 64, 40), (16, 64, 100)] * 10
     for i, (L, E, S) in enumerate(sizes):
         mode = (DEMAND, PREFETCH)[i % 2]
-        st, cand = random_state(g, L, E, S, mode)
+        policy = (LRU, NEXT_USE)[(i // 2) % 2]
+        st, cand = random_state(g, L, E, S, mode, policy)
         ref = st.clone()
         target = int(torch.randint(0, L, (1,), generator=g))
         budget = int(torch.randint(0, 4, (1,), generator=g))
@@ -71,9 +78,49 @@ def test_residency_kernel_equals_reference_on_1000_random_states():
         n = int(count_r)
         assert int(count_k) == n, f"state {i}: fill count"
         assert torch.equal(fills_k[:n], fills_r[:n]), f"state {i}: fills"
-        for name, a, b in zip(("pt", "owner", "stamp", "unread", "excl", "clock", "budget", "counters"),
-                              st.tensors(), ref.tensors()):
-            assert torch.equal(a, b), f"state {i} ({'demand' if mode == DEMAND else 'prefetch'}, L={L} E={E} S={S}): {name}"
+        for name, a, b in zip(("pt", "owner", "stamp", "unread", "excl", "clock", "budget", "counters", "freq", "ran",
+                               "current"), st.tensors(), ref.tensors(), strict=True):
+            assert torch.equal(a, b), (f"state {i} ({'demand' if mode == DEMAND else 'prefetch'}, "
+                                       f"{'lru' if policy == LRU else 'next-use'}, L={L} E={E} S={S}): {name}")
+
+
+def _next_use_victim(owners, stamps, shares, ran, current, step):
+    """The slot a demand step of layer `current` gives to its one missing expert, with the next-use
+    policy, on L=4, E=4 and a full buffer of the given owners (layer, expert); by `step` (the kernel
+    or the reference)."""
+    L, E = 4, 4
+    st = ResidencyState.empty(L, E, len(owners), DEV, NEXT_USE)
+    for s, ((layer, e), stamp, share) in enumerate(zip(owners, stamps, shares)):
+        st.pt[layer * E + e], st.owner[s], st.stamp[s] = s, layer * E + e, stamp
+        st.freq[layer * E + e] = share
+    st.ran[:L] = torch.tensor(ran)
+    st.clock.fill_(20)
+    fills, count = torch.zeros(E + 1, 2, dtype=torch.int32, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
+    missing = next(e for e in range(E) if (current, e) not in owners)
+    step(st, current, torch.tensor([missing], dtype=torch.int32, device=DEV), DEMAND, fills, count, 0)
+    assert int(count) == 1
+    return int(fills[0, 1])
+
+
+@pytest.mark.parametrize("path", ["reference", "kernel"])
+def test_next_use_policy_evicts_the_farthest_expected_use(path):
+    """The device next-use policy's three terms: a rarely used expert goes before a popular one used
+    longer ago (LRU would evict the popular one); of two equally used experts, the one whose layer
+    runs later, whichever is older; but an expert touched since its layer last ran (prefetched for its
+    next run) is kept even though its layer runs later."""
+    if path == "kernel" and not TRITON:
+        pytest.skip("needs a GPU or the Triton interpreter")
+    step = residency_step_reference if path == "reference" else _launch_residency
+    full, rare = 1 << 16, 1 << 10
+    ran = [10, 11, 12, 13]  # layers 0..3 ran at clocks 10..13; layer 0 runs now (clock 21)
+    # slot 0: layer 1's popular expert, stamped long ago; slot 1: layer 1's rare expert, stamped later
+    assert _next_use_victim([(1, 0), (1, 1)], [2, 9], [full, rare], ran, 0, step) == 1  # LRU: slot 0
+    # equal shares: layer 3 runs after layer 1, so its expert goes first, older or not
+    assert _next_use_victim([(3, 0), (1, 0)], [5, 9], [rare, rare], ran, 0, step) == 0
+    assert _next_use_victim([(1, 0), (3, 0)], [5, 9], [rare, rare], ran, 0, step) == 1
+    # the same, but layer 3's expert was prefetched after layer 3 last ran (stamp 14 > 13): it is needed
+    # at layer 3's next run, while layer 1's (stamp 9 < 11) is expected only after many runs
+    assert _next_use_victim([(3, 0), (1, 0)], [14, 9], [rare, rare], ran, 0, step) == 1
 
 
 def test_step_invariants_on_the_reference():
@@ -83,7 +130,7 @@ def test_step_invariants_on_the_reference():
     for i in range(300):
         L, E, S = 3, 8, int(torch.randint(4, 20, (1,), generator=g))
         mode = (DEMAND, PREFETCH)[i % 2]
-        st, cand = random_state(g, L, E, S, mode)
+        st, cand = random_state(g, L, E, S, mode, (LRU, NEXT_USE)[(i // 2) % 2])
         excluded = st.excl[:S].clone() if mode == PREFETCH else None
         owners_before = st.owner.clone()
         fills, count = torch.zeros(E + 1, 2, dtype=torch.int32, device=DEV), torch.zeros(1, dtype=torch.int32, device=DEV)
@@ -259,8 +306,8 @@ def test_a_compiled_step_has_no_graph_break(torch_path):
 def test_device_mode_refusals():
     L, E, H, I = 2, 8, 16, 8
     w13, w2 = _weights(L, E, H, I)
-    with pytest.raises(ValueError, match="device mode decides with the lru policy .* got policy 'next-use'"):
-        ProphetMoE.from_weights(w13, w2, 8, device="cpu", mode="device", policy="next-use")
+    with pytest.raises(ValueError, match="device mode decides with the next-use or lru policy .* got policy 'lfu'"):
+        ProphetMoE.from_weights(w13, w2, 8, device="cpu", mode="device", policy="lfu")
     with pytest.raises(ValueError, match="predictor 'transition' does not run on the device"):
         from prophet_kernels.memory.predictors import TransitionPredictor
         import numpy as np
@@ -295,8 +342,8 @@ def test_device_mode_stats_reset(torch_path):
 # ------------------------------------------------------------------ the simulator replays the same decisions
 
 
-@pytest.mark.parametrize("batch, predictor", [(1, None), (2, "same")])
-def test_simulator_device_policy_equals_device_mode(torch_path, batch, predictor):
+@pytest.mark.parametrize("batch, predictor, policy", [(1, None, "next-use"), (2, "same", "next-use"), (2, "same", "lru")])
+def test_simulator_device_policy_equals_device_mode(torch_path, batch, predictor, policy):
     """A recorded trace slice replayed by the simulator with the device policy gives the per-layer
     hits, misses, evictions and prefetches of device-mode ProphetMoE fed the same routing."""
     from prophet_kernels import load_trace, simulate
@@ -307,10 +354,10 @@ def test_simulator_device_policy_equals_device_mode(torch_path, batch, predictor
     L, E, k = tr.num_layers, tr.num_experts, tr.top_k
     steps, H, I = 12, 8, 4
     r_pred = SameExpertsPredictor() if predictor else None
-    sim = simulate(tr, 0.25, "device-lru", r_pred, 1, batch=batch, max_steps=steps,
+    sim = simulate(tr, 0.25, f"device-{policy}", r_pred, 1, batch=batch, max_steps=steps,
                    prefetch_budget=2 if predictor else None)
     w13, w2 = _weights(L, E, H, I)
-    moe = ProphetMoE.from_weights(w13, w2, sim.slots, device=DEV, mode="device", predictor=predictor,
+    moe = ProphetMoE.from_weights(w13, w2, sim.slots, device=DEV, mode="device", predictor=predictor, policy=policy,
                                   prefetch_budget_bytes=2 * 3 * H * I * 4 if predictor else None)
     for t, tokens in enumerate(lanes(tr, batch)[:steps]):
         for layer in range(L):

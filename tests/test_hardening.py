@@ -250,9 +250,9 @@ def test_15_one_default_policy_shown_in_help(capsys):
     from prophet_kernels.memory.buffer import DEFAULT_POLICY
     from prophet_kernels.routing.simulator import simulate
 
-    from prophet_kernels.memory.buffer import NextUsePolicy, default_policy
+    from prophet_kernels.memory.buffer import NextUsePolicy
 
-    defaults = {ProphetSettings().policy_name, default_policy("host"),  # (host mode: the default mode)
+    defaults = {ProphetSettings().policy, ProphetSettings(mode="device").policy,
                 inspect.signature(simulate).parameters["policy"].default,
                 inspect.signature(SlotTable).parameters["policy"].default}
     assert defaults == {DEFAULT_POLICY} == {"next-use"} and ProphetSettings().mode == "host"

@@ -342,8 +342,9 @@ def test_device_mode_needs_no_eager_on_cuda():
     assert graphs_refusal(full, device, cuda=True) is None
     assert graphs_refusal(cfg(True, cudagraph_mode="FULL_AND_PIECEWISE", splitting_ops=[]), host, cuda=True) is None
     assert graphs_refusal(full, host, cuda=False) is None  # (the CPU build has no CUDA graphs)
-    with pytest.raises(ValueError, match="unknown Prophet policy 'next-use' for mode device; known: lru"):
-        ProphetSettings.resolve({"prophet": {"mode": "device", "policy": "next-use"}}, environ={})
+    with pytest.raises(ValueError, match="unknown Prophet policy 'cyclic' for mode device; known: next-use, lru"):
+        ProphetSettings.resolve({"prophet": {"mode": "device", "policy": "cyclic"}}, environ={})
+    assert ProphetSettings.resolve({"prophet": {"mode": "device"}}, environ={}).policy == "next-use"
     with pytest.raises(ValueError, match="unknown Prophet mode 'gpu'"):
         ProphetSettings.resolve({"prophet": {"mode": "gpu"}}, environ={})
 

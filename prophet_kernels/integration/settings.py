@@ -9,7 +9,7 @@ import contextlib
 import dataclasses
 import os
 
-from prophet_kernels.memory.buffer import DEFAULT_MODE, default_policy
+from prophet_kernels.memory.buffer import DEFAULT_MODE, DEFAULT_POLICY
 
 RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
 
@@ -39,7 +39,7 @@ class ProphetSettings:
     enabled: bool = False
     buffer: float = 0.5
     mode: str = DEFAULT_MODE  # "host" or "device" (ProphetMoE's mode)
-    policy: str | None = None  # None: the mode's default (default_policy)
+    policy: str = DEFAULT_POLICY  # next-use in both modes
     predictor: str = "none"
     prefetch_depth: int = 1
     prefetch_budget: int | None = 1  # experts per layer call; None: no limit
@@ -97,7 +97,7 @@ class ProphetSettings:
         if self.mode not in MODES:
             raise ValueError(f"unknown Prophet mode {self.mode!r}; known: {', '.join(MODES)}")
         known = POLICIES if self.mode == "host" else DEVICE_POLICIES
-        if self.policy is not None and self.policy not in known:
+        if self.policy not in known:
             raise ValueError(f"unknown Prophet policy {self.policy!r}" + (f" for mode {self.mode}" if self.policy in POLICIES
                                                                            else "") + f"; known: {', '.join(known)}")
         if self.predictor not in RUNTIME_PREDICTORS:
@@ -112,11 +112,6 @@ class ProphetSettings:
             raise ValueError(f"Prophet predictor 'learned-gate' needs predictor_path, the file saved by "
                              f"`prophet trace fit-lookahead` (got {self.predictor_path!r})")
         return self
-
-    @property
-    def policy_name(self) -> str:
-        """The eviction policy these settings run: the one given, else the mode's default."""
-        return self.policy or default_policy(self.mode)
 
     def num_slots(self, num_layers: int, num_experts: int) -> int:
         from prophet_kernels.memory.buffer import slots_for
@@ -163,7 +158,7 @@ class ProphetSettings:
             predictor.check_model(store.num_layers, store.num_experts, store.hidden)
         with self._buffer_named(store.num_layers, store.num_experts, max_batch_tokens):
             return ProphetMoE(store, self.num_slots(store.num_layers, store.num_experts), device=device,
-                              policy=self.policy_name, predictor=predictor, prefetch_depth=self.prefetch_depth,
+                              policy=self.policy, predictor=predictor, prefetch_depth=self.prefetch_depth,
                               prefetch_budget_bytes=None if self.prefetch_budget is None
                               else self.prefetch_budget * store.expert_bytes,
                               top_k=top_k, max_batch_tokens=max_batch_tokens, mode=self.mode)

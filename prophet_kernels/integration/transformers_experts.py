@@ -20,7 +20,7 @@ import torch
 
 from prophet_kernels.integration.settings import ProphetSettings, check_model_family
 from prophet_kernels import HostExpertStore, ProphetMoE
-from prophet_kernels.memory.buffer import DEFAULT_MODE
+from prophet_kernels.memory.buffer import DEFAULT_MODE, DEFAULT_POLICY
 from prophet_kernels.memory.store import expert_modules
 
 NAME = "prophet"  # the experts_implementation name
@@ -39,14 +39,14 @@ def _register() -> None:
     ExpertsInterface.register(NAME, prophet_experts_forward)
 
 
-def enable_prophet(model, buffer: float = 0.5, device=None, policy: str | None = None, predictor: str = "none",
+def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAULT_POLICY, predictor: str = "none",
                    prefetch_depth: int = 1, prefetch_budget: int | None = 1, predictor_path: str = "",
                    max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE) -> ProphetMoE:
     """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
 
     The settings are the vLLM plugin's (``settings.ProphetSettings``): buffer (fraction
-    of all routed experts in (0, 1], or a slot count > 1), mode (host or device), policy (default:
-    the mode's), predictor (none, same, gate: the
+    of all routed experts in (0, 1], or a slot count > 1), mode (host or device), policy (default
+    next-use), predictor (none, same, gate: the
     next layers' routers on this layer's MoE input, learned-gate: the file at ``predictor_path``),
     prefetch_depth, prefetch_budget (most experts one layer call may prefetch; None: no limit).
     device: the expert buffer's (default cuda when present, else cpu; the rest of the model follows

@@ -90,7 +90,7 @@ class _ModelExperts:
                     store.num_layers, store.num_experts, "pinned" if store.pinned else "pageable",
                     store.num_layers * store.num_experts * store.expert_bytes / 2**20, slots,
                     slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
-                    s.mode, s.policy_name, s.predictor, s.prefetch_depth,
+                    s.mode, s.policy, s.predictor, s.prefetch_depth,
                     "no limit" if s.prefetch_budget is None else f"{s.prefetch_budget} experts per layer call")
 
     def forward(self, layer: int, x, topk_weights, topk_ids):

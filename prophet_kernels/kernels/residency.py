@@ -17,6 +17,10 @@ State (``ResidencyState``, all on the device)::
     clock     [1]       int64   +1 per step
     budget    [1]       int32   prefetch copies left in this layer call
     counters  [L, 5]    int64   hits, misses, prefetched, prefetch_used, evictions (per layer)
+    freq      [L*E + 1] int32   running share of its layer's calls that used the expert, in 1/2**16
+                                (next-use policy): f <- f - f/32 + [used] * 2**16/32 at each demand step
+    ran       [L + 1]   int64   clock of each layer's last demand step (-1: never ran)
+    current   [1]       int32   the layer of the last demand step
 
 One step (``residency_step``; ``mode`` DEMAND or PREFETCH) for layer ``target``::
 
@@ -29,7 +33,18 @@ One step (``residency_step``; ``mode`` DEMAND or PREFETCH) for layer ``target``:
       leaves the page table (an eviction, counted at ``target``)
     fills [F + 1, 2] int32 (expert, slot) and fill_count [1]: the copies to make, for ``fill_slots``
 
-Victim order: free slots first, then by stamp, ties by slot index (a sort of stamp * S_PAD + slot).
+Victim order (the state's ``policy``): free slots first, then
+
+    LRU       the oldest stamp first
+    NEXT_USE  the farthest expected next use first, in layer calls (Belady's MIN with the future
+              estimated, as the host's ``NextUsePolicy``): an expert of layer l' is next visited
+              delta = (l' - current - 1) mod L + 1 calls from now; if it was touched (hit, filled,
+              or named by the predictor) since its layer last ran it is taken as needed then
+              (score delta), else its layer uses it on a share p = freq / 2**16 of its calls and
+              the score is delta + L (1 - p) / p (p >= 1/1024), in 1/16 calls, integer arithmetic
+              so that kernel and reference agree exactly
+
+ties by slot index (a sort of key * S_PAD + slot; the slots a layer call reads or filled last).
 The PyTorch reference (``residency_step_reference``) is the same function in tensor ops (no host
 sync either): it runs where Triton does not (a CPU without the interpreter) and in the trace
 simulator, and the kernel is tested equal to it decision for decision.
@@ -46,6 +61,11 @@ import triton.language as tl
 from .route_plan import _chunk_hist, _e_pad, _load_chunk
 
 DEMAND, PREFETCH = 0, 1
+LRU, NEXT_USE = 0, 1
+POLICY_IDS = {"lru": LRU, "next-use": NEXT_USE}  # the device policies, by the names the host policies use
+FREQ_ONE, FREQ_SHIFT, FREQ_MIN = 1 << 16, 5, 64  # use share in 1/2**16, decay 1/32 per call, floor ~1/1024
+SCORE_UNIT = 16  # next-use scores in 1/16 layer calls
+_SCORE_CAP = 1 << 40  # used slots' next-use key: cap - score (> 0; the farthest next use first)
 HITS, MISSES, PREFETCHED, PREFETCH_USED, EVICTIONS = range(5)
 COUNTERS = ("hits", "misses", "prefetched", "prefetch_used", "evictions")
 _FREE_KEY = 0  # free slots sort first; used slots by stamp + 1; excluded ones last
@@ -64,13 +84,19 @@ class ResidencyState:
     clock: torch.Tensor
     budget: torch.Tensor
     counters: torch.Tensor
+    freq: torch.Tensor
+    ran: torch.Tensor
+    current: torch.Tensor
     num_layers: int
     num_experts: int
     num_slots: int
+    policy: int = LRU
 
     @classmethod
-    def empty(cls, num_layers: int, num_experts: int, num_slots: int, device) -> "ResidencyState":
+    def empty(cls, num_layers: int, num_experts: int, num_slots: int, device, policy: int = LRU) -> "ResidencyState":
         L, E, S = num_layers, num_experts, num_slots
+        if policy not in POLICY_IDS.values():
+            raise ValueError(f"unknown device policy id {policy!r}; known: {POLICY_IDS}")
         kw = dict(device=device)
         return cls(pt=torch.full((L * E + 1,), -1, dtype=torch.int32, **kw),
                    owner=torch.full((S + 1,), -1, dtype=torch.int32, **kw),
@@ -80,7 +106,10 @@ class ResidencyState:
                    clock=torch.zeros(1, dtype=torch.int64, **kw),
                    budget=torch.zeros(1, dtype=torch.int32, **kw),
                    counters=torch.zeros((L, len(COUNTERS)), dtype=torch.int64, **kw),
-                   num_layers=L, num_experts=E, num_slots=S)
+                   freq=torch.zeros(L * E + 1, dtype=torch.int32, **kw),
+                   ran=torch.full((L + 1,), -1, dtype=torch.int64, **kw),
+                   current=torch.zeros(1, dtype=torch.int32, **kw),
+                   num_layers=L, num_experts=E, num_slots=S, policy=policy)
 
     @property
     def page_table(self) -> torch.Tensor:
@@ -89,11 +118,12 @@ class ResidencyState:
         return self.pt[: L * E].view(L, E)
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.pt, self.owner, self.stamp, self.unread, self.excl, self.clock, self.budget, self.counters]
+        return [self.pt, self.owner, self.stamp, self.unread, self.excl, self.clock, self.budget, self.counters,
+                self.freq, self.ran, self.current]
 
     def clone(self) -> "ResidencyState":
         return ResidencyState(*[t.clone() for t in self.tensors()], self.num_layers, self.num_experts,
-                              self.num_slots)
+                              self.num_slots, self.policy)
 
 
 def _s_pad(num_slots: int) -> int:
@@ -122,6 +152,10 @@ def residency_step_reference(state: ResidencyState, target: int, cand: torch.Ten
         order_key = e  # misses take slots in ascending expert order
         state.excl.zero_()
         state.budget.fill_(budget)
+        f = state.freq[target * E: (target + 1) * E]
+        f.copy_(torch.clamp(f - (f >> FREQ_SHIFT) + wanted.to(torch.int32) * (FREQ_ONE >> FREQ_SHIFT), max=FREQ_ONE))
+        state.ran[target: target + 1].copy_(clock)
+        state.current.fill_(target)
     else:
         pos = torch.arange(cand.numel(), device=dev)
         first = torch.full((E + 1,), cand.numel(), dtype=torch.int64, device=dev).scatter_reduce_(
@@ -141,9 +175,9 @@ def residency_step_reference(state: ResidencyState, target: int, cand: torch.Ten
         state.counters[target, MISSES] += missing.sum()
         state.counters[target, PREFETCH_USED] += unread_hits.sum()
         state.unread.scatter_(0, res_slot, torch.zeros(E, dtype=torch.int32, device=dev))
-    # victims: free slots first, then least recently used, ties by slot; excluded slots last
+    # victims: free slots first, then by the policy's key, ties by slot; excluded slots last
     s = torch.arange(S, device=dev)
-    key = torch.where(state.owner[:S] < 0, _FREE_KEY, state.stamp[:S] + 1)
+    key = torch.where(state.owner[:S] < 0, _FREE_KEY, _policy_key_reference(state))
     key = torch.where(state.excl[:S] > 0, _EXCLUDED_KEY, key)
     order = torch.sort(key * _s_pad(S) + s).values % _s_pad(S)
     eligible = (state.excl[:S] == 0).sum()
@@ -178,6 +212,21 @@ def residency_step_reference(state: ResidencyState, target: int, cand: torch.Ten
     state.excl[S] = 0
 
 
+def _policy_key_reference(state: ResidencyState) -> torch.Tensor:
+    """[S] int64 victim keys of the occupied slots (smallest first; > 0), by the state's policy."""
+    S, L, E = state.num_slots, state.num_layers, state.num_experts
+    if state.policy == LRU:
+        return state.stamp[:S] + 1
+    owner = state.owner[:S].to(torch.int64).clamp(min=0)
+    layer = owner // E
+    delta = (layer - state.current.to(torch.int64) - 1 + L) % L + 1
+    wanted = state.stamp[:S] > state.ran.gather(0, layer)
+    f = state.freq.gather(0, owner).to(torch.int64).clamp(FREQ_MIN, FREQ_ONE)
+    unwanted = (L * (FREQ_ONE - f) * SCORE_UNIT) // f
+    score = delta * SCORE_UNIT + torch.where(wanted, 0, unwanted)
+    return _SCORE_CAP - score
+
+
 # ----------------------------------------------------------------------------- Triton kernel
 
 
@@ -193,13 +242,18 @@ def _residency_kernel(
     clock_ptr,  # (1,) int64
     budget_ptr,  # (1,) int32
     counters_ptr,  # (L, 5) int64
+    freq_ptr,  # (L*E + 1,) int32
+    ran_ptr,  # (L + 1,) int64
+    current_ptr,  # (1,) int32
     order_ptr,  # (S_PAD,) int64 scratch: slots in victim order
     fills_ptr,  # (F + 1, 2) int32 out
     count_ptr,  # (1,) int32 out
     # sizes
-    N, E, S, target, BUDGET,
+    N, L, E, S, target, BUDGET,
     # meta-parameters
-    MODE: tl.constexpr, X_PAD: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    MODE: tl.constexpr, POLICY: tl.constexpr, X_PAD: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    FREQ_ONE: tl.constexpr, FREQ_SHIFT: tl.constexpr, FREQ_MIN: tl.constexpr, SCORE_UNIT: tl.constexpr,
+    SCORE_CAP: tl.constexpr,
 ):
     """grid = (1,): one program, every decision of one step (see the module docstring). Candidates
     live in X: the experts (DEMAND, X_PAD >= E: wanted = routed at least once, in id order) or the
@@ -232,6 +286,11 @@ def _residency_kernel(
         tl.atomic_add(counters_ptr + target * 5 + 1, tl.sum(missing.to(tl.int64), axis=0))
         tl.atomic_add(counters_ptr + target * 5 + 3, tl.sum(unread_hits.to(tl.int64), axis=0))
         tl.store(unread_ptr + row, tl.zeros([X_PAD], tl.int32), mask=resident)
+        share = tl.load(freq_ptr + target * E + x, mask=x < E, other=0)
+        share = tl.minimum(share - (share >> FREQ_SHIFT) + wanted.to(tl.int32) * (FREQ_ONE >> FREQ_SHIFT), FREQ_ONE)
+        tl.store(freq_ptr + target * E + x, share, mask=x < E)
+        tl.store(ran_ptr + target, clock)
+        tl.store(current_ptr, target)
     tl.debug_barrier()  # the excl reset lands before the marks below
     tl.store(stamp_ptr + row, tl.zeros([X_PAD], tl.int64) + clock, mask=resident)
     tl.store(excl_ptr + row, tl.full([X_PAD], 1, tl.int32), mask=resident)
@@ -242,7 +301,19 @@ def _residency_kernel(
         owner = tl.load(owner_ptr + s, mask=in_s, other=-1)
         stamp = tl.load(stamp_ptr + s, mask=in_s, other=0)
         excl = tl.load(excl_ptr + s, mask=in_s, other=1)
-        key = tl.where(owner < 0, 0, stamp + 1)  # free slots first, then least recently used
+        if POLICY == 0:  # LRU
+            key = stamp + 1
+        else:  # NEXT_USE: the farthest expected next use first (see _policy_key_reference)
+            used = owner >= 0
+            o = tl.maximum(owner, 0)
+            layer = o // E
+            delta = (layer - tl.load(current_ptr) - 1 + L) % L + 1
+            needed = stamp > tl.load(ran_ptr + layer, mask=used, other=0)
+            share = tl.load(freq_ptr + o, mask=used, other=FREQ_ONE).to(tl.int64)
+            share = tl.minimum(tl.maximum(share, FREQ_MIN), FREQ_ONE)
+            unneeded = (L * (FREQ_ONE - share) * SCORE_UNIT) // share
+            key = SCORE_CAP - (delta * SCORE_UNIT + tl.where(needed, 0, unneeded)).to(tl.int64)
+        key = tl.where(owner < 0, 0, key)  # free slots first
         key = tl.where(excl > 0, 1 << 42, key)  # never a slot this layer call reads or filled
         packed = tl.sort(key * S_PAD + s.to(tl.int64))  # ties by slot index
         tl.store(order_ptr + s, packed % S_PAD)
@@ -281,28 +352,31 @@ def residency_step(state: ResidencyState, target: int, cand: torch.Tensor, mode:
     ``fill_count`` [1] int32. A ``torch.library`` op (``prophet::residency_step``), so that
     torch.compile traces a layer call through it without a graph break."""
     torch.ops.prophet.residency_step(*state.tensors(), cand, fills, fill_count, state.num_layers,
-                                     state.num_experts, state.num_slots, target, mode, budget)
+                                     state.num_experts, state.num_slots, target, mode, budget, state.policy)
 
 
 @torch.library.custom_op("prophet::residency_step",
                          mutates_args=("pt", "owner", "stamp", "unread", "excl", "clock", "budget", "counters",
-                                       "fills", "fill_count"))
+                                       "freq", "ran", "current", "fills", "fill_count"))
 def _residency_step_op(pt: torch.Tensor, owner: torch.Tensor, stamp: torch.Tensor, unread: torch.Tensor,
                        excl: torch.Tensor, clock: torch.Tensor, budget: torch.Tensor, counters: torch.Tensor,
+                       freq: torch.Tensor, ran: torch.Tensor, current: torch.Tensor,
                        cand: torch.Tensor, fills: torch.Tensor, fill_count: torch.Tensor, num_layers: int,
-                       num_experts: int, num_slots: int, target: int, step_mode: int, budget_init: int) -> None:
+                       num_experts: int, num_slots: int, target: int, step_mode: int, budget_init: int,
+                       policy: int) -> None:
     # (not "mode": torch's functionalization passes a keyword of that name through custom ops)
     from . import use_triton
 
-    state = ResidencyState(pt, owner, stamp, unread, excl, clock, budget, counters, num_layers, num_experts, num_slots)
+    state = ResidencyState(pt, owner, stamp, unread, excl, clock, budget, counters, freq, ran, current, num_layers,
+                           num_experts, num_slots, policy)
     if not use_triton(cand.device):
         return residency_step_reference(state, target, cand, step_mode, fills, fill_count, budget_init)
     _launch_residency(state, target, cand, step_mode, fills, fill_count, budget_init)
 
 
 @_residency_step_op.register_fake
-def _(pt, owner, stamp, unread, excl, clock, budget, counters, cand, fills, fill_count, num_layers, num_experts,
-      num_slots, target, step_mode, budget_init):
+def _(pt, owner, stamp, unread, excl, clock, budget, counters, freq, ran, current, cand, fills, fill_count,
+      num_layers, num_experts, num_slots, target, step_mode, budget_init, policy):
     return None
 
 
@@ -316,9 +390,10 @@ def _launch_residency(state: ResidencyState, target: int, cand: torch.Tensor, mo
     order = torch.empty(S_PAD, dtype=torch.int64, device=cand.device)
     _residency_kernel[(1,)](
         cand, state.pt, state.owner, state.stamp, state.unread, state.excl, state.clock, state.budget,
-        state.counters, order, fills, fill_count,
-        N, state.num_experts, S, target, budget,
-        MODE=mode, X_PAD=x_pad, S_PAD=S_PAD, CHUNK=min(_CHUNK, max(16, triton.next_power_of_2(max(N, 1)))),
+        state.counters, state.freq, state.ran, state.current, order, fills, fill_count,
+        N, state.num_layers, state.num_experts, S, target, budget,
+        FREQ_ONE=FREQ_ONE, FREQ_SHIFT=FREQ_SHIFT, FREQ_MIN=FREQ_MIN, SCORE_UNIT=SCORE_UNIT, SCORE_CAP=_SCORE_CAP,
+        MODE=mode, POLICY=state.policy, X_PAD=x_pad, S_PAD=S_PAD, CHUNK=min(_CHUNK, max(16, triton.next_power_of_2(max(N, 1)))),
         num_warps=4,
     )
 

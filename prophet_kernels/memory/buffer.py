@@ -273,14 +273,8 @@ POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy, "next-us
 # the best policy without a predictor in the routing study (docs/routing.md).
 DEFAULT_POLICY = "next-use"
 MODES = ("host", "device")  # who decides residency: the host at every layer call, or the device (memory.device)
-DEFAULT_MODE = "host"  # until device mode is measured on a GPU and runs the next-use policy (PERF_NOTES.md)
-DEVICE_POLICIES = ("lru",)  # what device mode decides with so far
-
-
-def default_policy(mode: str) -> str:
-    """The eviction policy a mode uses when none is given: next-use (the routing study's best) on the
-    host, LRU on the device (the one device policy so far)."""
-    return DEFAULT_POLICY if mode == "host" else DEVICE_POLICIES[0]
+DEFAULT_MODE = "host"  # until device mode is measured on a GPU (PERF_NOTES.md)
+DEVICE_POLICIES = ("next-use", "lru")  # what device mode decides with (kernels.residency), default first
 
 
 def make_policy(policy) -> EvictionPolicy:

@@ -3,15 +3,18 @@ host synchronisation in a layer call, fixed shapes and fixed tensor addresses, s
 all layers can be captured in one CUDA graph and replayed with any routing.
 
     DeviceExpertBuffer   S device slots (one [S, 3*I*H] block, w13/w2 views) and the residency state
-                         (``kernels.residency.ResidencyState``: page table, owners, LRU stamps, counters)
+                         (``kernels.residency.ResidencyState``: page table, owners, stamps, use shares,
+                         counters)
     DeviceResidency      one layer call: the demand step (hits, misses, victims: one kernel), the
                          fills from the host store (one copy kernel reading the fill list on the
                          device), and, after the experts, the prefetch steps for the next layers with
                          the predictor's ranked experts (on a side stream on CUDA, joined before the
                          next layer call decides); stats read from the device counters (one sync)
 
-Policy: LRU on the device (free slots first, then the oldest stamp; the slots a layer call reads
-or prefetched into are never victims in that call). Invalid ids contribute zero (no host check is
+Policies (``kernels.residency``): next-use (the farthest expected next use, Belady's MIN with the
+future estimated from the cyclic layer order and each expert's use share, as the host's next-use
+policy) or LRU; free slots first, and the slots a layer call reads or prefetched into are never
+victims in that call. Invalid ids contribute zero (no host check is
 possible without a sync); the host checks what it can without one: shapes, dtypes, devices, and
 that the buffer holds the layer's unique experts at this batch (min(E, T*k) <= S).
 """
@@ -20,23 +23,30 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.residency import (COUNTERS, DEMAND, PREFETCH, ResidencyState, fill_slots, residency_step,
-                                 residency_step_reference)
+from ..kernels.residency import (COUNTERS, DEMAND, POLICY_IDS, PREFETCH, ResidencyState, fill_slots,
+                                 residency_step, residency_step_reference)
 from .buffer import DEVICE_POLICIES, check_sizes
 from .residency import LayerStats, Stats
 from .store import expert_block, expert_tensors
+
+def check_device_policy(policy: str) -> None:
+    if policy not in DEVICE_POLICIES:
+        raise ValueError(f"device mode decides with the {' or '.join(DEVICE_POLICIES)} policy on the device; "
+                         f"got policy {policy!r} (host mode runs it)")
+
 
 class DeviceExpertBuffer:
     """S expert slots on `device` and the device residency state over them."""
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
-                 dtype: torch.dtype, device, min_slots: int = 1):
+                 dtype: torch.dtype, device, min_slots: int = 1, policy: str = "next-use"):
         check_sizes(num_layers, num_experts, num_slots, min_slots)
+        check_device_policy(policy)
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
         self.device = torch.device(device)
         self.w13, self.w2 = expert_tensors(num_slots, hidden, intermediate, dtype, self.device)
         self.blocks = expert_block(self.w13, self.w2)
-        self.state = ResidencyState.empty(num_layers, num_experts, num_slots, self.device)
+        self.state = ResidencyState.empty(num_layers, num_experts, num_slots, self.device, POLICY_IDS[policy])
         self._rows = list(self.page_table.unbind(0))
 
     @property
@@ -52,10 +62,7 @@ class DeviceResidency:
     """The device mode's decisions, copies and counters (see the module docstring)."""
 
     def __init__(self, buffer: DeviceExpertBuffer, store, predictor=None, prefetch_depth: int = 1,
-                 prefetch_budget: int | None = None, policy: str = "lru"):
-        if policy not in DEVICE_POLICIES:
-            raise ValueError(f"device mode decides with the {', '.join(DEVICE_POLICIES)} policy on the device; "
-                             f"got policy {policy!r} (host mode runs it)")
+                 prefetch_budget: int | None = None):
         if predictor is not None and not hasattr(predictor, "device_predict"):
             raise ValueError(f"predictor {getattr(predictor, 'name', predictor)!r} does not run on the device; "
                              "device mode runs none, same, gate and learned-gate")
@@ -150,9 +157,11 @@ class DeviceDecisions:
     routing study's device-policy rows are the device mode's decisions."""
 
     def __init__(self, num_layers: int, num_experts: int, num_slots: int, expert_bytes: int, predictor=None,
-                 prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None, min_slots: int = 1):
+                 prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None, min_slots: int = 1,
+                 policy: str = "next-use"):
         check_sizes(num_layers, num_experts, num_slots, min_slots)
-        self.state = ResidencyState.empty(num_layers, num_experts, num_slots, "cpu")
+        check_device_policy(policy)
+        self.state = ResidencyState.empty(num_layers, num_experts, num_slots, "cpu", POLICY_IDS[policy])
         self.expert_bytes, self.predictor, self.prefetch_depth = expert_bytes, predictor, prefetch_depth
         self.prefetch_budget_bytes = prefetch_budget_bytes
         self._fills = (torch.zeros((num_experts + 1, 2), dtype=torch.int32), torch.zeros(1, dtype=torch.int32))

@@ -20,7 +20,7 @@ import torch
 from ..kernels.moe import check_inputs, fused_experts_paged, fused_experts_paged_op
 from ..kernels.route_plan import narrow_ids
 from ..planner.memory import max_unique_experts
-from .buffer import DEFAULT_MODE, MODES, PagedExpertBuffer, default_policy
+from .buffer import DEFAULT_MODE, DEFAULT_POLICY, MODES, PagedExpertBuffer
 from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
@@ -42,16 +42,15 @@ def unique_experts(topk_ids: torch.Tensor) -> list[int]:
 class ProphetMoE:
     """Experts of L MoE layers in a host store, S slots on the device, optional prefetching."""
 
-    def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy: str | None = None, predictor=None,
+    def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy: str = DEFAULT_POLICY, predictor=None,
                  prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None,
                  top_k: int | None = None, max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE):
         """``mode``: "host" (the host decides at every layer call; every policy and predictor) or
-        "device" (every decision on the device, no host sync: a step can be one CUDA graph; LRU; the
-        same, gate and learned-gate predictors). ``policy``: default next-use in host mode, lru in
-        device mode."""
+        "device" (every decision on the device, no host sync: a step can be one CUDA graph; the
+        next-use and LRU policies; the same, gate and learned-gate predictors). ``policy``: the
+        eviction policy (default next-use, the routing study's best, in both modes)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        policy = policy or default_policy(mode)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         experts = store.num_layers * store.num_experts
         if isinstance(num_slots, int) and not isinstance(num_slots, bool) and num_slots > experts:
@@ -69,11 +68,10 @@ class ProphetMoE:
         self.current_slots: list[int] = []  # slots the layer being computed reads (pinned; host mode)
         dims = (store.num_layers, store.num_experts, store.hidden, store.intermediate, num_slots, store.dtype, device)
         if mode == "device":
-            self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots)
+            self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots, policy=policy)
             self.prefetcher = None
             budget = None if prefetch_budget_bytes is None else prefetch_budget_bytes // store.expert_bytes
-            self.residency = DeviceResidency(self.buffer, store, make_predictor(predictor), prefetch_depth, budget,
-                                             policy)
+            self.residency = DeviceResidency(self.buffer, store, make_predictor(predictor), prefetch_depth, budget)
             return
         self.buffer = PagedExpertBuffer(*dims, policy, min_slots)
         self.prefetcher = StreamPrefetcher(store, self.buffer)
@@ -104,7 +102,7 @@ class ProphetMoE:
         return self.residency.predictor
 
     @classmethod
-    def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy: str | None = None,
+    def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy: str = DEFAULT_POLICY,
                      predictor=None, prefetch_depth: int = 1, **kwargs) -> "ProphetMoE":
         """w13 [L, E, 2I, H], w2 [L, E, H, I] (any device; copied into the host store)."""
         return cls(HostExpertStore.from_tensors(w13, w2), num_slots, device, policy, predictor,

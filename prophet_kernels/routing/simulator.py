@@ -38,7 +38,8 @@ MEASURED_LAYER_US = {
 MEASURED_PCIE_GBPS = {"OLMoE-1B-7B": 52.7, "Mixtral-8x7B": 55.0}
 
 
-DEVICE_SIM_POLICIES = ("device-lru",)  # the device mode's policy (LRU on the device), its decisions replayed
+# the device mode's policies (memory.device), their decisions replayed: simulator name -> device policy
+DEVICE_SIM_POLICIES = {"device-next-use": "next-use", "device-lru": "lru"}
 
 
 def layer_seconds(model: str, batch: int) -> float:
@@ -198,7 +199,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     device = policy in DEVICE_SIM_POLICIES
     if device:  # the device mode's decisions (memory.device), same step function as its kernel
         res = DeviceDecisions(L, E, slots, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes,
-                              min_slots=max(len(s) for s in schedule))
+                              min_slots=max(len(s) for s in schedule), policy=DEVICE_SIM_POLICIES[policy])
     else:
         table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
         res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes)
