@@ -13,7 +13,8 @@ Subpackages (imports go one way: integration -> memory -> kernels, planner; rout
 - ``benchmark``    the kernel benchmark behind ``prophet bench``.
 
 Public names, importable from here (a contract): :func:`route_plan`, :func:`fused_experts_paged`,
-:func:`fused_experts` and their ``*_reference``; :class:`HostExpertStore`,
+:func:`fused_experts` and their ``*_reference``; :func:`quantize_fp8`, :func:`dequantize_fp8`;
+:class:`HostExpertStore`,
 :class:`PagedExpertBuffer`, :class:`SlotTable`, :class:`ExpertResidency`,
 :class:`StreamPrefetcher`, :class:`ProphetMoE`; the predictors; :class:`Trace`,
 :func:`load_trace`, :func:`simulate`.
@@ -35,6 +36,8 @@ _EXPORTS = {
     "fused_experts_paged": "kernels.moe",
     "fused_experts_reference": "kernels.moe",
     "fused_experts_paged_reference": "kernels.moe",
+    "quantize_fp8": "kernels.fp8",
+    "dequantize_fp8": "kernels.fp8",
     "HostExpertStore": "memory.store",
     "PagedExpertBuffer": "memory.buffer",
     "StreamPrefetcher": "memory.prefetch",

@@ -28,6 +28,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import scale_args
+
 try:  # programmatic dependent launch (Hopper+): griddepcontrol.wait / launch_dependents
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 except ImportError:  # older Triton: configs asking for it fall back to plain launches
@@ -47,6 +49,12 @@ def _slot_of(ids_ptr, pt_ptr, n, valid, E, S, HAS_PT: tl.constexpr):
     return tl.where(ok & (s >= 0) & (s < S), s, -1)
 
 
+@triton.jit
+def _scales(s_base, rows, k0, GN, GK, stride_sn, stride_sk, mask):
+    # fp32 scales of weight rows `rows` (any shape; s_base broadcasts) in the K block at k0
+    return tl.load(s_base + (rows // GN).to(tl.int64) * stride_sn + (k0 // GK) * stride_sk, mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["T"])
 def _gemv_gate_up_kernel(
     x_ptr,  # (T, H)
@@ -54,10 +62,12 @@ def _gemv_gate_up_kernel(
     act_ptr,  # (N, I) out
     ids_ptr,  # (N,) int32
     pt_ptr,  # (E,) int32
-    T, H, I, E, S, TOPK,
+    s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
+    T, H, I, E, S, TOPK, GN, GK,
     stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_an, stride_ai,
+    stride_ss, stride_sn, stride_sk,
     BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, HAS_PT: tl.constexpr,
-    PDL: tl.constexpr,
+    PDL: tl.constexpr, SCALE: tl.constexpr,
 ):
     """grid = (N, cdiv(I, BN)). PDL: let the down kernel launch while this one's last wave runs."""
     if PDL:
@@ -76,6 +86,7 @@ def _gemv_gate_up_kernel(
         wg_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_n[:, None].to(tl.int64) * stride_wn
                    + offs_k[None, :] * stride_wh)
         wu_ptrs = wg_ptrs + I * stride_wn
+        s_base = s_ptr + slot.to(tl.int64) * stride_ss
         for k0 in range(0, H, BK):
             if EVEN_K:
                 xv = tl.load(x_ptrs).to(tl.float32)
@@ -86,11 +97,20 @@ def _gemv_gate_up_kernel(
                 xv = tl.load(x_ptrs, mask=k_ok, other=0.0).to(tl.float32)
                 wg = tl.load(wg_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 wu = tl.load(wu_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-            acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+            if SCALE == 2:  # block scales: scale this K block's partial sums (BK divides GK)
+                acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1) * _scales(
+                    s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
+                acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1) * _scales(
+                    s_base, offs_n + I, k0, GN, GK, stride_sn, stride_sk, n_ok)
+            else:
+                acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
+                acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
             x_ptrs += BK * stride_xh
             wg_ptrs += BK * stride_wh
             wu_ptrs += BK * stride_wh
+        if SCALE == 1:  # per output channel: one scale per row, on the total
+            acc_g *= _scales(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)
+            acc_u *= _scales(s_base, offs_n + I, 0, GN, GK, stride_sn, stride_sk, n_ok)
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     tl.store(act_ptr + n.to(tl.int64) * stride_an + offs_n * stride_ai,
              act.to(act_ptr.dtype.element_ty), mask=n_ok)
@@ -104,10 +124,12 @@ def _gemv_down_kernel(
     topk_w_ptr,  # (N,) fp32
     ids_ptr,  # (N,) int32
     pt_ptr,  # (E,) int32
-    T, H, I, E, S, TOPK,
+    s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
+    T, H, I, E, S, TOPK, GN, GK,
     stride_an, stride_ai, stride_ws, stride_wh, stride_wi, stride_yt, stride_yh,
+    stride_ss, stride_sn, stride_sk,
     BN: tl.constexpr, BK: tl.constexpr, K_PAD: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_PT: tl.constexpr, PDL: tl.constexpr,
+    HAS_PT: tl.constexpr, PDL: tl.constexpr, SCALE: tl.constexpr,
 ):
     """grid = (T, cdiv(H, BN)). All k experts of the token are read at once as a
     [K_PAD, BN, BK] tile (k times the bytes in flight of a loop over them), then combined."""
@@ -124,6 +146,8 @@ def _gemv_down_kernel(
               + offs_n[None, :, None].to(tl.int64) * stride_wh + offs_k[None, None, :] * stride_wi)
     a_ptrs = act_ptr + slot_n.to(tl.int64)[:, None] * stride_an + offs_k[None, :] * stride_ai
     w_mask = s_ok[:, None, None] & n_ok[None, :, None]
+    s_base = s_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None] * stride_ss  # [K_PAD, 1]
+    s_mask = s_ok[:, None] & n_ok[None, :]
     acc = tl.zeros([K_PAD, BN], dtype=tl.float32)
     k_start = 0
     if PDL >= 1:
@@ -135,7 +159,10 @@ def _gemv_down_kernel(
             wv = tl.load(w_ptrs, mask=w_mask & k_ok[None, None, :], other=0.0)
             gdc_wait()
             av = tl.load(a_ptrs, mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            acc += tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+            part = tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+            if SCALE == 2:
+                part *= _scales(s_base, offs_n[None, :], 0, GN, GK, stride_sn, stride_sk, s_mask)
+            acc += part
             a_ptrs += BK * stride_ai
             w_ptrs += BK * stride_wi
             k_start = BK
@@ -149,9 +176,14 @@ def _gemv_down_kernel(
             k_ok = offs_k + k0 < I
             av = tl.load(a_ptrs, mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             wv = tl.load(w_ptrs, mask=w_mask & k_ok[None, None, :], other=0.0)
-        acc += tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+        part = tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+        if SCALE == 2:  # block scales: this K block's partial sums
+            part *= _scales(s_base, offs_n[None, :], k0, GN, GK, stride_sn, stride_sk, s_mask)
+        acc += part
         a_ptrs += BK * stride_ai
         w_ptrs += BK * stride_wi
+    if SCALE == 1:  # per output channel
+        acc *= _scales(s_base, offs_n[None, :], 0, GN, GK, stride_sn, stride_sk, s_mask)
     rw = tl.load(topk_w_ptr + slot_n, mask=s_ok, other=0.0)
     y = tl.sum(acc * rw[:, None], axis=0)
     tl.store(y_ptr + t.to(tl.int64) * stride_yt + offs_n * stride_yh,
@@ -172,46 +204,51 @@ def pdl_level(cfg: dict, device: torch.device) -> int:
 
 
 def launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts: int, topk: int,
-                        cfg: dict, pdl: int = 0) -> torch.Tensor:
-    """act [T*k, I] = silu(gate) * up per token-slot. ``ids_flat`` [T*k] int32 contiguous."""
+                        cfg: dict, pdl: int = 0, scale=None, block_shape=None) -> torch.Tensor:
+    """act [T*k, I] = silu(gate) * up per token-slot. ``ids_flat`` [T*k] int32 contiguous;
+    ``scale``: fp8 weights' scales."""
     T, H = x.shape
     S, I = w13_slots.shape[0], w13_slots.shape[1] // 2
     has_pt = page_table is not None
     act = torch.empty((T * topk, I), dtype=x.dtype, device=x.device)
+    (s, gn, gk, *s_strides), smeta, bk = scale_args(w13_slots, scale, block_shape, cfg["BK"])
     _gemv_gate_up_kernel[(T * topk, triton.cdiv(I, cfg["BN"]))](
-        x, w13_slots, act, ids_flat, page_table if has_pt else ids_flat,  # dummy when unused
-        T, H, I, num_experts, S, topk,
-        x.stride(0), x.stride(1), *w13_slots.stride(), act.stride(0), act.stride(1),
-        BN=cfg["BN"], BK=cfg["BK"], EVEN_K=H % cfg["BK"] == 0, HAS_PT=has_pt, PDL=pdl > 0,
+        x, w13_slots, act, ids_flat, page_table if has_pt else ids_flat, s,  # dummy when unused
+        T, H, I, num_experts, S, topk, gn, gk,
+        x.stride(0), x.stride(1), *w13_slots.stride(), act.stride(0), act.stride(1), *s_strides,
+        BN=cfg["BN"], BK=bk, EVEN_K=H % bk == 0, HAS_PT=has_pt, PDL=pdl > 0, **smeta,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return act
 
 
 def launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_experts: int,
-                     topk: int, cfg: dict, pdl: int = 0) -> torch.Tensor:
-    """y [T, H] = sum_j w[t,j] * W2[s_j] act[t*k+j]."""
+                     topk: int, cfg: dict, pdl: int = 0, scale=None, block_shape=None) -> torch.Tensor:
+    """y [T, H] = sum_j w[t,j] * W2[s_j] act[t*k+j] (``scale``: fp8 weights' scales)."""
     T = act.shape[0] // topk
     S, H, I = w2_slots.shape
     has_pt = page_table is not None
     y = torch.empty((T, H), dtype=act.dtype, device=act.device)
+    (s, gn, gk, *s_strides), smeta, bk = scale_args(w2_slots, scale, block_shape, cfg["BK"])
     _gemv_down_kernel[(T, triton.cdiv(H, cfg["BN"]))](
-        act, w2_slots, y, weights_flat, ids_flat, page_table if has_pt else ids_flat,
-        T, H, I, num_experts, S, topk,
-        act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1),
-        BN=cfg["BN"], BK=cfg["BK"], K_PAD=triton.next_power_of_2(topk), EVEN_K=I % cfg["BK"] == 0,
-        HAS_PT=has_pt, PDL=pdl, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
+        act, w2_slots, y, weights_flat, ids_flat, page_table if has_pt else ids_flat, s,
+        T, H, I, num_experts, S, topk, gn, gk,
+        act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1), *s_strides,
+        BN=cfg["BN"], BK=bk, K_PAD=triton.next_power_of_2(topk), EVEN_K=I % bk == 0,
+        HAS_PT=has_pt, PDL=pdl, **smeta, num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
         **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
 
 def gemv_experts(x, w13_slots, w2_slots, page_table, weights_flat, ids, num_experts: int,
-                 cfg: dict) -> torch.Tensor:
-    """y [T, H] through the decode path. ``ids`` [T, k] int32, ``weights_flat`` [T*k] fp32."""
+                 cfg: dict, scales=(None, None), block_shape=None) -> torch.Tensor:
+    """y [T, H] through the decode path. ``ids`` [T, k] int32, ``weights_flat`` [T*k] fp32;
+    ``scales``: (w13, w2) scales of fp8 weights."""
     k = ids.shape[1]
     ids_flat = ids.reshape(-1).contiguous()
     pdl = pdl_level(cfg["down"], x.device)
-    act = launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts, k, cfg["gate_up"], pdl)
+    act = launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts, k, cfg["gate_up"], pdl,
+                              scales[0], block_shape)
     return launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_experts, k,
-                            cfg["down"], pdl)
+                            cfg["down"], pdl, scales[1], block_shape)

@@ -6,8 +6,10 @@ size, S slots in the expert buffer, P padded rows of the route plan, NB = P / BM
 Pipeline (the route plan comes from :mod:`route_plan`)::
 
     x              [T, H]      fp16/bf16/fp32   activations
-    w13_slots      [S, 2I, H]  same dtype       per slot: gate rows [0, I), up rows [I, 2I)
-    w2_slots       [S, H, I]   same dtype
+    w13_slots      [S, 2I, H]  same dtype, or fp8 e4m3 with scales   per slot: gate rows [0, I), up rows [I, 2I)
+    w2_slots       [S, H, I]   same dtype, or fp8 e4m3 with scales
+    (fp8: scales per output channel or per block, :mod:`fp8`; weights are converted exactly to x's
+    dtype, products accumulate in fp32, each block's partial sum (or each row's total) is scaled)
     sorted_ids     [P]         int32   token-slots sorted by expert, padded with sentinel N
     block_slot     [NB]        int32   slot read by each BM-row block, -1 = skip
       -> gate_up:  act[p] = silu(x[t] @ Wg[s]^T) * (x[t] @ Wu[s]^T),  t = sorted_ids[p] // k
@@ -31,6 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .fp8 import scale_args
 from .gemv import _slot_of
 
 
@@ -48,6 +51,12 @@ def _block_coords(pid, NB, num_n, GROUP_M: tl.constexpr):
     return pid_m, pid_n
 
 
+@triton.jit
+def _scale_at(s_base, rows, k0, GN, GK, stride_sn, stride_sk, mask):
+    # fp32 scales of weight rows `rows` in the K block starting at k0 (scale[s, row // GN, k0 // GK])
+    return tl.load(s_base + (rows // GN).to(tl.int64) * stride_sn + (k0 // GK) * stride_sk, mask=mask, other=0.0)
+
+
 @triton.jit(do_not_specialize=["N", "NB"])  # one compile serves every batch size
 def _gate_up_kernel(
     # pointers
@@ -56,15 +65,17 @@ def _gate_up_kernel(
     act_ptr,  # (P, I) out
     sorted_ptr,  # (P,) int32
     block_slot_ptr,  # (NB,) int32
+    s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
     # sizes
-    N, NB, H, I, TOPK,
+    N, NB, H, I, TOPK, GN, GK,
     # strides
     stride_xt, stride_xh,
     stride_ws, stride_wn, stride_wh,
     stride_ap, stride_ai,
+    stride_ss, stride_sn, stride_sk,
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr,
 ):
     """grid = (NB * cdiv(I, BN),), grouped order (see _block_coords)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(I, BN), GROUP_M)
@@ -85,6 +96,7 @@ def _gate_up_kernel(
     wg_ptrs = w_base + offs_n[None, :].to(tl.int64) * stride_wn
     wu_ptrs = w_base + (offs_n[None, :] + I).to(tl.int64) * stride_wn
 
+    s_base = s_ptr + slot.to(tl.int64) * stride_ss
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, H, BK):
@@ -97,11 +109,20 @@ def _gate_up_kernel(
             xv = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
             wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc_g = tl.dot(xv, wg, acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(xv, wu, acc_u, input_precision=DOT_PRECISION)
+        if SCALE == 2:  # block scales: scale this K block's partial sums (BK divides GK)
+            sg = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
+            su = _scale_at(s_base, offs_n + I, k0, GN, GK, stride_sn, stride_sk, n_ok)
+            acc_g += tl.dot(xv, wg.to(xv.dtype), input_precision=DOT_PRECISION) * sg[None, :]
+            acc_u += tl.dot(xv, wu.to(xv.dtype), input_precision=DOT_PRECISION) * su[None, :]
+        else:  # (fp8 weights convert exactly to x's dtype; other weights already have it)
+            acc_g = tl.dot(xv, wg.to(xv.dtype), acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(xv, wu.to(xv.dtype), acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BK * stride_xh
         wg_ptrs += BK * stride_wh
         wu_ptrs += BK * stride_wh
+    if SCALE == 1:  # per output channel: one scale per row, on the total
+        acc_g *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
+        acc_u *= _scale_at(s_base, offs_n + I, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
 
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_ap + offs_n[None, :] * stride_ai
@@ -117,15 +138,17 @@ def _down_kernel(
     topk_w_ptr,  # (N,) fp32
     sorted_ptr,  # (P,) int32
     block_slot_ptr,  # (NB,) int32
+    s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
     # sizes
-    N, NB, H, I,
+    N, NB, H, I, GN, GK,
     # strides
     stride_ap, stride_ai,
     stride_ws, stride_wh, stride_wi,
     stride_on, stride_oh,
+    stride_ss, stride_sn, stride_sk,
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr,
 ):
     """grid = (NB * cdiv(H, BN),), grouped order (see _block_coords)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(H, BN), GROUP_M)
@@ -142,6 +165,7 @@ def _down_kernel(
     a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_ap + offs_k[None, :] * stride_ai
     w_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_k[:, None] * stride_wi
               + offs_n[None, :].to(tl.int64) * stride_wh)
+    s_base = s_ptr + slot.to(tl.int64) * stride_ss
     acc = tl.zeros([BM, BN], dtype=tl.float32)
     for k0 in range(0, I, BK):
         if EVEN_K:
@@ -151,9 +175,15 @@ def _down_kernel(
             k_ok = offs_k + k0 < I
             av = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
             wv = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(av, wv, acc, input_precision=DOT_PRECISION)
+        if SCALE == 2:
+            sc = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
+            acc += tl.dot(av, wv.to(av.dtype), input_precision=DOT_PRECISION) * sc[None, :]
+        else:
+            acc = tl.dot(av, wv.to(av.dtype), acc, input_precision=DOT_PRECISION)
         a_ptrs += BK * stride_ai
         w_ptrs += BK * stride_wi
+    if SCALE == 1:
+        acc *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
     rw = tl.load(topk_w_ptr + ts, mask=row_ok, other=0.0)
     out = (acc * rw[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(o_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
@@ -192,44 +222,46 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict) -> torch.Tensor:
-    """act [P, I] = silu(gate) * up for every used block of ``plan``."""
+def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict, scale=None, block_shape=None) -> torch.Tensor:
+    """act [P, I] = silu(gate) * up for every used block of ``plan`` (``scale``: fp8 weights' scales)."""
     P = plan.sorted_ids.numel()
     NB = plan.block_slot.numel()
     H = x.shape[1]
     I = w13_slots.shape[1] // 2
     act = torch.empty((P, I), dtype=x.dtype, device=x.device)
-    bn, bk = cfg["BN"], cfg["BK"]
+    bn = cfg["BN"]
+    (s, gn, gk, *s_strides), smeta, bk = scale_args(w13_slots, scale, block_shape, cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(I, meta["BN"]),)  # noqa: E731
     _gate_up_kernel[grid](
-        x, w13_slots, act, plan.sorted_ids, plan.block_slot,
-        plan.num_token_slots, NB, H, I, topk,
+        x, w13_slots, act, plan.sorted_ids, plan.block_slot, s,
+        plan.num_token_slots, NB, H, I, topk, gn, gk,
         x.stride(0), x.stride(1),
         w13_slots.stride(0), w13_slots.stride(1), w13_slots.stride(2),
-        act.stride(0), act.stride(1),
+        act.stride(0), act.stride(1), *s_strides,
         BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=H % bk == 0,
-        DOT_PRECISION=_dot_precision(x.dtype),
+        DOT_PRECISION=_dot_precision(x.dtype), **smeta,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return act
 
 
-def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict) -> torch.Tensor:
-    """out [N, H] = routing weight * (act @ W2^T) per token-slot."""
+def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict, scale=None, block_shape=None) -> torch.Tensor:
+    """out [N, H] = routing weight * (act @ W2^T) per token-slot (``scale``: fp8 weights' scales)."""
     NB = plan.block_slot.numel()
     N = plan.num_token_slots
     H, I = w2_slots.shape[1], w2_slots.shape[2]
     out = torch.empty((N, H), dtype=act.dtype, device=act.device)
-    bn, bk = cfg["BN"], cfg["BK"]
+    bn = cfg["BN"]
+    (s, gn, gk, *s_strides), smeta, bk = scale_args(w2_slots, scale, block_shape, cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(H, meta["BN"]),)  # noqa: E731
     _down_kernel[grid](
-        act, w2_slots, out, topk_weights_flat, plan.sorted_ids, plan.block_slot,
-        N, NB, H, I,
+        act, w2_slots, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, s,
+        N, NB, H, I, gn, gk,
         act.stride(0), act.stride(1),
         w2_slots.stride(0), w2_slots.stride(1), w2_slots.stride(2),
-        out.stride(0), out.stride(1),
+        out.stride(0), out.stride(1), *s_strides,
         BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=I % bk == 0,
-        DOT_PRECISION=_dot_precision(act.dtype),
+        DOT_PRECISION=_dot_precision(act.dtype), **smeta,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out

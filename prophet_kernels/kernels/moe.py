@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from . import use_triton
 from .gemv import gemv_experts
 from .grouped_gemm import launch_combine, launch_down, launch_gate_up
+from .fp8 import FP8, check_block_shape, check_scales, dequantize_fp8
 from .launch_config import get_config
 from .route_plan import narrow_ids, raise_shared_slots, route_plan
 
@@ -20,9 +21,12 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _identity_tables: dict = {}
 
 
-def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None) -> tuple[int, int, int, int, int, int]:
+def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None, w13_scale=None, w2_scale=None,
+                 block_shape=None) -> tuple[int, int, int, int, int, int]:
     """The host-side contract of the MoE ops (shapes, dtypes, devices; no device work, no sync).
-    Returns (T, H, I, k, E, S); raises TypeError / ValueError naming the problem."""
+    Weights have x's dtype, or are float8_e4m3fn with fp32 scales (per output channel, or per block
+    of ``block_shape``; :mod:`fp8`). Returns (T, H, I, k, E, S); raises TypeError / ValueError
+    naming the problem."""
     for name, t in (("x", x), ("w13", w13), ("w2", w2), ("topk_weights", topk_weights),
                     ("topk_ids", topk_ids)):
         if not isinstance(t, torch.Tensor):
@@ -31,8 +35,9 @@ def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None) -> tuple[i
         raise ValueError(f"x must be [T, H], got shape {list(x.shape)}")
     if x.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"x must be float16, bfloat16 or float32, got {x.dtype}")
-    if w13.dtype != x.dtype or w2.dtype != x.dtype:
-        raise TypeError(f"weights must have x's dtype {x.dtype}; got w13 {w13.dtype}, w2 {w2.dtype}")
+    if not ((w13.dtype == w2.dtype == x.dtype) or (w13.dtype == w2.dtype == FP8)):
+        raise TypeError(f"weights must have x's dtype {x.dtype} (or both be float8_e4m3fn, with scales); "
+                        f"got w13 {w13.dtype}, w2 {w2.dtype}")
     T, H = x.shape
     if w13.dim() != 3 or w2.dim() != 3:
         raise ValueError(f"w13 must be [S, 2I, H] and w2 [S, H, I]; got {list(w13.shape)} and "
@@ -48,6 +53,9 @@ def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None) -> tuple[i
                          f"got {list(w2.shape)}")
     if S < 1:
         raise ValueError("the expert weights hold no expert (S = 0)")
+    block_shape = check_block_shape(block_shape)
+    check_scales(w13, w13_scale, "w13", block_shape)
+    check_scales(w2, w2_scale, "w2", block_shape)
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T:
         raise ValueError(f"topk_ids must be [T={T}, k], got {list(topk_ids.shape)}")
     if topk_ids.dtype not in (torch.int32, torch.int64):
@@ -78,11 +86,11 @@ def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None) -> tuple[i
     return T, H, I, k, E, S
 
 
-def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None):
+def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None, scales=(None, None), block_shape=None):
     """:func:`check_inputs`, then the kernels' forms of the routing (no sync): ids [T, k] int32 (an
     int64 id outside [0, E) becomes -1 before narrowing), weights [T*k] fp32, and the page table
     contiguous (the kernels index it without a stride). Returns (T, H, I, k, E, S, ids, weights, pt)."""
-    T, H, I, k, E, S = check_inputs(x, w13, w2, topk_weights, topk_ids, page_table)
+    T, H, I, k, E, S = check_inputs(x, w13, w2, topk_weights, topk_ids, page_table, *scales, block_shape)
     ids = narrow_ids(topk_ids, E)
     weights = topk_weights.to(torch.float32).reshape(-1).contiguous()
     pt = page_table.contiguous() if page_table is not None else None
@@ -93,24 +101,27 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config):
+def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config, scales=(None, None),
+         block_shape=None):
     if T == 0:
         return x.new_empty((0, H))
     cfg = config or get_config(T, E, H, I, k, x.dtype, x.device)
     checking = check and not _capturing(x.device)
+    block_shape = check_block_shape(block_shape)
     if cfg.get("gemv"):
         if checking:  # host sync: bad ids, missing slots, a shared slot raise before any GEMM
             route_plan(ids, E, 16, page_table, num_slots=S).check(num_slots=S, page_table=page_table)
-        return gemv_experts(x, w13, w2, page_table, weights, ids, E, cfg)
+        return gemv_experts(x, w13, w2, page_table, weights, ids, E, cfg, scales, block_shape)
     plan = route_plan(ids, E, cfg["block_m"], page_table, num_slots=S)
     if checking:
         plan.check(num_slots=S, page_table=page_table)  # host sync: bad ids, missing/shared slots raise
-    act = launch_gate_up(x, w13, plan, k, cfg["gate_up"])
-    out = launch_down(act, w2, weights, plan, cfg["down"])
+    act = launch_gate_up(x, w13, plan, k, cfg["gate_up"], scales[0], block_shape)
+    out = launch_down(act, w2, weights, plan, cfg["down"], scales[1], block_shape)
     return launch_combine(out, ids.reshape(-1).contiguous(), page_table, E, S, k)
 
 
 def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
+                        w13_scale=None, w2_scale=None, block_shape=None,
                         check: bool = True, config: dict | None = None) -> torch.Tensor:
     """MoE experts reading weights through a page table into a paged expert buffer.
 
@@ -119,11 +130,15 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
     Parameters
     ----------
     x : ``[T, H]`` fp16, bf16 or fp32
-    w13_slots : ``[S, 2I, H]`` x's dtype; per slot gate rows ``[0, I)`` then up rows ``[I, 2I)``
-    w2_slots : ``[S, H, I]`` x's dtype
+    w13_slots : ``[S, 2I, H]`` x's dtype, or float8_e4m3fn; per slot gate rows ``[0, I)`` then up rows ``[I, 2I)``
+    w2_slots : ``[S, H, I]`` x's dtype, or float8_e4m3fn
     page_table : ``[E]`` int32, slot of each expert or -1 (not resident)
     topk_weights : ``[T, k]`` floating (used as fp32)
     topk_ids : ``[T, k]`` int32 (int64 accepted)
+    w13_scale, w2_scale : fp32, with fp8 weights only
+        Per output channel ``[S, 2I]`` / ``[S, H]`` (``block_shape`` None), or per block of
+        ``block_shape = (bn, bk)``: ``[S, cdiv(2I, bn), cdiv(H, bk)]`` / ``[S, cdiv(H, bn), cdiv(I, bk)]``
+        (see :mod:`fp8`); weight = fp8 value x scale.
     check : bool
         Verify on the device that every id is in ``[0, E)``, every routed expert has a slot in
         ``[0, S)`` and no two experts share a slot; costs one host synchronisation and is skipped
@@ -136,35 +151,40 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
     -------
     y : ``[T, H]`` x's dtype
     """
+    scales = (w13_scale, w2_scale)
     T, H, I, k, E, S, ids, weights, pt = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
-                                                   page_table)
+                                                   page_table, scales, block_shape)
     if not use_triton(x.device, x.dtype):
         return fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights,
-                                             topk_ids, compute_dtype=x.dtype, check=check)
-    return _run(x, w13_slots, w2_slots, pt, weights, ids, T, H, I, k, E, S, check, config)
+                                             topk_ids, compute_dtype=x.dtype, check=check, w13_scale=w13_scale,
+                                             w2_scale=w2_scale, block_shape=block_shape)
+    return _run(x, w13_slots, w2_slots, pt, weights, ids, T, H, I, k, E, S, check, config, scales, block_shape)
 
 
-def fused_experts(x, w13, w2, topk_weights, topk_ids, *, check: bool = True,
-                  config: dict | None = None) -> torch.Tensor:
-    """MoE experts on contiguous weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]``: the same kernels as
-    :func:`fused_experts_paged` with expert e in slot e (no page table read)."""
-    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids)
+def fused_experts(x, w13, w2, topk_weights, topk_ids, *, w13_scale=None, w2_scale=None, block_shape=None,
+                  check: bool = True, config: dict | None = None) -> torch.Tensor:
+    """MoE experts on contiguous weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (fp8 with scales as in
+    :func:`fused_experts_paged`): the same kernels with expert e in slot e (no page table read)."""
+    scales = (w13_scale, w2_scale)
+    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids, None, scales, block_shape)
     if not use_triton(x.device, x.dtype):
         return fused_experts_reference(x, w13, w2, topk_weights, topk_ids, compute_dtype=x.dtype,
-                                       check=check)
-    return _run(x, w13, w2, None, weights, ids, T, H, I, k, E, S, check, config)
+                                       check=check, w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block_shape)
+    return _run(x, w13, w2, None, weights, ids, T, H, I, k, E, S, check, config, scales, block_shape)
 
 
 @torch.library.custom_op("prophet::fused_experts_paged", mutates_args=())
 def fused_experts_paged_op(x: torch.Tensor, w13_slots: torch.Tensor, w2_slots: torch.Tensor, page_table: torch.Tensor,
-                           topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+                           topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                           w2_scale: torch.Tensor | None = None, block_shape: list[int] | None = None) -> torch.Tensor:
     """:func:`fused_experts_paged` with ``check=False`` as a ``torch.library`` op (no host sync, opaque to
     torch.compile): what the device mode calls, so a compiled multi-layer step has no graph break."""
-    return fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, check=False)
+    return fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, w13_scale=w13_scale,
+                               w2_scale=w2_scale, block_shape=block_shape, check=False)
 
 
 @fused_experts_paged_op.register_fake
-def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids):
+def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, w13_scale=None, w2_scale=None, block_shape=None):
     return x.new_empty((x.shape[0], w13_slots.shape[2]))
 
 
@@ -172,11 +192,14 @@ def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids):
 
 
 def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
-                            compute_dtype: torch.dtype = torch.float32, check: bool = True) -> torch.Tensor:
+                            compute_dtype: torch.dtype = torch.float32, check: bool = True,
+                            w13_scale=None, w2_scale=None, block_shape=None) -> torch.Tensor:
     """Plain PyTorch: loop over the routed experts, gather their tokens, two matmuls, one row per token-slot.
     Computes in ``compute_dtype`` (fp32 by default) and returns x's dtype. Syncs the host.
-    ``check``: an id outside [0, E) raises; without it, that token-slot contributes zero (the kernels' rule)."""
-    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids)
+    ``check``: an id outside [0, E) raises; without it, that token-slot contributes zero (the kernels' rule).
+    fp8 weights are dequantized with their scales (:func:`fp8.dequantize_fp8`) first."""
+    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids, None, (w13_scale, w2_scale),
+                                                  block_shape)
     flat = ids.reshape(-1).long()
     valid = (flat >= 0) & (flat < E)
     if check and T and not bool(valid.all()):
@@ -186,22 +209,26 @@ def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
     # One output row per token-slot, summed over j in order afterwards (as the kernels do): the
     # result does not depend on which slot an expert sits in, so paged == contiguous exactly.
     rows = torch.zeros((T * k, H), dtype=compute_dtype, device=x.device)
+    def weight(w, scale, e):  # expert e's matrix in compute_dtype (fp8: dequantized, only the experts used)
+        return (w[e] if scale is None else dequantize_fp8(w[e], scale[e], block_shape)).to(compute_dtype)
+
     for e in torch.unique(flat[valid]).tolist():
         sel = flat == e
-        h = xc[tok[sel]] @ w13[e].to(compute_dtype).t()
+        h = xc[tok[sel]] @ weight(w13, w13_scale, e).t()
         a = F.silu(h[:, :I]) * h[:, I:]
-        rows[sel] = (a @ w2[e].to(compute_dtype).t()) * weights[sel, None].to(compute_dtype)
+        rows[sel] = (a @ weight(w2, w2_scale, e).t()) * weights[sel, None].to(compute_dtype)
     return rows.view(T, k, H).sum(dim=1).to(x.dtype)
 
 
 def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
-                                  compute_dtype: torch.dtype = torch.float32, check: bool = True) -> torch.Tensor:
+                                  compute_dtype: torch.dtype = torch.float32, check: bool = True,
+                                  w13_scale=None, w2_scale=None, block_shape=None) -> torch.Tensor:
     """Plain PyTorch paged reference: translate ids through the page table, then
     :func:`fused_experts_reference` on the slot buffer. Syncs the host. ``check``: an id outside
     [0, E), a routed expert without a slot in [0, S) or two experts sharing a slot raise; without
     it, such a token-slot contributes zero (the kernels' rule)."""
     T, H, I, k, E, S, ids, weights, pt = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
-                                                   page_table)
+                                                   page_table, (w13_scale, w2_scale), block_shape)
     if T == 0:
         return x.new_empty((0, H))
     flat = ids.reshape(-1).long()
@@ -217,4 +244,5 @@ def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weigh
         raise_shared_slots(pt)
     slots = torch.where((slots >= 0) & (slots < S), slots, -1)
     return fused_experts_reference(x, w13_slots, w2_slots, topk_weights, slots.view(T, k).to(torch.int32),
-                                   compute_dtype=compute_dtype, check=False)
+                                   compute_dtype=compute_dtype, check=False, w13_scale=w13_scale,
+                                   w2_scale=w2_scale, block_shape=block_shape)

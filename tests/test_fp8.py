@@ -1,0 +1,131 @@
+"""FP8 (e4m3) experts (issue 28): the paged kernels with fp8 weights equal a PyTorch reference that
+dequantizes the same fp8 weights (fp32 activations: accumulation order only), at shapes that cross
+tile edges (T = 1, 3, 33, odd H and I), with scrambled page tables and garbage in the unused slots,
+per output channel and block scales, on the grouped and the GEMV paths; quantization's error; the
+error contract. CPU: Triton interpreter (fp8 casts and fp32/fp16 dots work there)."""
+
+import pytest
+import torch
+
+from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_paged_reference
+from prophet_kernels.kernels.fp8 import FP8, dequantize_fp8, quantize_fp8, scale_shape
+
+from .test_moe import DEV, GEMV, GROUPED_SMALL, rel_err
+
+BLOCKS = [None, (16, 16), (16, 32), (128, 128)]  # per channel; blocks a K tile of 32/64 spans; one block
+BLOCK_IDS = ["per-channel", "block16x16", "block16x32", "block128"]
+
+
+def experts_fp8(E, H, I, gen, block_shape):
+    """fp8 experts quantized from random fp32 weights (rows of different magnitudes, so the scales
+    differ), as [E, 2I, H] / [E, H, I] with their scales."""
+    w13 = torch.randn(E, 2 * I, H, generator=gen) * H**-0.5 * (0.2 + torch.rand(E, 2 * I, 1, generator=gen))
+    w2 = torch.randn(E, H, I, generator=gen) * I**-0.5 * (0.2 + torch.rand(E, H, 1, generator=gen))
+    return (*quantize_fp8(w13, block_shape), *quantize_fp8(w2, block_shape))
+
+
+def scrambled(E, S, gen, q13, s13, q2, s2):
+    """The experts in a random placement of S > E slots; the free slots hold random fp8 garbage and
+    garbage scales (a read of one would show)."""
+    pt = torch.randperm(S, generator=gen)[:E].to(torch.int32)
+    slots = []
+    for t in (q13, s13, q2, s2):
+        junk = (torch.randn((S,) + t.shape[1:], generator=gen) * 50).to(t.dtype)
+        junk[pt.long()] = t
+        slots.append(junk)
+    return slots, pt
+
+
+def routing(T, E, k, gen):
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(torch.int32)
+    w = torch.rand(T, k, generator=gen) + 0.1
+    return w / w.sum(1, keepdim=True), ids
+
+
+CASES = [  # (T, H, I, E, k), launch config: decode shapes on both paths, a batch on both tile sizes
+    pytest.param((1, 70, 47, 7, 2), GEMV, id="T1-gemv"), pytest.param((1, 70, 47, 7, 2), None, id="T1-default"),
+    pytest.param((3, 70, 47, 7, 3), GEMV, id="T3-gemv"), pytest.param((3, 70, 47, 7, 3), None, id="T3-default"),
+    pytest.param((33, 40, 24, 5, 2), None, id="T33-default"),
+    pytest.param((33, 40, 24, 5, 2), GROUPED_SMALL, id="T33-grouped-small"),
+]
+
+
+@pytest.mark.parametrize("block_shape", BLOCKS, ids=BLOCK_IDS)
+@pytest.mark.parametrize("shape,cfg", CASES)
+def test_fp8_paged_equals_dequantized_reference(shape, cfg, block_shape):
+    T, H, I, E, k = shape
+    gen = torch.Generator().manual_seed(hash((T, H, I, E, k, str(block_shape))) % 2**31)
+    q13, s13, q2, s2 = experts_fp8(E, H, I, gen, block_shape)
+    (q13s, s13s, q2s, s2s), pt = scrambled(E, E + 3, gen, q13, s13, q2, s2)
+    w, ids = routing(T, E, k, gen)
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float16, 5e-3)):
+        x = torch.randn(T, H, generator=gen).to(dtype)
+        ref = fused_experts_paged_reference(*(t.to(DEV) for t in (x, q13s, q2s, pt, w, ids)), compute_dtype=torch.float64,
+                                            w13_scale=s13s.to(DEV), w2_scale=s2s.to(DEV), block_shape=block_shape)
+        y = fused_experts_paged(*(t.to(DEV) for t in (x, q13s, q2s, pt, w, ids)), w13_scale=s13s.to(DEV),
+                                w2_scale=s2s.to(DEV), block_shape=block_shape, config=cfg)
+        assert y.dtype == dtype and y.shape == (T, H)
+        assert rel_err(y, ref) < tol, (dtype, rel_err(y, ref))
+        # the reference on the dequantized weights as plain fp32 experts: the same numbers
+        deq = fused_experts_paged_reference(*(t.to(DEV) for t in (x.float(), dequantize_fp8(q13s, s13s, block_shape),
+                                                                  dequantize_fp8(q2s, s2s, block_shape), pt, w, ids)),
+                                            compute_dtype=torch.float64)
+        assert rel_err(ref.float(), deq) < 1e-3 if dtype == torch.float16 else rel_err(ref, deq) < 1e-12
+
+
+@pytest.mark.parametrize("block_shape", [None, (16, 16)], ids=["per-channel", "block16x16"])
+def test_fp8_contiguous_equals_paged(block_shape):
+    """fused_experts on contiguous fp8 experts = the paged op on a permuted buffer, bit for bit (fp32)."""
+    gen = torch.Generator().manual_seed(4)
+    T, H, I, E, k = 5, 50, 37, 6, 2
+    q13, s13, q2, s2 = experts_fp8(E, H, I, gen, block_shape)
+    (q13s, s13s, q2s, s2s), pt = scrambled(E, E + 2, gen, q13, s13, q2, s2)
+    w, ids = routing(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen)
+    a = fused_experts(*(t.to(DEV) for t in (x, q13, q2, w, ids)), w13_scale=s13.to(DEV), w2_scale=s2.to(DEV),
+                      block_shape=block_shape)
+    b = fused_experts_paged(*(t.to(DEV) for t in (x, q13s, q2s, pt, w, ids)), w13_scale=s13s.to(DEV),
+                            w2_scale=s2s.to(DEV), block_shape=block_shape)
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("block_shape", [None, (16, 16), (128, 128)], ids=["per-channel", "block16", "block128"])
+def test_quantize_round_trip(block_shape):
+    """e4m3 keeps 3 mantissa bits: each element within 2**-4 relative of its value (plus the
+    subnormal floor of its row or block), the largest of each row/block exact up to rounding."""
+    gen = torch.Generator().manual_seed(1)
+    w = torch.randn(3, 40, 70, generator=gen) * (0.01 + torch.rand(3, 40, 1, generator=gen))
+    q, s = quantize_fp8(w, block_shape)
+    assert q.dtype == FP8 and s.dtype == torch.float32
+    assert tuple(s.shape) == (3, *scale_shape(40, 70, block_shape))
+    back = dequantize_fp8(q, s, block_shape)
+    from prophet_kernels.kernels.fp8 import expand_scale
+
+    step = expand_scale(s, 40, 70, block_shape) * 2.0**-9  # e4m3's smallest subnormal, scaled
+    assert bool(((back - w).abs() <= w.abs() * 2.0**-4 + step).all())
+    assert 0.005 < rel_err(back, w) < 0.04
+
+
+def test_fp8_errors_name_the_problem():
+    gen = torch.Generator().manual_seed(2)
+    T, H, I, E, k = 2, 32, 16, 4, 2
+    q13, s13, q2, s2 = experts_fp8(E, H, I, gen, None)
+    w, ids = routing(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen)
+    pt = torch.arange(E, dtype=torch.int32)
+    with pytest.raises(ValueError, match="w13 is float8_e4m3fn: pass w13_scale"):
+        fused_experts_paged(x, q13, q2, pt, w, ids)
+    with pytest.raises(ValueError, match=r"w2_scale must be \[4, 32\] for w2 \[4, 32, 16\] with scales per output"):
+        fused_experts_paged(x, q13, q2, pt, w, ids, w13_scale=s13, w2_scale=s2[:, :5])
+    with pytest.raises(ValueError, match=r"w13_scale must be \[4, 2, 2\] .* blocks of 16x16"):
+        fused_experts_paged(x, q13, q2, pt, w, ids, w13_scale=s13, w2_scale=s2, block_shape=(16, 16))
+    with pytest.raises(TypeError, match="w13_scale must be a float32 tensor, got torch.float16"):
+        fused_experts_paged(x, q13, q2, pt, w, ids, w13_scale=s13.half(), w2_scale=s2)
+    with pytest.raises(ValueError, match="w13_scale given for torch.float32 weights"):
+        fused_experts_paged(x, q13.float(), q2.float(), pt, w, ids, w13_scale=s13, w2_scale=s2)
+    with pytest.raises(TypeError, match="or both be float8_e4m3fn"):
+        fused_experts_paged(x, q13, q2.float(), pt, w, ids, w13_scale=s13, w2_scale=s2)
+    with pytest.raises(ValueError, match="block sizes must be powers of two >= 16"):
+        fused_experts_paged(x, q13, q2, pt, w, ids, w13_scale=s13, w2_scale=s2, block_shape=(100, 128))
+    with pytest.raises(TypeError, match="quantize_fp8 takes fp32/fp16/bf16 weights"):
+        quantize_fp8(q13)
