@@ -129,3 +129,59 @@ def test_fp8_errors_name_the_problem():
         fused_experts_paged(x, q13, q2, pt, w, ids, w13_scale=s13, w2_scale=s2, block_shape=(100, 128))
     with pytest.raises(TypeError, match="quantize_fp8 takes fp32/fp16/bf16 weights"):
         quantize_fp8(q13)
+
+
+# ------------------------------------------------------------------ fp8 experts in ProphetMoE
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+@pytest.mark.parametrize("block_shape", [None, (16, 16)], ids=["per-channel", "block16x16"])
+def test_prophet_moe_fp8_equals_all_resident(mode, block_shape):
+    """ProphetMoE over an fp8 store (quantized as it is built): every layer call equals the
+    all-resident fp8 experts (fused_experts on the store's own fp8 weights and scales) to fp32
+    rounding, over steps with misses, evictions and prefetches, in both modes; weights and scales
+    move as one block per expert."""
+    from prophet_kernels import ProphetMoE
+    from prophet_kernels.memory.store import fp8_expert_bytes
+
+    gen = torch.Generator().manual_seed(8)
+    L, E, H, I, K, T = 3, 8, 40, 24, 2, 3
+    w13 = torch.randn(L, E, 2 * I, H, generator=gen) / 7
+    w2 = torch.randn(L, E, H, I, generator=gen) / 5
+    moe = ProphetMoE.from_weights(w13, w2, 9, device=DEV, mode=mode, expert_dtype="fp8", block_shape=block_shape,
+                                  predictor="same")
+    st = moe.store
+    assert st.dtype == FP8 and st.blocks[0].dtype == torch.uint8 and st.blocks[0].shape == (E, st.expert_bytes)
+    assert st.expert_bytes == fp8_expert_bytes(H, I, block_shape) < 3 * H * I * 2  # under half of fp32's, under bf16's
+    for step in range(6):
+        for layer in range(L):
+            x = torch.randn(T, H, generator=gen)
+            ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(T)]).to(torch.int32)
+            w = torch.rand(T, K, generator=gen)
+            y = moe.forward(layer, x.to(DEV), w.to(DEV), ids.to(DEV))
+            ref = fused_experts(x, st.w13[layer], st.w2[layer], w, ids, w13_scale=st.w13_scale[layer],
+                                w2_scale=st.w2_scale[layer], block_shape=block_shape)
+            assert rel_err(y.cpu(), ref) < 2e-6, (step, layer)
+    s = moe.stats
+    assert s.misses > 0 and s.evictions > 0 and s.bytes_h2d == (s.misses + s.prefetched) * st.expert_bytes
+
+
+def test_fp8_store_bytes_and_refusals():
+    """Bytes per expert = fp8 weights + fp32 scales, padded to 16 (printed by the planner and the
+    demo); a store of fp8 tensors without scales, or in another layout, is refused by name."""
+    from prophet_kernels import HostExpertStore
+    from prophet_kernels.memory.store import fp8_expert_bytes
+
+    H, I = 2048, 1024  # OLMoE-1B-7B's expert
+    assert fp8_expert_bytes(H, I) == 3 * H * I + 4 * (2 * I + H)  # 6,307,840 (bf16: 12,582,912)
+    assert fp8_expert_bytes(H, I, (128, 128)) == 3 * H * I + 4 * (16 * 16 + 16 * 8)
+    assert fp8_expert_bytes(40, 24, (16, 16)) == 2944  # 2880 + 60 bytes of scales, padded to 16
+    q13, s13, q2, s2 = experts_fp8(4, 32, 16, torch.Generator().manual_seed(0), None)
+    with pytest.raises(ValueError, match="fp8 experts need one w13_scale and one w2_scale per layer"):
+        HostExpertStore([q13], [q2])
+    with pytest.raises(ValueError, match="must be in the one-block layout"):
+        HostExpertStore([q13], [q2], [s13], [s2])
+    with pytest.raises(ValueError, match="scales go with float8_e4m3fn experts"):
+        HostExpertStore([q13.float()], [q2.float()], [s13], [s2])
+    with pytest.raises(ValueError, match="expert_dtype must be None .* or 'fp8', got 'int4'"):
+        HostExpertStore.from_tensors(q13.float()[None], q2.float()[None], expert_dtype="int4")

@@ -125,3 +125,28 @@ def test_on_the_gpu(checkpoints):
     torch.cuda.synchronize()
     assert ((got - want).norm() / want.norm()).item() < 2e-2
     assert moe.stats.misses > 0
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_fp8_experts_equal_dequantized_model(checkpoints, family, mode):
+    """expert_dtype="fp8": the experts are quantized as they move into the store (per output channel)
+    and the model generates the tokens (and logits, to summation order) of transformers' own experts
+    holding the same fp8 values dequantized; the slots hold fp8 bytes."""
+    from prophet_kernels.kernels.fp8 import FP8, dequantize_fp8, quantize_fp8
+    from prophet_kernels.memory.store import expert_modules
+
+    prompts = [p[:12] for p in demo.prompts(4, length=12)]
+    ref_model = _load(checkpoints[family])
+    with torch.no_grad():
+        for m in expert_modules(ref_model):
+            for p in (m.gate_up_proj, m.down_proj):
+                p.copy_(dequantize_fp8(*quantize_fp8(p)))
+    want, want_logits = _generate(ref_model, prompts)
+    model = _load(checkpoints[family])
+    moe = enable_prophet(model, buffer=0.375, device="cpu", expert_dtype="fp8", mode=mode, predictor="same")
+    assert moe.store.dtype == moe.buffer.w13.dtype == FP8
+    got, got_logits = _generate(model, prompts)
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    assert moe.stats.misses > 0 and moe.stats.evictions > 0

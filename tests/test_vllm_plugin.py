@@ -48,6 +48,7 @@ def test_settings_additional_config_wins_and_enables():
     ({"prefetch_budget": 0}, "prefetch_budget must be a whole number of experts >= 1"),
     ({"prefetch_budget": 1.5}, "prefetch_budget must be a whole number of experts >= 1"),
     ({"bufer": 0.5}, r"unknown Prophet setting\(s\) \['bufer'\]"),
+    ({"expert_dtype": "int4"}, "unknown Prophet expert_dtype 'int4'; known: auto, fp8"),
 ])
 def test_settings_errors_name_the_problem(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -100,7 +101,7 @@ def test_prophet_on_but_no_layer_taken_is_refused():
                                      model_config=types.SimpleNamespace(quantization=quantization))
 
     quantized = torch.nn.Sequential(_MoELayer(None), _MoELayer(None))  # what a Fp8MoEMethod layer looks like to it
-    with pytest.raises(ValueError, match=r"none of this model's MoE layers .*quantization: fp8"):
+    with pytest.raises(ValueError, match=r"none of this model.s MoE layers .*quantization: fp8.*expert_dtype: fp8"):
         vllm_plugin.require_prophet_experts(quantized, config({"buffer": 0.5}, "fp8"))
     vllm_plugin.require_prophet_experts(quantized, config({"enabled": False}, "fp8"))  # off: vLLM's own
     taken = vllm_plugin._ModelExperts(ProphetSettings(enabled=True), 16, config_id=object())
@@ -779,3 +780,44 @@ def test_server_refuses_a_bad_setting_on_its_last_line(tmp_path, checkpoints):
     assert r.returncode != 0
     assert "Prophet setting buffer='abc' is not a number" in lines[-1], "\n".join(lines[-20:])
     assert not any("EngineCore" in x for x in lines), "an engine started before the refusal"
+
+
+def _fp8_dequantized_checkpoint(path, out):
+    """The checkpoint with every routed expert replaced by its fp8 (e4m3, per output channel) values
+    dequantized: what expert_dtype fp8 serves, as plain fp32 weights for vLLM's own MoE method."""
+    import transformers
+
+    from prophet_kernels.kernels.fp8 import dequantize_fp8, quantize_fp8
+    from prophet_kernels.memory.store import expert_modules
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    with torch.no_grad():
+        for m in expert_modules(model):
+            for p in (m.gate_up_proj, m.down_proj):  # per row: the same scales as the store's per-row ones
+                p.copy_(dequantize_fp8(*quantize_fp8(p)))
+    model.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family):
+    """expert_dtype: fp8 quantizes the experts as they are loaded (half the bytes per slot and per
+    copy) and serves greedy tokens identical to vLLM's own MoE method on the same fp8 values
+    (dequantized into a checkpoint), with misses and evictions, in both modes. (On these random-init
+    models fp8 changes most tokens from the fp32 ones: the identity is not fp32's.)"""
+    ps, base = baseline
+    reference = demo.generate(_fp8_dequantized_checkpoint(checkpoints[family], tmp_path / "deq"), ps, MAX_TOKENS,
+                              None)[0]
+    assert reference != base[family]
+    for mode in ("host", "device"):
+        llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "mode": mode, "predictor": "same",
+                                                  "expert_dtype": "fp8"})
+        try:
+            tokens = demo.greedy(llm, ps, MAX_TOKENS)
+            (stats,) = prophet_stats(llm)
+        finally:
+            del llm
+        assert tokens == reference, mode
+        H, I = demo.TINY[family]["hidden_size"], 64
+        assert stats["expert_bytes"] == 3 * H * I + 4 * (2 * I + H)  # fp8 weights + fp32 scales (fp32: 12 * H * I)
+        assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0

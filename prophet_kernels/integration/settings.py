@@ -12,6 +12,7 @@ import os
 from prophet_kernels.memory.buffer import DEFAULT_MODE, DEFAULT_POLICY
 
 RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
+EXPERT_DTYPES = ("auto", "fp8")  # auto: the checkpoint's; fp8: e4m3 with per-output-channel scales, quantized on load
 
 # The model families Prophet serves, tested end to end (tokens identical with and without Prophet) in
 # both integrations: transformers model_type -> (vLLM architecture, name). Others are refused by name:
@@ -45,6 +46,12 @@ class ProphetSettings:
     prefetch_budget: int | None = 1  # experts per layer call; None: no limit
     log_every_s: float = 30.0
     predictor_path: str = ""
+    expert_dtype: str = "auto"  # EXPERT_DTYPES
+
+    @property
+    def quantize(self) -> str | None:
+        """``HostExpertStore``'s expert_dtype for these settings (None: keep the checkpoint's)."""
+        return None if self.expert_dtype == "auto" else self.expert_dtype
 
     @classmethod
     def resolve(cls, additional_config=None, environ=None) -> "ProphetSettings":
@@ -100,6 +107,9 @@ class ProphetSettings:
         if self.policy not in known:
             raise ValueError(f"unknown Prophet policy {self.policy!r}" + (f" for mode {self.mode}" if self.policy in POLICIES
                                                                            else "") + f"; known: {', '.join(known)}")
+        if self.expert_dtype not in EXPERT_DTYPES:
+            raise ValueError(f"unknown Prophet expert_dtype {self.expert_dtype!r}; known: {', '.join(EXPERT_DTYPES)} "
+                             "(auto: the checkpoint's dtype; fp8: e4m3 experts with per-output-channel scales)")
         if self.predictor not in RUNTIME_PREDICTORS:
             raise ValueError(f"Prophet predictor {self.predictor!r} is not available while serving; known: "
                              f"{', '.join(RUNTIME_PREDICTORS)}")

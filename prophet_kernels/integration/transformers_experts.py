@@ -21,6 +21,7 @@ import torch
 from prophet_kernels.integration.settings import ProphetSettings, check_model_family
 from prophet_kernels import HostExpertStore, ProphetMoE
 from prophet_kernels.memory.buffer import DEFAULT_MODE, DEFAULT_POLICY
+from prophet_kernels.kernels.fp8 import dequantize_fp8
 from prophet_kernels.memory.store import expert_modules
 
 NAME = "prophet"  # the experts_implementation name
@@ -41,20 +42,22 @@ def _register() -> None:
 
 def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAULT_POLICY, predictor: str = "none",
                    prefetch_depth: int = 1, prefetch_budget: int | None = 1, predictor_path: str = "",
-                   max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE) -> ProphetMoE:
+                   max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE, expert_dtype: str = "auto") -> ProphetMoE:
     """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
 
     The settings are the vLLM plugin's (``settings.ProphetSettings``): buffer (fraction
     of all routed experts in (0, 1], or a slot count > 1), mode (host or device), policy (default
     next-use), predictor (none, same, gate: the
     next layers' routers on this layer's MoE input, learned-gate: the file at ``predictor_path``),
-    prefetch_depth, prefetch_budget (most experts one layer call may prefetch; None: no limit).
+    prefetch_depth, prefetch_budget (most experts one layer call may prefetch; None: no limit),
+    expert_dtype (auto: the model's; fp8: quantized to e4m3 with per-output-channel scales as they
+    move into the store, one expert at a time: half the bytes per slot and per copy).
     device: the expert buffer's (default cuda when present, else cpu; the rest of the model follows
     with ``model.to(device)``). max_batch_tokens: the most tokens one forward carries; the buffer
     must hold the unique experts one layer can need then (default: any batch, so all E of a layer)."""
     settings = ProphetSettings(enabled=True, buffer=buffer, mode=mode, policy=policy, predictor=predictor,
                                prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget,
-                               predictor_path=predictor_path).validated()
+                               predictor_path=predictor_path, expert_dtype=expert_dtype).validated()
     if any(hasattr(m, "prophet") for m in model.modules()):
         raise ValueError("Prophet is already enabled on this model")
     check_model_family(model_type=getattr(model.config, "model_type", None))
@@ -84,12 +87,17 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
         del modules[layer].gate_up_proj, modules[layer].down_proj
 
     # a generator: each layer's parameters are dropped once copied, so the host holds one layer twice at most
+    dtype = modules[0].gate_up_proj.dtype
     store = HostExpertStore.from_parameters(((m.gate_up_proj.data, m.down_proj.data) for m in modules),
-                                            release=release)
+                                            release=release, expert_dtype=settings.quantize)
     try:
         moe = settings.build(store, device, top_k, tokens, gates)
-    except BaseException:  # e.g. out of device memory: the experts go back to the model (host copies)
-        for m, w13, w2 in zip(modules, store.w13, store.w2):
+    except BaseException:  # e.g. out of device memory: the experts go back to the model (host copies;
+        for l, m in enumerate(modules):  # fp8 ones dequantized: the model keeps the quantized values)
+            w13, w2 = store.w13[l], store.w2[l]
+            if store.w13_scale is not None:
+                w13 = dequantize_fp8(w13, store.w13_scale[l]).to(dtype)
+                w2 = dequantize_fp8(w2, store.w2_scale[l]).to(dtype)
             m.gate_up_proj, m.down_proj = torch.nn.Parameter(w13, False), torch.nn.Parameter(w2, False)
         raise
     for layer, m in enumerate(modules):

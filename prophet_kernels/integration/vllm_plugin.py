@@ -65,8 +65,9 @@ class _ModelExperts:
         self.num_layers += 1
         return self.num_layers - 1
 
-    def layer_loaded(self, index: int, w13: torch.Tensor, w2: torch.Tensor, device: torch.device) -> None:
-        self.loaded[index] = (w13, w2)
+    def layer_loaded(self, index: int, experts, device: torch.device) -> None:
+        """``experts``: the layer's ``memory.store.Experts`` in host memory (fp8 ones with their scales)."""
+        self.loaded[index] = experts
         if len(self.loaded) == self.num_layers:
             self._build(device)
             if _BUILDING[0] is self:  # built: the model's MoE methods keep it alive, not this module
@@ -75,8 +76,7 @@ class _ModelExperts:
     def _build(self, device: torch.device) -> None:
         from prophet_kernels import HostExpertStore
 
-        store = HostExpertStore([self.loaded[i][0] for i in range(self.num_layers)],
-                                [self.loaded[i][1] for i in range(self.num_layers)])
+        store = HostExpertStore.from_experts([self.loaded[i] for i in range(self.num_layers)])
         self.loaded.clear()
         s = self.settings
         if s.predictor == "gate" and (self.gate_parts is None or len(self.gate_parts) != store.num_layers):
@@ -84,10 +84,11 @@ class _ModelExperts:
                              f"{', '.join(GATE_MODELS)}")
         self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts)
         slots = self.moe.buffer.num_slots
-        logger.info("Prophet: %d MoE layers x %d experts in %s host memory (%.1f MiB); device buffer %d slots "
+        logger.info("Prophet: %d MoE layers x %d %s experts in %s host memory (%.1f MiB); device buffer %d slots "
                     "(%.1f MiB, %.1f%% of experts), %s mode, policy %s, predictor %s, prefetch depth %d, "
                     "prefetch budget %s",
-                    store.num_layers, store.num_experts, "pinned" if store.pinned else "pageable",
+                    store.num_layers, store.num_experts, str(store.dtype).replace("torch.", ""),
+                    "pinned" if store.pinned else "pageable",
                     store.num_layers * store.num_experts * store.expert_bytes / 2**20, slots,
                     slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
                     s.mode, s.policy, s.predictor, s.prefetch_depth,
@@ -186,11 +187,11 @@ def _loaded_host_weights(host: tuple[torch.Tensor, torch.Tensor], params: tuple[
 
     if all(same(p, h) for p, h in zip(params, host)):
         return host
-    return host_copy(*params, pin=torch.cuda.is_available())
+    return host_copy(*params, pin=torch.cuda.is_available())[:2]
 
 
 def _method_class():
-    from prophet_kernels.memory.store import expert_tensors
+    from prophet_kernels.memory.store import Experts, expert_tensors, host_copy
     from vllm.config import get_current_vllm_config_or_none
     from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 
@@ -255,6 +256,11 @@ def _method_class():
             self.host_weights = None
             for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters
                 del layer._parameters[name]
+            if self.prophet.quantize:  # e.g. fp8: quantized one expert at a time into the store's layout
+                experts = host_copy(w13, w2, torch.cuda.is_available(), self.prophet.quantize)
+            else:
+                experts = Experts(w13, w2, None, None, None)
+            del w13, w2  # (fp8: the layer's checkpoint-dtype copy goes now, before the next layer's)
             runners = [r for r in list(self.forward_context.values()) if getattr(r, "routed_experts", None) is layer]
             if len(runners) != 1:
                 raise RuntimeError(f"Prophet: found {len(runners)} vLLM MoE runners for one MoE layer in the static "
@@ -263,7 +269,7 @@ def _method_class():
                 runners[0]._forward_entry = functools.partial(_traced_moe_entry, runners[0].layer_name)
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
-            self.experts.layer_loaded(self.layer_index, w13, w2, device)
+            self.experts.layer_loaded(self.layer_index, experts, device)
 
         def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
             if shared_experts is not None:
@@ -379,7 +385,9 @@ def require_prophet_experts(model: torch.nn.Module, vllm_config) -> None:
     if ProphetSettings.resolve(vllm_config.additional_config).enabled and not model_groups(model):
         quant = getattr(vllm_config.model_config, "quantization", None)
         raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized MoE method "
-                         f"(quantization: {quant}); Prophet serves unquantized experts (bf16, fp16, fp32) only")
+                         f"(quantization: {quant}); Prophet serves unquantized checkpoints (bf16, fp16, fp32), "
+                         "optionally as fp8 experts quantized on load (setting expert_dtype: fp8); serving "
+                         "fp8 checkpoints with their own scales is not supported yet")
 
 
 def _worker_stats(worker, reset: bool = False) -> list[dict]:  # runs in each vLLM worker (collective_rpc)

@@ -23,7 +23,7 @@ from collections import Counter, OrderedDict
 import numpy as np
 import torch
 
-from .store import expert_block, expert_tensors
+from .store import allocate_experts
 
 
 class EvictionPolicy:
@@ -411,12 +411,12 @@ class PagedExpertBuffer(SlotTable):
     """S expert slots on `device` for a model of L MoE layers with E experts each."""
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
-                 dtype: torch.dtype, device, policy=DEFAULT_POLICY, min_slots: int = 1):
+                 dtype: torch.dtype, device, policy=DEFAULT_POLICY, min_slots: int = 1, block_shape=None):
         super().__init__(num_layers, num_experts, num_slots, policy, min_slots)
         self.device = torch.device(device)
-        # one [S, 3*I*H] block: a slot's weights are contiguous, one copy fills it
-        self.w13, self.w2 = expert_tensors(num_slots, hidden, intermediate, dtype, self.device)
-        self.blocks = expert_block(self.w13, self.w2)
+        # one block row per slot (fp8: weights and scales): a slot's bytes are contiguous, one copy fills it
+        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks = allocate_experts(
+            num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape)
         self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
         self._rows = list(self.page_table.unbind(0))  # one view per layer, built once (indexing costs ~2 us)
         self._uploaded = [0] * num_layers  # row_version each device row holds (all -1 at version 0)

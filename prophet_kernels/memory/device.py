@@ -27,7 +27,7 @@ from ..kernels.residency import (COUNTERS, DEMAND, POLICY_IDS, PREFETCH, Residen
                                  residency_step, residency_step_reference)
 from .buffer import DEVICE_POLICIES, check_sizes
 from .residency import LayerStats, Stats
-from .store import expert_block, expert_tensors
+from .store import allocate_experts
 
 def check_device_policy(policy: str) -> None:
     if policy not in DEVICE_POLICIES:
@@ -39,13 +39,13 @@ class DeviceExpertBuffer:
     """S expert slots on `device` and the device residency state over them."""
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
-                 dtype: torch.dtype, device, min_slots: int = 1, policy: str = "next-use"):
+                 dtype: torch.dtype, device, min_slots: int = 1, policy: str = "next-use", block_shape=None):
         check_sizes(num_layers, num_experts, num_slots, min_slots)
         check_device_policy(policy)
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
         self.device = torch.device(device)
-        self.w13, self.w2 = expert_tensors(num_slots, hidden, intermediate, dtype, self.device)
-        self.blocks = expert_block(self.w13, self.w2)
+        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks = allocate_experts(
+            num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape)
         self.state = ResidencyState.empty(num_layers, num_experts, num_slots, self.device, POLICY_IDS[policy])
         self._rows = list(self.page_table.unbind(0))
 

@@ -68,15 +68,17 @@ class ProphetMoE:
         self.current_slots: list[int] = []  # slots the layer being computed reads (pinned; host mode)
         dims = (store.num_layers, store.num_experts, store.hidden, store.intermediate, num_slots, store.dtype, device)
         if mode == "device":
-            self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots, policy=policy)
+            self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots, policy=policy, block_shape=store.block_shape)
             self.prefetcher = None
             budget = None if prefetch_budget_bytes is None else prefetch_budget_bytes // store.expert_bytes
             self.residency = DeviceResidency(self.buffer, store, make_predictor(predictor), prefetch_depth, budget)
-            return
-        self.buffer = PagedExpertBuffer(*dims, policy, min_slots)
-        self.prefetcher = StreamPrefetcher(store, self.buffer)
-        self.residency = ExpertResidency(self.buffer, store.expert_bytes, make_predictor(predictor),
-                                         prefetch_depth, prefetch_budget_bytes)
+        else:
+            self.buffer = PagedExpertBuffer(*dims, policy, min_slots, block_shape=store.block_shape)
+            self.prefetcher = StreamPrefetcher(store, self.buffer)
+            self.residency = ExpertResidency(self.buffer, store.expert_bytes, make_predictor(predictor),
+                                             prefetch_depth, prefetch_budget_bytes)
+        # the kernels' scale arguments: (w13 scales, w2 scales, block shape) of fp8 slots, else Nones
+        self._scales = (self.buffer.w13_scale, self.buffer.w2_scale, store.block_shape)
 
     @property
     def stats(self) -> Stats:
@@ -103,10 +105,12 @@ class ProphetMoE:
 
     @classmethod
     def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy: str = DEFAULT_POLICY,
-                     predictor=None, prefetch_depth: int = 1, **kwargs) -> "ProphetMoE":
-        """w13 [L, E, 2I, H], w2 [L, E, H, I] (any device; copied into the host store)."""
-        return cls(HostExpertStore.from_tensors(w13, w2), num_slots, device, policy, predictor,
-                   prefetch_depth, **kwargs)
+                     predictor=None, prefetch_depth: int = 1, expert_dtype: str | None = None, block_shape=None,
+                     **kwargs) -> "ProphetMoE":
+        """w13 [L, E, 2I, H], w2 [L, E, H, I] (any device; copied into the host store; ``expert_dtype
+        ="fp8"``: quantized to e4m3 on the way, scales per output channel or per ``block_shape``)."""
+        return cls(HostExpertStore.from_tensors(w13, w2, expert_dtype=expert_dtype, block_shape=block_shape),
+                   num_slots, device, policy, predictor, prefetch_depth, **kwargs)
 
     @property
     def device(self) -> torch.device:
@@ -121,7 +125,8 @@ class ProphetMoE:
         L, E = self.store.num_layers, self.store.num_experts
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < L:
             raise ValueError(f"layer {layer!r} out of range [0, {L})")
-        check_inputs(x, self.buffer.w13, self.buffer.w2, topk_weights, topk_ids, self.buffer._rows[layer])
+        check_inputs(x, self.buffer.w13, self.buffer.w2, topk_weights, topk_ids, self.buffer._rows[layer],
+                     *self._scales)
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
         if self.mode == "device":
@@ -152,7 +157,9 @@ class ProphetMoE:
         self.current_slots = slots
         try:
             with nvtx_range(f"experts L{layer}"):
-                y = fused_experts_paged(x, self.buffer.w13, self.buffer.w2, row, topk_weights, topk_ids, check=False)
+                y = fused_experts_paged(x, self.buffer.w13, self.buffer.w2, row, topk_weights, topk_ids, check=False,
+                                        w13_scale=self._scales[0], w2_scale=self._scales[1],
+                                        block_shape=self._scales[2])
             self.prefetcher.mark_read(slots)
             with nvtx_range(f"predict L{layer}"):
                 fills = self.residency.prefetch(layer, topk_ids, x)  # this layer's slots stay pinned
@@ -174,8 +181,9 @@ class ProphetMoE:
         with nvtx_range(f"ensure_resident L{layer}"):
             self.residency.demand(layer, narrow_ids(topk_ids, E).reshape(-1))
         with nvtx_range(f"experts L{layer}"):
+            w13_scale, w2_scale, block_shape = self._scales
             y = fused_experts_paged_op(x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights,
-                                       topk_ids)
+                                       topk_ids, w13_scale, w2_scale, list(block_shape) if block_shape else None)
         with nvtx_range(f"predict L{layer}"):
             self.residency.prefetch(layer, topk_ids, x)
         if layer == self.store.num_layers - 1:

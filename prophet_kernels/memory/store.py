@@ -5,7 +5,10 @@ Layout per layer l (the kernels' layout, one expert = one slot's worth of weight
     w2[l]   [E, H, I]
 The builders place both as views of one [E, 3*I*H] block (``expert_tensors``): each expert's
 weights are contiguous, so one copy moves an expert into a slot (the device buffer has the same
-layout; the kernels take the slot stride). Tensors handed to the constructor in another layout
+layout; the kernels take the slot stride). FP8 experts (``expert_dtype="fp8"``, e4m3 with fp32
+scales per output channel or per block, ``kernels.fp8``) are one byte block per expert:
+    [ w13 fp8 (2*I*H bytes) | w2 fp8 (H*I) | pad to 4 | w13 scales (fp32) | w2 scales | pad to 16 ]
+so weights and scales still move in one copy (``allocate_experts``). Tensors handed to the constructor in another layout
 still work, at two copies per expert. Pinned when CUDA is present, so host-to-device copies run
 on the copy engine asynchronously.
 Built from tensors, from (gate_up, down) parameter pairs of a loaded model, or streamed from
@@ -15,12 +18,16 @@ safetensors files one layer at a time (never a second full copy in memory).
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+from ..kernels.fp8 import FP8, check_block_shape, check_scales, quantize_fp8, scale_shape
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -55,10 +62,60 @@ def expert_tensors(num_experts: int, hidden: int, intermediate: int, dtype: torc
     return block[:, :2 * I * H].view(E, 2 * I, H), block[:, 2 * I * H:].view(E, H, I)
 
 
-def expert_block(w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
-    """[E, 3*I*H] view of both tensors when they are laid out as ``expert_tensors`` makes them, else None."""
+class Experts(NamedTuple):
+    """E experts' tensors: w13 [E, 2I, H], w2 [E, H, I], their scales (fp8 only, else None) and
+    the [E, bytes-or-elements] block they are all views of (one row per expert, one copy each)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    w13_scale: torch.Tensor | None
+    w2_scale: torch.Tensor | None
+    block: torch.Tensor
+
+
+def _fp8_offsets(hidden: int, intermediate: int, block_shape) -> tuple[int, int, int, tuple, tuple]:
+    """(w13 scale offset, w2 scale offset, row bytes, w13 scale shape, w2 scale shape) of an fp8 expert."""
+    H, I = hidden, intermediate
+    s13, s2 = scale_shape(2 * I, H, block_shape), scale_shape(H, I, block_shape)
+    o13 = -(-3 * I * H // 4) * 4
+    o2 = o13 + 4 * math.prod(s13)
+    return o13, o2, -(-(o2 + 4 * math.prod(s2)) // 16) * 16, s13, s2
+
+
+def fp8_expert_bytes(hidden: int, intermediate: int, block_shape=None) -> int:
+    """Bytes of one fp8 expert with its scales, padded (what one copy moves, what one slot holds)."""
+    return _fp8_offsets(hidden, intermediate, check_block_shape(block_shape))[2]
+
+
+def allocate_experts(num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, device="cpu",
+                     pin: bool = False, block_shape=None) -> Experts:
+    """Uninitialised experts in the one-block layout: ``expert_tensors`` for fp32/fp16/bf16; for
+    ``torch.float8_e4m3fn`` one uint8 row per expert holding w13, w2 and their fp32 scales (per
+    output channel, or per block of ``block_shape``; see the module docstring)."""
+    if dtype != FP8:
+        w13, w2 = expert_tensors(num_experts, hidden, intermediate, dtype, device, pin)
+        return Experts(w13, w2, None, None, expert_block(w13, w2))
+    E, H, I = num_experts, hidden, intermediate
+    o13, o2, row, s13, s2 = _fp8_offsets(H, I, check_block_shape(block_shape))
+    if pin and torch.device(device).type == "cpu":
+        block = pinned_empty((E, row), torch.uint8)
+    else:
+        block = torch.empty((E, row), dtype=torch.uint8, device=device)
+    w13 = block[:, :2 * I * H].view(FP8).view(E, 2 * I, H)
+    w2 = block[:, 2 * I * H: 3 * I * H].view(FP8).view(E, H, I)
+    sc13 = block[:, o13: o2].view(torch.float32).view(E, *s13)
+    sc2 = block[:, o2: o2 + 4 * math.prod(s2)].view(torch.float32).view(E, *s2)
+    return Experts(w13, w2, sc13, sc2, block)
+
+
+def expert_block(w13: torch.Tensor, w2: torch.Tensor, w13_scale=None, w2_scale=None,
+                 block_shape=None) -> torch.Tensor | None:
+    """[E, 3*I*H] view of both tensors when they are laid out as ``expert_tensors`` makes them (fp8
+    with scales: the [E, row bytes] uint8 block of ``allocate_experts``), else None."""
     if w13.dim() != 3 or w2.dim() != 3:
         return None
+    if w13.dtype == FP8:
+        return _fp8_block(w13, w2, w13_scale, w2_scale, block_shape)
     E, I2, H = w13.shape
     n = 3 * I2 // 2 * H
     fused = (w2.shape == (E, H, I2 // 2) and w13.dtype == w2.dtype and w13.device == w2.device
@@ -68,15 +125,49 @@ def expert_block(w13: torch.Tensor, w2: torch.Tensor) -> torch.Tensor | None:
     return w13.as_strided((E, n), (n, 1)) if fused else None
 
 
-def host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _fp8_block(w13, w2, w13_scale, w2_scale, block_shape) -> torch.Tensor | None:
+    if w13_scale is None or w2_scale is None or w2.dtype != FP8:
+        return None
+    E, I2, H = w13.shape
+    o13, o2, row, s13, s2 = _fp8_offsets(H, I2 // 2, check_block_shape(block_shape))
+    base = w13.data_ptr()
+    fused = (w2.shape == (E, H, I2 // 2) and tuple(w13_scale.shape) == (E, *s13) and tuple(w2_scale.shape) == (E, *s2)
+             and w13.stride() == (row, H, 1) and w2.stride() == (row, I2 // 2, 1)
+             and w13_scale.stride(0) * 4 == row and w2_scale.stride(0) * 4 == row
+             and len({t.untyped_storage().data_ptr() for t in (w13, w2, w13_scale, w2_scale)}) == 1
+             and w2.data_ptr() == base + I2 * H and w13_scale.data_ptr() == base + o13
+             and w2_scale.data_ptr() == base + o2)
+    return w13.view(torch.uint8).as_strided((E, row), (row, 1)) if fused else None
+
+
+def host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool, expert_dtype: str | None = None,
+              block_shape=None) -> Experts:
     """One layer's experts copied into host tensors of the one-block layout (pinned if asked);
-    tensors of mismatched shapes are copied as they are (the store's constructor names the problem)."""
+    ``expert_dtype="fp8"``: quantized to e4m3 with scales (``block_shape``: None per output
+    channel) as they are copied, one layer at a time. Tensors of mismatched shapes are copied as
+    they are (the store's constructor names the problem)."""
     w13, w2 = w13.detach(), w2.detach()
+    if expert_dtype not in (None, "fp8"):
+        raise ValueError(f"expert_dtype must be None (keep the weights' dtype) or 'fp8', got {expert_dtype!r}")
     if w13.dim() == 3 and w2.dim() == 3 and tuple(w2.shape) == (w13.shape[0], w13.shape[2], w13.shape[1] // 2) \
             and w13.dtype == w2.dtype:
-        a, b = expert_tensors(w13.shape[0], w13.shape[2], w13.shape[1] // 2, w13.dtype, pin=pin)
-        return a.copy_(w13), b.copy_(w2)
-    return w13.to("cpu").contiguous(), w2.to("cpu").contiguous()
+        E, H, I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
+        if expert_dtype == "fp8" and w13.dtype != FP8:
+            out = allocate_experts(E, H, I, FP8, pin=pin, block_shape=block_shape)
+            for dst, dst_scale, w in ((out.w13, out.w13_scale, w13), (out.w2, out.w2_scale, w2)):
+                for e in range(E):  # an expert at a time: the fp32 temporaries stay one expert's size
+                    q, sc = quantize_fp8(w[e].to("cpu"), block_shape)
+                    dst[e].copy_(q)
+                    dst_scale[e].copy_(sc)
+            return out
+        if w13.dtype == FP8:
+            raise ValueError("fp8 experts come with their scales: build the store with "
+                             "HostExpertStore(w13, w2, w13_scale, w2_scale, block_shape)")
+        out = allocate_experts(E, H, I, w13.dtype, pin=pin)
+        out.w13.copy_(w13)
+        out.w2.copy_(w2)
+        return out
+    return Experts(w13.to("cpu").contiguous(), w2.to("cpu").contiguous(), None, None, None)
 
 
 def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
@@ -90,12 +181,22 @@ def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 class HostExpertStore:
-    """All experts in host memory, one (w13, w2) tensor pair per MoE layer."""
+    """All experts in host memory, one (w13, w2) tensor pair per MoE layer; fp8 experts with one
+    (w13_scale, w2_scale) pair per layer too (``block_shape``: None per output channel, see
+    ``kernels.fp8``)."""
 
-    def __init__(self, w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor]):
+    def __init__(self, w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor],
+                 w13_scale: Sequence[torch.Tensor] | None = None, w2_scale: Sequence[torch.Tensor] | None = None,
+                 block_shape=None):
         if len(w13) != len(w2) or not w13:
             raise ValueError(f"need one w13 and one w2 per layer, got {len(w13)} and {len(w2)}")
         E, I2, H = w13[0].shape
+        fp8 = w13[0].dtype == FP8
+        block_shape = check_block_shape(block_shape)
+        if fp8 and (w13_scale is None or w2_scale is None or len(w13_scale) != len(w13) or len(w2_scale) != len(w13)):
+            raise ValueError("fp8 experts need one w13_scale and one w2_scale per layer")
+        if not fp8 and (w13_scale is not None or w2_scale is not None):
+            raise ValueError(f"scales go with float8_e4m3fn experts, not {w13[0].dtype}")
         for l, (a, b) in enumerate(zip(w13, w2)):
             if a.dim() != 3 or tuple(a.shape) != (E, I2, H) or tuple(b.shape) != (E, H, I2 // 2) or I2 % 2:
                 raise ValueError(f"layer {l}: w13 {tuple(a.shape)} / w2 {tuple(b.shape)} do not match "
@@ -104,15 +205,37 @@ class HostExpertStore:
                 raise TypeError(f"layer {l}: dtypes {a.dtype}/{b.dtype} differ from {w13[0].dtype}")
             if a.device.type != "cpu" or b.device.type != "cpu":
                 raise ValueError(f"layer {l}: the store holds host tensors, got {a.device}/{b.device}")
+            if fp8:
+                check_scales(a, w13_scale[l], f"layer {l}: w13", block_shape)
+                check_scales(b, w2_scale[l], f"layer {l}: w2", block_shape)
         self.w13, self.w2 = list(w13), list(w2)
-        self.blocks = [expert_block(a, b) for a, b in zip(self.w13, self.w2)]  # None: two copies per expert
+        self.w13_scale = list(w13_scale) if fp8 else None
+        self.w2_scale = list(w2_scale) if fp8 else None
+        self.block_shape = block_shape if fp8 else None
+        # one block per expert (one copy each), or None: two copies per expert (fp8 must have one)
+        self.blocks = [expert_block(a, b, *((self.w13_scale[l], self.w2_scale[l], block_shape) if fp8 else ()))
+                       for l, (a, b) in enumerate(zip(self.w13, self.w2))]
+        if fp8 and None in self.blocks:
+            raise ValueError("fp8 experts must be in the one-block layout (weights and scales in one row per "
+                             "expert, memory.store.allocate_experts): build them with HostExpertStore.from_tensors"
+                             "(..., expert_dtype='fp8') or allocate_experts")
         self.num_layers, self.num_experts, self.hidden, self.intermediate = len(w13), E, H, I2 // 2
         self.dtype = w13[0].dtype
 
     @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (w13 + w2 parts), the unit of every copy."""
+        """Bytes of one expert (w13 + w2 parts; fp8: with its scales and padding), the unit of every copy."""
+        if self.dtype == FP8:
+            return fp8_expert_bytes(self.hidden, self.intermediate, self.block_shape)
         return 3 * self.hidden * self.intermediate * self.dtype.itemsize
+
+    @classmethod
+    def from_experts(cls, layers: Sequence[Experts], block_shape=None) -> "HostExpertStore":
+        """From one ``Experts`` per layer (``host_copy``'s result)."""
+        w13, w2, s13, s2, _ = zip(*layers)
+        fp8 = layers[0].w13.dtype == FP8
+        return cls(list(w13), list(w2), list(s13) if fp8 else None, list(s2) if fp8 else None,
+                   block_shape if fp8 else None)
 
     @property
     def pinned(self) -> bool:
@@ -121,38 +244,43 @@ class HostExpertStore:
     # ------------------------------------------------------------------------------ builders
 
     @classmethod
-    def from_tensors(cls, w13: torch.Tensor, w2: torch.Tensor, pin: bool | None = None) -> "HostExpertStore":
+    def from_tensors(cls, w13: torch.Tensor, w2: torch.Tensor, pin: bool | None = None, expert_dtype: str | None = None,
+                     block_shape=None) -> "HostExpertStore":
         """From w13 [L, E, 2I, H] and w2 [L, E, H, I] (or per-layer lists). Pinned by default when
-        CUDA is available; copied layer by layer, so at most one extra layer exists at a time."""
+        CUDA is available; copied layer by layer, so at most one extra layer exists at a time.
+        ``expert_dtype="fp8"``: quantized to e4m3 as they are copied (``block_shape``: the scales'
+        blocks, None per output channel)."""
         pin = torch.cuda.is_available() if pin is None else pin
         if isinstance(w13, torch.Tensor) and w13.dim() != 4:
             raise ValueError(f"w13 must be [L, E, 2I, H], got shape {tuple(w13.shape)}")
         if isinstance(w2, torch.Tensor) and w2.dim() != 4:
             raise ValueError(f"w2 must be [L, E, H, I], got shape {tuple(w2.shape)}")
-        return cls(*map(list, zip(*(host_copy(a, b, pin) for a, b in zip(w13, w2)))))
+        return cls.from_experts([host_copy(a, b, pin, expert_dtype, block_shape) for a, b in zip(w13, w2)],
+                                block_shape)
 
     @classmethod
     def from_parameters(cls, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], pin: bool | None = None,
-                        release=None) -> "HostExpertStore":
+                        release=None, expert_dtype: str | None = None, block_shape=None) -> "HostExpertStore":
         """From (gate_up [E, 2I, H], down [E, H, I]) parameter pairs, one per MoE layer, e.g. the
         ``experts.gate_up_proj`` / ``experts.down_proj`` of transformers' OLMoE and Mixtral blocks.
         ``release(layer_index)`` is called after each layer is copied so the caller can drop the
-        original (keeps peak memory at one layer above the store)."""
+        original (keeps peak memory at one layer above the store). ``expert_dtype="fp8"``: quantized
+        as they are copied (see ``from_tensors``)."""
         pin = torch.cuda.is_available() if pin is None else pin
-        w13, w2 = [], []
+        layers = []
         for l, (gate_up, down) in enumerate(pairs):
-            a, b = host_copy(gate_up, down, pin)
-            w13.append(a)
-            w2.append(b)
+            layers.append(host_copy(gate_up, down, pin, expert_dtype, block_shape))
             if release is not None:
                 release(l)
-        return cls(w13, w2)
+        return cls.from_experts(layers, block_shape)
 
     @classmethod
-    def from_module(cls, model: torch.nn.Module, pin: bool | None = None) -> "HostExpertStore":
+    def from_module(cls, model: torch.nn.Module, pin: bool | None = None, expert_dtype: str | None = None,
+                    block_shape=None) -> "HostExpertStore":
         """From every submodule with fused ``gate_up_proj`` and ``down_proj`` parameters
         (transformers 5.x experts), in module order."""
-        return cls.from_parameters([(m.gate_up_proj, m.down_proj) for m in expert_modules(model)], pin)
+        return cls.from_parameters([(m.gate_up_proj, m.down_proj) for m in expert_modules(model)], pin,
+                                   expert_dtype=expert_dtype, block_shape=block_shape)
 
     @classmethod
     def from_safetensors(cls, paths: str | Path | Sequence[str | Path], pin: bool | None = None,
