@@ -23,6 +23,7 @@ Rows (JSON lines, with device, versions, commit, date) go to bench/results/bench
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 import time
@@ -59,15 +60,17 @@ def copy_engine(dev, repeats):
     copy plus the hand-off to the compute stream), its copy alone on the copy stream
     (`ratio_copy_stream`: the copy engine's rate), and eight back to back (`ratio_x8`). The plain
     copies read memory from PyTorch's pinned allocator, the others the store's (page-locked with
-    cudaHostRegister at its exact size): `direct` vs `plain` shows whether that kind matters."""
+    cudaHostRegister at its exact size): `direct` vs `plain` shows whether that kind matters. Each
+    expert in bf16 and in fp8 (issue 28: e4m3 + scales, one block); `fp8_vs_bf16` is the fp8
+    prefetcher copy's time over the bf16 one's (bar: <= 0.55)."""
     from prophet_kernels import ProphetMoE
 
     rows = []
-    for name, shape in MOE_SHAPES.items():
+    for (name, shape), experts in itertools.product(MOE_SHAPES.items(), ("bf16", "fp8")):
         H, I = shape["H"], shape["I"]
         w13 = torch.randn(1, 2, 2 * I, H, dtype=torch.bfloat16)
         w2 = torch.randn(1, 2, H, I, dtype=torch.bfloat16)
-        moe = ProphetMoE.from_weights(w13, w2, 1, device=dev)
+        moe = ProphetMoE.from_weights(w13, w2, 1, device=dev, expert_dtype=None if experts == "bf16" else "fp8")
         pf, eb, store, buf = moe.prefetcher, moe.store.expert_bytes, moe.store, moe.buffer
         src = torch.empty(eb, dtype=torch.uint8, pin_memory=True)
         dst = torch.empty(eb, dtype=torch.uint8, device=dev)
@@ -85,6 +88,9 @@ def copy_engine(dev, repeats):
         def direct_two():  # the two copies (w13 part, w2 part) of the layout before the one-block one
             buf.w13[0].copy_(store.w13[0][1], non_blocking=True)
             buf.w2[0].copy_(store.w2[0][1], non_blocking=True)
+            if store.w13_scale is not None:  # (fp8: and the scales)
+                buf.w13_scale[0].copy_(store.w13_scale[0][1], non_blocking=True)
+                buf.w2_scale[0].copy_(store.w2_scale[0][1], non_blocking=True)
 
         def prefetch_one():
             pf.copy(0, 0, 1)
@@ -106,10 +112,13 @@ def copy_engine(dev, repeats):
                                                           ("prefetcher_x8", prefetch_stream))}
         # the copy engine's rate for the prefetcher's copy, timed on its stream (no hand-off)
         t["prefetcher_copy_stream"] = _cuda_time(lambda: pf.copy(0, 0, 1), repeats, stream=pf.stream)
-        rows.append({"bench": "copy", "expert": name, "bytes": eb, "store_pinned": store.pinned,
+        rows.append({"bench": "copy", "expert": name, "experts": experts, "bytes": eb, "store_pinned": store.pinned,
                      **{f"{k}_GBps": eb / v / 1e9 for k, v in t.items()},
+                     "prefetcher_copy_stream_us": t["prefetcher_copy_stream"] * 1e6,
                      "ratio": t["plain"] / t["prefetcher"], "ratio_x8": t["plain_x8"] / t["prefetcher_x8"],
                      "ratio_copy_stream": t["plain"] / t["prefetcher_copy_stream"]})
+        if experts == "fp8":
+            rows[-1]["fp8_vs_bf16"] = t["prefetcher_copy_stream"] * 1e6 / rows[-2]["prefetcher_copy_stream_us"]
         del moe, dst
     return rows
 

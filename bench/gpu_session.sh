@@ -10,6 +10,10 @@
 #                                   all-resident, no host read), the device fill vs cudaMemcpyAsync, the
 #                                   decode step as one CUDA graph at 100%/50% vs the resident graph and the
 #                                   PCIe floor, compute-sanitizer memcheck + racecheck on 32 device steps
+#   bench/gpu_session.sh fp8        fp8 experts (issue 28): their kernel tests on the GPU, prophet bench with fp8
+#                                   experts at T 1..64 (per channel and 128x128 blocks; vs vLLM's fp8 fused_moe
+#                                   when vLLM is on the path: run it after the gpu-vllm c1, c2 calls), the fp8
+#                                   vs bf16 expert copy (bench_prefetch --only copy)
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -57,6 +61,17 @@ device)
   timeout 200 $PY bench/bench_prefetch.py --only device --routing olmoe-heldout --repeats 20 --out "$OUT" 2>&1 \
     | grep -E "device_|Error|error" | tee "$OUT/device.txt"
   sanitize device 120 --only device --repeats 32
+  ;;
+fp8)
+  if [ -d /tmp/gpu-vllm/site ]; then export PYTHONPATH=/tmp/gpu-vllm/site:$PWD; fi
+  timeout 120 $PY -m pytest -q -x tests/test_fp8.py -k "paged_equals or contiguous or prophet_moe" 2>&1 | tail -3 \
+    | tee "$OUT/test_fp8.txt"
+  timeout 150 $PY -m prophet_kernels.benchmark.moe --experts fp8 --T 1 4 16 64 --no-reference --out-dir "$OUT" 2>&1 \
+    | tail -10 | tee "$OUT/bench_fp8.txt"
+  timeout 120 $PY -m prophet_kernels.benchmark.moe --experts fp8 --block 128 --T 1 16 --no-reference \
+    --out-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/bench_fp8.txt"
+  timeout 150 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | grep -E "fp8_vs_bf16|Error|error" \
+    | tee "$OUT/copy_fp8.txt"
   ;;
 vllm)
   if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi

@@ -90,6 +90,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                         f"{','.join(sweep.DEFAULT_BUFFERS).replace('%', '%%')})")
     p.add_argument("--dtype", default="bf16", help="weight dtype: bf16, fp16, fp8 (default bf16)")
     p.add_argument("--kv-dtype", help="KV-cache dtype (default: the weight dtype)")
+    p.add_argument("--expert-dtype", type=_csv_list,
+                   help="Prophet's expert dtype(s), comma-separated, rows side by side, e.g. bf16,fp8 (default: the "
+                        "weight dtype)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; numbers are per GPU (default 1)")
     p.add_argument("--util", type=float, default=0.9, help="gpu_memory_utilization (default 0.9, vLLM's)")
     p.add_argument("--context", type=int, help="context length for max concurrent sequences (default: the model's)")
@@ -125,6 +128,7 @@ def _plan(args: argparse.Namespace) -> int:
         context=args.context,
         unique=sweep.load_unique_curve(args.unique_curve) if args.unique_curve else None,
         gpu_memory_bytes=None if args.gpu_memory_gib is None else int(args.gpu_memory_gib * 2**30),
+        expert_dtypes=args.expert_dtype or (None,),
     )
     print(sweep.format_table(rows))
     out = Path(args.out)
@@ -255,6 +259,12 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="at most N experts per prefetch call, fixed (the vLLM plugin's prefetch_budget), instead of "
                         "the default: the budget derived from bandwidth and layer time")
     p.add_argument("--max-steps", type=int, help="replay at most this many decode steps (default: the whole trace)")
+    p.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8"],
+                   help="the mimicked model's experts: bf16, or fp8 (e4m3 + per-row scales: ~half the bytes and PCIe "
+                        "time per copy) (default bf16; single runs)")
+    p.add_argument("--capacity-dtype", choices=["bf16", "fp8"],
+                   help="count --capacity in experts of this dtype's size: --expert-dtype fp8 --capacity-dtype bf16 "
+                        "is fp8 experts in the bytes of a bf16 buffer (default: --expert-dtype)")
     p.add_argument("--sweep", action="store_true",
                    help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures: "
                         "164 rows per trace, about 20-25 min per trace on 2 CPU cores (its progress bar's estimate, "
@@ -288,6 +298,8 @@ def _simulate(args: argparse.Namespace) -> int:
         raise ValueError("give --unlimited-budget or --prefetch-budget, not both")
     if args.batch_sweep and args.layer_us is not None:
         raise ValueError("--layer-us fixes one layer time; --batch-sweep uses each batch's measured one")
+    if (args.sweep or args.batch_sweep) and (args.expert_dtype != "bf16" or args.capacity_dtype):
+        raise ValueError("--expert-dtype and --capacity-dtype go with single runs, not --sweep or --batch-sweep")
     suffix = "".join(f"_{k}{'' if v is True else v}" for k, v in timing.items())
     described = f" ({', '.join(f'{k}={v}' for k, v in timing.items())})" if timing else ""
     if args.batch_sweep:
@@ -331,10 +343,10 @@ def _simulate(args: argparse.Namespace) -> int:
     if pred and pred != "oracle":
         pred = fit_predictor(pred, _train_trace_for(args, held), held)
     r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, max_steps=args.max_steps,
-                 progress=True, **timing)
+                 progress=True, expert_dtype=args.expert_dtype, capacity_dtype=args.capacity_dtype, **timing)
     d = r.as_dict()
-    print(f"{held.meta.get('shape')} trace, {r.tokens} tokens, {r.slots} slots, {args.policy}, predictor {r.predictor} "
-          f"(depth {r.depth}), batch {r.batch}")
+    print(f"{held.meta.get('shape')} trace, {r.tokens} tokens, {r.slots} slots of {args.expert_dtype} experts, "
+          f"{args.policy}, predictor {r.predictor} (depth {r.depth}), batch {r.batch}")
     print(f"hit rate {r.hit_rate:.2%} (landed in time {r.ready_hit_rate:.2%})  misses/token {d['misses_per_token']:.3f}  "
           f"H2D {d['bytes_per_token'] / 1e6:.2f} MB/token  stall {d['stall_us_per_token']:.0f} us/token")
     if r.predictor != "none":  # (docs/stats.md: each figure named once)
@@ -398,6 +410,10 @@ def _add_demo_args(p):
     p.add_argument("--dtype", default=None,
                    help="vLLM dtype (default: float32 for the tiny checkpoint, the dtype the checkpoint's "
                         "config.json names for --model)")
+    p.add_argument("--expert-dtype", default="auto", choices=["auto", "fp8"],
+                   help="Prophet's experts: auto (the checkpoint's dtype) or fp8 (quantized on load; vLLM without "
+                        "Prophet then serves the same fp8 values dequantized, for a like-for-like comparison) "
+                        "(default auto)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (tiny checkpoint, caches)")
 
 
@@ -406,7 +422,7 @@ def _demo(args) -> int:
 
     return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts,
                     args.dtype, predictor_path=args.predictor_path, repeats=args.repeats, keep=args.keep,
-                    mode=args.mode)
+                    mode=args.mode, expert_dtype=args.expert_dtype)
 
 
 def _add_tiny_args(p):

@@ -185,3 +185,21 @@ def test_fp8_store_bytes_and_refusals():
         HostExpertStore([q13.float()], [q2.float()], [s13], [s2])
     with pytest.raises(ValueError, match="expert_dtype must be None .* or 'fp8', got 'int4'"):
         HostExpertStore.from_tensors(q13.float()[None], q2.float()[None], expert_dtype="int4")
+
+
+def test_simulator_counts_fp8_bytes_and_slots():
+    """The simulator with fp8 experts: bytes per copy are the planner's (= the store's) fp8 expert,
+    PCIe time per miss scales with them, and the bytes of a bf16 buffer hold twice the slots."""
+    from prophet_kernels import load_trace, simulate
+    from prophet_kernels.planner import expert_bytes, get_model
+
+    tr = load_trace("olmoe-heldout")
+    olmoe = get_model("OLMoE-1B-7B")
+    bf16 = simulate(tr, 0.25, "lru", max_steps=16)
+    fp8 = simulate(tr, 0.25, "lru", max_steps=16, expert_dtype="fp8")
+    same_bytes = simulate(tr, 0.25, "lru", max_steps=16, expert_dtype="fp8", capacity_dtype="bf16")
+    assert bf16.slots == fp8.slots == 256 and same_bytes.slots == 256 * 12_582_912 // 6_307_840 == 510
+    assert fp8.bytes_h2d == (fp8.misses + fp8.prefetched) * expert_bytes(olmoe, "fp8")
+    assert (fp8.misses, fp8.hits) == (bf16.misses, bf16.hits)  # same slots, same decisions
+    assert 0.45 < fp8.stall_s / bf16.stall_s < 0.55  # half the bytes per miss
+    assert same_bytes.hits > fp8.hits

@@ -75,7 +75,8 @@ def test_issue_bars_olmoe_and_mixtral():
     assert kv_bytes_per_token(olmoe, "bf16") == 131_072
     assert round(total_params(mixtral) / 1e9, 1) == 46.7
     assert round(expert_bytes(mixtral, "bf16") / 1e6, 1) == 352.3
-    assert expert_bytes(get_model("Mixtral-8x7B"), "fp8") == 352_321_536 // 2
+    # fp8: half the weight bytes, plus an fp32 scale per output row (Prophet's fp8 expert layout)
+    assert expert_bytes(get_model("Mixtral-8x7B"), "fp8") == 352_321_536 // 2 + 4 * (2 * 14336 + 4096)
 
 
 def test_kv_bytes_worked_by_hand():
@@ -205,3 +206,34 @@ def test_unique_curve_from_trace(tmp_path):
 def test_seed_report_is_in_sync_with_catalogue():
     committed = (REPO / "docs" / "seed_vs_corrected.md").read_text()
     assert committed == render_seed_report(), "regenerate: prophet plan --seed-report docs/seed_vs_corrected.md"
+
+
+def test_fp8_experts_next_to_bf16():
+    """Prophet's fp8 experts (issue 28): bytes per expert are the store's (e4m3 weights, an fp32
+    scale per output row, padded to 16), worked by hand for OLMoE-1B-7B and Mixtral-8x7B; at the
+    same buffer fraction the buffer holds the same slots in about half the bytes, so at the same
+    bytes about twice the slots; the baseline (the weight dtype) is unchanged; rows sit side by side."""
+    import dataclasses
+
+    from prophet_kernels.memory.store import fp8_expert_bytes
+    from prophet_kernels.planner import run_sweep
+
+    olmoe, mixtral = get_model("OLMoE-1B-7B"), get_model("Mixtral-8x7B")
+    assert expert_bytes(olmoe, "fp8") == 3 * 2048 * 1024 + 4 * (2 * 1024 + 2048) == 6_307_840
+    assert expert_bytes(mixtral, "fp8") == 3 * 4096 * 14336 + 4 * (2 * 14336 + 4096) == 176_291_840
+    for m in MODELS.values():  # the planner's figure is the store's layout, for every gated catalogue model
+        if m.moe.gated:
+            assert expert_bytes(m, "fp8") == fp8_expert_bytes(m.hidden, m.moe.intermediate), m.name
+    cfg = ServingConfig()
+    bf16 = plan(olmoe, get_gpu("H100-80GB"), 1, BufferSetting.parse("50%"), cfg)
+    fp8 = plan(olmoe, get_gpu("H100-80GB"), 1, BufferSetting.parse("50%"), dataclasses.replace(cfg, expert_dtype="fp8"))
+    assert (bf16.expert_dtype, fp8.expert_dtype) == ("bf16", "fp8")
+    assert fp8.buffer_slots == bf16.buffer_slots == 512 and fp8.buffer_bytes == 512 * 6_307_840
+    assert bf16.buffer_bytes == 512 * 12_582_912 and 1.99 < bf16.buffer_bytes / fp8.buffer_bytes < 2.0
+    assert fp8.baseline_kv_tokens == bf16.baseline_kv_tokens
+    gained = (bf16.buffer_bytes - fp8.buffer_bytes) / bf16.kv_bytes_per_token  # the bytes fp8 frees, as KV tokens
+    assert abs(fp8.prophet_kv_tokens - bf16.prophet_kv_tokens - gained) <= 1
+    rows = run_sweep(["OLMoE-1B-7B"], ["H100-80GB"], [1], ["25%", "50%"], cfg, expert_dtypes=("bf16", "fp8"))
+    assert [(r.buffer, r.expert_dtype) for r in rows] == [("25%", "bf16"), ("25%", "fp8"), ("50%", "bf16"), ("50%", "fp8")]
+    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
+        ServingConfig(expert_dtype="int4")

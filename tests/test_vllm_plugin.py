@@ -782,23 +782,6 @@ def test_server_refuses_a_bad_setting_on_its_last_line(tmp_path, checkpoints):
     assert not any("EngineCore" in x for x in lines), "an engine started before the refusal"
 
 
-def _fp8_dequantized_checkpoint(path, out):
-    """The checkpoint with every routed expert replaced by its fp8 (e4m3, per output channel) values
-    dequantized: what expert_dtype fp8 serves, as plain fp32 weights for vLLM's own MoE method."""
-    import transformers
-
-    from prophet_kernels.kernels.fp8 import dequantize_fp8, quantize_fp8
-    from prophet_kernels.memory.store import expert_modules
-
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    with torch.no_grad():
-        for m in expert_modules(model):
-            for p in (m.gate_up_proj, m.down_proj):  # per row: the same scales as the store's per-row ones
-                p.copy_(dequantize_fp8(*quantize_fp8(p)))
-    model.save_pretrained(out)
-    return str(out)
-
-
 @pytest.mark.parametrize("family", ["olmoe", "mixtral"])
 def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family):
     """expert_dtype: fp8 quantizes the experts as they are loaded (half the bytes per slot and per
@@ -806,7 +789,7 @@ def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family):
     (dequantized into a checkpoint), with misses and evictions, in both modes. (On these random-init
     models fp8 changes most tokens from the fp32 ones: the identity is not fp32's.)"""
     ps, base = baseline
-    reference = demo.generate(_fp8_dequantized_checkpoint(checkpoints[family], tmp_path / "deq"), ps, MAX_TOKENS,
+    reference = demo.generate(demo.fp8_reference_checkpoint(checkpoints[family], tmp_path / "deq"), ps, MAX_TOKENS,
                               None)[0]
     assert reference != base[family]
     for mode in ("host", "device"):

@@ -85,15 +85,17 @@ def make_experts(E: int, H: int, I: int, dtype, device, seed: int = 0):
     return w13, w2
 
 
-def paged_copy(w13, w2, num_slots: int | None = None, seed: int = 0):
-    """Place every expert in a random slot of a fresh buffer: (w13_slots, w2_slots, page_table)."""
+def paged_copy(w13, w2, num_slots: int | None = None, seed: int = 0, *more):
+    """Place every expert in a random slot of a fresh buffer: (w13_slots, w2_slots, page_table), and
+    ``more`` per-expert tensors (e.g. fp8 scales) placed the same way after them."""
     E = w13.shape[0]
     S = num_slots or E
     g = torch.Generator().manual_seed(seed)
     slot_of = torch.randperm(S, generator=g)[:E]
-    w13s = torch.empty((S,) + tuple(w13.shape[1:]), dtype=w13.dtype, device=w13.device)
-    w2s = torch.empty((S,) + tuple(w2.shape[1:]), dtype=w2.dtype, device=w2.device)
     idx = slot_of.to(w13.device)
-    w13s[idx] = w13
-    w2s[idx] = w2
-    return w13s, w2s, slot_of.to(torch.int32).to(w13.device)
+    placed = []
+    for t in (w13, w2, *more):
+        slots = torch.empty((S,) + tuple(t.shape[1:]), dtype=t.dtype, device=t.device)
+        slots[idx] = t
+        placed.append(slots)
+    return placed[0], placed[1], slot_of.to(torch.int32).to(w13.device), *placed[2:]

@@ -9,6 +9,10 @@ Without a GPU it runs a small shape under the Triton interpreter (a smoke run, n
 
     prophet bench                                 # GPU if present, else the small CPU run
     prophet bench --shapes olmoe --T 1 16 256
+    prophet bench --experts fp8 [--block 128]     # fp8 e4m3 experts (W8A16), vs vLLM's fp8 fused_moe when
+                                                  # vLLM is installed (its Triton path, W8A8, per-token)
+
+With fp8 experts the bytes (GB/s, %HBM) are the fp8 weights and their fp32 scales.
 """
 
 from __future__ import annotations
@@ -88,13 +92,35 @@ def time_eager(fn, device) -> float:
     return (time.perf_counter() - t0) * 1e6
 
 
-def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=True):
+def vllm_fp8_moe(x, w13, w2, s13, s2, topk_weights, topk_ids, block_shape):
+    """vLLM's own fp8 fused_moe (its Triton path): fp8 W8A8 with per-token dynamic activation scales
+    (per output channel weights) or vLLM's block fp8 (block scales, per-group activations)."""
+    from vllm.model_executor.layers.fused_moe.config import fp8_w8a8_moe_quant_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts as vllm_fused_experts
+
+    if block_shape is None:
+        cfg = fp8_w8a8_moe_quant_config(s13[..., None], s2[..., None], per_act_token_quant=True, per_out_ch_quant=True)
+    else:
+        cfg = fp8_w8a8_moe_quant_config(s13, s2, block_shape=list(block_shape))
+    return vllm_fused_experts(x, w13, w2, topk_weights, topk_ids, quant_config=cfg)
+
+
+def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=True, experts="same",
+                block_shape=None):
     from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_reference
+    from prophet_kernels.kernels.fp8 import quantize_fp8
 
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
     w13, w2 = make_experts(E, H, I, dtype, device)
-    w13s, w2s, pt = paged_copy(w13, w2)
-    expert_bytes = 3 * H * I * w13.element_size()
+    scales, sc_slots = {}, {}
+    if experts == "fp8":  # quantized on the device, one expert at a time (Mixtral's fp32 temporaries)
+        q = [quantize_fp8(w, block_shape) for w in w13.unbind(0)], [quantize_fp8(w, block_shape) for w in w2.unbind(0)]
+        (w13, s13), (w2, s2) = [tuple(torch.stack(t) for t in zip(*parts)) for parts in q]
+        scales = dict(w13_scale=s13, w2_scale=s2, block_shape=block_shape)
+    w13s, w2s, pt, *placed = paged_copy(w13, w2, None, 0, *([scales["w13_scale"], scales["w2_scale"]] if scales else []))
+    if scales:
+        sc_slots = dict(w13_scale=placed[0], w2_scale=placed[1], block_shape=block_shape)
+    expert_bytes = 3 * H * I * w13.element_size() + sum(s.nbytes for s in placed) // E
     rows = []
     g = torch.Generator(device=device).manual_seed(1)
     has_gmm = device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16
@@ -108,13 +134,16 @@ def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=Tr
         ubytes = uniq * expert_bytes
         flops = 6 * T * k * H * I
         r = dict(shape=name, E=E, k=k, H=H, I=I, T=T, dtype=str(dtype).replace("torch.", ""),
+                 experts=experts if experts == "same" or block_shape is None else f"fp8 block {block_shape}",
                  unique_experts=uniq, unique_bytes=ubytes, flops=flops, **meta)
         ops = {
-            "paged": lambda x, i, w: fused_experts_paged(x, w13s, w2s, pt, w, i, check=False),
-            "contig": lambda x, i, w: fused_experts(x, w13, w2, w, i, check=False),
+            "paged": lambda x, i, w: fused_experts_paged(x, w13s, w2s, pt, w, i, check=False, **sc_slots),
+            "contig": lambda x, i, w: fused_experts(x, w13, w2, w, i, check=False, **scales),
         }
-        if has_gmm:
+        if has_gmm and not scales:
             ops["grouped_mm"] = lambda x, i, w: grouped_mm_moe(x, w13, w2, w, i)
+        if scales and device.type == "cuda":  # the strongest fp8 baseline we can run: vLLM's own, if installed
+            ops["vllm_fp8"] = lambda x, i, w: vllm_fp8_moe(x, w13, w2, s13, s2, w, i, block_shape)
         for op, fn in ops.items():
             calls = [lambda fn=fn, a=a: fn(*a) for a in inputs]
             try:
@@ -129,7 +158,7 @@ def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=Tr
         if with_ref:
             x, i, w = inputs[0]
             r["reference_us"] = time_eager(
-                lambda: fused_experts_reference(x, w13, w2, w, i, compute_dtype=dtype), device)
+                lambda: fused_experts_reference(x, w13, w2, w, i, compute_dtype=dtype, **scales), device)
         if hw:
             roof_us = max(ubytes / hw["hbm_Bps"], flops / hw["matmul_flops"]) * 1e6
             r["roofline_us"] = roof_us
@@ -144,7 +173,7 @@ def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=Tr
 
 
 _HEADER = (f"{'shape':8} {'T':>5} {'uniq':>5} {'paged us':>9} {'contig us':>9} {'p/c':>5} "
-           f"{'gmm us':>9} {'gmm/p':>6} {'ref us':>9} {'GB/s':>7} {'%HBM':>5} {'TFLOP/s':>7} "
+           f"{'base us':>9} {'base/p':>6} {'ref us':>9} {'GB/s':>7} {'%HBM':>5} {'TFLOP/s':>7} "
            f"{'roof us':>8} {'%roof':>5}")
 
 
@@ -152,7 +181,7 @@ def print_row(r, hw):
     def f(v, fmt):
         return format(v, fmt) if v is not None and v == v else "-"
 
-    gm = r.get("grouped_mm_us")
+    gm = r.get("grouped_mm_us", r.get("vllm_fp8_us"))  # the baseline: torch._grouped_mm, or vLLM's fp8 fused_moe
     print(f"{r['shape']:8} {r['T']:>5} {r['unique_experts']:>5.1f} {f(r['paged_us'], '9.1f')} "
           f"{f(r['contig_us'], '9.1f')} {f(r['paged_us'] / r['contig_us'], '5.3f')} "
           f"{f(gm, '9.1f'):>9} {f(gm / r['paged_us'] if gm else None, '6.2f'):>6} "
@@ -168,6 +197,10 @@ def main(argv=None, prog=None):
     ap.add_argument("--T", type=int, nargs="+", default=None, help="batch sizes (tokens)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rotations", type=int, default=8, help="routings/inputs rotated per graph")
+    ap.add_argument("--experts", default="same", choices=["same", "fp8"],
+                    help="expert weights: the activations' dtype, or fp8 e4m3 with fp32 scales (default same)")
+    ap.add_argument("--block", type=int, default=None,
+                    help="fp8 scales per block of BLOCK x BLOCK (e.g. 128) instead of per output channel")
     ap.add_argument("--no-reference", action="store_true", help="skip the slow eager reference")
     ap.add_argument("--out-dir", default=None, help="JSON rows directory (default bench/results under the current "
                                                     "directory: the repository's when run from its root)")
@@ -190,12 +223,14 @@ def main(argv=None, prog=None):
     else:
         print("no GPU: small shape under the Triton interpreter (functional smoke run; times are "
               "interpreter overhead, not kernel speed)")
+    print("base: torch._grouped_mm (bf16 experts) or vLLM's fp8 fused_moe (fp8 experts); p = Prophet's paged op")
     print(_HEADER)
     rows = []
     for name in shapes:
         shape = {**MOE_SHAPES, **SMALL_SHAPE}[name]
         rows += bench_shape(name, shape, Ts, dtype, device, args.rotations if gpu else 1, hw, meta,
-                            with_ref=not args.no_reference)
+                            with_ref=not args.no_reference, experts=args.experts,
+                            block_shape=(args.block, args.block) if args.block else None)
     path = write_rows("bench_moe" if gpu else "bench_moe_cpu", rows, args.out_dir)
     print(f"wrote {len(rows)} rows to {path}")
     return rows

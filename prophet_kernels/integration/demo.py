@@ -184,18 +184,22 @@ def _rate(n: int, seconds: list[float]) -> str:
 
 def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str | None = None,
              predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4, dtype: str | None = None,
-             predictor_path: str = "", repeats: int = 3, keep: bool = False, mode: str = "host") -> int:
+             predictor_path: str = "", repeats: int = 3, keep: bool = False, mode: str = "host",
+             expert_dtype: str = "auto") -> int:
     """Serves `model` (default: a tiny random-init checkpoint of `family`, built here) through vLLM
     without and with Prophet and prints the comparison; 1 if the greedy tokens differ. `dtype`:
     float32 for the tiny checkpoint (exact on the CPU), the dtype the checkpoint's config names for
     `model`. Both engines run vLLM's defaults (torch.compile; CUDA graphs on a GPU), Prophet's with
     its MoE op outside the graphs; each is warmed up, then timed `repeats` times. The temporary
-    folder (tiny checkpoint, caches) is removed at the end unless `keep`."""
+    folder (tiny checkpoint, caches) is removed at the end unless `keep`. `expert_dtype="fp8"`:
+    Prophet quantizes the experts to fp8 on load, and the engine without Prophet serves a copy of the
+    checkpoint holding the same fp8 values dequantized (``fp8_reference_checkpoint``), so that the
+    tokens compare like for like (fp8 changes them from the checkpoint's own)."""
     import shutil
 
     from prophet_kernels.integration.settings import ProphetSettings
 
-    settings = {"buffer": buffer, "mode": mode, "predictor": predictor, "log_every_s": 0}
+    settings = {"buffer": buffer, "mode": mode, "predictor": predictor, "log_every_s": 0, "expert_dtype": expert_dtype}
     if policy:
         settings["policy"] = policy
     if predictor_path:
@@ -215,6 +219,25 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
             print(f"kept {cache}")
         else:
             shutil.rmtree(cache, ignore_errors=True)
+
+
+def fp8_reference_checkpoint(path, out, dtype: str = "float32") -> str:
+    """A copy of the checkpoint at ``path`` whose routed experts hold their fp8 values (e4m3, per
+    output channel: what ``expert_dtype: fp8`` serves) dequantized, in ``dtype``: vLLM's own MoE
+    method serves the same experts from it."""
+    import torch
+    import transformers
+
+    from prophet_kernels.kernels.fp8 import dequantize_fp8, quantize_fp8
+    from prophet_kernels.memory.store import expert_modules
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        for m in expert_modules(model):
+            for p in (m.gate_up_proj, m.down_proj):  # per row, as the store quantizes them
+                p.copy_(dequantize_fp8(*quantize_fp8(p)))
+    model.save_pretrained(out)
+    return str(out)
 
 
 def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, cache) -> int:
@@ -240,7 +263,11 @@ def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, c
     common = dict(dtype=dtype, enforce_eager=False, repeats=repeats)
     print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet "
           f"(its defaults: compiled, warm-up + {repeats} timed runs) ...", flush=True)
-    base, _, base_s, served = generate(model, ps, max_tokens, None, **common)
+    reference = model
+    if settings.get("expert_dtype") == "fp8":
+        reference = fp8_reference_checkpoint(model, Path(cache) / "fp8-dequantized", dtype)
+        print(f"(expert_dtype fp8: vLLM without Prophet serves the same fp8 experts dequantized: {reference})")
+    base, _, base_s, served = generate(reference, ps, max_tokens, None, **common)
     print(f"vLLM with Prophet {settings} ...", flush=True)
     tokens, stats, prophet_s, _ = generate(model, ps, max_tokens, settings,
                                            compilation_config=piecewise_compilation_config(), **common)
@@ -251,7 +278,9 @@ def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, c
     print(f"{'':24s}{'without Prophet':>18s}{'with Prophet':>18s}")
     print(f"{'identical greedy tokens':24s}{'-':>18s}{f'{same} of {len(ps)} prompts':>18s}")
     print(f"{'dtype served':24s}{served:>18s}{served:>18s}")
-    all_mib = stats["expert_bytes"] * stats["num_layers"] * stats["num_experts"] / 2**20
+    print(f"{'experts':24s}{served:>18s}{stats['expert_dtype']:>18s}")
+    all_mib = 3 * stats["hidden"] * stats["intermediate"] * getattr(torch, served).itemsize * stats["num_layers"] \
+        * stats["num_experts"] / 2**20
     print(f"{'expert MiB on the device':24s}{all_mib:>18.2f}{stats['slots'] * stats['expert_bytes'] / 2**20:>18.2f}")
     n = len(ps) * max_tokens
     label = f"tokens/s ({'GPU' if gpu else 'CPU'}, median)"

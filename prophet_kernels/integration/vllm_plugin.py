@@ -111,7 +111,8 @@ class _ModelExperts:
         if self.moe is None:
             return None
         store = self.moe.store
-        return {"num_experts": store.num_experts, "slots": self.moe.buffer.num_slots,
+        return {"num_experts": store.num_experts, "slots": self.moe.buffer.num_slots, "hidden": store.hidden,
+                "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
                 **self.moe.stats.as_dict()}
 

@@ -122,7 +122,14 @@ def routed_expert_params(m: ModelSpec) -> int:
 
 
 def expert_bytes(m: ModelSpec, weight_dtype: str = "bf16") -> int:
-    return routed_expert_params(m) * dtype_bytes(weight_dtype)
+    """Bytes of one routed expert as Prophet stores and copies it. fp8: e4m3 weights and an fp32
+    scale per output row (2I + H gated, I + H otherwise), padded to 16 bytes as the store lays an
+    fp8 expert out (``memory.store.fp8_expert_bytes``; equal for the catalogue's models, tested)."""
+    params = routed_expert_params(m)
+    if weight_dtype != "fp8":
+        return params * dtype_bytes(weight_dtype)
+    rows = (2 if m.moe.gated else 1) * m.moe.intermediate + m.hidden
+    return -(-(-(-params // 4) * 4 + 4 * rows) // 16) * 16
 
 
 # ----------------------------------------------------------------------------------------------
@@ -222,6 +229,7 @@ class ServingConfig:
     gpu_memory_utilization: float = 0.9  # vLLM's default
     weight_dtype: str = "bf16"
     kv_dtype: str = "bf16"
+    expert_dtype: str | None = None  # Prophet's routed experts (store, buffer, copies); None: weight_dtype
     tp: int = 1
     max_num_batched_tokens: int = 8192  # prefill chunk vLLM profiles with
     max_num_seqs: int = 256
@@ -235,6 +243,12 @@ class ServingConfig:
             raise ValueError(f"tensor parallel size must be >= 1, got {self.tp}")
         dtype_bytes(self.weight_dtype)
         dtype_bytes(self.kv_dtype)
+        if self.expert_dtype is not None:
+            dtype_bytes(self.expert_dtype)
+
+    @property
+    def prophet_expert_dtype(self) -> str:
+        return self.expert_dtype or self.weight_dtype
 
 
 def workspace_bytes(m: ModelSpec, cfg: ServingConfig) -> int:
@@ -319,9 +333,10 @@ class Plan:
     buffer: str
     weight_dtype: str
     kv_dtype: str
+    expert_dtype: str  # Prophet's experts (the baseline's are weight_dtype)
     context: int
     total_params: int
-    routed_expert_bytes: int  # one routed expert of one layer, full size, in the weight dtype
+    routed_expert_bytes: int  # one routed expert of one layer, full size, in Prophet's expert dtype
     kv_bytes_per_token: int  # per GPU
     state_bytes_per_seq: int  # per GPU (Mamba)
     usable_bytes: int
@@ -380,7 +395,7 @@ def plan(
     base_kv = usable - base_weights - work
 
     slots, u = buffer_slots(m, batch, setting, unique)
-    one_expert = routed_expert_params(m) * wb
+    one_expert = expert_bytes(m, cfg.prophet_expert_dtype)
     buf = slots * one_expert // cfg.tp
     page_table = m.moe_layers * m.moe.experts * 4
     prophet_weights = (total - params["routed_experts"]) * wb // cfg.tp + buf + page_table
@@ -390,7 +405,7 @@ def plan(
     b_fits, p_fits = b_tokens > 0, p_tokens > 0
     return Plan(
         model=m.name, gpu=gpu.name, tp=cfg.tp, batch=batch, buffer=setting.label(),
-        weight_dtype=cfg.weight_dtype, kv_dtype=cfg.kv_dtype, context=context,
+        weight_dtype=cfg.weight_dtype, kv_dtype=cfg.kv_dtype, expert_dtype=cfg.prophet_expert_dtype, context=context,
         total_params=total, routed_expert_bytes=one_expert, kv_bytes_per_token=per_token,
         state_bytes_per_seq=state, usable_bytes=usable, workspace_bytes=work,
         baseline_weight_bytes=base_weights, baseline_kv_bytes=base_kv, baseline_kv_tokens=b_tokens,

@@ -34,16 +34,21 @@ def run_sweep(
     context: int | None = None,
     unique=None,
     gpu_memory_bytes: int | None = None,
+    expert_dtypes=(None,),
 ) -> list[Plan]:
+    """One plan per model, GPU, batch, buffer setting and Prophet expert dtype (innermost, so that
+    e.g. fp8 rows sit next to bf16 ones; None: ``cfg``'s)."""
     specs = [get_model(m) for m in models]
     gpu_specs = [get_gpu(g) for g in gpus]
     settings = [b if isinstance(b, BufferSetting) else BufferSetting.parse(b) for b in buffers]
+    cfgs = [cfg if d is None else dataclasses.replace(cfg, expert_dtype=d) for d in expert_dtypes]
     return [
-        plan(m, g, b, s, cfg, context=context, unique=unique, gpu_memory_bytes=gpu_memory_bytes)
+        plan(m, g, b, s, c, context=context, unique=unique, gpu_memory_bytes=gpu_memory_bytes)
         for m in specs
         for g in gpu_specs
         for b in batches
         for s in settings
+        for c in cfgs
     ]
 
 
@@ -69,7 +74,7 @@ def _tokens(n: int, fits: bool) -> str:
 
 def format_table(rows: list[Plan]) -> str:
     head = (
-        f"{'model':<18} {'gpu':<12} {'tp':>2} {'B':>3} {'buffer':>7} {'slots':>6} {'weights GB':>15} "
+        f"{'model':<18} {'gpu':<12} {'tp':>2} {'B':>3} {'buffer':>7} {'experts':>7} {'slots':>6} {'weights GB':>15} "
         f"{'KV tokens':>17} {'ext':>6} {'seqs@ctx':>14}"
     )
     lines = [head, "-" * len(head)]
@@ -80,11 +85,12 @@ def format_table(rows: list[Plan]) -> str:
         slots = f"{r.buffer_slots}" + ("" if r.buffer_ok else "!")
         seqs = f"{r.baseline_max_seqs}->{r.prophet_max_seqs}@{r.context // 1024}K"
         lines.append(
-            f"{r.model:<18} {r.gpu:<12} {r.tp:>2} {r.batch:>3} {r.buffer:>7} {slots:>6} {weights:>15} "
+            f"{r.model:<18} {r.gpu:<12} {r.tp:>2} {r.batch:>3} {r.buffer:>7} {r.expert_dtype:>7} {slots:>6} {weights:>15} "
             f"{kv:>17} {ext:>6} {seqs:>14}"
         )
     lines.append(
-        "weights: baseline -> Prophet (non-expert weights + expert buffer); KV tokens: what fits after weights "
+        "experts: Prophet's expert dtype (fp8: e4m3 + fp32 scale per output row; the baseline keeps the weight "
+        "dtype); weights: baseline -> Prophet (non-expert weights + expert buffer); KV tokens: what fits after weights "
         "and workspace; ext = Prophet/baseline KV tokens; seqs@ctx: concurrent sequences at the context length; "
         "'!' = buffer below one layer's worst case min(E, kB) at this batch."
     )
@@ -94,14 +100,17 @@ def format_table(rows: list[Plan]) -> str:
 def catalogue_table() -> str:
     from .memory import expert_bytes, kv_bytes_per_token, total_params
 
-    head = f"{'model':<18} {'params':>9} {'published':>9} {'diff':>7} {'E':>4} {'k':>2} {'MoE L':>5} {'expert MB':>10} {'KV B/tok':>9} {'context':>8}"
+    head = (f"{'model':<18} {'params':>9} {'published':>9} {'diff':>7} {'E':>4} {'k':>2} {'MoE L':>5} {'expert MB':>10} "
+            f"{'fp8 MB':>8} {'KV B/tok':>9} {'context':>8}")
     lines = [head, "-" * len(head)]
     for m in MODELS.values():
         t = total_params(m)
         lines.append(
             f"{m.name:<18} {t / 1e9:8.2f}B {m.published_total / 1e9:8.1f}B {100 * (t / m.published_total - 1):+6.2f}% "
             f"{m.moe.experts:>4} {m.moe.top_k:>2} {m.moe_layers:>5} {expert_bytes(m) / 1e6:>10.2f} "
+            f"{expert_bytes(m, 'fp8') / 1e6:>8.2f} "
             f"{kv_bytes_per_token(m):>9} {m.max_context:>8}"
         )
+    lines.append("expert MB: one routed expert in bf16; fp8 MB: e4m3 with fp32 per-row scales (Prophet's expert_dtype fp8)")
     lines.append("GPUs: " + ", ".join(f"{g.name} ({g.memory_bytes / 2**30:.1f} GiB)" for g in GPUS.values()))
     return "\n".join(lines)

@@ -147,13 +147,17 @@ class _Scored(Predictor):
 def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
              batch: int = 1, expert_bytes: int | None = None, pcie_gbps: float | None = None,
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
-             progress: bool = False, prefetch_budget: int | None = None) -> SimResult:
+             progress: bool = False, prefetch_budget: int | None = None, expert_dtype: str = "bf16",
+             capacity_dtype: str | None = None) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
     H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
     prefetch_budget fixes it at that many experts per layer call instead of deriving it from the
     copy engine's backlog (what ``ProphetMoE(prefetch_budget_bytes=...)`` and the vLLM plugin's
-    ``prefetch_budget`` setting do)."""
+    ``prefetch_budget`` setting do). ``expert_dtype``: the mimicked model's experts in bf16 or fp8
+    (e4m3 with per-row scales: about half the bytes, so half the PCIe time per copy);
+    ``capacity_dtype``: count ``capacity`` in experts of that dtype's size (e.g. fp8 experts in the
+    bytes of a bf16 buffer: about twice the slots)."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
@@ -163,10 +167,10 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         raise ValueError(f"prefetch_budget={prefetch_budget}: give a number of experts >= 0, without unlimited_budget")
     L, E = trace.num_layers, trace.num_experts
     model = trace.meta.get("mimics")
+    if (expert_bytes is None or capacity_dtype) and not model:
+        raise ValueError("trace meta names no mimicked model: pass expert_bytes (and no capacity_dtype)")
     if expert_bytes is None:
-        if not model:
-            raise ValueError("trace meta names no mimicked model: pass expert_bytes")
-        expert_bytes = model_expert_bytes(get_model(model))
+        expert_bytes = model_expert_bytes(get_model(model), expert_dtype)
     bw = (pcie_gbps or MEASURED_PCIE_GBPS.get(model) or 0) * 1e9
     if bw <= 0:
         raise ValueError(f"no measured PCIe bandwidth for {model!r}: pass pcie_gbps")
@@ -175,6 +179,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     steps = len(grid)
     schedule = call_schedule(trace, grid)
     slots = slots_for(capacity, L, E)  # the slots ProphetMoE and the vLLM plugin build for it
+    if capacity_dtype and capacity_dtype != expert_dtype:  # the same bytes, in experts of another size
+        slots = min(L * E, slots * model_expert_bytes(get_model(model), capacity_dtype) // expert_bytes)
 
     clock = [0]  # the current layer call, for Belady's next use
     if policy == "belady":
