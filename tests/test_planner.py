@@ -237,3 +237,28 @@ def test_fp8_experts_next_to_bf16():
     assert [(r.buffer, r.expert_dtype) for r in rows] == [("25%", "bf16"), ("25%", "fp8"), ("50%", "bf16"), ("50%", "fp8")]
     with pytest.raises(ValueError, match="unknown dtype 'int4'"):
         ServingConfig(expert_dtype="int4")
+
+
+@pytest.mark.parametrize("tp", [2, 4, 8])
+def test_tensor_parallel_rows_per_gpu(tp):
+    """Issue 29: the planner's per-GPU figures under tensor parallelism, against a computation from
+    the published configs written here: Mixtral-8x22B (hidden 6144, expert I 16384, 8 experts, 56
+    layers, 8 KV heads of 128) and DeepSeek-V3 (hidden 7168, expert I 2048, 256 routed experts on 58
+    MoE layers of 61, MLA latent 512 + rope 64, which every rank caches whole)."""
+    gpu = get_gpu("H100-80GB")
+    cases = {
+        "Mixtral-8x22B": dict(expert=3 * 6144 * 16384 * 2, experts=8 * 56, kv=2 * 56 * 8 * 128 * 2 // tp),
+        "DeepSeek-V3": dict(expert=3 * 7168 * 2048 * 2, experts=256 * 58, kv=61 * (512 + 64) * 2),
+    }
+    for name, want in cases.items():
+        m = get_model(name)
+        p = plan(m, gpu, 1, BufferSetting.parse("25%"), ServingConfig(tp=tp))
+        slots = -(-want["experts"] // 4)  # 25% of all routed experts, rounded up
+        assert p.kv_bytes_per_token == want["kv"], name
+        assert p.routed_expert_bytes == want["expert"] and p.buffer_slots == slots
+        assert p.buffer_bytes == slots * want["expert"] // tp  # each GPU holds its shard of every slot
+        routed = want["experts"] * want["expert"]
+        assert p.baseline_weight_bytes == total_params(m) * 2 // tp
+        assert p.prophet_weight_bytes == (total_params(m) * 2 - routed) // tp + p.buffer_bytes + want["experts"] * 4
+        usable = int(gpu.memory_bytes * 0.9)
+        assert p.prophet_kv_tokens == max(0, usable - p.prophet_weight_bytes - p.workspace_bytes) // want["kv"]

@@ -240,3 +240,57 @@ def monkeypatch_module():
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("TRITON_INTERPRET", "0")
         yield
+
+
+FP8_HOSTILE = ["none", "no w2 scale", "scale shape", "scale dtype", "block shape", "weights not fp8", "scale device"]
+
+
+@st.composite
+def fp8_case(draw):
+    return dict(T=draw(st.integers(1, 6)), H=draw(st.integers(1, 40)), I=draw(st.integers(1, 24)),
+                E=draw(st.integers(1, 6)), block=draw(st.sampled_from([None, (16, 16), (16, 32), (32, 16)])),
+                seed=draw(st.integers(0, 2**31 - 1)), gemv=draw(st.booleans()),
+                dtype=draw(st.sampled_from([torch.float32, torch.float16])), hostile=draw(st.sampled_from(FP8_HOSTILE)))
+
+
+@SETTINGS
+@given(fp8_case())
+def test_fp8_kernel_ops_raise_or_equal_the_reference(c):
+    """fp8 experts (issue 28): any shape and scale layout equals the float64 loop over the same fp8
+    values dequantized; a hostile scale argument raises a ValueError/TypeError that names it."""
+    from prophet_kernels.kernels.fp8 import dequantize_fp8, quantize_fp8
+
+    g = torch.Generator().manual_seed(c["seed"])
+    T, H, I, E, block = c["T"], c["H"], c["I"], c["E"], c["block"]
+    k = min(E, 2)
+    q13, s13 = quantize_fp8(torch.randn(E, 2 * I, H, generator=g), block)
+    q2, s2 = quantize_fp8(torch.randn(E, H, I, generator=g), block)
+    x = torch.randn(T, H, generator=g).to(c["dtype"])
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).to(torch.int32)
+    w = torch.rand(T, k, generator=g)
+    pt = torch.randperm(E, generator=g).to(torch.int32)
+    q13s, q2s, s13s, s2s = (torch.empty_like(t) for t in (q13, q2, s13, s2))
+    for t, src in ((q13s, q13), (q2s, q2), (s13s, s13), (s2s, s2)):
+        t[pt.long()] = src
+    kw = dict(w13_scale=s13s, w2_scale=s2s, block_shape=block)
+    h = c["hostile"]
+    if h == "no w2 scale":
+        kw["w2_scale"] = None
+    elif h == "scale shape":
+        kw["w13_scale"] = s13s[..., :-1] if s13s.shape[-1] > 1 else s13s[:, None]
+    elif h == "scale dtype":
+        kw["w2_scale"] = s2s.double()
+    elif h == "block shape":
+        kw["block_shape"] = (24, 16)
+    elif h == "scale device":
+        kw["w13_scale"] = s13s.to("meta")
+    args = [t.to(DEV) for t in (x, q13s if h != "weights not fp8" else q13s.float(), q2s, pt, w, ids)]
+    kw = {n: (v.to(DEV) if isinstance(v, torch.Tensor) and v.device.type != "meta" else v) for n, v in kw.items()}
+    if h != "none":
+        with pytest.raises((ValueError, TypeError), match="scale|float8|block"):
+            fused_experts_paged(*args, **kw, config=GEMV if c["gemv"] else None)
+        return
+    y = fused_experts_paged(*args, **kw, config=GEMV if c["gemv"] else None)
+    want = loop_reference(x, dequantize_fp8(q13s, s13s, block), dequantize_fp8(q2s, s2s, block), pt, w, ids)
+    tol = 1e-5 if c["dtype"] == torch.float32 else 2e-2
+    torch.testing.assert_close(y.cpu().double(), want.to(y.dtype).double(), rtol=tol, atol=tol * (1 + want.abs().max()))

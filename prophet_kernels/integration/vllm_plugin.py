@@ -46,8 +46,13 @@ class _ModelExperts:
     """One model's MoE layers in this process: the host store filled layer by layer during
     loading, then one ProphetMoE over all of them."""
 
-    def __init__(self, settings: ProphetSettings, max_batch_tokens: int, config_id: int):
+    def __init__(self, settings: ProphetSettings, max_batch_tokens: int, config_id: int, rank: int = 0,
+                 tp_size: int = 1):
         self.settings, self.max_batch_tokens, self.config_id = settings, max_batch_tokens, config_id
+        # under tensor parallelism each rank's store and buffer hold its shard of every expert (vLLM's
+        # split of w13/w2 along I); every rank sees the same routing and runs the same deterministic
+        # policy and predictor, so their decisions agree with no communication (tested per rank)
+        self.rank, self.tp_size = rank, tp_size
         self.key = _NEXT_GROUP[0]
         _NEXT_GROUP[0] += 1
         _GROUPS[self.key] = self
@@ -111,7 +116,8 @@ class _ModelExperts:
         if self.moe is None:
             return None
         store = self.moe.store
-        return {"num_experts": store.num_experts, "slots": self.moe.buffer.num_slots, "hidden": store.hidden,
+        return {"rank": self.rank, "tp_size": self.tp_size,
+                "num_experts": store.num_experts, "slots": self.moe.buffer.num_slots, "hidden": store.hidden,
                 "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
                 **self.moe.stats.as_dict()}
@@ -216,11 +222,12 @@ def _method_class():
             problems = [p for p, bad in (
                 ("a bias", moe.has_bias), (f"activation {moe.activation}", "silu" not in str(moe.activation).lower()),
                 ("a non-gated activation", not moe.is_act_and_mul),
-                ("expert or tensor parallelism", moe.moe_parallel_config.tp_size * moe.moe_parallel_config.ep_size > 1),
+                ("expert parallelism", getattr(moe.moe_parallel_config, "use_ep", False)
+                 or moe.moe_parallel_config.ep_size > 1),
             ) if bad]
             if problems:
-                raise ValueError(f"Prophet supports SiLU-gated MoE experts without bias on one device "
-                                 f"(OLMoE, Mixtral, Qwen3-MoE); this layer has {', '.join(problems)}")
+                raise ValueError(f"Prophet supports SiLU-gated MoE experts without bias, on one device or under "
+                                 f"tensor parallelism (OLMoE, Mixtral, Qwen3-MoE); this layer has {', '.join(problems)}")
             refusal = graphs_refusal(cfg, settings, torch.cuda.is_available())
             if refusal:
                 raise ValueError(refusal)
@@ -230,7 +237,8 @@ def _method_class():
             cfg_id = id(cfg)
             if building is None or building.moe is not None or building.config_id != cfg_id:
                 max_tokens = cfg.scheduler_config.max_num_batched_tokens if cfg is not None else 8192
-                building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id)
+                par = moe.moe_parallel_config
+                building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id, par.tp_rank, par.tp_size)
                 _record_settings(cfg, self.prophet)  # once per model
             self.experts = building
             self.layer_index = building.add_layer(moe.experts_per_token)
@@ -413,7 +421,33 @@ def prophet_stats(llm=None, reset: bool = False) -> list[dict]:
     except NotImplementedError as e:  # vLLM's answer when a worker has no such method
         raise RuntimeError("vLLM's workers do not have Prophet's plugin loaded (is VLLM_PLUGINS set without "
                            "'prophet'?), so they cannot report Prophet's stats") from e
-    return [s for worker in per_worker for s in worker]
+    return with_rank_totals([s for worker in per_worker for s in worker])
+
+
+def with_rank_totals(entries: list[dict]) -> list[dict]:
+    """Per-rank stats as they are, plus, for a model served by several tensor-parallel ranks, one
+    entry with ``rank: "total"`` after its ranks: counters and bytes summed over the ranks (each rank
+    counts its own shard of every expert: with identical decisions, every rank's counts are equal),
+    slots and expert bytes summed (a whole expert)."""
+    from dataclasses import fields
+
+    from prophet_kernels.memory.residency import LayerStats, Stats
+
+    out = []
+    for key in dict.fromkeys(e["model"] for e in entries):
+        ranks = [e for e in entries if e["model"] == key]
+        out += ranks
+        if len(ranks) < 2:
+            continue
+        total = Stats(len(ranks[0]["layers"]))
+        for e in ranks:
+            for mine, theirs in zip(total.layers, e["layers"]):
+                for f in fields(LayerStats):
+                    setattr(mine, f.name, getattr(mine, f.name) + theirs[f.name])
+        out.append({**{k: v for k, v in ranks[0].items() if k not in ("total", "layers")}, "rank": "total",
+                    "ranks": len(ranks), "slots": sum(e["slots"] for e in ranks),
+                    "expert_bytes": sum(e["expert_bytes"] for e in ranks), **total.as_dict()})
+    return out
 
 
 @atexit.register
