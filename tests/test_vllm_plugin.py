@@ -764,7 +764,7 @@ def test_openai_server_readme_command(tmp_path):
         proc.wait(timeout=60)
         log.close()
     assert reply["usage"]["completion_tokens"] == 8 and isinstance(reply["choices"][0]["text"], str)
-    assert "Prophet: 4 MoE layers x 8 experts" in (tmp_path / "server.log").read_text()
+    assert "Prophet: 4 MoE layers x 8 float32 experts" in (tmp_path / "server.log").read_text()
 
 
 def test_server_refuses_a_bad_setting_on_its_last_line(tmp_path, checkpoints):

@@ -8,8 +8,8 @@ weights are contiguous, so one copy moves an expert into a slot (the device buff
 layout; the kernels take the slot stride). FP8 experts (``expert_dtype="fp8"``, e4m3 with fp32
 scales per output channel or per block, ``kernels.fp8``) are one byte block per expert:
     [ w13 fp8 (2*I*H bytes) | w2 fp8 (H*I) | pad to 4 | w13 scales (fp32) | w2 scales | pad to 16 ]
-so weights and scales still move in one copy (``allocate_experts``). Tensors handed to the constructor in another layout
-still work, at two copies per expert. Pinned when CUDA is present, so host-to-device copies run
+so weights and scales still move in one copy (``allocate_experts``). Tensors handed to the
+constructor in another layout still work, at two copies per expert (not fp8 ones). Pinned when CUDA is present, so host-to-device copies run
 on the copy engine asynchronously.
 Built from tensors, from (gate_up, down) parameter pairs of a loaded model, or streamed from
 safetensors files one layer at a time (never a second full copy in memory).
