@@ -854,3 +854,16 @@ def test_tensor_parallel_tokens_and_identical_decisions(checkpoints, baseline, m
     assert decisions[0] == decisions[1]  # (stall_s: each rank's own copy timing)
     assert r0["total"]["misses"] > 0 and r0["total"]["evictions"] > 0
     assert total["total"]["misses"] == 2 * r0["total"]["misses"]
+
+
+def test_expert_parallelism_is_refused_in_the_front_end(checkpoints):
+    """Issue 29: expert parallelism is not Prophet's yet: refused by name where the engine's config
+    is built (before any process starts), with what is supported; Prophet off leaves it to vLLM."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    args = dict(model=checkpoints["olmoe"], skip_tokenizer_init=True, dtype="float32", tensor_parallel_size=2,
+                enable_expert_parallel=True)
+    with pytest.raises(ValueError, match=r"Prophet does not run under expert parallelism yet .*tensor parallelism is "
+                                         r"supported"):
+        EngineArgs(**args, additional_config={"prophet": {"buffer": 0.5}}).create_engine_config()
+    assert EngineArgs(**args).create_engine_config().parallel_config.enable_expert_parallel  # off: vLLM's call

@@ -361,7 +361,10 @@ def _check_settings_in_front_end() -> None:
 
     @functools.wraps(create)
     def create_engine_config(self, *args, **kwargs):
-        ProphetSettings.resolve(self.additional_config)  # raises ValueError naming the setting
+        settings = ProphetSettings.resolve(self.additional_config)  # raises ValueError naming the setting
+        if settings.enabled and getattr(self, "enable_expert_parallel", False):
+            raise ValueError("Prophet does not run under expert parallelism yet (enable_expert_parallel); "
+                             "tensor parallelism is supported: drop enable_expert_parallel, or turn Prophet off")
         return create(self, *args, **kwargs)
 
     create_engine_config.prophet_checked = True
