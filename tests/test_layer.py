@@ -365,3 +365,47 @@ def test_unique_experts_both_paths(T, k, E_):
     ids = torch.randint(0, E_, (T, k), generator=g, dtype=torch.int32)
     assert unique_experts(ids) == torch.unique(ids).tolist()
     assert unique_experts(ids.long()) == torch.unique(ids).tolist()
+
+
+@pytest.mark.parametrize("mode", ["host", "device"])
+def test_expert_parallel_ranks_add_up_to_all_resident(mode, monkeypatch):
+    """Issue 29, the EP path in the layer (vLLM's expert_map convention): two ranks, each with a store
+    of its own experts (interleaved, as a round-robin placement would put them) and a buffer smaller
+    than them, fed the same global routing; each rank's output counts only its experts, and the two
+    add up to the all-resident output (fp32, to rounding), over steps with misses and evictions.
+    Refusals: a malformed map, a map that misses a local expert, a predictor."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch path: exactness of the bookkeeping
+    from prophet_kernels import fused_experts_reference
+
+    g = torch.Generator().manual_seed(29)
+    L, E, H, I, K, T = 2, 8, 16, 8, 2, 3
+    w13, w2 = torch.randn(L, E, 2 * I, H, generator=g), torch.randn(L, E, H, I, generator=g) / 4
+    owned = [list(range(0, E, 2)), list(range(1, E, 2))]  # rank r holds experts r, r+2, ...
+    ranks = []
+    for mine in owned:
+        emap = torch.full((E,), -1, dtype=torch.int32)
+        emap[mine] = torch.arange(len(mine), dtype=torch.int32)
+        ranks.append(ProphetMoE.from_weights(w13[:, mine], w2[:, mine], 5, device="cpu", mode=mode, expert_map=emap))
+    unique_total = 0
+    for step in range(5):
+        for layer in range(L):
+            x = torch.randn(T, H, generator=g)
+            ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+            unique_total += len(set(ids.flatten().tolist()))
+            w = torch.rand(T, K, generator=g)
+            ys = [moe.forward(layer, x, w, ids) for moe in ranks]
+            torch.testing.assert_close(ys[0] + ys[1], fused_experts_reference(x, w13[layer], w2[layer], w, ids),
+                                       rtol=1e-5, atol=1e-5)
+    for moe in ranks:
+        assert moe.stats.misses > 0 and moe.stats.evictions > 0
+    # each rank counts its own experts only: together, every unique expert of every call once
+    assert sum(m.stats.hits + m.stats.misses for m in ranks) == unique_total
+    if mode == "host":
+        with pytest.raises(ValueError, match=r"topk_ids holds expert ids outside \[0, 8\)"):
+            ranks[0].forward(0, torch.randn(1, H), torch.rand(1, K), torch.tensor([[0, 8]]))
+    bad = torch.tensor([0, -1, 1, -1, 1, -1, 2, -1])
+    with pytest.raises(ValueError, match="must hold each of this rank's 4 experts"):
+        ProphetMoE.from_weights(w13[:, :4], w2[:, :4], 5, device="cpu", expert_map=bad)
+    with pytest.raises(ValueError, match="prefetch predictors are not supported yet"):
+        ProphetMoE.from_weights(w13[:, :4], w2[:, :4], 5, device="cpu", predictor="same",
+                                expert_map=torch.tensor([0, -1, 1, -1, 2, -1, 3, -1]))

@@ -44,13 +44,19 @@ class ProphetMoE:
 
     def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy: str = DEFAULT_POLICY, predictor=None,
                  prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None,
-                 top_k: int | None = None, max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE):
+                 top_k: int | None = None, max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE,
+                 expert_map: torch.Tensor | None = None):
         """``mode``: "host" (the host decides at every layer call; every policy and predictor) or
         "device" (every decision on the device, no host sync: a step can be one CUDA graph; the
         next-use and LRU policies; the same, gate and learned-gate predictors). ``policy``: the
-        eviction policy (default next-use, the routing study's best, in both modes)."""
+        eviction policy (default next-use, the routing study's best, in both modes).
+        ``expert_map`` (expert parallelism, vLLM's convention): [E_global] int, the store's index of
+        each global expert on this rank or -1; ``forward`` then takes global ids, and a token-slot
+        routed to another rank's expert contributes zero here (the ranks' outputs add up). Without a
+        prefetch predictor (predictors see global routing: not built yet)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        expert_map = self._check_expert_map(expert_map, store.num_experts, predictor)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         experts = store.num_layers * store.num_experts
         if isinstance(num_slots, int) and not isinstance(num_slots, bool) and num_slots > experts:
@@ -65,6 +71,7 @@ class ProphetMoE:
                 raise ValueError(f"top_k={top_k} must be in [1, E={store.num_experts}]")
             min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
         self.store, self.mode = store, mode
+        self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call
         self.current_slots: list[int] = []  # slots the layer being computed reads (pinned; host mode)
         dims = (store.num_layers, store.num_experts, store.hidden, store.intermediate, num_slots, store.dtype, device)
         if mode == "device":
@@ -129,10 +136,16 @@ class ProphetMoE:
                      *self._scales)
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
+        if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
+            topk_ids = self._local_ids(layer, topk_ids)
         if self.mode == "device":
             return self._forward_device(layer, x, topk_weights, topk_ids)
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)
+        if self.expert_map is not None:
+            experts = [e for e in experts if e >= 0]  # (another rank's experts: they contribute zero)
+            if not experts:
+                return x.new_zeros((x.shape[0], self.store.hidden))
         if experts[0] < 0 or experts[-1] >= E:
             raise ValueError(f"topk_ids holds expert ids outside [0, {E}) in layer {layer}: "
                              f"{experts[0] if experts[0] < 0 else experts[-1]}")
@@ -169,6 +182,32 @@ class ProphetMoE:
             self.residency.release(slots)
             self.current_slots = []
         return y
+
+    @staticmethod
+    def _check_expert_map(expert_map, num_local: int, predictor) -> torch.Tensor | None:
+        if expert_map is None:
+            return None
+        if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 or expert_map.dtype.is_floating_point:
+            raise ValueError("expert_map must be a 1-D integer tensor [E_global]: this rank's index of each expert, or -1")
+        local = expert_map[expert_map >= 0].tolist()
+        if (expert_map < -1).any() or sorted(local) != list(range(num_local)):
+            raise ValueError(f"expert_map must hold each of this rank's {num_local} experts (0..{num_local - 1}) "
+                             f"once and -1 for the others; got {expert_map.tolist()}")
+        if predictor not in (None, "none"):
+            raise ValueError("expert_map (expert parallelism): prefetch predictors are not supported yet")
+        return expert_map.to(torch.int32)
+
+    def _local_ids(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global ids [T, k] -> this rank's store indices, -1 for other ranks' experts. Host mode
+        refuses an id outside [0, E_global) (it reads the ids anyway); device mode drops it."""
+        G = self.expert_map.numel()
+        if self.mode == "host":
+            ids = unique_experts(topk_ids)
+            if ids[0] < 0 or ids[-1] >= G:
+                raise ValueError(f"topk_ids holds expert ids outside [0, {G}) in layer {layer}: "
+                                 f"{ids[0] if ids[0] < 0 else ids[-1]}")
+        g = topk_ids.long()
+        return torch.where((g >= 0) & (g < G), self.expert_map[g.clamp(0, G - 1)], -1).to(torch.int32)
 
     def _forward_device(self, layer: int, x, topk_weights, topk_ids) -> torch.Tensor:
         """Device mode: no host synchronisation, fixed shapes (see ``memory.device``). The host checks
