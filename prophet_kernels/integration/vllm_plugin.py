@@ -57,7 +57,7 @@ class _ModelExperts:
         _NEXT_GROUP[0] += 1
         _GROUPS[self.key] = self
         self.num_layers = 0
-        self.loaded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.loaded: dict = {}  # layer index -> its memory.store.Experts, until the store is built
         self.top_k = None
         self.gate_parts = None  # [(router [E, H], MoE-input norm [H]) per layer], from vllm_models
         self.moe = None

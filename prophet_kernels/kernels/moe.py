@@ -107,7 +107,6 @@ def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config, 
         return x.new_empty((0, H))
     cfg = config or get_config(T, E, H, I, k, x.dtype, x.device)
     checking = check and not _capturing(x.device)
-    block_shape = check_block_shape(block_shape)
     if cfg.get("gemv"):
         if checking:  # host sync: bad ids, missing slots, a shared slot raise before any GEMM
             route_plan(ids, E, 16, page_table, num_slots=S).check(num_slots=S, page_table=page_table)

@@ -29,6 +29,12 @@ from .buffer import DEVICE_POLICIES, check_sizes
 from .residency import LayerStats, Stats
 from .store import allocate_experts
 
+def prefetch_copies(num_experts: int, prefetch_depth: int, budget: int | None) -> int:
+    """Copies one layer call's prefetch steps may make: ``budget``, or without one every expert of
+    each layer ahead (no limit in effect)."""
+    return num_experts * max(prefetch_depth, 1) if budget is None else budget
+
+
 def check_device_policy(policy: str) -> None:
     if policy not in DEVICE_POLICIES:
         raise ValueError(f"device mode decides with the {' or '.join(DEVICE_POLICIES)} policy on the device; "
@@ -74,7 +80,7 @@ class DeviceResidency:
         self.buffer, self.store, self.predictor = buffer, store, predictor
         self.prefetch_depth = prefetch_depth
         E = buffer.num_experts
-        self.budget = E * max(prefetch_depth, 1) if prefetch_budget is None else prefetch_budget
+        self.budget = prefetch_copies(E, prefetch_depth, prefetch_budget)
         self.prefetch_budget_bytes = None if prefetch_budget is None else prefetch_budget * store.expert_bytes
         dev = buffer.device
         # fill lists, one per stream (demand on the compute stream, prefetch on the side stream)
@@ -168,9 +174,8 @@ class DeviceDecisions:
         self._stats = Stats(num_layers)  # the simulator adds its timing (late hits, stall) to it
 
     def _budget(self) -> int:
-        if self.prefetch_budget_bytes is None:
-            return self.state.num_experts * max(self.prefetch_depth, 1)
-        return self.prefetch_budget_bytes // self.expert_bytes
+        return prefetch_copies(self.state.num_experts, self.prefetch_depth, None if self.prefetch_budget_bytes is None
+                               else self.prefetch_budget_bytes // self.expert_bytes)
 
     def _step(self, target: int, cand, mode: int) -> list[tuple[int, int, int]]:
         fills, count = self._fills

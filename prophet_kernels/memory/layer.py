@@ -72,6 +72,7 @@ class ProphetMoE:
             min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
         self.store, self.mode = store, mode
         self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call
+        self._local_of = None if expert_map is None else expert_map.tolist()  # host mode's copy of it
         self.current_slots: list[int] = []  # slots the layer being computed reads (pinned; host mode)
         dims = (store.num_layers, store.num_experts, store.hidden, store.intermediate, num_slots, store.dtype, device)
         if mode == "device":
@@ -136,19 +137,21 @@ class ProphetMoE:
                      *self._scales)
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
-        if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
-            topk_ids = self._local_ids(layer, topk_ids)
         if self.mode == "device":
+            if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
+                topk_ids = self._local_ids(topk_ids)  # (an id outside [0, E_global) is dropped: no host read)
             return self._forward_device(layer, x, topk_weights, topk_ids)
         with nvtx_range(f"route L{layer}"):
-            experts = unique_experts(topk_ids)
-        if self.expert_map is not None:
-            experts = [e for e in experts if e >= 0]  # (another rank's experts: they contribute zero)
+            experts = unique_experts(topk_ids)  # (global ids under expert parallelism)
+        bound = E if self.expert_map is None else self.expert_map.numel()
+        if experts[0] < 0 or experts[-1] >= bound:
+            raise ValueError(f"topk_ids holds expert ids outside [0, {bound}) in layer {layer}: "
+                             f"{experts[0] if experts[0] < 0 else experts[-1]}")
+        if self.expert_map is not None:  # this rank's experts, from the same host read; the rest contribute zero
+            experts = sorted(e for e in (self._local_of[g] for g in experts) if e >= 0)
+            topk_ids = self._local_ids(topk_ids)
             if not experts:
                 return x.new_zeros((x.shape[0], self.store.hidden))
-        if experts[0] < 0 or experts[-1] >= E:
-            raise ValueError(f"topk_ids holds expert ids outside [0, {E}) in layer {layer}: "
-                             f"{experts[0] if experts[0] < 0 else experts[-1]}")
         self._add_stalls(wait=False)
         st = self.residency.stats.layers[layer]
         with nvtx_range(f"ensure_resident L{layer}"):
@@ -197,15 +200,10 @@ class ProphetMoE:
             raise ValueError("expert_map (expert parallelism): prefetch predictors are not supported yet")
         return expert_map.to(torch.int32)
 
-    def _local_ids(self, layer: int, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Global ids [T, k] -> this rank's store indices, -1 for other ranks' experts. Host mode
-        refuses an id outside [0, E_global) (it reads the ids anyway); device mode drops it."""
+    def _local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """Global ids [T, k] -> this rank's store indices on the device (no host read), -1 for other
+        ranks' experts and for ids outside [0, E_global)."""
         G = self.expert_map.numel()
-        if self.mode == "host":
-            ids = unique_experts(topk_ids)
-            if ids[0] < 0 or ids[-1] >= G:
-                raise ValueError(f"topk_ids holds expert ids outside [0, {G}) in layer {layer}: "
-                                 f"{ids[0] if ids[0] < 0 else ids[-1]}")
         g = topk_ids.long()
         return torch.where((g >= 0) & (g < G), self.expert_map[g.clamp(0, G - 1)], -1).to(torch.int32)
 
