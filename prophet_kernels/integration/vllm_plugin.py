@@ -180,21 +180,78 @@ def _record_settings(cfg, settings: ProphetSettings) -> None:
         extra["prophet_resolved"] = dataclasses.asdict(settings)
 
 
-def _loaded_host_weights(host: tuple[torch.Tensor, torch.Tensor], params: tuple[torch.Tensor, torch.Tensor]):
-    """The layer's experts in host memory once vLLM has loaded them: ``host``, the tensors
+def _loaded_host_weights(host: tuple[torch.Tensor, ...], params: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The layer's expert tensors in host memory once vLLM has loaded them: ``host``, the tensors
     ``create_weights`` gave the parameters, which vLLM's loader filled. On CUDA, vLLM runs
     ``process_weights_after_loading`` with host parameters moved to the device (its
     ``device_loading_context``), a copy of ``host``: no copy back. A parameter whose data is
-    neither (replaced after ``create_weights``) is copied to host memory as it is."""
-    from prophet_kernels.memory.store import host_copy
+    neither (replaced after ``create_weights``) is copied into its host tensor."""
+    def rows(t):  # the first element of every expert, as comparable bits
+        t = t.reshape(t.shape[0], -1)[:, 0]
+        return t.view(torch.uint8) if t.dtype.itemsize == 1 else t
 
-    def same(param, h):  # the same tensor, or a copy of it (first row of every expert compared)
-        return param.data_ptr() == h.data_ptr() or (
-            param.shape == h.shape and param.dtype == h.dtype and torch.equal(param[:, 0].cpu(), h[:, 0]))
+    for param, h in zip(params, host):
+        if param.data_ptr() == h.data_ptr():
+            continue
+        if param.shape != h.shape or param.dtype != h.dtype:
+            raise ValueError(f"Prophet: a MoE parameter was replaced after loading by a {param.dtype} "
+                             f"{list(param.shape)} tensor, expected {h.dtype} {list(h.shape)}")
+        if not torch.equal(rows(param).cpu(), rows(h)):
+            h.copy_(param)
+    return host
 
-    if all(same(p, h) for p, h in zip(params, host)):
-        return host
-    return host_copy(*params, pin=torch.cuda.is_available())[:2]
+
+def _fp8_checkpoint_parameters(layer, quant_config, num_experts: int, hidden: int, intermediate: int,
+                               attrs: dict) -> tuple:
+    """An fp8 checkpoint's expert parameters (vLLM's ``fp8`` format: e4m3 weights with fp32 scales
+    per tensor, one each for w1, w3 and w2, or per block of ``weight_block_size``), created in host
+    memory where vLLM's loader fills them: the weights, and block scales, directly in the store's fp8
+    layout (``memory.store.allocate_experts``); per-tensor scales beside it, written per output
+    channel after loading (the same values: no requantization). A static activation scheme's input
+    scales are loaded and not used (Prophet's kernels keep activations in the model's dtype, W8A16).
+    Returns (the layer's ``Experts``, {parameter name: its host tensor})."""
+    from vllm.model_executor.layers.fused_moe.routed_experts import FusedMoeWeightScaleSupported
+    from vllm.model_executor.utils import set_weight_attrs
+
+    from prophet_kernels.kernels.fp8 import FP8, check_block_shape
+    from prophet_kernels.memory.store import allocate_experts
+
+    E, H, I = num_experts, hidden, intermediate
+    block = quant_config.weight_block_size
+    if block is not None:
+        try:
+            block = check_block_shape(block)
+        except ValueError as e:
+            raise ValueError(f"Prophet serves fp8 checkpoints with block scales of powers of two >= 16: {e}") from None
+        if I % block[0]:
+            raise ValueError(f"Prophet: this fp8 checkpoint's scale blocks ({block[0]}x{block[1]}) do not divide "
+                             f"the experts' intermediate size on this rank ({I}); use a tensor-parallel size "
+                             f"that keeps I / tp a multiple of {block[0]}")
+    experts = allocate_experts(E, H, I, FP8, pin=torch.cuda.is_available(), block_shape=block)
+    if block is None:
+        scales = {"w13_weight_scale": torch.ones(E, 2), "w2_weight_scale": torch.ones(E)}
+    else:
+        scales = {"w13_weight_scale_inv": experts.w13_scale, "w2_weight_scale_inv": experts.w2_scale}
+    if quant_config.activation_scheme == "static":
+        scales.update(w13_input_scale=torch.ones(E), w2_input_scale=torch.ones(E))
+    kind = (FusedMoeWeightScaleSupported.TENSOR if block is None else FusedMoeWeightScaleSupported.BLOCK).value
+    tensors = {"w13_weight": experts.w13, "w2_weight": experts.w2, **scales}
+    for name, t in tensors.items():
+        param = torch.nn.Parameter(t, requires_grad=False)
+        layer.register_parameter(name, param)
+        set_weight_attrs(param, {**attrs, "quant_method": kind} if name in scales else attrs)
+    return experts, tensors
+
+
+def _fp8_checkpoint_experts(experts, loaded: dict):
+    """The layer's fp8 ``Experts`` once loaded: per-tensor scales written per output channel."""
+    if experts.block_shape is None:
+        I = experts.w2.shape[2]
+        s13, s2 = loaded["w13_weight_scale"], loaded["w2_weight_scale"]
+        experts.w13_scale[:, :I] = s13[:, :1]
+        experts.w13_scale[:, I:] = s13[:, 1:]
+        experts.w2_scale.copy_(s2[:, None].expand_as(experts.w2_scale))
+    return experts
 
 
 def _method_class():
@@ -206,7 +263,7 @@ def _method_class():
         """Prophet's MoE method when Prophet is enabled; vLLM's own ``UnquantizedFusedMoEMethod``
         object otherwise (see ``__init__``)."""
 
-        def __init__(self, moe):
+        def __init__(self, moe, fp8_checkpoint=None):
             cfg = get_current_vllm_config_or_none()
             settings = ProphetSettings.resolve(cfg.additional_config if cfg is not None else None)
             if not settings.enabled:
@@ -217,6 +274,7 @@ def _method_class():
                 return
             super().__init__(moe)
             self.prophet = settings
+            self.fp8_checkpoint = fp8_checkpoint  # vLLM's Fp8Config of an fp8 checkpoint (its own scales), or None
             if cfg is not None and cfg.model_config is not None:
                 check_model_family(architectures=getattr(cfg.model_config, "architectures", None) or ())
             problems = [p for p, bad in (
@@ -249,27 +307,37 @@ def _method_class():
 
         def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition,
                            params_dtype, **extra):
+            if self.fp8_checkpoint is not None:
+                self.fp8_experts, self.host_weights = _fp8_checkpoint_parameters(
+                    layer, self.fp8_checkpoint, num_experts, hidden_size, intermediate_size_per_partition, extra)
+                return
             with torch.device("cpu"):  # vLLM creates weights under the device context: host memory instead
                 super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                        params_dtype, **extra)
             # empty tensors: re-creating them in the store's one-block layout (pinned with CUDA) costs no copy
             self.host_weights = expert_tensors(num_experts, hidden_size, intermediate_size_per_partition,
                                                params_dtype, pin=torch.cuda.is_available())
-            layer.w13_weight.data, layer.w2_weight.data = self.host_weights
+            self.host_weights = dict(zip(("w13_weight", "w2_weight"), self.host_weights))
+            layer.w13_weight.data, layer.w2_weight.data = self.host_weights.values()
 
         def process_weights_after_loading(self, layer):
             if self.host_weights is None:
                 raise RuntimeError("Prophet: process_weights_after_loading ran again (weights reloaded into a running "
                                    "model); the experts are in Prophet's store now and cannot be reloaded in place")
-            w13, w2 = _loaded_host_weights(self.host_weights, (layer.w13_weight.data, layer.w2_weight.data))
+            names = list(self.host_weights)
+            loaded = dict(zip(names, _loaded_host_weights(tuple(self.host_weights.values()),
+                                                          tuple(layer._parameters[n].data for n in names))))
             self.host_weights = None
-            for name in ("w13_weight", "w2_weight"):  # the experts leave the model's parameters
+            for name in names:  # the experts (and an fp8 checkpoint's scales) leave the model's parameters
                 del layer._parameters[name]
-            if self.prophet.quantize:  # e.g. fp8: quantized one expert at a time into the store's layout
-                experts = host_copy(w13, w2, torch.cuda.is_available(), self.prophet.quantize)
+            if self.fp8_checkpoint is not None:  # the checkpoint's own fp8 values and scales
+                experts, self.fp8_experts = _fp8_checkpoint_experts(self.fp8_experts, loaded), None
+            elif self.prophet.quantize:  # e.g. fp8: quantized one expert at a time into the store's layout
+                experts = host_copy(loaded["w13_weight"], loaded["w2_weight"], torch.cuda.is_available(),
+                                    self.prophet.quantize)
             else:
-                experts = Experts(w13, w2, None, None, None)
-            del w13, w2  # (fp8: the layer's checkpoint-dtype copy goes now, before the next layer's)
+                experts = Experts(loaded["w13_weight"], loaded["w2_weight"], None, None, None)
+            del loaded  # (fp8: the layer's checkpoint-dtype copy goes now, before the next layer's)
             runners = [r for r in list(self.forward_context.values()) if getattr(r, "routed_experts", None) is layer]
             if len(runners) != 1:
                 raise RuntimeError(f"Prophet: found {len(runners)} vLLM MoE runners for one MoE layer in the static "
@@ -340,6 +408,7 @@ def register() -> None:
     if "UnquantizedFusedMoEMethod" not in op_registry_oot:
         CustomOp.register_oot(_method_class(), name="UnquantizedFusedMoEMethod")
     _check_settings_in_front_end()
+    _serve_fp8_checkpoints()
     # a worker method, so that `prophet_stats(llm)` asks by name: vLLM's engine client refuses to
     # send a function to an engine in another process (its default) unless insecure serialization is on
     if not hasattr(WorkerBase, WORKER_STATS):
@@ -371,6 +440,33 @@ def _check_settings_in_front_end() -> None:
     EngineArgs.create_engine_config = create_engine_config
 
 
+def _serve_fp8_checkpoints() -> None:
+    """With Prophet on, an fp8 checkpoint's MoE layers (vLLM's ``fp8`` quantization: Qwen3-FP8,
+    DeepSeek-style block fp8, per-tensor fp8 Mixtral) get Prophet's method, which keeps the
+    checkpoint's fp8 weights and scales (no requantization), where vLLM's ``Fp8Config`` chose its
+    ``Fp8MoEMethod``; its other layers (attention, dense, ignored MoE layers) are vLLM's. Off:
+    vLLM's choice, untouched."""
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.quantization.fp8 import Fp8Config, Fp8MoEMethod
+
+    choose = Fp8Config.get_quant_method
+    if getattr(choose, "prophet", False):
+        return
+
+    @functools.wraps(choose)
+    def get_quant_method(self, layer, prefix):
+        method = choose(self, layer, prefix)
+        cfg = get_current_vllm_config_or_none()
+        if isinstance(method, Fp8MoEMethod) and \
+                ProphetSettings.resolve(cfg.additional_config if cfg is not None else None).enabled:
+            return op_registry_oot["UnquantizedFusedMoEMethod"](layer.moe_config, fp8_checkpoint=self)
+        return method
+
+    get_quant_method.prophet = True
+    Fp8Config.get_quant_method = get_quant_method
+
+
 def _local_stats(keys=None, reset: bool = False) -> list[dict]:
     out = []
     for g in list(_GROUPS.values()):
@@ -396,10 +492,10 @@ def require_prophet_experts(model: torch.nn.Module, vllm_config) -> None:
     served all-resident, as if Prophet were off, without a word."""
     if ProphetSettings.resolve(vllm_config.additional_config).enabled and not model_groups(model):
         quant = getattr(vllm_config.model_config, "quantization", None)
-        raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized MoE method "
-                         f"(quantization: {quant}); Prophet serves unquantized checkpoints (bf16, fp16, fp32), "
-                         "optionally as fp8 experts quantized on load (setting expert_dtype: fp8); serving "
-                         "fp8 checkpoints with their own scales is not supported yet")
+        raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized or fp8 MoE "
+                         f"method (quantization: {quant}); Prophet serves unquantized checkpoints (bf16, fp16, fp32), "
+                         "optionally as fp8 experts quantized on load (setting expert_dtype: fp8), and fp8 "
+                         "checkpoints in vLLM's 'fp8' format (per-tensor or block scales) with their own scales")
 
 
 def _worker_stats(worker, reset: bool = False) -> list[dict]:  # runs in each vLLM worker (collective_rpc)

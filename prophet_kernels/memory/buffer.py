@@ -415,7 +415,7 @@ class PagedExpertBuffer(SlotTable):
         super().__init__(num_layers, num_experts, num_slots, policy, min_slots)
         self.device = torch.device(device)
         # one block row per slot (fp8: weights and scales): a slot's bytes are contiguous, one copy fills it
-        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks = allocate_experts(
+        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks, _ = allocate_experts(
             num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape)
         self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
         self._rows = list(self.page_table.unbind(0))  # one view per layer, built once (indexing costs ~2 us)

@@ -50,7 +50,7 @@ class DeviceExpertBuffer:
         check_device_policy(policy)
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
         self.device = torch.device(device)
-        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks = allocate_experts(
+        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks, _ = allocate_experts(
             num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape)
         self.state = ResidencyState.empty(num_layers, num_experts, num_slots, self.device, POLICY_IDS[policy])
         self._rows = list(self.page_table.unbind(0))

@@ -63,14 +63,16 @@ def expert_tensors(num_experts: int, hidden: int, intermediate: int, dtype: torc
 
 
 class Experts(NamedTuple):
-    """E experts' tensors: w13 [E, 2I, H], w2 [E, H, I], their scales (fp8 only, else None) and
-    the [E, bytes-or-elements] block they are all views of (one row per expert, one copy each)."""
+    """E experts' tensors: w13 [E, 2I, H], w2 [E, H, I], their scales (fp8 only, else None), the
+    [E, bytes-or-elements] block they are all views of (one row per expert, one copy each) and the
+    scales' layout (``block_shape``: None per output channel)."""
 
     w13: torch.Tensor
     w2: torch.Tensor
     w13_scale: torch.Tensor | None
     w2_scale: torch.Tensor | None
-    block: torch.Tensor
+    block: torch.Tensor | None
+    block_shape: tuple[int, int] | None = None
 
 
 def _fp8_offsets(hidden: int, intermediate: int, block_shape) -> tuple[int, int, int, tuple, tuple]:
@@ -96,7 +98,8 @@ def allocate_experts(num_experts: int, hidden: int, intermediate: int, dtype: to
         w13, w2 = expert_tensors(num_experts, hidden, intermediate, dtype, device, pin)
         return Experts(w13, w2, None, None, expert_block(w13, w2))
     E, H, I = num_experts, hidden, intermediate
-    o13, o2, row, s13, s2 = _fp8_offsets(H, I, check_block_shape(block_shape))
+    block_shape = check_block_shape(block_shape)
+    o13, o2, row, s13, s2 = _fp8_offsets(H, I, block_shape)
     if pin and torch.device(device).type == "cpu":
         block = pinned_empty((E, row), torch.uint8)
     else:
@@ -105,7 +108,7 @@ def allocate_experts(num_experts: int, hidden: int, intermediate: int, dtype: to
     w2 = block[:, 2 * I * H: 3 * I * H].view(FP8).view(E, H, I)
     sc13 = block[:, o13: o2].view(torch.float32).view(E, *s13)
     sc2 = block[:, o2: o2 + 4 * math.prod(s2)].view(torch.float32).view(E, *s2)
-    return Experts(w13, w2, sc13, sc2, block)
+    return Experts(w13, w2, sc13, sc2, block, block_shape)
 
 
 def expert_block(w13: torch.Tensor, w2: torch.Tensor, w13_scale=None, w2_scale=None,
@@ -231,11 +234,12 @@ class HostExpertStore:
 
     @classmethod
     def from_experts(cls, layers: Sequence[Experts], block_shape=None) -> "HostExpertStore":
-        """From one ``Experts`` per layer (``host_copy``'s result)."""
-        w13, w2, s13, s2, _ = zip(*layers)
-        fp8 = layers[0].w13.dtype == FP8
-        return cls(list(w13), list(w2), list(s13) if fp8 else None, list(s2) if fp8 else None,
-                   block_shape if fp8 else None)
+        """From one ``Experts`` per layer (``host_copy``'s or ``allocate_experts``' result; fp8:
+        the scales' layout is theirs unless ``block_shape`` is given)."""
+        w13, w2, s13, s2 = (list(t) for t in zip(*(e[:4] for e in layers)))
+        if layers[0].w13.dtype != FP8:
+            return cls(w13, w2)
+        return cls(w13, w2, s13, s2, layers[0].block_shape if block_shape is None else block_shape)
 
     @property
     def pinned(self) -> bool:
