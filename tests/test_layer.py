@@ -367,30 +367,40 @@ def test_unique_experts_both_paths(T, k, E_):
     assert unique_experts(ids.long()) == torch.unique(ids).tolist()
 
 
-@pytest.mark.parametrize("mode", ["host", "device"])
-def test_expert_parallel_ranks_add_up_to_all_resident(mode, monkeypatch):
+@pytest.mark.parametrize("mode, predictor", [("host", None), ("device", None), ("host", "gate"), ("device", "gate"),
+                                             ("host", "same")])
+def test_expert_parallel_ranks_add_up_to_all_resident(mode, predictor, monkeypatch):
     """Issue 29, the EP path in the layer (vLLM's expert_map convention): two ranks, each with a store
     of its own experts (interleaved, as a round-robin placement would put them) and a buffer smaller
     than them, fed the same global routing; each rank's output counts only its experts, and the two
     add up to the all-resident output (fp32, to rounding), over steps with misses and evictions.
-    Refusals: a malformed map, a map that misses a local expert, a predictor."""
+    With a predictor (the gate lookahead over all experts' routers, or same), each rank prefetches
+    the part of the global answer it holds, and uses some of it. Refusals: a malformed map, a map
+    that misses a local expert."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")  # the PyTorch path: exactness of the bookkeeping
     from prophet_kernels import fused_experts_reference
+    from prophet_kernels.memory.predictors import GateLookaheadPredictor
 
     g = torch.Generator().manual_seed(29)
-    L, E, H, I, K, T = 2, 8, 16, 8, 2, 3
+    L, E, H, I, K, T = 3, 8, 16, 8, 2, 3
     w13, w2 = torch.randn(L, E, 2 * I, H, generator=g), torch.randn(L, E, H, I, generator=g) / 4
+    routers = [torch.randn(E, H, generator=g) for _ in range(L)]
     owned = [list(range(0, E, 2)), list(range(1, E, 2))]  # rank r holds experts r, r+2, ...
     ranks = []
     for mine in owned:
         emap = torch.full((E,), -1, dtype=torch.int32)
         emap[mine] = torch.arange(len(mine), dtype=torch.int32)
-        ranks.append(ProphetMoE.from_weights(w13[:, mine], w2[:, mine], 5, device="cpu", mode=mode, expert_map=emap))
+        pred = GateLookaheadPredictor(routers, [torch.ones(H)] * L, K) if predictor == "gate" else predictor
+        ranks.append(ProphetMoE.from_weights(w13[:, mine], w2[:, mine], 6, device="cpu", mode=mode, expert_map=emap,
+                                             predictor=pred, prefetch_budget_bytes=None))
     unique_total = 0
-    for step in range(5):
+    for step in range(6):
         for layer in range(L):
             x = torch.randn(T, H, generator=g)
-            ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+            if predictor == "gate":  # route as the router says, so that the lookahead is worth something
+                ids = torch.topk(x @ routers[layer].t(), K, dim=-1).indices
+            else:
+                ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
             unique_total += len(set(ids.flatten().tolist()))
             w = torch.rand(T, K, generator=g)
             ys = [moe.forward(layer, x, w, ids) for moe in ranks]
@@ -398,6 +408,8 @@ def test_expert_parallel_ranks_add_up_to_all_resident(mode, monkeypatch):
                                        rtol=1e-5, atol=1e-5)
     for moe in ranks:
         assert moe.stats.misses > 0 and moe.stats.evictions > 0
+        if predictor:
+            assert moe.stats.prefetched > 0 and moe.stats.prefetch_used > 0
     # each rank counts its own experts only: together, every unique expert of every call once
     assert sum(m.stats.hits + m.stats.misses for m in ranks) == unique_total
     if mode == "host":
@@ -406,6 +418,25 @@ def test_expert_parallel_ranks_add_up_to_all_resident(mode, monkeypatch):
     bad = torch.tensor([0, -1, 1, -1, 1, -1, 2, -1])
     with pytest.raises(ValueError, match="must hold each of this rank's 4 experts"):
         ProphetMoE.from_weights(w13[:, :4], w2[:, :4], 5, device="cpu", expert_map=bad)
-    with pytest.raises(ValueError, match="prefetch predictors are not supported yet"):
-        ProphetMoE.from_weights(w13[:, :4], w2[:, :4], 5, device="cpu", predictor="same",
-                                expert_map=torch.tensor([0, -1, 1, -1, 2, -1, 3, -1]))
+
+
+def test_rank_experts_answers_in_this_ranks_experts():
+    """predictors.RankExperts: the global answer of the predictor it wraps, in this rank's store
+    indices, others' experts dropped, order kept; on the device the same ranking, -1 where another
+    rank's expert stood (residency steps skip -1)."""
+    from prophet_kernels.memory.predictors import GateLookaheadPredictor, RankExperts, SameExpertsPredictor
+
+    g = torch.Generator().manual_seed(1)
+    L, E, H, K = 3, 8, 16, 2
+    gate = GateLookaheadPredictor([torch.randn(E, H, generator=g) for _ in range(L)], [torch.ones(H)] * L, K)
+    emap = torch.tensor([-1, 0, -1, 1, 2, -1, -1, 3], dtype=torch.int32)
+    local_of = {int(e): int(v) for e, v in enumerate(emap) if v >= 0}
+    x, ids = torch.randn(5, H, generator=g), torch.randint(0, E, (5, K), generator=g)
+    for inner in (gate, SameExpertsPredictor()):
+        wrapped = RankExperts(inner, emap)
+        want = {f: [local_of[e] for e in r if e in local_of] for f, r in inner.predict(0, ids, x, L, 2).items()}
+        assert wrapped.predict(0, ids, x, L, 2) == want and any(want.values())
+        on_device = wrapped.device_predict(0, ids, x, L, 2, 4)
+        assert {f: [int(e) for e in r if e >= 0] for f, r in on_device.items()} == want
+        for f, r in inner.device_predict(0, ids, x, L, 2, E).items():
+            assert [int(emap[e]) if e >= 0 else -1 for e in r.tolist()] == on_device[f].tolist()

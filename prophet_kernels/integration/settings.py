@@ -148,10 +148,12 @@ class ProphetSettings:
             check_sizes(num_layers, num_experts, self.num_slots(num_layers, num_experts),
                         max_unique_experts(num_experts, top_k, max_batch_tokens))
 
-    def build(self, store, device, top_k: int, max_batch_tokens: int, gates=None):
+    def build(self, store, device, top_k: int, max_batch_tokens: int, gates=None, expert_map=None):
         """The ``ProphetMoE`` these settings describe over ``store``. ``gates``: each layer's (router
-        [E, H], MoE-input norm weight [H]), which the ``gate`` predictor needs. A buffer too small for
-        one layer's unique experts at ``max_batch_tokens`` is refused with the numbers."""
+        [E, H], MoE-input norm weight [H]), which the ``gate`` predictor needs. ``expert_map``
+        (expert parallelism): [E_global], this rank's index of each expert or -1; the store holds this
+        rank's experts, the predictors read all of them. A buffer too small for one layer's unique
+        experts at ``max_batch_tokens`` is refused with the numbers."""
         from prophet_kernels import ProphetMoE
 
         predictor = None if self.predictor == "none" else self.predictor
@@ -165,10 +167,11 @@ class ProphetSettings:
             from prophet_kernels.memory.predictors import LearnedGatePredictor
 
             predictor = LearnedGatePredictor.load(self.predictor_path)
-            predictor.check_model(store.num_layers, store.num_experts, store.hidden)
+            predictor.check_model(store.num_layers, store.num_experts if expert_map is None else expert_map.numel(),
+                                  store.hidden)
         with self._buffer_named(store.num_layers, store.num_experts, max_batch_tokens):
             return ProphetMoE(store, self.num_slots(store.num_layers, store.num_experts), device=device,
                               policy=self.policy, predictor=predictor, prefetch_depth=self.prefetch_depth,
                               prefetch_budget_bytes=None if self.prefetch_budget is None
                               else self.prefetch_budget * store.expert_bytes,
-                              top_k=top_k, max_batch_tokens=max_batch_tokens, mode=self.mode)
+                              top_k=top_k, max_batch_tokens=max_batch_tokens, mode=self.mode, expert_map=expert_map)

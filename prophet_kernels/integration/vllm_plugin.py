@@ -47,12 +47,15 @@ class _ModelExperts:
     loading, then one ProphetMoE over all of them."""
 
     def __init__(self, settings: ProphetSettings, max_batch_tokens: int, config_id: int, rank: int = 0,
-                 tp_size: int = 1):
+                 tp_size: int = 1, ep_size: int = 1):
         self.settings, self.max_batch_tokens, self.config_id = settings, max_batch_tokens, config_id
         # under tensor parallelism each rank's store and buffer hold its shard of every expert (vLLM's
         # split of w13/w2 along I); every rank sees the same routing and runs the same deterministic
-        # policy and predictor, so their decisions agree with no communication (tested per rank)
-        self.rank, self.tp_size = rank, tp_size
+        # policy and predictor, so their decisions agree with no communication (tested per rank).
+        # Under expert parallelism each rank holds its own experts whole (vLLM's expert map), sees the
+        # same global routing, and decides for its experts alone; vLLM's all-reduce adds the ranks up
+        self.rank, self.tp_size, self.ep_size = rank, tp_size, ep_size
+        self.expert_map = None  # [E_global] this rank's index of each expert or -1 (expert parallelism)
         self.key = _NEXT_GROUP[0]
         _NEXT_GROUP[0] += 1
         _GROUPS[self.key] = self
@@ -87,7 +90,7 @@ class _ModelExperts:
         if s.predictor == "gate" and (self.gate_parts is None or len(self.gate_parts) != store.num_layers):
             raise ValueError(f"Prophet predictor 'gate' needs the model's routers: supported for "
                              f"{', '.join(GATE_MODELS)}")
-        self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts)
+        self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts, self.expert_map)
         slots = self.moe.buffer.num_slots
         logger.info("Prophet: %d MoE layers x %d %s experts in %s host memory (%.1f MiB); device buffer %d slots "
                     "(%.1f MiB, %.1f%% of experts), %s mode, policy %s, predictor %s, prefetch depth %d, "
@@ -116,7 +119,7 @@ class _ModelExperts:
         if self.moe is None:
             return None
         store = self.moe.store
-        return {"rank": self.rank, "tp_size": self.tp_size,
+        return {"rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size,
                 "num_experts": store.num_experts, "slots": self.moe.buffer.num_slots, "hidden": store.hidden,
                 "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
@@ -280,12 +283,14 @@ def _method_class():
             problems = [p for p, bad in (
                 ("a bias", moe.has_bias), (f"activation {moe.activation}", "silu" not in str(moe.activation).lower()),
                 ("a non-gated activation", not moe.is_act_and_mul),
-                ("expert parallelism", getattr(moe.moe_parallel_config, "use_ep", False)
-                 or moe.moe_parallel_config.ep_size > 1),
+                ("expert parallelism with all-to-all dispatch (data or context parallelism with EP)",
+                 moe.moe_parallel_config.use_all2all_kernels),
+                ("expert load balancing (EPLB)", moe.moe_parallel_config.enable_eplb),
             ) if bad]
             if problems:
                 raise ValueError(f"Prophet supports SiLU-gated MoE experts without bias, on one device or under "
-                                 f"tensor parallelism (OLMoE, Mixtral, Qwen3-MoE); this layer has {', '.join(problems)}")
+                                 f"tensor or expert parallelism without all-to-all dispatch (OLMoE, Mixtral, "
+                                 f"Qwen3-MoE); this layer has {', '.join(problems)}")
             refusal = graphs_refusal(cfg, settings, torch.cuda.is_available())
             if refusal:
                 raise ValueError(refusal)
@@ -296,7 +301,9 @@ def _method_class():
             if building is None or building.moe is not None or building.config_id != cfg_id:
                 max_tokens = cfg.scheduler_config.max_num_batched_tokens if cfg is not None else 8192
                 par = moe.moe_parallel_config
-                building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id, par.tp_rank, par.tp_size)
+                rank = par.ep_rank if par.use_ep else par.tp_rank
+                building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id, rank, par.tp_size,
+                                                        par.ep_size if par.use_ep else 1)
                 _record_settings(cfg, self.prophet)  # once per model
             self.experts = building
             self.layer_index = building.add_layer(moe.experts_per_token)
@@ -346,6 +353,12 @@ def _method_class():
                 runners[0]._forward_entry = functools.partial(_traced_moe_entry, runners[0].layer_name)
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
+            if layer.expert_map is not None:  # expert parallelism: one placement for every layer (no EPLB)
+                emap = layer.expert_map.to("cpu", torch.int32)
+                if self.experts.expert_map is not None and not torch.equal(emap, self.experts.expert_map):
+                    raise ValueError("Prophet: vLLM placed experts differently in two MoE layers under expert "
+                                     "parallelism; Prophet needs one placement for all layers")
+                self.experts.expert_map = emap
             self.experts.layer_loaded(self.layer_index, experts, device)
 
         def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
@@ -432,8 +445,11 @@ def _check_settings_in_front_end() -> None:
     def create_engine_config(self, *args, **kwargs):
         settings = ProphetSettings.resolve(self.additional_config)  # raises ValueError naming the setting
         if settings.enabled and getattr(self, "enable_expert_parallel", False):
-            raise ValueError("Prophet does not run under expert parallelism yet (enable_expert_parallel); "
-                             "tensor parallelism is supported: drop enable_expert_parallel, or turn Prophet off")
+            why = [w for w, bad in (("data_parallel_size > 1 (all-to-all dispatch)", getattr(self, "data_parallel_size", 1) > 1),
+                                    ("enable_eplb", getattr(self, "enable_eplb", False))) if bad]
+            if why:
+                raise ValueError(f"Prophet runs under expert parallelism across tensor-parallel ranks, not with "
+                                 f"{' or '.join(why)}: drop it, or turn Prophet off")
         return create(self, *args, **kwargs)
 
     create_engine_config.prophet_checked = True
@@ -524,10 +540,11 @@ def prophet_stats(llm=None, reset: bool = False) -> list[dict]:
 
 
 def with_rank_totals(entries: list[dict]) -> list[dict]:
-    """Per-rank stats as they are, plus, for a model served by several tensor-parallel ranks, one
-    entry with ``rank: "total"`` after its ranks: counters and bytes summed over the ranks (each rank
-    counts its own shard of every expert: with identical decisions, every rank's counts are equal),
-    slots and expert bytes summed (a whole expert)."""
+    """Per-rank stats as they are, plus, for a model served by several ranks, one entry with
+    ``rank: "total"`` after its ranks: counters, bytes and slots summed over the ranks. Tensor
+    parallelism: each rank counts its own shard of every expert (with identical decisions, every
+    rank's counts are equal), and the shards' bytes add up to a whole expert. Expert parallelism:
+    each rank counts its own experts, whole; ``num_experts`` adds up to the model's."""
     from dataclasses import fields
 
     from prophet_kernels.memory.residency import LayerStats, Stats
@@ -543,9 +560,12 @@ def with_rank_totals(entries: list[dict]) -> list[dict]:
             for mine, theirs in zip(total.layers, e["layers"]):
                 for f in fields(LayerStats):
                     setattr(mine, f.name, getattr(mine, f.name) + theirs[f.name])
+        ep = ranks[0].get("ep_size", 1) > 1
         out.append({**{k: v for k, v in ranks[0].items() if k not in ("total", "layers")}, "rank": "total",
                     "ranks": len(ranks), "slots": sum(e["slots"] for e in ranks),
-                    "expert_bytes": sum(e["expert_bytes"] for e in ranks), **total.as_dict()})
+                    "num_experts": sum(e["num_experts"] for e in ranks) if ep else ranks[0]["num_experts"],
+                    "expert_bytes": ranks[0]["expert_bytes"] if ep else sum(e["expert_bytes"] for e in ranks),
+                    **total.as_dict()})
     return out
 
 

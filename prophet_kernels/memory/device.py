@@ -26,6 +26,7 @@ import torch
 from ..kernels.residency import (COUNTERS, DEMAND, POLICY_IDS, PREFETCH, ResidencyState, fill_slots,
                                  residency_step, residency_step_reference)
 from .buffer import DEVICE_POLICIES, check_sizes
+from .predictors import runs_on_device
 from .residency import LayerStats, Stats
 from .store import allocate_experts
 
@@ -69,7 +70,7 @@ class DeviceResidency:
 
     def __init__(self, buffer: DeviceExpertBuffer, store, predictor=None, prefetch_depth: int = 1,
                  prefetch_budget: int | None = None):
-        if predictor is not None and not hasattr(predictor, "device_predict"):
+        if predictor is not None and not runs_on_device(predictor):
             raise ValueError(f"predictor {getattr(predictor, 'name', predictor)!r} does not run on the device; "
                              "device mode runs none, same, gate and learned-gate")
         if prefetch_depth < 0:
@@ -127,7 +128,7 @@ class DeviceResidency:
         L = self.buffer.num_layers
         fills, count = self._prefetch
         E = self.buffer.num_experts
-        ranked = self.predictor.device_predict(layer, topk_ids.clamp(0, E - 1), hidden, L, self.prefetch_depth, E)
+        ranked = self.predictor.device_predict(layer, topk_ids, hidden, L, self.prefetch_depth, E)
         for future, cand in ranked.items():  # nearest first
             residency_step(self.buffer.state, future, cand, PREFETCH, fills, count)
             fill_slots(self.store.blocks[future], self.buffer.blocks, fills, count,

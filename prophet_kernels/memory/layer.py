@@ -22,7 +22,7 @@ from ..kernels.route_plan import narrow_ids
 from ..planner.memory import max_unique_experts
 from .buffer import DEFAULT_MODE, DEFAULT_POLICY, MODES, PagedExpertBuffer
 from .device import DeviceExpertBuffer, DeviceResidency
-from .predictors import make_predictor
+from .predictors import RankExperts, make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .residency import ExpertResidency, Stats
 from .store import HostExpertStore
@@ -52,11 +52,12 @@ class ProphetMoE:
         eviction policy (default next-use, the routing study's best, in both modes).
         ``expert_map`` (expert parallelism, vLLM's convention): [E_global] int, the store's index of
         each global expert on this rank or -1; ``forward`` then takes global ids, and a token-slot
-        routed to another rank's expert contributes zero here (the ranks' outputs add up). Without a
-        prefetch predictor (predictors see global routing: not built yet)."""
+        routed to another rank's expert contributes zero here (the ranks' outputs add up); a
+        predictor reads the global routing and prefetches the part of its answer this rank holds
+        (``predictors.RankExperts``)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
-        expert_map = self._check_expert_map(expert_map, store.num_experts, predictor)
+        expert_map = self._check_expert_map(expert_map, store.num_experts)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         experts = store.num_layers * store.num_experts
         if isinstance(num_slots, int) and not isinstance(num_slots, bool) and num_slots > experts:
@@ -73,18 +74,21 @@ class ProphetMoE:
         self.store, self.mode = store, mode
         self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call
         self._local_of = None if expert_map is None else expert_map.tolist()  # host mode's copy of it
+        predictor = make_predictor(predictor)
+        if predictor is not None and expert_map is not None:
+            predictor = RankExperts(predictor, self.expert_map)
         self.current_slots: list[int] = []  # slots the layer being computed reads (pinned; host mode)
         dims = (store.num_layers, store.num_experts, store.hidden, store.intermediate, num_slots, store.dtype, device)
         if mode == "device":
             self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots, policy=policy, block_shape=store.block_shape)
             self.prefetcher = None
             budget = None if prefetch_budget_bytes is None else prefetch_budget_bytes // store.expert_bytes
-            self.residency = DeviceResidency(self.buffer, store, make_predictor(predictor), prefetch_depth, budget)
+            self.residency = DeviceResidency(self.buffer, store, predictor, prefetch_depth, budget)
         else:
             self.buffer = PagedExpertBuffer(*dims, policy, min_slots, block_shape=store.block_shape)
             self.prefetcher = StreamPrefetcher(store, self.buffer)
-            self.residency = ExpertResidency(self.buffer, store.expert_bytes, make_predictor(predictor),
-                                             prefetch_depth, prefetch_budget_bytes)
+            self.residency = ExpertResidency(self.buffer, store.expert_bytes, predictor, prefetch_depth,
+                                             prefetch_budget_bytes)
         # the kernels' scale arguments: (w13 scales, w2 scales, block shape) of fp8 slots, else Nones
         self._scales = (self.buffer.w13_scale, self.buffer.w2_scale, store.block_shape)
 
@@ -137,10 +141,11 @@ class ProphetMoE:
                      *self._scales)
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
+        routing = topk_ids  # what the predictor reads (global ids under expert parallelism)
         if self.mode == "device":
             if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
                 topk_ids = self._local_ids(topk_ids)  # (an id outside [0, E_global) is dropped: no host read)
-            return self._forward_device(layer, x, topk_weights, topk_ids)
+            return self._forward_device(layer, x, topk_weights, topk_ids, routing)
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)  # (global ids under expert parallelism)
         bound = E if self.expert_map is None else self.expert_map.numel()
@@ -178,7 +183,7 @@ class ProphetMoE:
                                         block_shape=self._scales[2])
             self.prefetcher.mark_read(slots)
             with nvtx_range(f"predict L{layer}"):
-                fills = self.residency.prefetch(layer, topk_ids, x)  # this layer's slots stay pinned
+                fills = self.residency.prefetch(layer, routing, x)  # this layer's slots stay pinned
             for s, future, e in fills:
                 self.prefetcher.copy(s, future, e)
         finally:
@@ -187,7 +192,7 @@ class ProphetMoE:
         return y
 
     @staticmethod
-    def _check_expert_map(expert_map, num_local: int, predictor) -> torch.Tensor | None:
+    def _check_expert_map(expert_map, num_local: int) -> torch.Tensor | None:
         if expert_map is None:
             return None
         if not isinstance(expert_map, torch.Tensor) or expert_map.dim() != 1 or expert_map.dtype.is_floating_point:
@@ -196,8 +201,6 @@ class ProphetMoE:
         if (expert_map < -1).any() or sorted(local) != list(range(num_local)):
             raise ValueError(f"expert_map must hold each of this rank's {num_local} experts (0..{num_local - 1}) "
                              f"once and -1 for the others; got {expert_map.tolist()}")
-        if predictor not in (None, "none"):
-            raise ValueError("expert_map (expert parallelism): prefetch predictors are not supported yet")
         return expert_map.to(torch.int32)
 
     def _local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
@@ -207,7 +210,7 @@ class ProphetMoE:
         g = topk_ids.long()
         return torch.where((g >= 0) & (g < G), self.expert_map[g.clamp(0, G - 1)], -1).to(torch.int32)
 
-    def _forward_device(self, layer: int, x, topk_weights, topk_ids) -> torch.Tensor:
+    def _forward_device(self, layer: int, x, topk_weights, topk_ids, routing) -> torch.Tensor:
         """Device mode: no host synchronisation, fixed shapes (see ``memory.device``). The host checks
         only what needs no device read: the buffer holds this batch's unique experts."""
         E, S = self.store.num_experts, self.buffer.num_slots
@@ -222,7 +225,7 @@ class ProphetMoE:
             y = fused_experts_paged_op(x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights,
                                        topk_ids, w13_scale, w2_scale, list(block_shape) if block_shape else None)
         with nvtx_range(f"predict L{layer}"):
-            self.residency.prefetch(layer, topk_ids, x)
+            self.residency.prefetch(layer, routing, x)
         if layer == self.store.num_layers - 1:
             self.residency.join()  # a captured step ends with its side-stream work joined
         return y

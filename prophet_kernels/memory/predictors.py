@@ -483,6 +483,7 @@ class LearnedGatePredictor(GateLookaheadPredictor):
         return out
 
     def device_predict(self, layer, topk_ids, hidden, num_layers, depth, num_experts: int):
+        topk_ids = topk_ids.clamp(0, num_experts - 1)  # (device mode reads no ids back: none is refused)
         out = super().device_predict(layer, topk_ids, hidden, num_layers, min(depth, self.depth), num_experts)
         self._remember(layer, topk_ids, hidden)
         return out
@@ -632,6 +633,39 @@ def fit_predictor(name: str, train_trace, replay_trace=None) -> Predictor:
         fit = (replay_trace.meta.get("learned_lookahead") if replay_trace is not None else None) or {}
         return LearnedGatePredictor(meta=fit)
     return make_predictor(name)
+
+
+class RankExperts(Predictor):
+    """Expert parallelism: ``inner`` predicts from the global routing (global ids in, the routers of
+    all experts), and the answer is this rank's experts only, as its store indices (others' dropped,
+    order kept). ``expert_map`` [E_global]: vLLM's map, this rank's index of each expert or -1, on the
+    device the routing is on. Every rank runs the same predictor on the same routing, so what one
+    rank prefetches is the part of one global answer that it holds."""
+
+    def __init__(self, inner: Predictor, expert_map: torch.Tensor):
+        self.inner, self.name = inner, inner.name
+        self.expert_map = expert_map.to(torch.int32)
+        self._local_of = expert_map.tolist()
+
+    @property
+    def nbytes(self) -> int:
+        return self.inner.nbytes
+
+    def predict(self, layer, topk_ids, hidden, num_layers, depth):
+        mine = self._local_of
+        return {f: [mine[g] for g in ranked if mine[g] >= 0]
+                for f, ranked in self.inner.predict(layer, topk_ids, hidden, num_layers, depth).items()}
+
+    def device_predict(self, layer, topk_ids, hidden, num_layers, depth, num_experts: int):
+        G = self.expert_map.numel()
+        ranked = self.inner.device_predict(layer, topk_ids, hidden, num_layers, depth, G)
+        return {f: torch.where(r >= 0, self.expert_map[r.clamp(0, G - 1).long()], -1).to(torch.int32)
+                for f, r in ranked.items()}
+
+
+def runs_on_device(predictor: Predictor) -> bool:
+    """Whether a predictor has ``device_predict`` (device mode runs only those)."""
+    return hasattr(predictor.inner if isinstance(predictor, RankExperts) else predictor, "device_predict")
 
 
 def make_predictor(predictor) -> Predictor | None:
