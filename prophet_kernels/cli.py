@@ -1,7 +1,8 @@
 """The ``prophet`` command line.
 
     prophet plan [OPTIONS]   capacity planner: KV cache Prophet frees per model, GPU, batch, buffer
-    prophet info             versions, device, which kernel path runs here, native library, vLLM and the plugin
+    prophet info             versions, device, which kernel path runs here, native library, vLLM and the plugin,
+                             NUMA nodes and each GPU's node
     prophet bench [ARGS]     the MoE kernel benchmark (benchmark/moe.py; small CPU run without a GPU)
     prophet trace train|record   train a routing-shape model on the offline corpus; record traces
     prophet simulate [OPTIONS]   replay a routing trace through the buffer: one run, or --sweep
@@ -24,6 +25,7 @@ def _info() -> int:
 
     from . import __version__, native
     from .kernels import use_triton
+    from .memory import numa
 
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     name = torch.cuda.get_device_name() if dev.type == "cuda" else "cpu (no GPU)"
@@ -32,6 +34,7 @@ def _info() -> int:
     print(f"kernel path: {'Triton' if use_triton(dev) else 'PyTorch reference (no GPU, no TRITON_INTERPRET=1)'}")
     print(f"native library: {'loaded' if native.is_available() else 'not built (optional)'}")
     print(f"vLLM: {_vllm_status()}")
+    print("\n".join(numa.describe()))
     return 0
 
 

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from ..kernels.fp8 import FP8, check_block_shape, check_scales, quantize_fp8, scale_shape
+from . import numa
 
 
 def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -35,10 +36,14 @@ def pinned_empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     allocator (``pin_memory=True``) rounds every allocation up to the next power of two: one
     layer's experts of OLMoE-1B-7B (768 MiB) would pin 1 GiB, of Mixtral-8x7B (2.63 GiB) 4 GiB,
     128 GiB for the model's 84 GiB. So a plain host allocation is registered with CUDA instead
-    (``cudaHostRegister``) and unregistered when its storage is freed."""
+    (``cudaHostRegister``) and unregistered when its storage is freed. On a machine with several
+    NUMA nodes it is placed on the current GPU's node first (``numa``)."""
     t = torch.empty(shape, dtype=dtype)
     if t.numel() == 0:
         return t
+    node = numa.store_node()
+    if node is not None:  # several NUMA nodes: on the GPU's, before registering touches the pages
+        numa.prefer_node(t, node)
     cudart = torch.cuda.cudart()
     err = cudart.cudaHostRegister(t.data_ptr(), t.nbytes, 0)
     if int(getattr(err, "value", err)) != 0:
