@@ -885,20 +885,24 @@ def test_rank_totals_sum_the_ranks():
     from prophet_kernels.integration.vllm_plugin import with_rank_totals
     from prophet_kernels.memory.residency import Stats
 
-    def entry(rank, hits, misses):
+    def entry(rank, hits, misses, ep=1):
         st = Stats(2)
         st.layers[0].hits, st.layers[1].misses, st.layers[1].bytes_h2d = hits, misses, 10 * misses
-        return {"model": 0, "num_layers": 2, "rank": rank, "tp_size": 2, "slots": 3, "expert_bytes": 100,
-                **st.as_dict()}
+        return {"model": 0, "num_layers": 2, "rank": rank, "tp_size": 2, "ep_size": ep, "slots": 3,
+                "num_experts": 8 // ep, "expert_bytes": 100, "freed_bytes": 1000 + 100 * rank,
+                "kv_bytes_per_token": 10, "kv_tokens_freed": 100 + 10 * rank, **st.as_dict()}
 
     out = with_rank_totals([entry(0, 5, 2), entry(1, 5, 2)])
     assert [e["rank"] for e in out] == [0, 1, "total"]
     t = out[2]
-    assert (t["ranks"], t["slots"], t["expert_bytes"]) == (2, 6, 200)
+    assert (t["ranks"], t["slots"], t["expert_bytes"], t["num_experts"]) == (2, 6, 200, 8)
+    assert (t["freed_bytes"], t["kv_tokens_freed"]) == (2100, 100)  # summed; the poorest rank's tokens
     assert (t["total"]["hits"], t["total"]["misses"], t["total"]["bytes_h2d"]) == (10, 4, 40)
     assert t["layers"][1]["misses"] == 4 and t["total"]["hit_rate"] == 10 / 14
     single = [entry(0, 1, 1)]
     assert with_rank_totals(single) == single  # one rank: no total entry
+    ep = with_rank_totals([entry(0, 5, 2, ep=2), entry(1, 5, 2, ep=2)])[2]  # expert parallelism: whole experts
+    assert (ep["num_experts"], ep["expert_bytes"]) == (8, 100)
 
 
 @pytest.mark.parametrize("family", ["olmoe", "mixtral"])
@@ -929,6 +933,16 @@ def test_tensor_parallel_tokens_and_identical_decisions(checkpoints, baseline, m
     assert decisions[0] == decisions[1]  # (stall_s: each rank's own copy timing)
     assert r0["total"]["misses"] > 0 and r0["total"]["evictions"] > 0
     assert total["total"]["misses"] == 2 * r0["total"]["misses"]
+    # the KV report per rank: the experts' device bytes beyond the buffer, in this rank's KV tokens
+    cfg = demo.TINY[family]
+    L, E = cfg["num_hidden_layers"], cfg.get("num_experts") or cfg["num_local_experts"]
+    kv_heads = max(1, cfg["num_key_value_heads"] // 2)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    per_token = 2 * L * kv_heads * head_dim * 4  # K and V, every layer, this rank's heads, fp32
+    for r in (r0, r1):
+        assert r["freed_bytes"] == (L * E - r["slots"]) * r["expert_bytes"]
+        assert (r["kv_bytes_per_token"], r["kv_tokens_freed"]) == (per_token, r["freed_bytes"] // per_token)
+    assert total["kv_tokens_freed"] == min(r0["kv_tokens_freed"], r1["kv_tokens_freed"])
 
 
 @pytest.mark.parametrize("family, mode", [("olmoe", "host"), ("mixtral", "device")])

@@ -47,7 +47,7 @@ class _ModelExperts:
     loading, then one ProphetMoE over all of them."""
 
     def __init__(self, settings: ProphetSettings, max_batch_tokens: int, config_id: int, rank: int = 0,
-                 tp_size: int = 1, ep_size: int = 1):
+                 tp_size: int = 1, ep_size: int = 1, kv_bytes_per_token: int | None = None):
         self.settings, self.max_batch_tokens, self.config_id = settings, max_batch_tokens, config_id
         # under tensor parallelism each rank's store and buffer hold its shard of every expert (vLLM's
         # split of w13/w2 along I); every rank sees the same routing and runs the same deterministic
@@ -56,6 +56,7 @@ class _ModelExperts:
         # same global routing, and decides for its experts alone; vLLM's all-reduce adds the ranks up
         self.rank, self.tp_size, self.ep_size = rank, tp_size, ep_size
         self.expert_map = None  # [E_global] this rank's index of each expert or -1 (expert parallelism)
+        self.kv_bytes_per_token = kv_bytes_per_token  # this rank's KV cache bytes per token, for the report
         self.key = _NEXT_GROUP[0]
         _NEXT_GROUP[0] += 1
         _GROUPS[self.key] = self
@@ -119,7 +120,11 @@ class _ModelExperts:
         if self.moe is None:
             return None
         store = self.moe.store
-        return {"rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size,
+        slots = self.moe.buffer.num_slots
+        freed = (store.num_layers * store.num_experts - slots) * store.expert_bytes  # vs all experts resident
+        kv = self.kv_bytes_per_token
+        return {"rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size, "freed_bytes": freed,
+                "kv_bytes_per_token": kv, "kv_tokens_freed": freed // kv if kv else None,
                 "num_experts": store.num_experts, "slots": self.moe.buffer.num_slots, "hidden": store.hidden,
                 "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
@@ -303,7 +308,7 @@ def _method_class():
                 par = moe.moe_parallel_config
                 rank = par.ep_rank if par.use_ep else par.tp_rank
                 building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id, rank, par.tp_size,
-                                                        par.ep_size if par.use_ep else 1)
+                                                        par.ep_size if par.use_ep else 1, kv_bytes_per_token(cfg))
                 _record_settings(cfg, self.prophet)  # once per model
             self.experts = building
             self.layer_index = building.add_layer(moe.experts_per_token)
@@ -367,6 +372,20 @@ def _method_class():
             return self.experts.forward(self.layer_index, x, topk_weights.float(), topk_ids)
 
     return ProphetFusedMoEMethod
+
+
+def kv_bytes_per_token(cfg) -> int | None:
+    """KV-cache bytes one token takes on this rank, as vLLM sizes a full-attention cache: K and V of
+    every attention layer, for this rank's KV heads (replicated where tensor parallelism exceeds
+    them), in the cache dtype. None where the config does not say (no engine config, e.g. a test)."""
+    from vllm.utils.torch_utils import STR_DTYPE_TO_TORCH_DTYPE
+
+    try:
+        mc, pc, dtype = cfg.model_config, cfg.parallel_config, cfg.cache_config.cache_dtype
+        size = mc.dtype.itemsize if dtype == "auto" else STR_DTYPE_TO_TORCH_DTYPE[dtype].itemsize
+        return 2 * mc.get_num_layers_by_block_type(pc, "attention") * mc.get_num_kv_heads(pc) * mc.get_head_size() * size
+    except (AttributeError, KeyError, TypeError):
+        return None
 
 
 def graphs_refusal(cfg, settings: ProphetSettings, cuda: bool) -> str | None:
@@ -544,7 +563,10 @@ def with_rank_totals(entries: list[dict]) -> list[dict]:
     ``rank: "total"`` after its ranks: counters, bytes and slots summed over the ranks. Tensor
     parallelism: each rank counts its own shard of every expert (with identical decisions, every
     rank's counts are equal), and the shards' bytes add up to a whole expert. Expert parallelism:
-    each rank counts its own experts, whole; ``num_experts`` adds up to the model's."""
+    each rank counts its own experts, whole; ``num_experts`` adds up to the model's. ``freed_bytes``
+    (device bytes the ranks' experts would take beyond their buffers) is summed; ``kv_tokens_freed``
+    is the smallest rank's (every rank holds a part of each token's KV, so the engine's KV capacity
+    grows by its poorest rank's gain)."""
     from dataclasses import fields
 
     from prophet_kernels.memory.residency import LayerStats, Stats
@@ -564,6 +586,10 @@ def with_rank_totals(entries: list[dict]) -> list[dict]:
         out.append({**{k: v for k, v in ranks[0].items() if k not in ("total", "layers")}, "rank": "total",
                     "ranks": len(ranks), "slots": sum(e["slots"] for e in ranks),
                     "num_experts": sum(e["num_experts"] for e in ranks) if ep else ranks[0]["num_experts"],
+                    "freed_bytes": sum(e["freed_bytes"] for e in ranks),
+                    # a token's KV is on every rank: the engine gains what its poorest rank gains
+                    "kv_tokens_freed": None if None in (e["kv_tokens_freed"] for e in ranks)
+                    else min(e["kv_tokens_freed"] for e in ranks), "kv_bytes_per_token": None,
                     "expert_bytes": ranks[0]["expert_bytes"] if ep else sum(e["expert_bytes"] for e in ranks),
                     **total.as_dict()})
     return out
