@@ -97,6 +97,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="Prophet's expert dtype(s), comma-separated, rows side by side, e.g. bf16,fp8 (default: the "
                         "weight dtype)")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel size; numbers are per GPU (default 1)")
+    p.add_argument("--ep", action="store_true",
+                   help="expert parallelism over the --tp GPUs (vLLM's enable_expert_parallel): each GPU holds its "
+                        "experts whole; buffer fractions and slots are of the busiest GPU's experts")
     p.add_argument("--util", type=float, default=0.9, help="gpu_memory_utilization (default 0.9, vLLM's)")
     p.add_argument("--context", type=int, help="context length for max concurrent sequences (default: the model's)")
     p.add_argument("--gpu-memory-gib", type=float, help="override the GPU's memory (GiB), e.g. what the driver reports")
@@ -123,7 +126,7 @@ def _plan(args: argparse.Namespace) -> int:
     models = list(MODELS) if args.all and not args.model else (args.model or list(sweep.DEFAULT_MODELS))
     gpus = list(GPUS) if args.all and not args.gpu else (args.gpu or list(sweep.DEFAULT_GPUS))
     cfg = ServingConfig(
-        gpu_memory_utilization=args.util, weight_dtype=args.dtype, kv_dtype=args.kv_dtype or args.dtype, tp=args.tp,
+        gpu_memory_utilization=args.util, weight_dtype=args.dtype, kv_dtype=args.kv_dtype or args.dtype, tp=args.tp, ep=args.ep,
         workspace_override=None if args.workspace_gib is None else int(args.workspace_gib * 2**30),
     )
     rows = sweep.run_sweep(

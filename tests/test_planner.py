@@ -25,7 +25,7 @@ from prophet_kernels.planner import (
 )
 from prophet_kernels.planner.memory import seed_unique_experts, state_elems_per_sequence
 from prophet_kernels.planner.seed import render as render_seed_report
-from prophet_kernels.planner.sweep import CSV_FIELDS
+from prophet_kernels.planner.sweep import CSV_FIELDS, format_table
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -262,3 +262,40 @@ def test_tensor_parallel_rows_per_gpu(tp):
         assert p.prophet_weight_bytes == (total_params(m) * 2 - routed) // tp + p.buffer_bytes + want["experts"] * 4
         usable = int(gpu.memory_bytes * 0.9)
         assert p.prophet_kv_tokens == max(0, usable - p.prophet_weight_bytes - p.workspace_bytes) // want["kv"]
+
+
+@pytest.mark.parametrize("ep", [2, 4, 8])
+def test_expert_parallel_rows_per_gpu(ep):
+    """Issue 29: `--ep` (expert parallelism over the tp GPUs): each GPU holds E/ep experts per layer
+    whole, its buffer is a fraction of those, the attention stays tensor-parallel (KV per GPU as
+    under TP); against the same published figures written here (Mixtral-8x22B's 8 experts: 4, 2, 1
+    per GPU; DeepSeek-V3's 256: 128, 64, 32)."""
+    gpu = get_gpu("H100-80GB")
+    cases = {
+        "Mixtral-8x22B": dict(expert=3 * 6144 * 16384 * 2, E=8, layers=56, kv=2 * 56 * 8 * 128 * 2 // ep),
+        "DeepSeek-V3": dict(expert=3 * 7168 * 2048 * 2, E=256, layers=58, kv=61 * (512 + 64) * 2),
+    }
+    for name, want in cases.items():
+        m = get_model(name)
+        local = want["E"] // ep
+        p = plan(m, gpu, 1, BufferSetting.parse("25%"), ServingConfig(tp=ep, ep=True))
+        slots = -(-local * want["layers"] // 4)  # 25% of this GPU's routed experts, rounded up
+        assert p.ep and p.kv_bytes_per_token == want["kv"], name
+        assert p.buffer_slots == slots and p.buffer_bytes == slots * want["expert"]  # whole experts
+        routed_all = want["E"] * want["layers"] * want["expert"]
+        mine = local * want["layers"] * want["expert"]
+        assert p.baseline_weight_bytes == (total_params(m) * 2 - routed_all) // ep + mine
+        assert p.prophet_weight_bytes == (total_params(m) * 2 - routed_all) // ep + p.buffer_bytes + \
+            local * want["layers"] * 4
+        # the same bytes per GPU as TP for the experts when E divides: EP moves whole experts, not shards
+        tp = plan(m, gpu, 1, BufferSetting.parse("25%"), ServingConfig(tp=ep))
+        assert abs(p.baseline_weight_bytes - tp.baseline_weight_bytes) <= ep
+        # batch buffer: this GPU's share of the unique experts, never below its worst case min(E_local, kB)
+        b = plan(m, gpu, 4, BufferSetting("batch"), ServingConfig(tp=ep, ep=True))
+        k = m.moe.top_k
+        assert b.unique_experts_per_layer == pytest.approx(expected_unique_experts(want["E"], k, 4) * local / want["E"])
+        assert b.buffer_slots >= min(local, k * 4) and b.buffer_ok
+    with pytest.raises(ValueError, match="give tp >= 2"):
+        ServingConfig(ep=True)
+    rows = run_sweep(["Mixtral-8x22B"], ["H100-80GB"], [1], ["25%"], ServingConfig(tp=4, ep=True))
+    assert " 4ep " in format_table(rows)

@@ -231,6 +231,7 @@ class ServingConfig:
     kv_dtype: str = "bf16"
     expert_dtype: str | None = None  # Prophet's routed experts (store, buffer, copies); None: weight_dtype
     tp: int = 1
+    ep: bool = False  # expert parallelism over the tp GPUs (vLLM's enable_expert_parallel): whole experts per GPU
     max_num_batched_tokens: int = 8192  # prefill chunk vLLM profiles with
     max_num_seqs: int = 256
     non_torch_bytes: int = 1 << 30  # CUDA context, cuBLAS/NCCL workspaces, CUDA graphs
@@ -241,6 +242,8 @@ class ServingConfig:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
         if self.tp < 1:
             raise ValueError(f"tensor parallel size must be >= 1, got {self.tp}")
+        if self.ep and self.tp < 2:
+            raise ValueError("expert parallelism spreads the experts over the tensor-parallel GPUs: give tp >= 2")
         dtype_bytes(self.weight_dtype)
         dtype_bytes(self.kv_dtype)
         if self.expert_dtype is not None:
@@ -249,6 +252,17 @@ class ServingConfig:
     @property
     def prophet_expert_dtype(self) -> str:
         return self.expert_dtype or self.weight_dtype
+
+    @property
+    def ep_size(self) -> int:
+        """GPUs the routed experts are spread over, whole (1: each GPU holds a shard of every expert)."""
+        return self.tp if self.ep else 1
+
+
+def local_experts(m: ModelSpec, ep_size: int) -> int:
+    """Routed experts per MoE layer on the busiest GPU under expert parallelism (vLLM's linear
+    placement gives the first E mod ep GPUs one more); E without it."""
+    return -(-m.moe.experts // ep_size)
 
 
 def workspace_bytes(m: ModelSpec, cfg: ServingConfig) -> int:
@@ -308,18 +322,23 @@ class BufferSetting:
         return "batch" if self.prefetch_depth == 1 else f"batch+{self.prefetch_depth}"
 
 
-def buffer_slots(m: ModelSpec, batch: int, setting: BufferSetting, unique=None) -> tuple[int, float]:
-    """(slots, expected unique experts per layer) for one MoE model at one batch size."""
+def buffer_slots(m: ModelSpec, batch: int, setting: BufferSetting, unique=None, ep_size: int = 1) -> tuple[int, float]:
+    """(slots, expected unique experts per layer) for one MoE model at one batch size, on one GPU.
+    Under expert parallelism (``ep_size`` > 1) both are of the busiest GPU's own experts: a fraction
+    of them, or its share of the batch's unique experts (expected: u x E_local / E), never fewer than
+    its worst case min(E_local, kB)."""
     e, n_moe = m.moe, m.moe_layers
+    local = local_experts(m, ep_size)
     if unique is None:
         u = expected_unique_experts(e.experts, e.top_k, batch)
     else:
         u = min(float(unique(batch)), float(e.experts))
+    u *= local / e.experts
     if setting.kind == "fraction":
-        return math.ceil(setting.fraction * e.experts * n_moe), u
+        return math.ceil(setting.fraction * local * n_moe), u
     layers = min(1 + setting.prefetch_depth, n_moe)
-    need = max(math.ceil(layers * u), max_unique_experts(e.experts, e.top_k, batch))
-    return min(need, e.experts * n_moe), u
+    need = max(math.ceil(layers * u), max_unique_experts(local, e.top_k, batch))
+    return min(need, local * n_moe), u
 
 
 @dataclass(frozen=True)
@@ -329,6 +348,7 @@ class Plan:
     model: str
     gpu: str
     tp: int
+    ep: bool  # experts spread whole over the tp GPUs (slots and buffer are of the busiest GPU's experts)
     batch: int
     buffer: str
     weight_dtype: str
@@ -390,27 +410,34 @@ def plan(
     work = workspace_bytes(m, cfg)
     per_token = kv_bytes_per_token(m, cfg.kv_dtype, cfg.tp)
     state = state_elems_per_sequence(m) * dtype_bytes(cfg.kv_dtype) // cfg.tp
-    # Every weight is sharded over tp (vocab-parallel embeddings, column/row-parallel layers).
-    base_weights = total * wb // cfg.tp
+    # Every weight is sharded over tp (vocab-parallel embeddings, column/row-parallel layers), the
+    # routed experts too without EP; with EP each GPU holds its experts whole (the busiest GPU's count).
+    ep = cfg.ep_size
+    local = local_experts(m, ep)
+    if ep == 1:
+        base_weights = total * wb // cfg.tp
+    else:
+        base_weights = (total - params["routed_experts"]) * wb // cfg.tp + m.moe_layers * local * expert_bytes(
+            m, cfg.weight_dtype)
     base_kv = usable - base_weights - work
 
-    slots, u = buffer_slots(m, batch, setting, unique)
+    slots, u = buffer_slots(m, batch, setting, unique, ep)
     one_expert = expert_bytes(m, cfg.prophet_expert_dtype)
-    buf = slots * one_expert // cfg.tp
-    page_table = m.moe_layers * m.moe.experts * 4
+    buf = slots * one_expert // (cfg.tp if ep == 1 else 1)  # a shard of each slot, or whole experts
+    page_table = m.moe_layers * local * 4
     prophet_weights = (total - params["routed_experts"]) * wb // cfg.tp + buf + page_table
     prophet_kv = usable - prophet_weights - work
 
     b_tokens, p_tokens = _kv_tokens(base_kv, per_token), _kv_tokens(prophet_kv, per_token)
     b_fits, p_fits = b_tokens > 0, p_tokens > 0
     return Plan(
-        model=m.name, gpu=gpu.name, tp=cfg.tp, batch=batch, buffer=setting.label(),
+        model=m.name, gpu=gpu.name, tp=cfg.tp, ep=cfg.ep, batch=batch, buffer=setting.label(),
         weight_dtype=cfg.weight_dtype, kv_dtype=cfg.kv_dtype, expert_dtype=cfg.prophet_expert_dtype, context=context,
         total_params=total, routed_expert_bytes=one_expert, kv_bytes_per_token=per_token,
         state_bytes_per_seq=state, usable_bytes=usable, workspace_bytes=work,
         baseline_weight_bytes=base_weights, baseline_kv_bytes=base_kv, baseline_kv_tokens=b_tokens,
         baseline_fits=b_fits, unique_experts_per_layer=u, buffer_slots=slots, buffer_bytes=buf,
-        buffer_ok=slots >= max_unique_experts(m.moe.experts, m.moe.top_k, batch),
+        buffer_ok=slots >= max_unique_experts(local, m.moe.top_k, batch),
         prophet_weight_bytes=prophet_weights, prophet_kv_bytes=prophet_kv, prophet_kv_tokens=p_tokens,
         prophet_fits=p_fits, extension=(p_tokens / b_tokens) if b_fits else None,
         baseline_max_seqs=_max_seqs(base_kv, per_token, state, context, m.sliding_window),

@@ -74,7 +74,7 @@ def _tokens(n: int, fits: bool) -> str:
 
 def format_table(rows: list[Plan]) -> str:
     head = (
-        f"{'model':<18} {'gpu':<12} {'tp':>2} {'B':>3} {'buffer':>7} {'experts':>7} {'slots':>6} {'weights GB':>15} "
+        f"{'model':<18} {'gpu':<12} {'tp':>3} {'B':>3} {'buffer':>7} {'experts':>7} {'slots':>6} {'weights GB':>15} "
         f"{'KV tokens':>17} {'ext':>6} {'seqs@ctx':>14}"
     )
     lines = [head, "-" * len(head)]
@@ -85,14 +85,15 @@ def format_table(rows: list[Plan]) -> str:
         slots = f"{r.buffer_slots}" + ("" if r.buffer_ok else "!")
         seqs = f"{r.baseline_max_seqs}->{r.prophet_max_seqs}@{r.context // 1024}K"
         lines.append(
-            f"{r.model:<18} {r.gpu:<12} {r.tp:>2} {r.batch:>3} {r.buffer:>7} {r.expert_dtype:>7} {slots:>6} {weights:>15} "
+            f"{r.model:<18} {r.gpu:<12} {str(r.tp) + ('ep' if r.ep else ''):>3} {r.batch:>3} {r.buffer:>7} {r.expert_dtype:>7} {slots:>6} {weights:>15} "
             f"{kv:>17} {ext:>6} {seqs:>14}"
         )
     lines.append(
         "experts: Prophet's expert dtype (fp8: e4m3 + fp32 scale per output row; the baseline keeps the weight "
         "dtype); weights: baseline -> Prophet (non-expert weights + expert buffer); KV tokens: what fits after weights "
         "and workspace; ext = Prophet/baseline KV tokens; seqs@ctx: concurrent sequences at the context length; "
-        "'!' = buffer below one layer's worst case min(E, kB) at this batch."
+        "'!' = buffer below one layer's worst case min(E, kB) at this batch; tp: GPUs, bytes per GPU ('ep': experts "
+        "spread whole over them, slots of the busiest GPU's experts)."
     )
     return "\n".join(lines)
 
