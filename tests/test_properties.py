@@ -294,3 +294,65 @@ def test_fp8_kernel_ops_raise_or_equal_the_reference(c):
     want = loop_reference(x, dequantize_fp8(q13s, s13s, block), dequantize_fp8(q2s, s2s, block), pt, w, ids)
     tol = 1e-5 if c["dtype"] == torch.float32 else 2e-2
     torch.testing.assert_close(y.cpu().double(), want.to(y.dtype).double(), rtol=tol, atol=tol * (1 + want.abs().max()))
+
+
+# ------------------------------------------------------------------ expert parallelism (issue 29)
+
+MAP_HOSTILE = ["none"] * 4 + ["duplicate", "missing", "below -1", "float", "2-D"]
+
+
+@SETTINGS
+@given(ranks=st.integers(1, 3), seed=st.integers(0, 2**31 - 1), mode=st.sampled_from(["host", "device"]),
+       predictor=st.sampled_from([None, "same"]), hostile=st.sampled_from(MAP_HOSTILE),
+       steps=st.lists(st.tuples(st.integers(0, L - 1), st.integers(1, 4), st.booleans()), min_size=1, max_size=6))
+def test_expert_parallel_ranks_refuse_bad_maps_or_add_up(monkeypatch_module, ranks, seed, mode, predictor, hostile,
+                                                          steps):
+    """Random placements of E experts over 1-3 ranks (vLLM's expert_map convention), random routings
+    (some with an id outside [0, E)), with or without a predictor, in both modes: a malformed map is
+    refused by name at construction; otherwise the ranks' outputs add up to the all-resident output
+    (fp32) and each rank's counters count only its own experts; a routing with an out-of-range id is
+    refused in host mode with every rank's counters unchanged (device mode, which reads nothing
+    back, drops the id, as the kernels do)."""
+    g = torch.Generator().manual_seed(seed)
+    w13, w2 = torch.randn(L, E, 2 * I, H, generator=g), torch.randn(L, E, H, I, generator=g) / 4
+    owner = torch.cat([torch.arange(ranks), torch.randint(0, ranks, (E - ranks,), generator=g)])[torch.randperm(E, generator=g)]
+    moes = []
+    for r in range(ranks):
+        mine = (owner == r).nonzero().flatten()
+        emap = torch.full((E,), -1, dtype=torch.int32)
+        emap[mine] = torch.randperm(len(mine), generator=g).to(torch.int32)  # any local order
+        if r == 0 and hostile != "none":
+            emap = {"duplicate": emap.masked_fill(emap == emap.max(), 0) if len(mine) > 1 else emap.masked_fill(
+                        emap < 0, 0),
+                    "missing": emap.masked_fill(emap == emap.max(), -1),
+                    "below -1": emap.masked_fill(emap < 0, -2) if ranks > 1 else emap - 2,
+                    "float": emap.float(), "2-D": emap[None]}[hostile]
+            with pytest.raises(ValueError, match="expert_map must"):
+                ProphetMoE.from_weights(w13[:, mine], w2[:, mine], len(mine) * L, device="cpu", mode=mode,
+                                        expert_map=emap)
+            return
+        order = torch.argsort(emap[mine])  # store index i holds the global expert mine[order[i]]
+        local = mine[order]
+        moes.append(ProphetMoE.from_weights(w13[:, local], w2[:, local], max(K, len(mine) * L // 2 + 1), device="cpu",
+                                            mode=mode, expert_map=emap, predictor=predictor))
+    unique = 0  # unique experts of the calls served: each counted once, as a hit or a miss, by its rank
+    for layer, T, out_of_range in steps:
+        x = torch.randn(T, H, generator=g)
+        w = torch.rand(T, K, generator=g)
+        ids = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
+        if out_of_range:
+            ids[-1, -1] = E
+            if mode == "host":
+                before = [[dataclasses.asdict(s) for s in m.residency.stats.layers] for m in moes]
+                for m in moes:
+                    with pytest.raises(ValueError, match="outside"):
+                        m.forward(layer, x, w, ids)
+                assert before == [[dataclasses.asdict(s) for s in m.residency.stats.layers] for m in moes]
+                continue
+        y = sum(m.forward(layer, x, w, ids) for m in moes)
+        keep = (ids >= 0) & (ids < E)
+        unique += len(set(ids[keep].tolist()))
+        want = fused_experts_reference(x, w13[layer], w2[layer], w * keep, ids.clamp(0, E - 1))
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-5)
+    assert sum(m.stats.hits + m.stats.misses for m in moes) == unique
+    assert [m.store.num_experts for m in moes] == [int((owner == r).sum()) for r in range(ranks)]

@@ -77,8 +77,8 @@ def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None, w13_scale=
         E = S
     if k < 1:
         raise ValueError("topk_ids has k = 0 experts per token")
-    if k > E:
-        raise ValueError(f"k = {k} experts per token exceeds the number of experts E = {E}")
+    # (k > E is allowed: under expert parallelism a rank may hold fewer experts than a token's k, the
+    # others' slots arriving as -1; a token's repeated expert adds its weights)
     tensors = [x, w13, w2, topk_weights, topk_ids] + ([page_table] if page_table is not None else [])
     devices = {t.device for t in tensors}
     if len(devices) > 1:

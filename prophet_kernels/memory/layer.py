@@ -68,8 +68,9 @@ class ProphetMoE:
             num_slots = experts
         min_slots = 1
         if top_k is not None and max_batch_tokens is not None:
-            if not 1 <= top_k <= store.num_experts:
-                raise ValueError(f"top_k={top_k} must be in [1, E={store.num_experts}]")
+            routed = store.num_experts if expert_map is None else expert_map.numel()  # (EP: all ranks' experts)
+            if not 1 <= top_k <= routed:
+                raise ValueError(f"top_k={top_k} must be in [1, E={routed}]")
             min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
         self.store, self.mode = store, mode
         self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call

@@ -127,10 +127,16 @@ def expert_block(w13: torch.Tensor, w2: torch.Tensor, w13_scale=None, w2_scale=N
     E, I2, H = w13.shape
     n = 3 * I2 // 2 * H
     fused = (w2.shape == (E, H, I2 // 2) and w13.dtype == w2.dtype and w13.device == w2.device
-             and w13.stride() == (n, H, 1) and w2.stride() == (n, I2 // 2, 1)
+             and _strides(w13, (n, H, 1)) and _strides(w2, (n, I2 // 2, 1))
              and w13.untyped_storage().data_ptr() == w2.untyped_storage().data_ptr()
              and w2.data_ptr() == w13.data_ptr() + I2 * H * w13.element_size())
     return w13.as_strided((E, n), (n, 1)) if fused else None
+
+
+def _strides(t: torch.Tensor, want: tuple[int, ...]) -> bool:
+    """t's strides are ``want`` where it matters (a dimension of size 1 has any stride: a store of
+    one expert, as one rank of expert parallelism may hold, is still one block)."""
+    return all(size == 1 or got == w for size, got, w in zip(t.shape, t.stride(), want))
 
 
 def _fp8_block(w13, w2, w13_scale, w2_scale, block_shape) -> torch.Tensor | None:
@@ -140,8 +146,8 @@ def _fp8_block(w13, w2, w13_scale, w2_scale, block_shape) -> torch.Tensor | None
     o13, o2, row, s13, s2 = _fp8_offsets(H, I2 // 2, check_block_shape(block_shape))
     base = w13.data_ptr()
     fused = (w2.shape == (E, H, I2 // 2) and tuple(w13_scale.shape) == (E, *s13) and tuple(w2_scale.shape) == (E, *s2)
-             and w13.stride() == (row, H, 1) and w2.stride() == (row, I2 // 2, 1)
-             and w13_scale.stride(0) * 4 == row and w2_scale.stride(0) * 4 == row
+             and _strides(w13, (row, H, 1)) and _strides(w2, (row, I2 // 2, 1))
+             and (E == 1 or (w13_scale.stride(0) * 4 == row and w2_scale.stride(0) * 4 == row))
              and len({t.untyped_storage().data_ptr() for t in (w13, w2, w13_scale, w2_scale)}) == 1
              and w2.data_ptr() == base + I2 * H and w13_scale.data_ptr() == base + o13
              and w2_scale.data_ptr() == base + o2)
