@@ -24,6 +24,7 @@ mkdir -p "$OUT"
 export PYTHONPATH=$PWD PROPHET_COMMIT=${PROPHET_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)}
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/gpu.txt"
+$PY -c "from prophet_kernels.cli import main; main(['info'])" 2>&1 | tail -6 | tee -a "$OUT/gpu.txt"  # NUMA node of the GPU
 sanitize() {  # sanitize NAME SECONDS ARGS...: memcheck and racecheck on bench_prefetch.py --small ARGS
   local name=$1 secs=$2
   shift 2

@@ -92,7 +92,8 @@ def run_table(heldout, train, capacities=CAPACITIES, batch: int = 1, max_steps: 
 
 
 def _label(row) -> str:
-    pol = {"belady": "Belady", "cyclic": "cyclic", "next-use": "next-use"}.get(row["policy"], row["policy"].upper())
+    pol = {"belady": "Belady", "cyclic": "cyclic", "next-use": "next-use", "device-next-use": "device-next-use",
+           "device-lru": "device-lru"}.get(row["policy"], row["policy"].upper())
     if row["predictor"] == "none":
         return pol
     return f"{row['predictor']} d={row['depth']} + {pol}"
@@ -249,14 +250,16 @@ def render_section(rows: list[dict]) -> str:
 
 BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("next-use", None, 0), ("belady", None, 0),
                  ("next-use", "gate", 3), ("lru", "learned-gate", 3), ("next-use", "learned-gate", 3),
-                 ("lru", "oracle", 3), ("next-use", "oracle", 3))
+                 ("lru", "oracle", 3), ("next-use", "oracle", 3),
+                 ("device-next-use", None, 0), ("device-next-use", "learned-gate", 3))  # device mode's decisions
 
 
 def batch_rows(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,
-               progress: bool = True, **timing) -> list[dict]:
-    """Simulated rows for ``BATCH_CONFIGS`` x batches at one capacity. Layer time per batch comes
-    from ``simulator.layer_seconds`` (measured at the end points); ``timing`` as in ``run_table``
-    except layer_us, which would give every batch the same layer time."""
+               progress: bool = True, configs=BATCH_CONFIGS, **timing) -> list[dict]:
+    """Simulated rows for ``configs`` ((policy, predictor, depth), default ``BATCH_CONFIGS``) x
+    batches at one capacity. Layer time per batch comes from ``simulator.layer_seconds`` (measured
+    at the end points); ``timing`` as in ``run_table`` except layer_us, which would give every batch
+    the same layer time."""
     if timing.get("layer_us") is not None:
         raise ValueError("layer_us fixes one layer time for every batch; a batch sweep takes each batch's measured one")
     from tqdm import tqdm
@@ -264,7 +267,7 @@ def batch_rows(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_st
     from .simulator import layer_seconds, simulate
 
     model = heldout.meta.get("mimics")
-    configs = [c for c in BATCH_CONFIGS if replayable(c[1], heldout)]
+    configs = [c for c in configs if replayable(c[1], heldout)]
     fitted, _ = fit_all({pred for _, pred, _ in configs if pred}, train, heldout)
     rows = []
     todo = [(cfg, b) for cfg in configs for b in batches]
