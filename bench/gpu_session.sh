@@ -14,6 +14,8 @@
 #                                   experts at T 1..64 (per channel and 128x128 blocks; vs vLLM's fp8 fused_moe
 #                                   when vLLM is on the path: run it after the gpu-vllm c1, c2 calls), the fp8
 #                                   vs bf16 expert copy (bench_prefetch --only copy)
+#   bench/gpu_session.sh fp8-tune   after fp8, if it missed 85% of HBM: tune fp8 launch configs (their own table
+#                                   keys) for OLMoE and Mixtral at T 1 and 16, then the fp8 benchmark again there
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -73,6 +75,13 @@ fp8)
     --out-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/bench_fp8.txt"
   timeout 150 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | grep -E "fp8_vs_bf16|Error|error" \
     | tee "$OUT/copy_fp8.txt"
+  ;;
+fp8-tune)
+  timeout 240 $PY bench/tune_moe.py --experts fp8 --shapes olmoe mixtral --T 1 16 2>&1 | tee "$OUT/tune_fp8.txt" \
+    | grep -E "gemv|-> T=" | tail -8
+  cp prophet_kernels/kernels/configs/*.json "$OUT/"
+  timeout 120 $PY -m prophet_kernels.benchmark.moe --experts fp8 --T 1 16 --no-reference --out-dir "$OUT" 2>&1 \
+    | tail -6 | tee "$OUT/bench_fp8_tuned.txt"
   ;;
 vllm)
   if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi

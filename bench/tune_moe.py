@@ -10,6 +10,11 @@ written to ``prophet_kernels/kernels/configs/<device>.json``
 
     python bench/tune_moe.py                       # OLMoE + Mixtral shapes, all bench T, bf16
     python bench/tune_moe.py --shapes olmoe --T 1 4
+    python bench/tune_moe.py --experts fp8 --T 1 16          # fp8 experts (scales per output channel)
+    python bench/tune_moe.py --experts fp8 --block 128       # fp8 experts with 128x128 block scales
+
+fp8 experts get keys of their own (``launch_config.shape_key``); without them the kernels use the
+unquantized key's configs.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import torch
 
 from prophet_kernels.benchmark.moe import time_graph
 from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
+from prophet_kernels.kernels.fp8 import FP8, check_block_shape, quantize_fp8
 from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key
@@ -63,8 +69,10 @@ def gemv_candidates():
     return [dict(BN=n, BK=k, num_warps=w, num_stages=s) for n, k, w, s in tiles]
 
 
-def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
+def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None), block_shape=None):
+    """(best us, config) for one shape and T; ``scales``/``block_shape``: fp8 experts' scales."""
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
+    s13, s2 = scales
     g = torch.Generator(device=device).manual_seed(T)
     inputs = []
     for _ in range(rotations):
@@ -82,18 +90,18 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
     for bm in bms:
         plans = [route_plan(i, E, bm) for _, i, _ in inputs]
         plan_us = bench([lambda i=i: route_plan(i, E, bm) for _, i, _ in inputs])
-        gu = pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k, c), tiles)
-        acts = [launch_gate_up(x, w13, p, k, gu[1]) for (x, _, _), p in zip(inputs, plans)]
-        dn = pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r], c), tiles)
+        gu = pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k, c, s13, block_shape), tiles)
+        acts = [launch_gate_up(x, w13, p, k, gu[1], s13, block_shape) for (x, _, _), p in zip(inputs, plans)]
+        dn = pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r], c, s2, block_shape), tiles)
         if rows_per_expert > 16:  # large batches: then the grouped order of the best tiles
             groups = [dict(gu[1], GROUP_M=m) for m in (4, 8, 16)]
             gu = min([gu, pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k,
-                                                                   c), groups)], key=lambda p: p[0])
-            acts = [launch_gate_up(x, w13, p, k, gu[1]) for (x, _, _), p in zip(inputs, plans)]
+                                                                   c, s13, block_shape), groups)], key=lambda p: p[0])
+            acts = [launch_gate_up(x, w13, p, k, gu[1], s13, block_shape) for (x, _, _), p in zip(inputs, plans)]
             groups = [dict(dn[1], GROUP_M=m) for m in (4, 8, 16)]
             dn = min([dn, pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r],
-                                                                c), groups)], key=lambda p: p[0])
-        outs = [launch_down(a, w2, wf, p, dn[1]) for a, (_, _, wf), p in zip(acts, inputs, plans)]
+                                                                c, s2, block_shape), groups)], key=lambda p: p[0])
+        outs = [launch_down(a, w2, wf, p, dn[1], s2, block_shape) for a, (_, _, wf), p in zip(acts, inputs, plans)]
         sum_us = bench([lambda o=o: o.view(T, k, H).sum(1) for o in outs]) if k > 1 else 0.0
         total = plan_us + gu[0] + dn[0] + sum_us
         print(f"  T={T:5d} block_m={bm:3d}: plan {plan_us:6.1f} + gate_up {gu[0]:7.1f} {gu[1]} + "
@@ -104,11 +112,11 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4):
         gcands = gemv_candidates()
         flat = [i.reshape(-1).contiguous() for _, i, _ in inputs]
         gu = pick(lambda c, r: lambda: launch_gemv_gate_up(inputs[r][0], w13, None, flat[r], E, k,
-                                                           c), gcands)
+                                                           c, scale=s13, block_shape=block_shape), gcands)
 
         def gemv_call(c, r):
             return lambda: gemv_experts(inputs[r][0], w13, w2, None, inputs[r][2], inputs[r][1], E,
-                                        {"gate_up": gu[1], "down": c})
+                                        {"gate_up": gu[1], "down": c}, scales, block_shape)
 
         timed = sorted(((bench([gemv_call(c, r) for r in range(rotations)]), c) for c in gcands),
                        key=lambda p: p[0])
@@ -127,9 +135,16 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(MOE_SHAPES))
     ap.add_argument("--T", type=int, nargs="+", default=list(BATCH_SIZES))
-    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--dtype", default="bfloat16", help="activations' dtype (default bfloat16)")
+    ap.add_argument("--experts", choices=["auto", "fp8"], default="auto",
+                    help="auto: experts in --dtype; fp8: e4m3 experts with fp32 scales (their own table keys)")
+    ap.add_argument("--block", type=int, default=None,
+                    help="with --experts fp8: square scale blocks of this size (e.g. 128); default per output channel")
     ap.add_argument("--out", default=None, help="config JSON to write (default: the device's file)")
     args = ap.parse_args(argv)
+    if args.block is not None and args.experts != "fp8":
+        sys.exit("--block goes with --experts fp8")
+    block = check_block_shape((args.block, args.block)) if args.block else None
     if not torch.cuda.is_available():
         sys.exit("tune_moe.py needs a GPU: launch configs are tuned on the device they serve")
     device = torch.device("cuda")
@@ -140,15 +155,19 @@ def main(argv=None):
     for name in args.shapes:
         shape = MOE_SHAPES[name]
         w13, w2 = make_experts(shape["E"], shape["H"], shape["I"], dtype, device)
-        key = shape_key(shape["E"], shape["H"], shape["I"], shape["k"], dtype)
+        scales, weight_dtype = (None, None), None
+        if args.experts == "fp8":
+            (w13, s13), (w2, s2) = quantize_fp8(w13, block), quantize_fp8(w2, block)
+            scales, weight_dtype = (s13, s2), FP8
+        key = shape_key(shape["E"], shape["H"], shape["I"], shape["k"], dtype, weight_dtype, block)
         print(f"{name} {key}", flush=True)
         for T in args.T:
-            us, cfg = tune_one(shape, T, dtype, device, w13, w2)
+            us, cfg = tune_one(shape, T, dtype, device, w13, w2, scales=scales, block_shape=block)
             table.setdefault(key, {})[str(T)] = cfg
             print(f"  -> T={T}: {us:.1f} us {cfg}  [{time.time() - t0:.0f} s]", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        del w13, w2
+        del w13, w2, scales
     print(f"wrote {out}")
 
 

@@ -203,3 +203,31 @@ def test_simulator_counts_fp8_bytes_and_slots():
     assert (fp8.misses, fp8.hits) == (bf16.misses, bf16.hits)  # same slots, same decisions
     assert 0.45 < fp8.stall_s / bf16.stall_s < 0.55  # half the bytes per miss
     assert same_bytes.hits > fp8.hits
+
+
+@pytest.mark.parametrize("block_shape", [None, (16, 16)], ids=["per-channel", "block16"])
+def test_tuner_runs_its_fp8_candidates(monkeypatch, block_shape):
+    """`bench/tune_moe.py --experts fp8`: every candidate call (grouped gate_up/down, GEMV) goes
+    through the fp8 kernels with the experts' scales, and the best is written under the fp8 key.
+    The timing is stubbed (no GPU here: the tuner times CUDA graphs), two tiles per candidate list:
+    a check of the GPU session's tuning step before device time is spent on it, not a tuning."""
+    from bench import tune_moe
+    from prophet_kernels.benchmark.common import make_experts
+    from prophet_kernels.kernels.launch_config import shape_key
+
+    calls = []
+    monkeypatch.setattr(tune_moe, "bench", lambda cs: calls.extend(c() for c in cs) or float(len(calls) % 7))
+    tiles = [dict(BN=16, BK=16, num_warps=4, num_stages=2), dict(BN=32, BK=32, num_warps=4, num_stages=2)]
+    monkeypatch.setattr(tune_moe, "candidates", lambda rows: ([16], tiles))
+    monkeypatch.setattr(tune_moe, "gemv_candidates", lambda: tiles[:1])
+    monkeypatch.setattr(tune_moe, "pdl_level", lambda *a: 0)
+    shape = dict(E=8, H=32, I=32, k=2)
+    w13, w2 = make_experts(8, 32, 32, torch.float32, DEV)
+    (q13, s13), (q2, s2) = quantize_fp8(w13, block_shape), quantize_fp8(w2, block_shape)
+    for T in (1, 8):  # the GEMV path competes at T=1 (T*k <= E), not at 8
+        us, cfg = tune_moe.tune_one(shape, T, torch.float32, torch.device(DEV), q13, q2, rotations=2,
+                                    scales=(s13, s2), block_shape=block_shape)
+        assert cfg["block_m"] == 16 and us < float("inf")
+    assert len(calls) > 20  # (outputs not checked: padded rows of the grouped path are left unwritten)
+    key = shape_key(8, 32, 32, 2, torch.float32, FP8, block_shape)
+    assert ",weights=float8_e4m3fn" in key and (",block=16x16" in key) == (block_shape is not None)

@@ -210,6 +210,20 @@ def test_launch_config_lookup(tmp_path, monkeypatch):
     assert get(100, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path))["block_m"] == 64
     other = get(100, 9, 32, 16, 2, torch.float32, torch.device("cpu"), str(path))  # untuned shape
     assert other == launch_config.default_config(100, 2, 9, torch.device("cpu"))
+    # fp8 experts: their own keys (per channel, per block) first, else the activations' key
+    fp8 = torch.float8_e4m3fn
+    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, fp8) == key + ",weights=float8_e4m3fn"
+    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, fp8, (16, 32)) == \
+        key + ",weights=float8_e4m3fn,block=16x32"
+    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, torch.float32) == key
+    assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path), fp8)["block_m"] == 16  # fallback
+    table[key + ",weights=float8_e4m3fn"] = {"1": dict(GEMV)}
+    table[key + ",weights=float8_e4m3fn,block=16x16"] = {"1": {**table[key]["256"], "block_m": 32}}
+    path = tmp_path / "dev_fp8.json"
+    path.write_text(json.dumps(table))
+    assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path), fp8) == GEMV
+    assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path), fp8, (16, 16))["block_m"] == 32
+    assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path))["block_m"] == 16  # unquantized
     monkeypatch.setenv("PROPHET_MOE_CONFIG", json.dumps(GEMV))
     assert get(100, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path)) == GEMV
     monkeypatch.setenv("PROPHET_MOE_CONFIG", '{"block_m": 24, "gate_up": {}, "down": {}}')

@@ -8,6 +8,10 @@ shape key ``"E=64,H=2048,I=1024,k=8,dtype=bfloat16"`` to ``{"<T>": config}``; a 
      "down":    {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}}
 
 ``"gemv": true`` selects the two-launch decode path of :mod:`gemv` (tiles then mean its tiles).
+fp8 experts have keys of their own, ``...,dtype=bfloat16,weights=float8_e4m3fn`` (per output
+channel) and ``...,weights=float8_e4m3fn,block=128x128`` (block scales): tuned with
+``bench/tune_moe.py --experts fp8 [--block 128]``; where a device's file has none, the key of the
+same activations with unquantized weights is used (the tiles move half the weight bytes then).
 
 Lookup: the tuned T nearest to the batch (in log scale) for the exact shape key; otherwise a
 default chosen by batch size, logged once. ``PROPHET_MOE_CONFIG`` (a JSON string or a path to a
@@ -31,8 +35,16 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _warned: set = set()
 
 
-def shape_key(E: int, H: int, I: int, k: int, dtype: torch.dtype) -> str:
-    return f"E={E},H={H},I={I},k={k},dtype={str(dtype).replace('torch.', '')}"
+def shape_key(E: int, H: int, I: int, k: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
+              block_shape=None) -> str:
+    """The table key of a shape: activations' dtype, and the weights' where they differ (fp8
+    experts, with their scale blocks if any)."""
+    key = f"E={E},H={H},I={I},k={k},dtype={str(dtype).replace('torch.', '')}"
+    if weight_dtype is not None and weight_dtype != dtype:
+        key += f",weights={str(weight_dtype).replace('torch.', '')}"
+        if block_shape:
+            key += f",block={block_shape[0]}x{block_shape[1]}"
+    return key
 
 
 def device_file_name(device: torch.device) -> str:
@@ -113,17 +125,28 @@ def _validate(cfg: dict, where: str) -> dict:
 
 
 def get_config(T: int, E: int, H: int, I: int, k: int, dtype: torch.dtype,
-               device: torch.device, table_file: str | None = None) -> dict:
+               device: torch.device, table_file: str | None = None, weight_dtype: torch.dtype | None = None,
+               block_shape=None) -> dict:
+    """The launch config for a batch of T tokens: ``PROPHET_MOE_CONFIG`` if set, else the device's
+    table (``weight_dtype``/``block_shape``: fp8 experts' own key first, then the activations'),
+    else the defaults."""
     pinned = os.environ.get("PROPHET_MOE_CONFIG")
     if pinned:
         text = Path(pinned).read_text() if os.path.exists(pinned) else pinned
         return _validate(json.loads(text), "PROPHET_MOE_CONFIG")
     fname = table_file or str(CONFIG_DIR / device_file_name(device))
+    table = _load(fname)
     key = shape_key(E, H, I, k, dtype)
-    by_t = _load(fname).get(key)
-    if by_t:
+    keys = [shape_key(E, H, I, k, dtype, weight_dtype, block_shape), key]
+    found = next((kk for kk in keys if table.get(kk)), None)
+    if found is not None:
+        if found != keys[0] and device.type == "cuda" and (fname, keys[0]) not in _warned:
+            _warned.add((fname, keys[0]))
+            log.warning("prophet_kernels: no tuned launch config for %s in %s; using %s's (run "
+                        "bench/tune_moe.py --experts fp8 to tune)", keys[0], fname, found)
+        by_t = table[found]
         best = min(by_t, key=lambda t: abs(math.log2(max(int(t), 1)) - math.log2(max(T, 1))))
-        return _validate(by_t[best], f"{fname}[{key}][{best}]")
+        return _validate(by_t[best], f"{fname}[{found}][{best}]")
     if device.type == "cuda" and (fname, key) not in _warned:
         _warned.add((fname, key))
         log.warning("prophet_kernels: no tuned launch config for %s in %s; using defaults "

@@ -105,7 +105,7 @@ def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config, 
          block_shape=None):
     if T == 0:
         return x.new_empty((0, H))
-    cfg = config or get_config(T, E, H, I, k, x.dtype, x.device)
+    cfg = config or get_config(T, E, H, I, k, x.dtype, x.device, weight_dtype=w13.dtype, block_shape=block_shape)
     checking = check and not _capturing(x.device)
     if cfg.get("gemv"):
         if checking:  # host sync: bad ids, missing slots, a shared slot raise before any GEMM
