@@ -125,7 +125,7 @@ class _ModelExperts:
         kv = self.kv_bytes_per_token
         return {"rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size, "freed_bytes": freed,
                 "kv_bytes_per_token": kv, "kv_tokens_freed": freed // kv if kv else None,
-                "num_experts": store.num_experts, "slots": self.moe.buffer.num_slots, "hidden": store.hidden,
+                "num_experts": store.num_experts, "slots": slots, "hidden": store.hidden,
                 "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
                 **self.moe.stats.as_dict()}
@@ -327,10 +327,10 @@ def _method_class():
                 super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                        params_dtype, **extra)
             # empty tensors: re-creating them in the store's one-block layout (pinned with CUDA) costs no copy
-            self.host_weights = expert_tensors(num_experts, hidden_size, intermediate_size_per_partition,
-                                               params_dtype, pin=torch.cuda.is_available())
-            self.host_weights = dict(zip(("w13_weight", "w2_weight"), self.host_weights))
-            layer.w13_weight.data, layer.w2_weight.data = self.host_weights.values()
+            w13, w2 = expert_tensors(num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                                     pin=torch.cuda.is_available())
+            self.host_weights = {"w13_weight": w13, "w2_weight": w2}
+            layer.w13_weight.data, layer.w2_weight.data = w13, w2
 
         def process_weights_after_loading(self, layer):
             if self.host_weights is None:

@@ -140,6 +140,9 @@ class ProphetMoE:
             raise ValueError(f"layer {layer!r} out of range [0, {L})")
         check_inputs(x, self.buffer.w13, self.buffer.w2, topk_weights, topk_ids, self.buffer._rows[layer],
                      *self._scales)
+        routed = E if self.expert_map is None else self.expert_map.numel()  # (the ops allow k > E: EP ranks)
+        if topk_ids.shape[1] > routed:
+            raise ValueError(f"k = {topk_ids.shape[1]} experts per token exceeds the model's E = {routed} experts")
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
         routing = topk_ids  # what the predictor reads (global ids under expert parallelism)
