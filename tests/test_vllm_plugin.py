@@ -802,12 +802,32 @@ def test_server_refuses_a_bad_setting_on_its_last_line(tmp_path, checkpoints):
     assert not any("EngineCore" in x for x in lines), "an engine started before the refusal"
 
 
+def _transformers_greedy(checkpoint: str, prompts, **prophet) -> list[list[int]]:
+    """Greedy tokens (MAX_TOKENS per prompt, never stopping at eos, as the vLLM runs here) of the
+    checkpoint in transformers (fp32) with Prophet's transformers integration (``enable_prophet``)."""
+    import transformers
+
+    from prophet_kernels.integration.transformers_experts import enable_prophet
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    enable_prophet(model, device="cpu", **prophet)
+    model.generation_config.eos_token_id = None
+    out = []
+    with torch.no_grad():
+        for p in prompts:
+            ids = model.generate(torch.tensor([p]), max_new_tokens=MAX_TOKENS, do_sample=False, pad_token_id=0)
+            out.append(ids[0, len(p):].tolist())
+    return out
+
+
 @pytest.mark.parametrize("family, mode", [("olmoe", "host"), ("mixtral", "device")])
 def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family, mode):
     """expert_dtype: fp8 quantizes the experts as they are loaded (half the bytes per slot and per
     copy) and serves greedy tokens identical to vLLM's own MoE method on the same fp8 values
-    (dequantized into a checkpoint), with misses and evictions, in either mode. (On these random-init
-    models fp8 changes most tokens from the fp32 ones: the identity is not fp32's.)"""
+    (dequantized into a checkpoint) and to Prophet's transformers integration with the same setting
+    (same quantization, same kernels' reference path), with misses and evictions, in either mode.
+    (On these random-init models fp8 changes most tokens from the fp32 ones: the identity is not
+    fp32's.)"""
     ps, base = baseline
     reference = demo.generate(demo.fp8_reference_checkpoint(checkpoints[family], tmp_path / "deq"), ps, MAX_TOKENS,
                               None)[0]
@@ -820,6 +840,8 @@ def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family, m
     finally:
         del llm
     assert tokens == reference
+    assert tokens == _transformers_greedy(checkpoints[family], ps, mode=mode, buffer=0.375, predictor="same",
+                                          expert_dtype="fp8")
     H, I = demo.TINY[family]["hidden_size"], 64
     assert stats["expert_bytes"] == 3 * H * I + 4 * (2 * I + H)  # fp8 weights + fp32 scales (fp32: 12 * H * I)
     assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
