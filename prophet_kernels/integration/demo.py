@@ -272,8 +272,8 @@ def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_sche
             fp8[name] = dequantized[name] = w.to(torch.bfloat16)
             continue
         w = w.float()
-        if block_shape is None:
-            scale = (w.abs().amax().clamp(min=1e-12) / FP8_MAX)
+        if block_shape is None:  # one scale for the matrix: quantize_fp8's per-row scale of it as one row
+            scale = quantize_fp8(w.reshape(1, -1))[1][0]
         else:
             scale = quantize_fp8(w, block_shape)[1]
         scale = torch.exp2(torch.ceil(torch.log2(scale)))  # a power of two at or above the amax scale

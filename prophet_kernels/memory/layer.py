@@ -22,7 +22,7 @@ from ..kernels.route_plan import narrow_ids
 from ..planner.memory import max_unique_experts
 from .buffer import DEFAULT_MODE, DEFAULT_POLICY, MODES, PagedExpertBuffer
 from .device import DeviceExpertBuffer, DeviceResidency
-from .predictors import RankExperts, make_predictor
+from .predictors import RankExperts, local_ids, make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .residency import ExpertResidency, Stats
 from .store import HostExpertStore
@@ -67,10 +67,11 @@ class ProphetMoE:
                           stacklevel=2)
             num_slots = experts
         min_slots = 1
+        # the model's routed experts per layer: the ids routing names (under EP all ranks' experts)
+        self.routed_experts = store.num_experts if expert_map is None else expert_map.numel()
         if top_k is not None and max_batch_tokens is not None:
-            routed = store.num_experts if expert_map is None else expert_map.numel()  # (EP: all ranks' experts)
-            if not 1 <= top_k <= routed:
-                raise ValueError(f"top_k={top_k} must be in [1, E={routed}]")
+            if not 1 <= top_k <= self.routed_experts:
+                raise ValueError(f"top_k={top_k} must be in [1, E={self.routed_experts}]")
             min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
         self.store, self.mode = store, mode
         self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call
@@ -135,30 +136,29 @@ class ProphetMoE:
         """y [T, H] of MoE layer `layer`: x [T, H] in the store's dtype on the buffer's device,
         topk_weights [T, k] floating, topk_ids [T, k] int32/int64 in [0, E). Everything is checked
         before any expert moves or any counter changes: a refused call leaves no trace."""
-        L, E = self.store.num_layers, self.store.num_experts
+        L = self.store.num_layers
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < L:
             raise ValueError(f"layer {layer!r} out of range [0, {L})")
         check_inputs(x, self.buffer.w13, self.buffer.w2, topk_weights, topk_ids, self.buffer._rows[layer],
                      *self._scales)
-        routed = E if self.expert_map is None else self.expert_map.numel()  # (the ops allow k > E: EP ranks)
-        if topk_ids.shape[1] > routed:
-            raise ValueError(f"k = {topk_ids.shape[1]} experts per token exceeds the model's E = {routed} experts")
+        if topk_ids.shape[1] > self.routed_experts:  # (the ops allow k > E: an EP rank's local E)
+            raise ValueError(f"k = {topk_ids.shape[1]} experts per token exceeds the model's "
+                             f"E = {self.routed_experts} experts")
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
         routing = topk_ids  # what the predictor reads (global ids under expert parallelism)
         if self.mode == "device":
             if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
-                topk_ids = self._local_ids(topk_ids)  # (an id outside [0, E_global) is dropped: no host read)
+                topk_ids = local_ids(self.expert_map, topk_ids)  # (no host read: a bad id is dropped)
             return self._forward_device(layer, x, topk_weights, topk_ids, routing)
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)  # (global ids under expert parallelism)
-        bound = E if self.expert_map is None else self.expert_map.numel()
-        if experts[0] < 0 or experts[-1] >= bound:
-            raise ValueError(f"topk_ids holds expert ids outside [0, {bound}) in layer {layer}: "
+        if experts[0] < 0 or experts[-1] >= self.routed_experts:
+            raise ValueError(f"topk_ids holds expert ids outside [0, {self.routed_experts}) in layer {layer}: "
                              f"{experts[0] if experts[0] < 0 else experts[-1]}")
         if self.expert_map is not None:  # this rank's experts, from the same host read; the rest contribute zero
             experts = sorted(e for e in (self._local_of[g] for g in experts) if e >= 0)
-            topk_ids = self._local_ids(topk_ids)
+            topk_ids = local_ids(self.expert_map, topk_ids)
             if not experts:
                 return x.new_zeros((x.shape[0], self.store.hidden))
         self._add_stalls(wait=False)
@@ -206,13 +206,6 @@ class ProphetMoE:
             raise ValueError(f"expert_map must hold each of this rank's {num_local} experts (0..{num_local - 1}) "
                              f"once and -1 for the others; got {expert_map.tolist()}")
         return expert_map.to(torch.int32)
-
-    def _local_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
-        """Global ids [T, k] -> this rank's store indices on the device (no host read), -1 for other
-        ranks' experts and for ids outside [0, E_global)."""
-        G = self.expert_map.numel()
-        g = topk_ids.long()
-        return torch.where((g >= 0) & (g < G), self.expert_map[g.clamp(0, G - 1)], -1).to(torch.int32)
 
     def _forward_device(self, layer: int, x, topk_weights, topk_ids, routing) -> torch.Tensor:
         """Device mode: no host synchronisation, fixed shapes (see ``memory.device``). The host checks

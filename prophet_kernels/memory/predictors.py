@@ -635,6 +635,15 @@ def fit_predictor(name: str, train_trace, replay_trace=None) -> Predictor:
     return make_predictor(name)
 
 
+def local_ids(expert_map: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Expert parallelism, on the device (no host read): global expert ids (any shape) -> this
+    rank's store indices through vLLM's ``expert_map`` [E_global], int32; -1 for another rank's
+    expert and for an id outside [0, E_global) (-1 padding included)."""
+    G = expert_map.numel()
+    g = ids.long()
+    return torch.where((g >= 0) & (g < G), expert_map[g.clamp(0, G - 1)], -1).to(torch.int32)
+
+
 class RankExperts(Predictor):
     """Expert parallelism: ``inner`` predicts from the global routing (global ids in, the routers of
     all experts), and the answer is this rank's experts only, as its store indices (others' dropped,
@@ -657,10 +666,8 @@ class RankExperts(Predictor):
                 for f, ranked in self.inner.predict(layer, topk_ids, hidden, num_layers, depth).items()}
 
     def device_predict(self, layer, topk_ids, hidden, num_layers, depth, num_experts: int):
-        G = self.expert_map.numel()
-        ranked = self.inner.device_predict(layer, topk_ids, hidden, num_layers, depth, G)
-        return {f: torch.where(r >= 0, self.expert_map[r.clamp(0, G - 1).long()], -1).to(torch.int32)
-                for f, r in ranked.items()}
+        ranked = self.inner.device_predict(layer, topk_ids, hidden, num_layers, depth, self.expert_map.numel())
+        return {f: local_ids(self.expert_map, r) for f, r in ranked.items()}
 
 
 def runs_on_device(predictor: Predictor) -> bool:
