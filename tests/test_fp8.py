@@ -6,9 +6,11 @@ error contract. CPU: Triton interpreter (fp8 casts and fp32/fp16 dots work there
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_paged_reference
-from prophet_kernels.kernels.fp8 import FP8, dequantize_fp8, quantize_fp8, scale_shape
+from prophet_kernels.kernels.fp8 import FP8, dequantize_fp8, e4m3_bits_to, quantize_fp8, scale_shape
 
 from .test_moe import DEV, GEMV, GROUPED_SMALL, rel_err
 
@@ -231,3 +233,53 @@ def test_tuner_runs_its_fp8_candidates(monkeypatch, block_shape):
     assert len(calls) > 20  # (outputs not checked: padded rows of the grouped path are left unwritten)
     key = shape_key(8, 32, 32, 2, torch.float32, FP8, block_shape)
     assert ",weights=float8_e4m3fn" in key and (",block=16x16" in key) == (block_shape is not None)
+
+
+@triton.jit
+def _decode_all(src, dst32, dst16, dstb16):
+    i = tl.arange(0, 256)
+    v = tl.load(src + i)
+    tl.store(dst32 + i, e4m3_bits_to(v, tl.float32))
+    tl.store(dst16 + i, e4m3_bits_to(v, tl.float16))
+    tl.store(dstb16 + i, e4m3_bits_to(v, tl.bfloat16))
+
+
+def test_e4m3_bits_decode_is_exact():
+    """The decode of GPUs without an fp8 type (A100: ``load_weights_as`` with FP8_BITS) gives every
+    one of the 256 e4m3fn bytes exactly torch's value (NaN bytes: +-480), into fp32, fp16 and bf16."""
+    bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
+    outs = [torch.empty(256, dtype=d, device=DEV) for d in (torch.float32, torch.float16, torch.bfloat16)]
+    _decode_all[(1,)](bits.to(DEV), *outs)
+    want = bits.view(FP8).float()
+    nan = want.isnan()
+    assert nan.sum() == 2
+    want[nan] = torch.where(bits[nan] >= 128, -480.0, 480.0)
+    for out in outs:
+        assert torch.equal(out.cpu().float(), want), out.dtype  # (every e4m3 value fits fp16 and bf16 exactly)
+
+
+@pytest.mark.parametrize("block_shape", [None, (16, 16)], ids=["per-channel", "block16x16"])
+@pytest.mark.parametrize("shape,cfg", [CASES[0], CASES[4], CASES[5]])
+def test_fp8_bytes_path_equals_fp8_type_path(monkeypatch, shape, cfg, block_shape):
+    """Where the GPU has no fp8 type (compute capability < 8.9: A100), the kernels read the weights
+    as uint8 and decode them (``fp8.has_fp8_type`` False): the results equal the fp8-type path's bit
+    for bit (fp32 activations), GEMV and grouped paths, both scale layouts."""
+    import prophet_kernels.kernels.fp8 as fp8
+
+    T, H, I, E, k = shape
+    gen = torch.Generator().manual_seed(11)
+    q13, s13, q2, s2 = experts_fp8(E, H, I, gen, block_shape)
+    (q13s, s13s, q2s, s2s), pt = scrambled(E, E + 3, gen, q13, s13, q2, s2)
+    w, ids = routing(T, E, k, gen)
+    args = [t.to(DEV) for t in (torch.randn(T, H, generator=gen), q13s, q2s, pt, w, ids)]
+    kw = dict(w13_scale=s13s.to(DEV), w2_scale=s2s.to(DEV), block_shape=block_shape, config=cfg)
+    native = fused_experts_paged(*args, **kw)
+    launched = []
+    real = fp8.fp8_args
+    monkeypatch.setattr(fp8, "has_fp8_type", lambda device: False)
+    for mod in ("gemv", "grouped_gemm"):  # (the launchers' own names of fp8_args: count the bytes-path launches)
+        monkeypatch.setattr(f"prophet_kernels.kernels.{mod}.fp8_args",
+                            lambda *a: launched.append(real(*a)[2]["FP8_BITS"]) or real(*a))
+    bits = fused_experts_paged(*args, **kw)
+    assert launched and all(launched)
+    assert torch.equal(bits, native)

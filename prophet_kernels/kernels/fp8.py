@@ -13,11 +13,20 @@ GN and column group GK, i.e. per output channel is the block layout with blocks 
 Dequantization (the references) is ``q.float() * s`` expanded to [N, K]; the kernels convert q
 exactly to the activation dtype (e4m3 fits in fp16 and bf16), accumulate in fp32 and apply s per
 block (or once per row, per output channel).
+
+GPUs without fp8 types (compute capability below 8.9: A100, A10, RTX 30xx; Triton refuses
+``float8e4nv`` there) get the same kernels reading the weights' bytes as uint8 and decoding e4m3
+with integer ops (``e4m3_bits_to``: exact for every finite value), chosen per launch by
+``fp8_args``.
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite e4m3fn value
@@ -111,13 +120,48 @@ def scale_view(scale: torch.Tensor, k: int, block_shape) -> tuple[torch.Tensor, 
     return scale, block_shape[0], block_shape[1]
 
 
-def scale_args(w: torch.Tensor, scale, block_shape, bk: int) -> tuple[list, dict, int]:
-    """Kernel arguments for the weights' scales: ([s, GN, GK, 3 strides], {SCALE}, BK) with BK
-    lowered to the scale block's K size where it is larger (a K tile never spans two scale blocks).
-    SCALE 0: unquantized weights (the weights stand in for the unused pointer), 1: per output
-    channel, 2: blocks."""
+def fp8_args(w: torch.Tensor, scale, block_shape, bk: int) -> tuple[torch.Tensor, list, dict, int]:
+    """Kernel arguments for weights ``w`` and their scales: (the weight tensor to pass, [s, GN, GK,
+    3 strides], {SCALE, FP8_BITS}, BK) with BK lowered to the scale block's K size where it is
+    larger (a K tile never spans two scale blocks). SCALE 0: unquantized weights (the weights stand
+    in for the unused scale pointer), 1: per output channel, 2: blocks. FP8_BITS: fp8 weights go
+    as their uint8 bytes, decoded in the kernel (``load_weights_as``), where the GPU has no fp8
+    type (``has_fp8_type``)."""
     if scale is None:
-        return [w, 1, 1, 0, 0, 0], {"SCALE": 0}, bk
+        return w, [w, 1, 1, 0, 0, 0], {"SCALE": 0, "FP8_BITS": False}, bk
+    bits = w.dtype == FP8 and not has_fp8_type(w.device)
     view, gn, gk = scale_view(scale, w.shape[2], block_shape)
     mode = 1 if block_shape is None else 2
-    return [view, gn, gk, *view.stride()], {"SCALE": mode}, bk if mode == 1 else min(bk, gk)
+    return (w.view(torch.uint8) if bits else w, [view, gn, gk, *view.stride()], {"SCALE": mode, "FP8_BITS": bits},
+            bk if mode == 1 else min(bk, gk))
+
+
+# ----------------------------------------------------------------------------- kernels' side
+
+
+@functools.lru_cache(maxsize=None)
+def has_fp8_type(device: torch.device) -> bool:
+    """Whether Triton can load float8_e4m3fn on `device` (CUDA capability >= 8.9; the interpreter
+    can). Checked once per device: this runs on every decode call."""
+    return device.type != "cuda" or torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+@triton.jit
+def e4m3_bits_to(v, DTYPE: tl.constexpr):
+    """uint8 e4m3fn bytes -> DTYPE, exact for every finite value (NaN, 0x7f/0xff, becomes +-480).
+    The sign goes to fp16's sign bit, exponent and mantissa to fp16's 7 bits below its top
+    exponent bit: that fp16 is the value x 2^-8 (bias 15 instead of 7; e4m3 subnormals land on
+    fp16 subnormals), scaled back in fp32."""
+    b = v.to(tl.uint16)
+    h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
+    return (h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0).to(DTYPE)
+
+
+@triton.jit
+def load_weights_as(v, DTYPE: tl.constexpr, FP8_BITS: tl.constexpr):
+    """Loaded weights in DTYPE: decoded from e4m3 bytes (FP8_BITS), else converted (exact for fp8
+    weights into fp16/bf16/fp32, a no-op for weights already in DTYPE)."""
+    if FP8_BITS:
+        return e4m3_bits_to(v, DTYPE)
+    else:
+        return v.to(DTYPE)

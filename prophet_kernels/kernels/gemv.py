@@ -28,7 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import scale_args
+from .fp8 import fp8_args, load_weights_as
 
 try:  # programmatic dependent launch (Hopper+): griddepcontrol.wait / launch_dependents
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
@@ -67,7 +67,7 @@ def _gemv_gate_up_kernel(
     stride_xt, stride_xh, stride_ws, stride_wn, stride_wh, stride_an, stride_ai,
     stride_ss, stride_sn, stride_sk,
     BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr, HAS_PT: tl.constexpr,
-    PDL: tl.constexpr, SCALE: tl.constexpr,
+    PDL: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
 ):
     """grid = (N, cdiv(I, BN)). PDL: let the down kernel launch while this one's last wave runs."""
     if PDL:
@@ -98,13 +98,13 @@ def _gemv_gate_up_kernel(
                 wg = tl.load(wg_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
                 wu = tl.load(wu_ptrs, mask=n_ok[:, None] & k_ok[None, :], other=0.0)
             if SCALE == 2:  # block scales: scale this K block's partial sums (BK divides GK)
-                acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1) * _scales(
+                acc_g += tl.sum(load_weights_as(wg, tl.float32, FP8_BITS) * xv[None, :], axis=1) * _scales(
                     s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
-                acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1) * _scales(
+                acc_u += tl.sum(load_weights_as(wu, tl.float32, FP8_BITS) * xv[None, :], axis=1) * _scales(
                     s_base, offs_n + I, k0, GN, GK, stride_sn, stride_sk, n_ok)
             else:
-                acc_g += tl.sum(wg.to(tl.float32) * xv[None, :], axis=1)
-                acc_u += tl.sum(wu.to(tl.float32) * xv[None, :], axis=1)
+                acc_g += tl.sum(load_weights_as(wg, tl.float32, FP8_BITS) * xv[None, :], axis=1)
+                acc_u += tl.sum(load_weights_as(wu, tl.float32, FP8_BITS) * xv[None, :], axis=1)
             x_ptrs += BK * stride_xh
             wg_ptrs += BK * stride_wh
             wu_ptrs += BK * stride_wh
@@ -129,7 +129,7 @@ def _gemv_down_kernel(
     stride_an, stride_ai, stride_ws, stride_wh, stride_wi, stride_yt, stride_yh,
     stride_ss, stride_sn, stride_sk,
     BN: tl.constexpr, BK: tl.constexpr, K_PAD: tl.constexpr, EVEN_K: tl.constexpr,
-    HAS_PT: tl.constexpr, PDL: tl.constexpr, SCALE: tl.constexpr,
+    HAS_PT: tl.constexpr, PDL: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
 ):
     """grid = (T, cdiv(H, BN)). All k experts of the token are read at once as a
     [K_PAD, BN, BK] tile (k times the bytes in flight of a loop over them), then combined."""
@@ -159,7 +159,7 @@ def _gemv_down_kernel(
             wv = tl.load(w_ptrs, mask=w_mask & k_ok[None, None, :], other=0.0)
             gdc_wait()
             av = tl.load(a_ptrs, mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
-            part = tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+            part = tl.sum(load_weights_as(wv, tl.float32, FP8_BITS) * av[:, None, :], axis=2)
             if SCALE == 2:
                 part *= _scales(s_base, offs_n[None, :], 0, GN, GK, stride_sn, stride_sk, s_mask)
             acc += part
@@ -176,7 +176,7 @@ def _gemv_down_kernel(
             k_ok = offs_k + k0 < I
             av = tl.load(a_ptrs, mask=s_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
             wv = tl.load(w_ptrs, mask=w_mask & k_ok[None, None, :], other=0.0)
-        part = tl.sum(wv.to(tl.float32) * av[:, None, :], axis=2)
+        part = tl.sum(load_weights_as(wv, tl.float32, FP8_BITS) * av[:, None, :], axis=2)
         if SCALE == 2:  # block scales: this K block's partial sums
             part *= _scales(s_base, offs_n[None, :], k0, GN, GK, stride_sn, stride_sk, s_mask)
         acc += part
@@ -211,9 +211,9 @@ def launch_gemv_gate_up(x, w13_slots, page_table, ids_flat, num_experts: int, to
     S, I = w13_slots.shape[0], w13_slots.shape[1] // 2
     has_pt = page_table is not None
     act = torch.empty((T * topk, I), dtype=x.dtype, device=x.device)
-    (s, gn, gk, *s_strides), smeta, bk = scale_args(w13_slots, scale, block_shape, cfg["BK"])
+    w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w13_slots, scale, block_shape, cfg["BK"])
     _gemv_gate_up_kernel[(T * topk, triton.cdiv(I, cfg["BN"]))](
-        x, w13_slots, act, ids_flat, page_table if has_pt else ids_flat, s,  # dummy when unused
+        x, w_arg, act, ids_flat, page_table if has_pt else ids_flat, s,  # dummy when unused
         T, H, I, num_experts, S, topk, gn, gk,
         x.stride(0), x.stride(1), *w13_slots.stride(), act.stride(0), act.stride(1), *s_strides,
         BN=cfg["BN"], BK=bk, EVEN_K=H % bk == 0, HAS_PT=has_pt, PDL=pdl > 0, **smeta,
@@ -229,9 +229,9 @@ def launch_gemv_down(act, w2_slots, page_table, weights_flat, ids_flat, num_expe
     S, H, I = w2_slots.shape
     has_pt = page_table is not None
     y = torch.empty((T, H), dtype=act.dtype, device=act.device)
-    (s, gn, gk, *s_strides), smeta, bk = scale_args(w2_slots, scale, block_shape, cfg["BK"])
+    w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w2_slots, scale, block_shape, cfg["BK"])
     _gemv_down_kernel[(T, triton.cdiv(H, cfg["BN"]))](
-        act, w2_slots, y, weights_flat, ids_flat, page_table if has_pt else ids_flat, s,
+        act, w_arg, y, weights_flat, ids_flat, page_table if has_pt else ids_flat, s,
         T, H, I, num_experts, S, topk, gn, gk,
         act.stride(0), act.stride(1), *w2_slots.stride(), y.stride(0), y.stride(1), *s_strides,
         BN=cfg["BN"], BK=bk, K_PAD=triton.next_power_of_2(topk), EVEN_K=I % bk == 0,

@@ -33,7 +33,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import scale_args
+from .fp8 import fp8_args, load_weights_as
 from .gemv import _slot_of
 
 
@@ -75,7 +75,7 @@ def _gate_up_kernel(
     stride_ss, stride_sn, stride_sk,
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
 ):
     """grid = (NB * cdiv(I, BN),), grouped order (see _block_coords)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(I, BN), GROUP_M)
@@ -112,11 +112,11 @@ def _gate_up_kernel(
         if SCALE == 2:  # block scales: scale this K block's partial sums (BK divides GK)
             sg = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
             su = _scale_at(s_base, offs_n + I, k0, GN, GK, stride_sn, stride_sk, n_ok)
-            acc_g += tl.dot(xv, wg.to(xv.dtype), input_precision=DOT_PRECISION) * sg[None, :]
-            acc_u += tl.dot(xv, wu.to(xv.dtype), input_precision=DOT_PRECISION) * su[None, :]
+            acc_g += tl.dot(xv, load_weights_as(wg, xv.dtype, FP8_BITS), input_precision=DOT_PRECISION) * sg[None, :]
+            acc_u += tl.dot(xv, load_weights_as(wu, xv.dtype, FP8_BITS), input_precision=DOT_PRECISION) * su[None, :]
         else:  # (fp8 weights convert exactly to x's dtype; other weights already have it)
-            acc_g = tl.dot(xv, wg.to(xv.dtype), acc_g, input_precision=DOT_PRECISION)
-            acc_u = tl.dot(xv, wu.to(xv.dtype), acc_u, input_precision=DOT_PRECISION)
+            acc_g = tl.dot(xv, load_weights_as(wg, xv.dtype, FP8_BITS), acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(xv, load_weights_as(wu, xv.dtype, FP8_BITS), acc_u, input_precision=DOT_PRECISION)
         x_ptrs += BK * stride_xh
         wg_ptrs += BK * stride_wh
         wu_ptrs += BK * stride_wh
@@ -148,7 +148,7 @@ def _down_kernel(
     stride_ss, stride_sn, stride_sk,
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
-    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr,
+    EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
 ):
     """grid = (NB * cdiv(H, BN),), grouped order (see _block_coords)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(H, BN), GROUP_M)
@@ -177,9 +177,9 @@ def _down_kernel(
             wv = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
         if SCALE == 2:
             sc = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
-            acc += tl.dot(av, wv.to(av.dtype), input_precision=DOT_PRECISION) * sc[None, :]
+            acc += tl.dot(av, load_weights_as(wv, av.dtype, FP8_BITS), input_precision=DOT_PRECISION) * sc[None, :]
         else:
-            acc = tl.dot(av, wv.to(av.dtype), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(av, load_weights_as(wv, av.dtype, FP8_BITS), acc, input_precision=DOT_PRECISION)
         a_ptrs += BK * stride_ai
         w_ptrs += BK * stride_wi
     if SCALE == 1:
@@ -230,10 +230,10 @@ def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict, scale=None, block_s
     I = w13_slots.shape[1] // 2
     act = torch.empty((P, I), dtype=x.dtype, device=x.device)
     bn = cfg["BN"]
-    (s, gn, gk, *s_strides), smeta, bk = scale_args(w13_slots, scale, block_shape, cfg["BK"])
+    w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w13_slots, scale, block_shape, cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(I, meta["BN"]),)  # noqa: E731
     _gate_up_kernel[grid](
-        x, w13_slots, act, plan.sorted_ids, plan.block_slot, s,
+        x, w_arg, act, plan.sorted_ids, plan.block_slot, s,
         plan.num_token_slots, NB, H, I, topk, gn, gk,
         x.stride(0), x.stride(1),
         w13_slots.stride(0), w13_slots.stride(1), w13_slots.stride(2),
@@ -252,10 +252,10 @@ def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict, scale=None, b
     H, I = w2_slots.shape[1], w2_slots.shape[2]
     out = torch.empty((N, H), dtype=act.dtype, device=act.device)
     bn = cfg["BN"]
-    (s, gn, gk, *s_strides), smeta, bk = scale_args(w2_slots, scale, block_shape, cfg["BK"])
+    w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w2_slots, scale, block_shape, cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(H, meta["BN"]),)  # noqa: E731
     _down_kernel[grid](
-        act, w2_slots, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, s,
+        act, w_arg, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, s,
         N, NB, H, I, gn, gk,
         act.stride(0), act.stride(1),
         w2_slots.stride(0), w2_slots.stride(1), w2_slots.stride(2),

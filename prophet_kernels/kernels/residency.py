@@ -309,9 +309,11 @@ def _residency_kernel(
             layer = o // E
             delta = (layer - tl.load(current_ptr) - 1 + L) % L + 1
             needed = stamp > tl.load(ran_ptr + layer, mask=used, other=0)
-            share = tl.load(freq_ptr + o, mask=used, other=FREQ_ONE).to(tl.int64)
-            share = tl.minimum(tl.maximum(share, FREQ_MIN), FREQ_ONE)
-            unneeded = (L * (FREQ_ONE - share) * SCORE_UNIT) // share
+            # (not `share`: a name the demand step above binds to an [X_PAD] int32 tensor, which the
+            # GPU compiler would have to merge with this [S_PAD] int64 one)
+            slot_share = tl.load(freq_ptr + o, mask=used, other=FREQ_ONE).to(tl.int64)
+            slot_share = tl.minimum(tl.maximum(slot_share, FREQ_MIN), FREQ_ONE)
+            unneeded = (L * (FREQ_ONE - slot_share) * SCORE_UNIT) // slot_share
             key = SCORE_CAP - (delta * SCORE_UNIT + tl.where(needed, 0, unneeded)).to(tl.int64)
         key = tl.where(owner < 0, 0, key)  # free slots first
         key = tl.where(excl > 0, 1 << 42, key)  # never a slot this layer call reads or filled

@@ -1,0 +1,289 @@
+"""Compile every Prophet Triton kernel for real GPUs on a machine without one.
+
+The CPU tests run the kernels in Triton's interpreter, which never lowers them to a GPU: a kernel
+that the interpreter runs may still fail to compile for a GPU (an fp8 type the architecture lacks,
+a construct the compiler rejects, a PDL intrinsic on a GPU without it), and without this check
+the first sign of it would be a lent GPU's minutes. Triton compiles ahead of time for any target
+without a device (its ptxas ships with it), so this module
+
+1. records the kernels' launches (kernel, argument types, constexprs, launch options) of a
+   workload that calls every public op in each of its kernel variants (unquantized fp16/bf16/fp32
+   and fp8 weights with both scale layouts, the GEMV and grouped paths with the tuned tables'
+   configs, even and ragged K, the residency step in both policies and modes, the fills, the route
+   plans of both sizes), under the interpreter with the kernels' bodies not run;
+2. compiles each distinct launch for each target (``cuda:80`` A100, ``cuda:90`` H100/H200) to a
+   cubin in a fresh interpreter-free process, as the GPU would on the first call.
+
+    python -m prophet_kernels.kernels.compile_check [--arch 80 90]
+
+prints one line per kernel and target (variants compiled, failures with Triton's message) and exits
+1 on any failure. bf16 launches are the fp16 launches with the dtype substituted (the interpreter
+cannot run bf16 dots, so the workload runs fp16); launches the CPU never makes (programmatic
+dependent launch, Hopper only) are added for the targets that have it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+import time
+
+import torch
+
+ARCHS = (80, 90)  # A100; H100 / H200
+_MODULE = "prophet_kernels.kernels.compile_check"
+
+
+# ----------------------------------------------------------------------------- recording (phase 1)
+
+
+def _arg_type(v) -> str | None:
+    """Triton's signature type of a runtime argument (None: a constexpr)."""
+    if isinstance(v, torch.Tensor):
+        from triton._utils import canonicalize_dtype
+        return "*" + canonicalize_dtype(v.dtype)
+    if isinstance(v, bool):
+        return "u1"
+    if isinstance(v, int):
+        return "i32" if -2**31 <= v < 2**31 else "i64"
+    if isinstance(v, float):
+        return "fp32"
+    return None
+
+
+def _record(fn, args, kwargs, out: list) -> None:
+    params = list(inspect.signature(fn).parameters.values())
+    values = {p.name: a for p, a in zip(params, args)}
+    values.update({k: v for k, v in kwargs.items() if k in {p.name for p in params}})
+    signature, constexprs = {}, {}
+    for p in params:
+        v = values.get(p.name, p.default)
+        if "constexpr" in str(p.annotation) or _arg_type(v) is None:
+            signature[p.name] = "constexpr"
+            constexprs[p.name] = v
+        else:
+            signature[p.name] = _arg_type(v)
+    options = {k: kwargs[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
+    out.append({"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
+                "constexprs": constexprs, "options": options})
+
+
+def record_launches(workload) -> list[dict]:
+    """The distinct kernel launches ``workload()`` makes (under the interpreter; bodies not run)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError("record_launches needs TRITON_INTERPRET=1 (set before triton is imported)")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    seen: list[dict] = []
+    real = InterpretedFunction.run
+
+    def run(self, *args, grid, warmup, **kwargs):
+        if not warmup:
+            _record(self.fn, args, kwargs, seen)
+
+    InterpretedFunction.run = run
+    try:
+        workload()
+    finally:
+        InterpretedFunction.run = real
+    unique = {json.dumps(r, sort_keys=True): r for r in seen}
+    return list(unique.values())
+
+
+def _moe_calls(dtype, weights: str, shape, cfg, T, k=2):
+    """One fused_experts_paged call (outputs not computed: the kernels' bodies are not run)."""
+    from .fp8 import FP8, scale_shape
+    from .moe import fused_experts_paged
+
+    E, H, I, S, block = shape
+    x = torch.randn(T, H, dtype=dtype)
+    kw = {}
+    if weights == "fp8":
+        w13 = torch.empty((S, 2 * I, H), dtype=FP8)
+        w2 = torch.empty((S, H, I), dtype=FP8)
+        kw = dict(w13_scale=torch.ones((S, *scale_shape(2 * I, H, block))), w2_scale=torch.ones((S, *scale_shape(H, I, block))),
+                  block_shape=block)
+    else:
+        w13, w2 = torch.empty((S, 2 * I, H), dtype=dtype), torch.empty((S, H, I), dtype=dtype)
+    ids = torch.arange(T * k, dtype=torch.int32).view(T, k) % E
+    pt = torch.arange(E, dtype=torch.int32) % S
+    fused_experts_paged(x, w13, w2, pt, torch.rand(T, k), ids, check=False, config=cfg, **kw)
+
+
+def _tuned_configs() -> list[tuple[int, dict]]:
+    """(T, config) of every distinct config in the shipped tables."""
+    from .launch_config import CONFIG_DIR
+
+    found = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        for table in json.loads(path.read_text()).values():
+            for t, cfg in table.items():
+                found.setdefault(json.dumps(cfg, sort_keys=True), (int(t), cfg))
+    return list(found.values())
+
+
+def workload() -> None:
+    """Every kernel variant the public ops launch (see the module docstring)."""
+    from .launch_config import _fit_smem, _gpu_default
+    from .residency import DEMAND, LRU, NEXT_USE, PREFETCH, ResidencyState, fill_slots, residency_step
+    from .route_plan import route_plan
+
+    even = (8, 256, 128, 4, None)  # E, H, I, S, block: every tile's K divides H and I
+    ragged = (8, 200, 72, 4, None)
+    # the shipped tables' configs and the untuned GPU defaults (OLMoE's E and k) of each batch class
+    configs = _tuned_configs() + [(t, _fit_smem(_gpu_default(t, 8, 64), 2)) for t in (1, 4, 16, 256)]
+    for dtype in (torch.float16, torch.float32):
+        for T, cfg in configs:
+            for shape in (even, ragged):
+                _moe_calls(dtype, "same", shape, cfg, min(T, 4))
+    for block in (None, (128, 128), (16, 16)):
+        for T, cfg in configs:
+            _moe_calls(torch.float16, "fp8", (8, 256, 128, 4, block), cfg, min(T, 4))
+    for N in (16, 1 << 16):  # one fused launch; the three-launch plan of large batches
+        route_plan(torch.zeros((N, 2), dtype=torch.int32), 8, 16, torch.arange(8, dtype=torch.int32), num_slots=8)
+    for policy in (LRU, NEXT_USE):
+        state = ResidencyState.empty(2, 8, 4, "cpu", policy)
+        fills, count = torch.zeros((9, 2), dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+        for mode in (DEMAND, PREFETCH):
+            residency_step(state, 0, torch.arange(4, dtype=torch.int32), mode, fills, count, budget=4)
+    fill_slots(torch.empty((8, 1000), dtype=torch.uint8), torch.empty((4, 1000), dtype=torch.uint8), fills, count)
+
+
+def arch_records() -> list[dict]:
+    """The workload's launches as each GPU makes them: fp8 weights as fp8 (``min_arch`` 89), and as
+    uint8 bytes decoded in the kernel (``max_arch`` 88: A100; ``fp8.has_fp8_type``)."""
+    from . import fp8
+
+    native = record_launches(workload)
+    real = fp8.has_fp8_type
+    fp8.has_fp8_type = lambda device: False
+    try:
+        as_bytes = record_launches(workload)
+    finally:
+        fp8.has_fp8_type = real
+    tagged = [{**r, "min_arch": 89} if "*fp8e4nv" in r["signature"].values() else r for r in native]
+    tagged += [{**r, "max_arch": 88} for r in as_bytes if r["constexprs"].get("FP8_BITS")]
+    return list({json.dumps(r, sort_keys=True): r for r in tagged}.values())
+
+
+_TILES = ("BM", "BN", "BK", "GROUP_M", "K_PAD", "CHUNK", "BLOCK")
+
+
+def structural(records: list[dict]) -> list[dict]:
+    """One record per kernel variant up to tile sizes and launch options (what the quick check
+    compiles): the first one seen, i.e. the shipped tables' tiles where they have the variant."""
+    out = {}
+    for r in records:
+        key = json.dumps([r["kernel"], r["signature"], {k: v for k, v in r["constexprs"].items() if k not in _TILES},
+                          r.get("min_arch", 0), r.get("max_arch", 0)], sort_keys=True)
+        out.setdefault(key, r)
+    return list(out.values())
+
+
+def _with_variants(records: list[dict]) -> list[dict]:
+    """bf16 copies of the fp16 launches, and the GEMV kernels' PDL launches (never made on a CPU)."""
+    out = list(records)
+    for r in records:
+        if any(t in ("*fp16",) for t in r["signature"].values()):
+            out.append({**r, "signature": {k: ("*bf16" if t == "*fp16" else t) for k, t in r["signature"].items()}})
+    for r in list(out):
+        if r["kernel"] == "_gemv_down_kernel" and r["constexprs"].get("PDL") == 0:
+            for level in (1, 2):
+                out.append({**r, "constexprs": {**r["constexprs"], "PDL": level}, "options": {**r["options"], "launch_pdl": True},
+                            "min_arch": 90})
+        if r["kernel"] == "_gemv_gate_up_kernel" and not r["constexprs"].get("PDL"):
+            out.append({**r, "constexprs": {**r["constexprs"], "PDL": True}, "min_arch": 90})
+    out = [r for r in out if r.get("min_arch", 0) <= r.get("max_arch", 999)]
+    return out
+
+
+# ----------------------------------------------------------------------------- compiling (phase 2)
+
+
+def compile_records(records: list[dict], arch: int) -> list[dict]:
+    """Compile each record for ``cuda:<arch>``: the records with an ``error`` added where it failed.
+    Runs without the interpreter (the kernels must be JITFunctions)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    target = GPUTarget("cuda", arch, 32)
+    results = []
+    for r in records:
+        if not r.get("min_arch", 0) <= arch <= r.get("max_arch", arch):
+            continue
+        fn = getattr(importlib.import_module(r["module"]), r["kernel"])
+        src = ASTSource(fn=fn, signature=r["signature"], constexprs=r["constexprs"])
+        try:
+            triton.compile(src, target=target, options=r["options"])
+            results.append({**r, "arch": arch})
+        except Exception as e:  # noqa: BLE001 (the message is the result)
+            lines = [line for line in str(e).splitlines() if line.strip()]
+            results.append({**r, "arch": arch, "error": lines[-1][:300] if lines else type(e).__name__})
+    return results
+
+
+def check(archs=ARCHS, every_config: bool = False, progress=print) -> list[dict]:
+    """Record (this process, interpreter) and compile (a child process without it) for each arch;
+    returns every compile result. ``every_config``: every tile configuration of the tables too
+    (~15 min per arch on 2 cores), else one per kernel variant (``structural``)."""
+    records = _with_variants(arch_records())
+    if not every_config:
+        records = structural(records)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    t0 = time.perf_counter()
+    procs = {arch: subprocess.Popen([sys.executable, "-m", _MODULE, "--compile", str(arch)], stdin=subprocess.PIPE,
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for arch in archs}  # one child per target, side by side
+    results = []
+    for arch, proc in procs.items():
+        out, err = proc.communicate(json.dumps(records))
+        if proc.returncode != 0:
+            raise RuntimeError(f"compiling for cuda:{arch} failed to run:\n{err[-3000:]}")
+        done = json.loads(out.strip().splitlines()[-1])
+        results += done
+        bad = [r for r in done if "error" in r]
+        progress(f"cuda:{arch}: {len(done)} kernel variants compiled ({time.perf_counter() - t0:.0f} s), {len(bad)} failed")
+    return results
+
+
+def summary(results: list[dict]) -> str:
+    """One line per (kernel, arch): variants, failures and the first failure's message."""
+    rows = {}
+    for r in results:
+        key = (r["kernel"], r["arch"])
+        n, bad, msg = rows.get(key, (0, 0, ""))
+        rows[key] = (n + 1, bad + ("error" in r), msg or r.get("error", ""))
+    lines = [f"{'kernel':<28} {'arch':>5} {'variants':>8} {'failed':>6}  first error"]
+    for (kernel, arch), (n, bad, msg) in sorted(rows.items()):
+        lines.append(f"{kernel:<28} {'sm_' + str(arch):>5} {n:>8} {bad:>6}  {msg}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--arch", type=int, nargs="+", default=list(ARCHS), help="CUDA compute capabilities (default 80 90)")
+    ap.add_argument("--every-config", action="store_true",
+                    help="compile every tuned tile configuration too (default: one per kernel variant)")
+    ap.add_argument("--compile", type=int, help=argparse.SUPPRESS)  # the child: records on stdin
+    args = ap.parse_args(argv)
+    if args.compile:
+        print(json.dumps(compile_records(json.loads(sys.stdin.read()), args.compile)))
+        return 0
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        # the recording runs under the interpreter, set before triton is imported: rerun so
+        env = {**os.environ, "TRITON_INTERPRET": "1"}
+        return subprocess.run([sys.executable, "-m", _MODULE, *(argv if argv is not None else sys.argv[1:])],
+                              env=env, check=False).returncode
+    results = check(args.arch, args.every_config)
+    print(summary(results))
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
