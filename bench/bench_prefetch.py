@@ -13,8 +13,10 @@ tiny functional pass anywhere (CPU: plain copies, PyTorch experts).
 (e) `--only device`: device mode (issue 27). The device-driven fill (a kernel reading the fill list
     and pinned host memory) vs a plain pinned copy (cudaMemcpyAsync) for 1 and 8 OLMoE experts; and
     the decode step of the stack of (c), device mode captured as one CUDA graph per step and
-    replayed with each step's routing, at buffers of 100% and 50%, vs the all-resident step as one
-    CUDA graph and vs the PCIe floor (missed bytes / the pinned copy rate measured here)
+    replayed with each step's routing, at buffers of 100% and 50% (at 50% with both fills: the
+    copy kernel, and read-through, the decode GEMMs reading missed experts from pinned memory), vs
+    the all-resident step as one CUDA graph and vs the PCIe floor (missed bytes / the pinned copy
+    rate measured here)
 
 Rows (JSON lines, with device, versions, commit, date) go to bench/results/bench_prefetch.jsonl
 (bench_prefetch_cpu.jsonl without a GPU). Profile (c) with bench/nsys_prefetch.sh.
@@ -374,12 +376,58 @@ def device_fill(dev, repeats):
         chunks = -(-src.shape[1] // 8192)
         rows.append({"bench": "device_fill", "experts": n, "bytes": nbytes, "fill_GBps": nbytes / t_fill / 1e9,
                      "memcpy_GBps": nbytes / t_copy / 1e9, "ratio": t_copy / t_fill, "programs": n * chunks})
+    rows += _read_through_layer(dev, repeats, src, dst, E, H, I)
     return rows
 
 
-def device_step(dev, repeats, small, routing="olmoe-heldout", fracs=(1.0, 0.5), batches=(1,), warmup=8):
+def _read_through_layer(dev, repeats, src, dst, E, H, I):
+    """(e) One OLMoE decode layer call (T = 1, k = 8, the tuned decode path) with n of its 8 experts
+    missed, three ways: the read-through fill (the GEMMs read the n experts from pinned memory and
+    write their slots), the copy kernel then the GEMMs, and n cudaMemcpyAsync then the GEMMs (the
+    host-driven floor). GB/s: the n experts' bytes over the whole call; `gemm_only_us`: all resident."""
+    from prophet_kernels import fused_experts_paged
+    from prophet_kernels.kernels.residency import ReadThrough, fill_slots
+
+    k = MOE_SHAPES["olmoe"]["k"]
+    w13_src, w2_src = src[:, :2 * I * H].view(E, 2 * I, H), src[:, 2 * I * H:].view(E, H, I)
+    w13, w2 = dst[:, :2 * I * H].view(-1, 2 * I, H), dst[:, 2 * I * H:].view(-1, H, I)
+    x = torch.randn(1, H, dtype=src.dtype, device=dev)
+    ids = torch.arange(k, dtype=torch.int32, device=dev).view(1, k)
+    w = torch.full((1, k), 1.0 / k, device=dev)
+    pt = torch.arange(E, dtype=torch.int32, device=dev) % dst.shape[0]
+    dst[:k].copy_(src[:k])
+    gemm = lambda: fused_experts_paged(x, w13, w2, pt, w, ids, check=False)  # noqa: E731
+    want = gemm()
+    t_gemm = _cuda_time(gemm, repeats)
+    rows = []
+    for n in (1, k):
+        fills = torch.tensor([[e, e] for e in range(n)] + [[0, 0]] * (E + 1 - n), dtype=torch.int32, device=dev)
+        count = torch.tensor([n], dtype=torch.int32, device=dev)
+        rt = ReadThrough(w13_src, w2_src, None, None, fills, count)
+        through = lambda: fused_experts_paged(x, w13, w2, pt, w, ids, check=False, read_through=rt)  # noqa: E731
+        copy_then = lambda: (fill_slots(src, dst, fills, count, max_fills=n), gemm())  # noqa: E731
+        memcpy_then = lambda: ([dst[e].copy_(src[e], non_blocking=True) for e in range(n)], gemm())  # noqa: E731
+        times = {name: _cuda_time(fn, repeats) for name, fn in
+                 (("read_through", through), ("copy_kernel", copy_then), ("memcpy", memcpy_then))}
+        dst[:n].zero_()
+        y = through()
+        assert torch.equal(dst[:n].cpu(), src[:n]), "read-through wrote wrong bytes"
+        assert torch.equal(y, want), "read-through changed the layer's output"
+        nbytes = n * src[0].numel() * src.element_size()
+        rows.append({"bench": "device_read_through", "T": 1, "k": k, "missed": n, "bytes": nbytes,
+                     "gemm_only_us": t_gemm * 1e6, **{f"{m}_us": t * 1e6 for m, t in times.items()},
+                     **{f"{m}_GBps": nbytes / t / 1e9 for m, t in times.items()},
+                     "read_through_vs_copy_kernel": times["copy_kernel"] / times["read_through"],
+                     "read_through_vs_memcpy": times["memcpy"] / times["read_through"]})
+    return rows
+
+
+def device_step(dev, repeats, small, routing="olmoe-heldout", fracs=(1.0, 0.5), batches=(1,), warmup=8,
+                fills=("copy", "read-through")):
     """(e) Device mode, one CUDA graph per step, vs the all-resident step as one CUDA graph and the
-    PCIe floor. Without CUDA (or under the sanitizer) the same steps run eagerly (a functional pass)."""
+    PCIe floor, for each way of filling a miss (``fill``: a copy kernel, or the decode GEMMs reading
+    through; at 100% nothing is filled once warm: copy only). Without CUDA (or under the sanitizer)
+    the same steps run eagerly (a functional pass)."""
     from prophet_kernels import ProphetMoE
     from prophet_kernels.memory.buffer import slots_for
 
@@ -395,9 +443,9 @@ def device_step(dev, repeats, small, routing="olmoe-heldout", fracs=(1.0, 0.5), 
         xs = [torch.randn(T, H, dtype=store.dtype, device=dev) for _ in range(L)]
         resident = _graphed_step(steps, xs, w13_dev, w2_dev) or _resident_step(steps, xs, w13_dev, w2_dev, False)
         t_res = _median_step(resident, dev, range(warmup, warmup + repeats))
-        for frac in fracs:
+        for frac, fill in [(f, m) for f in fracs for m in (fills if f < 1 else fills[:1])]:
             slots = max(slots_for(frac, L, E), min(E, k * T))
-            moe = ProphetMoE(store, slots, device=dev, mode="device", predictor=None)
+            moe = ProphetMoE(store, slots, device=dev, mode="device", predictor=None, fill=fill)
             if slots >= L * E and E % k == 0:  # every expert resident before timing (the 100% bar)
                 every = torch.arange(E, dtype=torch.int32, device=dev).view(-1, k)
                 for layer in range(L):
@@ -410,7 +458,7 @@ def device_step(dev, repeats, small, routing="olmoe-heldout", fracs=(1.0, 0.5), 
             s1 = moe.stats
             missed = (s1.misses - s0.misses) / repeats
             floor = max(t_res, missed * store.expert_bytes / pinned_Bps) if pinned_Bps else None
-            rows.append({"bench": "device_step", "routing": routing, "T": T, "layers": L, "E": E, "buffer_frac": frac,
+            rows.append({"bench": "device_step", "routing": routing, "T": T, "layers": L, "E": E, "buffer_frac": frac, "fill": fill,
                          "slots": slots, "graph": dev.type == "cuda", "step_ms": t * 1e3, "resident_graph_step_ms": t_res * 1e3,
                          "ratio_to_resident_graph": t / t_res, "misses_per_step": missed,
                          "pcie_floor_ms": floor * 1e3 if floor else None, "ratio_to_floor": t / floor if floor else None,

@@ -59,7 +59,8 @@ prefetch)
   timeout 150 $PY bench/bench_prefetch.py --only decode --routing uniform --out "$OUT" 2>&1 | grep -E "^\||Error|error"
   ;;
 device)
-  timeout 240 $PY -m pytest -q tests/test_device_mode.py tests/test_layer.py -k "device" 2>&1 | tail -3 \
+  timeout 240 $PY -m pytest -q tests/test_device_mode.py tests/test_layer.py tests/test_read_through.py \
+    -k "device or gemv-T1" 2>&1 | tail -3 \
     | tee "$OUT/test_device.txt"
   timeout 200 $PY bench/bench_prefetch.py --only device --routing olmoe-heldout --repeats 20 --out "$OUT" 2>&1 \
     | grep -E "device_|Error|error" | tee "$OUT/device.txt"

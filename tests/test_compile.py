@@ -32,6 +32,7 @@ def test_every_kernel_variant_compiles_for_a100_and_h100():
     assert not any(r["signature"]["w_ptr"] == "*fp8e4nv" for r in sigs[80])
     assert any(r["signature"]["w_ptr"] == "*u8" and r["constexprs"]["FP8_BITS"] for r in sigs[80])
     assert any(r["constexprs"]["PDL"] == 2 for r in sigs[90]) and not any(r["constexprs"]["PDL"] for r in sigs[80])
+    assert all(any(r["constexprs"].get("READ") for r in sigs[a]) for a in (80, 90))  # read-through fills
     assert any(r["signature"]["x_ptr"] == "*bf16" for a in (80, 90) for r in results
                if r["arch"] == a and r["kernel"] == "_gate_up_kernel")
 

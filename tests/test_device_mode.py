@@ -281,10 +281,14 @@ def test_a_compiled_step_has_no_graph_break(torch_path):
     """torch.compile(fullgraph=True) of a whole decode step (all layers) traces the device mode's
     layer calls (its ops are torch.library ops), and replays them with other routings: the same
     outputs and decisions as eager device mode."""
+    compiled_step_equals_eager()
+
+
+def compiled_step_equals_eager(**kwargs):
     L, E, H, I, K = 3, 8, 16, 8, 2
     w13, w2 = _weights(L, E, H, I, seed=8)
-    eager = ProphetMoE.from_weights(w13, w2, 9, device=DEV, mode="device", predictor="same")
-    compiled = ProphetMoE.from_weights(w13, w2, 9, device=DEV, mode="device", predictor="same")
+    eager = ProphetMoE.from_weights(w13, w2, 9, device=DEV, mode="device", predictor="same", **kwargs)
+    compiled = ProphetMoE.from_weights(w13, w2, 9, device=DEV, mode="device", predictor="same", **kwargs)
 
     def step(moe, xs, ws, ids):
         return [moe.forward(layer, xs[layer], ws[layer], ids[layer]) for layer in range(L)]

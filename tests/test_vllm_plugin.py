@@ -49,6 +49,8 @@ def test_settings_additional_config_wins_and_enables():
     ({"prefetch_budget": 1.5}, "prefetch_budget must be a whole number of experts >= 1"),
     ({"bufer": 0.5}, r"unknown Prophet setting\(s\) \['bufer'\]"),
     ({"expert_dtype": "int4"}, "unknown Prophet expert_dtype 'int4'; known: auto, fp8"),
+    ({"fill": "zero-copy", "mode": "device"}, "unknown Prophet fill 'zero-copy'; known: copy, read-through"),
+    ({"fill": "read-through"}, "read-through with mode device only"),
 ])
 def test_settings_errors_name_the_problem(cfg, match):
     with pytest.raises(ValueError, match=match):
@@ -309,9 +311,11 @@ def test_prophet_tokens_identical(checkpoints, baseline, learned_gates, family, 
 @pytest.mark.parametrize("family", list(demo.TINY))
 def test_device_mode_tokens_identical(checkpoints, baseline, family):
     """mode: device (every residency decision on the device, no host sync): greedy tokens identical
-    to vLLM's own, with misses, evictions and the same-experts prefetch."""
+    to vLLM's own, with misses, evictions and the same-experts prefetch (Mixtral with read-through
+    fills)."""
     ps, base = baseline
-    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "mode": "device", "predictor": "same"})
+    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "mode": "device", "predictor": "same",
+                                              "fill": "read-through" if family == "mixtral" else "copy"})
     try:
         tokens = demo.greedy(llm, ps, MAX_TOKENS)
         (stats,) = prophet_stats(llm)

@@ -40,6 +40,7 @@ class ProphetSettings:
     enabled: bool = False
     buffer: float = 0.5
     mode: str = DEFAULT_MODE  # "host" or "device" (ProphetMoE's mode)
+    fill: str = "copy"  # device mode: "copy" or "read-through" (ProphetMoE's fill)
     policy: str = DEFAULT_POLICY  # next-use in both modes
     predictor: str = "none"
     prefetch_depth: int = 1
@@ -95,7 +96,7 @@ class ProphetSettings:
             raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
 
     def validated(self) -> "ProphetSettings":
-        from prophet_kernels.memory.buffer import DEVICE_POLICIES, MODES, POLICIES, check_buffer
+        from prophet_kernels.memory.buffer import DEVICE_POLICIES, FILLS, MODES, POLICIES, check_buffer
 
         try:
             check_buffer(self.buffer)
@@ -103,6 +104,9 @@ class ProphetSettings:
             raise ValueError(f"Prophet {e}") from None
         if self.mode not in MODES:
             raise ValueError(f"unknown Prophet mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.fill not in FILLS or (self.fill != "copy" and self.mode != "device"):
+            raise ValueError(f"unknown Prophet fill {self.fill!r}; known: {', '.join(FILLS)} "
+                             "(read-through with mode device only)")
         known = POLICIES if self.mode == "host" else DEVICE_POLICIES
         if self.policy not in known:
             raise ValueError(f"unknown Prophet policy {self.policy!r}" + (f" for mode {self.mode}" if self.policy in POLICIES
@@ -174,4 +178,5 @@ class ProphetSettings:
                               policy=self.policy, predictor=predictor, prefetch_depth=self.prefetch_depth,
                               prefetch_budget_bytes=None if self.prefetch_budget is None
                               else self.prefetch_budget * store.expert_bytes,
-                              top_k=top_k, max_batch_tokens=max_batch_tokens, mode=self.mode, expert_map=expert_map)
+                              top_k=top_k, max_batch_tokens=max_batch_tokens, mode=self.mode, expert_map=expert_map,
+                              fill=self.fill)

@@ -9,7 +9,7 @@ without a device (its ptxas ships with it), so this module
 1. records the kernels' launches (kernel, argument types, constexprs, launch options) of a
    workload that calls every public op in each of its kernel variants (unquantized fp16/bf16/fp32
    and fp8 weights with both scale layouts, the GEMV and grouped paths with the tuned tables'
-   configs, even and ragged K, the residency step in both policies and modes, the fills, the route
+   configs, even and ragged K, read-through fills, the residency step in both policies and modes, the fills, the route
    plans of both sizes), under the interpreter with the kernels' bodies not run;
 2. compiles each distinct launch for each target (``cuda:80`` A100, ``cuda:90`` H100/H200) to a
    cubin in a fresh interpreter-free process, as the GPU would on the first call.
@@ -95,24 +95,26 @@ def record_launches(workload) -> list[dict]:
     return list(unique.values())
 
 
-def _moe_calls(dtype, weights: str, shape, cfg, T, k=2):
-    """One fused_experts_paged call (outputs not computed: the kernels' bodies are not run)."""
-    from .fp8 import FP8, scale_shape
+def _moe_calls(dtype, weights: str, shape, cfg, T, k=2, read=False):
+    """One fused_experts_paged call on slots in the buffer's layout (outputs not computed: the
+    kernels' bodies are not run); ``read``: with a read-through fill from a store-layout source."""
+    from ..memory.store import allocate_experts
+    from .fp8 import FP8
     from .moe import fused_experts_paged
+    from .residency import ReadThrough
 
     E, H, I, S, block = shape
-    x = torch.randn(T, H, dtype=dtype)
-    kw = {}
-    if weights == "fp8":
-        w13 = torch.empty((S, 2 * I, H), dtype=FP8)
-        w2 = torch.empty((S, H, I), dtype=FP8)
-        kw = dict(w13_scale=torch.ones((S, *scale_shape(2 * I, H, block))), w2_scale=torch.ones((S, *scale_shape(H, I, block))),
-                  block_shape=block)
-    else:
-        w13, w2 = torch.empty((S, 2 * I, H), dtype=dtype), torch.empty((S, H, I), dtype=dtype)
+    wdtype = FP8 if weights == "fp8" else dtype
+    slots = allocate_experts(S, H, I, wdtype, block_shape=block)
+    kw = dict(w13_scale=slots.w13_scale, w2_scale=slots.w2_scale, block_shape=block) if weights == "fp8" else {}
+    if read:
+        src = allocate_experts(E, H, I, wdtype, block_shape=block)
+        kw["read_through"] = ReadThrough(src.w13, src.w2, src.w13_scale, src.w2_scale,
+                                         torch.zeros((E + 1, 2), dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
     ids = torch.arange(T * k, dtype=torch.int32).view(T, k) % E
     pt = torch.arange(E, dtype=torch.int32) % S
-    fused_experts_paged(x, w13, w2, pt, torch.rand(T, k), ids, check=False, config=cfg, **kw)
+    fused_experts_paged(torch.randn(T, H, dtype=dtype), slots.w13, slots.w2, pt, torch.rand(T, k), ids, check=False,
+                        config=cfg, **kw)
 
 
 def _tuned_configs() -> list[tuple[int, dict]]:
@@ -144,6 +146,11 @@ def workload() -> None:
     for block in (None, (128, 128), (16, 16)):
         for T, cfg in configs:
             _moe_calls(torch.float16, "fp8", (8, 256, 128, 4, block), cfg, min(T, 4))
+    for T, cfg in configs:  # read-through fills (device mode's fill="read-through")
+        for weights, block in (("same", None), ("fp8", None), ("fp8", (128, 128))):
+            for shape in ((8, 256, 128, 4, block), (8, 200, 72, 4, None)):
+                if weights == "same" or shape[4] == block:
+                    _moe_calls(torch.float16, weights, shape, cfg, min(T, 4), read=True)
     for N in (16, 1 << 16):  # one fused launch; the three-launch plan of large batches
         route_plan(torch.zeros((N, 2), dtype=torch.int32), 8, 16, torch.arange(8, dtype=torch.int32), num_slots=8)
     for policy in (LRU, NEXT_USE):

@@ -15,6 +15,7 @@ from .gemv import gemv_experts
 from .grouped_gemm import launch_combine, launch_down, launch_gate_up
 from .fp8 import FP8, check_block_shape, check_scales, dequantize_fp8
 from .launch_config import get_config
+from .residency import ReadThrough
 from .route_plan import narrow_ids, raise_shared_slots, route_plan
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -97,20 +98,57 @@ def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None, scales=(None,
     return T, H, I, k, E, S, ids, weights, pt
 
 
+def check_read_through(rt, w13_slots, w2_slots, page_table, scales=(None, None)) -> None:
+    """The host-side contract of a read-through fill (``residency.ReadThrough``): source tensors
+    indexed by expert (E = the page table's length) with the slots' dtype and every stride but the
+    first the slots', scales with the slots' scales, an int32 fill list [F + 1, 2] and count [1] on
+    the slots' device, a source on that device or pinned host memory. TypeError / ValueError."""
+    if not isinstance(rt, ReadThrough):
+        raise TypeError(f"read_through must be a kernels.residency.ReadThrough, got {type(rt).__name__}")
+    if page_table is None:
+        raise ValueError("a read-through fill writes experts into their slots: it needs a page table")
+    E = page_table.shape[0]
+    dev = w13_slots.device
+    pairs = (("w13", rt.w13, w13_slots), ("w2", rt.w2, w2_slots), ("w13_scale", rt.w13_scale, scales[0]),
+             ("w2_scale", rt.w2_scale, scales[1]))
+    for name, src, slots in pairs:
+        if (src is None) != (slots is None):
+            raise ValueError(f"read_through.{name} must be given exactly when the slots have it")
+        if src is None:
+            continue
+        if not isinstance(src, torch.Tensor) or src.dtype != slots.dtype:
+            raise TypeError(f"read_through.{name} must be a {slots.dtype} tensor like the slots'")
+        if tuple(src.shape) != (E, *slots.shape[1:]) or src.stride()[1:] != slots.stride()[1:]:
+            raise ValueError(f"read_through.{name} must be [E={E}, {', '.join(map(str, slots.shape[1:]))}] with the "
+                             f"slots' strides after the first; got shape {list(src.shape)}, strides {list(src.stride())}")
+        if src.device != dev and not (src.device.type == "cpu" and dev.type == "cuda" and src.is_pinned()):
+            raise ValueError(f"read_through.{name} is on {src.device}: the kernels read it from {dev} "
+                             "(same device, or pinned host memory)")
+    f, c = rt.fills, rt.fill_count
+    if not (isinstance(f, torch.Tensor) and f.dtype == torch.int32 and f.dim() == 2 and f.shape[1] == 2
+            and f.shape[0] >= 2 and f.device == dev):
+        raise ValueError(f"read_through.fills must be an int32 [F + 1, 2] tensor (F >= 1) on {dev}")
+    if not (isinstance(c, torch.Tensor) and c.dtype == torch.int32 and c.numel() == 1 and c.device == dev):
+        raise ValueError(f"read_through.fill_count must be an int32 [1] tensor on {dev}")
+
+
 def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config, scales=(None, None),
-         block_shape=None):
+         block_shape=None, read_through=None):
     if T == 0:
         return x.new_empty((0, H))
     cfg = config or get_config(T, E, H, I, k, x.dtype, x.device, weight_dtype=w13.dtype, block_shape=block_shape)
+    if read_through is not None and not cfg.get("gemv"):  # the grouped path reads slots: fill them first
+        read_through.fill_now(w13, w2, *scales, block_shape=block_shape, max_fills=min(E, T * k))
+        read_through = None
     checking = check and not _capturing(x.device)
     if cfg.get("gemv"):
         if checking:  # host sync: bad ids, missing slots, a shared slot raise before any GEMM
             route_plan(ids, E, 16, page_table, num_slots=S).check(num_slots=S, page_table=page_table)
-        return gemv_experts(x, w13, w2, page_table, weights, ids, E, cfg, scales, block_shape)
+        return gemv_experts(x, w13, w2, page_table, weights, ids, E, cfg, scales, block_shape, read_through)
     plan = route_plan(ids, E, cfg["block_m"], page_table, num_slots=S)
     if checking:
         plan.check(num_slots=S, page_table=page_table)  # host sync: bad ids, missing/shared slots raise
@@ -121,7 +159,7 @@ def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config, 
 
 def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
                         w13_scale=None, w2_scale=None, block_shape=None,
-                        check: bool = True, config: dict | None = None) -> torch.Tensor:
+                        check: bool = True, config: dict | None = None, read_through=None) -> torch.Tensor:
     """MoE experts reading weights through a page table into a paged expert buffer.
 
     ``y[t] = sum_j w[t,j] * W2[s] @ (silu(Wg[s] @ x[t]) * (Wu[s] @ x[t]))``, ``s = page_table[topk_ids[t,j]]``.
@@ -145,6 +183,10 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
         expert has no slot contributes zero (it is dropped, as if its routing weight were 0).
     config : dict, optional
         Launch config (see :mod:`launch_config`); default: tuned table lookup.
+    read_through : ``residency.ReadThrough``, optional
+        Experts to fill into their slots (already in the page table) from a source, as the decode
+        path reads them (one pass, no copy launch); the grouped path and the references copy them
+        first. Checked on the host (``check_read_through``); the listed slots are written.
 
     Returns
     -------
@@ -153,11 +195,16 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
     scales = (w13_scale, w2_scale)
     T, H, I, k, E, S, ids, weights, pt = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
                                                    page_table, scales, block_shape)
+    if read_through is not None:
+        check_read_through(read_through, w13_slots, w2_slots, page_table, scales)
     if not use_triton(x.device, x.dtype):
+        if read_through is not None and T:
+            read_through.fill_now(w13_slots, w2_slots, *scales, block_shape=block_shape)
         return fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights,
                                              topk_ids, compute_dtype=x.dtype, check=check, w13_scale=w13_scale,
                                              w2_scale=w2_scale, block_shape=block_shape)
-    return _run(x, w13_slots, w2_slots, pt, weights, ids, T, H, I, k, E, S, check, config, scales, block_shape)
+    return _run(x, w13_slots, w2_slots, pt, weights, ids, T, H, I, k, E, S, check, config, scales, block_shape,
+                read_through)
 
 
 def fused_experts(x, w13, w2, topk_weights, topk_ids, *, w13_scale=None, w2_scale=None, block_shape=None,
@@ -184,6 +231,28 @@ def fused_experts_paged_op(x: torch.Tensor, w13_slots: torch.Tensor, w2_slots: t
 
 @fused_experts_paged_op.register_fake
 def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, w13_scale=None, w2_scale=None, block_shape=None):
+    return x.new_empty((x.shape[0], w13_slots.shape[2]))
+
+
+@torch.library.custom_op("prophet::fused_experts_read_through",
+                         mutates_args=("w13_slots", "w2_slots", "w13_scale", "w2_scale"))
+def fused_experts_read_through_op(x: torch.Tensor, w13_slots: torch.Tensor, w2_slots: torch.Tensor,
+                                  page_table: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                                  src_w13: torch.Tensor, src_w2: torch.Tensor, fills: torch.Tensor,
+                                  fill_count: torch.Tensor, w13_scale: torch.Tensor | None = None,
+                                  w2_scale: torch.Tensor | None = None, src_w13_scale: torch.Tensor | None = None,
+                                  src_w2_scale: torch.Tensor | None = None,
+                                  block_shape: list[int] | None = None) -> torch.Tensor:
+    """:func:`fused_experts_paged_op` with a read-through fill (device mode's ``fill="read-through"``):
+    it writes the listed experts into their slots, so the slots are declared mutated."""
+    rt = ReadThrough(src_w13, src_w2, src_w13_scale, src_w2_scale, fills, fill_count)
+    return fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, w13_scale=w13_scale,
+                               w2_scale=w2_scale, block_shape=block_shape, check=False, read_through=rt)
+
+
+@fused_experts_read_through_op.register_fake
+def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, src_w13, src_w2, fills, fill_count, w13_scale=None,
+      w2_scale=None, src_w13_scale=None, src_w2_scale=None, block_shape=None):
     return x.new_empty((x.shape[0], w13_slots.shape[2]))
 
 

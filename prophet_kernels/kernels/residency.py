@@ -53,6 +53,7 @@ simulator, and the kernel is tested equal to it decision for decision.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import triton
@@ -455,3 +456,41 @@ def _fill_slots_op(src: torch.Tensor, dst: torch.Tensor, fills: torch.Tensor, fi
 @_fill_slots_op.register_fake
 def _(src, dst, fills, fill_count, max_fills):
     return None
+
+
+class ReadThrough(NamedTuple):
+    """A read-through fill (device mode's ``fill="read-through"``): the experts listed in ``fills``
+    (the demand step's (expert, slot) rows, ``fill_count`` of them) are not copied before the
+    experts' GEMMs; the decode path's kernels read them from the source (the host store's layer,
+    pinned memory read over PCIe on a GPU) and write them into their slots as they go: one pass
+    over PCIe, no copy launch. Source tensors are indexed by expert and have the slots' layout
+    (every stride but the first the slots')."""
+
+    w13: torch.Tensor  # [E, 2I, H]
+    w2: torch.Tensor  # [E, H, I]
+    w13_scale: torch.Tensor | None  # fp8: [E, ...] as the slots' scales
+    w2_scale: torch.Tensor | None
+    fills: torch.Tensor  # [F + 1, 2] int32
+    fill_count: torch.Tensor  # [1] int32
+
+    def fill_now(self, w13_slots, w2_slots, w13_scale=None, w2_scale=None, block_shape=None,
+                 max_fills: int | None = None) -> None:
+        """Copy the listed experts into their slots first, for the paths that only read slots (the
+        grouped GEMMs, the PyTorch references): one ``fill_slots`` per expert block where source and
+        slots have the one-block layout (the store's and the buffer's), else one per matrix."""
+        from ..memory.store import expert_block
+
+        src = expert_block(self.w13, self.w2, self.w13_scale, self.w2_scale, block_shape)
+        dst = expert_block(w13_slots, w2_slots, w13_scale, w2_scale, block_shape)
+        if src is not None and dst is not None and src.shape[1:] == dst.shape[1:]:
+            fill_slots(src, dst, self.fills, self.fill_count, max_fills)
+            return
+        pairs = [(self.w13, w13_slots), (self.w2, w2_slots), (self.w13_scale, w13_scale), (self.w2_scale, w2_scale)]
+        for src, dst in pairs:
+            if src is not None:
+                fill_slots(_bytes(src.flatten(1)), _bytes(dst.flatten(1)), self.fills, self.fill_count, max_fills)
+
+
+def _bytes(t: torch.Tensor) -> torch.Tensor:
+    # fp8 rows as uint8 (copied bytewise: no fp8 type needed on the GPU)
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t

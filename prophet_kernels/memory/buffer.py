@@ -273,6 +273,7 @@ POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy, "next-us
 # the best policy without a predictor in the routing study (docs/routing.md).
 DEFAULT_POLICY = "next-use"
 MODES = ("host", "device")  # who decides residency: the host at every layer call, or the device (memory.device)
+FILLS = ("copy", "read-through")  # device mode: a copy kernel before the GEMMs, or the decode GEMMs fill as they read
 DEFAULT_MODE = "host"  # until device mode is measured on a GPU (PERF_NOTES.md)
 DEVICE_POLICIES = ("next-use", "lru")  # what device mode decides with (kernels.residency), default first
 

@@ -7,7 +7,9 @@ all layers can be captured in one CUDA graph and replayed with any routing.
                          counters)
     DeviceResidency      one layer call: the demand step (hits, misses, victims: one kernel), the
                          fills from the host store (one copy kernel reading the fill list on the
-                         device), and, after the experts, the prefetch steps for the next layers with
+                         device; or, ``fill="read-through"``, the decode path's GEMM kernels reading
+                         the missed experts from the store and writing their slots as they go), and,
+                         after the experts, the prefetch steps for the next layers with
                          the predictor's ranked experts (on a side stream on CUDA, joined before the
                          next layer call decides); stats read from the device counters (one sync)
 
@@ -23,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from ..kernels.residency import (COUNTERS, DEMAND, POLICY_IDS, PREFETCH, ResidencyState, fill_slots,
+from ..kernels.residency import (COUNTERS, DEMAND, POLICY_IDS, PREFETCH, ReadThrough, ResidencyState, fill_slots,
                                  residency_step, residency_step_reference)
 from .buffer import DEVICE_POLICIES, check_sizes
 from .predictors import runs_on_device
@@ -96,17 +98,26 @@ class DeviceResidency:
 
     # ------------------------------------------------------------------------------ one layer call
 
-    def demand(self, layer: int, ids_flat: torch.Tensor) -> None:
-        """Make `layer`'s routed experts resident: decide on the device, then fill the misses."""
+    def demand(self, layer: int, ids_flat: torch.Tensor, read_through: bool = False) -> ReadThrough | None:
+        """Make `layer`'s routed experts resident: decide on the device, then fill the misses; with
+        ``read_through`` the fills are left to the experts' kernels: returns them as a
+        ``ReadThrough`` (the store's layer is the source)."""
         self.join()
         fills, count = self._demand
         residency_step(self.buffer.state, layer, ids_flat, DEMAND, fills, count, budget=self.budget)
-        fill_slots(self.store.blocks[layer], self.buffer.blocks, fills, count,
-                   max_fills=min(self.buffer.num_experts, ids_flat.numel()))
+        rt = None
+        if read_through:
+            st = self.store
+            rt = ReadThrough(st.w13[layer], st.w2[layer], st.w13_scale[layer] if st.w13_scale else None,
+                             st.w2_scale[layer] if st.w2_scale else None, fills, count)
+        else:
+            fill_slots(self.store.blocks[layer], self.buffer.blocks, fills, count,
+                       max_fills=min(self.buffer.num_experts, ids_flat.numel()))
         if self.cuda and self.predictor is not None and self.prefetch_depth:
             # the prefetch (issued after the experts) starts once the demand fills are done, and runs
             # beside the experts' GEMMs: it never evicts the slots this call reads (excl)
             self._forked.record(torch.cuda.current_stream(self.buffer.device))
+        return rt
 
     def prefetch(self, layer: int, topk_ids: torch.Tensor, hidden: torch.Tensor) -> None:
         """The predictor's experts for layers +1..+depth, nearest first, within the budget; on CUDA on

@@ -17,10 +17,10 @@ import warnings
 
 import torch
 
-from ..kernels.moe import check_inputs, fused_experts_paged, fused_experts_paged_op
+from ..kernels.moe import check_inputs, fused_experts_paged, fused_experts_paged_op, fused_experts_read_through_op
 from ..kernels.route_plan import narrow_ids
 from ..planner.memory import max_unique_experts
-from .buffer import DEFAULT_MODE, DEFAULT_POLICY, MODES, PagedExpertBuffer
+from .buffer import DEFAULT_MODE, DEFAULT_POLICY, FILLS, MODES, PagedExpertBuffer
 from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import RankExperts, local_ids, make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
@@ -45,7 +45,7 @@ class ProphetMoE:
     def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy: str = DEFAULT_POLICY, predictor=None,
                  prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None,
                  top_k: int | None = None, max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE,
-                 expert_map: torch.Tensor | None = None):
+                 expert_map: torch.Tensor | None = None, fill: str = "copy"):
         """``mode``: "host" (the host decides at every layer call; every policy and predictor) or
         "device" (every decision on the device, no host sync: a step can be one CUDA graph; the
         next-use and LRU policies; the same, gate and learned-gate predictors). ``policy``: the
@@ -54,9 +54,18 @@ class ProphetMoE:
         each global expert on this rank or -1; ``forward`` then takes global ids, and a token-slot
         routed to another rank's expert contributes zero here (the ranks' outputs add up); a
         predictor reads the global routing and prefetches the part of its answer this rank holds
-        (``predictors.RankExperts``)."""
+        (``predictors.RankExperts``).
+        ``fill`` (device mode): how a missed expert reaches its slot, "copy" (a copy kernel reading
+        the fill list, then the GEMMs) or "read-through" (the decode path's GEMM kernels read it from
+        the pinned store over PCIe and write its slot as they go: one pass, no copy launch; a call
+        that takes the grouped path, or runs without Triton, copies them first, inside the op). Which is faster is for a GPU to measure
+        (PERF_NOTES.md); "copy" until then."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if fill not in FILLS:
+            raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
+        if fill != "copy" and mode != "device":
+            raise ValueError(f"fill={fill!r} is a device-mode option (host mode copies on its copy stream)")
         expert_map = self._check_expert_map(expert_map, store.num_experts)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         experts = store.num_layers * store.num_experts
@@ -73,7 +82,7 @@ class ProphetMoE:
             if not 1 <= top_k <= self.routed_experts:
                 raise ValueError(f"top_k={top_k} must be in [1, E={self.routed_experts}]")
             min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
-        self.store, self.mode = store, mode
+        self.store, self.mode, self.fill = store, mode, fill
         self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call
         self._local_of = None if expert_map is None else expert_map.tolist()  # host mode's copy of it
         predictor = make_predictor(predictor)
@@ -216,11 +225,16 @@ class ProphetMoE:
             raise ValueError(f"layer {layer} may need {most} unique experts at T={topk_ids.shape[0]} (k="
                              f"{topk_ids.shape[1]}) but the buffer has {S} slots; need at least {most} (or a smaller batch)")
         with nvtx_range(f"ensure_resident L{layer}"):
-            self.residency.demand(layer, narrow_ids(topk_ids, E).reshape(-1))
+            rt = self.residency.demand(layer, narrow_ids(topk_ids, E).reshape(-1), self.fill == "read-through")
         with nvtx_range(f"experts L{layer}"):
             w13_scale, w2_scale, block_shape = self._scales
-            y = fused_experts_paged_op(x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights,
-                                       topk_ids, w13_scale, w2_scale, list(block_shape) if block_shape else None)
+            args = (x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights, topk_ids)
+            block = list(block_shape) if block_shape else None
+            if rt is None:
+                y = fused_experts_paged_op(*args, w13_scale, w2_scale, block)
+            else:
+                y = fused_experts_read_through_op(*args, rt.w13, rt.w2, rt.fills, rt.fill_count, w13_scale, w2_scale,
+                                                  rt.w13_scale, rt.w2_scale, block)
         with nvtx_range(f"predict L{layer}"):
             self.residency.prefetch(layer, routing, x)
         if layer == self.store.num_layers - 1:
