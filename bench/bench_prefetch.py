@@ -356,7 +356,9 @@ def _graphed(steps, xs, make_step):
 def device_fill(dev, repeats):
     """(e) The device-driven fill (``fill_slots``: the list read on the device, the bytes read from
     pinned host memory by the kernel) vs a plain pinned copy of the same experts, 1 and 8 OLMoE
-    experts. Programs: one per (expert, 8192-element chunk), i.e. as many SMs as the GPU gives."""
+    experts, from the store's memory (pageable memory page-locked by cudaHostRegister) and from
+    write-combined pinned memory (cudaHostAlloc, reported to raise SM reads over PCIe); then the
+    read-through comparison from each. Programs: one per (expert, 8192-element chunk)."""
     from prophet_kernels.kernels.residency import fill_slots
     from prophet_kernels.memory.store import expert_block, expert_tensors
 
@@ -365,26 +367,59 @@ def device_fill(dev, repeats):
     src = expert_block(*expert_tensors(E, H, I, torch.bfloat16, pin=True))  # the store's [E, 3*I*H] layout
     src.copy_(torch.randn(src.shape, dtype=torch.bfloat16))
     dst = torch.empty((16,) + tuple(src.shape[1:]), dtype=src.dtype, device=dev)
-    rows = []
-    for n in (1, 8):
-        fills = torch.tensor([[e, e] for e in range(n)] + [[0, 0]], dtype=torch.int32, device=dev)
-        count = torch.tensor([n], dtype=torch.int32, device=dev)
-        t_fill = _cuda_time(lambda: fill_slots(src, dst, fills, count, max_fills=n), repeats)
-        assert torch.equal(dst[:n].cpu(), src[:n]), "device fill copied wrong bytes"
-        t_copy = _cuda_time(lambda: [dst[e].copy_(src[e], non_blocking=True) for e in range(n)], repeats)
-        nbytes = n * src[0].numel() * src.element_size()
-        chunks = -(-src.shape[1] // 8192)
-        rows.append({"bench": "device_fill", "experts": n, "bytes": nbytes, "fill_GBps": nbytes / t_fill / 1e9,
-                     "memcpy_GBps": nbytes / t_copy / 1e9, "ratio": t_copy / t_fill, "programs": n * chunks})
-    rows += _read_through_layer(dev, repeats, src, dst, E, H, I)
+    rows, sources = [], [("registered", src, None)]
+    try:
+        sources.append(("write-combined", *_write_combined_copy(src)))
+    except (OSError, RuntimeError, AttributeError) as e:
+        rows.append({"bench": "device_fill", "host_memory": "write-combined", "error": f"{type(e).__name__}: {e}"})
+    for kind, host, free in sources:
+        for n in (1, 8):
+            fills = torch.tensor([[e, e] for e in range(n)] + [[0, 0]], dtype=torch.int32, device=dev)
+            count = torch.tensor([n], dtype=torch.int32, device=dev)
+            t_fill = _cuda_time(lambda: fill_slots(host, dst, fills, count, max_fills=n), repeats)
+            assert torch.equal(dst[:n].cpu(), src[:n]), f"device fill copied wrong bytes ({kind})"
+            t_copy = _cuda_time(lambda: [dst[e].copy_(host[e], non_blocking=True) for e in range(n)], repeats)
+            nbytes = n * src[0].numel() * src.element_size()
+            chunks = -(-src.shape[1] // 8192)
+            rows.append({"bench": "device_fill", "host_memory": kind, "experts": n, "bytes": nbytes,
+                         "fill_GBps": nbytes / t_fill / 1e9, "memcpy_GBps": nbytes / t_copy / 1e9,
+                         "ratio": t_copy / t_fill, "programs": n * chunks})
+        rows += [{**r, "host_memory": kind} for r in _read_through_layer(dev, repeats, host, dst, E, H, I, expect=src)]
+        if free is not None:
+            torch.cuda.synchronize()
+            del host
+            free()
     return rows
 
 
-def _read_through_layer(dev, repeats, src, dst, E, H, I):
+def _write_combined_copy(t: torch.Tensor):
+    """(a copy of host tensor `t` in pinned write-combined memory, a function freeing it): cudaHostAlloc
+    with cudaHostAllocWriteCombined through the CUDA runtime torch has loaded (found in
+    /proc/self/maps), the memory wrapped as a tensor. OSError/RuntimeError where unavailable."""
+    import ctypes
+
+    torch.cuda.init()
+    paths = {line.split()[-1] for line in open("/proc/self/maps") if "libcudart" in line}
+    if not paths:
+        raise RuntimeError("no CUDA runtime (libcudart) loaded in this process")
+    rt = ctypes.CDLL(sorted(paths)[0])
+    ptr = ctypes.c_void_p()
+    nbytes = t.numel() * t.element_size()
+    err = rt.cudaHostAlloc(ctypes.byref(ptr), ctypes.c_size_t(nbytes), ctypes.c_uint(4))  # WriteCombined
+    if err != 0 or not ptr.value:
+        raise RuntimeError(f"cudaHostAlloc(write-combined, {nbytes} B) failed: error {err}")
+    raw = torch.frombuffer((ctypes.c_uint8 * nbytes).from_address(ptr.value), dtype=torch.uint8)
+    wc = raw.view(t.dtype).view(t.shape)
+    wc.copy_(t)  # (host writes to write-combined memory are fine; host reads of it are slow)
+    return wc, lambda: rt.cudaFreeHost(ptr)
+
+
+def _read_through_layer(dev, repeats, src, dst, E, H, I, expect=None):
     """(e) One OLMoE decode layer call (T = 1, k = 8, the tuned decode path) with n of its 8 experts
     missed, three ways: the read-through fill (the GEMMs read the n experts from pinned memory and
     write their slots), the copy kernel then the GEMMs, and n cudaMemcpyAsync then the GEMMs (the
-    host-driven floor). GB/s: the n experts' bytes over the whole call; `gemm_only_us`: all resident."""
+    host-driven floor). GB/s: the n experts' bytes over the whole call; `gemm_only_us`: all resident.
+    ``expect``: a host copy of `src` to check against (a write-combined `src` is slow to read back)."""
     from prophet_kernels import fused_experts_paged
     from prophet_kernels.kernels.residency import ReadThrough, fill_slots
 
@@ -411,7 +446,7 @@ def _read_through_layer(dev, repeats, src, dst, E, H, I):
                  (("read_through", through), ("copy_kernel", copy_then), ("memcpy", memcpy_then))}
         dst[:n].zero_()
         y = through()
-        assert torch.equal(dst[:n].cpu(), src[:n]), "read-through wrote wrong bytes"
+        assert torch.equal(dst[:n].cpu(), (src if expect is None else expect)[:n]), "read-through wrote wrong bytes"
         assert torch.equal(y, want), "read-through changed the layer's output"
         nbytes = n * src[0].numel() * src.element_size()
         rows.append({"bench": "device_read_through", "T": 1, "k": k, "missed": n, "bytes": nbytes,
