@@ -6,6 +6,8 @@ own process so that memory numbers are clean.
     python bench/bench_vllm.py                                   # off, prophet 0.25/0.5/0.75, offload
     python bench/bench_vllm.py --configs off prophet:0.5 --out-dir /tmp/x
     python bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5    # decode speed with CUDA graphs
+    python bench/bench_vllm.py --configs off-graphs prophet-device:0.5:same  # device mode, full CUDA graphs
+    python bench/bench_vllm.py --configs prophet-device:0.5:same:read-through  # ... with read-through fills
     python bench/bench_vllm.py --smoke       # this script end to end on a tiny model, no GPU needed
 
 ``--smoke`` runs the same path (checkpoint, one process per configuration, vLLM's log, the rows and
@@ -121,19 +123,22 @@ def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = Fals
         kwargs["attention_backend"] = "TRITON_ATTN"
     prophet = None
     base, _, rest = name.partition(":")
-    if base in ("prophet", "prophet-graphs"):  # prophet:<buffer>[:<predictor>]
-        buffer, _, predictor = rest.partition(":")
+    if base in ("prophet", "prophet-graphs", "prophet-device"):  # prophet:<buffer>[:<predictor>[:<fill>]]
+        buffer, _, more = rest.partition(":")
+        predictor, _, fill = more.partition(":")
         prophet = {"buffer": float(buffer), "policy": "next-use", "log_every_s": 0}
         if predictor:
             prophet["predictor"] = predictor
+        if base == "prophet-device":  # every decision on the GPU: vLLM's own compilation and full CUDA graphs
+            prophet |= {"mode": "device", "fill": fill or "copy"}
     elif name == "offload":
         kwargs.update(cpu_offload_gb=13, cpu_offload_params={"experts"})
     elif name not in ("off", "off-graphs"):
         raise ValueError(f"unknown configuration {name!r}")
     graphs = with_graphs(name)
-    if graphs:  # vLLM's CUDA graphs: its defaults without Prophet; with it, piecewise around its MoE op
+    if graphs:  # vLLM's CUDA graphs: its defaults without Prophet or in device mode; host mode: piecewise
         kwargs["enforce_eager"] = False
-        if prophet is not None:
+        if prophet is not None and base != "prophet-device":
             from prophet_kernels.integration.vllm_plugin import piecewise_compilation_config
 
             kwargs["compilation_config"] = piecewise_compilation_config()
@@ -178,8 +183,10 @@ def worker_memory(worker) -> dict:
 
 
 def with_graphs(config: str) -> bool:
-    """Whether a configuration runs vLLM's CUDA graphs ("off-graphs", "prophet-graphs:...")."""
-    return config.partition(":")[0].endswith("-graphs")
+    """Whether a configuration runs vLLM's CUDA graphs ("off-graphs", "prophet-graphs:...",
+    "prophet-device:...")."""
+    base = config.partition(":")[0]
+    return base.endswith("-graphs") or base == "prophet-device"
 
 
 def compare_rows(rows: list[dict], kv_bytes: int) -> None:
@@ -245,7 +252,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=None,
                     help="off, prophet:<buffer>[:<predictor>], offload (eager), off-graphs, "
-                         "prophet-graphs:<buffer>[:<predictor>] (CUDA graphs; piecewise around Prophet's MoE op); "
+                         "prophet-graphs:<buffer>[:<predictor>] (CUDA graphs; piecewise around Prophet's MoE op), "
+                         "prophet-device:<buffer>[:<predictor>[:<fill>]] (device mode: vLLM's compilation and "
+                         "full CUDA graphs); "
                          f"default {' '.join(DEFAULT_CONFIGS)} ({' '.join(SMOKE_CONFIGS)} with --smoke)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)

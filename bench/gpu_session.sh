@@ -4,7 +4,10 @@
 #   bench/gpu_session.sh prefetch   ProphetMoE on the device vs all-resident, the pinned store, transformers (tests),
 #                                   bench_prefetch (a)-(d), compute-sanitizer on a short (c)
 #   bench/gpu_session.sh vllm       bench_vllm (vLLM 0.26 carried in first: ../shared/tools/gpu-vllm/README.md,
-#                                   the c1, c2 calls, then this stage in the c3 call; installs it itself)
+#                                   the c1, c2 calls, then this stage in the c3 call; installs it itself):
+#                                   off with CUDA graphs vs Prophet's device mode (50%, same-experts prefetch)
+#                                   with copy and read-through fills; VLLM_CONFIGS="..." overrides
+#   bench/gpu_session.sh vllm-host  the same for host mode, eager, at 50/25/75% (the first stage before 2026-12-03)
 #   bench/gpu_session.sh vllm-graphs  the same with vLLM's CUDA graphs (piecewise around Prophet's MoE op)
 #   bench/gpu_session.sh device     device mode (issue 27): its tests on the GPU (exactness vs host and
 #                                   all-resident, no host read), the device fill vs cudaMemcpyAsync, the
@@ -84,7 +87,13 @@ fp8-tune)
   timeout 120 $PY -m prophet_kernels.benchmark.moe --experts fp8 --T 1 16 --no-reference --out-dir "$OUT" 2>&1 \
     | tail -6 | tee "$OUT/bench_fp8_tuned.txt"
   ;;
-vllm)
+vllm)  # device mode under vLLM's full CUDA graphs vs vLLM's own (KV tokens, tok/s, tokens), both fills
+  if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
+  export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+  timeout 540 $PY bench/bench_vllm.py --configs ${VLLM_CONFIGS:-off-graphs prophet-device:0.5:same \
+    prophet-device:0.5:same:read-through} --timeout 170 --out-dir "$OUT" 2>&1 | tail -10
+  ;;
+vllm-host)  # host mode, eager, at three buffers (the old first stage)
   if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
   export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
   timeout 570 $PY bench/bench_vllm.py --configs off prophet:0.5 prophet:0.25 prophet:0.75 --timeout 150 \

@@ -599,6 +599,25 @@ def test_bench_vllm_smoke_end_to_end(tmp_path, capsys):
     assert "prophet:0.5" in out and "wts/freed" in out
 
 
+def test_bench_vllm_smoke_device_mode(tmp_path, capsys):
+    """The runbook's device-mode configuration (`prophet-device:<buffer>:<predictor>:<fill>`: vLLM's
+    own compilation and CUDA graphs where it has them, Prophet's device mode with read-through
+    fills) through the benchmark's whole path on the CPU (tokens against vLLM's own under its
+    compilation: ``test_device_mode_under_vllms_compilation``)."""
+    import json
+
+    from bench import bench_vllm
+
+    _skip_where_the_shim_cannot_reach("the benchmark's engine processes")
+    assert bench_vllm.main(["--smoke", "--configs", "prophet-device:0.5:same:read-through",
+                            "--out-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    (device,) = [json.loads(x) for x in (tmp_path / "bench_vllm_smoke.jsonl").read_text().splitlines()]
+    assert "error" not in device, out
+    assert device["enforce_eager"] is False and device["kv_tokens"] > 0 and device["prophet"]["misses"] > 0
+    assert len(device["tokens_b1"]) == bench_vllm.SMOKE_TOKENS
+
+
 def _moe_method_classes(worker):
     return sorted({type(m.quant_method).__module__ + "." + type(m.quant_method).__name__
                    for m in worker.model_runner.model.modules() if hasattr(m, "quant_method")

@@ -95,25 +95,33 @@ def record_launches(workload) -> list[dict]:
     return list(unique.values())
 
 
+def _experts(n, H, I, dtype, block):
+    """(w13, w2, w13_scale, w2_scale) of n experts, contiguous tensors (fp8: with scales)."""
+    from .fp8 import FP8, scale_shape
+
+    if dtype != FP8:
+        return torch.empty((n, 2 * I, H), dtype=dtype), torch.empty((n, H, I), dtype=dtype), None, None
+    return (torch.empty((n, 2 * I, H), dtype=FP8), torch.empty((n, H, I), dtype=FP8),
+            torch.ones((n, *scale_shape(2 * I, H, block))), torch.ones((n, *scale_shape(H, I, block))))
+
+
 def _moe_calls(dtype, weights: str, shape, cfg, T, k=2, read=False):
-    """One fused_experts_paged call on slots in the buffer's layout (outputs not computed: the
-    kernels' bodies are not run); ``read``: with a read-through fill from a store-layout source."""
-    from ..memory.store import allocate_experts
+    """One fused_experts_paged call (outputs not computed: the kernels' bodies are not run);
+    ``read``: with a read-through fill from a source of the slots' layout."""
     from .fp8 import FP8
     from .moe import fused_experts_paged
     from .residency import ReadThrough
 
     E, H, I, S, block = shape
     wdtype = FP8 if weights == "fp8" else dtype
-    slots = allocate_experts(S, H, I, wdtype, block_shape=block)
-    kw = dict(w13_scale=slots.w13_scale, w2_scale=slots.w2_scale, block_shape=block) if weights == "fp8" else {}
+    w13, w2, s13, s2 = _experts(S, H, I, wdtype, block)
+    kw = dict(w13_scale=s13, w2_scale=s2, block_shape=block) if weights == "fp8" else {}
     if read:
-        src = allocate_experts(E, H, I, wdtype, block_shape=block)
-        kw["read_through"] = ReadThrough(src.w13, src.w2, src.w13_scale, src.w2_scale,
-                                         torch.zeros((E + 1, 2), dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
+        kw["read_through"] = ReadThrough(*_experts(E, H, I, wdtype, block), torch.zeros((E + 1, 2), dtype=torch.int32),
+                                         torch.zeros(1, dtype=torch.int32))
     ids = torch.arange(T * k, dtype=torch.int32).view(T, k) % E
     pt = torch.arange(E, dtype=torch.int32) % S
-    fused_experts_paged(torch.randn(T, H, dtype=dtype), slots.w13, slots.w2, pt, torch.rand(T, k), ids, check=False,
+    fused_experts_paged(torch.randn(T, H, dtype=dtype), w13, w2, pt, torch.rand(T, k), ids, check=False,
                         config=cfg, **kw)
 
 

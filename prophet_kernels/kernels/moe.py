@@ -142,7 +142,7 @@ def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config, 
         return x.new_empty((0, H))
     cfg = config or get_config(T, E, H, I, k, x.dtype, x.device, weight_dtype=w13.dtype, block_shape=block_shape)
     if read_through is not None and not cfg.get("gemv"):  # the grouped path reads slots: fill them first
-        read_through.fill_now(w13, w2, *scales, block_shape=block_shape, max_fills=min(E, T * k))
+        read_through.fill_now(w13, w2, *scales, max_fills=min(E, T * k))
         read_through = None
     checking = check and not _capturing(x.device)
     if cfg.get("gemv"):
@@ -199,7 +199,7 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
         check_read_through(read_through, w13_slots, w2_slots, page_table, scales)
     if not use_triton(x.device, x.dtype):
         if read_through is not None and T:
-            read_through.fill_now(w13_slots, w2_slots, *scales, block_shape=block_shape)
+            read_through.fill_now(w13_slots, w2_slots, *scales)
         return fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights,
                                              topk_ids, compute_dtype=x.dtype, check=check, w13_scale=w13_scale,
                                              w2_scale=w2_scale, block_shape=block_shape)

@@ -473,18 +473,10 @@ class ReadThrough(NamedTuple):
     fills: torch.Tensor  # [F + 1, 2] int32
     fill_count: torch.Tensor  # [1] int32
 
-    def fill_now(self, w13_slots, w2_slots, w13_scale=None, w2_scale=None, block_shape=None,
-                 max_fills: int | None = None) -> None:
+    def fill_now(self, w13_slots, w2_slots, w13_scale=None, w2_scale=None, max_fills: int | None = None) -> None:
         """Copy the listed experts into their slots first, for the paths that only read slots (the
-        grouped GEMMs, the PyTorch references): one ``fill_slots`` per expert block where source and
-        slots have the one-block layout (the store's and the buffer's), else one per matrix."""
-        from ..memory.store import expert_block
-
-        src = expert_block(self.w13, self.w2, self.w13_scale, self.w2_scale, block_shape)
-        dst = expert_block(w13_slots, w2_slots, w13_scale, w2_scale, block_shape)
-        if src is not None and dst is not None and src.shape[1:] == dst.shape[1:]:
-            fill_slots(src, dst, self.fills, self.fill_count, max_fills)
-            return
+        grouped GEMMs, the PyTorch references): one ``fill_slots`` per matrix (two launches, four
+        with fp8 scales, where "copy" makes one per expert block: only these paths pay it)."""
         pairs = [(self.w13, w13_slots), (self.w2, w2_slots), (self.w13_scale, w13_scale), (self.w2_scale, w2_scale)]
         for src, dst in pairs:
             if src is not None:

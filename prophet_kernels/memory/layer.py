@@ -58,8 +58,8 @@ class ProphetMoE:
         ``fill`` (device mode): how a missed expert reaches its slot, "copy" (a copy kernel reading
         the fill list, then the GEMMs) or "read-through" (the decode path's GEMM kernels read it from
         the pinned store over PCIe and write its slot as they go: one pass, no copy launch; a call
-        that takes the grouped path, or runs without Triton, copies them first, inside the op). Which is faster is for a GPU to measure
-        (PERF_NOTES.md); "copy" until then."""
+        that takes the grouped path, or runs without Triton, copies them first inside the op, one
+        copy per matrix). Which is faster is for a GPU to measure (PERF_NOTES.md); "copy" until then."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if fill not in FILLS:
