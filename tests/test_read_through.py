@@ -222,7 +222,7 @@ def test_read_through_properties():
               "source strides": rt._replace(w2=src.w2.contiguous()[:, :, :].transpose(1, 2).contiguous().transpose(1, 2))
               if I > 1 and H > 1 else rt._replace(w2=src.w2[:-1]),
               "fills int64": rt._replace(fills=fills.long()), "fills shape": rt._replace(fills=fills[:, :1]),
-              "count shape": rt._replace(fill_count=torch.zeros((), dtype=torch.int32)),
+              "count shape": rt._replace(fill_count=torch.zeros(2, dtype=torch.int32)),
               "source scale without scales": rt._replace(w13_scale=torch.ones(E, 2 * I))}[h]
         x = torch.randn(T, H, generator=gen)
         w = torch.rand(T, k, generator=gen)
