@@ -23,8 +23,11 @@ def lacks_topk_softmax() -> bool:
     return not hasattr(torch.ops._moe_C, "topk_softmax")
 
 
+_LACKS = lacks_topk_softmax()  # decided once here: the check imports, which torch.compile cannot trace
+
+
 def topk_softmax(topk_weights, topk_indices, token_expert_indices, gating_output, renormalize=False, *args, **kwargs):
-    if not lacks_topk_softmax():
+    if not _LACKS:
         return _vllm_topk_softmax(topk_weights, topk_indices, token_expert_indices, gating_output, renormalize,
                                   *args, **kwargs)
     weights, indices = torch.softmax(gating_output.float(), dim=-1).topk(topk_weights.shape[-1], dim=-1)

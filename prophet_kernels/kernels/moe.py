@@ -239,20 +239,22 @@ def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, w13_scale=None
 def fused_experts_read_through_op(x: torch.Tensor, w13_slots: torch.Tensor, w2_slots: torch.Tensor,
                                   page_table: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
                                   src_w13: torch.Tensor, src_w2: torch.Tensor, fills: torch.Tensor,
-                                  fill_count: torch.Tensor, w13_scale: torch.Tensor | None = None,
-                                  w2_scale: torch.Tensor | None = None, src_w13_scale: torch.Tensor | None = None,
-                                  src_w2_scale: torch.Tensor | None = None,
+                                  fill_count: torch.Tensor, w13_scale: torch.Tensor | None,
+                                  w2_scale: torch.Tensor | None, src_w13_scale: torch.Tensor | None,
+                                  src_w2_scale: torch.Tensor | None,
                                   block_shape: list[int] | None = None) -> torch.Tensor:
     """:func:`fused_experts_paged_op` with a read-through fill (device mode's ``fill="read-through"``):
-    it writes the listed experts into their slots, so the slots are declared mutated."""
+    it writes the listed experts into their slots, so the slots are declared mutated. (The scales
+    have no default: torch 2.11's dispatcher drops trailing arguments equal to their default, and
+    then misses the mutated ones by position.)"""
     rt = ReadThrough(src_w13, src_w2, src_w13_scale, src_w2_scale, fills, fill_count)
     return fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, w13_scale=w13_scale,
                                w2_scale=w2_scale, block_shape=block_shape, check=False, read_through=rt)
 
 
 @fused_experts_read_through_op.register_fake
-def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, src_w13, src_w2, fills, fill_count, w13_scale=None,
-      w2_scale=None, src_w13_scale=None, src_w2_scale=None, block_shape=None):
+def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, src_w13, src_w2, fills, fill_count, w13_scale,
+      w2_scale, src_w13_scale, src_w2_scale, block_shape=None):
     return x.new_empty((x.shape[0], w13_slots.shape[2]))
 
 
