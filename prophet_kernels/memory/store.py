@@ -12,7 +12,8 @@ so weights and scales still move in one copy (``allocate_experts``). Tensors han
 constructor in another layout still work, at two copies per expert (not fp8 ones). Pinned when CUDA is present, so host-to-device copies run
 on the copy engine asynchronously.
 Built from tensors, from (gate_up, down) parameter pairs of a loaded model, or streamed from
-safetensors files one layer at a time (never a second full copy in memory).
+safetensors files one layer at a time (never a second full copy in memory; FP8 checkpoints with
+their own scales).
 """
 
 from __future__ import annotations
@@ -154,6 +155,11 @@ def _fp8_block(w13, w2, w13_scale, w2_scale, block_shape) -> torch.Tensor | None
     return w13.view(torch.uint8).as_strided((E, row), (row, 1)) if fused else None
 
 
+def check_expert_dtype(expert_dtype) -> None:
+    if expert_dtype not in (None, "fp8"):
+        raise ValueError(f"expert_dtype must be None (keep the weights' dtype) or 'fp8', got {expert_dtype!r}")
+
+
 def host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool, expert_dtype: str | None = None,
               block_shape=None) -> Experts:
     """One layer's experts copied into host tensors of the one-block layout (pinned if asked);
@@ -161,8 +167,7 @@ def host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool, expert_dtype: str 
     channel) as they are copied, one layer at a time. Tensors of mismatched shapes are copied as
     they are (the store's constructor names the problem)."""
     w13, w2 = w13.detach(), w2.detach()
-    if expert_dtype not in (None, "fp8"):
-        raise ValueError(f"expert_dtype must be None (keep the weights' dtype) or 'fp8', got {expert_dtype!r}")
+    check_expert_dtype(expert_dtype)
     if w13.dim() == 3 and w2.dim() == 3 and tuple(w2.shape) == (w13.shape[0], w13.shape[2], w13.shape[1] // 2) \
             and w13.dtype == w2.dtype:
         E, H, I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
@@ -192,6 +197,86 @@ def expert_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     if not found:
         raise ValueError(f"{type(model).__name__} has no submodule with 3-D gate_up_proj and down_proj experts")
     return found
+
+
+# ----------------------------------------------------------------------------- safetensors checkpoints
+
+_EXPERT_TENSOR = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
+                            r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.(weight|weight_scale_inv|weight_scale)$")
+_PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
+_DEFAULT_CHECKPOINT_BLOCKS = (128, 128)  # DeepSeek-V3's and Qwen3 FP8's weight_block_size
+
+
+def _checkpoint_layer(l: int, entries: dict, pin: bool, expert_dtype: str | None, block_shape) -> Experts:
+    """One MoE layer of a checkpoint (``entries``: (expert, part, kind) -> (file, name)) in the
+    one-block layout, filled expert by expert (fp8: with the checkpoint's scales)."""
+    E = 1 + max(e for e, _, _ in entries)
+    missing = [(e, q) for e in range(E) for q in ("gate", "up", "down") if (e, q, "weight") not in entries]
+    if missing:
+        raise ValueError(f"layer {l}: checkpoint lacks expert tensors {missing[:4]}")
+
+    def get(e: int, q: str, kind: str = "weight") -> torch.Tensor:
+        f, name = entries[(e, q, kind)]
+        return f.get_tensor(name)
+
+    first = get(0, "gate")
+    if first.dim() != 2:
+        raise ValueError(f"layer {l}: expert weight {entries[(0, 'gate', 'weight')][1]} is not 2-D: {list(first.shape)}")
+    I, H = first.shape
+    fp8 = first.dtype == FP8
+    kinds = sorted({kind for _, _, kind in entries if kind != "weight"})
+    if fp8 and len(kinds) != 1:
+        raise ValueError(f"layer {l}: fp8 expert weights need one kind of scales (weight_scale_inv or "
+                         f"weight_scale), found {kinds or 'none'}")
+    if fp8:
+        kind = kinds[0]
+        s0 = get(0, "gate", kind)
+        blocks = kind == "weight_scale_inv" or (s0.dim() == 2 and s0.shape[0] != I)  # else per channel / tensor
+        block_shape = check_block_shape(block_shape or _DEFAULT_CHECKPOINT_BLOCKS) if blocks else None
+        _checkpoint_scale(s0, I, H, block_shape, f"layer {l}: {entries[(0, 'gate', kind)][1]}")  # the blocks match
+        if blocks and I % block_shape[0]:
+            raise ValueError(f"layer {l}: the intermediate size {I} is not a multiple of the scale blocks' "
+                             f"{block_shape[0]} rows, so gate and up share a block in the fused w13; not supported")
+        out = allocate_experts(E, H, I, FP8, pin=pin, block_shape=block_shape)
+    else:
+        out = allocate_experts(E, H, I, first.dtype, pin=pin and expert_dtype is None)
+    for e in range(E):
+        for q, rows in (("gate", slice(0, I)), ("up", slice(I, 2 * I)), ("down", None)):
+            t = get(e, q)
+            want = (H, I) if q == "down" else (I, H)
+            if tuple(t.shape) != want or t.dtype != first.dtype:
+                raise ValueError(f"layer {l}: {entries[(e, q, 'weight')][1]} is {t.dtype} {list(t.shape)}, "
+                                 f"expected {first.dtype} {list(want)} like the layer's first expert")
+            (out.w2[e] if rows is None else out.w13[e, rows]).copy_(t)
+            if fp8:
+                if (e, q, kind) not in entries:
+                    raise ValueError(f"layer {l}: {entries[(e, q, 'weight')][1]} has no {kind}")
+                s = _checkpoint_scale(get(e, q, kind), *want, block_shape, f"layer {l}: {entries[(e, q, kind)][1]}")
+                if rows is None:
+                    out.w2_scale[e].copy_(s)
+                else:
+                    n = I // block_shape[0] if block_shape else I
+                    out.w13_scale[e, rows.start // I * n: rows.start // I * n + n].copy_(s)
+    if expert_dtype == "fp8" and not fp8:  # quantized as loaded: one layer at a time in 16/32 bits
+        return host_copy(out.w13, out.w2, pin, "fp8", block_shape)
+    return out
+
+
+def _checkpoint_scale(s: torch.Tensor, n: int, k: int, block_shape, what: str) -> torch.Tensor:
+    """A checkpoint's scale for one [n, k] matrix as the store's fp32 scales (per output channel
+    [n]: a per-tensor or [n, 1] scale; blocks: [cdiv(n, bn), cdiv(k, bk)])."""
+    s = s.float()
+    if block_shape is None:
+        if s.numel() == 1:
+            return s.reshape(1).expand(n)
+        if s.numel() == n and (s.dim() == 1 or (s.dim() == 2 and s.shape[1] == 1)):
+            return s.reshape(n)
+        raise ValueError(f"{what}: scale shape {list(s.shape)} is neither per tensor nor per output channel [{n}, 1]")
+    want = scale_shape(n, k, block_shape)
+    if tuple(s.shape) != want:
+        raise ValueError(f"{what}: scale shape {list(s.shape)} does not match blocks of {list(block_shape)} of a "
+                         f"[{n}, {k}] matrix ({list(want)}); pass the checkpoint's block_shape")
+    return s
 
 
 class HostExpertStore:
@@ -299,50 +384,41 @@ class HostExpertStore:
 
     @classmethod
     def from_safetensors(cls, paths: str | Path | Sequence[str | Path], pin: bool | None = None,
-                         progress: bool = True) -> "HostExpertStore":
-        """Stream the routed experts of an OLMoE/Mixtral-style checkpoint (one tensor per expert and
-        projection, HF naming) layer by layer into the store. Recognised names:
-        ``...layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`` (OLMoE, Qwen-MoE) and
-        ``...layers.{l}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`` (Mixtral)."""
+                         progress: bool = True, expert_dtype: str | None = None,
+                         block_shape=None) -> "HostExpertStore":
+        """Stream the routed experts of an OLMoE/Mixtral/Qwen-MoE/DeepSeek-style checkpoint (one
+        tensor per expert and projection, HF naming) layer by layer into the store. Recognised names:
+        ``...layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`` (OLMoE, Qwen-MoE, DeepSeek) and
+        ``...layers.{l}.block_sparse_moe.experts.{e}.{w1,w3,w2}.weight`` (Mixtral).
+
+        FP8 checkpoints are served with their own scales, never requantized: e4m3 weights with
+        ``weight_scale_inv`` blocks (DeepSeek-V3, Qwen3 FP8; ``block_shape`` their blocks, default
+        128 x 128) or compressed-tensors' ``weight_scale`` (per output channel, or per tensor:
+        expanded to one per output channel, exactly; 2-D block scales as ``weight_scale_inv``).
+        Activation scales (``input_scale``) are not used: the kernels compute with 16-bit
+        activations. ``expert_dtype="fp8"``: a 16/32-bit checkpoint's experts are quantized layer
+        by layer as they are loaded (``block_shape``: the scales' blocks, None per output channel)."""
         from safetensors import safe_open
         from tqdm import tqdm
 
+        check_expert_dtype(expert_dtype)
         pin = torch.cuda.is_available() if pin is None else pin
         paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
-        pattern = re.compile(r"layers\.(\d+)\.(?:mlp|block_sparse_moe)\.experts\.(\d+)\."
-                             r"(gate_proj|up_proj|down_proj|w1|w3|w2)\.weight$")
-        part = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_proj": "down", "w2": "down"}
         with contextlib.ExitStack() as files:  # each file opened (memory-mapped) once
-            index: dict[int, dict[tuple[int, str], tuple[object, str]]] = {}
+            index: dict[int, dict[tuple[int, str, str], tuple[object, str]]] = {}
             for p in paths:
                 f = files.enter_context(safe_open(str(p), framework="pt"))
                 for name in f.keys():
-                    m = pattern.search(name)
+                    m = _EXPERT_TENSOR.search(name)
                     if m:
-                        index.setdefault(int(m[1]), {})[(int(m[2]), part[m[3]])] = (f, name)
+                        index.setdefault(int(m[1]), {})[(int(m[2]), _PART[m[3]], m[4])] = (f, name)
             if not index:
                 raise ValueError(f"no routed-expert tensors found in {', '.join(map(str, paths))}")
-            w13, w2 = zip(*(cls._load_layer(l, index[l], pin) for l in
-                            tqdm(sorted(index), desc="experts -> host store", unit="layer", disable=not progress)))
-        return cls(list(w13), list(w2))
-
-    @staticmethod
-    def _load_layer(l: int, entries: dict, pin: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        E = 1 + max(e for e, _ in entries)
-        missing = [(e, q) for e in range(E) for q in ("gate", "up", "down") if (e, q) not in entries]
-        if missing:
-            raise ValueError(f"layer {l}: checkpoint lacks expert tensors {missing[:4]}")
-        a = b = None
-        for (e, q), (f, name) in sorted(entries.items(), key=lambda kv: kv[0]):
-            t = f.get_tensor(name)
-            if a is None:  # allocate this layer's host tensors once, fill expert by expert
-                I, H = (t.shape if q != "down" else t.shape[::-1])
-                a, b = expert_tensors(E, H, I, t.dtype, pin=pin)
-            I = a.shape[1] // 2
-            if q == "gate":
-                a[e, :I].copy_(t)
-            elif q == "up":
-                a[e, I:].copy_(t)
-            else:
-                b[e].copy_(t)
-        return a, b
+            layers = [_checkpoint_layer(l, index[l], pin, expert_dtype, block_shape) for l in
+                      tqdm(sorted(index), desc="experts -> host store", unit="layer", disable=not progress)]
+        layouts = {e.block_shape for e in layers if e.w13.dtype == FP8}
+        if len({e.w13.dtype for e in layers}) > 1 or len(layouts) > 1:
+            raise ValueError("the checkpoint's MoE layers differ in expert dtype or fp8 scale layout "
+                             f"({sorted({str(e.w13.dtype) for e in layers})}, scale blocks {layouts}); "
+                             "the store holds one format")
+        return cls.from_experts(layers)
