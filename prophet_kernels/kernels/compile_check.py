@@ -11,13 +11,18 @@ without a device (its ptxas ships with it), so this module
    and fp8 weights with both scale layouts, the GEMV and grouped paths with the tuned tables'
    configs, even and ragged K, read-through fills, the residency step in both policies and modes, the fills, the route
    plans of both sizes), under the interpreter with the kernels' bodies not run;
-2. compiles each distinct launch for each target (``cuda:80`` A100, ``cuda:90`` H100/H200) to a
-   cubin in a fresh interpreter-free process, as the GPU would on the first call.
+2. compiles each distinct launch for each target (``cuda:80`` A100, ``cuda:90`` H100/H200; any
+   other with ``--arch``, e.g. 89 for L40S/L4) to a cubin in a fresh interpreter-free process, as
+   the GPU would on the first call: specialized as Triton's JIT specializes on a GPU (unit strides
+   as constants, 16-divisible pointers and sizes marked, so the kernels are pipelined as there),
+   with the untuned defaults fitted to that target's shared memory and a shipped table's tiles
+   only for its own GPU's target; a launch needing more shared memory than the target gives one
+   block fails (Triton would refuse it: OutOfResources).
 
-    python -m prophet_kernels.kernels.compile_check [--arch 80 90]
+    python -m prophet_kernels.kernels.compile_check [--arch 80 90] [--every-config]
 
-prints one line per kernel and target (variants compiled, failures with Triton's message) and exits
-1 on any failure. bf16 launches are the fp16 launches with the dtype substituted (the interpreter
+prints one line per kernel and target (variants compiled, failures, the most shared memory a
+variant needs, the first failure's message) and exits 1 on any failure. bf16 launches are the fp16 launches with the dtype substituted (the interpreter
 cannot run bf16 dots, so the workload runs fp16); launches the CPU never makes (programmatic
 dependent launch, Hopper only) are added for the targets that have it.
 """
@@ -36,6 +41,9 @@ import time
 import torch
 
 ARCHS = (80, 90)  # A100; H100 / H200
+# the most shared memory one block may use (opt-in), bytes (CUDA programming guide's table of compute
+# capabilities: 163 KB on 8.0/8.7, 99 KB on 8.6/8.9, 227 KB on 9.0)
+SHARED_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448}
 _MODULE = "prophet_kernels.kernels.compile_check"
 
 
@@ -56,21 +64,40 @@ def _arg_type(v) -> str | None:
     return None
 
 
-def _record(fn, args, kwargs, out: list) -> None:
+def _specialize(v, specialize: bool, align: bool):
+    """(signature type, attribute key) of a runtime argument as Triton's JIT specializes it on a GPU:
+    an int equal to 1 becomes a constexpr, ints and pointers divisible by 16 get "D" (divisibility
+    16: vectorized loads, async copies, pipelining). None: Triton without the native specializer
+    (types only)."""
+    try:
+        from triton._C.libtriton import native_specialize_impl
+        from triton.backends.compiler import BaseBackend
+    except ImportError:
+        return None
+    return native_specialize_impl(BaseBackend, v, False, specialize, align)
+
+
+def _record(fn, args, kwargs, out: list, dont=(), dont_align=()) -> None:
     params = list(inspect.signature(fn).parameters.values())
     values = {p.name: a for p, a in zip(params, args)}
     values.update({k: v for k, v in kwargs.items() if k in {p.name for p in params}})
-    signature, constexprs = {}, {}
-    for p in params:
+    signature, constexprs, attrs = {}, {}, {}
+    for i, p in enumerate(params):
         v = values.get(p.name, p.default)
         if "constexpr" in str(p.annotation) or _arg_type(v) is None:
             signature[p.name] = "constexpr"
             constexprs[p.name] = v
-        else:
-            signature[p.name] = _arg_type(v)
+            continue
+        spec = _specialize(v, p.name not in dont and i not in dont, p.name not in dont_align and i not in dont_align)
+        kind, key = spec if spec is not None else (_arg_type(v), None)
+        signature[p.name] = kind
+        if kind == "constexpr":  # an int equal to 1
+            constexprs[p.name] = key
+        elif key:
+            attrs[p.name] = key
     options = {k: kwargs[k] for k in ("num_warps", "num_stages", "launch_pdl") if k in kwargs}
     out.append({"module": fn.__module__, "kernel": fn.__name__, "signature": signature,
-                "constexprs": constexprs, "options": options})
+                "constexprs": constexprs, "attrs": attrs, "options": options})
 
 
 def record_launches(workload) -> list[dict]:
@@ -84,7 +111,8 @@ def record_launches(workload) -> list[dict]:
 
     def run(self, *args, grid, warmup, **kwargs):
         if not warmup:
-            _record(self.fn, args, kwargs, seen)
+            _record(self.fn, args, kwargs, seen, self.kwargs.get("do_not_specialize") or (),
+                    self.kwargs.get("do_not_specialize_on_alignment") or ())
 
     InterpretedFunction.run = run
     try:
@@ -125,41 +153,67 @@ def _moe_calls(dtype, weights: str, shape, cfg, T, k=2, read=False):
                         config=cfg, **kw)
 
 
-def _tuned_configs() -> list[tuple[int, dict]]:
-    """(T, config) of every distinct config in the shipped tables."""
+# the compute capability of the GPUs whose tuned tables ship (configs/<device>.json); a table of a GPU
+# not listed here is compiled for every target
+_TABLE_ARCH = {"H100": 90, "H200": 90, "H800": 90, "H20": 90, "A100": 80, "A800": 80, "L40": 89, "L4": 89}
+
+
+def _table_arch(file_name: str) -> int | None:
+    words = file_name.removesuffix(".json").replace("-", "_").split("_")
+    return next((a for gpu, a in _TABLE_ARCH.items() if gpu in words), None)
+
+
+def tuned_configs() -> dict[int | None, list[tuple[int, dict, torch.dtype]]]:
+    """(T, config, activations' dtype as the CPU launches it) of every distinct config in the
+    shipped tables, by the compute capability of the tables' GPU (a table's tiles run only there)."""
     from .launch_config import CONFIG_DIR
 
-    found = {}
+    found: dict[int | None, dict] = {}
     for path in sorted(CONFIG_DIR.glob("*.json")):
-        for table in json.loads(path.read_text()).values():
+        for key, table in json.loads(path.read_text()).items():
+            act = dict(f.split("=") for f in key.split(","))["dtype"]
+            dtype = torch.float32 if act == "float32" else torch.float16  # (bf16: as fp16, see _with_variants)
             for t, cfg in table.items():
-                found.setdefault(json.dumps(cfg, sort_keys=True), (int(t), cfg))
-    return list(found.values())
+                found.setdefault(_table_arch(path.name), {}).setdefault(
+                    json.dumps([cfg, str(dtype)], sort_keys=True), (int(t), cfg, dtype))
+    return {arch: list(configs.values()) for arch, configs in found.items()}
 
 
-def workload() -> None:
-    """Every kernel variant the public ops launch (see the module docstring)."""
-    from .launch_config import _fit_smem, _gpu_default
+def default_configs(arch: int) -> list[tuple[int, dict, torch.dtype]]:
+    """The untuned GPU defaults (OLMoE's E and k) of each batch class, fitted to ``arch``'s shared
+    memory for each activation dtype, as ``launch_config.default_config`` makes them on that GPU."""
+    from .launch_config import _SMEM_BUDGET, _fit_smem, _gpu_default
+
+    budget = min(_SMEM_BUDGET, SHARED_LIMIT.get(arch, _SMEM_BUDGET))
+    return [(t, _fit_smem(_gpu_default(t, 8, 64), dtype.itemsize, budget), dtype)
+            for t in (1, 4, 16, 256, 4096) for dtype in (torch.float16, torch.float32)]
+
+
+def moe_workload(configs) -> None:
+    """The MoE ops' kernel variants at the given (T, config, dtype)s: unquantized weights, fp8 with
+    both scale layouts, read-through fills; even and ragged K."""
+    even = (8, 256, 128, 4, None)  # E, H, I, S, block: every tile's K divides H and I
+    ragged = (8, 200, 72, 4, None)
+    for T, cfg, dtype in configs:
+        for shape in (even, ragged):
+            _moe_calls(dtype, "same", shape, cfg, min(T, 4))
+        if dtype == torch.float32:  # fp8 weights and read-through fills: with 16-bit activations
+            continue
+        for block in (None, (128, 128), (16, 16)):
+            _moe_calls(dtype, "fp8", (8, 256, 128, 4, block), cfg, min(T, 4))
+        for weights, block in (("same", None), ("fp8", None), ("fp8", (128, 128))):  # read-through fills
+            for shape in ((8, 256, 128, 4, block), (8, 200, 72, 4, None)):
+                if weights == "same" or shape[4] == block:
+                    _moe_calls(dtype, weights, shape, cfg, min(T, 4), read=True)
+
+
+def other_workload() -> None:
+    """The route plans (one fused launch; the three-launch plan of large batches), the residency
+    step in both policies and modes, the fills."""
     from .residency import DEMAND, LRU, NEXT_USE, PREFETCH, ResidencyState, fill_slots, residency_step
     from .route_plan import route_plan
 
-    even = (8, 256, 128, 4, None)  # E, H, I, S, block: every tile's K divides H and I
-    ragged = (8, 200, 72, 4, None)
-    # the shipped tables' configs and the untuned GPU defaults (OLMoE's E and k) of each batch class
-    configs = _tuned_configs() + [(t, _fit_smem(_gpu_default(t, 8, 64), 2)) for t in (1, 4, 16, 256)]
-    for dtype in (torch.float16, torch.float32):
-        for T, cfg in configs:
-            for shape in (even, ragged):
-                _moe_calls(dtype, "same", shape, cfg, min(T, 4))
-    for block in (None, (128, 128), (16, 16)):
-        for T, cfg in configs:
-            _moe_calls(torch.float16, "fp8", (8, 256, 128, 4, block), cfg, min(T, 4))
-    for T, cfg in configs:  # read-through fills (device mode's fill="read-through")
-        for weights, block in (("same", None), ("fp8", None), ("fp8", (128, 128))):
-            for shape in ((8, 256, 128, 4, block), (8, 200, 72, 4, None)):
-                if weights == "same" or shape[4] == block:
-                    _moe_calls(torch.float16, weights, shape, cfg, min(T, 4), read=True)
-    for N in (16, 1 << 16):  # one fused launch; the three-launch plan of large batches
+    for N in (16, 1 << 16):
         route_plan(torch.zeros((N, 2), dtype=torch.int32), 8, 16, torch.arange(8, dtype=torch.int32), num_slots=8)
     for policy in (LRU, NEXT_USE):
         state = ResidencyState.empty(2, 8, 4, "cpu", policy)
@@ -169,21 +223,37 @@ def workload() -> None:
     fill_slots(torch.empty((8, 1000), dtype=torch.uint8), torch.empty((4, 1000), dtype=torch.uint8), fills, count)
 
 
-def arch_records() -> list[dict]:
+def workload_records(archs=ARCHS) -> list[dict]:
+    """Every kernel variant the public ops launch (see the module docstring) on each of ``archs``:
+    launches with a target's own tiles (its fitted defaults, a shipped table of its GPU) carry
+    its compute capability (``min_arch`` = ``max_arch``)."""
+    records = record_launches(other_workload)
+    for arch in archs:
+        records += [{**r, "min_arch": arch, "max_arch": arch}
+                    for r in record_launches(lambda: moe_workload(default_configs(arch)))]
+    for arch, configs in tuned_configs().items():
+        tag = {} if arch is None else {"min_arch": arch, "max_arch": arch}
+        records += [{**r, **tag} for r in record_launches(lambda: moe_workload(configs))]
+    return records
+
+
+def arch_records(archs=ARCHS) -> list[dict]:
     """The workload's launches as each GPU makes them: fp8 weights as fp8 (``min_arch`` 89), and as
     uint8 bytes decoded in the kernel (``max_arch`` 88: A100; ``fp8.has_fp8_type``)."""
     from . import fp8
 
-    native = record_launches(workload)
+    native = workload_records(archs)
     real = fp8.has_fp8_type
     fp8.has_fp8_type = lambda device: False
     try:
-        as_bytes = record_launches(workload)
+        as_bytes = workload_records(archs)
     finally:
         fp8.has_fp8_type = real
-    tagged = [{**r, "min_arch": 89} if "*fp8e4nv" in r["signature"].values() else r for r in native]
-    tagged += [{**r, "max_arch": 88} for r in as_bytes if r["constexprs"].get("FP8_BITS")]
-    return list({json.dumps(r, sort_keys=True): r for r in tagged}.values())
+    tagged = [{**r, "min_arch": max(89, r.get("min_arch", 0))} if "*fp8e4nv" in r["signature"].values() else r
+              for r in native]
+    tagged += [{**r, "max_arch": min(88, r.get("max_arch", 88))} for r in as_bytes if r["constexprs"].get("FP8_BITS")]
+    return [r for r in {json.dumps(r, sort_keys=True): r for r in tagged}.values()
+            if r.get("min_arch", 0) <= r.get("max_arch", 999)]
 
 
 _TILES = ("BM", "BN", "BK", "GROUP_M", "K_PAD", "CHUNK", "BLOCK")
@@ -224,7 +294,7 @@ def compile_records(records: list[dict], arch: int) -> list[dict]:
     """Compile each record for ``cuda:<arch>``: the records with an ``error`` added where it failed.
     Runs without the interpreter (the kernels must be JITFunctions)."""
     import triton
-    from triton.backends.compiler import GPUTarget
+    from triton.backends.compiler import BaseBackend, GPUTarget
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", arch, 32)
@@ -233,10 +303,16 @@ def compile_records(records: list[dict], arch: int) -> list[dict]:
         if not r.get("min_arch", 0) <= arch <= r.get("max_arch", arch):
             continue
         fn = getattr(importlib.import_module(r["module"]), r["kernel"])
-        src = ASTSource(fn=fn, signature=r["signature"], constexprs=r["constexprs"])
+        attrs = {(fn.arg_names.index(name),): BaseBackend.parse_attr(key) for name, key in r.get("attrs", {}).items()}
+        src = ASTSource(fn=fn, signature=r["signature"], constexprs=r["constexprs"], attrs=attrs)
         try:
-            triton.compile(src, target=target, options=r["options"])
-            results.append({**r, "arch": arch})
+            kernel = triton.compile(src, target=target, options=r["options"])
+            shared = kernel.metadata.shared
+            result = {**r, "arch": arch, "shared": shared}
+            if shared > SHARED_LIMIT.get(arch, shared):
+                result["error"] = (f"needs {shared} bytes of shared memory, sm_{arch} allows {SHARED_LIMIT[arch]} "
+                                   "per block (Triton would refuse the launch: OutOfResources)")
+            results.append(result)
         except Exception as e:  # noqa: BLE001 (the message is the result)
             lines = [line for line in str(e).splitlines() if line.strip()]
             results.append({**r, "arch": arch, "error": lines[-1][:300] if lines else type(e).__name__})
@@ -247,7 +323,7 @@ def check(archs=ARCHS, every_config: bool = False, progress=print) -> list[dict]
     """Record (this process, interpreter) and compile (a child process without it) for each arch;
     returns every compile result. ``every_config``: every tile configuration of the tables too
     (~15 min per arch on 2 cores), else one per kernel variant (``structural``)."""
-    records = _with_variants(arch_records())
+    records = _with_variants(arch_records(archs))
     if not every_config:
         records = structural(records)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -268,15 +344,16 @@ def check(archs=ARCHS, every_config: bool = False, progress=print) -> list[dict]
 
 
 def summary(results: list[dict]) -> str:
-    """One line per (kernel, arch): variants, failures and the first failure's message."""
+    """One line per (kernel, arch): variants, failures, the most shared memory one variant needs,
+    and the first failure's message."""
     rows = {}
     for r in results:
         key = (r["kernel"], r["arch"])
-        n, bad, msg = rows.get(key, (0, 0, ""))
-        rows[key] = (n + 1, bad + ("error" in r), msg or r.get("error", ""))
-    lines = [f"{'kernel':<28} {'arch':>5} {'variants':>8} {'failed':>6}  first error"]
-    for (kernel, arch), (n, bad, msg) in sorted(rows.items()):
-        lines.append(f"{kernel:<28} {'sm_' + str(arch):>5} {n:>8} {bad:>6}  {msg}")
+        n, bad, smem, msg = rows.get(key, (0, 0, 0, ""))
+        rows[key] = (n + 1, bad + ("error" in r), max(smem, r.get("shared", 0)), msg or r.get("error", ""))
+    lines = [f"{'kernel':<28} {'arch':>5} {'variants':>8} {'failed':>6} {'smem KiB':>8}  first error"]
+    for (kernel, arch), (n, bad, smem, msg) in sorted(rows.items()):
+        lines.append(f"{kernel:<28} {'sm_' + str(arch):>5} {n:>8} {bad:>6} {smem / 1024:>8.1f}  {msg}")
     return "\n".join(lines)
 
 

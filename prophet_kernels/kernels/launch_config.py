@@ -65,15 +65,24 @@ def _load(path: str) -> dict:
 _SMEM_BUDGET = 160 * 1024  # bytes of shared memory a default config may ask for (H100: 227 KiB)
 
 
-def _fit_smem(cfg: dict, elem_bytes: int) -> dict:
+def smem_budget(device: torch.device) -> int:
+    """Shared memory a default config may ask for on ``device``: ``_SMEM_BUDGET``, or what one
+    block may have where that is less (compute capability 8.6/8.9: A10, L4, L40S, RTX 30xx/40xx,
+    99 KiB; found by ``compile_check --arch 89``: a 120 KiB default would not launch there)."""
+    props = torch.cuda.get_device_properties(device)
+    return min(_SMEM_BUDGET, getattr(props, "shared_memory_per_block_optin", _SMEM_BUDGET))
+
+
+def _fit_smem(cfg: dict, elem_bytes: int, budget: int = _SMEM_BUDGET) -> dict:
     """Shrink num_stages, then BK, until the pipelined tiles of the gate_up kernel (one x tile and
-    two weight tiles per stage: the larger of the two kernels) fit the shared-memory budget."""
+    two weight tiles per stage: the larger of the two kernels; what Triton allocates, compiled)
+    fit ``budget`` bytes of shared memory."""
     bm = cfg["block_m"]
     for part in ("gate_up", "down"):
         t = cfg[part]
         while True:
             stage = (bm * t["BK"] + 2 * t["BK"] * t["BN"]) * elem_bytes
-            if stage * t["num_stages"] <= _SMEM_BUDGET:
+            if stage * t["num_stages"] <= budget:
                 break
             if t["num_stages"] > 2:
                 t["num_stages"] -= 1
@@ -90,7 +99,7 @@ def default_config(T: int, k: int, E: int, device: torch.device,
     fitted to shared memory for the dtype."""
     if device.type != "cuda":
         return {"block_m": 16, "gate_up": {"BN": 64, "BK": 64}, "down": {"BN": 64, "BK": 64}}
-    return _fit_smem(_gpu_default(T, k, E), torch.empty((), dtype=dtype).element_size())
+    return _fit_smem(_gpu_default(T, k, E), torch.empty((), dtype=dtype).element_size(), smem_budget(device))
 
 
 def _gpu_default(T: int, k: int, E: int) -> dict:
