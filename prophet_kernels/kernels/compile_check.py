@@ -21,8 +21,9 @@ without a device (its ptxas ships with it), so this module
 
     python -m prophet_kernels.kernels.compile_check [--arch 80 90] [--every-config]
 
-prints one line per kernel and target (variants compiled, failures, the most shared memory a
-variant needs, the first failure's message) and exits 1 on any failure. bf16 launches are the fp16 launches with the dtype substituted (the interpreter
+prints one line per kernel and target (variants compiled, failures, the most shared memory and
+registers a variant needs, how many spill registers to local memory, the first failure's message)
+and exits 1 on any failure (spills are reported, not failed: slow, not wrong). bf16 launches are the fp16 launches with the dtype substituted (the interpreter
 cannot run bf16 dots, so the workload runs fp16); launches the CPU never makes (programmatic
 dependent launch, Hopper only) are added for the targets that have it.
 """
@@ -308,7 +309,7 @@ def compile_records(records: list[dict], arch: int) -> list[dict]:
         try:
             kernel = triton.compile(src, target=target, options=r["options"])
             shared = kernel.metadata.shared
-            result = {**r, "arch": arch, "shared": shared}
+            result = {**r, "arch": arch, "shared": shared, **_resources(kernel.asm["cubin"], r["kernel"])}
             if shared > SHARED_LIMIT.get(arch, shared):
                 result["error"] = (f"needs {shared} bytes of shared memory, sm_{arch} allows {SHARED_LIMIT[arch]} "
                                    "per block (Triton would refuse the launch: OutOfResources)")
@@ -317,6 +318,26 @@ def compile_records(records: list[dict], arch: int) -> list[dict]:
             lines = [line for line in str(e).splitlines() if line.strip()]
             results.append({**r, "arch": arch, "error": lines[-1][:300] if lines else type(e).__name__})
     return results
+
+
+def _resources(cubin: bytes, name: str) -> dict:
+    """Registers per thread and spilled bytes per thread (local memory and stack) of a kernel's
+    cubin, as ptxas allocated them (``cuobjdump --dump-resource-usage``, shipped with Triton); {}
+    where the tool is missing."""
+    import re
+    import tempfile
+
+    import triton
+
+    tool = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
+    if not os.path.exists(tool):
+        return {}
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        out = subprocess.run([tool, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
+    m = re.search(rf"Function {re.escape(name)}:\s*REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", out)
+    return {"registers": int(m[1]), "spilled": int(m[2]) + int(m[3])} if m else {}
 
 
 def check(archs=ARCHS, every_config: bool = False, progress=print) -> list[dict]:
@@ -344,16 +365,18 @@ def check(archs=ARCHS, every_config: bool = False, progress=print) -> list[dict]
 
 
 def summary(results: list[dict]) -> str:
-    """One line per (kernel, arch): variants, failures, the most shared memory one variant needs,
-    and the first failure's message."""
+    """One line per (kernel, arch): variants, failures, the most shared memory and registers one
+    variant needs, how many spill to local memory (slow, not wrong), the first failure's message."""
     rows = {}
     for r in results:
         key = (r["kernel"], r["arch"])
-        n, bad, smem, msg = rows.get(key, (0, 0, 0, ""))
-        rows[key] = (n + 1, bad + ("error" in r), max(smem, r.get("shared", 0)), msg or r.get("error", ""))
-    lines = [f"{'kernel':<28} {'arch':>5} {'variants':>8} {'failed':>6} {'smem KiB':>8}  first error"]
-    for (kernel, arch), (n, bad, smem, msg) in sorted(rows.items()):
-        lines.append(f"{kernel:<28} {'sm_' + str(arch):>5} {n:>8} {bad:>6} {smem / 1024:>8.1f}  {msg}")
+        n, bad, smem, regs, spills, msg = rows.get(key, (0, 0, 0, 0, 0, ""))
+        rows[key] = (n + 1, bad + ("error" in r), max(smem, r.get("shared", 0)), max(regs, r.get("registers", 0)),
+                     spills + (r.get("spilled", 0) > 0), msg or r.get("error", ""))
+    lines = [f"{'kernel':<28} {'arch':>5} {'variants':>8} {'failed':>6} {'smem KiB':>8} {'regs':>4} {'spill':>5}  "
+             "first error"]
+    for (kernel, arch), (n, bad, smem, regs, spills, msg) in sorted(rows.items()):
+        lines.append(f"{kernel:<28} {'sm_' + str(arch):>5} {n:>8} {bad:>6} {smem / 1024:>8.1f} {regs:>4} {spills:>5}  {msg}")
     return "\n".join(lines)
 
 
