@@ -199,6 +199,25 @@ def test_errors_name_the_problem():
         fused_experts(x, w13, w2, w, ids.to("meta"))
 
 
+def test_a_gpu_without_a_table_uses_its_siblings(tmp_path, monkeypatch):
+    """The H200 has no table of its own in the repository: it reads the H100's (same SMs), until
+    bench/tune_moe.py writes its own; a GPU with neither gets the defaults."""
+    monkeypatch.setattr(launch_config, "CONFIG_DIR", tmp_path)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    cuda = torch.device("cuda", 0)
+    assert launch_config.table_path(cuda) == tmp_path / "NVIDIA_H200.json"  # neither table: its own name
+    h100 = tmp_path / "NVIDIA_H100_80GB_HBM3.json"
+    h100.write_text("{}")
+    assert launch_config.table_path(cuda) == h100
+    (tmp_path / "NVIDIA_H200.json").write_text("{}")
+    assert launch_config.table_path(cuda) == tmp_path / "NVIDIA_H200.json"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
+    assert launch_config.table_path(cuda) == tmp_path / "NVIDIA_A100-SXM4-80GB.json"
+    # the shipped H100 table exists, so an H200 gets tuned tiles today
+    assert (launch_config.Path(launch_config.__file__).parent / "configs" /
+            launch_config.SIBLING_TABLES["NVIDIA_H200.json"]).exists()
+
+
 def test_launch_config_lookup(tmp_path, monkeypatch):
     key = launch_config.shape_key(8, 32, 16, 2, torch.float32)
     table = {key: {"1": {"block_m": 16, "gate_up": {"BN": 16, "BK": 16}, "down": {"BN": 16, "BK": 16}},

@@ -13,8 +13,9 @@ channel) and ``...,weights=float8_e4m3fn,block=128x128`` (block scales): tuned w
 ``bench/tune_moe.py --experts fp8 [--block 128]``; where a device's file has none, the key of the
 same activations with unquantized weights is used (the tiles move half the weight bytes then).
 
-Lookup: the tuned T nearest to the batch (in log scale) for the exact shape key; otherwise a
-default chosen by batch size, logged once. ``PROPHET_MOE_CONFIG`` (a JSON string or a path to a
+Lookup: the device's table (or, where it has none, a sibling GPU's: ``SIBLING_TABLES``, the H200
+uses the H100's), the tuned T nearest to the batch (in log scale) for the exact shape key;
+otherwise a default chosen by batch size, logged once. ``PROPHET_MOE_CONFIG`` (a JSON string or a path to a
 JSON file holding one config) pins a config for every call. ``bench/tune_moe.py`` writes the files.
 """
 
@@ -51,6 +52,26 @@ def device_file_name(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu.json"
     return torch.cuda.get_device_name(device).replace(" ", "_") + ".json"
+
+
+# A GPU without a table of its own uses the table of a GPU with the same SMs (count and shared
+# memory), whose tiles were timed there; ``bench/tune_moe.py`` on the GPU writes its own. The H200
+# SXM is the H100 SXM's chip (132 SMs, sm_90) with 1.4x the memory bandwidth.
+SIBLING_TABLES = {"NVIDIA_H200.json": "NVIDIA_H100_80GB_HBM3.json"}
+
+
+def table_path(device: torch.device) -> Path:
+    """The launch-config table ``get_config`` reads for ``device``: its own, else its sibling's
+    (``SIBLING_TABLES``; logged once), else its own name (absent: the defaults)."""
+    own = CONFIG_DIR / device_file_name(device)
+    sibling = SIBLING_TABLES.get(own.name)
+    if own.exists() or sibling is None or not (CONFIG_DIR / sibling).exists():
+        return own
+    if own.name not in _warned:
+        _warned.add(own.name)
+        log.warning("prophet_kernels: no tuned launch configs for this GPU (%s); using %s's, a GPU with the "
+                    "same SMs (run bench/tune_moe.py to tune its own)", own.name, sibling)
+    return CONFIG_DIR / sibling
 
 
 @functools.lru_cache(maxsize=None)
@@ -143,7 +164,7 @@ def get_config(T: int, E: int, H: int, I: int, k: int, dtype: torch.dtype,
     if pinned:
         text = Path(pinned).read_text() if os.path.exists(pinned) else pinned
         return _validate(json.loads(text), "PROPHET_MOE_CONFIG")
-    fname = table_file or str(CONFIG_DIR / device_file_name(device))
+    fname = table_file or str(table_path(device))
     table = _load(fname)
     key = shape_key(E, H, I, k, dtype)
     keys = [shape_key(E, H, I, k, dtype, weight_dtype, block_shape), key]
