@@ -17,6 +17,8 @@
 #                                   experts at T 1..64 (per channel and 128x128 blocks; vs vLLM's fp8 fused_moe
 #                                   when vLLM is on the path: run it after the gpu-vllm c1, c2 calls), the fp8
 #                                   vs bf16 expert copy (bench_prefetch --only copy)
+#   bench/gpu_session.sh fp8-a8     W8A8 (fp8 activations) vs W8A16 on the grouped path at prefill batches (OLMoE,
+#                                   T 1024 and 4096), both tuned and timed side by side (issue 28's "if it is faster")
 #   bench/gpu_session.sh fp8-tune   after fp8, if it missed 85% of HBM: tune fp8 launch configs (their own table
 #                                   keys) for OLMoE and Mixtral at T 1 and 16, then the fp8 benchmark again there
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
@@ -79,6 +81,10 @@ fp8)
     --out-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/bench_fp8.txt"
   timeout 150 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | grep -E "fp8_vs_bf16|Error|error" \
     | tee "$OUT/copy_fp8.txt"
+  ;;
+fp8-a8)  # W8A8 vs W8A16 on the grouped path at prefill batches (OLMoE shape), timed side by side; the table goes to $OUT
+  timeout 270 $PY bench/tune_moe.py --experts fp8 --shapes olmoe --T 1024 4096 --a8 all --out "$OUT/a8.json" 2>&1 \
+    | tee "$OUT/tune_a8.txt" | grep -E "block_m=|-> T=" | tail -12
   ;;
 fp8-tune)
   timeout 240 $PY bench/tune_moe.py --experts fp8 --shapes olmoe mixtral --T 1 16 2>&1 | tee "$OUT/tune_fp8.txt" \

@@ -12,9 +12,12 @@ written to ``prophet_kernels/kernels/configs/<device>.json``
     python bench/tune_moe.py --shapes olmoe --T 1 4
     python bench/tune_moe.py --experts fp8 --T 1 16          # fp8 experts (scales per output channel)
     python bench/tune_moe.py --experts fp8 --block 128       # fp8 experts with 128x128 block scales
+    python bench/tune_moe.py --experts fp8 --T 1024 4096 --a8 all   # W8A8 against W8A16, timed
 
 fp8 experts get keys of their own (``launch_config.shape_key``); without them the kernels use the
-unquantized key's configs.
+unquantized key's configs. With fp8 experts on a GPU with an fp8 type, W8A8 (activations quantized
+to e4m3 per token, fp8 x fp8 dots, ``"a8": true`` in the config) competes on the grouped path
+where it is timed (``--a8``): the faster one is written, measured, not assumed.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from prophet_kernels.benchmark.moe import time_graph
 from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
-from prophet_kernels.kernels.fp8 import FP8, check_block_shape, quantize_fp8
+from prophet_kernels.kernels.fp8 import FP8, check_block_shape, has_fp8_type, quantize_fp8
 from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key
@@ -69,8 +72,11 @@ def gemv_candidates():
     return [dict(BN=n, BK=k, num_warps=w, num_stages=s) for n, k, w, s in tiles]
 
 
-def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None), block_shape=None):
-    """(best us, config) for one shape and T; ``scales``/``block_shape``: fp8 experts' scales."""
+def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None), block_shape=None, a8="prefill"):
+    """(best us, config) for one shape and T; ``scales``/``block_shape``: fp8 experts' scales.
+    ``a8`` (fp8 experts on a GPU with an fp8 type): also time W8A8 (activations quantized to e4m3,
+    fp8 x fp8 dots; the quantization counted) on the grouped path: "prefill" where it has more than
+    16 rows per expert (where the MMA time is not hidden under the weight reads), "all", or "off"."""
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
     s13, s2 = scales
     g = torch.Generator(device=device).manual_seed(T)
@@ -87,27 +93,53 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
         return min(((bench([make_call(c, r) for r in range(rotations)]), c) for c in cands),
                    key=lambda p: p[0])
 
-    for bm in bms:
+    def grouped(bm, w8a8):
+        """(total us, config) of the best tiles at block_m ``bm``, W8A16 or W8A8."""
         plans = [route_plan(i, E, bm) for _, i, _ in inputs]
         plan_us = bench([lambda i=i: route_plan(i, E, bm) for _, i, _ in inputs])
-        gu = pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k, c, s13, block_shape), tiles)
-        acts = [launch_gate_up(x, w13, p, k, gu[1], s13, block_shape) for (x, _, _), p in zip(inputs, plans)]
-        dn = pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r], c, s2, block_shape), tiles)
+        cands, xs, quant_us, a8_args = tiles, [(x, {}) for x, _, _ in inputs], 0.0, {}
+        if w8a8:  # e4m3 activations: x per token, the intermediate rows per row (timed: part of the cost)
+            cands = [c for c in tiles if c["BK"] >= 32]  # fp8 dots take K tiles of 32 or more
+            quant_us = bench([lambda x=x: quantize_fp8(x) for x, _, _ in inputs])
+            xs = [(q, {"x_scale": sc, "out_dtype": dtype}) for q, sc in (quantize_fp8(x) for x, _, _ in inputs)]
+
+        def gate_up(c, r):
+            return lambda: launch_gate_up(xs[r][0], w13, plans[r], k, c, s13, block_shape, **xs[r][1])
+
+        def acts_of(c):
+            acts = [gate_up(c, r)() for r in range(rotations)]
+            return [(a, {}) for a in acts] if not w8a8 else \
+                [(q, {"act_scale": sc, "out_dtype": dtype}) for q, sc in (quantize_fp8(a) for a in acts)]
+
+        def down(c, r):
+            return lambda: launch_down(acts[r][0], w2, inputs[r][2], plans[r], c, s2, block_shape, **acts[r][1])
+
+        gu = pick(gate_up, cands)
+        acts = acts_of(gu[1])
+        dn = pick(down, cands)
         if rows_per_expert > 16:  # large batches: then the grouped order of the best tiles
-            groups = [dict(gu[1], GROUP_M=m) for m in (4, 8, 16)]
-            gu = min([gu, pick(lambda c, r: lambda: launch_gate_up(inputs[r][0], w13, plans[r], k,
-                                                                   c, s13, block_shape), groups)], key=lambda p: p[0])
-            acts = [launch_gate_up(x, w13, p, k, gu[1], s13, block_shape) for (x, _, _), p in zip(inputs, plans)]
-            groups = [dict(dn[1], GROUP_M=m) for m in (4, 8, 16)]
-            dn = min([dn, pick(lambda c, r: lambda: launch_down(acts[r], w2, inputs[r][2], plans[r],
-                                                                c, s2, block_shape), groups)], key=lambda p: p[0])
-        outs = [launch_down(a, w2, wf, p, dn[1], s2, block_shape) for a, (_, _, wf), p in zip(acts, inputs, plans)]
+            gu = min([gu, pick(gate_up, [dict(gu[1], GROUP_M=m) for m in (4, 8, 16)])], key=lambda p: p[0])
+            acts = acts_of(gu[1])
+            dn = min([dn, pick(down, [dict(dn[1], GROUP_M=m) for m in (4, 8, 16)])], key=lambda p: p[0])
+        if w8a8:
+            quant_us += bench([lambda a=a: quantize_fp8(a) for a in
+                               (gate_up(gu[1], r)() for r in range(rotations))])
+        outs = [down(dn[1], r)() for r in range(rotations)]
         sum_us = bench([lambda o=o: o.view(T, k, H).sum(1) for o in outs]) if k > 1 else 0.0
-        total = plan_us + gu[0] + dn[0] + sum_us
-        print(f"  T={T:5d} block_m={bm:3d}: plan {plan_us:6.1f} + gate_up {gu[0]:7.1f} {gu[1]} + "
+        total = plan_us + quant_us + gu[0] + dn[0] + sum_us
+        print(f"  T={T:5d} block_m={bm:3d}{' W8A8' if w8a8 else ''}: plan {plan_us:6.1f}"
+              f"{f' + quantize {quant_us:5.1f}' if w8a8 else ''} + gate_up {gu[0]:7.1f} {gu[1]} + "
               f"down {dn[0]:7.1f} {dn[1]} + sum {sum_us:5.1f} = {total:7.1f} us", flush=True)
-        if best is None or total < best[0]:
-            best = (total, {"block_m": bm, "gate_up": gu[1], "down": dn[1]})
+        return total, {**({"a8": True} if w8a8 else {}), "block_m": bm, "gate_up": gu[1], "down": dn[1]}
+
+    time_a8 = (s13 is not None and w13.dtype == FP8 and has_fp8_type(device)
+               and (block_shape is None or block_shape[1] >= 32)
+               and (a8 == "all" or (a8 == "prefill" and rows_per_expert > 16)))
+    for bm in bms:
+        for w8a8 in (False, True) if time_a8 else (False,):
+            found = grouped(bm, w8a8)
+            if best is None or found[0] < best[0]:
+                best = found
     if T * k <= E:  # decode with mostly distinct experts: also time the two-launch GEMV path
         gcands = gemv_candidates()
         flat = [i.reshape(-1).contiguous() for _, i, _ in inputs]
@@ -140,6 +172,9 @@ def main(argv=None):
                     help="auto: experts in --dtype; fp8: e4m3 experts with fp32 scales (their own table keys)")
     ap.add_argument("--block", type=int, default=None,
                     help="with --experts fp8: square scale blocks of this size (e.g. 128); default per output channel")
+    ap.add_argument("--a8", choices=["prefill", "all", "off"], default="prefill",
+                    help="with --experts fp8 on sm_89+: also time W8A8 (fp8 activations) on the grouped path, "
+                         "at batches of more than 16 rows per expert (prefill, default), every batch, or never")
     ap.add_argument("--out", default=None, help="config JSON to write (default: the device's file)")
     args = ap.parse_args(argv)
     if args.block is not None and args.experts != "fp8":
@@ -162,7 +197,7 @@ def main(argv=None):
         key = shape_key(shape["E"], shape["H"], shape["I"], shape["k"], dtype, weight_dtype, block)
         print(f"{name} {key}", flush=True)
         for T in args.T:
-            us, cfg = tune_one(shape, T, dtype, device, w13, w2, scales=scales, block_shape=block)
+            us, cfg = tune_one(shape, T, dtype, device, w13, w2, scales=scales, block_shape=block, a8=args.a8)
             table.setdefault(key, {})[str(T)] = cfg
             print(f"  -> T={T}: {us:.1f} us {cfg}  [{time.time() - t0:.0f} s]", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)

@@ -235,6 +235,32 @@ def test_tuner_runs_its_fp8_candidates(monkeypatch, block_shape):
     assert ",weights=float8_e4m3fn" in key and (",block=16x16" in key) == (block_shape is not None)
 
 
+def test_tuner_times_w8a8_where_asked(monkeypatch, capsys):
+    """`tune_moe.py --experts fp8 --a8 all`: the grouped search runs again with e4m3 activations (the
+    kernels get x's scales), printed as W8A8 beside W8A16; "off", or block scales narrower than a
+    32-wide K tile, time W8A16 only. (Timing stubbed, as above.)"""
+    from bench import tune_moe
+    from prophet_kernels.benchmark.common import make_experts
+
+    monkeypatch.setattr(tune_moe, "bench", lambda cs: [c() for c in cs] and 1.0)
+    tiles = [dict(BN=16, BK=16, num_warps=4, num_stages=2), dict(BN=32, BK=32, num_warps=4, num_stages=2)]
+    monkeypatch.setattr(tune_moe, "candidates", lambda rows: ([16], tiles))
+    a8_calls = []
+    real = tune_moe.launch_gate_up
+    monkeypatch.setattr(tune_moe, "launch_gate_up", lambda *a, **kw: a8_calls.append("x_scale" in kw) or real(*a, **kw))
+    shape = dict(E=8, H=64, I=32, k=2)
+    w13, w2 = make_experts(8, 64, 32, torch.float32, DEV)
+    for block_shape, a8, timed in ((None, "all", True), (None, "off", False), ((16, 16), "all", False),
+                                   ((32, 32), "prefill", False)):  # 8 tokens x 2 / 8 experts: not prefill
+        (q13, s13), (q2, s2) = quantize_fp8(w13, block_shape), quantize_fp8(w2, block_shape)
+        a8_calls.clear()
+        tune_moe.tune_one(shape, 8, torch.float32, torch.device(DEV), q13, q2, rotations=2, scales=(s13, s2),
+                          block_shape=block_shape, a8=a8)
+        out = capsys.readouterr().out
+        assert ("W8A8" in out) == timed and any(a8_calls) == timed, (block_shape, a8, out)
+        assert not all(a8_calls)  # W8A16 is always timed
+
+
 @triton.jit
 def _decode_all(src, dst32, dst16, dstb16):
     i = tl.arange(0, 256)
@@ -283,3 +309,55 @@ def test_fp8_bytes_path_equals_fp8_type_path(monkeypatch, shape, cfg, block_shap
     bits = fused_experts_paged(*args, **kw)
     assert launched and all(launched)
     assert torch.equal(bits, native)
+
+
+# W8A8 (issue 28): the grouped path with e4m3 activations (a scale per token, then per intermediate
+# row) and fp8 x fp8 dots, where a launch config asks for it ("a8") and the GPU has an fp8 type
+A8 = {"a8": True, "block_m": 16, "gate_up": {"BN": 16, "BK": 32, "GROUP_M": 2}, "down": {"BN": 32, "BK": 32, "GROUP_M": 2}}
+A8_BLOCKS = [None, (16, 32), (128, 128)]  # fp8 dots take K tiles of 32: blocks at least 32 wide in K
+
+
+@pytest.mark.parametrize("block_shape", A8_BLOCKS, ids=["per-channel", "block16x32", "block128"])
+@pytest.mark.parametrize("T", [1, 3, 33])
+def test_w8a8_equals_reference_with_quantized_activations(T, block_shape):
+    H, I, E, k = 70, 47, 7, 2  # odd H and I: ragged K and N tiles
+    gen = torch.Generator().manual_seed(1000 * T + (block_shape or (0,))[0])
+    q13, s13, q2, s2 = experts_fp8(E, H, I, gen, block_shape)
+    (q13s, s13s, q2s, s2s), pt = scrambled(E, E + 3, gen, q13, s13, q2, s2)
+    w, ids = routing(T, E, k, gen)
+    w8a16 = {key: v for key, v in A8.items() if key != "a8"}
+    for dtype, tol in ((torch.float32, 2e-6), (torch.float16, 5e-3)):
+        x = torch.randn(T, H, generator=gen).to(dtype) * (0.5 + torch.rand(T, 1, generator=gen)).to(dtype)
+        args = [t.to(DEV) for t in (x, q13s, q2s, pt, w, ids)]
+        kw = dict(w13_scale=s13s.to(DEV), w2_scale=s2s.to(DEV), block_shape=block_shape)
+        ref = fused_experts_paged_reference(*args, compute_dtype=torch.float64, quantize_activations=True, **kw)
+        y = fused_experts_paged(*args, config=A8, **kw)
+        assert y.dtype == dtype and y.shape == (T, H)
+        assert rel_err(y, ref) < tol, (dtype, rel_err(y, ref))
+        # the activations' rounding is real (a8 is not ignored), and small next to the result
+        plain = fused_experts_paged(*args, config=w8a16, **kw)
+        assert 1e-4 < rel_err(y, plain) < 0.1, rel_err(y, plain)
+
+
+def test_w8a8_runs_w8a16_where_the_gpu_has_no_fp8_type(monkeypatch):
+    """An "a8" config on a GPU without an fp8 type (A100: the bytes path), with unquantized experts
+    or with block scales narrower than a 32-wide K tile runs W8A16: the same result as without the
+    flag, bit for bit."""
+    from prophet_kernels.kernels import fp8 as fp8_module
+
+    T, H, I, E, k = 5, 64, 48, 6, 2
+    gen = torch.Generator().manual_seed(5)
+    q13, s13, q2, s2 = experts_fp8(E, H, I, gen, None)
+    w, ids = routing(T, E, k, gen)
+    x = torch.randn(T, H, generator=gen)
+    w8a16 = {key: v for key, v in A8.items() if key != "a8"}
+    monkeypatch.setattr(fp8_module, "has_fp8_type", lambda device: False)
+    y = fused_experts(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, config=A8)
+    assert torch.equal(y, fused_experts(x, q13, q2, w, ids, w13_scale=s13, w2_scale=s2, config=w8a16))
+    monkeypatch.undo()
+    w13, w2 = dequantize_fp8(q13, s13), dequantize_fp8(q2, s2)
+    assert torch.equal(fused_experts(x, w13, w2, w, ids, config=A8), fused_experts(x, w13, w2, w, ids, config=w8a16))
+    q13, s13, q2, s2 = experts_fp8(E, H, I, gen, (16, 16))
+    kw = dict(w13_scale=s13, w2_scale=s2, block_shape=(16, 16))
+    assert torch.equal(fused_experts(x, q13, q2, w, ids, config=A8, **kw),
+                       fused_experts(x, q13, q2, w, ids, config=w8a16, **kw))

@@ -202,6 +202,8 @@ def moe_workload(configs) -> None:
             continue
         for block in (None, (128, 128), (16, 16)):
             _moe_calls(dtype, "fp8", (8, 256, 128, 4, block), cfg, min(T, 4))
+            if not cfg.get("gemv"):  # W8A8 (fp8 activations, where the GPU has an fp8 type)
+                _moe_calls(dtype, "fp8", (8, 256, 128, 4, block), {**cfg, "a8": True}, min(T, 4))
         for weights, block in (("same", None), ("fp8", None), ("fp8", (128, 128))):  # read-through fills
             for shape in ((8, 256, 128, 4, block), (8, 200, 72, 4, None)):
                 if weights == "same" or shape[4] == block:

@@ -66,6 +66,7 @@ def _gate_up_kernel(
     sorted_ptr,  # (P,) int32
     block_slot_ptr,  # (NB,) int32
     s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
+    xs_ptr,  # (T,) fp32 A8: x's per-token scales (x is fp8)
     # sizes
     N, NB, H, I, TOPK, GN, GK,
     # strides
@@ -76,8 +77,10 @@ def _gate_up_kernel(
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
+    A8: tl.constexpr,
 ):
-    """grid = (NB * cdiv(I, BN),), grouped order (see _block_coords)."""
+    """grid = (NB * cdiv(I, BN),), grouped order (see _block_coords). A8 (W8A8): x is e4m3 with a
+    scale per token, the dots are fp8 x fp8 with fp32 accumulation, x's scale applied before silu."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(I, BN), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot < 0:
@@ -123,6 +126,10 @@ def _gate_up_kernel(
     if SCALE == 1:  # per output channel: one scale per row, on the total
         acc_g *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
         acc_u *= _scale_at(s_base, offs_n + I, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
+    if A8:  # x's per-token scale: constant over K, so applied once to the totals
+        xs = tl.load(xs_ptr + tok, mask=row_ok, other=0.0)
+        acc_g *= xs[:, None]
+        acc_u *= xs[:, None]
 
     act = acc_g * tl.sigmoid(acc_g) * acc_u
     a_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_ap + offs_n[None, :] * stride_ai
@@ -139,6 +146,7 @@ def _down_kernel(
     sorted_ptr,  # (P,) int32
     block_slot_ptr,  # (NB,) int32
     s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
+    as_ptr,  # (P,) fp32 A8: act's per-row scales (act is fp8)
     # sizes
     N, NB, H, I, GN, GK,
     # strides
@@ -149,8 +157,10 @@ def _down_kernel(
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
+    A8: tl.constexpr,
 ):
-    """grid = (NB * cdiv(H, BN),), grouped order (see _block_coords)."""
+    """grid = (NB * cdiv(H, BN),), grouped order (see _block_coords). A8: act is e4m3 with a scale
+    per row (fp8 x fp8 dots)."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(H, BN), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot < 0:  # unused block, or an expert without a valid slot: the combine skips its rows
@@ -184,6 +194,8 @@ def _down_kernel(
         w_ptrs += BK * stride_wi
     if SCALE == 1:
         acc *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
+    if A8:
+        acc *= tl.load(as_ptr + offs_m)[:, None]
     rw = tl.load(topk_w_ptr + ts, mask=row_ok, other=0.0)
     out = (acc * rw[:, None]).to(out_ptr.dtype.element_ty)
     tl.store(o_ptrs, out, mask=row_ok[:, None] & n_ok[None, :])
@@ -222,46 +234,50 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict, scale=None, block_shape=None) -> torch.Tensor:
-    """act [P, I] = silu(gate) * up for every used block of ``plan`` (``scale``: fp8 weights' scales)."""
+def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict, scale=None, block_shape=None, x_scale=None,
+                   out_dtype=None) -> torch.Tensor:
+    """act [P, I] = silu(gate) * up for every used block of ``plan`` (``scale``: fp8 weights' scales;
+    ``x_scale`` [T] fp32: x is e4m3 with a scale per token, W8A8; act in ``out_dtype``, default x's)."""
     P = plan.sorted_ids.numel()
     NB = plan.block_slot.numel()
     H = x.shape[1]
     I = w13_slots.shape[1] // 2
-    act = torch.empty((P, I), dtype=x.dtype, device=x.device)
+    act = torch.empty((P, I), dtype=out_dtype or x.dtype, device=x.device)
     bn = cfg["BN"]
     w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w13_slots, scale, block_shape, cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(I, meta["BN"]),)  # noqa: E731
     _gate_up_kernel[grid](
-        x, w_arg, act, plan.sorted_ids, plan.block_slot, s,
+        x, w_arg, act, plan.sorted_ids, plan.block_slot, s, x_scale if x_scale is not None else s,
         plan.num_token_slots, NB, H, I, topk, gn, gk,
         x.stride(0), x.stride(1),
         w13_slots.stride(0), w13_slots.stride(1), w13_slots.stride(2),
         act.stride(0), act.stride(1), *s_strides,
         BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=H % bk == 0,
-        DOT_PRECISION=_dot_precision(x.dtype), **smeta,
+        DOT_PRECISION=_dot_precision(x.dtype), **smeta, A8=x_scale is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return act
 
 
-def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict, scale=None, block_shape=None) -> torch.Tensor:
-    """out [N, H] = routing weight * (act @ W2^T) per token-slot (``scale``: fp8 weights' scales)."""
+def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict, scale=None, block_shape=None, act_scale=None,
+                out_dtype=None) -> torch.Tensor:
+    """out [N, H] = routing weight * (act @ W2^T) per token-slot (``scale``: fp8 weights' scales;
+    ``act_scale`` [P] fp32: act is e4m3 with a scale per row, W8A8; out in ``out_dtype``, default act's)."""
     NB = plan.block_slot.numel()
     N = plan.num_token_slots
     H, I = w2_slots.shape[1], w2_slots.shape[2]
-    out = torch.empty((N, H), dtype=act.dtype, device=act.device)
+    out = torch.empty((N, H), dtype=out_dtype or act.dtype, device=act.device)
     bn = cfg["BN"]
     w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w2_slots, scale, block_shape, cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(H, meta["BN"]),)  # noqa: E731
     _down_kernel[grid](
-        act, w_arg, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, s,
+        act, w_arg, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, s, act_scale if act_scale is not None else s,
         N, NB, H, I, gn, gk,
         act.stride(0), act.stride(1),
         w2_slots.stride(0), w2_slots.stride(1), w2_slots.stride(2),
         out.stride(0), out.stride(1), *s_strides,
         BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=I % bk == 0,
-        DOT_PRECISION=_dot_precision(act.dtype), **smeta,
+        DOT_PRECISION=_dot_precision(act.dtype), **smeta, A8=act_scale is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out

@@ -8,6 +8,8 @@ shape key ``"E=64,H=2048,I=1024,k=8,dtype=bfloat16"`` to ``{"<T>": config}``; a 
      "down":    {"BN": 64, "BK": 128, "num_warps": 4, "num_stages": 4}}
 
 ``"gemv": true`` selects the two-launch decode path of :mod:`gemv` (tiles then mean its tiles).
+``"a8": true`` (fp8 experts, grouped path, sm_89+) runs W8A8: activations quantized to e4m3 per
+token, fp8 x fp8 dots (``moe.uses_a8``); the tuner writes it only where it timed faster.
 fp8 experts have keys of their own, ``...,dtype=bfloat16,weights=float8_e4m3fn`` (per output
 channel) and ``...,weights=float8_e4m3fn,block=128x128`` (block scales): tuned with
 ``bench/tune_moe.py --experts fp8 [--block 128]``; where a device's file has none, the key of the
@@ -151,6 +153,9 @@ def _validate(cfg: dict, where: str) -> dict:
         raise ValueError(f"launch config from {where} is malformed ({e!r}): {cfg}") from None
     if bm < 16 or bm & (bm - 1):
         raise ValueError(f"launch config from {where}: block_m={bm} is not a power of two >= 16")
+    if not isinstance(cfg.get("a8", False), bool):
+        raise ValueError(f"launch config from {where}: a8 (W8A8 on fp8 experts) must be true or false, "
+                         f"got {cfg['a8']!r}")
     return cfg
 
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import use_triton
+from . import fp8, use_triton
 from .gemv import gemv_experts
 from .grouped_gemm import launch_combine, launch_down, launch_gate_up
-from .fp8 import FP8, check_block_shape, check_scales, dequantize_fp8
+from .fp8 import FP8, check_block_shape, check_scales, dequantize_fp8, quantize_fp8
 from .launch_config import get_config
 from .residency import ReadThrough
 from .route_plan import narrow_ids, raise_shared_slots, route_plan
@@ -152,9 +152,27 @@ def _run(x, w13, w2, page_table, weights, ids, T, H, I, k, E, S, check, config, 
     plan = route_plan(ids, E, cfg["block_m"], page_table, num_slots=S)
     if checking:
         plan.check(num_slots=S, page_table=page_table)  # host sync: bad ids, missing/shared slots raise
-    act = launch_gate_up(x, w13, plan, k, cfg["gate_up"], scales[0], block_shape)
-    out = launch_down(act, w2, weights, plan, cfg["down"], scales[1], block_shape)
+    if uses_a8(cfg, w13.dtype, x.device, block_shape):  # W8A8: activations e4m3 per token (row), fp8 dots
+        xq, xs = quantize_fp8(x)
+        act = launch_gate_up(xq, w13, plan, k, cfg["gate_up"], scales[0], block_shape, x_scale=xs, out_dtype=x.dtype)
+        aq, a_s = quantize_fp8(act)
+        out = launch_down(aq, w2, weights, plan, cfg["down"], scales[1], block_shape, act_scale=a_s,
+                          out_dtype=x.dtype)
+    else:
+        act = launch_gate_up(x, w13, plan, k, cfg["gate_up"], scales[0], block_shape)
+        out = launch_down(act, w2, weights, plan, cfg["down"], scales[1], block_shape)
     return launch_combine(out, ids.reshape(-1).contiguous(), page_table, E, S, k)
+
+
+def uses_a8(cfg: dict, weight_dtype: torch.dtype, device: torch.device, block_shape=None) -> bool:
+    """Whether a grouped-path launch config runs W8A8: it asks for it (``"a8": true``, which
+    ``bench/tune_moe.py`` writes where timing says it is faster), the experts are fp8, the GPU has
+    an fp8 type (sm_89+) and both K tiles are at least 32 wide (fp8 dots need it; block scales cap
+    the tile at the block's K); otherwise the config runs W8A16."""
+    if not cfg.get("a8") or cfg.get("gemv") or weight_dtype != FP8 or not fp8.has_fp8_type(device):
+        return False
+    cap = block_shape[1] if block_shape else cfg["gate_up"]["BK"]
+    return min(cfg["gate_up"]["BK"], cfg["down"]["BK"], cap) >= 32
 
 
 def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
@@ -263,11 +281,14 @@ def _(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, src_w13, src_w
 
 def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
                             compute_dtype: torch.dtype = torch.float32, check: bool = True,
-                            w13_scale=None, w2_scale=None, block_shape=None) -> torch.Tensor:
+                            w13_scale=None, w2_scale=None, block_shape=None,
+                            quantize_activations: bool = False) -> torch.Tensor:
     """Plain PyTorch: loop over the routed experts, gather their tokens, two matmuls, one row per token-slot.
     Computes in ``compute_dtype`` (fp32 by default) and returns x's dtype. Syncs the host.
     ``check``: an id outside [0, E) raises; without it, that token-slot contributes zero (the kernels' rule).
-    fp8 weights are dequantized with their scales (:func:`fp8.dequantize_fp8`) first."""
+    fp8 weights are dequantized with their scales (:func:`fp8.dequantize_fp8`) first.
+    ``quantize_activations`` (W8A8): x rounded to e4m3 with a scale per token, and each
+    intermediate row (silu(gate) * up, in x's dtype) with a scale per row, as the kernels do."""
     T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids, None, (w13_scale, w2_scale),
                                                   block_shape)
     flat = ids.reshape(-1).long()
@@ -275,7 +296,7 @@ def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
     if check and T and not bool(valid.all()):
         raise ValueError(f"topk_ids holds expert ids outside [0, {E})")
     tok = torch.arange(T, device=x.device).repeat_interleave(k)
-    xc = x.to(compute_dtype)
+    xc = _rounded_to_fp8(x).to(compute_dtype) if quantize_activations and T else x.to(compute_dtype)
     # One output row per token-slot, summed over j in order afterwards (as the kernels do): the
     # result does not depend on which slot an expert sits in, so paged == contiguous exactly.
     rows = torch.zeros((T * k, H), dtype=compute_dtype, device=x.device)
@@ -286,13 +307,22 @@ def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
         sel = flat == e
         h = xc[tok[sel]] @ weight(w13, w13_scale, e).t()
         a = F.silu(h[:, :I]) * h[:, I:]
+        if quantize_activations:
+            a = _rounded_to_fp8(a.to(x.dtype)).to(compute_dtype)
         rows[sel] = (a @ weight(w2, w2_scale, e).t()) * weights[sel, None].to(compute_dtype)
     return rows.view(T, k, H).sum(dim=1).to(x.dtype)
 
 
+def _rounded_to_fp8(a: torch.Tensor) -> torch.Tensor:
+    # rows rounded to e4m3 with a scale per row (fp32 result): the W8A8 activations
+    q, scale = quantize_fp8(a)
+    return q.float() * scale[:, None]
+
+
 def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weights, topk_ids, *,
                                   compute_dtype: torch.dtype = torch.float32, check: bool = True,
-                                  w13_scale=None, w2_scale=None, block_shape=None) -> torch.Tensor:
+                                  w13_scale=None, w2_scale=None, block_shape=None,
+                                  quantize_activations: bool = False) -> torch.Tensor:
     """Plain PyTorch paged reference: translate ids through the page table, then
     :func:`fused_experts_reference` on the slot buffer. Syncs the host. ``check``: an id outside
     [0, E), a routed expert without a slot in [0, S) or two experts sharing a slot raise; without
@@ -315,4 +345,5 @@ def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weigh
     slots = torch.where((slots >= 0) & (slots < S), slots, -1)
     return fused_experts_reference(x, w13_slots, w2_slots, topk_weights, slots.view(T, k).to(torch.int32),
                                    compute_dtype=compute_dtype, check=False, w13_scale=w13_scale,
-                                   w2_scale=w2_scale, block_shape=block_shape)
+                                   w2_scale=w2_scale, block_shape=block_shape,
+                                   quantize_activations=quantize_activations)
