@@ -39,7 +39,7 @@ from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_exper
 from prophet_kernels.kernels.fp8 import FP8, check_block_shape, has_fp8_type, quantize_fp8
 from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
-from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key
+from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key, table_path
 from prophet_kernels.kernels.route_plan import route_plan
 
 
@@ -163,6 +163,19 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
     return best
 
 
+def starting_table(out: Path, device: torch.device, own: bool) -> dict:
+    """What the run merges into: ``out``'s table; for a GPU's own file that does not exist yet, the
+    table it reads until then (a sibling GPU's, ``launch_config.table_path``), so that a partial
+    tuning does not replace the sibling's tiles at the shapes and batch sizes it does not time."""
+    if out.exists():
+        return json.loads(out.read_text())
+    seed = table_path(device) if own else out
+    if seed != out and seed.exists():
+        print(f"starting from {seed.name} (the table this GPU read so far); the tuned entries replace its own")
+        return json.loads(seed.read_text())
+    return {}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", nargs="+", default=list(MOE_SHAPES))
@@ -185,7 +198,7 @@ def main(argv=None):
     device = torch.device("cuda")
     dtype = getattr(torch, args.dtype)
     out = Path(args.out) if args.out else CONFIG_DIR / device_file_name(device)
-    table = json.loads(out.read_text()) if out.exists() else {}
+    table = starting_table(out, device, own=not args.out)
     t0 = time.time()
     for name in args.shapes:
         shape = MOE_SHAPES[name]

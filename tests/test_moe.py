@@ -213,6 +213,18 @@ def test_a_gpu_without_a_table_uses_its_siblings(tmp_path, monkeypatch):
     assert launch_config.table_path(cuda) == tmp_path / "NVIDIA_H200.json"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA A100-SXM4-80GB")
     assert launch_config.table_path(cuda) == tmp_path / "NVIDIA_A100-SXM4-80GB.json"
+    # bench/tune_moe.py on an H200 without its own table starts from the H100's, so that a partial
+    # tuning keeps the H100's tiles where it did not time (its own file, once written, is read as is)
+    from bench import tune_moe
+
+    (tmp_path / "NVIDIA_H200.json").unlink()
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    h100.write_text(json.dumps({"E=8": {"1": GEMV}}))
+    own = tmp_path / "NVIDIA_H200.json"
+    assert tune_moe.starting_table(own, cuda, own=True) == {"E=8": {"1": GEMV}}
+    assert tune_moe.starting_table(tmp_path / "elsewhere.json", cuda, own=False) == {}
+    own.write_text(json.dumps({"E=64": {}}))
+    assert tune_moe.starting_table(own, cuda, own=True) == {"E=64": {}}
     # the shipped H100 table exists, so an H200 gets tuned tiles today
     assert (launch_config.Path(launch_config.__file__).parent / "configs" /
             launch_config.SIBLING_TABLES["NVIDIA_H200.json"]).exists()
