@@ -36,10 +36,11 @@ import torch
 
 from prophet_kernels.benchmark.moe import time_graph
 from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
-from prophet_kernels.kernels.fp8 import FP8, check_block_shape, has_fp8_type, quantize_fp8
+from prophet_kernels.kernels.fp8 import FP8, check_block_shape, quantize_fp8
 from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key, table_path
+from prophet_kernels.kernels.moe import uses_a8
 from prophet_kernels.kernels.route_plan import route_plan
 
 
@@ -97,33 +98,32 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
         """(total us, config) of the best tiles at block_m ``bm``, W8A16 or W8A8."""
         plans = [route_plan(i, E, bm) for _, i, _ in inputs]
         plan_us = bench([lambda i=i: route_plan(i, E, bm) for _, i, _ in inputs])
-        cands, xs, quant_us, a8_args = tiles, [(x, {}) for x, _, _ in inputs], 0.0, {}
+        cands, xs, quant_us = tiles, [(x, {}) for x, _, _ in inputs], 0.0
         if w8a8:  # e4m3 activations: x per token, the intermediate rows per row (timed: part of the cost)
-            cands = [c for c in tiles if c["BK"] >= 32]  # fp8 dots take K tiles of 32 or more
+            cands = a8_tiles
             quant_us = bench([lambda x=x: quantize_fp8(x) for x, _, _ in inputs])
             xs = [(q, {"x_scale": sc, "out_dtype": dtype}) for q, sc in (quantize_fp8(x) for x, _, _ in inputs)]
 
         def gate_up(c, r):
             return lambda: launch_gate_up(xs[r][0], w13, plans[r], k, c, s13, block_shape, **xs[r][1])
 
-        def acts_of(c):
-            acts = [gate_up(c, r)() for r in range(rotations)]
-            return [(a, {}) for a in acts] if not w8a8 else \
-                [(q, {"act_scale": sc, "out_dtype": dtype}) for q, sc in (quantize_fp8(a) for a in acts)]
+        def acts_of(c):  # (gate_up's outputs, down's inputs: the same, or quantized per row)
+            raw = [gate_up(c, r)() for r in range(rotations)]
+            return raw, [(a, {}) for a in raw] if not w8a8 else \
+                [(q, {"act_scale": sc, "out_dtype": dtype}) for q, sc in (quantize_fp8(a) for a in raw)]
 
         def down(c, r):
             return lambda: launch_down(acts[r][0], w2, inputs[r][2], plans[r], c, s2, block_shape, **acts[r][1])
 
         gu = pick(gate_up, cands)
-        acts = acts_of(gu[1])
+        raw, acts = acts_of(gu[1])
         dn = pick(down, cands)
         if rows_per_expert > 16:  # large batches: then the grouped order of the best tiles
             gu = min([gu, pick(gate_up, [dict(gu[1], GROUP_M=m) for m in (4, 8, 16)])], key=lambda p: p[0])
-            acts = acts_of(gu[1])
+            raw, acts = acts_of(gu[1])
             dn = min([dn, pick(down, [dict(dn[1], GROUP_M=m) for m in (4, 8, 16)])], key=lambda p: p[0])
         if w8a8:
-            quant_us += bench([lambda a=a: quantize_fp8(a) for a in
-                               (gate_up(gu[1], r)() for r in range(rotations))])
+            quant_us += bench([lambda a=a: quantize_fp8(a) for a in raw])
         outs = [down(dn[1], r)() for r in range(rotations)]
         sum_us = bench([lambda o=o: o.view(T, k, H).sum(1) for o in outs]) if k > 1 else 0.0
         total = plan_us + quant_us + gu[0] + dn[0] + sum_us
@@ -132,9 +132,10 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
               f"down {dn[0]:7.1f} {dn[1]} + sum {sum_us:5.1f} = {total:7.1f} us", flush=True)
         return total, {**({"a8": True} if w8a8 else {}), "block_m": bm, "gate_up": gu[1], "down": dn[1]}
 
-    time_a8 = (s13 is not None and w13.dtype == FP8 and has_fp8_type(device)
-               and (block_shape is None or block_shape[1] >= 32)
-               and (a8 == "all" or (a8 == "prefill" and rows_per_expert > 16)))
+    # the tiles a W8A8 config may use: those moe.uses_a8 runs as W8A8 (fp8 experts, an fp8 type,
+    # K tiles of 32 or more within the scale blocks)
+    a8_tiles = [c for c in tiles if uses_a8({"a8": True, "gate_up": c, "down": c}, w13.dtype, device, block_shape)]
+    time_a8 = bool(a8_tiles) and (a8 == "all" or (a8 == "prefill" and rows_per_expert > 16))
     for bm in bms:
         for w8a8 in (False, True) if time_a8 else (False,):
             found = grouped(bm, w8a8)

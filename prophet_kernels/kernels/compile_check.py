@@ -183,10 +183,10 @@ def tuned_configs() -> dict[int | None, list[tuple[int, dict, torch.dtype]]]:
 def default_configs(arch: int) -> list[tuple[int, dict, torch.dtype]]:
     """The untuned GPU defaults (OLMoE's E and k) of each batch class, fitted to ``arch``'s shared
     memory for each activation dtype, as ``launch_config.default_config`` makes them on that GPU."""
-    from .launch_config import _SMEM_BUDGET, _fit_smem, _gpu_default
+    from .launch_config import _SMEM_BUDGET, fitted_default
 
-    budget = min(_SMEM_BUDGET, SHARED_LIMIT.get(arch, _SMEM_BUDGET))
-    return [(t, _fit_smem(_gpu_default(t, 8, 64), dtype.itemsize, budget), dtype)
+    limit = SHARED_LIMIT.get(arch, _SMEM_BUDGET)
+    return [(t, fitted_default(t, 8, 64, dtype, limit), dtype)
             for t in (1, 4, 16, 256, 4096) for dtype in (torch.float16, torch.float32)]
 
 

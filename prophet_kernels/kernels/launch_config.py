@@ -88,12 +88,13 @@ def _load(path: str) -> dict:
 _SMEM_BUDGET = 160 * 1024  # bytes of shared memory a default config may ask for (H100: 227 KiB)
 
 
-def smem_budget(device: torch.device) -> int:
-    """Shared memory a default config may ask for on ``device``: ``_SMEM_BUDGET``, or what one
-    block may have where that is less (compute capability 8.6/8.9: A10, L4, L40S, RTX 30xx/40xx,
-    99 KiB; found by ``compile_check --arch 89``: a 120 KiB default would not launch there)."""
-    props = torch.cuda.get_device_properties(device)
-    return min(_SMEM_BUDGET, getattr(props, "shared_memory_per_block_optin", _SMEM_BUDGET))
+def fitted_default(T: int, k: int, E: int, dtype: torch.dtype, shared_limit: int) -> dict:
+    """The untuned GPU default for a batch of T tokens on a GPU whose blocks may have
+    ``shared_limit`` bytes of shared memory: fitted to ``_SMEM_BUDGET``, or to that limit where it
+    is less (compute capability 8.6/8.9: A10, L4, L40S, RTX 30xx/40xx, 99 KiB; found by
+    ``compile_check --arch 89``: a 120 KiB default would not launch there). ``compile_check``
+    compiles exactly these for each target."""
+    return _fit_smem(_gpu_default(T, k, E), dtype.itemsize, min(_SMEM_BUDGET, shared_limit))
 
 
 def _fit_smem(cfg: dict, elem_bytes: int, budget: int = _SMEM_BUDGET) -> dict:
@@ -122,7 +123,8 @@ def default_config(T: int, k: int, E: int, device: torch.device,
     fitted to shared memory for the dtype."""
     if device.type != "cuda":
         return {"block_m": 16, "gate_up": {"BN": 64, "BK": 64}, "down": {"BN": 64, "BK": 64}}
-    return _fit_smem(_gpu_default(T, k, E), torch.empty((), dtype=dtype).element_size(), smem_budget(device))
+    props = torch.cuda.get_device_properties(device)
+    return fitted_default(T, k, E, dtype, getattr(props, "shared_memory_per_block_optin", _SMEM_BUDGET))
 
 
 def _gpu_default(T: int, k: int, E: int) -> dict:

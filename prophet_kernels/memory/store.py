@@ -240,8 +240,11 @@ def _checkpoint_layer(l: int, entries: dict, pin: bool, expert_dtype: str | None
         out = allocate_experts(E, H, I, FP8, pin=pin, block_shape=block_shape)
     else:
         out = allocate_experts(E, H, I, first.dtype, pin=pin and expert_dtype is None)
+    n = I // block_shape[0] if fp8 and block_shape else I  # scale rows of gate (and of up) in w13's
     for e in range(E):
-        for q, rows in (("gate", slice(0, I)), ("up", slice(I, 2 * I)), ("down", None)):
+        # (part, its weight rows and scale rows in w13, or None: w2)
+        for q, rows, scale_rows in (("gate", slice(0, I), slice(0, n)), ("up", slice(I, 2 * I), slice(n, 2 * n)),
+                                    ("down", None, None)):
             t = get(e, q)
             want = (H, I) if q == "down" else (I, H)
             if tuple(t.shape) != want or t.dtype != first.dtype:
@@ -252,11 +255,7 @@ def _checkpoint_layer(l: int, entries: dict, pin: bool, expert_dtype: str | None
                 if (e, q, kind) not in entries:
                     raise ValueError(f"layer {l}: {entries[(e, q, 'weight')][1]} has no {kind}")
                 s = _checkpoint_scale(get(e, q, kind), *want, block_shape, f"layer {l}: {entries[(e, q, kind)][1]}")
-                if rows is None:
-                    out.w2_scale[e].copy_(s)
-                else:
-                    n = I // block_shape[0] if block_shape else I
-                    out.w13_scale[e, rows.start // I * n: rows.start // I * n + n].copy_(s)
+                (out.w2_scale[e] if rows is None else out.w13_scale[e, scale_rows]).copy_(s)
     if expert_dtype == "fp8" and not fp8:  # quantized as loaded: one layer at a time in 16/32 bits
         return host_copy(out.w13, out.w2, pin, "fp8", block_shape)
     return out
