@@ -109,6 +109,36 @@ def write_random_olmoe(path: Path, dims: dict, seed: int = 0) -> Path:
     return path
 
 
+def parse_config(name: str) -> tuple[dict | None, dict]:
+    """A configuration's Prophet settings (None: Prophet off) and its extra engine arguments; a
+    ValueError for a name this script does not run or settings the plugin would refuse (checked for
+    every configuration before the first engine starts)."""
+    base, _, rest = name.partition(":")
+    if base in ("prophet", "prophet-graphs", "prophet-device"):  # prophet:<buffer>[:<predictor>[:<fill>]]
+        buffer, _, more = rest.partition(":")
+        predictor, _, fill = more.partition(":")
+        try:
+            prophet = {"buffer": float(buffer), "policy": "next-use", "log_every_s": 0}
+        except ValueError:
+            raise ValueError(f"the buffer {buffer!r} is not a number") from None
+        if predictor:
+            prophet["predictor"] = predictor
+        if base == "prophet-device":  # every decision on the GPU: vLLM's own compilation and full CUDA graphs
+            prophet |= {"mode": "device", "fill": fill or "copy"}
+        elif fill:
+            raise ValueError("a fill is a device-mode setting (prophet-device:...)")
+        from prophet_kernels.integration.settings import ProphetSettings
+
+        ProphetSettings.resolve({"prophet": prophet}, environ={})
+        return prophet, {}
+    if name == "offload":
+        return None, dict(cpu_offload_gb=13, cpu_offload_params={"experts"})
+    if name in ("off", "off-graphs"):
+        return None, {}
+    raise ValueError("unknown; known: off, off-graphs, offload, prophet:<buffer>[:<predictor>], "
+                     "prophet-graphs:<buffer>[:<predictor>], prophet-device:<buffer>[:<predictor>[:<fill>]]")
+
+
 def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = False) -> dict:
     """In the child: build the engine, decode, report (printed as one RESULT line)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -121,24 +151,12 @@ def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = Fals
                   max_num_seqs=None)
     if not smoke:
         kwargs["attention_backend"] = "TRITON_ATTN"
-    prophet = None
-    base, _, rest = name.partition(":")
-    if base in ("prophet", "prophet-graphs", "prophet-device"):  # prophet:<buffer>[:<predictor>[:<fill>]]
-        buffer, _, more = rest.partition(":")
-        predictor, _, fill = more.partition(":")
-        prophet = {"buffer": float(buffer), "policy": "next-use", "log_every_s": 0}
-        if predictor:
-            prophet["predictor"] = predictor
-        if base == "prophet-device":  # every decision on the GPU: vLLM's own compilation and full CUDA graphs
-            prophet |= {"mode": "device", "fill": fill or "copy"}
-    elif name == "offload":
-        kwargs.update(cpu_offload_gb=13, cpu_offload_params={"experts"})
-    elif name not in ("off", "off-graphs"):
-        raise ValueError(f"unknown configuration {name!r}")
+    prophet, extra = parse_config(name)
+    kwargs.update(extra)
     graphs = with_graphs(name)
     if graphs:  # vLLM's CUDA graphs: its defaults without Prophet or in device mode; host mode: piecewise
         kwargs["enforce_eager"] = False
-        if prophet is not None and base != "prophet-device":
+        if prophet is not None and prophet.get("mode") != "device":
             from prophet_kernels.integration.vllm_plugin import piecewise_compilation_config
 
             kwargs["compilation_config"] = piecewise_compilation_config()
@@ -267,6 +285,11 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true",
                     help="this script end to end on a tiny OLMoE-shaped model in fp32, without a GPU (not a benchmark)")
     args = ap.parse_args(argv)
+    for name in args.configs or ():
+        try:
+            parse_config(name)
+        except ValueError as e:
+            ap.error(f"configuration {name!r}: {e}")
     if args.one:
         load_format = "dummy" if args.weights == "dummy" else "auto"
         print("RESULT " + json.dumps(run_one(args.one, args.model, load_format, args.smoke)), flush=True)
