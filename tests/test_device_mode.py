@@ -307,6 +307,87 @@ def compiled_step_equals_eager(**kwargs):
         [(x.hits, x.misses, x.evictions, x.prefetched) for x in b.layers] and a.misses > 0
 
 
+def test_device_mode_join_prefetch_changes_nothing_but_when_it_joins(torch_path):
+    """``join_prefetch`` (for callers that capture each layer alone) leaves the outputs, decisions
+    and counters (all but the measured stall time) as they are; on the CPU there is no side stream
+    to join. Accepted in host mode too (ignored there: host mode's MoE op is never inside a captured
+    piece)."""
+    L, E, H, I, K = 3, 8, 16, 8, 2
+    w13, w2 = _weights(L, E, H, I, seed=11)
+    routing = adversarial_routing(12, L, E, K, H, (1, 4), seed=12)
+    runs = []
+    for join in (False, True):
+        for mode in ("device", "host"):
+            moe = ProphetMoE.from_weights(w13, w2, 10, device=DEV, mode=mode, predictor="same")
+            ys = [moe.forward(layer, x.to(DEV), w.to(DEV), ids.to(DEV), join_prefetch=join)
+                  for layer, x, w, ids in routing]
+            runs.append((mode, ys, [{k: v for k, v in vars(s).items() if k != "stall_s"} for s in moe.stats.layers]))
+    for (mode, ys, st), (_, ys2, st2) in zip(runs[:2], runs[2:]):
+        assert st == st2, mode
+        assert all(torch.equal(a, b) for a, b in zip(ys, ys2)), mode
+    # where device mode joins: before each call decides (the previous call's prefetch), and after
+    # the call with join_prefetch or at the last layer
+    for join in (False, True):
+        moe = ProphetMoE.from_weights(w13, w2, 10, device=DEV, mode="device", predictor="same")
+        count, real = [0], moe.residency.join
+        moe.residency.join = lambda: (count.__setitem__(0, count[0] + 1), real())
+        for layer, x, w, ids in routing[: 2 * L]:
+            count[0] = 0
+            moe.forward(layer, x.to(DEV), w.to(DEV), ids.to(DEV), join_prefetch=join)
+            assert count[0] == (2 if join or layer == L - 1 else 1), (join, layer)
+
+
+@pytest.mark.skipif(DEV != "cuda", reason="needs a GPU (CUDA graphs)")
+def test_device_mode_in_piecewise_graphs():
+    """Each layer call captured in its own CUDA graph, as vLLM's piecewise graphs capture the pieces
+    between attention ops (its default for prefill and mixed batches), with the same-experts
+    prefetch on the side stream: with ``join_prefetch`` every piece captures (a capture must end with
+    its side stream joined), and replays with new routing equal the all-resident reference (fp32)
+    and make the eager run's decisions (same counters), with misses, evictions and prefetches."""
+    L, E, H, I, K, T, steps = 4, 8, 64, 32, 2, 4, 9
+    w13, w2 = _weights(L, E, H, I, seed=9)
+    moe = ProphetMoE.from_weights(w13, w2, 12, device=DEV, mode="device", predictor="same")
+    routing = adversarial_routing(steps, L, E, K, H, (T,), seed=10)
+    static = [(torch.zeros(T, H, device=DEV), torch.ones(T, K, device=DEV),
+               torch.zeros(T, K, dtype=torch.int32, device=DEV)) for _ in range(L)]
+
+    def load(step):
+        for layer in range(L):
+            for buf, value in zip(static[layer], routing[step * L + layer][1:]):
+                buf.copy_(value)
+
+    load(0)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile outside the captures
+        for layer in range(L):
+            moe.forward(layer, *static[layer], join_prefetch=True)
+    torch.cuda.current_stream().wait_stream(side)
+    pool, graphs, outs = torch.cuda.graph_pool_handle(), [], []
+    for layer in range(L):
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g, pool=pool):
+            outs.append(moe.forward(layer, *static[layer], join_prefetch=True))
+        graphs.append(g)
+    moe.reset_stats()
+    for step in range(1, steps):
+        load(step)
+        for layer in range(L):
+            outs[layer].fill_(float("nan"))
+            graphs[layer].replay()
+            _, x, w, ids = routing[step * L + layer]
+            ref = fused_experts(x, w13[layer], w2[layer], w, ids)
+            torch.testing.assert_close(outs[layer].cpu(), ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+    eager = ProphetMoE.from_weights(w13, w2, 12, device=DEV, mode="device", predictor="same")
+    for i, (layer, x, w, ids) in enumerate(routing):  # the same calls eagerly: the same decisions
+        if i == L:
+            eager.reset_stats()
+        eager.forward(layer, x.to(DEV), w.to(DEV), ids.to(DEV))
+    st = moe.stats
+    assert st.misses > 0 and st.prefetched > 0 and st.evictions > 0
+    assert st.as_dict() == eager.stats.as_dict()
+
+
 def test_device_mode_refusals():
     L, E, H, I = 2, 8, 16, 8
     w13, w2 = _weights(L, E, H, I)

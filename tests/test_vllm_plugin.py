@@ -374,6 +374,34 @@ def test_device_mode_needs_no_eager_on_cuda():
         ProphetSettings.resolve({"prophet": {"mode": "gpu"}}, environ={})
 
 
+def test_device_mode_joins_its_prefetch_per_piece_under_piecewise_graphs():
+    """vLLM's default graphs (FULL_AND_PIECEWISE) capture prefill and mixed batches piece by piece
+    (between attention ops, the MoE layer inside a piece): each piece is its own capture, which must
+    end with device mode's side stream joined. The plugin reads the runtime mode from vLLM's forward
+    context (``in_piecewise_graph``) and passes ``join_prefetch`` (device mode on CUDA)."""
+    from types import SimpleNamespace
+
+    from vllm.config import CUDAGraphMode, VllmConfig
+    from vllm.forward_context import set_forward_context
+
+    from prophet_kernels.integration.vllm_plugin import _ModelExperts, in_piecewise_graph
+
+    assert not in_piecewise_graph()  # no forward context
+    cfg = VllmConfig()
+    for mode, want in ((CUDAGraphMode.PIECEWISE, True), (CUDAGraphMode.FULL, False), (CUDAGraphMode.NONE, False)):
+        with set_forward_context(None, cfg, cudagraph_runtime_mode=mode):
+            assert in_piecewise_graph() == want, mode
+    # what _ModelExperts.forward passes, for a CUDA tensor in each mode (a stand-in layer records it)
+    passed = []
+    moe = SimpleNamespace(forward=lambda layer, x, w, ids, join_prefetch: passed.append(join_prefetch))
+    x = SimpleNamespace(is_cuda=True)
+    for settings in (ProphetSettings(enabled=True, mode="device"), ProphetSettings(enabled=True)):
+        for mode in (CUDAGraphMode.PIECEWISE, CUDAGraphMode.FULL):
+            with set_forward_context(None, cfg, cudagraph_runtime_mode=mode):
+                _ModelExperts.forward(SimpleNamespace(moe=moe, settings=settings, num_layers=4), 0, x, None, None)
+    assert passed == [True, False, False, False]
+
+
 def test_piecewise_config_keeps_the_moe_op_out_of_cuda_graphs():
     """The settings the plugin's error message points to: vLLM's default graph modes capture the MoE
     op (refused), eager and the helper's piecewise settings do not; the helper keeps vLLM's own

@@ -106,7 +106,11 @@ class _ModelExperts:
     def forward(self, layer: int, x, topk_weights, topk_ids):
         if self.moe is None:
             raise RuntimeError("Prophet: forward before all MoE layers' weights were loaded")
-        y = self.moe.forward(layer, x, topk_weights, topk_ids)
+        # device mode on CUDA runs inside vLLM's opaque MoE op: under piecewise CUDA graphs (vLLM's
+        # default for prefill and mixed batches) each piece is its own capture, so the layer's
+        # prefetch is joined before the piece ends; under a full graph, at the next layer
+        join = self.settings.mode == "device" and x.is_cuda and in_piecewise_graph()
+        y = self.moe.forward(layer, x, topk_weights, topk_ids, join_prefetch=join)
         # (device mode: no host code here, the step is traced and captured whole; its stats are read
         # on demand and at exit)
         if self.settings.mode == "host" and layer == self.num_layers - 1 and self.settings.log_every_s > 0:
@@ -129,6 +133,16 @@ class _ModelExperts:
                 "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
                 **self.moe.stats.as_dict()}
+
+
+def in_piecewise_graph() -> bool:
+    """Whether vLLM runs the current forward as piecewise CUDA graphs (each piece between attention
+    ops captured and replayed on its own), read from its forward context at capture time."""
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return False
+    return getattr(getattr(get_forward_context(), "cudagraph_runtime_mode", None), "name", None) == "PIECEWISE"
 
 
 def offer_gate_parts(parts) -> None:

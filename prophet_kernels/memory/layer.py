@@ -141,10 +141,17 @@ class ProphetMoE:
 
     # ---------------------------------------------------------------------------------- forward
 
-    def forward(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: int, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, *,
+                join_prefetch: bool = False) -> torch.Tensor:
         """y [T, H] of MoE layer `layer`: x [T, H] in the store's dtype on the buffer's device,
         topk_weights [T, k] floating, topk_ids [T, k] int32/int64 in [0, E). Everything is checked
-        before any expert moves or any counter changes: a refused call leaves no trace."""
+        before any expert moves or any counter changes: a refused call leaves no trace.
+
+        ``join_prefetch`` (device mode on CUDA): the compute stream waits for this call's prefetch
+        before the call returns, as after the last layer, instead of at the next layer's call. For
+        a caller that captures each layer in its own CUDA graph (vLLM's piecewise graphs): a
+        capture must end with its side stream joined, and a later capture cannot wait on an event
+        recorded in it. The prefetch then overlaps this layer's experts only."""
         L = self.store.num_layers
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < L:
             raise ValueError(f"layer {layer!r} out of range [0, {L})")
@@ -154,12 +161,14 @@ class ProphetMoE:
             raise ValueError(f"k = {topk_ids.shape[1]} experts per token exceeds the model's "
                              f"E = {self.routed_experts} experts")
         if topk_ids.numel() == 0:
+            if self.mode == "device" and (join_prefetch or layer == L - 1):
+                self.residency.join()
             return x.new_empty((0, self.store.hidden))
         routing = topk_ids  # what the predictor reads (global ids under expert parallelism)
         if self.mode == "device":
             if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
                 topk_ids = local_ids(self.expert_map, topk_ids)  # (no host read: a bad id is dropped)
-            return self._forward_device(layer, x, topk_weights, topk_ids, routing)
+            return self._forward_device(layer, x, topk_weights, topk_ids, routing, join_prefetch)
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)  # (global ids under expert parallelism)
         if experts[0] < 0 or experts[-1] >= self.routed_experts:
@@ -216,7 +225,7 @@ class ProphetMoE:
                              f"once and -1 for the others; got {expert_map.tolist()}")
         return expert_map.to(torch.int32)
 
-    def _forward_device(self, layer: int, x, topk_weights, topk_ids, routing) -> torch.Tensor:
+    def _forward_device(self, layer: int, x, topk_weights, topk_ids, routing, join_prefetch=False) -> torch.Tensor:
         """Device mode: no host synchronisation, fixed shapes (see ``memory.device``). The host checks
         only what needs no device read: the buffer holds this batch's unique experts."""
         E, S = self.store.num_experts, self.buffer.num_slots
@@ -237,8 +246,8 @@ class ProphetMoE:
                                                   rt.w13_scale, rt.w2_scale, block)
         with nvtx_range(f"predict L{layer}"):
             self.residency.prefetch(layer, routing, x)
-        if layer == self.store.num_layers - 1:
-            self.residency.join()  # a captured step ends with its side-stream work joined
+        if join_prefetch or layer == self.store.num_layers - 1:
+            self.residency.join()  # a captured step (or graph piece) ends with its side-stream work joined
         return y
 
     __call__ = forward
