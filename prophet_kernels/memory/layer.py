@@ -160,15 +160,15 @@ class ProphetMoE:
         if topk_ids.shape[1] > self.routed_experts:  # (the ops allow k > E: an EP rank's local E)
             raise ValueError(f"k = {topk_ids.shape[1]} experts per token exceeds the model's "
                              f"E = {self.routed_experts} experts")
-        if topk_ids.numel() == 0:
-            if self.mode == "device" and (join_prefetch or layer == L - 1):
-                self.residency.join()
-            return x.new_empty((0, self.store.hidden))
         routing = topk_ids  # what the predictor reads (global ids under expert parallelism)
         if self.mode == "device":
-            if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
-                topk_ids = local_ids(self.expert_map, topk_ids)  # (no host read: a bad id is dropped)
-            return self._forward_device(layer, x, topk_weights, topk_ids, routing, join_prefetch)
+            y = self._forward_device(layer, x, topk_weights, topk_ids, routing) if topk_ids.numel() else \
+                x.new_empty((0, self.store.hidden))
+            if join_prefetch or layer == L - 1:
+                self.residency.join()  # a captured step (or graph piece) ends with its side-stream work joined
+            return y
+        if topk_ids.numel() == 0:
+            return x.new_empty((0, self.store.hidden))
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)  # (global ids under expert parallelism)
         if experts[0] < 0 or experts[-1] >= self.routed_experts:
@@ -225,9 +225,11 @@ class ProphetMoE:
                              f"once and -1 for the others; got {expert_map.tolist()}")
         return expert_map.to(torch.int32)
 
-    def _forward_device(self, layer: int, x, topk_weights, topk_ids, routing, join_prefetch=False) -> torch.Tensor:
+    def _forward_device(self, layer: int, x, topk_weights, topk_ids, routing) -> torch.Tensor:
         """Device mode: no host synchronisation, fixed shapes (see ``memory.device``). The host checks
         only what needs no device read: the buffer holds this batch's unique experts."""
+        if self.expert_map is not None:  # expert parallelism: global ids -> this rank's, -1 elsewhere
+            topk_ids = local_ids(self.expert_map, topk_ids)  # (no host read: a bad id is dropped)
         E, S = self.store.num_experts, self.buffer.num_slots
         most = min(E, topk_ids.numel())
         if most > S:
@@ -246,8 +248,6 @@ class ProphetMoE:
                                                   rt.w13_scale, rt.w2_scale, block)
         with nvtx_range(f"predict L{layer}"):
             self.residency.prefetch(layer, routing, x)
-        if join_prefetch or layer == self.store.num_layers - 1:
-            self.residency.join()  # a captured step (or graph piece) ends with its side-stream work joined
         return y
 
     __call__ = forward
