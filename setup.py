@@ -13,7 +13,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["prophet_kernels", "prophet_kernels.*"]),
     package_data={"prophet_kernels": ["kernels/configs/*.json", "routing/traces/data/*.npz",
-                                      "routing/traces/data/*.json"]},
+                                      "routing/traces/data/*.json", "routing/traces/data/*.md"]},
     install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib", "safetensors", "tqdm", "transformers"],
     extras_require={"test": ["pytest", "hypothesis"]},
     entry_points={"console_scripts": ["prophet = prophet_kernels.cli:main"],

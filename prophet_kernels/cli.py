@@ -170,6 +170,13 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--out", help="trace path (default traces/data/{shape}-{split}.npz)")
     r.add_argument("--learned-gate", metavar="PATH", help="also record this fitted learned gate lookahead's ranking "
                    "(from `prophet trace fit-lookahead`)")
+    s = sub.add_parser("stats", help="routing statistics of traces beside real routing: top-25%% share, overlap with "
+                                     "the previous token, entropy, LRU and Belady hit rates")
+    s.add_argument("--trace", help="trace names or paths, comma-separated (default: every committed trace)")
+    s.add_argument("--reference", default="flame-moe-290m",
+                   help="trace the others are compared with, in points (default flame-moe-290m, real routing)")
+    s.add_argument("--max-steps", type=int, help="hit rates over at most this many tokens per trace (default: all)")
+    s.add_argument("--out", help="also write the rows (JSON lines) here")
     f = sub.add_parser("fit-lookahead", help="fit the learned gate lookahead on the train split's hidden states")
     f.add_argument("--shape", required=True, choices=list(SHAPES))
     f.add_argument("--checkpoint", required=True)
@@ -191,6 +198,8 @@ def _trace(args: argparse.Namespace) -> int:
     from .routing.traces.recorder import record
     from .routing.traces.train import get_shape, heldout_windows, model_class, train, train_windows
 
+    if args.trace_cmd == "stats":
+        return _trace_stats(args)
     if args.trace_cmd == "train":
         log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr)
         print(f"held-out {log['heldout_bits_per_byte']:.3f} bits/byte vs unigram {log['unigram_bits_per_byte']:.3f}; "
@@ -225,6 +234,31 @@ def _trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _trace_stats(args) -> int:
+    from tqdm import tqdm
+
+    from .routing import report as rr
+    from .routing.stats import distance, format_table, routing_stats
+    from .routing.traces import known_traces, load_trace
+
+    names = _csv_list(args.trace) if args.trace else [n for n in known_traces() if not n.endswith("-train")]
+    if args.reference and args.reference not in names:
+        names.insert(0, args.reference)
+    if args.max_steps is not None and args.max_steps < 1:
+        raise ValueError(f"--max-steps {args.max_steps}: a whole number >= 1")
+    traces = {n: load_trace(n) for n in names}  # every name checked before the first (slow) statistic
+    rows = []
+    for name in tqdm(names, desc="routing statistics"):
+        rows.append(routing_stats(traces[name], max_steps=args.max_steps) | {"trace": name})
+    ref = next((r for r in rows if r["trace"] == args.reference), None)
+    print(format_table(rows, ref))
+    if args.out:
+        for r in rows:
+            r["distance_to_reference"] = distance(r, ref) if ref is not None and r is not ref else None
+        print(f"rows: {rr.write_rows(rows, Path(args.out))}")
+    return 0
+
+
 def _fit_lookahead(args, model, windows, ckpt: Path) -> int:
     import torch
 
@@ -248,22 +282,29 @@ def _fit_lookahead(args, model, windows, ckpt: Path) -> int:
 def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     from .memory.buffer import DEFAULT_POLICY
 
-    p.add_argument("--trace", default="olmoe-heldout", help="trace name or path (default olmoe-heldout)")
-    p.add_argument("--train-trace", help="trace to fit predictors on (default: the same shape's train trace)")
-    p.add_argument("--capacity", type=float, default=0.5,
-                   help="buffer: fraction of all experts (<= 1) or slots (> 1) (default 0.5)")
+    p.add_argument("--trace", default="olmoe-heldout",
+                   help="trace name or path, NAME[a:b] for sequences a..b-1 (default olmoe-heldout; the committed "
+                        "ones: prophet trace stats)")
+    p.add_argument("--train-trace", help="trace to fit the history predictors (frequency, transition, learned) on "
+                                         "(default: the same shape's train trace; never one that shares a sequence "
+                                         "with --trace)")
+    p.add_argument("--capacity", type=float, default=0.5, help="buffer: fraction of all experts in (0, 1] (default 0.5)")
+    p.add_argument("--slots", type=int, help="buffer: this many expert slots instead of --capacity")
     p.add_argument("--policy", default=DEFAULT_POLICY,
                    help=f"lru, lfu, cyclic, next-use, belady, or device-next-use, device-lru: the device mode's decisions (default "
                         f"{DEFAULT_POLICY}, as in the vLLM plugin's host mode)")
     p.add_argument("--predictor", help="same, frequency, transition, learned, gate, learned-gate, oracle (default none)")
-    p.add_argument("--depth", type=int, default=1, help="prefetch depth in layers (default 1)")
+    p.add_argument("--depth", type=int, help="prefetch depth in layers, with --predictor (default 1)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together (default 1)")
+    p.add_argument("--expert-bytes", type=int,
+                   help="bytes of one expert (default: the trace's catalogue model's, at --expert-dtype)")
     p.add_argument("--pcie-gbps", type=float, help="host-to-device GB/s (default: measured on the H100)")
-    p.add_argument("--layer-us", type=float, help="time of one layer (default: measured on the H100)")
-    p.add_argument("--unlimited-budget", action="store_true", help="no prefetch byte budget (timing still modelled)")
+    p.add_argument("--layer-us", type=float, help="time of one layer in us (default: measured on the H100)")
+    p.add_argument("--unlimited-budget", action="store_true",
+                   help="with --predictor: no prefetch byte budget (timing still modelled)")
     p.add_argument("--prefetch-budget", type=int, metavar="N",
-                   help="at most N experts per prefetch call, fixed (the vLLM plugin's prefetch_budget), instead of "
-                        "the default: the budget derived from bandwidth and layer time")
+                   help="with --predictor: at most N experts per prefetch call, fixed (the vLLM plugin's "
+                        "prefetch_budget), instead of the default: the budget derived from bandwidth and layer time")
     p.add_argument("--max-steps", type=int, help="replay at most this many decode steps (default: the whole trace)")
     p.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8"],
                    help="the mimicked model's experts: bf16, or fp8 (e4m3 + per-row scales: ~half the bytes and PCIe "
@@ -272,54 +313,101 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="count --capacity in experts of this dtype's size: --expert-dtype fp8 --capacity-dtype bf16 "
                         "is fp8 experts in the bytes of a bf16 buffer (default: --expert-dtype)")
     p.add_argument("--sweep", action="store_true",
-                   help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures: "
-                        "164 rows per trace, about 20-25 min per trace on 2 CPU cores (its progress bar's estimate, "
-                        "after ~50 s of fitting predictors); rows are written as they complete and an interrupted "
-                        "sweep resumes from them (same --out); --quick for a subset in seconds")
+                   help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures; "
+                        "rows are written as they complete and an interrupted sweep resumes from them (same --out); "
+                        "--quick for a subset in seconds")
     p.add_argument("--quick", action="store_true",
                    help="with --sweep: capacities 25%% and 50%%, the gate and oracle predictors at depth 1, "
-                        "200 decode steps (about 15 s for both traces on 2 CPU cores)")
+                        "200 decode steps")
     p.add_argument("--batch-sweep", type=lambda t: [int(x) for x in _csv_list(t)], metavar="B1,B2,...",
                    help="hit rate / landed / stall per token vs batch for a few configurations at --capacity")
     p.add_argument("--out", default="sim_out", help="output folder for --sweep and --batch-sweep (default sim_out/)")
 
 
-def _train_trace_for(args, heldout):
+def _check_simulate_options(args) -> None:
+    """Options that do nothing in this invocation, or that contradict each other: one line each."""
+    single = not (args.sweep or args.batch_sweep)
+    if args.capacity is not None and not (0 < args.capacity <= 1):
+        raise ValueError(f"--capacity {args.capacity}: a fraction of all experts in (0, 1]; for a number of "
+                         "slots give --slots N")
+    if args.slots is not None and (args.slots < 1 or not single):
+        raise ValueError(f"--slots {args.slots}: a whole number >= 1, for single runs")
+    if args.quick and not args.sweep:
+        raise ValueError("--quick goes with --sweep")
+    if args.sweep and args.batch_sweep:
+        raise ValueError("give --sweep or --batch-sweep, not both")
+    if args.unlimited_budget and args.prefetch_budget is not None:
+        raise ValueError("give --unlimited-budget or --prefetch-budget, not both")
+    if args.batch_sweep and args.layer_us is not None:
+        raise ValueError("--layer-us fixes one layer time; --batch-sweep uses each batch's measured one")
+    if not single and (args.expert_dtype != "bf16" or args.capacity_dtype):
+        raise ValueError("--expert-dtype and --capacity-dtype go with single runs, not --sweep or --batch-sweep")
+    if not single and (args.predictor or args.depth is not None):
+        raise ValueError("--predictor and --depth go with single runs: --sweep and --batch-sweep run their own set")
+    if single and not args.predictor:
+        for flag, given in (("--depth", args.depth is not None), ("--prefetch-budget", args.prefetch_budget is not None),
+                            ("--unlimited-budget", args.unlimited_budget)):
+            if given:
+                raise ValueError(f"{flag} does nothing without --predictor (nothing is prefetched)")
+    if args.batch_sweep and any(b < 1 for b in args.batch_sweep):
+        raise ValueError(f"--batch-sweep {args.batch_sweep}: batches are whole numbers >= 1")
+
+
+def _train_trace_for(args, heldout, predictors):
+    """The trace the history predictors among `predictors` are fitted on (None when none of them fits
+    anything), never one that shares a sequence with the replayed `heldout`."""
+    from .memory.predictors import TRAINED
     from .routing.traces import load_trace
 
+    fits = sorted({p for p in predictors if p in TRAINED})
+    if not fits:
+        if args.train_trace:
+            named = ", ".join(dict.fromkeys(filter(None, predictors))) or "no predictor"
+            raise ValueError(f"--train-trace does nothing: {named} fits nothing (only {', '.join(TRAINED)} are fitted on a trace)")
+        return None
     name = args.train_trace or f"{heldout.meta.get('shape')}-train"
-    return load_trace(name)
+    try:
+        train = load_trace(name)
+    except ValueError:
+        if args.train_trace:
+            raise
+        raise ValueError(f"{', '.join(fits)} must be fitted on a trace and {heldout.meta.get('shape')!r} has no "
+                         f"train trace: pass --train-trace (e.g. --trace NAME[16:] --train-trace NAME[:16])") from None
+    if (train.num_layers, train.num_experts) != (heldout.num_layers, heldout.num_experts):
+        raise ValueError(f"--train-trace {name}: {train.num_layers} layers x {train.num_experts} experts, the replayed "
+                         f"trace has {heldout.num_layers} x {heldout.num_experts}")
+    shared = train.fingerprints() & heldout.fingerprints()
+    if shared:
+        raise ValueError(f"the training trace {name} shares {len(shared)} of the replayed trace's {heldout.num_seqs} "
+                         f"sequences: {', '.join(fits)} would be evaluated on what it was fitted on (pass a disjoint "
+                         "--train-trace, e.g. --trace NAME[16:] --train-trace NAME[:16])")
+    return train
 
 
 def _simulate(args: argparse.Namespace) -> int:
     from .routing import report as rr
     from .memory.predictors import fit_predictor
-    from .routing.simulator import simulate
+    from .routing.simulator import simulate, timing_model
     from .routing.traces import load_trace
 
+    _check_simulate_options(args)
     # Copy budget and timing: one set for every row of a sweep, recorded in the rows and in the file names.
     timing = {k: v for k, v in dict(unlimited_budget=args.unlimited_budget or None, prefetch_budget=args.prefetch_budget,
-                                    pcie_gbps=args.pcie_gbps, layer_us=args.layer_us).items() if v is not None}
-    if args.unlimited_budget and args.prefetch_budget is not None:
-        raise ValueError("give --unlimited-budget or --prefetch-budget, not both")
-    if args.batch_sweep and args.layer_us is not None:
-        raise ValueError("--layer-us fixes one layer time; --batch-sweep uses each batch's measured one")
-    if (args.sweep or args.batch_sweep) and (args.expert_dtype != "bf16" or args.capacity_dtype):
-        raise ValueError("--expert-dtype and --capacity-dtype go with single runs, not --sweep or --batch-sweep")
+                                    pcie_gbps=args.pcie_gbps, layer_us=args.layer_us,
+                                    expert_bytes=args.expert_bytes).items() if v is not None}
     suffix = "".join(f"_{k}{'' if v is True else v}" for k, v in timing.items())
     described = f" ({', '.join(f'{k}={v}' for k, v in timing.items())})" if timing else ""
     if args.batch_sweep:
         for name in _csv_list(args.trace):
             held = load_trace(name)
             shape = held.meta.get("shape")
+            configs = [c for c in rr.BATCH_CONFIGS if rr.replayable(c[1], held)]
             print(f"\n{shape}: hit rate / landed in time / stall us per token at capacity {args.capacity}{described}")
-            rows = rr.batch_rows(held, _train_trace_for(args, held), args.batch_sweep, args.capacity, args.max_steps,
-                                 **timing)
+            rows = rr.batch_rows(held, _train_trace_for(args, held, [c[1] for c in configs]), args.batch_sweep,
+                                 args.capacity, args.max_steps, configs=configs, **timing)
             print(rr.batch_table(rows))
             print(f"rows: {rr.write_rows(rows, Path(args.out) / f'simulate_{shape}_batch{suffix}.jsonl')}")
         return 0
-    if args.quick and not args.sweep:
-        raise ValueError("--quick goes with --sweep")
     if args.sweep:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -331,11 +419,13 @@ def _simulate(args: argparse.Namespace) -> int:
         for name in _csv_list(args.trace):
             held = load_trace(name)
             shape = held.meta.get("shape")
+            preds = [p for p in subset.get("predictors", rr.PREDICTORS) if rr.replayable(p, held)]
             tag = (f"{shape}_b{args.batch}{suffix}" + (f"_steps{max_steps}" if max_steps else "")
                    + ("_quick" if args.quick else ""))
-            rows = rr.run_table(held, _train_trace_for(args, held), batch=args.batch, max_steps=max_steps,
-                                rows_path=out / f"simulate_{tag}.jsonl", **subset, **timing)
-            print(f"\n{shape} ({held.meta.get('mimics')} routing shape), batch {args.batch}: hit rate{described}")
+            rows = rr.run_table(held, _train_trace_for(args, held, preds), batch=args.batch, max_steps=max_steps,
+                                rows_path=out / f"simulate_{tag}.jsonl", **(subset | {"predictors": preds}), **timing)
+            print(f"\n{shape} ({held.meta.get('mimics') or held.meta.get('timing_model')} routing shape), batch "
+                  f"{args.batch}: hit rate{described}")
             section = rr.render_section(rows)
             print(section)
             md = out / f"routing_{tag}.md"
@@ -346,13 +436,23 @@ def _simulate(args: argparse.Namespace) -> int:
         return 0
     held = load_trace(args.trace)
     pred = args.predictor
+    if pred and not rr.replayable(pred, held):
+        raise ValueError(f"predictor {pred!r} needs the hidden states' lookahead ranking, which trace {args.trace!r} "
+                         "does not carry (real routing has none)")
+    train = _train_trace_for(args, held, [pred])
     if pred and pred != "oracle":
-        pred = fit_predictor(pred, _train_trace_for(args, held), held)
-    r = simulate(held, args.capacity, args.policy, pred, args.depth, batch=args.batch, max_steps=args.max_steps,
+        pred = fit_predictor(pred, train, held)
+    capacity = args.slots if args.slots is not None else args.capacity
+    r = simulate(held, capacity, args.policy, pred, 1 if args.depth is None else args.depth, batch=args.batch, max_steps=args.max_steps,
                  progress=True, expert_dtype=args.expert_dtype, capacity_dtype=args.capacity_dtype, **timing)
     d = r.as_dict()
+    model = timing_model(held)
+    constants = ", ".join(f"{k} {v}" for k, v in timing.items() if k in ("expert_bytes", "pcie_gbps", "layer_us"))
     print(f"{held.meta.get('shape')} trace, {r.tokens} tokens, {r.slots} slots of {args.expert_dtype} experts, "
           f"{args.policy}, predictor {r.predictor} (depth {r.depth}), batch {r.batch}")
+    if model and model != held.meta.get("mimics") and len(constants.split(",")) < 3:
+        print(f"timing: {model}'s expert bytes and measured H100 constants where not given (the trace's model is not in "
+              f"the catalogue){'; given: ' + constants if constants else ''}")
     print(f"hit rate {r.hit_rate:.2%} (landed in time {r.ready_hit_rate:.2%})  misses/token {d['misses_per_token']:.3f}  "
           f"H2D {d['bytes_per_token'] / 1e6:.2f} MB/token  stall {d['stall_us_per_token']:.0f} us/token")
     if r.predictor != "none":  # (docs/stats.md: each figure named once)

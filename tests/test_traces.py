@@ -539,7 +539,9 @@ def test_simulator_oracle_and_timing():
     with pytest.raises(ValueError, match="eviction policy"):
         simulate(tr, cap, "mru")
     with pytest.raises(ValueError, match="smaller than one layer"):
-        simulate(tr, 1.5, batch=2)  # 1 slot < 4 unique experts
+        simulate(tr, 2, batch=2)  # 2 slots < 4 unique experts
+    with pytest.raises(ValueError, match="a slot count is a whole number"):
+        simulate(tr, 1.5, batch=2)
 
 
 def test_lanes_interleave_sequences():
@@ -595,6 +597,9 @@ COMMITTED = sorted(p.stem for p in DATA.glob("*.npz"))
 def test_committed_traces_have_provenance(name):
     tr = load_trace(name)
     m = tr.meta
+    if m.get("real"):  # real routing of a released model: its source and licence (tests/test_real_routing.py)
+        assert {"source", "shape", "num_experts", "tokens"} <= set(m) and m["tokens"] == tr.num_tokens
+        return
     assert {"shape", "mimics", "split", "corpus", "training", "commit", "recorded"} <= set(m)
     assert m["corpus"]["sha1"] and m["tokens"] == tr.num_tokens
     t = m["training"]
@@ -652,9 +657,9 @@ def test_cli_sweeps_take_the_copy_budget(tmp_path):
 
     held, train = _random_trace(seqs=4, seq_len=15, seed=3), _random_trace(seqs=4, seq_len=15, seed=4)
     held.save(tmp_path / "held.npz"), train.save(tmp_path / "train.npz")
+    # (the batch sweep's configurations fit nothing on a train trace: --train-trace would be refused)
     run = lambda *a: subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "simulate", "--trace",
-                                     str(tmp_path / "held.npz"), "--train-trace", str(tmp_path / "train.npz"),
-                                     "--out", str(tmp_path), *a], capture_output=True, text=True)
+                                     str(tmp_path / "held.npz"), "--out", str(tmp_path), *a], capture_output=True, text=True)
     r = run("--batch-sweep", "1,2", "--prefetch-budget", "0", "--pcie-gbps", "20")
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "simulate_test_batch_prefetch_budget0_pcie_gbps20.0.jsonl").open()]

@@ -27,7 +27,10 @@ def configs(predictors=PREDICTORS, depths=DEPTHS) -> list[tuple[str, str | None,
 
 
 def replayable(predictor: str | None, heldout) -> bool:
-    """Whether `heldout` carries what the predictor replays (the learned gate's recorded ranking)."""
+    """Whether `heldout` carries what the predictor replays: the gate's and the learned gate's recorded
+    rankings (traces of real routing carry neither: no hidden states)."""
+    if predictor == "gate":
+        return heldout.lookahead is not None
     return predictor != "learned-gate" or heldout.learned_lookahead is not None
 
 
@@ -264,9 +267,9 @@ def batch_rows(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_st
         raise ValueError("layer_us fixes one layer time for every batch; a batch sweep takes each batch's measured one")
     from tqdm import tqdm
 
-    from .simulator import layer_seconds, simulate
+    from .simulator import layer_seconds, simulate, timing_model
 
-    model = heldout.meta.get("mimics")
+    model = timing_model(heldout)
     configs = [c for c in configs if replayable(c[1], heldout)]
     fitted, _ = fit_all({pred for _, pred, _ in configs if pred}, train, heldout)
     rows = []

@@ -59,6 +59,43 @@ def layer_seconds(model: str, batch: int) -> float:
     raise AssertionError
 
 
+def timing_model(trace) -> str | None:
+    """The catalogue model whose expert size and measured constants replay `trace` by default: the
+    model its routing shape mimics, or for real routing of a model outside the catalogue the one
+    its meta names (``timing_model``), or None (then expert_bytes, pcie_gbps and layer_us are needed)."""
+    return trace.meta.get("mimics") or trace.meta.get("timing_model")
+
+
+def check_simulate_args(num_layers: int, num_experts: int, capacity, depth, has_predictor: bool, expert_bytes=None,
+                        pcie_gbps=None, layer_us=None, max_steps=None, prefetch_budget=None,
+                        unlimited_budget: bool = False, expert_dtype: str = "bf16", capacity_dtype=None) -> None:
+    """Refuse what makes no sense for a replay of a trace with `num_layers` x `num_experts`, one clear
+    line naming the argument (``simulate`` and ``prophet simulate`` call it before any work)."""
+    def whole(v):
+        return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+
+    if not (isinstance(capacity, (int, float, np.floating, np.integer)) and math.isfinite(capacity) and capacity > 0):
+        raise ValueError(f"capacity={capacity!r}: give a fraction of all experts in (0, 1] or a whole number of slots")
+    if capacity > 1 and capacity != int(capacity):
+        raise ValueError(f"capacity={capacity}: a fraction of all experts is at most 1; a slot count is a whole number")
+    if capacity > 1 and capacity > num_layers * num_experts:
+        raise ValueError(f"capacity={int(capacity)} slots exceeds the trace's {num_layers} x {num_experts} experts")
+    if has_predictor and (not whole(depth) or not 1 <= depth < num_layers):
+        raise ValueError(f"depth={depth!r}: prefetch depth in layers must be a whole number in [1, {num_layers - 1}] "
+                         f"(the trace has {num_layers} layers)")
+    for name, v in (("expert_bytes", expert_bytes), ("pcie_gbps", pcie_gbps), ("layer_us", layer_us)):
+        if v is not None and not (isinstance(v, (int, float, np.integer, np.floating)) and math.isfinite(v) and v > 0):
+            raise ValueError(f"{name}={v!r}: must be a finite number > 0")
+    if max_steps is not None and (not whole(max_steps) or max_steps < 1):
+        raise ValueError(f"max_steps={max_steps!r}: must be a whole number >= 1")
+    if prefetch_budget is not None and (not whole(prefetch_budget) or prefetch_budget < 0 or unlimited_budget):
+        raise ValueError(f"prefetch_budget={prefetch_budget!r}: give a whole number of experts >= 0, "
+                         "without unlimited_budget")
+    for name, v in (("expert_dtype", expert_dtype), ("capacity_dtype", capacity_dtype)):
+        if v is not None and v not in ("bf16", "fp8"):
+            raise ValueError(f"{name}={v!r}: bf16 or fp8")
+
+
 def lanes(trace, batch: int) -> np.ndarray:
     """[steps, batch] token indices: lane b replays sequences b, b+B, ... back to back; all lanes
     are cut to the shortest so every step has B tokens."""
@@ -68,6 +105,13 @@ def lanes(trace, batch: int) -> np.ndarray:
     per_lane = [np.concatenate(seqs[b::batch]) for b in range(batch)]
     steps = min(len(p) for p in per_lane)
     return np.stack([p[:steps] for p in per_lane], axis=1)
+
+
+def late_hits(got, filled, ready, start: float) -> int:
+    """Hits of a layer call whose copy had not landed when the call began (at `start`): the one
+    definition of "landed in time" for host and device rows alike (a device-mode call then waits for
+    them before it decides, a host-mode call after: both are late)."""
+    return sum(1 for s in got if s not in filled and ready[s] > start)
 
 
 def call_schedule(trace, grid: np.ndarray) -> list[list[int]]:
@@ -163,17 +207,18 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     from ..planner.catalog import get_model
     from ..planner.memory import expert_bytes as model_expert_bytes
 
-    if prefetch_budget is not None and (unlimited_budget or prefetch_budget < 0):
-        raise ValueError(f"prefetch_budget={prefetch_budget}: give a number of experts >= 0, without unlimited_budget")
     L, E = trace.num_layers, trace.num_experts
-    model = trace.meta.get("mimics")
+    check_simulate_args(L, E, capacity, depth, predictor is not None, expert_bytes, pcie_gbps, layer_us, max_steps,
+                        prefetch_budget, unlimited_budget, expert_dtype, capacity_dtype)
+    model = timing_model(trace)
     if (expert_bytes is None or capacity_dtype) and not model:
-        raise ValueError("trace meta names no mimicked model: pass expert_bytes (and no capacity_dtype)")
+        raise ValueError("the trace names no catalogue model: pass expert_bytes, pcie_gbps and layer_us "
+                         "(--expert-bytes, --pcie-gbps, --layer-us), and no capacity_dtype")
     if expert_bytes is None:
         expert_bytes = model_expert_bytes(get_model(model), expert_dtype)
     bw = (pcie_gbps or MEASURED_PCIE_GBPS.get(model) or 0) * 1e9
     if bw <= 0:
-        raise ValueError(f"no measured PCIe bandwidth for {model!r}: pass pcie_gbps")
+        raise ValueError(f"no measured PCIe bandwidth for {model!r}: pass pcie_gbps (--pcie-gbps)")
     layer_s = layer_us * 1e-6 if layer_us is not None else layer_seconds(model, batch)
     grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
@@ -219,6 +264,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         for l in range(L):
             c = t * L + l
             clock[0] = c
+            start = now  # the layer call begins: a hit landed in time iff its copy completed by now
             if device and engine > now:  # a device-mode layer call waits for all the previous call's
                 res.stats.layers[l].stall_s += engine - now  # prefetches before it decides: a stall too
                 now = engine
@@ -230,7 +276,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
                 ready[s] = engine
             wait = max(ready[s] for s in got)
             filled = {s for s, _, _ in fills}
-            res.stats.layers[l].late_hits += sum(1 for s in got if s not in filled and ready[s] > now)
+            res.stats.layers[l].late_hits += late_hits(got, filled, ready, start)
             if wait > now:
                 res.stats.layers[l].stall_s += wait - now
                 now = wait

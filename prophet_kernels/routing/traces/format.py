@@ -78,6 +78,29 @@ class Trace:
         """Token indices of each sequence, in order."""
         return [np.arange(a, b) for a, b in zip(self.seq_starts[:-1], self.seq_starts[1:])]
 
+    def select(self, seqs: slice) -> "Trace":
+        """The trace of sequences ``seqs`` (a slice of sequence indices), every per-token array cut
+        alike; meta records the slice ("sequences": [start, stop])."""
+        start, stop, step = seqs.indices(self.num_seqs)
+        if step != 1 or stop <= start:
+            raise ValueError(f"sequence slice {start}:{stop}:{step} selects no consecutive sequences "
+                             f"(the trace has {self.num_seqs})")
+        a, b = int(self.seq_starts[start]), int(self.seq_starts[stop])
+        cut = lambda x, axis: None if x is None else np.take(x, np.arange(a, b), axis=axis)
+        base = self.meta.get("sequences", [0, self.num_seqs])[0]
+        return Trace(topk_ids=self.topk_ids[:, a:b], seq_starts=self.seq_starts[start:stop + 1] - a,
+                     topk_weights=cut(self.topk_weights, 1), lookahead=cut(self.lookahead, 2),
+                     learned_lookahead=cut(self.learned_lookahead, 2),
+                     meta=self.meta | {"tokens": b - a, "sequences": [base + start, base + stop]})
+
+    def fingerprints(self) -> set[bytes]:
+        """A digest of each sequence's routing: two traces share a sequence iff they share a digest
+        (used to refuse fitting a predictor on the trace it is then evaluated on)."""
+        import hashlib
+
+        return {hashlib.sha1(np.ascontiguousarray(self.topk_ids[:, a:b]).astype(np.int16).tobytes()).digest()
+                for a, b in zip(self.seq_starts[:-1], self.seq_starts[1:])}
+
     def save(self, path) -> Path:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
