@@ -156,6 +156,8 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--shape", required=True, choices=list(SHAPES))
     t.add_argument("--out", required=True, help="checkpoint folder")
     t.add_argument("--steps", type=int, default=1500)
+    t.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
+    t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3; Mixtral's shape used 1e-3)")
     r = sub.add_parser("record", help="record a routing trace from a trained checkpoint")
@@ -163,7 +165,7 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     r.add_argument("--checkpoint", required=True)
     r.add_argument("--split", choices=["heldout", "train"], default="heldout")
     r.add_argument("--seqs", type=int, default=64, help="sequences (windows of the split) to record")
-    r.add_argument("--seq-len", type=int, default=128)
+    r.add_argument("--seq-len", type=int, default=128, help="tokens per sequence (default 128)")
     r.add_argument("--lookahead", type=int, default=3, help="gate-lookahead depth D (0: none)")
     r.add_argument("--lookahead-width", type=int, help="experts ranked per lookahead (default 2 x top-k)")
     r.add_argument("--no-weights", action="store_true", help="store expert ids only")
@@ -194,14 +196,15 @@ def _trace(args: argparse.Namespace) -> int:
     import torch
 
     from .routing.traces import DATA
-    from .routing.traces.corpus import load_corpus
     from .routing.traces.recorder import record
+    from .routing.traces.tokenizer import tokenize_corpus
     from .routing.traces.train import get_shape, heldout_windows, model_class, train, train_windows
 
     if args.trace_cmd == "stats":
         return _trace_stats(args)
     if args.trace_cmd == "train":
-        log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr)
+        log = train(args.shape, Path(args.out), steps=args.steps, seed=args.seed, lr=args.lr, batch=args.batch,
+                    seq_len=args.seq_len)
         print(f"held-out {log['heldout_bits_per_byte']:.3f} bits/byte vs unigram {log['unigram_bits_per_byte']:.3f}; "
               f"checkpoint in {args.out}")
         return 0
@@ -209,7 +212,7 @@ def _trace(args: argparse.Namespace) -> int:
     ckpt = Path(args.checkpoint)
     log = json.loads((ckpt / "train_log.json").read_text()) if (ckpt / "train_log.json").exists() else {}
     model = model_class(shape).from_pretrained(ckpt, dtype=torch.float32)
-    corpus = load_corpus()
+    corpus = tokenize_corpus()
     if args.trace_cmd == "fit-lookahead":
         return _fit_lookahead(args, model, train_windows(corpus, args.seqs, args.seq_len), ckpt)
     if args.split == "heldout":
@@ -222,9 +225,11 @@ def _trace(args: argparse.Namespace) -> int:
         learned = LearnedGatePredictor.load(args.learned_gate)
     meta = {"shape": shape.name, "mimics": shape.mimics, "split": args.split, "corpus": corpus.meta,
             "model": f"transformers {type(model).__name__}, {shape.num_layers} layers, {shape.num_experts} experts, "
-                     f"top-{shape.top_k}, hidden {shape.hidden}, byte vocabulary",
+                     f"top-{shape.top_k}, hidden {shape.hidden}, expert FFN {shape.intermediate}, BPE vocabulary "
+                     f"{corpus.vocab}",
             "training": {k: log.get(k) for k in ("steps", "batch", "seq_len", "lr", "seed", "heldout_bits_per_byte",
-                                                  "unigram_bits_per_byte", "train_seconds", "torch")}}
+                                                  "unigram_bits_per_byte", "train_seconds", "torch", "params")}
+            | {"losses": {k: shape.__dict__[k] for k in ("balance", "balance_coef", "z_coef")}}}
     trace = record(model, windows, lookahead_depth=0 if args.no_weights else args.lookahead, meta=meta, progress=True,
                    lookahead_width=args.lookahead_width, learned=learned)
     if args.no_weights:
@@ -294,17 +299,17 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help=f"lru, lfu, cyclic, next-use, belady, or device-next-use, device-lru: the device mode's decisions (default "
                         f"{DEFAULT_POLICY}, as in the vLLM plugin's host mode)")
     p.add_argument("--predictor", help="same, frequency, transition, learned, gate, learned-gate, oracle (default none)")
-    p.add_argument("--depth", type=int, help="prefetch depth in layers, with --predictor (default 1)")
+    p.add_argument("--depth", type=int, help="prefetch depth in layers (default 1; needs a predictor)")
     p.add_argument("--batch", type=int, default=1, help="sequences decoding together (default 1)")
     p.add_argument("--expert-bytes", type=int,
                    help="bytes of one expert (default: the trace's catalogue model's, at --expert-dtype)")
     p.add_argument("--pcie-gbps", type=float, help="host-to-device GB/s (default: measured on the H100)")
     p.add_argument("--layer-us", type=float, help="time of one layer in us (default: measured on the H100)")
     p.add_argument("--unlimited-budget", action="store_true",
-                   help="with --predictor: no prefetch byte budget (timing still modelled)")
+                   help="no prefetch byte budget (timing still modelled; needs a predictor)")
     p.add_argument("--prefetch-budget", type=int, metavar="N",
-                   help="with --predictor: at most N experts per prefetch call, fixed (the vLLM plugin's "
-                        "prefetch_budget), instead of the default: the budget derived from bandwidth and layer time")
+                   help="at most N experts per prefetch call, fixed (the vLLM plugin's prefetch_budget; needs a "
+                        "predictor), instead of the default: the budget derived from bandwidth and layer time")
     p.add_argument("--max-steps", type=int, help="replay at most this many decode steps (default: the whole trace)")
     p.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8"],
                    help="the mimicked model's experts: bf16, or fp8 (e4m3 + per-row scales: ~half the bytes and PCIe "

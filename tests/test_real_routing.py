@@ -236,3 +236,37 @@ def test_simulate_sensible_runs_pass_the_checks():
     r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "simulate", "--trace", "flame-moe-290m",
                         "--max-steps", "20"], capture_output=True, text=True)
     assert r.returncode == 0 and "OLMoE-1B-7B's expert bytes" in r.stdout, r.stderr
+
+
+# ------------------------------------------------------------------ a miss that does not wait
+
+
+def test_no_wait_misses_never_stall_and_fill_ahead():
+    tr = load_trace("flame-moe-290m")
+    kw = dict(expert_bytes=10**7, pcie_gbps=50.0, layer_us=100.0, max_steps=200)
+    wait = simulate(tr, 0.5, "lru", **kw)
+    free = simulate(tr, 0.5, "lru", miss="no-wait", **kw)
+    assert wait.stall_s > 0 and free.stall_s == 0  # the layer never waits for a copy
+    # every expert use that had not landed when its call began is computed another way
+    assert free.fallbacks == free.misses + free.late_hits and free.late_hits > 0
+    assert free.ready_hit_rate == pytest.approx(1 - free.fallbacks / free.requests)
+    # a fallback on the GPU adds its time to the layer; the host CPU's runs beside it
+    serial = simulate(tr, 0.5, "lru", miss="no-wait", fallback_s=20e-6, **kw)
+    assert serial.extra_s == pytest.approx(serial.fallbacks * 20e-6)
+    beside = simulate(tr, 0.5, "lru", miss="no-wait", fallback_s=20e-6, fallback_parallel=True, **kw)
+    assert 0 < beside.extra_s < serial.extra_s
+    with pytest.raises(ValueError, match="device policies: wait"):
+        simulate(tr, 0.5, "device-lru", miss="no-wait", **kw)
+
+
+def test_no_wait_fills_the_missed_experts_for_the_next_call():
+    """The same experts at every step: the first step computes them all another way, their copies
+    land for the next step (a fast copy engine), and from then on every use has landed."""
+    L, E, k, N = 3, 8, 2, 12
+    ids = np.broadcast_to(np.array([1, 5]), (L, N, k)).copy()
+    tr = Trace(ids, np.array([0, N]), meta={"num_experts": E})
+    r = simulate(tr, 0.5, "lru", miss="no-wait", expert_bytes=1000, pcie_gbps=100.0, layer_us=10.0)
+    assert r.misses == L * k and r.fallbacks == L * k and r.hits == (N - 1) * L * k and r.late_hits == 0
+    # with a copy engine too slow for one step, the copies land later: late hits, computed another way
+    slow = simulate(tr, 0.5, "lru", miss="no-wait", expert_bytes=10**6, pcie_gbps=0.1, layer_us=10.0)
+    assert slow.late_hits > 0 and slow.fallbacks == slow.misses + slow.late_hits

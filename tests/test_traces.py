@@ -679,13 +679,16 @@ def test_train_and_record_cli(tmp_path):
     """A few training steps on a small slice of the real corpus, then `prophet trace record`."""
     pytest.importorskip("transformers")
     from prophet_kernels.routing.traces.corpus import Corpus, load_corpus
+    from prophet_kernels.routing.traces.tokenizer import tokenize_corpus
     from prophet_kernels.routing.traces.train import train
 
     full = load_corpus(max_bytes_per_source=1 << 20)
-    small = Corpus(full.train[:200_000], full.heldout[:50_000], full.meta)
+    small = tokenize_corpus(Corpus(full.train[:200_000], full.heldout[:50_000], full.meta))
+    assert small.token_bytes[small.heldout].sum() > 0.95 * 50_000  # tokens stand for the bytes they encode
     log = train("olmoe", tmp_path / "ck", steps=3, batch=2, seq_len=32, progress=False, corpus=small, eval_windows=4)
     assert (tmp_path / "ck" / "model.safetensors").exists() and len(log["curve"]) >= 1
     assert np.isfinite(log["heldout_bits_per_byte"]) and 0 < log["unigram_bits_per_byte"] < 8
+    assert {"balance_loss", "z_loss"} <= set(log["curve"][-1])
     out = tmp_path / "t.npz"
     r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "trace", "record", "--shape", "olmoe",
                         "--checkpoint", str(tmp_path / "ck"), "--seqs", "2", "--seq-len", "16", "--out", str(out)],
@@ -693,4 +696,35 @@ def test_train_and_record_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     tr = load_trace(out)
     assert tr.topk_ids.shape == (16, 32, 8) and tr.lookahead.shape == (3, 16, 32, 16)
+    assert "BPE vocabulary 8192" in tr.meta["model"] and tr.meta["training"]["losses"]["balance_coef"] == 0.01
     assert tr.meta["training"]["steps"] == 3 and tr.meta["split"] == "heldout"
+
+
+def test_router_losses_per_layer_and_per_sequence():
+    """The balance loss is taken per layer (transformers' pools the layers' counts), over the step's
+    tokens or each sequence's; the z-loss is the mean squared logsumexp."""
+    import math
+
+    from prophet_kernels.routing.traces.train import router_losses
+
+    E, k, S = 8, 2, 5
+    flat = torch.zeros(2 * S, E)
+    lb, z = router_losses([flat], k, S)
+    assert lb.item() == pytest.approx(k) and z.item() == pytest.approx(math.log(E) ** 2)
+    # sequence 0 always picks experts 0, 1, sequence 1 experts 2, 3 (sharply)
+    sharp = torch.full((2 * S, E), -30.0)
+    sharp[:S, :2] = 0.0
+    sharp[S:, 2:4] = 0.0
+    batch, _ = router_losses([sharp], k, S, "batch")
+    seq, _ = router_losses([sharp], k, S, "sequence")
+    assert batch.item() == pytest.approx(E / 2, rel=1e-4) and seq.item() == pytest.approx(E, rel=1e-4)
+    # per layer: layer 0 on experts 0, 1 and layer 1 on experts 2, 3 are each unbalanced, although the
+    # pooled counts (transformers' load_balancing_loss_func) would spread over 4 experts
+    one = torch.full((S, E), -30.0)
+    one[:, :2] = 0.0
+    other = torch.full((S, E), -30.0)
+    other[:, 2:4] = 0.0
+    per_layer, _ = router_losses([one, other], k, S)
+    assert per_layer.item() == pytest.approx(E, rel=1e-4)
+    with pytest.raises(ValueError, match="balance"):
+        router_losses([flat], k, S, "global")

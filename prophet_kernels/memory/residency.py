@@ -2,9 +2,12 @@
 
     acquire(layer, experts)      hits are touched and pinned first; then misses get a slot (free,
                                  else the policy's unpinned victim) and are returned as fills to copy now
+                                 (``fill=False``: misses get no slot, -1; a miss that does not wait)
     prefetch(layer, ids, hidden) asks the predictor, allocates slots for its experts for layers
                                  +1..+depth (nearest first) within the byte budget, returns fills;
                                  predicted experts already resident are touched (wanted soon)
+    fill_ahead(layer, experts, budget)  slots for a layer's missed experts, for its next call, within a
+                                 byte budget (what a miss that did not wait copies afterwards)
     release(slots)               unpins what acquire pinned
 
 No tensors move here: the caller copies the fills (``StreamPrefetcher`` on a device, a timing
@@ -91,10 +94,11 @@ class ExpertResidency:
         self.stats = Stats(self.table.num_layers)
         self._unread_prefetch.clear()
 
-    def acquire(self, layer: int, experts) -> tuple[list[int], list[Fill]]:
+    def acquire(self, layer: int, experts, fill: bool = True) -> tuple[list[int], list[Fill]]:
         """Slots for `experts` (unique ids of one layer, all pinned on return) and the demand fills.
-        Refused before anything changes (pins, owners, policy, stats) when `experts` repeats an id or
-        names one outside the table, or needs more slots than there are."""
+        ``fill=False``: a missed expert gets no slot (-1) and no fill (the caller computes it another
+        way and may ``fill_ahead`` it). Refused before anything changes (pins, owners, policy, stats)
+        when `experts` repeats an id or names one outside the table, or needs more slots than there are."""
         experts = list(experts)
         if not 0 <= layer < self.table.num_layers:
             raise ValueError(f"layer {layer!r} is outside [0, {self.table.num_layers})")
@@ -121,6 +125,8 @@ class ExpertResidency:
         for i, e in enumerate(experts):
             if slots[i] < 0:
                 st.misses += 1
+                if not fill:
+                    continue
                 s, evicted = table.allocate(layer, e)
                 self._evicted(evicted, s, layer)
                 fills.append((s, layer, e))
@@ -141,13 +147,25 @@ class ExpertResidency:
         """Slots allocated (and their owners set) for the predictor's experts; the caller copies."""
         if self.predictor is None or self.prefetch_depth == 0:
             return []
-        L, E, eb, table = self.table.num_layers, self.table.num_experts, self.expert_bytes, self.table
+        L = self.table.num_layers
         want = self.predictor.predict(layer, topk_ids, hidden, L, self.prefetch_depth)
+        return self._allocate_ahead([((layer + d) % L, want.get((layer + d) % L, ()))
+                                     for d in range(1, self.prefetch_depth + 1)], self.prefetch_budget_bytes, True)
+
+    def fill_ahead(self, layer: int, experts, budget_bytes: int | None) -> list[Fill]:
+        """Slots for `experts` of `layer` that are not resident (a call's misses that did not wait), for
+        the layer's next call, within `budget_bytes` (None: no limit); their bytes count as copied,
+        not as prefetched."""
+        return self._allocate_ahead([(layer, experts)], budget_bytes, False)
+
+    def _allocate_ahead(self, wanted, budget_bytes: int | None, prefetched: bool) -> list[Fill]:
+        """Slots for [(layer, experts best first), ...] in order, within the byte budget; experts already
+        resident are held for the call and touched (wanted soon)."""
+        E, eb, table = self.table.num_experts, self.expert_bytes, self.table
         fills, held = [], []
         try:
-            for d in range(1, self.prefetch_depth + 1):
-                future = (layer + d) % L
-                for e in want.get(future, ()):
+            for future, experts in wanted:
+                for e in experts:
                     if not 0 <= e < E:
                         raise ValueError(f"predictor returned expert {e} outside [0, {E}) for layer {future}")
                     s = table.lookup(future, e)
@@ -156,16 +174,17 @@ class ExpertResidency:
                         table.touch(s)
                         held.append(s)
                         continue
-                    if self.prefetch_budget_bytes is not None and (len(fills) + 1) * eb > self.prefetch_budget_bytes:
+                    if budget_bytes is not None and (len(fills) + 1) * eb > budget_bytes:
                         return fills
                     if table.full():
                         return fills  # every slot is read now or was just prefetched
                     s, evicted = table.allocate(future, e)
                     self._evicted(evicted, s, future)
                     fs = self.stats.layers[future]
-                    fs.prefetched += 1
                     fs.bytes_h2d += eb
-                    self._unread_prefetch.add(s)
+                    if prefetched:
+                        fs.prefetched += 1
+                        self._unread_prefetch.add(s)
                     table.pin([s])  # nearer layers' prefetches are not evicted by farther ones
                     held.append(s)
                     fills.append((s, future, e))

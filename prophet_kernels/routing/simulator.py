@@ -141,6 +141,9 @@ class SimResult:
     pred_recall: list[float] = field(default_factory=list)  # per depth: |predicted & needed| / |needed|
     pred_precision: list[float] = field(default_factory=list)  # per depth: |predicted & needed| / |predicted|
     layer_hit_rate: list[float] = field(default_factory=list)
+    miss: str = "wait"
+    fallbacks: int = 0  # no-wait: expert uses computed another way (missed, or not landed), unique per call
+    extra_s: float = 0.0  # no-wait: time the fallback computation added to the layers
 
     @property
     def hit_rate(self) -> float:
@@ -158,7 +161,8 @@ class SimResult:
         d = dict(self.__dict__)
         d.update(hit_rate=self.hit_rate, ready_hit_rate=self.ready_hit_rate, prefetch_precision=self.prefetch_precision,
                  misses_per_token=self.misses / self.tokens, bytes_per_token=self.bytes_h2d / self.tokens,
-                 stall_us_per_token=self.stall_s / self.tokens * 1e6)
+                 stall_us_per_token=self.stall_s / self.tokens * 1e6, fallbacks_per_token=self.fallbacks / self.tokens,
+                 extra_us_per_token=self.extra_s / self.tokens * 1e6)
         return d
 
 
@@ -188,11 +192,103 @@ class _Scored(Predictor):
         return want
 
 
+MISSES = ("wait", "no-wait")
+
+
+@dataclass
+class Call:
+    """What one layer call found: its experts that had landed, those it computes another way
+    (no-wait: missed or not landed yet), and its demand misses."""
+    landed: list[int]
+    fallback: list[int]
+    missed: list[int]
+
+
+class Replay:
+    """The memory system's decisions (``res``: ``ExpertResidency`` or ``DeviceDecisions``) and the
+    copy engine's timing, one layer call at a time: ``simulate`` runs it over a trace, and
+    ``routing.quality`` beside a model decoding (where a fallback changes what the model routes next).
+
+    One copy engine moves ``bw`` bytes/s in issue order; a layer computes for ``layer_s``. A hit
+    landed in time iff its copy had completed when the layer call began (``late_hits``).
+    ``miss="wait"``: misses are copied now and the layer waits for them and for late hits (stall).
+    ``miss="no-wait"``: the layer never waits; its missed and not-yet-landed experts are computed
+    another way (the caller's fallback: a resident low-bit stand-in, a substitute, skipping, the
+    host CPU), each adding ``fallback_s`` to the layer (``fallback_parallel``: the fallback runs
+    beside the GPU, as the host CPU does, so the layer takes max(layer_s, n x fallback_s)); the
+    missed experts are then copied for the layer's next call, as many as can land by then."""
+
+    def __init__(self, res, expert_bytes: int, bw: float, layer_s: float, depth: int, prefetch_budget=None,
+                 unlimited_budget: bool = False, device: bool = False, miss: str = "wait", fallback_s: float = 0.0,
+                 fallback_parallel: bool = False):
+        self.res, self.expert_bytes, self.layer_s, self.depth = res, expert_bytes, layer_s, depth
+        self.prefetch_budget, self.unlimited_budget, self.device, self.miss = prefetch_budget, unlimited_budget, device, miss
+        self.fallback_s, self.fallback_parallel = fallback_s, fallback_parallel
+        self.copy_s = expert_bytes / bw
+        self.ready = [0.0] * res.state.num_slots if device else [0.0] * res.table.num_slots  # when each slot's copy lands
+        self.now = self.engine = 0.0
+        self.fallbacks, self.extra_s = 0, 0.0
+
+    def _copy(self, fills) -> None:
+        for s, _, _ in fills:
+            self.engine = max(self.engine, self.now) + self.copy_s
+            self.ready[s] = self.engine
+
+    def _budget(self, layers_ahead: float) -> int:
+        """Bytes of the copies that can start before `layers_ahead` layer times from now."""
+        window = self.now + layers_ahead * self.layer_s - max(self.engine, self.now)
+        return max(0, math.ceil(window / self.copy_s)) * self.expert_bytes
+
+    def landed(self, layer: int) -> list[int]:
+        """Experts of `layer` resident and landed now (host policies)."""
+        table = self.res.table
+        return [e for e in range(table.num_experts) if (s := table.lookup(layer, e)) >= 0 and self.ready[s] <= self.now]
+
+    def call(self, layer: int, experts, topk_ids=None, hidden=None) -> Call:
+        res, st = self.res, self.res.stats.layers[layer]
+        experts = list(experts)
+        start = self.now  # the layer call begins: a hit landed in time iff its copy completed by now
+        if self.device and self.engine > self.now:  # a device-mode layer call waits for all the previous
+            st.stall_s += self.engine - self.now  # call's prefetches before it decides: a stall too
+            self.now = self.engine
+        got, fills = res.acquire(layer, experts, **({} if self.miss == "wait" else {"fill": False}))
+        filled = {s for s, _, _ in fills}
+        missed = [e for e, s in zip(experts, got) if s < 0 or s in filled]
+        st.late_hits += late_hits([s for s in got if s >= 0], filled, self.ready, start)
+        duration = self.layer_s
+        if self.miss == "wait":
+            self._copy(fills)
+            wait = max(self.ready[s] for s in got)
+            if wait > self.now:
+                st.stall_s += wait - self.now
+                self.now = wait
+            landed, fallback = experts, []
+        else:
+            landed = [e for e, s in zip(experts, got) if s >= 0 and self.ready[s] <= start]
+            fallback = [e for e, s in zip(experts, got) if not (s >= 0 and self.ready[s] <= start)]
+            if fallback:
+                cost = len(fallback) * self.fallback_s
+                duration = max(self.layer_s, cost) if self.fallback_parallel else self.layer_s + cost
+                self.fallbacks += len(fallback)
+                self.extra_s += duration - self.layer_s
+            # the missed experts, copied for this layer's next call (one step ahead), as many as land by then
+            L = res.table.num_layers
+            self._copy(res.fill_ahead(layer, missed, self._budget(L)))
+        if res.prefetch_depth:
+            if not self.unlimited_budget and self.prefetch_budget is None:  # what can start before the farthest
+                res.prefetch_budget_bytes = self._budget(self.depth)  # target layer begins
+            self._copy(res.prefetch(layer, topk_ids, hidden))
+        res.release([s for s in got if s >= 0])
+        self.now += duration
+        return Call(landed=landed, fallback=fallback, missed=missed)
+
+
 def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
              batch: int = 1, expert_bytes: int | None = None, pcie_gbps: float | None = None,
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
              progress: bool = False, prefetch_budget: int | None = None, expert_dtype: str = "bf16",
-             capacity_dtype: str | None = None) -> SimResult:
+             capacity_dtype: str | None = None, miss: str = "wait", fallback_s: float = 0.0,
+             fallback_parallel: bool = False) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
     H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
@@ -201,7 +297,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     ``prefetch_budget`` setting do). ``expert_dtype``: the mimicked model's experts in bf16 or fp8
     (e4m3 with per-row scales: about half the bytes, so half the PCIe time per copy);
     ``capacity_dtype``: count ``capacity`` in experts of that dtype's size (e.g. fp8 experts in the
-    bytes of a bf16 buffer: about twice the slots)."""
+    bytes of a bf16 buffer: about twice the slots). ``miss``, ``fallback_s``, ``fallback_parallel``:
+    ``Replay``'s (a miss that does not wait, and what computing it another way costs)."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
@@ -248,6 +345,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
     budget_bytes = None if prefetch_budget is None else prefetch_budget * expert_bytes
     device = policy in DEVICE_SIM_POLICIES
+    if miss not in MISSES or (device and miss != "wait"):
+        raise ValueError(f"miss={miss!r}: {' or '.join(MISSES)} (device policies: wait)")
     if device:  # the device mode's decisions (memory.device), same step function as its kernel
         res = DeviceDecisions(L, E, slots, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes,
                               min_slots=max(len(s) for s in schedule), policy=DEVICE_SIM_POLICIES[policy])
@@ -255,43 +354,20 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
         res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes)
 
-    ready = [0.0] * slots  # when each slot's last copy lands
-    now = engine = 0.0
-    copy_s = expert_bytes / bw
+    replay = Replay(res, expert_bytes, bw, layer_s, depth, prefetch_budget, unlimited_budget, device, miss, fallback_s,
+                    fallback_parallel)
     unpredicted = 0
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
         tokens = grid[t]
         for l in range(L):
             c = t * L + l
             clock[0] = c
-            start = now  # the layer call begins: a hit landed in time iff its copy completed by now
-            if device and engine > now:  # a device-mode layer call waits for all the previous call's
-                res.stats.layers[l].stall_s += engine - now  # prefetches before it decides: a stall too
-                now = engine
-            got, fills = res.acquire(l, schedule[c])
+            call = replay.call(l, schedule[c], trace.topk_ids[l, tokens], TraceHidden(trace, tokens))
             named = scored.named.pop(c, ()) if scored else ()
-            unpredicted += sum(1 for _, _, e in fills if e not in named)  # fills are this call's misses
-            for s, _, _ in fills:
-                engine = max(engine, now) + copy_s
-                ready[s] = engine
-            wait = max(ready[s] for s in got)
-            filled = {s for s, _, _ in fills}
-            res.stats.layers[l].late_hits += late_hits(got, filled, ready, start)
-            if wait > now:
-                res.stats.layers[l].stall_s += wait - now
-                now = wait
-            if res.prefetch_depth:
-                if not unlimited_budget and prefetch_budget is None:  # what can start before the farthest target layer begins
-                    window = now + depth * layer_s - max(engine, now)
-                    res.prefetch_budget_bytes = max(0, math.ceil(window / copy_s)) * expert_bytes
-                for s, _, _ in res.prefetch(l, trace.topk_ids[l, tokens], TraceHidden(trace, tokens)):
-                    engine = max(engine, now) + copy_s
-                    ready[s] = engine
-            res.release(got)
-            now += layer_s
+            unpredicted += sum(1 for e in call.missed if e not in named)
     st = res.stats
     req = st.hits + st.misses
-    return SimResult(
+    return SimResult(miss=miss, fallbacks=replay.fallbacks, extra_s=replay.extra_s,
         slots=slots, policy=policy, predictor=name, depth=res.prefetch_depth, batch=batch, steps=steps,
         tokens=steps * batch, requests=req, hits=st.hits, late_hits=st.late_hits, misses=st.misses, prefetched=st.prefetched,
         prefetch_used=st.prefetch_used, evictions=st.evictions, bytes_h2d=st.bytes_h2d, stall_s=st.stall_s,
