@@ -283,6 +283,27 @@ class Replay:
         return Call(landed=landed, fallback=fallback, missed=missed)
 
 
+def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor, depth: int, expert_bytes: int,
+                bw: float, layer_s: float, prefetch_budget: int | None = None, unlimited_budget: bool = False,
+                miss: str = "wait", fallback_s: float = 0.0, fallback_parallel: bool = False,
+                min_slots: int = 1) -> Replay:
+    """A ``Replay`` over a fresh buffer of `slots` with `policy` (a name, device-* for the device
+    mode's decisions, or an ``EvictionPolicy``) and `predictor` prefetching `depth` layers ahead
+    (0: none); ``prefetch_budget`` in experts per call (None: derived from the copy engine)."""
+    device = policy in DEVICE_SIM_POLICIES
+    if miss not in MISSES or (device and miss != "wait"):
+        raise ValueError(f"miss={miss!r}: {' or '.join(MISSES)} (device policies: wait)")
+    budget_bytes = None if prefetch_budget is None else prefetch_budget * expert_bytes
+    if device:  # the device mode's decisions (memory.device), same step function as its kernel
+        res = DeviceDecisions(num_layers, num_experts, slots, expert_bytes, predictor, depth, budget_bytes,
+                              min_slots=min_slots, policy=DEVICE_SIM_POLICIES[policy])
+    else:
+        res = ExpertResidency(SlotTable(num_layers, num_experts, slots, policy, min_slots=min_slots), expert_bytes,
+                              predictor, depth, budget_bytes)
+    return Replay(res, expert_bytes, bw, layer_s, depth, prefetch_budget, unlimited_budget, device, miss, fallback_s,
+                  fallback_parallel)
+
+
 def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
              batch: int = 1, expert_bytes: int | None = None, pcie_gbps: float | None = None,
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
@@ -343,19 +364,10 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         predictor = OraclePredictor(schedule)
     name = getattr(predictor, "name", "none") if predictor is not None else "none"
     scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
-    budget_bytes = None if prefetch_budget is None else prefetch_budget * expert_bytes
-    device = policy in DEVICE_SIM_POLICIES
-    if miss not in MISSES or (device and miss != "wait"):
-        raise ValueError(f"miss={miss!r}: {' or '.join(MISSES)} (device policies: wait)")
-    if device:  # the device mode's decisions (memory.device), same step function as its kernel
-        res = DeviceDecisions(L, E, slots, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes,
-                              min_slots=max(len(s) for s in schedule), policy=DEVICE_SIM_POLICIES[policy])
-    else:
-        table = SlotTable(L, E, slots, pol, min_slots=max(len(s) for s in schedule))
-        res = ExpertResidency(table, expert_bytes, scored, depth if predictor is not None else 0, budget_bytes)
-
-    replay = Replay(res, expert_bytes, bw, layer_s, depth, prefetch_budget, unlimited_budget, device, miss, fallback_s,
-                    fallback_parallel)
+    replay = make_replay(L, E, slots, pol, scored, depth if predictor is not None else 0, expert_bytes, bw, layer_s,
+                         prefetch_budget, unlimited_budget, miss, fallback_s, fallback_parallel,
+                         min_slots=max(len(s) for s in schedule))
+    res = replay.res
     unpredicted = 0
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
         tokens = grid[t]
