@@ -108,6 +108,13 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="plan_out", help="output folder for plan.csv and figures (default plan_out/)")
     p.add_argument("--no-figures", action="store_true", help="skip the matplotlib figures")
     p.add_argument("--list", action="store_true", help="print the model and GPU catalogue and exit")
+    p.add_argument("--frontier", action="store_true",
+                   help="where Prophet wins and where it does not: every way to hold the experts (all resident in "
+                        "bf16/fp8/int4, Prophet's buffers, misses that do not wait) with expert GPU bytes, KV tokens, "
+                        "predicted tokens/s and measured held-out quality (default models OLMoE-1B-7B, Mixtral-8x7B, "
+                        "Qwen3-30B-A3B; GPUs H100-80GB, RTX4090-24GB; batches 1, 4, 16); reads "
+                        "bench/results/frontier_inputs.jsonl (--frontier-inputs)")
+    p.add_argument("--frontier-inputs", help="the measured inputs of --frontier (default: the committed ones)")
     p.add_argument("--seed-report", metavar="PATH", help="write the seed-vs-corrected section (markdown) to PATH and exit")
 
 
@@ -117,6 +124,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.list:
         print(sweep.catalogue_table())
         return 0
+    if args.frontier:
+        return _frontier(args)
     if args.seed_report:
         path = Path(args.seed_report)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -143,6 +152,30 @@ def _plan(args: argparse.Namespace) -> int:
         names = list(dict.fromkeys(r.model for r in rows))  # catalogue spellings, in sweep order
         for path in figures.write_all(rows, names, list(dict.fromkeys(r.gpu for r in rows)), out):
             print(f"figure: {path}")
+    return 0
+
+
+def _frontier(args) -> int:
+    from .planner import frontier as fr
+
+    models = args.model or list(fr.MODELS)
+    gpus = fr.check_gpus(args.gpu or fr.GPUS_DEFAULT)
+    batches = args.batch or list(fr.BATCHES)
+    for b in batches:
+        if b < 1:
+            raise ValueError(f"--batch {b}: batches are whole numbers >= 1")
+    inputs = fr.read_inputs(Path(args.frontier_inputs) if args.frontier_inputs else fr.INPUTS)
+    rows = fr.frontier(models, gpus, batches, inputs)
+    print(fr.markdown(rows))
+    print("\nPick (fastest predicted configuration that fits and loses at most 1% held-out quality):")
+    for r in fr.recommend(rows):
+        print(f"  {r.model} on {r.gpu}, batch {r.batch}: {r.config} ({r.tokens_per_s:,.0f} tok/s, "
+              f"{r.kv_tokens:,} KV tokens, {r.quality_loss_pct:+.2f}%)")
+    out = Path(args.out)
+    print(f"\n{len(rows)} rows -> {fr.write_csv(rows, out / 'frontier.csv')}")
+    if not args.no_figures:
+        for b in batches:
+            print(f"figure: {fr.figure(rows, out / f'frontier_b{b}.png', batch=b)}")
     return 0
 
 
@@ -579,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"unrecognized arguments: {' '.join(rest)}")
         try:
             return _plan(args)
-        except ValueError as e:  # unknown model/GPU/dtype, bad buffer setting: one line, no traceback
+        except (ValueError, FileNotFoundError) as e:  # unknown model/GPU/dtype, bad buffer setting: one line
             print(f"prophet plan: error: {e}", file=sys.stderr)
             return 2
     if args.cmd == "info":

@@ -255,6 +255,8 @@ def test_no_wait_misses_never_stall_and_fill_ahead():
     assert serial.extra_s == pytest.approx(serial.fallbacks * 20e-6)
     beside = simulate(tr, 0.5, "lru", miss="no-wait", fallback_s=20e-6, fallback_parallel=True, **kw)
     assert 0 < beside.extra_s < serial.extra_s
+    late = simulate(tr, 0.5, "lru", miss="no-wait", fallback_s=20e-6, fallback_parallel=True, fallback_latency_s=30e-6, **kw)
+    assert late.extra_s > beside.extra_s  # the activations' round trip to the host
     with pytest.raises(ValueError, match="device policies: wait"):
         simulate(tr, 0.5, "device-lru", miss="no-wait", **kw)
 

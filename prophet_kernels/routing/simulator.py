@@ -215,15 +215,16 @@ class Replay:
     ``miss="no-wait"``: the layer never waits; its missed and not-yet-landed experts are computed
     another way (the caller's fallback: a resident low-bit stand-in, a substitute, skipping, the
     host CPU), each adding ``fallback_s`` to the layer (``fallback_parallel``: the fallback runs
-    beside the GPU, as the host CPU does, so the layer takes max(layer_s, n x fallback_s)); the
-    missed experts are then copied for the layer's next call, as many as can land by then."""
+    beside the GPU, as the host CPU does, so the layer takes max(layer_s, fallback_latency_s +
+    n x fallback_s), the latency being the activations' round trip); the missed experts are then
+    copied for the layer's next call, as many as can land by then."""
 
     def __init__(self, res, expert_bytes: int, bw: float, layer_s: float, depth: int, prefetch_budget=None,
                  unlimited_budget: bool = False, device: bool = False, miss: str = "wait", fallback_s: float = 0.0,
-                 fallback_parallel: bool = False):
+                 fallback_parallel: bool = False, fallback_latency_s: float = 0.0):
         self.res, self.expert_bytes, self.layer_s, self.depth = res, expert_bytes, layer_s, depth
         self.prefetch_budget, self.unlimited_budget, self.device, self.miss = prefetch_budget, unlimited_budget, device, miss
-        self.fallback_s, self.fallback_parallel = fallback_s, fallback_parallel
+        self.fallback_s, self.fallback_parallel, self.fallback_latency_s = fallback_s, fallback_parallel, fallback_latency_s
         self.copy_s = expert_bytes / bw
         self.ready = [0.0] * res.state.num_slots if device else [0.0] * res.table.num_slots  # when each slot's copy lands
         self.now = self.engine = 0.0
@@ -268,7 +269,8 @@ class Replay:
             fallback = [e for e, s in zip(experts, got) if not (s >= 0 and self.ready[s] <= start)]
             if fallback:
                 cost = len(fallback) * self.fallback_s
-                duration = max(self.layer_s, cost) if self.fallback_parallel else self.layer_s + cost
+                duration = (max(self.layer_s, self.fallback_latency_s + cost) if self.fallback_parallel
+                            else self.layer_s + cost)
                 self.fallbacks += len(fallback)
                 self.extra_s += duration - self.layer_s
             # the missed experts, copied for this layer's next call (one step ahead), as many as land by then
@@ -286,7 +288,7 @@ class Replay:
 def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor, depth: int, expert_bytes: int,
                 bw: float, layer_s: float, prefetch_budget: int | None = None, unlimited_budget: bool = False,
                 miss: str = "wait", fallback_s: float = 0.0, fallback_parallel: bool = False,
-                min_slots: int = 1) -> Replay:
+                fallback_latency_s: float = 0.0, min_slots: int = 1) -> Replay:
     """A ``Replay`` over a fresh buffer of `slots` with `policy` (a name, device-* for the device
     mode's decisions, or an ``EvictionPolicy``) and `predictor` prefetching `depth` layers ahead
     (0: none); ``prefetch_budget`` in experts per call (None: derived from the copy engine)."""
@@ -301,7 +303,7 @@ def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor
         res = ExpertResidency(SlotTable(num_layers, num_experts, slots, policy, min_slots=min_slots), expert_bytes,
                               predictor, depth, budget_bytes)
     return Replay(res, expert_bytes, bw, layer_s, depth, prefetch_budget, unlimited_budget, device, miss, fallback_s,
-                  fallback_parallel)
+                  fallback_parallel, fallback_latency_s)
 
 
 def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
@@ -309,7 +311,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
              progress: bool = False, prefetch_budget: int | None = None, expert_dtype: str = "bf16",
              capacity_dtype: str | None = None, miss: str = "wait", fallback_s: float = 0.0,
-             fallback_parallel: bool = False) -> SimResult:
+             fallback_parallel: bool = False, fallback_latency_s: float = 0.0) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
     H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
@@ -365,7 +367,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     name = getattr(predictor, "name", "none") if predictor is not None else "none"
     scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
     replay = make_replay(L, E, slots, pol, scored, depth if predictor is not None else 0, expert_bytes, bw, layer_s,
-                         prefetch_budget, unlimited_budget, miss, fallback_s, fallback_parallel,
+                         prefetch_budget, unlimited_budget, miss, fallback_s, fallback_parallel, fallback_latency_s,
                          min_slots=max(len(s) for s in schedule))
     res = replay.res
     unpredicted = 0

@@ -1,0 +1,189 @@
+"""Measure what `prophet plan --frontier` needs (hours on 2 CPU cores; rows appended as they complete,
+a rerun skips rows already there):
+
+    unique            unique experts per layer at batch B on the shape's realistic held-out trace
+    quality_resident  held-out bits per byte with every expert resident in fp32 / bf16 / fp8 / int4
+    sim_wait          Prophet today (misses wait): the trace simulator at each GPU, batch, buffer and expert
+                      dtype, with the routing study's chosen policy and predictor -> stall per step, landed
+    no_wait           a bf16 buffer whose misses do not wait: the model decoding the held-out windows
+                      beside the buffers (routing/quality.py) for stand-in / substitute / skip / skip-renorm;
+                      host-cpu from the simulator (the exact expert: quality = fp32's)
+
+Every row records its inputs (policy, predictor, timing constants, windows, commit, date).
+
+    .venv/bin/python bench/frontier_inputs.py --shapes olmoe --checkpoints checkpoints
+    .venv/bin/python bench/frontier_inputs.py --shapes olmoe --parts unique,quality_resident,sim_wait
+
+Checkpoints: `prophet trace train --shape S --out checkpoints/S` (docs/routing.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "0")  # the CPU's PyTorch path
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PARTS = ("unique", "quality_resident", "sim_wait", "no_wait")
+OUT = Path(__file__).resolve().parent / "results" / "frontier_inputs.jsonl"
+
+
+def _key(row: dict) -> tuple:
+    return tuple(row.get(k) for k in ("kind", "shape", "gpu", "batch", "capacity", "expert_dtype", "dtype", "strategy"))
+
+
+def main(argv=None) -> int:
+    import numpy as np
+    import torch
+    from tqdm import tqdm
+
+    from prophet_kernels.memory.buffer import slots_for
+    from prophet_kernels.memory.predictors import fit_predictor
+    from prophet_kernels.planner import frontier as fr
+    from prophet_kernels.planner.catalog import get_model
+    from prophet_kernels.planner.memory import expert_bytes
+    from prophet_kernels.provenance import git_commit, utc_now
+    from prophet_kernels.routing.quality import decode_bits_per_byte, resident_bits_per_byte
+    from prophet_kernels.routing.simulator import make_replay, simulate
+    from prophet_kernels.routing.traces import load_trace
+    from prophet_kernels.routing.traces.dedup import unique_per_layer
+    from prophet_kernels.routing.traces.tokenizer import tokenize_corpus
+    from prophet_kernels.routing.traces.train import get_shape, heldout_windows, model_class
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shapes", default="olmoe,mixtral,qwen3")
+    ap.add_argument("--checkpoints", default="checkpoints")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--gpus", default=",".join(fr.GPUS_DEFAULT))
+    ap.add_argument("--batches", default=",".join(map(str, fr.BATCHES)))
+    ap.add_argument("--capacities", default=",".join(map(str, fr.CAPACITIES)))
+    ap.add_argument("--policy", default="lru", help="Prophet's policy in the sim_wait and no_wait rows")
+    ap.add_argument("--predictor", default="none", help="sim_wait rows' predictor (none, or one the trace replays)")
+    ap.add_argument("--depth", type=int, default=1)
+    ap.add_argument("--windows", type=int, default=32, help="held-out windows for the quality rows (default 32)")
+    ap.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
+    ap.add_argument("--out", default=str(OUT))
+    args = ap.parse_args(argv)
+    parts = args.parts.split(",")
+    if set(parts) - set(PARTS):
+        ap.error(f"--parts: {', '.join(PARTS)}")
+    gpus = fr.check_gpus(args.gpus.split(","))
+    batches = [int(b) for b in args.batches.split(",")]
+    caps = [float(c) for c in args.capacities.split(",")]
+    out = Path(args.out)
+    done = {_key(json.loads(x)) for x in out.read_text().splitlines() if x.strip()} if out.exists() else set()
+    stamp = {"commit": git_commit(), "date": utc_now(), "device": "cpu (simulation and reference code)",
+             "torch": torch.__version__}
+
+    def emit(row):
+        row = row | stamp
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        done.add(_key(row))
+        print(json.dumps({k: v for k, v in row.items() if k not in stamp}), flush=True)
+
+    corpus = None
+    for shape_name in args.shapes.split(","):
+        shape = get_shape(shape_name)
+        m = get_model(shape.mimics)
+        held = load_trace(f"{shape_name}-heldout")
+        L, E = held.num_layers, held.num_experts
+        unique = {}
+        for B in batches:
+            unique[B] = unique_per_layer(held, B)[0]
+            row = {"kind": "unique", "shape": shape_name, "batch": B, "unique_per_layer": unique[B],
+                   "trace": f"{shape_name}-heldout"}
+            if "unique" in parts and _key(row) not in done:
+                emit(row)
+        model = windows = None
+        if {"quality_resident", "no_wait"} & set(parts):
+            corpus = corpus or tokenize_corpus()
+            windows = heldout_windows(corpus, args.windows, args.seq_len, seed=999)
+            ckpt = Path(args.checkpoints) / shape_name
+
+            def load():
+                return model_class(shape).from_pretrained(ckpt, dtype=torch.float32).eval()
+
+            model = load()
+        if "quality_resident" in parts:
+            for dtype in ("fp32", "bf16", "fp8", "int4"):
+                row = {"kind": "quality_resident", "shape": shape_name, "dtype": dtype}
+                if _key(row) in done:
+                    continue
+                emit(row | {"bits_per_byte": resident_bits_per_byte(load(), windows, corpus.token_bytes, dtype),
+                            "windows": args.windows, "seq_len": args.seq_len})
+        predictor = None if args.predictor == "none" else fit_predictor(args.predictor, None, held)
+        for g in gpus:
+            pcie = fr.GPU_CONSTANTS[g]["pcie_gbps"]
+            for B in batches:
+                for cap in caps:
+                    if "sim_wait" in parts:
+                        for dtype in ("bf16", "fp8"):
+                            row = {"kind": "sim_wait", "shape": shape_name, "gpu": g, "batch": B, "capacity": cap,
+                                   "expert_dtype": dtype}
+                            if _key(row) in done:
+                                continue
+                            layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
+                            t0 = time.time()
+                            r = simulate(held, cap, args.policy, predictor, args.depth, batch=B, layer_us=layer_us,
+                                         pcie_gbps=pcie, expert_bytes=expert_bytes(m, dtype))
+                            emit(row | {"policy": args.policy, "predictor": r.predictor, "depth": r.depth,
+                                        "layer_us": layer_us, "pcie_gbps": pcie, "hit_rate": r.hit_rate,
+                                        "ready_hit_rate": r.ready_hit_rate, "stall_us_per_step": r.stall_s / r.steps * 1e6,
+                                        "steps": r.steps, "seconds": time.time() - t0})
+                    if "no_wait" not in parts:
+                        continue
+                    layer_us = fr.layer_seconds(m, g, unique[B], "bf16") * 1e6
+                    hbm = fr.GPU_CONSTANTS[g]["hbm_gbps"] * 1e9
+                    eb = expert_bytes(m, "bf16")
+                    cost = {"stand-in": (fr.int4_expert_bytes(m) / (fr.CONSTANTS["moe_hbm_fraction"] * hbm), False, 0.0),
+                            "substitute": (0.0, False, 0.0), "skip": (0.0, False, 0.0), "skip-renorm": (0.0, False, 0.0),
+                            "host-cpu": (eb / (fr.CONSTANTS["cpu_gbps"] * 1e9), True,
+                                         fr.CONSTANTS["host_round_trip_us"] * 1e-6)}
+                    for strategy in fr.NO_WAIT:
+                        row = {"kind": "no_wait", "shape": shape_name, "gpu": g, "batch": B, "capacity": cap,
+                               "strategy": strategy}
+                        if _key(row) in done:
+                            continue
+                        fs, parallel, latency = cost[strategy]
+                        base = {"policy": args.policy, "layer_us": layer_us, "pcie_gbps": pcie, "fallback_us": fs * 1e6,
+                                "fallback_parallel": parallel, "fallback_latency_us": latency * 1e6}
+                        t0 = time.time()
+                        if strategy == "host-cpu":  # the exact expert: routing as recorded, quality = fp32's
+                            r = simulate(held, cap, args.policy, None, 1, batch=B, layer_us=layer_us, pcie_gbps=pcie,
+                                         expert_bytes=eb, miss="no-wait", fallback_s=fs, fallback_parallel=parallel,
+                                         fallback_latency_s=latency)
+                            emit(row | base | {"bits_per_byte": None, "quality_from": "exact (= fp32 experts)",
+                                               "hit_rate": r.hit_rate, "ready_hit_rate": r.ready_hit_rate,
+                                               "fallbacks_per_token": r.fallbacks / r.tokens,
+                                               "extra_us_per_step": r.extra_s / r.steps * 1e6,
+                                               "seconds": time.time() - t0})
+                            continue
+                        groups = max(1, min(8, args.windows // B))
+                        if args.windows % (groups * B):
+                            raise SystemExit(f"--windows {args.windows} does not deal into groups of batch {B}")
+                        make = lambda: make_replay(L, E, slots_for(cap, L, E), args.policy, None, 0, eb, pcie * 1e9,
+                                                   layer_us * 1e-6, miss="no-wait", fallback_s=fs,
+                                                   fallback_parallel=parallel, fallback_latency_s=latency,
+                                                   min_slots=min(E, B * held.top_k))
+                        q = decode_bits_per_byte(model, windows, corpus.token_bytes, make, batch=B, groups=groups,
+                                                 strategy=strategy)
+                        steps = groups * q["steps_per_group"]
+                        emit(row | base | {"bits_per_byte": q["bits_per_byte"], "quality_from": "decoded",
+                                           "hit_rate": q["hit_rate"], "ready_hit_rate": q["ready_hit_rate"],
+                                           "fallbacks_per_token": q["fallbacks"] / q["tokens"],
+                                           "extra_us_per_step": q["extra_s"] / steps * 1e6,
+                                           "windows": args.windows, "seq_len": args.seq_len, "groups": groups,
+                                           "seconds": time.time() - t0})
+    print(f"rows: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,292 @@
+"""The frontier: where Prophet wins and where it does not (``prophet plan --frontier``).
+
+For a model, a GPU and a batch, every way to hold the routed experts, at the GPU bytes it takes:
+
+    resident-{bf16,fp8,int4}      every expert on the GPU in that dtype (where it fits): the simplest
+                                  alternative at the same GPU bytes
+    prophet-{bf16,fp8} c          Prophet today: a buffer of c of the experts on the GPU, the rest in
+                                  pinned host memory; a miss waits for its copy
+    {stand-in,substitute,skip,skip-renorm,host-cpu} c
+                                  a bf16 buffer of c whose misses do not wait (simulated, no kernels yet):
+                                  the expert's int4 copy, resident for every expert beside the buffer;
+                                  the token's best-scoring landed expert; nothing (weights renormalised
+                                  or not); the host CPU computing it
+
+Columns: expert GPU bytes, KV tokens left, predicted decode tokens/s, held-out quality. Every input
+is a measurement or a stated constant (``CONSTANTS``, ``GPU_CONSTANTS``):
+
+    decode step    L x t_layer + stall + fallback time, t_layer = t_other + U(B) x expert bytes / (eff x HBM):
+                   U(B) the unique experts per layer at batch B on the model's realistic trace (measured),
+                   eff the paged MoE kernel's measured fraction of HBM at decode, t_other the rest of a
+                   layer (attention, norms, launches: fixed part from OLMoE's vLLM decode on the H100
+                   minus its MoE kernel, plus the layer's non-expert bytes at the HBM rate); short contexts
+                   (KV reads and attention's compute at batch B not modelled)
+    stall          Prophet's waiting misses: the trace simulator (copy engine at the GPU's PCIe rate,
+                   the layer time above), on the model's realistic held-out trace
+    fallbacks      no-wait: the simulator's counts; the stand-in's int4 bytes at the HBM rate; the host
+                   CPU at ``cpu_gbps`` (an estimate) beside the GPU plus a round trip
+    KV tokens      (GPU memory x 0.9 - non-expert weights - expert GPU bytes - workspace) / KV bytes per
+                   token (the planner's memory model, bf16 KV)
+    quality        held-out bits per byte of the routing-study model of that shape, served that way
+                   (``routing.quality``), relative to its fp32 experts
+
+The inputs that take hours (simulations, quality runs) are measured by ``bench/frontier_inputs.py``
+into ``bench/results/frontier_inputs.jsonl``; this module only does the arithmetic.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .catalog import ModelSpec, get_gpu, get_model
+from .memory import ServingConfig, count_params, expert_bytes, kv_bytes_per_token, workspace_bytes
+
+MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B", "Qwen3-30B-A3B")
+SHAPE_OF = {"OLMoE-1B-7B": "olmoe", "Mixtral-8x7B": "mixtral", "Qwen3-30B-A3B": "qwen3"}
+GPUS_DEFAULT = ("H100-80GB", "RTX4090-24GB")
+BATCHES = (1, 4, 16)
+CAPACITIES = (0.125, 0.25, 0.5, 0.75)
+NO_WAIT = ("stand-in", "substitute", "skip", "skip-renorm", "host-cpu")
+INPUTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "frontier_inputs.jsonl"
+
+# Measured on the H100 (PERF_NOTES, bench/results/bench_moe.jsonl, environment.md):
+CONSTANTS = {
+    "olmoe_layer_us_b1": 1e6 / 512 / 16,  # vLLM 0.26 greedy decode of OLMoE-1B-7B, CUDA graphs: 512 tok/s, 16 layers
+    "olmoe_moe_us_b1": 39.0,  # Prophet's paged MoE kernel, OLMoE shape, T=1 (bench_moe, tuned)
+    "moe_hbm_fraction": 33.5595 / 39.0,  # that kernel's share of HBM at decode: its 33.56 us floor / 39.0 us
+    "h100_hbm_gbps": 2999.5,  # device-to-device copy, bench_moe's hbm_GBps
+    "h100_hbm_datasheet_gbps": 3350.0,
+    "cpu_gbps": 100.0,  # ESTIMATE (not measured): host memory bandwidth a CPU expert GEMV reaches
+    "host_round_trip_us": 20.0,  # ESTIMATE: activations to the host and the result back, one layer
+}
+
+GPU_CONSTANTS = {  # HBM and pinned host-to-device rates per GPU, and where each comes from
+    "H100-80GB": {"hbm_gbps": CONSTANTS["h100_hbm_gbps"], "pcie_gbps": 52.7,
+                  "source": "measured on an H100 80GB HBM3 (HBM: D2D copy; PCIe: pinned 12.6 MB copies)"},
+    "RTX4090-24GB": {"hbm_gbps": 1008.0 * CONSTANTS["h100_hbm_gbps"] / CONSTANTS["h100_hbm_datasheet_gbps"],
+                     "pcie_gbps": 25.0,
+                     "source": "NOT measured: datasheet 1,008 GB/s x the H100's measured/datasheet ratio; PCIe 4.0 "
+                               "x16 pinned copies assumed at 25 GB/s"},
+}
+
+
+def gpu_constants(gpu: str) -> dict:
+    name = get_gpu(gpu).name
+    if name not in GPU_CONSTANTS:
+        raise ValueError(f"no HBM/PCIe constants for {name}; the frontier knows {', '.join(GPU_CONSTANTS)}")
+    return GPU_CONSTANTS[name]
+
+
+def nonexpert_bytes(m: ModelSpec) -> int:
+    """GPU bytes of everything but the routed experts, bf16."""
+    p = count_params(m)
+    return (sum(p.values()) - p["routed_experts"]) * 2
+
+
+def int4_expert_bytes(m: ModelSpec) -> int:
+    from ..routing.quality import int4_bytes
+    from .memory import routed_expert_params
+
+    return int4_bytes(routed_expert_params(m))
+
+
+def one_expert_bytes(m: ModelSpec, dtype: str) -> int:
+    return int4_expert_bytes(m) if dtype == "int4" else expert_bytes(m, dtype)
+
+
+def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16") -> float:
+    """One decode layer at a batch whose layer calls need `unique` experts (module docstring)."""
+    c, hbm = CONSTANTS, gpu_constants(gpu)["hbm_gbps"] * 1e9
+    olmoe = get_model("OLMoE-1B-7B")
+    per_layer = lambda mm: (nonexpert_bytes(mm) - mm.vocab * mm.hidden * 2) / mm.moe_layers  # embedding rows aside
+    fixed = (c["olmoe_layer_us_b1"] - c["olmoe_moe_us_b1"]) * 1e-6 - per_layer(olmoe) / (c["h100_hbm_gbps"] * 1e9)
+    return fixed + per_layer(m) / hbm + unique * one_expert_bytes(m, dtype) / (c["moe_hbm_fraction"] * hbm)
+
+
+def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9) -> int:
+    cfg = ServingConfig(gpu_memory_utilization=util)
+    free = int(get_gpu(gpu).memory_bytes * util) - nonexpert_bytes(m) - expert_gpu_bytes - workspace_bytes(m, cfg)
+    return max(0, free) // kv_bytes_per_token(m, "bf16")
+
+
+@dataclass
+class Row:
+    model: str
+    gpu: str
+    batch: int
+    config: str  # resident-bf16, prophet-fp8 25%, substitute 50%, ...
+    kind: str  # resident | prophet | no-wait
+    expert_dtype: str
+    capacity: float | None
+    expert_gpu_bytes: int
+    kv_tokens: int
+    fits: bool
+    step_ms: float | None  # predicted decode step
+    tokens_per_s: float | None
+    ready_hit_rate: float | None  # experts landed in time (resident rows: 1)
+    bits_per_byte: float | None  # the routing-study model's held-out quality, served this way
+    quality_loss_pct: float | None  # vs its fp32 experts
+    inputs: dict  # what each number came from
+
+
+def read_inputs(path: Path = INPUTS) -> list[dict]:
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no frontier inputs at {path}: run bench/frontier_inputs.py (hours on 2 cores)")
+    return [json.loads(x) for x in Path(path).read_text().splitlines() if x.strip()]
+
+
+def _pick(inputs, **match):
+    for r in inputs:
+        if all(r.get(k) == v for k, v in match.items()):
+            return r
+    return None
+
+
+def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES, inputs: list[dict] | None = None) -> list[Row]:
+    """Rows for every model x GPU x batch x configuration; a row whose measured inputs are missing
+    carries None where it would need them (and says which in ``inputs``)."""
+    inputs = read_inputs() if inputs is None else inputs
+    rows = []
+    for name in models:
+        m = get_model(name)
+        shape = SHAPE_OF.get(m.name)
+        if shape is None:
+            raise ValueError(f"no routing-study model for {m.name}; the frontier covers {', '.join(MODELS)}")
+        L, E = m.moe_layers, m.moe.experts
+        ref = _pick(inputs, kind="quality_resident", shape=shape, dtype="fp32")
+        ref_bpb = ref["bits_per_byte"] if ref else None
+
+        def quality(bpb):
+            return None if bpb is None or ref_bpb is None else 100 * (bpb / ref_bpb - 1)
+
+        for gpu in gpus:
+            g = get_gpu(gpu).name
+            for B in batches:
+                uq = _pick(inputs, kind="unique", shape=shape, batch=B)
+                U = uq["unique_per_layer"] if uq else None
+
+                def add(config, kind, dtype, cap, gpu_bytes, step_s, ready, bpb, src):
+                    kv = kv_tokens(m, g, gpu_bytes)
+                    rows.append(Row(m.name, g, B, config, kind, dtype, cap, gpu_bytes, kv, kv > 0,
+                                    None if step_s is None else step_s * 1e3,
+                                    None if step_s is None else B / step_s, ready, bpb, quality(bpb), src))
+
+                for dtype in ("bf16", "fp8", "int4"):
+                    q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
+                    step = None if U is None else L * layer_seconds(m, g, U, dtype)
+                    add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), step, 1.0,
+                        q and q["bits_per_byte"], {"unique_per_layer": U, "quality": bool(q)})
+                for dtype in ("bf16", "fp8"):
+                    q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
+                    for cap in CAPACITIES:
+                        sim = _pick(inputs, kind="sim_wait", shape=shape, gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
+                        slots = max(1, int(cap * L * E))
+                        step = None if sim is None else L * sim["layer_us"] * 1e-6 + sim["stall_us_per_step"] * 1e-6
+                        add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * one_expert_bytes(m, dtype), step,
+                            sim and sim["ready_hit_rate"], q and q["bits_per_byte"],
+                            {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}})
+                for strategy in NO_WAIT:
+                    for cap in CAPACITIES:
+                        r = _pick(inputs, kind="no_wait", shape=shape, gpu=g, batch=B, capacity=cap, strategy=strategy)
+                        slots = max(1, int(cap * L * E))
+                        gpu_bytes = slots * expert_bytes(m, "bf16") + (L * E * int4_expert_bytes(m)
+                                                                       if strategy == "stand-in" else 0)
+                        step = None if r is None else (L * r["layer_us"] + r["extra_us_per_step"]) * 1e-6
+                        bpb = r and (r["bits_per_byte"] if r["bits_per_byte"] is not None
+                                     else ref_bpb if str(r.get("quality_from", "")).startswith("exact") else None)
+                        add(f"{strategy} {cap:.1%}", "no-wait", "bf16", cap, gpu_bytes, step, r and r["ready_hit_rate"],
+                            bpb, {"run": r and {k: r.get(k) for k in ("policy", "fallbacks_per_token",
+                                                                                          "quality_from")}})
+    return rows
+
+
+def markdown(rows: list[Row]) -> str:
+    head = ("| model | GPU | B | configuration | expert GiB on GPU | KV tokens | tok/s (predicted) | landed | "
+            "bits/byte | vs fp32 |")
+    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        tps = "" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
+        lines.append(
+            f"| {r.model} | {r.gpu} | {r.batch} | {r.config} | {r.expert_gpu_bytes / 2**30:.2f} | "
+            + (f"{r.kv_tokens:,}" if r.fits else "does not fit") + f" | {tps if r.fits else ''} | "
+            + ("" if r.ready_hit_rate is None else f"{r.ready_hit_rate:.1%}") + " | "
+            + ("" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}") + " | "
+            + ("" if r.quality_loss_pct is None else f"{r.quality_loss_pct:+.2f}%") + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[Row], path: Path) -> Path:
+    import csv
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(asdict(rows[0])))
+        w.writeheader()
+        for r in rows:
+            w.writerow(asdict(r) | {"inputs": json.dumps(r.inputs)})
+    return path
+
+
+def recommend(rows: list[Row], max_loss_pct: float = 1.0, min_kv_tokens: int = 0) -> list[Row]:
+    """Per model, GPU and batch: the fastest predicted configuration that fits with at least
+    `min_kv_tokens` of KV cache and loses at most `max_loss_pct` of held-out quality."""
+    best: dict[tuple, Row] = {}
+    for r in rows:
+        ok = (r.fits and r.kv_tokens >= min_kv_tokens and r.tokens_per_s is not None and r.quality_loss_pct is not None
+              and r.quality_loss_pct <= max_loss_pct)
+        key = (r.model, r.gpu, r.batch)
+        if ok and (key not in best or r.tokens_per_s > best[key].tokens_per_s):
+            best[key] = r
+    return list(best.values())
+
+
+def figure(rows: list[Row], path: Path, batch: int = 1) -> Path:
+    """Per model (columns) and GPU (rows): expert GPU GiB against the quality loss, each point labelled
+    with its predicted tokens/s at `batch`; configurations that do not fit are left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sel = [r for r in rows if r.batch == batch and r.fits and r.quality_loss_pct is not None]
+    models = list(dict.fromkeys(r.model for r in rows))
+    gpus = list(dict.fromkeys(r.gpu for r in rows))
+    fig, axes = plt.subplots(len(gpus), len(models), figsize=(5.6 * len(models), 4.4 * len(gpus)), squeeze=False)
+    style = {"resident": ("s", "black"), "prophet": ("o", "tab:blue"), "stand-in": ("^", "tab:green"),
+             "substitute": ("v", "tab:orange"), "skip": ("x", "tab:red"), "skip-renorm": ("+", "tab:purple"),
+             "host-cpu": ("D", "tab:brown")}
+    for i, g in enumerate(gpus):
+        for j, name in enumerate(models):
+            ax = axes[i][j]
+            for r in (r for r in sel if r.gpu == g and r.model == name):
+                key = r.kind if r.kind != "no-wait" else r.config.split()[0]
+                marker, color = style.get(key, ("o", "gray"))
+                if r.kind == "prophet" and r.expert_dtype == "fp8":
+                    color = "tab:cyan"
+                ax.scatter(r.expert_gpu_bytes / 2**30, r.quality_loss_pct, marker=marker, color=color, s=30)
+                if r.tokens_per_s is not None:
+                    ax.annotate(f"{r.tokens_per_s:.0f}", (r.expert_gpu_bytes / 2**30, r.quality_loss_pct), fontsize=6,
+                                xytext=(3, 2), textcoords="offset points")
+            ax.set_title(f"{name} on {g}, batch {batch}", fontsize=9)
+            ax.set_xlabel("expert bytes on the GPU (GiB)")
+            ax.set_ylabel("held-out bits/byte vs fp32 experts (%)")
+            ax.set_yscale("symlog", linthresh=0.1)
+            ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker=m, color=c, ls="", label=k) for k, (m, c) in style.items()]
+    handles.append(plt.Line2D([], [], marker="o", color="tab:cyan", ls="", label="prophet fp8"))
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
+    fig.suptitle("Where Prophet wins: GPU bytes against quality; labels: predicted decode tokens/s", fontsize=10)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.96))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def check_gpus(gpus) -> list[str]:
+    out = []
+    for gpu in gpus:
+        gpu_constants(gpu)
+        out.append(get_gpu(gpu).name)
+    return out

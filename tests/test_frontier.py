@@ -1,0 +1,89 @@
+"""`prophet plan --frontier`: the arithmetic over measured inputs (synthetic rows here; the committed
+ones come from bench/frontier_inputs.py)."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from prophet_kernels.planner import frontier as fr
+from prophet_kernels.planner.catalog import get_model
+from prophet_kernels.planner.memory import expert_bytes
+
+
+def _inputs(shape="olmoe"):
+    rows = [{"kind": "unique", "shape": shape, "batch": b, "unique_per_layer": u} for b, u in ((1, 8), (4, 26.0))]
+    rows += [{"kind": "quality_resident", "shape": shape, "dtype": d, "bits_per_byte": v}
+             for d, v in (("fp32", 1.0), ("bf16", 1.0001), ("fp8", 1.002), ("int4", 1.05))]
+    for g in fr.GPUS_DEFAULT:
+        for b in (1, 4):
+            for cap in fr.CAPACITIES:
+                for d in ("bf16", "fp8"):
+                    rows.append({"kind": "sim_wait", "shape": shape, "gpu": g, "batch": b, "capacity": cap,
+                                 "expert_dtype": d, "layer_us": 100.0, "stall_us_per_step": 1000 * (1 - cap),
+                                 "ready_hit_rate": cap, "hit_rate": cap, "policy": "lru", "predictor": "none", "depth": 0})
+                for s in fr.NO_WAIT:
+                    rows.append({"kind": "no_wait", "shape": shape, "gpu": g, "batch": b, "capacity": cap, "strategy": s,
+                                 "layer_us": 100.0, "extra_us_per_step": 10.0, "ready_hit_rate": cap,
+                                 "bits_per_byte": None if s == "host-cpu" else 1.0 + (1 - cap) / 10,
+                                 "quality_from": "exact (= fp32 experts)" if s == "host-cpu" else "decoded"})
+    return rows
+
+
+def test_layer_time_is_calibrated_on_the_measured_olmoe_decode():
+    m = get_model("OLMoE-1B-7B")
+    assert fr.layer_seconds(m, "H100-80GB", 8) * 1e6 == pytest.approx(1e6 / 512 / 16, rel=1e-4)
+    assert fr.layer_seconds(m, "H100-80GB", 8, "fp8") < fr.layer_seconds(m, "H100-80GB", 8)
+    assert fr.layer_seconds(m, "RTX4090-24GB", 8) > fr.layer_seconds(m, "H100-80GB", 8)  # slower memory
+    with pytest.raises(ValueError, match="no HBM/PCIe constants"):
+        fr.layer_seconds(m, "A100-80GB", 8)
+
+
+def test_kv_tokens_and_fits():
+    m = get_model("Mixtral-8x7B")
+    full = m.moe_layers * m.moe.experts * expert_bytes(m, "bf16")
+    assert fr.kv_tokens(m, "H100-80GB", full) == 0  # 93 GB of bf16 Mixtral does not fit 80 GB
+    assert fr.kv_tokens(m, "H100-80GB", full // 4) > fr.kv_tokens(m, "H100-80GB", full // 2) > 0
+
+
+def test_frontier_rows_from_inputs(tmp_path):
+    rows = fr.frontier(["OLMoE-1B-7B"], fr.GPUS_DEFAULT, [1, 4], _inputs())
+    per = 3 + 2 * len(fr.CAPACITIES) + len(fr.NO_WAIT) * len(fr.CAPACITIES)
+    assert len(rows) == 2 * 2 * per
+    by = {(r.gpu, r.batch, r.config): r for r in rows}
+    r = by[("H100-80GB", 1, "resident-int4")]
+    assert r.quality_loss_pct == pytest.approx(5.0) and r.tokens_per_s > by[("H100-80GB", 1, "resident-bf16")].tokens_per_s
+    p = by[("H100-80GB", 1, "prophet-bf16 25.0%")]
+    assert p.step_ms == pytest.approx((16 * 100 + 750) / 1e3) and p.tokens_per_s == pytest.approx(1 / p.step_ms * 1e3)
+    assert p.kv_tokens > by[("H100-80GB", 1, "resident-bf16")].kv_tokens
+    assert by[("H100-80GB", 4, "host-cpu 50.0%")].quality_loss_pct == 0  # the exact expert: fp32's quality
+    s = by[("H100-80GB", 1, "stand-in 50.0%")]  # a bf16 buffer plus every expert in int4
+    assert s.expert_gpu_bytes > by[("H100-80GB", 1, "substitute 50.0%")].expert_gpu_bytes
+    best = fr.recommend(rows)
+    assert {(b.gpu, b.batch) for b in best} == {(g, b) for g in fr.GPUS_DEFAULT for b in (1, 4)}
+    for b in best:
+        assert b.quality_loss_pct <= 1.0 and all(
+            o.tokens_per_s <= b.tokens_per_s for o in rows if (o.gpu, o.batch) == (b.gpu, b.batch) and o.fits
+            and o.quality_loss_pct is not None and o.quality_loss_pct <= 1.0 and o.tokens_per_s is not None)
+    assert "| OLMoE-1B-7B | H100-80GB | 1 | resident-bf16 |" in fr.markdown(rows)
+    assert fr.figure(rows, tmp_path / "f.png").stat().st_size > 0
+    missing = fr.frontier(["OLMoE-1B-7B"], ["H100-80GB"], [16], _inputs())  # no measured inputs at batch 16
+    assert all(r.tokens_per_s is None for r in missing)
+
+
+def test_cli_frontier(tmp_path):
+    path = tmp_path / "inputs.jsonl"
+    path.write_text("\n".join(json.dumps(r) for r in _inputs()))
+    run = lambda *a: subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--frontier", "--frontier-inputs",
+                                     str(path), "--out", str(tmp_path), *a], capture_output=True, text=True)
+    r = run("--model", "OLMoE-1B-7B", "--batch", "1,4", "--gpu", "H100-80GB")
+    assert r.returncode == 0, r.stderr
+    assert "Pick (fastest" in r.stdout and (tmp_path / "frontier.csv").exists() and (tmp_path / "frontier_b1.png").exists()
+    r = run("--model", "DBRX")
+    assert r.returncode == 2 and "no routing-study model" in r.stderr
+    r = run("--gpu", "A100-40GB")
+    assert r.returncode == 2 and "no HBM/PCIe constants" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--frontier", "--frontier-inputs",
+                        str(tmp_path / "none.jsonl")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no frontier inputs" in r.stderr
