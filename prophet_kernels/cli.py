@@ -462,15 +462,16 @@ def _simulate(args: argparse.Namespace) -> int:
                    + ("_quick" if args.quick else ""))
             rows = rr.run_table(held, _train_trace_for(args, held, preds), batch=args.batch, max_steps=max_steps,
                                 rows_path=out / f"simulate_{tag}.jsonl", **(subset | {"predictors": preds}), **timing)
-            print(f"\n{shape} ({held.meta.get('mimics') or held.meta.get('timing_model')} routing shape), batch "
-                  f"{args.batch}: hit rate{described}")
+            what = (f"{held.meta['mimics']} routing shape" if held.meta.get("mimics") else
+                    f"real routing, {held.meta.get('timing_model')}'s expert size and constants")
+            print(f"\n{shape} ({what}), batch {args.batch}: hit rate{described}")
             section = rr.render_section(rows)
             print(section)
             md = out / f"routing_{tag}.md"
             md.write_text(section)
             print(f"markdown: {md}")
             print(f"rows: {out / f'simulate_{tag}.jsonl'}")
-            print(f"figure: {rr.figure_hit_vs_capacity(rows, out / f'hit_vs_capacity_{tag}.png', f'{shape}: hit rate vs capacity (B={args.batch}{suffix})')}")
+            print(f"figure: {rr.figure_hit_vs_capacity(rows, out / f'hit_vs_capacity_{tag}.png', f'{shape}: landed in time vs capacity (B={args.batch}{suffix})')}")
         return 0
     held = load_trace(args.trace)
     pred = args.predictor
