@@ -192,7 +192,7 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     t.add_argument("--batch", type=int, default=8, help="sequences per step (default 8)")
     t.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--lr", type=float, default=3e-3, help="peak learning rate (default 3e-3; Mixtral's shape used 1e-3)")
+    t.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate (default 1.5e-3; 3e-3 diverged on the OLMoE shape)")
     r = sub.add_parser("record", help="record a routing trace from a trained checkpoint")
     r.add_argument("--shape", required=True, choices=list(SHAPES))
     r.add_argument("--checkpoint", required=True)

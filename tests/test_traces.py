@@ -604,7 +604,8 @@ def test_committed_traces_have_provenance(name):
     assert m["corpus"]["sha1"] and m["tokens"] == tr.num_tokens
     t = m["training"]
     assert t["heldout_bits_per_byte"] < t["unigram_bits_per_byte"] - 1.0  # the model learned the text
-    assert tr.num_experts in (8, 64) and tr.top_k in (2, 8)
+    assert (tr.num_experts, tr.top_k) in ((8, 2), (64, 8), (128, 8))
+    assert "BPE vocabulary" in m["model"] and m["corpus"]["tokenizer"]["vocab"] == 8192  # subword tokens
     assert (tr.lookahead is not None) == (m["split"] == "heldout")
 
 
@@ -645,7 +646,7 @@ def test_batch_table():
     rows = rr.batch_rows(held, train, batches=(1, 2), progress=False)
     assert len(rows) == 2 * len(rr.BATCH_CONFIGS) and {r["batch"] for r in rows} == {1, 2}
     text = rr.batch_table(rows)
-    assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "| learned-gate d=3 + LRU |" in text and "B=2" in text and "| gate d=3 + next-use |" in text
+    assert text.count("\n") == 1 + len(rr.BATCH_CONFIGS) and "| learned-gate d=3 + next-use |" in text and "B=2" in text and "| gate d=1 + device-next-use |" in text
 
 
 def test_cli_sweeps_take_the_copy_budget(tmp_path):

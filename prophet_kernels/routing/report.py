@@ -255,9 +255,10 @@ def render_section(rows: list[dict]) -> str:
 
 
 BATCH_CONFIGS = (("lru", None, 0), ("cyclic", None, 0), ("next-use", None, 0), ("belady", None, 0),
-                 ("next-use", "gate", 3), ("lru", "learned-gate", 3), ("next-use", "learned-gate", 3),
-                 ("lru", "oracle", 3), ("next-use", "oracle", 3),
-                 ("device-next-use", None, 0), ("device-next-use", "learned-gate", 3))  # device mode's decisions
+                 ("next-use", "gate", 1), ("next-use", "learned-gate", 1), ("next-use", "learned-gate", 3),
+                 ("next-use", "oracle", 3),
+                 ("device-next-use", None, 0), ("device-next-use", "gate", 1),
+                 ("device-next-use", "learned-gate", 1))  # the last three: the device mode's decisions
 
 
 def batch_rows(heldout, train, batches=(1, 4, 16), capacity: float = 0.5, max_steps: int | None = None,
