@@ -9,7 +9,7 @@ import torch
 import triton
 import triton.language as tl
 
-from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_paged_reference
+from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_paged_reference, fused_experts_reference
 from prophet_kernels.kernels.fp8 import FP8, dequantize_fp8, e4m3_bits_to, quantize_fp8, scale_shape
 
 from .test_moe import DEV, GEMV, GROUPED_SMALL, rel_err
@@ -272,16 +272,49 @@ def _decode_all(src, dst32, dst16, dstb16):
 
 def test_e4m3_bits_decode_is_exact():
     """The decode of GPUs without an fp8 type (A100: ``load_weights_as`` with FP8_BITS) gives every
-    one of the 256 e4m3fn bytes exactly torch's value (NaN bytes: +-480), into fp32, fp16 and bf16."""
+    one of the 256 e4m3fn bytes exactly torch's value, into fp32, fp16 and bf16: the two NaN bytes
+    (0x7f, 0xff) decode to NaN, not to a finite +-480."""
     bits = torch.arange(256, dtype=torch.int32).to(torch.uint8)
     outs = [torch.empty(256, dtype=d, device=DEV) for d in (torch.float32, torch.float16, torch.bfloat16)]
     _decode_all[(1,)](bits.to(DEV), *outs)
     want = bits.view(FP8).float()
     nan = want.isnan()
-    assert nan.sum() == 2
-    want[nan] = torch.where(bits[nan] >= 128, -480.0, 480.0)
-    for out in outs:
-        assert torch.equal(out.cpu().float(), want), out.dtype  # (every e4m3 value fits fp16 and bf16 exactly)
+    assert nan.sum() == 2 and bits[nan].tolist() == [0x7F, 0xFF]
+    for out in outs:  # (every e4m3 value fits fp16 and bf16 exactly)
+        got = out.cpu().float()
+        assert torch.equal(got.isnan(), nan) and torch.equal(got[~nan], want[~nan]), out.dtype
+
+
+def test_fp8_nan_weight_propagates_on_the_bytes_path(monkeypatch):
+    """An expert weight that is the e4m3 NaN byte gives NaN in the tokens routed to that expert on the
+    bytes path (A100), as in the torch reference (and on an fp8 GPU), and leaves the others as the
+    reference has them (it decoded to a finite +-480 before)."""
+    import prophet_kernels.kernels.fp8 as fp8
+
+    torch.manual_seed(3)
+    E, H, I, T, k = 4, 32, 32, 6, 1
+    w13, s13 = quantize_fp8(torch.randn(E, 2 * I, H, device=DEV) * 0.05)
+    w2, s2 = quantize_fp8(torch.randn(E, H, I, device=DEV) * 0.05)
+    w13.view(torch.uint8)[2, 5, 7] = 0x7F  # a NaN weight in expert 2's gate rows
+    x = torch.randn(T, H, device=DEV)
+    ids = torch.tensor([[0], [2], [1], [2], [3], [0]], dtype=torch.int32, device=DEV)
+    wts = torch.ones(T, k, device=DEV)
+    ref = fused_experts_reference(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2)
+    routed = (ids == 2).any(1).cpu()
+    assert ref.isnan().any(1).cpu().equal(routed)
+    native = fused_experts(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2)
+    launched, real = [], fp8.fp8_args
+    monkeypatch.setattr(fp8, "has_fp8_type", lambda device: False)  # the A100's path: bytes decoded in-kernel
+    for mod in ("gemv", "grouped_gemm"):
+        monkeypatch.setattr(f"prophet_kernels.kernels.{mod}.fp8_args",
+                            lambda *a: launched.append(real(*a)[2]["FP8_BITS"]) or real(*a))
+    bytes_path = fused_experts(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2)
+    assert launched and all(launched)
+    # (the Triton interpreter's own fp8 load turns the NaN byte into a finite value, which no GPU does:
+    # the fp8-type path is held to the reference on a GPU only)
+    for out in (native, bytes_path) if DEV == "cuda" else (bytes_path,):
+        assert out.isnan().any(1).cpu().equal(routed)
+        assert torch.allclose(out[~routed.to(out.device)], ref[~routed.to(ref.device)], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("block_shape", [None, (16, 16)], ids=["per-channel", "block16x16"])

@@ -148,13 +148,15 @@ def has_fp8_type(device: torch.device) -> bool:
 
 @triton.jit
 def e4m3_bits_to(v, DTYPE: tl.constexpr):
-    """uint8 e4m3fn bytes -> DTYPE, exact for every finite value (NaN, 0x7f/0xff, becomes +-480).
-    The sign goes to fp16's sign bit, exponent and mantissa to fp16's 7 bits below its top
-    exponent bit: that fp16 is the value x 2^-8 (bias 15 instead of 7; e4m3 subnormals land on
-    fp16 subnormals), scaled back in fp32."""
+    """uint8 e4m3fn bytes -> DTYPE, exact for every value: the NaN bytes 0x7f/0xff decode to NaN
+    (as torch's float8_e4m3fn and the GPUs' fp8 loads do), so a NaN weight reaches the output as it
+    would on an fp8 GPU instead of a finite wrong +-480. The sign goes to fp16's sign bit, exponent
+    and mantissa to fp16's 7 bits below its top exponent bit: that fp16 is the value x 2^-8 (bias 15
+    instead of 7; e4m3 subnormals land on fp16 subnormals), scaled back in fp32."""
     b = v.to(tl.uint16)
     h = ((b & 0x80) << 8) | ((b & 0x7F) << 7)
-    return (h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0).to(DTYPE)
+    x = h.to(tl.float16, bitcast=True).to(tl.float32) * 256.0
+    return tl.where((b & 0x7F) == 0x7F, float("nan"), x).to(DTYPE)
 
 
 @triton.jit
