@@ -5,6 +5,8 @@ per output channel and block scales, on the grouped and the GEMV paths; quantiza
 error contract. CPU: Triton interpreter (fp8 casts and fp32/fp16 dots work there)."""
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import triton
 import triton.language as tl
@@ -394,3 +396,51 @@ def test_w8a8_runs_w8a16_where_the_gpu_has_no_fp8_type(monkeypatch):
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=(16, 16))
     assert torch.equal(fused_experts(x, q13, q2, w, ids, config=A8, **kw),
                        fused_experts(x, q13, q2, w, ids, config=w8a16, **kw))
+
+
+@settings(max_examples=60, deadline=None)
+@given(bn=st.sampled_from([16, 32, 64, 128]), bk=st.sampled_from([16, 32, 64, 128]),
+       form=st.sampled_from(["tuple", "list", "tensor", "ndarray", "floats"]))
+def test_block_shape_forms_are_one_tuple_of_ints(bn, bk, form):
+    """Whatever container holds two whole block sizes, the kernels and references get (bn, bk) as ints
+    (a tensor or float form used to pass the checks and reach the launch as is)."""
+    import numpy as np
+
+    from prophet_kernels.kernels.fp8 import check_block_shape
+
+    given_shape = {"tuple": (bn, bk), "list": [bn, bk], "tensor": torch.tensor([bn, bk]),
+                   "ndarray": np.array([bn, bk]), "floats": (float(bn), float(bk))}[form]
+    got = check_block_shape(given_shape)
+    assert got == (bn, bk) and all(type(b) is int for b in got)
+
+
+@settings(max_examples=60, deadline=None)
+@given(bad=st.one_of(
+    st.tuples(st.floats(16, 256).filter(lambda f: f != int(f)), st.sampled_from([16, 128])),  # 128.5: never truncated
+    st.tuples(st.sampled_from([16, 128]), st.floats(16, 256).filter(lambda f: f != int(f))),
+    st.lists(st.sampled_from([16, 32]), min_size=0, max_size=5).filter(lambda v: len(v) != 2),
+    st.tuples(st.booleans(), st.just(16)),
+    st.sampled_from(["ab", 16, (16, None), (float("nan"), 16), (float("inf"), 16)])))
+def test_block_shape_fractions_and_nonsense_are_refused(bad):
+    from prophet_kernels.kernels.fp8 import check_block_shape
+
+    with pytest.raises(ValueError, match="block_shape"):
+        check_block_shape(bad)
+
+
+def test_fused_experts_takes_a_tensor_block_shape():
+    """The same fp8 blocks given as a tensor and as a tuple give the same output on every path (the
+    kernels and the torch reference), and a fractional one is refused before any launch."""
+    torch.manual_seed(5)
+    E, H, I, T, k = 3, 32, 32, 5, 2
+    w13, s13 = quantize_fp8(torch.randn(E, 2 * I, H, device=DEV) * 0.05, (16, 16))
+    w2, s2 = quantize_fp8(torch.randn(E, H, I, device=DEV) * 0.05, (16, 16))
+    x = torch.randn(T, H, device=DEV)
+    ids = torch.randint(0, E, (T, k), dtype=torch.int32, device=DEV)
+    wts = torch.rand(T, k, device=DEV)
+    want = fused_experts(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2, block_shape=(16, 16))
+    got = fused_experts(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2, block_shape=torch.tensor([16, 16]))
+    ref = fused_experts_reference(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2, block_shape=[16.0, 16.0])
+    assert torch.equal(got, want) and torch.allclose(ref, want, rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="two whole numbers"):
+        fused_experts_reference(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2, block_shape=(16.5, 16.9))

@@ -34,13 +34,18 @@ _TINY = 1e-12  # an all-zero row or block gets a scale of _TINY / FP8_MAX instea
 
 
 def check_block_shape(block_shape) -> tuple[int, int] | None:
-    """None (per output channel) or (bn, bk), powers of two >= 16 (the kernels' tiles divide them)."""
+    """None (per output channel) or (bn, bk), powers of two >= 16 (the kernels' tiles divide them),
+    returned as a tuple of Python ints. Given as a tuple, list, tensor or array of two whole numbers
+    (integral floats included); a fractional size such as 128.5 is refused, never truncated."""
     if block_shape is None:
         return None
     try:
-        bn, bk = (int(b) for b in block_shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"block_shape must be None or (bn, bk), got {block_shape!r}") from None
+        values = block_shape.tolist() if hasattr(block_shape, "tolist") else list(block_shape)
+        if len(values) != 2 or any(isinstance(b, bool) or float(b) != int(b) for b in values):
+            raise ValueError
+        bn, bk = (int(b) for b in values)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"block_shape must be None or (bn, bk), two whole numbers; got {block_shape!r}") from None
     for b in (bn, bk):
         if b < 16 or b & (b - 1):
             raise ValueError(f"block_shape {tuple(block_shape)}: block sizes must be powers of two >= 16")

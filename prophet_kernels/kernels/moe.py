@@ -89,13 +89,16 @@ def check_inputs(x, w13, w2, topk_weights, topk_ids, page_table=None, w13_scale=
 
 def _validate(x, w13, w2, topk_weights, topk_ids, page_table=None, scales=(None, None), block_shape=None):
     """:func:`check_inputs`, then the kernels' forms of the routing (no sync): ids [T, k] int32 (an
-    int64 id outside [0, E) becomes -1 before narrowing), weights [T*k] fp32, and the page table
-    contiguous (the kernels index it without a stride). Returns (T, H, I, k, E, S, ids, weights, pt)."""
+    int64 id outside [0, E) becomes -1 before narrowing), weights [T*k] fp32, the page table
+    contiguous (the kernels index it without a stride), and ``block_shape`` as the checked tuple of
+    ints the launch and the references use (a list, tensor or integral floats given by the caller
+    never reach them). Returns (T, H, I, k, E, S, ids, weights, pt, block_shape)."""
+    block_shape = check_block_shape(block_shape)
     T, H, I, k, E, S = check_inputs(x, w13, w2, topk_weights, topk_ids, page_table, *scales, block_shape)
     ids = narrow_ids(topk_ids, E)
     weights = topk_weights.to(torch.float32).reshape(-1).contiguous()
     pt = page_table.contiguous() if page_table is not None else None
-    return T, H, I, k, E, S, ids, weights, pt
+    return T, H, I, k, E, S, ids, weights, pt, block_shape
 
 
 def check_read_through(rt, w13_slots, w2_slots, page_table, scales=(None, None)) -> None:
@@ -211,8 +214,8 @@ def fused_experts_paged(x, w13_slots, w2_slots, page_table, topk_weights, topk_i
     y : ``[T, H]`` x's dtype
     """
     scales = (w13_scale, w2_scale)
-    T, H, I, k, E, S, ids, weights, pt = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
-                                                   page_table, scales, block_shape)
+    T, H, I, k, E, S, ids, weights, pt, block_shape = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
+                                                                page_table, scales, block_shape)
     if read_through is not None:
         check_read_through(read_through, w13_slots, w2_slots, page_table, scales)
     if not use_triton(x.device, x.dtype):
@@ -230,7 +233,8 @@ def fused_experts(x, w13, w2, topk_weights, topk_ids, *, w13_scale=None, w2_scal
     """MoE experts on contiguous weights ``w13 [E, 2I, H]``, ``w2 [E, H, I]`` (fp8 with scales as in
     :func:`fused_experts_paged`): the same kernels with expert e in slot e (no page table read)."""
     scales = (w13_scale, w2_scale)
-    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids, None, scales, block_shape)
+    T, H, I, k, E, S, ids, weights, _, block_shape = _validate(x, w13, w2, topk_weights, topk_ids, None, scales,
+                                                               block_shape)
     if not use_triton(x.device, x.dtype):
         return fused_experts_reference(x, w13, w2, topk_weights, topk_ids, compute_dtype=x.dtype,
                                        check=check, w13_scale=w13_scale, w2_scale=w2_scale, block_shape=block_shape)
@@ -289,8 +293,8 @@ def fused_experts_reference(x, w13, w2, topk_weights, topk_ids, *,
     fp8 weights are dequantized with their scales (:func:`fp8.dequantize_fp8`) first.
     ``quantize_activations`` (W8A8): x rounded to e4m3 with a scale per token, and each
     intermediate row (silu(gate) * up, in x's dtype) with a scale per row, as the kernels do."""
-    T, H, I, k, E, S, ids, weights, _ = _validate(x, w13, w2, topk_weights, topk_ids, None, (w13_scale, w2_scale),
-                                                  block_shape)
+    T, H, I, k, E, S, ids, weights, _, block_shape = _validate(x, w13, w2, topk_weights, topk_ids, None,
+                                                               (w13_scale, w2_scale), block_shape)
     flat = ids.reshape(-1).long()
     valid = (flat >= 0) & (flat < E)
     if check and T and not bool(valid.all()):
@@ -327,8 +331,8 @@ def fused_experts_paged_reference(x, w13_slots, w2_slots, page_table, topk_weigh
     :func:`fused_experts_reference` on the slot buffer. Syncs the host. ``check``: an id outside
     [0, E), a routed expert without a slot in [0, S) or two experts sharing a slot raise; without
     it, such a token-slot contributes zero (the kernels' rule)."""
-    T, H, I, k, E, S, ids, weights, pt = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
-                                                   page_table, (w13_scale, w2_scale), block_shape)
+    T, H, I, k, E, S, ids, weights, pt, block_shape = _validate(x, w13_slots, w2_slots, topk_weights, topk_ids,
+                                                                page_table, (w13_scale, w2_scale), block_shape)
     if T == 0:
         return x.new_empty((0, H))
     flat = ids.reshape(-1).long()
