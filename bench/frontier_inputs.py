@@ -62,10 +62,12 @@ def main(argv=None) -> int:
     ap.add_argument("--gpus", default=",".join(fr.GPUS_DEFAULT))
     ap.add_argument("--batches", default=",".join(map(str, fr.BATCHES)))
     ap.add_argument("--capacities", default=",".join(map(str, fr.CAPACITIES)))
-    ap.add_argument("--policy", default="lru", help="Prophet's policy in the sim_wait and no_wait rows")
-    ap.add_argument("--predictor", default="none", help="sim_wait rows' predictor (none, or one the trace replays)")
+    ap.add_argument("--policy", default="next-use", help="Prophet's policy in the sim_wait and no_wait rows")
+    ap.add_argument("--predictor", default="gate", help="sim_wait rows' predictor (none, or one the trace replays; "
+                                                        "default gate, depth 1: the routing study's choice)")
     ap.add_argument("--depth", type=int, default=1)
-    ap.add_argument("--windows", type=int, default=32, help="held-out windows for the quality rows (default 32)")
+    ap.add_argument("--max-steps", type=int, default=2048, help="decode steps per simulation (default 2048)")
+    ap.add_argument("--windows", type=int, default=16, help="held-out windows for the quality rows (default 16)")
     ap.add_argument("--seq-len", type=int, default=128, help="tokens per window (default 128)")
     ap.add_argument("--out", default=str(OUT))
     args = ap.parse_args(argv)
@@ -132,8 +134,9 @@ def main(argv=None) -> int:
                             layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
                             t0 = time.time()
                             r = simulate(held, cap, args.policy, predictor, args.depth, batch=B, layer_us=layer_us,
-                                         pcie_gbps=pcie, expert_bytes=expert_bytes(m, dtype))
+                                         pcie_gbps=pcie, expert_bytes=expert_bytes(m, dtype), max_steps=args.max_steps)
                             emit(row | {"policy": args.policy, "predictor": r.predictor, "depth": r.depth,
+                                        "max_steps": args.max_steps,
                                         "layer_us": layer_us, "pcie_gbps": pcie, "hit_rate": r.hit_rate,
                                         "ready_hit_rate": r.ready_hit_rate, "stall_us_per_step": r.stall_s / r.steps * 1e6,
                                         "steps": r.steps, "seconds": time.time() - t0})
@@ -158,7 +161,7 @@ def main(argv=None) -> int:
                         if strategy == "host-cpu":  # the exact expert: routing as recorded, quality = fp32's
                             r = simulate(held, cap, args.policy, None, 1, batch=B, layer_us=layer_us, pcie_gbps=pcie,
                                          expert_bytes=eb, miss="no-wait", fallback_s=fs, fallback_parallel=parallel,
-                                         fallback_latency_s=latency)
+                                         fallback_latency_s=latency, max_steps=args.max_steps)
                             emit(row | base | {"bits_per_byte": None, "quality_from": "exact (= fp32 experts)",
                                                "hit_rate": r.hit_rate, "ready_hit_rate": r.ready_hit_rate,
                                                "fallbacks_per_token": r.fallbacks / r.tokens,

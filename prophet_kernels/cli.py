@@ -211,6 +211,9 @@ def _add_trace_args(p: argparse.ArgumentParser) -> None:
     s.add_argument("--reference", default="flame-moe-290m",
                    help="trace the others are compared with, in points (default flame-moe-290m, real routing)")
     s.add_argument("--max-steps", type=int, help="hit rates over at most this many tokens per trace (default: all)")
+    s.add_argument("--uniform", action="store_true",
+                   help="also, for each trace, routing of its shape drawn uniformly and independently (no preference, "
+                        "no reuse): the floor its shape allows")
     s.add_argument("--out", help="also write the rows (JSON lines) here")
     f = sub.add_parser("fit-lookahead", help="fit the learned gate lookahead on the train split's hidden states")
     f.add_argument("--shape", required=True, choices=list(SHAPES))
@@ -276,7 +279,7 @@ def _trace_stats(args) -> int:
     from tqdm import tqdm
 
     from .routing import report as rr
-    from .routing.stats import distance, format_table, routing_stats
+    from .routing.stats import distance, format_table, routing_stats, uniform_like
     from .routing.traces import known_traces, load_trace
 
     names = _csv_list(args.trace) if args.trace else [n for n in known_traces() if not n.endswith("-train")]
@@ -288,6 +291,10 @@ def _trace_stats(args) -> int:
     rows = []
     for name in tqdm(names, desc="routing statistics"):
         rows.append(routing_stats(traces[name], max_steps=args.max_steps) | {"trace": name})
+        if args.uniform:
+            u = uniform_like(traces[name])
+            rows.append(routing_stats(u, max_steps=args.max_steps) | {"trace": f"{name}: {u.meta['shape']}",
+                                                                      "uniform": True})
     ref = next((r for r in rows if r["trace"] == args.reference), None)
     print(format_table(rows, ref))
     if args.out:

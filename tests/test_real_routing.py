@@ -272,3 +272,14 @@ def test_no_wait_fills_the_missed_experts_for_the_next_call():
     # with a copy engine too slow for one step, the copies land later: late hits, computed another way
     slow = simulate(tr, 0.5, "lru", miss="no-wait", expert_bytes=10**6, pcie_gbps=0.1, layer_us=10.0)
     assert slow.late_hits > 0 and slow.fallbacks == slow.misses + slow.late_hits
+
+
+def test_uniform_like_keeps_the_shape_and_routes_at_random():
+    from prophet_kernels.routing.stats import uniform_like
+
+    tr = load_trace("flame-moe-290m")
+    u = uniform_like(tr)
+    assert u.topk_ids.shape == tr.topk_ids.shape and np.array_equal(u.seq_starts, tr.seq_starts)
+    assert all(len(set(r)) == tr.top_k for r in u.topk_ids[0, :50])  # k distinct experts per token
+    s = routing_stats(u, capacities=(0.5,))
+    assert abs(s["prev_overlap"] - tr.top_k / tr.num_experts) < 0.01 and s["entropy"] > 0.99

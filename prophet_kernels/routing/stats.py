@@ -12,7 +12,10 @@ Per trace (batch 1, sequences replayed back to back, as ``prophet simulate``):
     lru, belady        hit rate of a global buffer of (layer, expert) pages at each capacity, LRU and
                        Belady's MIN (the clairvoyant bound), no prefetching; ``prophet_kernels.routing.simulator``
 
-``prophet trace stats --trace NAMES`` prints them side by side (``format_table``).
+``prophet trace stats --trace NAMES`` prints them side by side (``format_table``); ``--uniform`` adds,
+for each trace, routing of its shape drawn uniformly and independently (``uniform_like``): what a
+trace's numbers would be with no expert preference and no reuse at all (a top-2-of-8 shape hits more
+at 25% than a top-6-of-64 one, whatever the routing).
 """
 
 from __future__ import annotations
@@ -30,6 +33,16 @@ def multi_hot(trace, layer: int) -> np.ndarray:
     mh = np.zeros((N, E), dtype=bool)
     mh[np.arange(N)[:, None], trace.topk_ids[layer]] = True
     return mh
+
+
+def uniform_like(trace, seed: int = 0):
+    """A trace of `trace`'s shape (layers, experts, top-k, tokens, sequences) whose every token picks k
+    distinct experts uniformly at random, independently of everything else."""
+    from .traces import Trace
+
+    L, N, k, E = trace.num_layers, trace.num_tokens, trace.top_k, trace.num_experts
+    ids = np.argsort(np.random.default_rng(seed).random((L, N, E)), axis=-1)[..., :k]
+    return Trace(ids, trace.seq_starts.copy(), meta={"num_experts": E, "shape": f"uniform {L} x {E}, top-{k}"})
 
 
 def routing_stats(trace, capacities=CAPACITIES, max_steps: int | None = None) -> dict:
