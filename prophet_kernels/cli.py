@@ -167,12 +167,15 @@ def _frontier(args) -> int:
     inputs = fr.read_inputs(Path(args.frontier_inputs) if args.frontier_inputs else fr.INPUTS)
     rows = fr.frontier(models, gpus, batches, inputs)
     print(fr.markdown(rows))
+    print("\nThe fastest of each kind within 1% of fp32's held-out quality:\n")
+    print(fr.summary(rows))
     print("\nPick (fastest predicted configuration that fits and loses at most 1% held-out quality):")
     for r in fr.recommend(rows):
         print(f"  {r.model} on {r.gpu}, batch {r.batch}: {r.config} ({r.tokens_per_s:,.0f} tok/s, "
               f"{r.kv_tokens:,} KV tokens, {r.quality_loss_pct:+.2f}%)")
     out = Path(args.out)
     print(f"\n{len(rows)} rows -> {fr.write_csv(rows, out / 'frontier.csv')}")
+    (out / "frontier.md").write_text(fr.markdown(rows) + "\n\n" + fr.summary(rows) + "\n")
     if not args.no_figures:
         for b in batches:
             print(f"figure: {fr.figure(rows, out / f'frontier_b{b}.png', batch=b)}")

@@ -67,6 +67,7 @@ def test_frontier_rows_from_inputs(tmp_path):
             o.tokens_per_s <= b.tokens_per_s for o in rows if (o.gpu, o.batch) == (b.gpu, b.batch) and o.fits
             and o.quality_loss_pct is not None and o.quality_loss_pct <= 1.0 and o.tokens_per_s is not None)
     assert "| OLMoE-1B-7B | H100-80GB | 1 | resident-bf16 |" in fr.markdown(rows)
+    assert fr.summary(rows).count("\n") == 1 + 2 * 2 and "resident-fp8" in fr.summary(rows) and "resident-int4" not in fr.summary(rows)  # int4 loses 5%
     assert fr.figure(rows, tmp_path / "f.png").stat().st_size > 0
     missing = fr.frontier(["OLMoE-1B-7B"], ["H100-80GB"], [16], _inputs())  # no measured inputs at batch 16
     assert all(r.tokens_per_s is None for r in missing)

@@ -242,6 +242,30 @@ def recommend(rows: list[Row], max_loss_pct: float = 1.0, min_kv_tokens: int = 0
     return list(best.values())
 
 
+def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
+    """Markdown: per model, GPU and batch, the fastest fitting row of each kind (resident, Prophet with
+    waiting misses, no-wait) among those within `max_loss_pct` of fp32's quality, and the pick."""
+    lines = ["| model | GPU | B | fastest resident | fastest Prophet (misses wait) | fastest no-wait | pick |",
+             "|---|---|---:|---|---|---|---|"]
+    picks = {(r.model, r.gpu, r.batch): r for r in recommend(rows, max_loss_pct)}
+
+    def cell(r):
+        return "" if r is None else (f"{r.config}: {r.tokens_per_s:,.0f} tok/s, {r.expert_gpu_bytes / 2**30:.1f} GiB, "
+                                     f"{r.kv_tokens:,} KV, {r.quality_loss_pct:+.2f}%")
+
+    for key in dict.fromkeys((r.model, r.gpu, r.batch) for r in rows):
+        best = {}
+        for r in rows:
+            if ((r.model, r.gpu, r.batch) == key and r.fits and r.tokens_per_s is not None
+                    and r.quality_loss_pct is not None and r.quality_loss_pct <= max_loss_pct):
+                if r.kind not in best or r.tokens_per_s > best[r.kind].tokens_per_s:
+                    best[r.kind] = r
+        pick = picks.get(key)
+        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(best.get('resident'))} | {cell(best.get('prophet'))} | "
+                     f"{cell(best.get('no-wait'))} | {pick.config if pick else 'nothing fits'} |")
+    return "\n".join(lines)
+
+
 def figure(rows: list[Row], path: Path, batch: int = 1) -> Path:
     """Per model (columns) and GPU (rows): expert GPU GiB against the quality loss, each point labelled
     with its predicted tokens/s at `batch`; configurations that do not fit are left out."""
