@@ -86,8 +86,7 @@ def nonexpert_bytes(m: ModelSpec) -> int:
 
 
 def int4_expert_bytes(m: ModelSpec) -> int:
-    from ..routing.quality import int4_bytes
-    from .memory import routed_expert_params
+    from .memory import int4_bytes, routed_expert_params
 
     return int4_bytes(routed_expert_params(m))
 

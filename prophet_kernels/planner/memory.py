@@ -121,6 +121,14 @@ def routed_expert_params(m: ModelSpec) -> int:
     return _mlp_params(m.hidden, m.moe.intermediate, m.moe.gated, False)
 
 
+INT4_GROUP = 32  # inputs per fp16 scale of an int4 expert (routing.quality's quantizer, the frontier's bytes)
+
+
+def int4_bytes(params: int, group: int = INT4_GROUP) -> int:
+    """Bytes of `params` weights in symmetric int4 with an fp16 scale per `group` inputs."""
+    return params // 2 + 2 * -(-params // group)
+
+
 def expert_bytes(m: ModelSpec, weight_dtype: str = "bf16") -> int:
     """Bytes of one routed expert as Prophet stores and copies it. fp8: e4m3 weights and an fp32
     scale per output row (2I + H gated, I + H otherwise), padded to 16 bytes as the store lays an

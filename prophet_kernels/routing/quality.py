@@ -34,9 +34,9 @@ import numpy as np
 import torch
 
 from ..memory.predictors import moe_layers
+from ..planner.memory import INT4_GROUP, int4_bytes  # noqa: F401 (int4_bytes: re-exported for the harness's users)
 
 STRATEGIES = ("exact", "stand-in", "substitute", "skip", "skip-renorm")
-INT4_GROUP = 32
 
 
 def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
@@ -48,11 +48,6 @@ def quantize_int4(w: torch.Tensor, group: int = INT4_GROUP) -> torch.Tensor:
     scale = (x.abs().amax(-1, keepdim=True) / 7).to(torch.float16).float().clamp_min(1e-12)
     q = torch.clamp(torch.round(x / scale), -8, 7)
     return (q * scale).reshape(*w.shape[:-1], K + pad)[..., :K].to(w.dtype)
-
-
-def int4_bytes(params: int, group: int = INT4_GROUP) -> int:
-    """Bytes of `params` weights in int4 with an fp16 scale per group."""
-    return params // 2 + 2 * math.ceil(params / group)
 
 
 def _experts(model):
