@@ -11,7 +11,10 @@ setup(
     version="0.1.0",
     description="Paged expert buffer, prefetcher and Triton kernels for serving MoE models with vLLM",
     python_requires=">=3.10",
-    packages=find_packages(include=["prophet_kernels", "prophet_kernels.*"]),
+    # integration/ (the vLLM plugin and the transformers integration) lives at the repository's top
+    # level and installs as prophet_kernels.integration: the wheel has no top-level `integration`.
+    packages=find_packages(include=["prophet_kernels", "prophet_kernels.*"]) + ["prophet_kernels.integration"],
+    package_dir={"prophet_kernels.integration": "integration"},
     package_data={"prophet_kernels": ["kernels/configs/*.json", "routing/traces/data/*.npz",
                                       "routing/traces/data/*.json", "routing/traces/data/*.md"]},
     install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib", "safetensors", "tqdm", "transformers"],

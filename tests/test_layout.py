@@ -13,6 +13,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 PKG = REPO / "prophet_kernels"
+INTEGRATION = REPO / "integration"  # installed as prophet_kernels.integration (setup.py's package_dir)
+
+
+def _module(path: Path) -> str:
+    """The installed module name of a source file of the package (integration/ included)."""
+    if path.is_relative_to(INTEGRATION):
+        return ".".join(("prophet_kernels", "integration") + path.relative_to(INTEGRATION).with_suffix("").parts)
+    return ".".join(path.relative_to(REPO).with_suffix("").parts)
+
+
+def _sources():
+    return sorted(PKG.rglob("*.py")) + sorted(INTEGRATION.rglob("*.py"))
 
 # subpackage -> the subpackages it may import (top-level modules: provenance, native are leaves)
 ALLOWED = {
@@ -28,7 +40,7 @@ LEAVES = {"provenance", "native"}
 
 def _imports(path: Path) -> set[str]:
     """prophet_kernels modules imported anywhere in `path` (module level and inside functions)."""
-    module = ".".join(path.relative_to(REPO).with_suffix("").parts)
+    module = _module(path)
     package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
     out = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -56,8 +68,8 @@ def _part(module: str) -> str:
 
 def test_imports_go_one_way_between_subpackages():
     edges = set()
-    for path in PKG.rglob("*.py"):
-        src = _part(".".join(path.relative_to(REPO).with_suffix("").parts)) if path.parent != PKG else None
+    for path in _sources():
+        src = _part(_module(path)) if path.parent != PKG else None
         if src is None:  # top-level modules: cli (imports anything), provenance and native (leaves)
             stem = path.stem
             if stem in LEAVES:
@@ -71,8 +83,18 @@ def test_imports_go_one_way_between_subpackages():
     assert not wrong, f"imports against the layout (from, to, file): {wrong}"
 
 
+def test_integration_lives_at_the_top_level_and_installs_under_the_package():
+    """The design card's layout: integration/ at the repository's top level, nothing left of it in the
+    package folder, and the import name every user and the plugin's entry point use still resolves."""
+    assert (INTEGRATION / "vllm_plugin.py").is_file() and (INTEGRATION / "__init__.py").is_file()
+    assert not (PKG / "integration").exists()
+    import prophet_kernels.integration.vllm_plugin as plugin
+
+    assert Path(plugin.__file__).resolve() == (INTEGRATION / "vllm_plugin.py").resolve()
+
+
 def test_no_installed_module_imports_a_repository_folder():
-    for path in PKG.rglob("*.py"):
+    for path in _sources():
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else []
