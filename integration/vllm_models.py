@@ -16,10 +16,20 @@ from prophet_kernels.integration.vllm_plugin import offer_gate_parts, require_pr
 
 def _after_loading(model, moe: str) -> None:
     """Refuses a model whose MoE layers Prophet did not take although it is on (quantized experts),
-    then hands each decoder layer's router (``layer.<moe>.gate``) and MoE-input norm to Prophet."""
-    require_prophet_experts(model, model.prophet_vllm_config)
+    then hands each of this pipeline stage's decoder layers' router (``layer.<moe>.gate``) and
+    MoE-input norm to Prophet. Under pipeline parallelism the other stages' layers are vLLM's
+    ``PPMissingLayer`` placeholders: a stage's Prophet holds and predicts its own layers only."""
+    if not require_prophet_experts(model, model.prophet_vllm_config):
+        return  # Prophet off: nothing of this model is read
     offer_gate_parts([(getattr(layer, moe).gate.weight, layer.post_attention_layernorm.weight)
-                      for layer in model.model.layers])
+                      for layer in stage_layers(model.model)])
+
+
+def stage_layers(decoder) -> list:
+    """The decoder layers this pipeline stage runs (all of them without pipeline parallelism)."""
+    start = getattr(decoder, "start_layer", 0)
+    end = getattr(decoder, "end_layer", len(decoder.layers))
+    return [decoder.layers[i] for i in range(start, end)]
 
 
 def _with_prophet(base, moe: str):

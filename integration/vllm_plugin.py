@@ -47,7 +47,8 @@ class _ModelExperts:
     loading, then one ProphetMoE over all of them."""
 
     def __init__(self, settings: ProphetSettings, max_batch_tokens: int, config_id: int, rank: int = 0,
-                 tp_size: int = 1, ep_size: int = 1, kv_bytes_per_token: int | None = None):
+                 tp_size: int = 1, ep_size: int = 1, kv_bytes_per_token: int | None = None,
+                 stage: "PipelineStage | None" = None):
         self.settings, self.max_batch_tokens, self.config_id = settings, max_batch_tokens, config_id
         # under tensor parallelism each rank's store and buffer hold its shard of every expert (vLLM's
         # split of w13/w2 along I); every rank sees the same routing and runs the same deterministic
@@ -57,6 +58,10 @@ class _ModelExperts:
         self.rank, self.tp_size, self.ep_size = rank, tp_size, ep_size
         self.expert_map = None  # [E_global] this rank's index of each expert or -1 (expert parallelism)
         self.kv_bytes_per_token = kv_bytes_per_token  # this rank's KV cache bytes per token, for the report
+        # under pipeline parallelism this process builds its stage's MoE layers only (vLLM gives the other
+        # stages' layers as placeholders): its store, buffer, page table, predictor and stats hold those
+        # layers, numbered from 0 within the stage; `stage` says where they sit in the model
+        self.stage = stage or PipelineStage(0, 1, 0)
         self.key = _NEXT_GROUP[0]
         _NEXT_GROUP[0] += 1
         _GROUPS[self.key] = self
@@ -127,12 +132,91 @@ class _ModelExperts:
         slots = self.moe.buffer.num_slots
         freed = (store.num_layers * store.num_experts - slots) * store.expert_bytes  # vs all experts resident
         kv = self.kv_bytes_per_token
-        return {"rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size, "freed_bytes": freed,
+        return {"rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size, "pp_rank": self.stage.rank,
+                "pp_size": self.stage.size, "first_layer": self.stage.first_layer, "freed_bytes": freed,
                 "kv_bytes_per_token": kv, "kv_tokens_freed": freed // kv if kv else None,
                 "num_experts": store.num_experts, "slots": slots, "hidden": store.hidden,
                 "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
                 **self.moe.stats.as_dict()}
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineStage:
+    """Where this process's layers sit under vLLM's pipeline parallelism: stage ``rank`` of ``size``,
+    whose first decoder layer is the model's ``first_layer`` (0, 1, 0 without it)."""
+
+    rank: int
+    size: int
+    first_layer: int
+
+    @classmethod
+    def of_this_process(cls, cfg) -> "PipelineStage":
+        size = getattr(getattr(cfg, "parallel_config", None), "pipeline_parallel_size", 1) or 1
+        if size == 1:
+            return cls(0, 1, 0)
+        from vllm.distributed import get_pp_group
+        from vllm.distributed.utils import get_pp_indices
+
+        rank = get_pp_group().rank_in_group
+        return cls(rank, size, get_pp_indices(cfg.model_config.hf_text_config.num_hidden_layers, rank, size)[0])
+
+
+def moe_shape(hf_config) -> tuple[list[int], int, int]:
+    """(the decoder layers that are MoE layers, experts per layer, experts per token) of an OLMoE,
+    Mixtral or Qwen3-MoE config (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` as vLLM's
+    model reads them)."""
+    E = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None)
+    dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
+    step = getattr(hf_config, "decoder_sparse_step", 1) or 1
+    layers = [i for i in range(hf_config.num_hidden_layers) if i not in dense and (i + 1) % step == 0]
+    return layers, E, hf_config.num_experts_per_tok
+
+
+def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
+    """The refusals a worker would make that the engine config already decides, made where vLLM
+    builds that config, before any worker starts or loads a weight: the model family, CUDA graphs
+    that would freeze host mode, quantized experts Prophet does not serve, a learned gate under
+    pipeline parallelism, and a buffer too small for one layer's unique experts at the configured
+    batch on any rank (each pipeline stage's layers, each expert-parallel rank's experts)."""
+    from vllm.distributed.utils import get_pp_indices
+
+    mc, pc = cfg.model_config, cfg.parallel_config
+    check_model_family(architectures=getattr(mc, "architectures", None) or ())
+    refusal = graphs_refusal(cfg, settings, cuda)
+    if refusal:
+        raise ValueError(refusal)
+    quant = getattr(mc, "quantization", None)
+    if quant not in (None, "fp8"):
+        raise ValueError(f"Prophet serves unquantized checkpoints (bf16, fp16, fp32), optionally as fp8 experts "
+                         f"(setting expert_dtype: fp8), and fp8 checkpoints in vLLM's 'fp8' format; this model's "
+                         f"quantization is {quant}")
+    pp = pc.pipeline_parallel_size
+    if settings.predictor == "learned-gate" and pp > 1:
+        raise ValueError("Prophet predictor 'learned-gate' is fitted on the whole model's layers; under pipeline "
+                         "parallelism a stage holds some of them: use predictor 'gate' (each stage runs its own "
+                         "layers' routers) or 'same'")
+    hf = mc.hf_text_config
+    moe_layers, E, k = moe_shape(hf)
+    if settings.predictor == "learned-gate":
+        from prophet_kernels.memory.predictors import LearnedGatePredictor
+
+        LearnedGatePredictor.load(settings.predictor_path).check_model(len(moe_layers), E, hf.hidden_size)
+    ep = pc.tensor_parallel_size * pc.data_parallel_size if pc.enable_expert_parallel else 1
+    per_rank = sorted({E // ep + (r < E % ep) for r in range(ep)})  # experts a rank holds under EP
+    tokens = cfg.scheduler_config.max_num_batched_tokens
+    for stage in range(pp):
+        start, end = get_pp_indices(hf.num_hidden_layers, stage, pp)
+        n = sum(start <= i < end for i in moe_layers)
+        for experts in per_rank if n else ():
+            try:
+                settings.check_fits(n, experts, k, tokens)
+            except ValueError as e:
+                where = [f"pipeline stage {stage} of {pp} (layers {start}-{end - 1})" if pp > 1 else "",
+                         f"{experts} experts per expert-parallel rank" if ep > 1 else ""]
+                where = ", ".join(w for w in where if w)
+                raise ValueError(f"{e}{f' [{where}]' if where else ''}; raise buffer, or lower "
+                                 f"max_num_batched_tokens") from None
 
 
 def in_piecewise_graph() -> bool:
@@ -322,7 +406,8 @@ def _method_class():
                 par = moe.moe_parallel_config
                 rank = par.ep_rank if par.use_ep else par.tp_rank
                 building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id, rank, par.tp_size,
-                                                        par.ep_size if par.use_ep else 1, kv_bytes_per_token(cfg))
+                                                        par.ep_size if par.use_ep else 1, kv_bytes_per_token(cfg),
+                                                        PipelineStage.of_this_process(cfg))
                 _record_settings(cfg, self.prophet)  # once per model
             self.experts = building
             self.layer_index = building.add_layer(moe.experts_per_token)
@@ -483,7 +568,12 @@ def _check_settings_in_front_end() -> None:
             if why:
                 raise ValueError(f"Prophet runs under expert parallelism across tensor-parallel ranks, not with "
                                  f"{' or '.join(why)}: drop it, or turn Prophet off")
-        return create(self, *args, **kwargs)
+        config = create(self, *args, **kwargs)
+        if settings.enabled:
+            from vllm.platforms import current_platform
+
+            check_engine_config(config, settings, current_platform.is_cuda_alike())
+        return config
 
     create_engine_config.prophet_checked = True
     EngineArgs.create_engine_config = create_engine_config
@@ -535,16 +625,19 @@ def model_groups(model: torch.nn.Module) -> set[int]:
             if isinstance(getattr(getattr(m, "quant_method", None), "experts", None), _ModelExperts)}
 
 
-def require_prophet_experts(model: torch.nn.Module, vllm_config) -> None:
+def require_prophet_experts(model: torch.nn.Module, vllm_config) -> bool:
     """After loading: with Prophet on, refuse a model none of whose MoE layers it took, which happens
     when they do not run vLLM's unquantized MoE method (quantized experts); else the model would be
-    served all-resident, as if Prophet were off, without a word."""
-    if ProphetSettings.resolve(vllm_config.additional_config).enabled and not model_groups(model):
+    served all-resident, as if Prophet were off, without a word. Returns whether Prophet is on."""
+    if not ProphetSettings.resolve(vllm_config.additional_config).enabled:
+        return False
+    if not model_groups(model):
         quant = getattr(vllm_config.model_config, "quantization", None)
         raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized or fp8 MoE "
                          f"method (quantization: {quant}); Prophet serves unquantized checkpoints (bf16, fp16, fp32), "
                          "optionally as fp8 experts quantized on load (setting expert_dtype: fp8), and fp8 "
                          "checkpoints in vLLM's 'fp8' format (per-tensor or block scales) with their own scales")
+    return True
 
 
 def _worker_stats(worker, reset: bool = False) -> list[dict]:  # runs in each vLLM worker (collective_rpc)
@@ -574,13 +667,15 @@ def prophet_stats(llm=None, reset: bool = False) -> list[dict]:
 
 def with_rank_totals(entries: list[dict]) -> list[dict]:
     """Per-rank stats as they are, plus, for a model served by several ranks, one entry with
-    ``rank: "total"`` after its ranks: counters, bytes and slots summed over the ranks. Tensor
-    parallelism: each rank counts its own shard of every expert (with identical decisions, every
-    rank's counts are equal), and the shards' bytes add up to a whole expert. Expert parallelism:
-    each rank counts its own experts, whole; ``num_experts`` adds up to the model's. ``freed_bytes``
-    (device bytes the ranks' experts would take beyond their buffers) is summed; ``kv_tokens_freed``
-    is the smallest rank's (every rank holds a part of each token's KV, so the engine's KV capacity
-    grows by its poorest rank's gain)."""
+    ``rank: "total"`` after its ranks. Within a pipeline stage (all of it without pipeline
+    parallelism), counters, bytes and slots are summed over its tensor- or expert-parallel ranks:
+    under tensor parallelism each rank counts its own shard of every expert (with identical
+    decisions, every rank's counts are equal) and the shards' bytes add up to a whole expert; under
+    expert parallelism each rank counts its own experts, whole, and ``num_experts`` adds up to the
+    model's. Pipeline stages hold different layers: the total's ``layers`` are the stages' in model
+    order. ``freed_bytes`` (device bytes the ranks' experts would take beyond their buffers) is
+    summed; ``kv_tokens_freed`` is the poorest rank's (a token's KV is spread over every rank, so the
+    engine's KV capacity grows by its poorest rank's gain)."""
     from dataclasses import fields
 
     from prophet_kernels.memory.residency import LayerStats, Stats
@@ -591,20 +686,28 @@ def with_rank_totals(entries: list[dict]) -> list[dict]:
         out += ranks
         if len(ranks) < 2:
             continue
-        total = Stats(len(ranks[0]["layers"]))
-        for e in ranks:
-            for mine, theirs in zip(total.layers, e["layers"]):
-                for f in fields(LayerStats):
-                    setattr(mine, f.name, getattr(mine, f.name) + theirs[f.name])
-        ep = ranks[0].get("ep_size", 1) > 1
-        out.append({**{k: v for k, v in ranks[0].items() if k not in ("total", "layers")}, "rank": "total",
-                    "ranks": len(ranks), "slots": sum(e["slots"] for e in ranks),
-                    "num_experts": sum(e["num_experts"] for e in ranks) if ep else ranks[0]["num_experts"],
+        stages = [sorted((e for e in ranks if e.get("pp_rank", 0) == p), key=lambda e: e["rank"])
+                  for p in sorted({e.get("pp_rank", 0) for e in ranks})]
+        layers = []
+        for stage in stages:
+            total = Stats(len(stage[0]["layers"]))
+            for e in stage:
+                for mine, theirs in zip(total.layers, e["layers"]):
+                    for f in fields(LayerStats):
+                        setattr(mine, f.name, getattr(mine, f.name) + theirs[f.name])
+            layers += total.layers
+        total = Stats(len(layers))
+        total.layers = layers
+        first = stages[0]
+        ep = first[0].get("ep_size", 1) > 1
+        out.append({**{k: v for k, v in first[0].items() if k not in ("total", "layers")}, "rank": "total",
+                    "ranks": len(ranks), "num_layers": len(layers), "pp_rank": None, "first_layer": 0,
+                    "slots": sum(e["slots"] for e in ranks),
+                    "num_experts": sum(e["num_experts"] for e in first) if ep else first[0]["num_experts"],
                     "freed_bytes": sum(e["freed_bytes"] for e in ranks),
-                    # a token's KV is on every rank: the engine gains what its poorest rank gains
                     "kv_tokens_freed": None if None in (e["kv_tokens_freed"] for e in ranks)
                     else min(e["kv_tokens_freed"] for e in ranks), "kv_bytes_per_token": None,
-                    "expert_bytes": ranks[0]["expert_bytes"] if ep else sum(e["expert_bytes"] for e in ranks),
+                    "expert_bytes": first[0]["expert_bytes"] if ep else sum(e["expert_bytes"] for e in first),
                     **total.as_dict()})
     return out
 
