@@ -100,6 +100,13 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ep", action="store_true",
                    help="expert parallelism over the --tp GPUs (vLLM's enable_expert_parallel): each GPU holds its "
                         "experts whole; buffer fractions and slots are of the busiest GPU's experts")
+    p.add_argument("--pp", type=int, default=1,
+                   help="pipeline-parallel stages, each on its own --tp GPUs; numbers are per GPU of the stage that "
+                        "bounds the KV cache (a buffer fraction is of each stage's experts; default 1)")
+    p.add_argument("--layouts", action="store_true",
+                   help="how many GPUs and nodes each model needs on each GPU, with and without Prophet: the smallest "
+                        "tensor x pipeline layout that holds one sequence at the context length (8 GPUs per node; "
+                        "with --ep: expert parallel), at the first --batch and --buffer")
     p.add_argument("--util", type=float, default=0.9, help="gpu_memory_utilization (default 0.9, vLLM's)")
     p.add_argument("--context", type=int, help="context length for max concurrent sequences (default: the model's)")
     p.add_argument("--gpu-memory-gib", type=float, help="override the GPU's memory (GiB), e.g. what the driver reports")
@@ -136,8 +143,12 @@ def _plan(args: argparse.Namespace) -> int:
     gpus = list(GPUS) if args.all and not args.gpu else (args.gpu or list(sweep.DEFAULT_GPUS))
     cfg = ServingConfig(
         gpu_memory_utilization=args.util, weight_dtype=args.dtype, kv_dtype=args.kv_dtype or args.dtype, tp=args.tp, ep=args.ep,
-        workspace_override=None if args.workspace_gib is None else int(args.workspace_gib * 2**30),
+        pp=args.pp, workspace_override=None if args.workspace_gib is None else int(args.workspace_gib * 2**30),
     )
+    if args.layouts:
+        print(sweep.layouts_table(models, gpus, (args.batch or [16])[0], (args.buffer or ["25%"])[0], cfg,
+                                  context=args.context))
+        return 0
     rows = sweep.run_sweep(
         models, gpus, args.batch or sweep.DEFAULT_BATCHES, args.buffer or sweep.DEFAULT_BUFFERS, cfg,
         context=args.context,

@@ -299,3 +299,89 @@ def test_expert_parallel_rows_per_gpu(ep):
         ServingConfig(ep=True)
     rows = run_sweep(["Mixtral-8x22B"], ["H100-80GB"], [1], ["25%"], ServingConfig(tp=4, ep=True))
     assert " 4ep " in format_table(rows)
+
+
+# ------------------------------------------------------------------ pipeline parallelism (issue 38)
+@pytest.mark.parametrize("layers, pp", [(4, 2), (16, 3), (32, 3), (61, 4), (94, 5), (48, 7), (5, 5)])
+def test_pp_partition_is_vllms(layers, pp):
+    from vllm.distributed.utils import get_pp_indices
+
+    from prophet_kernels.planner.memory import pp_partition
+
+    assert pp_partition(layers, pp) == [get_pp_indices(layers, r, pp) for r in range(pp)]
+
+
+@pytest.mark.parametrize("name", ["Mixtral-8x7B", "OLMoE-1B-7B", "DeepSeek-V3", "Qwen3-30B-A3B"])
+def test_pipeline_stages_hold_the_model_between_them(name):
+    """The stages' parameters add up to the model's, plus one copy of a tied embedding (vLLM's last
+    stage holds its own LM head); routed experts and KV per token split by layers."""
+    from prophet_kernels.planner.memory import count_params, kv_elems_per_token, stage_spec
+
+    m = get_model(name)
+    for pp in (2, 3, 4):
+        stages = [stage_spec(m, pp, r) for r in range(pp)]
+        total = sum(total_params(s) for s in stages)
+        assert total == total_params(m) + (m.vocab * m.hidden if m.tied_embeddings else 0)
+        assert sum(count_params(s)["routed_experts"] for s in stages) == count_params(m)["routed_experts"]
+        assert sum(kv_elems_per_token(s) for s in stages) == kv_elems_per_token(m)
+        assert sum(s.moe_layers for s in stages) == m.moe_layers
+
+
+@pytest.mark.parametrize("pp", [2, 3])
+def test_pipeline_plan_is_its_poorest_stage(pp):
+    """Each side's numbers are those of its stage with the fewest KV tokens; a buffer fraction is of
+    each stage's own experts."""
+    from prophet_kernels.planner.memory import plan_stages
+
+    m, gpu = get_model("Mixtral-8x22B"), get_gpu("H100-80GB")
+    cfg = ServingConfig(tp=2, pp=pp)
+    setting = BufferSetting.parse("25%")
+    stages = plan_stages(m, gpu, 16, setting, cfg)
+    r = plan(m, gpu, 16, setting, cfg)
+    assert r.pp == pp and r.prophet_kv_tokens == min(s.prophet_kv_tokens for s in stages)
+    assert r.baseline_kv_tokens == min(s.baseline_kv_tokens for s in stages)
+    assert stages[r.prophet_stage].prophet_kv_tokens == r.prophet_kv_tokens
+    for s in stages:
+        assert s.buffer_slots == -(-m.moe.experts * stage_moe_layers(m, pp, s.prophet_stage) // 4)
+    one = plan(m, gpu, 16, setting, ServingConfig(tp=2))
+    assert r.prophet_kv_tokens > one.prophet_kv_tokens  # a stage holds fewer layers' weights and KV
+
+
+def stage_moe_layers(m, pp, rank):
+    from prophet_kernels.planner.memory import pp_partition
+
+    a, b = pp_partition(len(m.layers), pp)[rank]
+    return sum("moe" in layer.ffn for layer in m.layers[a:b])
+
+
+@pytest.mark.parametrize("name, gpu", [("Mixtral-8x7B", "H100-80GB"), ("Qwen3-235B-A22B", "A100-40GB"),
+                                       ("DeepSeek-V3", "H100-80GB")])
+def test_smallest_layouts_are_smallest(name, gpu):
+    """The layout found for each side serves one sequence at the context length (Prophet's buffer holds
+    one layer's worst case), and no layout with fewer GPUs does."""
+    from prophet_kernels.planner.memory import smallest_layouts
+
+    m, g = get_model(name), get_gpu(gpu)
+    setting = BufferSetting.parse("25%")
+    base, prophet = smallest_layouts(m, g, 16, setting)
+    assert prophet.gpus < base.gpus  # the models that most need Prophet need fewer GPUs with it
+
+    def serves(side, tp, pp):
+        r = plan(m, g, 16, setting, ServingConfig(tp=tp, pp=pp))
+        return r.baseline_max_seqs >= 1 if side == "baseline" else r.prophet_max_seqs >= 1 and r.buffer_ok
+
+    for lay in (base, prophet):
+        assert serves(lay.side, lay.tp, lay.pp) and lay.nodes == -(-lay.gpus // 8)
+        assert not any(serves(lay.side, tp, pp) for tp in (1, 2, 4, 8) for pp in range(1, 17) if tp * pp < lay.gpus)
+
+
+def test_cli_pp_and_layouts(capsys, tmp_path):
+    assert cli_main(["plan", "--pp", "2", "--model", "Mixtral-8x22B", "--gpu", "H100-80GB", "--batch", "16",
+                     "--no-figures", "--out", str(tmp_path)]) == 0
+    assert "1x2" in capsys.readouterr().out
+    assert cli_main(["plan", "--layouts", "--model", "DeepSeek-V3", "--gpu", "H100-80GB"]) == 0
+    assert "22 GPUs (2x11), 3 nodes" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="pipeline parallel size must be a whole number >= 1, got 0"):
+        plan(get_model("Mixtral-8x7B"), get_gpu("H100-80GB"), 1, cfg=ServingConfig(pp=0))
+    with pytest.raises(ValueError, match=r"pipeline parallel size must be in \[1, 32\]"):
+        plan(get_model("Mixtral-8x7B"), get_gpu("H100-80GB"), 1, cfg=ServingConfig(pp=33))

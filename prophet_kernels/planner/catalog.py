@@ -114,6 +114,7 @@ class ModelSpec:
     sliding_window: int | None = None  # applies to every attention layer when set
     encoder_decoder: bool = False
     notes: str = ""
+    pp_stage: tuple[int, int] = (0, 1)  # (stage, stages): a pipeline stage's part (planner.memory.stage_spec)
 
     @property
     def moe_layers(self) -> int:

@@ -12,6 +12,7 @@ paged buffer of S expert slots instead, so KV cache grows by (all routed experts
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 
 from .catalog import GQA, MLA, MoA, GPUSpec, ModelSpec
@@ -84,11 +85,18 @@ def _mamba_params(m: ModelSpec) -> int:
 
 
 def count_params(m: ModelSpec) -> dict[str, int]:
-    """Parameters of the model by part (exact for the architectures in the catalogue)."""
+    """Parameters of the model by part (exact for the architectures in the catalogue). Of one pipeline
+    stage for a spec from :func:`stage_spec`: its layers, the embedding on the first stage, the final
+    norm and the LM head on the last (a copy of a tied embedding, as vLLM's last stage holds one)."""
     h, e = m.hidden, m.moe
     norm = {"rms": h, "ln_nobias": h, "ln": 2 * h}[m.norm]
     parts = dict.fromkeys(PARTS, 0)
-    parts["embeddings"] = m.vocab * h * (1 if m.tied_embeddings else 2) + (m.vocab if m.lm_head_bias else 0)
+    rank, size = m.pp_stage
+    head = m.vocab * h + (m.vocab if m.lm_head_bias else 0)
+    if size == 1:
+        parts["embeddings"] = m.vocab * h * (1 if m.tied_embeddings else 2) + (m.vocab if m.lm_head_bias else 0)
+    else:
+        parts["embeddings"] = (m.vocab * h if rank == 0 else 0) + (head if rank == size - 1 else 0)
     for layer in m.layers:
         if layer.mixer == "attn":
             parts["attention"] += _attention_params(m)
@@ -108,8 +116,35 @@ def count_params(m: ModelSpec) -> dict[str, int]:
             if e.shared_intermediate:
                 parts["shared_experts"] += _mlp_params(h, e.shared_intermediate, True, False)
                 parts["router"] += h if e.shared_gate else 0
-    parts["norms"] += norm * (2 if m.encoder_decoder else 1) + m.extra_params
+    if rank == size - 1:
+        parts["norms"] += norm * (2 if m.encoder_decoder else 1)
+    parts["norms"] += m.extra_params  # (a stage's share: stage_spec)
     return parts
+
+
+def pp_partition(num_layers: int, pp: int) -> list[tuple[int, int]]:
+    """[start, end) of each pipeline stage's layers, as vLLM splits them (``get_pp_indices`` without
+    VLLM_PP_LAYER_PARTITION): equal parts, the remainder one each to the stages before the last,
+    from the second-to-last backwards."""
+    if not 1 <= pp <= num_layers:
+        raise ValueError(f"pipeline parallel size must be in [1, {num_layers}] (the model's layers), got {pp}")
+    parts = [num_layers // pp] * pp
+    for i in range(2, num_layers % pp + 2):
+        parts[-i] += 1
+    starts = [sum(parts[:i]) for i in range(pp)]
+    return [(a, a + n) for a, n in zip(starts, parts)]
+
+
+def stage_spec(m: ModelSpec, pp: int, rank: int) -> ModelSpec:
+    """The part of `m` that pipeline stage `rank` of `pp` holds (its layers; see count_params)."""
+    if pp == 1:
+        return m
+    if m.encoder_decoder:
+        raise ValueError(f"{m.name}: pipeline parallelism of an encoder-decoder model is not planned (vLLM serves "
+                         "encoder-decoder models without it)")
+    a, b = pp_partition(len(m.layers), pp)[rank]
+    return dataclasses.replace(m, layers=m.layers[a:b], pp_stage=(rank, pp),
+                               extra_params=m.extra_params * (b - a) // len(m.layers))
 
 
 def total_params(m: ModelSpec) -> int:
@@ -240,6 +275,7 @@ class ServingConfig:
     expert_dtype: str | None = None  # Prophet's routed experts (store, buffer, copies); None: weight_dtype
     tp: int = 1
     ep: bool = False  # expert parallelism over the tp GPUs (vLLM's enable_expert_parallel): whole experts per GPU
+    pp: int = 1  # pipeline stages, each on its own tp GPUs (vLLM's pipeline_parallel_size); numbers are per GPU
     max_num_batched_tokens: int = 8192  # prefill chunk vLLM profiles with
     max_num_seqs: int = 256
     non_torch_bytes: int = 1 << 30  # CUDA context, cuBLAS/NCCL workspaces, CUDA graphs
@@ -252,6 +288,8 @@ class ServingConfig:
             raise ValueError(f"tensor parallel size must be >= 1, got {self.tp}")
         if self.ep and self.tp < 2:
             raise ValueError("expert parallelism spreads the experts over the tensor-parallel GPUs: give tp >= 2")
+        if not isinstance(self.pp, int) or self.pp < 1:
+            raise ValueError(f"pipeline parallel size must be a whole number >= 1, got {self.pp!r}")
         dtype_bytes(self.weight_dtype)
         dtype_bytes(self.kv_dtype)
         if self.expert_dtype is not None:
@@ -384,6 +422,11 @@ class Plan:
     extension: float | None  # prophet / baseline KV tokens; None where the baseline does not fit
     baseline_max_seqs: int
     prophet_max_seqs: int
+    pp: int = 1
+    # under pipeline parallelism, each side's numbers are those of its stage with the fewest KV tokens
+    # (every stage holds each token's KV for its layers: the poorest stage bounds the engine's cache)
+    baseline_stage: int = 0
+    prophet_stage: int = 0
 
 
 def _kv_tokens(kv_bytes: int, per_token: int) -> int:
@@ -407,7 +450,19 @@ def plan(
     gpu_memory_bytes: int | None = None,
 ) -> Plan:
     """Baseline (all weights on the GPU) vs Prophet (routed experts in host memory, a buffer of
-    slots on the GPU) for one model, GPU, batch size and buffer setting."""
+    slots on the GPU) for one model, GPU, batch size and buffer setting. Under pipeline parallelism
+    (``cfg.pp``) each stage is planned on its own GPUs (a buffer fraction is of its experts) and each
+    side reports the stage that bounds its KV cache: :func:`plan_stages` has them all."""
+    if cfg.pp > 1:
+        stages = plan_stages(m, gpu, batch, setting, cfg, context, unique, gpu_memory_bytes)
+        p = min(stages, key=lambda r: (r.prophet_kv_tokens, r.prophet_stage))
+        b = min(stages, key=lambda r: (r.baseline_kv_tokens, r.baseline_stage))
+        return dataclasses.replace(
+            p, baseline_weight_bytes=b.baseline_weight_bytes, baseline_kv_bytes=b.baseline_kv_bytes,
+            baseline_kv_tokens=b.baseline_kv_tokens, baseline_fits=b.baseline_fits,
+            baseline_max_seqs=b.baseline_max_seqs, baseline_stage=b.baseline_stage,
+            buffer_ok=all(r.buffer_ok for r in stages),
+            extension=(p.prophet_kv_tokens / b.baseline_kv_tokens) if b.baseline_fits else None)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     context = min(context or m.max_context, m.max_context)
@@ -450,4 +505,57 @@ def plan(
         prophet_fits=p_fits, extension=(p_tokens / b_tokens) if b_fits else None,
         baseline_max_seqs=_max_seqs(base_kv, per_token, state, context, m.sliding_window),
         prophet_max_seqs=_max_seqs(prophet_kv, per_token, state, context, m.sliding_window),
+        pp=m.pp_stage[1], baseline_stage=m.pp_stage[0], prophet_stage=m.pp_stage[0],
     )
+
+
+def plan_stages(m: ModelSpec, gpu: GPUSpec, batch: int, setting: BufferSetting = BufferSetting(),
+                cfg: ServingConfig = ServingConfig(), context: int | None = None, unique=None,
+                gpu_memory_bytes: int | None = None) -> list[Plan]:
+    """One plan per pipeline stage of ``cfg.pp`` (per GPU of that stage's ``cfg.tp``)."""
+    one = dataclasses.replace(cfg, pp=1)
+    return [plan(stage_spec(m, cfg.pp, r), gpu, batch, setting, one, context or m.max_context, unique,
+                 gpu_memory_bytes) for r in range(cfg.pp)]
+
+
+GPUS_PER_NODE = 8
+
+
+@dataclass(frozen=True)
+class Layout:
+    """The smallest tensor x pipeline layout that serves a model (None where none up to the limits)."""
+
+    model: str
+    gpu: str
+    side: str  # "baseline" or "prophet"
+    tp: int | None
+    pp: int | None
+    gpus: int | None
+    nodes: int | None
+    kv_tokens: int | None
+
+
+def smallest_layouts(m: ModelSpec, gpu: GPUSpec, batch: int, setting: BufferSetting = BufferSetting(),
+                     cfg: ServingConfig = ServingConfig(), context: int | None = None, unique=None,
+                     gpus_per_node: int = GPUS_PER_NODE, max_pp: int = 16) -> list[Layout]:
+    """How many GPUs and nodes `m` needs, without and with Prophet: the layout with the fewest GPUs
+    (tensor parallelism within a node, 1 to `gpus_per_node` in powers of two; pipeline stages across
+    nodes up to `max_pp`; ties: fewer stages) whose every GPU holds its weights and workspace and a
+    KV cache for at least one sequence at `context` (the model's maximum by default); Prophet's
+    buffers also hold one layer's unique experts at `batch`. Expert parallelism as ``cfg.ep``."""
+    tps = [t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node and (not cfg.ep or t >= 2)]
+    layouts = sorted(((t, p) for t in tps for p in range(1, min(max_pp, len(m.layers)) + 1)),
+                     key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
+    out = []
+    for side in ("baseline", "prophet"):
+        found = Layout(m.name, gpu.name, side, None, None, None, None, None)
+        for t, p in layouts:
+            r = plan(m, gpu, batch, setting, dataclasses.replace(cfg, tp=t, pp=p), context, unique)
+            ok = r.baseline_max_seqs >= 1 if side == "baseline" else (r.prophet_max_seqs >= 1 and r.buffer_ok)
+            if ok:
+                tokens = r.baseline_kv_tokens if side == "baseline" else r.prophet_kv_tokens
+                found = Layout(m.name, gpu.name, side, t, p, t * p, -(-t * p // gpus_per_node) if t < gpus_per_node
+                               else p, tokens)
+                break
+        out.append(found)
+    return out

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 from .catalog import GPUS, MODELS, get_gpu, get_model
-from .memory import BufferSetting, Plan, ServingConfig, UniqueCurve, plan
+from .memory import BufferSetting, Plan, ServingConfig, UniqueCurve, plan, smallest_layouts
 
 DEFAULT_MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B")
 DEFAULT_GPUS = ("H100-80GB", "A100-40GB")
@@ -74,7 +74,7 @@ def _tokens(n: int, fits: bool) -> str:
 
 def format_table(rows: list[Plan]) -> str:
     head = (
-        f"{'model':<18} {'gpu':<12} {'tp':>3} {'B':>3} {'buffer':>7} {'experts':>7} {'slots':>6} {'weights GB':>15} "
+        f"{'model':<18} {'gpu':<12} {'tp':>5} {'B':>3} {'buffer':>7} {'experts':>7} {'slots':>6} {'weights GB':>15} "
         f"{'KV tokens':>17} {'ext':>6} {'seqs@ctx':>14}"
     )
     lines = [head, "-" * len(head)]
@@ -85,7 +85,7 @@ def format_table(rows: list[Plan]) -> str:
         slots = f"{r.buffer_slots}" + ("" if r.buffer_ok else "!")
         seqs = f"{r.baseline_max_seqs}->{r.prophet_max_seqs}@{r.context // 1024}K"
         lines.append(
-            f"{r.model:<18} {r.gpu:<12} {str(r.tp) + ('ep' if r.ep else ''):>3} {r.batch:>3} {r.buffer:>7} {r.expert_dtype:>7} {slots:>6} {weights:>15} "
+            f"{r.model:<18} {r.gpu:<12} {_layout(r):>5} {r.batch:>3} {r.buffer:>7} {r.expert_dtype:>7} {slots:>6} {weights:>15} "
             f"{kv:>17} {ext:>6} {seqs:>14}"
         )
     lines.append(
@@ -93,8 +93,35 @@ def format_table(rows: list[Plan]) -> str:
         "dtype); weights: baseline -> Prophet (non-expert weights + expert buffer); KV tokens: what fits after weights "
         "and workspace; ext = Prophet/baseline KV tokens; seqs@ctx: concurrent sequences at the context length; "
         "'!' = buffer below one layer's worst case min(E, kB) at this batch; tp: GPUs, bytes per GPU ('ep': experts "
-        "spread whole over them, slots of the busiest GPU's experts)."
+        "spread whole over them, slots of the busiest GPU's experts; 'xN': N pipeline stages, each side's numbers of "
+        "the stage that bounds its KV cache)."
     )
+    return "\n".join(lines)
+
+
+def _layout(r: Plan) -> str:
+    return f"{r.tp}{'ep' if r.ep else ''}" + (f"x{r.pp}" if r.pp > 1 else "")
+
+
+def layouts_table(models, gpus, batch: int, buffer: str, cfg: ServingConfig = ServingConfig(),
+                  context: int | None = None) -> str:
+    """GPUs and nodes each model needs on each GPU, all weights resident vs Prophet."""
+    setting = BufferSetting.parse(buffer)
+    head = f"{'model':<18} {'gpu':<12} {'all resident':>26} {'Prophet (' + setting.label() + ' buffer)':>26}"
+    lines = [head, "-" * len(head)]
+
+    def cell(lay) -> str:
+        if lay.gpus is None:
+            return "does not fit"
+        return (f"{lay.gpus} GPU{'s' if lay.gpus > 1 else ''} ({lay.tp}x{lay.pp}), {lay.nodes} node"
+                f"{'s' if lay.nodes > 1 else ''}")
+    for m in models:
+        for g in gpus:
+            base, prophet = smallest_layouts(get_model(m), get_gpu(g), batch, setting, cfg, context)
+            lines.append(f"{get_model(m).name:<18} {get_gpu(g).name:<12} {cell(base):>26} {cell(prophet):>26}")
+    lines.append(f"The fewest GPUs (tensor x pipeline; tensor parallel within a node of 8, pipeline stages across "
+                 f"nodes) whose every GPU holds its weights, workspace and the KV cache of one sequence at the "
+                 f"context length; Prophet's buffers also hold one layer's unique experts at batch {batch}.")
     return "\n".join(lines)
 
 
