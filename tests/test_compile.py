@@ -55,7 +55,7 @@ def test_every_kernel_variant_compiles_for_a100_and_h100():
     assert sizes
     # registers and spills as ptxas allocated them (cuobjdump): the decode path's GEMV kernels at
     # real models' shapes (K a multiple of the tile: OLMoE, Mixtral, Qwen3) spill at most a few
-    # registers' worth (ragged K and read-through fills spill more: PERF_NOTES item 8)
+    # registers' worth (ragged K and read-through fills spill more: PERF_NOTES, "Specialization, shared memory, registers")
     gemv = [r for r in results if r["kernel"].startswith("_gemv") and r["constexprs"]["EVEN_K"]]
     assert gemv and all(0 < r["registers"] <= 255 for r in gemv)
     assert all(r["spilled"] <= 64 for r in gemv), [(r["kernel"], r["spilled"], r["constexprs"]) for r in gemv
