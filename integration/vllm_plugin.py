@@ -552,7 +552,8 @@ def register() -> None:
 def _check_settings_in_front_end() -> None:
     """Prophet's settings are checked where vLLM turns its arguments into an engine config, in the
     process that starts the engine (``vllm serve``'s front end, ``LLM``'s): a bad setting is then
-    the last line of the output, not one line in the middle of the engine process's failure."""
+    the last line of the output, not one line in the middle of the engine process's failure; and
+    they are written, resolved, into the config every worker receives."""
     from vllm.engine.arg_utils import EngineArgs
 
     create = EngineArgs.create_engine_config
@@ -562,6 +563,11 @@ def _check_settings_in_front_end() -> None:
     @functools.wraps(create)
     def create_engine_config(self, *args, **kwargs):
         settings = ProphetSettings.resolve(self.additional_config)  # raises ValueError naming the setting
+        if settings.enabled:
+            # the resolved settings travel in the engine config to every worker, wherever it runs: Ray
+            # starts workers on other nodes with the environment variables vLLM copies (VLLM_*, ...),
+            # not PROPHET_*; vLLM also hashes additional_config into its compile-cache keys
+            self.additional_config = {**(self.additional_config or {}), "prophet": dataclasses.asdict(settings)}
         if settings.enabled and getattr(self, "enable_expert_parallel", False):
             why = [w for w, bad in (("data_parallel_size > 1 (all-to-all dispatch)", getattr(self, "data_parallel_size", 1) > 1),
                                     ("enable_eplb", getattr(self, "enable_eplb", False))) if bad]

