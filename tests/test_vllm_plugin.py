@@ -1284,8 +1284,11 @@ def test_ray_two_nodes_tokens_and_every_rank(checkpoints, baseline, ray_two_node
     try:
         tokens, stats = demo.greedy(llm, ps, MAX_TOKENS), prophet_stats(llm)
     finally:
+        group = llm.llm_engine.vllm_config.parallel_config.placement_group
         llm.llm_engine.engine_core.shutdown()
         del llm
+        if group is not None:  # vLLM's shutdown leaves its placement group holding the device slots
+            ray.util.remove_placement_group(group)
     assert tokens == base["olmoe"]
     *ranks, total = stats
     assert total["rank"] == "total" and len(ranks) == 2
