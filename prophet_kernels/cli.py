@@ -523,7 +523,8 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _add_dedup_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--trace", default="olmoe-heldout,mixtral-heldout", help="trace names or paths, comma-separated")
+    p.add_argument("--trace", default="flame-moe-290m,olmoe-heldout,mixtral-heldout,qwen3-heldout",
+                   help="trace names or paths, comma-separated (default: the real trace and the study models' held-out ones)")
     p.add_argument("--out", default="sim_out", help="output folder (figure, JSON curves for prophet plan --unique-curve)")
 
 

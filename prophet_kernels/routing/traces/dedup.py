@@ -44,5 +44,8 @@ def verdict(rows: list[dict]) -> str:
         s += f" and exceeds E={rows[0]['experts']} from B={over[0]}"
     last = rows[-1]
     below = 1 - last["measured"] / last["uniform"]
+    if below < 0.01:  # within a percent of chance
+        return s + (f"; the measured count stays under E and within {abs(below):.1%} of the independent-uniform "
+                    f"E(1-(1-k/E)^B) at B={last['batch']} (concurrent sequences share no more experts than chance).")
     return s + (f"; the measured count stays under E and {below:.0%} under the independent-uniform "
                 f"E(1-(1-k/E)^B) at B={last['batch']} (tokens of concurrent sequences share experts).")
