@@ -88,3 +88,27 @@ def test_cli_frontier(tmp_path):
     r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--frontier", "--frontier-inputs",
                         str(tmp_path / "none.jsonl")], capture_output=True, text=True)
     assert r.returncode == 2 and "no frontier inputs" in r.stderr
+
+
+def test_committed_frontier_is_the_arithmetic_over_the_committed_measurements(tmp_path):
+    """bench/results/frontier.csv is what `prophet plan --frontier` computes from the committed inputs
+    today; every quality in it comes from a measured row (decoded, or the exact expert = fp32's), every
+    row names its inputs, and every row of the three models' resident and Prophet kinds has its quality."""
+    import csv
+    from pathlib import Path
+
+    results = Path(fr.INPUTS).parent
+    if not (results / "frontier.csv").exists():
+        pytest.skip("no committed frontier")
+    inputs = fr.read_inputs()
+    assert {r["shape"] for r in inputs} == set(fr.SHAPE_OF.values())
+    assert all(r.get("commit") and r.get("date") for r in inputs)  # measured here, stamped
+    rows = fr.frontier(inputs=inputs)
+    fresh = fr.write_csv(rows, tmp_path / "frontier.csv").read_text()
+    assert fresh == (results / "frontier.csv").read_text()  # committed table = today's arithmetic
+    committed = list(csv.DictReader(open(results / "frontier.csv")))
+    assert {r["model"] for r in committed} == set(fr.MODELS)
+    for r in committed:
+        assert r["inputs"]
+        if r["kind"] in ("resident", "prophet"):
+            assert r["bits_per_byte"], r["config"]
