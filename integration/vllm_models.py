@@ -1,9 +1,11 @@
-"""vLLM's OLMoE, Mixtral and Qwen3-MoE with two additions for Prophet, after loading: they refuse to be served
+"""vLLM's OLMoE, Mixtral and Qwen3-MoE with three additions for Prophet. After loading: they refuse to be served
 without Prophet when it is on (their MoE layers did not run vLLM's unquantized method: quantized
 experts), and hand their routers and MoE-input norms to the model's Prophet experts, so that the
-gate-lookahead predictor (layer l+d's router on layer l's MoE input) can run inside vLLM.
-Registered (lazily, by name) by ``vllm_plugin.register``; without Prophet they are
-vLLM's classes unchanged."""
+gate-lookahead predictor (layer l+d's router on layer l's MoE input) can run inside vLLM. Under
+pipeline parallelism, a later stage's forward first predicts its first layers' experts from the
+hidden state it receives (``vllm_plugin.stage_entry``).
+Registered (lazily, by name) by ``vllm_plugin.register``; without Prophet they compute as vLLM's
+classes (their forward passes straight through)."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ from vllm.model_executor.models.mixtral import MixtralForCausalLM
 from vllm.model_executor.models.olmoe import OlmoeForCausalLM
 from vllm.model_executor.models.qwen3_moe import Qwen3MoeForCausalLM
 
-from prophet_kernels.integration.vllm_plugin import offer_gate_parts, require_prophet_experts
+from prophet_kernels.integration.vllm_plugin import model_groups, offer_gate_parts, require_prophet_experts, stage_entry
 
 
 def _after_loading(model, moe: str) -> None:
@@ -21,6 +23,7 @@ def _after_loading(model, moe: str) -> None:
     ``PPMissingLayer`` placeholders: a stage's Prophet holds and predicts its own layers only."""
     if not require_prophet_experts(model, model.prophet_vllm_config):
         return  # Prophet off: nothing of this model is read
+    model.prophet_groups = model_groups(model)  # (a later pipeline stage predicts its first layers: stage_entry)
     offer_gate_parts([(getattr(layer, moe).gate.weight, layer.post_attention_layernorm.weight)
                       for layer in stage_layers(model.model)])
 
@@ -40,6 +43,13 @@ def _with_prophet(base, moe: str):
         def __init__(self, *, vllm_config, prefix: str = ""):
             super().__init__(vllm_config=vllm_config, prefix=prefix)
             self.prophet_vllm_config = vllm_config
+            self.prophet_groups = ()
+
+        def forward(self, *args, **kwargs):
+            received = kwargs.get("intermediate_tensors", args[2] if len(args) > 2 else None)
+            if received is not None and self.prophet_groups:  # a later pipeline stage, Prophet on
+                stage_entry(self, received)
+            return super().forward(*args, **kwargs)
 
         def load_weights(self, weights):
             loaded = super().load_weights(weights)

@@ -229,6 +229,20 @@ def in_piecewise_graph() -> bool:
     return getattr(getattr(get_forward_context(), "cudagraph_runtime_mode", None), "name", None) == "PIECEWISE"
 
 
+def stage_entry(model: torch.nn.Module, intermediate_tensors) -> None:
+    """Pipeline parallelism, a later stage: before its first layer runs, Prophet copies ahead the
+    experts the gate predictor expects in the stage's first layers, from the hidden state the stage
+    receives (the residual stream: vLLM's ``hidden_states`` + ``residual``). Called by the Prophet model
+    classes' forward, outside vLLM's compiled decoder; host mode (``ProphetMoE.prefetch_entry``)."""
+    for key in getattr(model, "prophet_groups", ()):
+        g = _GROUPS.get(key)
+        if g is None or g.moe is None or g.stage.rank == 0:
+            continue
+        tensors = getattr(intermediate_tensors, "tensors", intermediate_tensors)
+        h = tensors["hidden_states"]
+        g.moe.prefetch_entry(h + tensors["residual"] if tensors.get("residual") is not None else h)
+
+
 def offer_gate_parts(parts) -> None:
     """Called by the Prophet model classes after loading: the routers and MoE-input norms of the
     model whose MoE layers are being built in this process (ignored when Prophet is off)."""

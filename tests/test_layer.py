@@ -466,3 +466,36 @@ def test_rank_experts_answers_in_this_ranks_experts():
         assert {f: [int(e) for e in r if e >= 0] for f, r in on_device.items()} == want
         for f, r in inner.device_predict(0, ids, x, L, 2, E).items():
             assert [int(emap[e]) if e >= 0 else -1 for e in r.tolist()] == on_device[f].tolist()
+
+
+def test_prefetch_entry_predicts_the_first_layers_from_the_incoming_hidden_state(monkeypatch):
+    """A later pipeline stage's first layers: layer j's router on rmsnorm(residual) x layer j's norm
+    weight, j < depth, copied ahead before layer 0 runs (an independent reference of the ranking);
+    counted as prefetches of those layers, then read as hits; nothing without the gate predictor, in
+    device mode, or for an empty batch; a malformed hidden state refused with nothing changed."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    from prophet_kernels.memory.predictors import GateLookaheadPredictor
+
+    g = torch.Generator().manual_seed(41)
+    L, E, H, I, K = 3, 8, 16, 8, 2
+    w13, w2 = torch.randn(L, E, 2 * I, H, generator=g), torch.randn(L, E, H, I, generator=g) / 4
+    routers = [torch.randn(E, H, generator=g) for _ in range(L)]
+    norms = [torch.rand(H, generator=g) + 0.5 for _ in range(L)]
+    moe = ProphetMoE.from_weights(w13, w2, 8, device="cpu", predictor=GateLookaheadPredictor(routers, norms, K),
+                                  prefetch_depth=2, prefetch_budget_bytes=None)
+    r = torch.randn(1, H, generator=g) * 3
+    x = r / r.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    want = {j: torch.topk((x * norms[j]) @ routers[j].t(), K).indices[0].tolist() for j in range(2)}
+    with pytest.raises(ValueError, match=r"hidden state \[T, 16\] expected"):
+        moe.prefetch_entry(torch.randn(1, H + 1))
+    assert moe.stats.prefetched == 0
+    assert moe.prefetch_entry(r) == 2 * K
+    assert [moe.stats.layers[j].prefetched for j in range(L)] == [K, K, 0]
+    for j in range(2):
+        assert sorted(e for e in range(E) if moe.buffer.lookup(j, e) >= 0) == sorted(want[j])
+    w = torch.rand(1, K, generator=g)
+    moe.forward(0, torch.randn(1, H, generator=g), w, torch.tensor([want[0]]))
+    assert moe.stats.layers[0].hits == K and moe.stats.layers[0].misses == 0
+    assert moe.prefetch_entry(torch.empty(0, H)) == 0
+    plain = ProphetMoE.from_weights(w13, w2, 8, device="cpu", predictor="same")
+    assert plain.prefetch_entry(r) == 0 and plain.stats.prefetched == 0

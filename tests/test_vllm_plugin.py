@@ -1157,7 +1157,8 @@ def test_pipeline_parallel_tokens_and_stage_stats(checkpoints, baseline, monkeyp
     """PP=2: with the plugin installed and Prophet off, vLLM's engine as it is (it used to fail loading,
     on the other stage's placeholder layers); with Prophet at a 50% buffer and the gate predictor, greedy
     tokens identical to TP=1 without Prophet, and each stage's Prophet holds its own layers only: two
-    layers of four, its own misses and evictions, its KV report for its layers' cache."""
+    layers of four, its own misses and evictions, its KV report for its layers' cache; the second
+    stage predicts its first layer from the hidden state it receives."""
     ps, base = baseline
     tokens, stats = _pipeline(monkeypatch, checkpoints["olmoe"], prophet, ps)
     assert tokens == base["olmoe"]
@@ -1176,6 +1177,9 @@ def test_pipeline_parallel_tokens_and_stage_stats(checkpoints, baseline, monkeyp
         assert (s["kv_bytes_per_token"], s["kv_tokens_freed"]) == (per_token, s["freed_bytes"] // per_token)
         assert s["total"]["misses"] > 0 and s["total"]["evictions"] > 0 and s["total"]["prefetched"] > 0
     assert total["num_layers"] == L and total["layers"] == s0["layers"] + s1["layers"]
+    # the second stage's first layer is predicted from the hidden state it receives (the first
+    # stage's first layer has nothing before it: the gate predictor does not wrap to the next token)
+    assert s1["layers"][0]["prefetched"] > 0 and s0["layers"][0]["prefetched"] == 0
 
 
 ENGINE_ARGS = dict(skip_tokenizer_init=True, dtype="float32", max_model_len=256)

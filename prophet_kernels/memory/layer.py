@@ -213,6 +213,21 @@ class ProphetMoE:
             self.current_slots = []
         return y
 
+    def prefetch_entry(self, hidden: torch.Tensor) -> int:
+        """Copy ahead the experts the predictor expects in layers 0 .. prefetch_depth-1 from the hidden
+        state entering layer 0 (under pipeline parallelism, what a stage receives from the previous
+        one: nothing inside the stage predicts its first layers). Host mode with the gate predictor
+        (``predict_entry``); otherwise nothing. Returns the number of copies started."""
+        if self.mode != "host" or hidden.numel() == 0:
+            return 0
+        if hidden.dim() != 2 or hidden.shape[1] != self.store.hidden:
+            raise ValueError(f"hidden state [T, {self.store.hidden}] expected, got {list(hidden.shape)}")
+        with nvtx_range("predict entry"):
+            fills = self.residency.prefetch_entry(hidden)
+        for s, future, e in fills:
+            self.prefetcher.copy(s, future, e)
+        return len(fills)
+
     @staticmethod
     def _check_expert_map(expert_map, num_local: int) -> torch.Tensor | None:
         if expert_map is None:

@@ -307,6 +307,28 @@ class GateLookaheadPredictor(Predictor):
                 for d in ds]).to(x.device)  # [len(ds) * E, H]
         return (x.float() @ maps.t()).view(x.shape[0], len(ds), -1).transpose(0, 1)
 
+    def predict_entry(self, residual: torch.Tensor, num_layers: int, depth: int) -> dict[int, list[int]]:
+        """The experts of layers 0 .. depth-1 from the residual stream that enters them, before layer 0's
+        attention: a pipeline stage's first layers, predicted from the hidden state the stage receives
+        (layer j's router on rmsnorm(residual) x layer j's MoE-input norm weight). {layer: experts, best
+        first}, as ``predict``."""
+        if self.gates is None:
+            raise ValueError("GateLookaheadPredictor needs the model's router and norm weights to predict from a "
+                             "hidden state")
+        x = residual.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6)
+        out = {}
+        for j in range(min(depth, num_layers)):
+            logits = (x * self.norms[j].float().to(x.device)) @ self.gates[j].float().to(x.device).t()  # [T, E]
+            E = logits.shape[-1]
+            picks = torch.topk(logits, min(self.width or self.k or E, E), dim=-1).indices.cpu().numpy()
+            if picks.shape[0] == 1:
+                out[j] = picks[0].tolist()
+                continue
+            rank_score = np.broadcast_to(np.arange(picks.shape[1], 0, -1, dtype=np.float32), picks.shape)
+            out[j] = _vote(picks, E, _scatter(picks, rank_score, E))
+        return out
+
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
         ds = [d for d in range(1, depth + 1) if layer + d < num_layers or self.wraps]
         ranked, E = [], 0

@@ -152,6 +152,17 @@ class ExpertResidency:
         return self._allocate_ahead([((layer + d) % L, want.get((layer + d) % L, ()))
                                      for d in range(1, self.prefetch_depth + 1)], self.prefetch_budget_bytes, True)
 
+    def prefetch_entry(self, hidden) -> list[Fill]:
+        """Slots for the predictor's experts of layers 0 .. depth-1 from the hidden state entering layer 0
+        (a pipeline stage's input; predictors with ``predict_entry`` only), within one call's budget."""
+        entry = getattr(self.predictor, "predict_entry", None)
+        if entry is None or self.prefetch_depth == 0:
+            return []
+        L = self.table.num_layers
+        want = entry(hidden, L, self.prefetch_depth)
+        return self._allocate_ahead([(j, want.get(j, ())) for j in range(min(self.prefetch_depth, L))],
+                                    self.prefetch_budget_bytes, True)
+
     def fill_ahead(self, layer: int, experts, budget_bytes: int | None) -> list[Fill]:
         """Slots for `experts` of `layer` that are not resident (a call's misses that did not wait), for
         the layer's next call, within `budget_bytes` (None: no limit); their bytes count as copied,
