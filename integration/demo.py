@@ -337,20 +337,20 @@ def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, c
     t = stats["total"]
     gpu = torch.cuda.is_available()
     print()
-    print(f"{'':24s}{'without Prophet':>18s}{'with Prophet':>18s}")
-    print(f"{'identical greedy tokens':24s}{'-':>18s}{f'{same} of {len(ps)} prompts':>18s}")
-    print(f"{'dtype served':24s}{served:>18s}{served:>18s}")
-    print(f"{'experts':24s}{served:>18s}{stats['expert_dtype']:>18s}")
+    print(f"{'':24s}{'without Prophet':>21s}{'with Prophet':>21s}")
+    print(f"{'identical greedy tokens':24s}{'-':>21s}{f'{same} of {len(ps)} prompts':>21s}")
+    print(f"{'dtype served':24s}{served:>21s}{served:>21s}")
+    print(f"{'experts':24s}{served:>21s}{stats['expert_dtype']:>21s}")
     all_mib = 3 * stats["hidden"] * stats["intermediate"] * getattr(torch, served).itemsize * stats["num_layers"] \
         * stats["num_experts"] / 2**20
-    print(f"{'expert MiB on the device':24s}{all_mib:>18.2f}{stats['slots'] * stats['expert_bytes'] / 2**20:>18.2f}")
+    print(f"{'expert MiB on the device':24s}{all_mib:>21.2f}{stats['slots'] * stats['expert_bytes'] / 2**20:>21.2f}")
     n = len(ps) * max_tokens
     label = f"tokens/s ({'GPU' if gpu else 'CPU'}, median)"
-    print(f"{label:24s}{_rate(n, base_s):>18s}{_rate(n, prophet_s):>18s}")
+    print(f"{label:24s}{_rate(n, base_s):>21s}{_rate(n, prophet_s):>21s}")
     for name in ("hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"):
-        print(f"{name:24s}{'-':>18s}{t[name]:>18d}")
-    print(f"{'hit rate':24s}{'-':>18s}{t['hit_rate']:>18.1%}")
-    print(f"{'host-to-device MB':24s}{'-':>18s}{t['bytes_h2d'] / 1e6:>18.2f}")
+        print(f"{name:24s}{'-':>21s}{t[name]:>21d}")
+    print(f"{'hit rate':24s}{'-':>21s}{t['hit_rate']:>21.1%}")
+    print(f"{'host-to-device MB':24s}{'-':>21s}{t['bytes_h2d'] / 1e6:>21.2f}")
     print()
     print("per layer (hits/misses/evictions): " + "  ".join(
         f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
