@@ -76,8 +76,9 @@ def main(argv=None) -> int:
         ap.error(f"--parts: {', '.join(PARTS)}")
     gpus = fr.check_gpus(args.gpus.split(","))
     batches = [int(b) for b in args.batches.split(",")]
-    # the decoded no-wait rows run the held-out windows as concurrent sequences in groups of B
-    undecodable = [B for B in batches if args.windows % (max(1, min(8, args.windows // B)) * B)]
+    # the decoded no-wait rows run the held-out windows as concurrent sequences: `groups` groups of B
+    groups_of = lambda B: max(1, min(8, args.windows // B))  # noqa: E731
+    undecodable = [B for B in batches if args.windows % (groups_of(B) * B)]
     if undecodable and "no_wait" in args.parts.split(","):
         print(f"note: --windows {args.windows} cannot form batches of {undecodable}: the decoded no-wait rows "
               f"(stand-in, substitute, skip, skip-renorm) at those batches are not measured; host-cpu's are "
@@ -176,7 +177,7 @@ def main(argv=None) -> int:
                             continue
                         if B in undecodable:
                             continue  # (said at the start)
-                        groups = max(1, min(8, args.windows // B))
+                        groups = groups_of(B)
                         make = lambda: make_replay(L, E, slots_for(cap, L, E), args.policy, None, 0, eb, pcie * 1e9,
                                                    layer_us * 1e-6, miss="no-wait", fallback_s=fs,
                                                    fallback_parallel=parallel, fallback_latency_s=latency,

@@ -173,6 +173,11 @@ def moe_shape(hf_config) -> tuple[list[int], int, int]:
     return layers, E, hf_config.num_experts_per_tok
 
 
+SERVED_CHECKPOINTS = ("unquantized checkpoints (bf16, fp16, fp32), optionally as fp8 experts quantized on load "
+                      "(setting expert_dtype: fp8), and fp8 checkpoints in vLLM's 'fp8' format (per-tensor or block "
+                      "scales) with their own scales")
+
+
 def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
     """The refusals a worker would make that the engine config already decides, made where vLLM
     builds that config, before any worker starts or loads a weight: the model family, CUDA graphs
@@ -188,9 +193,7 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
         raise ValueError(refusal)
     quant = getattr(mc, "quantization", None)
     if quant not in (None, "fp8"):
-        raise ValueError(f"Prophet serves unquantized checkpoints (bf16, fp16, fp32), optionally as fp8 experts "
-                         f"(setting expert_dtype: fp8), and fp8 checkpoints in vLLM's 'fp8' format; this model's "
-                         f"quantization is {quant}")
+        raise ValueError(f"Prophet serves {SERVED_CHECKPOINTS}; this model's quantization is {quant}")
     pp = pc.pipeline_parallel_size
     if settings.predictor == "learned-gate" and pp > 1:
         raise ValueError("Prophet predictor 'learned-gate' is fitted on the whole model's layers; under pipeline "
@@ -654,9 +657,7 @@ def require_prophet_experts(model: torch.nn.Module, vllm_config) -> bool:
     if not model_groups(model):
         quant = getattr(vllm_config.model_config, "quantization", None)
         raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized or fp8 MoE "
-                         f"method (quantization: {quant}); Prophet serves unquantized checkpoints (bf16, fp16, fp32), "
-                         "optionally as fp8 experts quantized on load (setting expert_dtype: fp8), and fp8 "
-                         "checkpoints in vLLM's 'fp8' format (per-tensor or block scales) with their own scales")
+                         f"method (quantization: {quant}); Prophet serves {SERVED_CHECKPOINTS}")
     return True
 
 

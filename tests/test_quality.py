@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from prophet_kernels.memory.buffer import slots_for
-from prophet_kernels.routing.quality import (STRATEGIES, decode_bits_per_byte, int4_bytes, quantize_experts,
-                                             quantize_int4, resident_bits_per_byte)
+from prophet_kernels.planner.memory import int4_bytes
+from prophet_kernels.routing.quality import (STRATEGIES, decode_bits_per_byte, quantize_experts, quantize_int4,
+                                             resident_bits_per_byte)
 from prophet_kernels.routing.simulator import make_replay, simulate
 from prophet_kernels.routing.traces.recorder import record
 from prophet_kernels.routing.traces.train import RoutingShape, evaluate, model_class

@@ -322,11 +322,7 @@ class GateLookaheadPredictor(Predictor):
             logits = (x * self.norms[j].float().to(x.device)) @ self.gates[j].float().to(x.device).t()  # [T, E]
             E = logits.shape[-1]
             picks = torch.topk(logits, min(self.width or self.k or E, E), dim=-1).indices.cpu().numpy()
-            if picks.shape[0] == 1:
-                out[j] = picks[0].tolist()
-                continue
-            rank_score = np.broadcast_to(np.arange(picks.shape[1], 0, -1, dtype=np.float32), picks.shape)
-            out[j] = _vote(picks, E, _scatter(picks, rank_score, E))
+            out[j] = _ranked_vote(picks, E)
         return out
 
     def predict(self, layer, topk_ids, hidden, num_layers, depth):
@@ -351,12 +347,7 @@ class GateLookaheadPredictor(Predictor):
             ranked = torch.topk(logits, m, dim=-1).indices.cpu().numpy()  # one host transfer for all distances
         out = {}
         for d, picks in zip(ds, ranked):
-            picks = np.asarray(picks)
-            if picks.shape[0] == 1:  # one token (decode at batch 1): its ranking is the answer
-                out[(layer + d) % num_layers] = picks[0].tolist()
-                continue
-            rank_score = np.broadcast_to(np.arange(picks.shape[1], 0, -1, dtype=np.float32), picks.shape)
-            out[(layer + d) % num_layers] = _vote(picks, E, _scatter(picks, rank_score, E))
+            out[(layer + d) % num_layers] = _ranked_vote(np.asarray(picks), E)
         return out
 
 
@@ -606,6 +597,15 @@ class LearnedGatePredictor(GateLookaheadPredictor):
         z = torch.load(path, map_location="cpu")
         t = {n: v.float() for n, v in z["tensors"].items()}
         return cls(*(t.get(n) for n in cls.TENSORS), top_k=z["top_k"], width=width, meta=z["meta"])
+
+
+def _ranked_vote(picks: np.ndarray, num_experts: int) -> list[int]:
+    """A layer's experts, best first, from each token's ranking ``picks`` [T, m]: one token (decode at
+    batch 1), its ranking as it is; several, the vote of :func:`_vote` with each pick scored by its rank."""
+    if picks.shape[0] == 1:
+        return picks[0].tolist()
+    rank_score = np.broadcast_to(np.arange(picks.shape[1], 0, -1, dtype=np.float32), picks.shape)
+    return _vote(picks, num_experts, _scatter(picks, rank_score, num_experts))
 
 
 def _scatter(picks: np.ndarray, values: np.ndarray, num_experts: int) -> np.ndarray:

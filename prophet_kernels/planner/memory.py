@@ -546,16 +546,14 @@ def smallest_layouts(m: ModelSpec, gpu: GPUSpec, batch: int, setting: BufferSett
     tps = [t for t in (1, 2, 4, 8, 16) if t <= gpus_per_node and (not cfg.ep or t >= 2)]
     layouts = sorted(((t, p) for t in tps for p in range(1, min(max_pp, len(m.layers)) + 1)),
                      key=lambda tp_pp: (tp_pp[0] * tp_pp[1], tp_pp[1]))
-    out = []
-    for side in ("baseline", "prophet"):
-        found = Layout(m.name, gpu.name, side, None, None, None, None, None)
-        for t, p in layouts:
-            r = plan(m, gpu, batch, setting, dataclasses.replace(cfg, tp=t, pp=p), context, unique)
-            ok = r.baseline_max_seqs >= 1 if side == "baseline" else (r.prophet_max_seqs >= 1 and r.buffer_ok)
-            if ok:
-                tokens = r.baseline_kv_tokens if side == "baseline" else r.prophet_kv_tokens
-                found = Layout(m.name, gpu.name, side, t, p, t * p, -(-t * p // gpus_per_node) if t < gpus_per_node
-                               else p, tokens)
-                break
-        out.append(found)
-    return out
+    found: dict[str, Layout] = {}
+    for t, p in layouts:  # fewest GPUs first: the first layout each side fits is its answer
+        r = plan(m, gpu, batch, setting, dataclasses.replace(cfg, tp=t, pp=p), context, unique)
+        for side, ok, tokens in (("baseline", r.baseline_max_seqs >= 1, r.baseline_kv_tokens),
+                                 ("prophet", r.prophet_max_seqs >= 1 and r.buffer_ok, r.prophet_kv_tokens)):
+            if ok and side not in found:
+                found[side] = Layout(m.name, gpu.name, side, t, p, t * p, -(-t * p // gpus_per_node), tokens)
+        if len(found) == 2:
+            break
+    return [found.get(side, Layout(m.name, gpu.name, side, None, None, None, None, None))
+            for side in ("baseline", "prophet")]

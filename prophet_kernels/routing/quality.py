@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..memory.predictors import moe_layers
-from ..planner.memory import INT4_GROUP, int4_bytes  # noqa: F401 (int4_bytes: re-exported for the harness's users)
+from ..planner.memory import INT4_GROUP
 
 STRATEGIES = ("exact", "stand-in", "substitute", "skip", "skip-renorm")
 
