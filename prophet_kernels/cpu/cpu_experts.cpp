@@ -1,0 +1,507 @@
+// Prophet: routed experts of one MoE layer computed on host CPU cores, from the host expert store.
+//
+// One call computes, for the experts the GPU does not hold (a layer call's CPU experts),
+//     y[r] += w_p * W2_e @ (silu(Wg_e @ x[r]) * (Wu_e @ x[r]))      for every pair p = (expert e, row r)
+// reading each expert's weights once per call (decode is a matrix-vector product per expert: bound
+// by the host's DRAM read rate; large batches by its FLOP rate). Compiled at first use by
+// prophet_kernels/cpu/native.py with the machine's compiler and -march=native (like Triton's launcher
+// stubs), loaded through ctypes: no libtorch, no Python API, so it builds beside any torch.
+//
+// Legend: H hidden size, I expert intermediate size, P (expert, token) pairs of the call, n rows of x.
+//   w13_ptrs [n_experts] int64   address of each CPU expert's [2I, H] matrix (gate rows, then up rows)
+//   w2_ptrs  [n_experts] int64   address of each CPU expert's [H, I] matrix
+//   offsets  [n_experts + 1]     pairs of expert j are offsets[j] .. offsets[j+1]
+//   rows     [P] int32           the row of x (and y) of each pair
+//   weights  [P] fp32            its routing weight
+//   x        [n, H] dtype        the tokens' hidden states (dtype = the weights' dtype)
+//   act      [P, I] dtype        scratch: silu(gate) * up per pair, rounded to dtype (as the GPU kernels do)
+//   y        [n, H] fp32         accumulated into (the caller zeroes it)
+//
+// Threads: the pool's own (never torch's or OpenMP's, so the caller's thread counts are untouched).
+// A call is two phases split evenly over the threads with one barrier between them:
+//   phase 1  units (expert j, i in [0, I)): gate row i and up row I+i against the expert's tokens -> act
+//   phase 2  y columns [h0, h1) per thread (multiples of 16 floats: no two threads share a cache line
+//            of y), every expert: W2 rows h against act -> y[r, h] += w_p * dot. Disjoint writes: no atomics.
+// submit() returns at once; join() blocks until the call is done (ctypes releases the GIL around both).
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <condition_variable>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+enum DType : int { F32 = 0, BF16 = 1, F16 = 2 };
+
+// ------------------------------------------------------------------------------ scalar conversions
+
+inline float bf16_to_f32(uint16_t v) {
+  uint32_t u = uint32_t(v) << 16;
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept a NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return uint16_t(u >> 16);
+}
+
+inline float f16_to_f32(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff;
+  uint32_t u;
+  if (exp == 0) {
+    if (man == 0) {
+      u = sign;
+    } else {  // subnormal: normalise
+      int e = -1;
+      uint32_t m = man;
+      do { ++e; m <<= 1; } while (!(m & 0x400));
+      u = sign | uint32_t(127 - 15 - e) << 23 | (m & 0x3ff) << 13;
+    }
+  } else if (exp == 31) {
+    u = sign | 0x7f800000u | man << 13;
+  } else {
+    u = sign | (exp + 127 - 15) << 23 | man << 13;
+  }
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even
+#if defined(__F16C__)
+  return uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT));
+#else
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint32_t sign = (u >> 16) & 0x8000;
+  int exp = int((u >> 23) & 0xff) - 127 + 15;
+  uint32_t man = u & 0x7fffff;
+  if (((u >> 23) & 0xff) == 0xff) return uint16_t(sign | 0x7c00 | (man ? 0x200 : 0));
+  if (exp >= 31) return uint16_t(sign | 0x7c00);
+  if (exp <= 0) {
+    if (exp < -10) return uint16_t(sign);
+    man |= 0x800000;
+    const int shift = 14 - exp;
+    uint32_t half = man >> shift, rem = man & ((1u << shift) - 1), mid = 1u << (shift - 1);
+    if (rem > mid || (rem == mid && (half & 1))) ++half;
+    return uint16_t(sign | half);
+  }
+  uint32_t h = sign | uint32_t(exp) << 10 | man >> 13, rem = man & 0x1fff;
+  if (rem > 0x1000 || (rem == 0x1000 && (h & 1))) ++h;
+  return uint16_t(h);
+#endif
+}
+
+template <int D> struct Elem;
+template <> struct Elem<F32> {
+  using T = float;
+  static float load(T v) { return v; }
+  static T store(float f) { return f; }
+};
+template <> struct Elem<BF16> {
+  using T = uint16_t;
+  static float load(T v) { return bf16_to_f32(v); }
+  static T store(float f) { return f32_to_bf16(f); }
+};
+template <> struct Elem<F16> {
+  using T = uint16_t;
+  static float load(T v) { return f16_to_f32(v); }
+  static T store(float f) { return f32_to_f16(f); }
+};
+
+// ------------------------------------------------------------------------------ dot-product tiles
+// out[a][b] = dot(w[a], x[b]) over K elements, for R weight rows and B token rows: each weight
+// vector is loaded once per tile and used B times (decode: B = 1, the weights stream from DRAM once).
+
+#if defined(__AVX512F__)
+template <int D> struct Vec;
+template <> struct Vec<F32> {
+  static constexpr int W = 16;
+  static __m512 load(const float* p) { return _mm512_loadu_ps(p); }
+  static __m512 load_tail(const float* p, int n) { return _mm512_maskz_loadu_ps(__mmask16((1u << n) - 1), p); }
+};
+template <> struct Vec<BF16> {
+  static constexpr int W = 16;
+  static __m512 cvt(__m256i v) { return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(v), 16)); }
+  static __m512 load(const uint16_t* p) { return cvt(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static __m512 load_tail(const uint16_t* p, int n) { return cvt(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p)); }
+};
+template <> struct Vec<F16> {
+  static constexpr int W = 16;
+  static __m512 load(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+  static __m512 load_tail(const uint16_t* p, int n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(__mmask16((1u << n) - 1), p)); }
+};
+
+template <int D, int R, int B>
+inline void tile(const typename Elem<D>::T* const* w, const typename Elem<D>::T* const* x, int K, float out[4][4]) {
+#if defined(__AVX512BF16__)
+  if constexpr (D == BF16) {  // 32 bf16 products per instruction, accumulated in fp32
+    __m512 acc[R][B];
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < B; ++b) acc[a][b] = _mm512_setzero_ps();
+    int k = 0;
+    for (; k + 32 <= K; k += 32) {
+      __m512bh xv[B];
+      for (int b = 0; b < B; ++b) xv[b] = (__m512bh)_mm512_loadu_si512(x[b] + k);
+      for (int a = 0; a < R; ++a) {
+        const __m512bh wv = (__m512bh)_mm512_loadu_si512(w[a] + k);
+        for (int b = 0; b < B; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wv, xv[b]);
+      }
+    }
+    if (k < K) {
+      const __mmask32 m = K - k >= 32 ? ~__mmask32(0) : __mmask32((1ull << (K - k)) - 1);
+      __m512bh xv[B];
+      for (int b = 0; b < B; ++b) xv[b] = (__m512bh)_mm512_maskz_loadu_epi16(m, x[b] + k);
+      for (int a = 0; a < R; ++a) {
+        const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(m, w[a] + k);
+        for (int b = 0; b < B; ++b) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], wv, xv[b]);
+      }
+    }
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < B; ++b) out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+    return;
+  }
+#endif
+  using V = Vec<D>;
+  __m512 acc[R][B];
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < B; ++b) acc[a][b] = _mm512_setzero_ps();
+  int k = 0;
+  for (; k + V::W <= K; k += V::W) {
+    __m512 xv[B];
+    for (int b = 0; b < B; ++b) xv[b] = V::load(x[b] + k);
+    for (int a = 0; a < R; ++a) {
+      const __m512 wv = V::load(w[a] + k);
+      for (int b = 0; b < B; ++b) acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
+    }
+  }
+  if (k < K) {
+    __m512 xv[B];
+    for (int b = 0; b < B; ++b) xv[b] = V::load_tail(x[b] + k, K - k);
+    for (int a = 0; a < R; ++a) {
+      const __m512 wv = V::load_tail(w[a] + k, K - k);
+      for (int b = 0; b < B; ++b) acc[a][b] = _mm512_fmadd_ps(wv, xv[b], acc[a][b]);
+    }
+  }
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < B; ++b) out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+}
+#else
+template <int D, int R, int B>
+inline void tile(const typename Elem<D>::T* const* w, const typename Elem<D>::T* const* x, int K, float out[4][4]) {
+  // portable: 8 partial sums per (row, token) so the compiler can vectorise without reassociating
+  float acc[R][B][8] = {};
+  int k = 0;
+  for (; k + 8 <= K; k += 8)
+    for (int a = 0; a < R; ++a)
+      for (int b = 0; b < B; ++b)
+        for (int j = 0; j < 8; ++j) acc[a][b][j] += Elem<D>::load(w[a][k + j]) * Elem<D>::load(x[b][k + j]);
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < B; ++b) {
+      float s = 0.f;
+      for (int j = 0; j < 8; ++j) s += acc[a][b][j];
+      for (int kk = k; kk < K; ++kk) s += Elem<D>::load(w[a][kk]) * Elem<D>::load(x[b][kk]);
+      out[a][b] = s;
+    }
+}
+#endif
+
+template <int D, int R>
+inline void tile_rows(const typename Elem<D>::T* const* w, const typename Elem<D>::T* const* x, int nb, int K,
+                      float out[4][4]) {
+  switch (nb) {
+    case 1: tile<D, R, 1>(w, x, K, out); break;
+    case 2: tile<D, R, 2>(w, x, K, out); break;
+    case 3: tile<D, R, 3>(w, x, K, out); break;
+    default: tile<D, R, 4>(w, x, K, out); break;
+  }
+}
+
+template <int D>
+inline void tile_any(const typename Elem<D>::T* const* w, int nr, const typename Elem<D>::T* const* x, int nb, int K,
+                     float out[4][4]) {
+  switch (nr) {
+    case 1: tile_rows<D, 1>(w, x, nb, K, out); break;
+    case 2: tile_rows<D, 2>(w, x, nb, K, out); break;
+    case 3: tile_rows<D, 3>(w, x, nb, K, out); break;
+    default: tile_rows<D, 4>(w, x, nb, K, out); break;
+  }
+}
+
+inline float silu(float g) { return g / (1.f + std::exp(-g)); }
+
+// ------------------------------------------------------------------------------ one call
+
+struct Call {
+  int dtype = F32, H = 0, I = 0, n_experts = 0;
+  const int64_t* w13 = nullptr;
+  const int64_t* w2 = nullptr;
+  const int64_t* offsets = nullptr;
+  const int32_t* rows = nullptr;
+  const float* weights = nullptr;
+  const void* x = nullptr;
+  void* act = nullptr;
+  float* y = nullptr;
+};
+
+// phase 1 for units [u0, u1) of n_experts * I: act[p, i] = silu(gate_i . x[r_p]) * (up_i . x[r_p])
+template <int D>
+void gate_up(const Call& c, int64_t u0, int64_t u1) {
+  using T = typename Elem<D>::T;
+  const int H = c.H, I = c.I;
+  const T* x = static_cast<const T*>(c.x);
+  T* act = static_cast<T*>(c.act);
+  float out[4][4];
+  int64_t u = u0;
+  while (u < u1) {
+    const int j = int(u / I);
+    const int i0 = int(u % I);
+    const int ni = int(std::min<int64_t>({u1 - u, int64_t(I - i0), int64_t(2)}));  // 2 gate + 2 up rows per tile
+    const T* W = reinterpret_cast<const T*>(c.w13[j]);
+    const T* w[4];
+    for (int a = 0; a < ni; ++a) {
+      w[a] = W + int64_t(i0 + a) * H;           // gate row
+      w[ni + a] = W + int64_t(I + i0 + a) * H;  // up row
+    }
+    for (int64_t p = c.offsets[j]; p < c.offsets[j + 1]; p += 4) {
+      const int nb = int(std::min<int64_t>(4, c.offsets[j + 1] - p));
+      const T* xr[4];
+      for (int b = 0; b < nb; ++b) xr[b] = x + int64_t(c.rows[p + b]) * H;
+      tile_any<D>(w, 2 * ni, xr, nb, H, out);
+      for (int b = 0; b < nb; ++b)
+        for (int a = 0; a < ni; ++a) act[(p + b) * I + i0 + a] = Elem<D>::store(silu(out[a][b]) * out[ni + a][b]);
+    }
+    u += ni;
+  }
+}
+
+// phase 2 for y columns [h0, h1): y[r_p, h] += w_p * (W2_e[h] . act[p])
+template <int D>
+void down(const Call& c, int h0, int h1) {
+  using T = typename Elem<D>::T;
+  const int H = c.H, I = c.I;
+  const T* act = static_cast<const T*>(c.act);
+  float out[4][4];
+  for (int j = 0; j < c.n_experts; ++j) {
+    const T* W = reinterpret_cast<const T*>(c.w2[j]);
+    for (int h = h0; h < h1; h += 4) {
+      const int nr = std::min(4, h1 - h);
+      const T* w[4];
+      for (int a = 0; a < nr; ++a) w[a] = W + int64_t(h + a) * I;
+      for (int64_t p = c.offsets[j]; p < c.offsets[j + 1]; p += 4) {
+        const int nb = int(std::min<int64_t>(4, c.offsets[j + 1] - p));
+        const T* ar[4];
+        for (int b = 0; b < nb; ++b) ar[b] = act + (p + b) * I;
+        tile_any<D>(w, nr, ar, nb, I, out);
+        for (int b = 0; b < nb; ++b) {
+          float* yr = c.y + int64_t(c.rows[p + b]) * H;
+          const float wt = c.weights[p + b];
+          for (int a = 0; a < nr; ++a) yr[h + a] += wt * out[a][b];
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ the pool
+
+class Pool {
+ public:
+  explicit Pool(int n) : n_(n), arrived_(0), sense_(false) {
+    for (int t = 0; t < n_; ++t) threads_.emplace_back([this, t] { loop(t); });
+  }
+
+  ~Pool() {
+    join();
+    {
+      std::lock_guard<std::mutex> g(m_);
+      stop_ = true;
+      ++generation_;
+    }
+    cv_.notify_all();
+    for (auto& t : threads_) t.join();
+  }
+
+  int threads() const { return n_; }
+
+  void submit(const Call& c, int kind) {
+    join();  // one call at a time
+    std::lock_guard<std::mutex> g(m_);
+    call_ = c;
+    kind_ = kind;
+    remaining_ = n_;
+    start_ = std::chrono::steady_clock::now();
+    ++generation_;
+    cv_.notify_all();
+  }
+
+  // blocks until the current call (if any) is done; returns its duration in seconds
+  double join() {
+    std::unique_lock<std::mutex> lk(m_);
+    done_cv_.wait(lk, [this] { return remaining_ == 0; });
+    return seconds_;
+  }
+
+  double read_sum() const { return read_sum_; }
+
+ private:
+  void barrier() {  // sense-reversing; yields while waiting (the threads may outnumber idle cores)
+    const bool mine = !sense_.load(std::memory_order_relaxed);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
+      arrived_.store(0, std::memory_order_relaxed);
+      sense_.store(mine, std::memory_order_release);
+    } else {
+      int spins = 0;
+      while (sense_.load(std::memory_order_acquire) != mine) {
+        if (++spins > 64) std::this_thread::yield();
+      }
+    }
+  }
+
+  void run(int t) {
+    const Call& c = call_;
+    if (kind_ == 1) {  // read bandwidth: sum of a byte range, split evenly
+      const int64_t n = c.offsets[0] / 64, a = n * t / n_, b = n * (t + 1) / n_;
+      const uint64_t* p = static_cast<const uint64_t*>(c.x);
+      uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (int64_t i = a * 8; i < b * 8; i += 8) {
+        s0 += p[i] ^ p[i + 4];
+        s1 += p[i + 1] ^ p[i + 5];
+        s2 += p[i + 2] ^ p[i + 6];
+        s3 += p[i + 3] ^ p[i + 7];
+      }
+      sums_[t] = double(s0 + s1 + s2 + s3);
+      return;
+    }
+    const int64_t units = int64_t(c.n_experts) * c.I;
+    const int64_t u0 = units * t / n_, u1 = units * (t + 1) / n_;
+    const int cols = (c.H + 15) / 16;  // y columns in cache-line groups of 16 floats
+    const int h0 = std::min(c.H, int(int64_t(cols) * t / n_) * 16), h1 = std::min(c.H, int(int64_t(cols) * (t + 1) / n_) * 16);
+    switch (c.dtype) {
+      case F32: gate_up<F32>(c, u0, u1); barrier(); down<F32>(c, h0, h1); break;
+      case BF16: gate_up<BF16>(c, u0, u1); barrier(); down<BF16>(c, h0, h1); break;
+      default: gate_up<F16>(c, u0, u1); barrier(); down<F16>(c, h0, h1); break;
+    }
+  }
+
+  void loop(int t) {
+    uint64_t seen = 0;
+    for (;;) {
+      {
+        std::unique_lock<std::mutex> lk(m_);
+        cv_.wait(lk, [&] { return generation_ != seen; });
+        seen = generation_;
+        if (stop_) return;
+      }
+      run(t);
+      std::lock_guard<std::mutex> g(m_);
+      if (--remaining_ == 0) {
+        seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
+        if (kind_ == 1) {
+          read_sum_ = 0;
+          for (int k = 0; k < n_; ++k) read_sum_ += sums_[k];
+        }
+        done_cv_.notify_all();
+      }
+    }
+  }
+
+  const int n_;
+  std::vector<std::thread> threads_;
+  std::mutex m_;
+  std::condition_variable cv_, done_cv_;
+  uint64_t generation_ = 0;
+  int remaining_ = 0;
+  bool stop_ = false;
+  Call call_;
+  int kind_ = 0;
+  std::chrono::steady_clock::time_point start_;
+  double seconds_ = 0, read_sum_ = 0;
+  double sums_[1024] = {};
+  std::atomic<int> arrived_;
+  std::atomic<bool> sense_;
+};
+
+}  // namespace
+
+extern "C" {
+
+int prophet_cpu_abi_version() { return 1; }
+
+// bit 0: AVX-512F tiles; bit 1: AVX-512 BF16 dot products; bit 2: F16C
+int prophet_cpu_isa() {
+  int isa = 0;
+#if defined(__AVX512F__)
+  isa |= 1;
+#endif
+#if defined(__AVX512BF16__)
+  isa |= 2;
+#endif
+#if defined(__F16C__)
+  isa |= 4;
+#endif
+  return isa;
+}
+
+void* prophet_cpu_pool_create(int threads) {
+  if (threads < 1 || threads > 1024) return nullptr;
+  return new Pool(threads);
+}
+
+void prophet_cpu_pool_destroy(void* pool) { delete static_cast<Pool*>(pool); }
+
+// One layer call's CPU experts (see the header). Returns 0, or -1 for arguments it cannot run.
+int prophet_cpu_submit(void* pool, int dtype, int H, int I, int n_experts, const int64_t* w13_ptrs,
+                       const int64_t* w2_ptrs, const int64_t* offsets, const int32_t* rows, const float* weights,
+                       const void* x, void* act, float* y) {
+  if (!pool || dtype < F32 || dtype > F16 || H < 1 || I < 1 || n_experts < 0) return -1;
+  Call c;
+  c.dtype = dtype;
+  c.H = H;
+  c.I = I;
+  c.n_experts = n_experts;
+  c.w13 = w13_ptrs;
+  c.w2 = w2_ptrs;
+  c.offsets = offsets;
+  c.rows = rows;
+  c.weights = weights;
+  c.x = x;
+  c.act = act;
+  c.y = y;
+  static_cast<Pool*>(pool)->submit(c, 0);
+  return 0;
+}
+
+// Blocks until the pool's current call is done; its duration in seconds (submit to the last thread).
+double prophet_cpu_join(void* pool) { return static_cast<Pool*>(pool)->join(); }
+
+// The machine's read rate as the pool sees it: every thread reads its share of [ptr, ptr + bytes)
+// once (bytes a multiple of 64). Returns the seconds taken; *checksum keeps the reads from being elided.
+double prophet_cpu_read(void* pool, const void* ptr, int64_t bytes, double* checksum) {
+  Pool* p = static_cast<Pool*>(pool);
+  Call c;
+  int64_t n = bytes;
+  c.x = ptr;
+  c.offsets = &n;
+  p->submit(c, 1);
+  const double s = p->join();
+  if (checksum) *checksum = p->read_sum();
+  return s;
+}
+
+}  // extern "C"

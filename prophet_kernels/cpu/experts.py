@@ -1,0 +1,192 @@
+"""Routed experts computed on host CPU cores from the host expert store (``miss: cpu``).
+
+One layer call's CPU experts, as pairs grouped by expert (legend: H hidden, I intermediate, P pairs):
+
+    x        [n, H]        store dtype, host: the rows of the layer's input that CPU experts read
+    experts  [n_e]         their ids in the store (this rank's local ids)
+    offsets  [n_e + 1]     int64: the pairs of expert j are offsets[j] .. offsets[j+1]
+    rows     [P]           int32: the row of x of each pair
+    weights  [P]           fp32: its routing weight
+    -> y     [n, H]        fp32: sum over the pairs of each row of w * W2 @ (silu(Wg @ x) * (Wu @ x))
+
+Backends: ``native`` (``cpu_experts.cpp``: its own thread pool, one call per layer call, the GIL
+released; the default) and ``torch`` (torch's CPU matmuls on one Python worker thread, at torch's
+global thread count, which vLLM's GPU worker sets to 1: a reference and a fallback). Both read the
+store's tensors in place: the one host copy serves the link and the CPU.
+
+``submit`` returns at once; ``join`` waits and returns (y, seconds the computation took). The
+tensors of a submitted call are held until it is joined, so nothing the pool reads is freed under it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import os
+import weakref
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import native
+
+BACKENDS = ("native", "torch")
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_experts.cpp's DType
+
+
+def available_cpus() -> int:
+    """The cores this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def check_threads(threads) -> int:
+    n = available_cpus()
+    if not isinstance(threads, int) or isinstance(threads, bool) or not 1 <= threads <= n:
+        raise ValueError(f"cpu_threads={threads!r}: give a whole number in [1, {n}] (the cores this process may use)")
+    return threads
+
+
+def pairs_of(ids: np.ndarray, weights: np.ndarray, cpu_experts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The CPU part of a layer call's routing. ``ids`` [T, k] (the store's expert ids, -1 for none),
+    ``weights`` [T, k], ``cpu_experts`` sorted ids. Returns (token_index [n] int64: the tokens that
+    have a CPU expert, ascending; offsets [n_e + 1] int64; rows [P] int32 into token_index;
+    pair weights [P] fp32), pairs grouped by expert in ``cpu_experts``' order, tokens ascending within."""
+    T, k = ids.shape
+    flat = ids.reshape(-1)
+    cpu = np.asarray(cpu_experts, dtype=flat.dtype)
+    pos = np.flatnonzero(np.isin(flat, cpu))
+    order = np.argsort(flat[pos], kind="stable")  # by expert, then by position (token order)
+    pos = pos[order]
+    tokens = pos // k
+    token_index, rows = np.unique(tokens, return_inverse=True)
+    offsets = np.searchsorted(flat[pos], cpu, side="left").astype(np.int64)
+    offsets = np.append(offsets, np.int64(len(pos)))
+    return (token_index.astype(np.int64), offsets, rows.astype(np.int32),
+            weights.reshape(-1)[pos].astype(np.float32))
+
+
+class CpuExperts:
+    """The CPU experts of a ``HostExpertStore`` (bf16, fp16 or fp32; one call at a time)."""
+
+    def __init__(self, store, threads: int, backend: str = "native"):
+        if backend not in BACKENDS:
+            raise ValueError(f"cpu backend {backend!r}: one of {', '.join(BACKENDS)}")
+        if store.dtype not in DTYPE_CODES:
+            raise ValueError(f"the CPU computes bf16, fp16 or fp32 experts; this store holds {store.dtype} "
+                             "(fp8 experts on the CPU: not yet)")
+        check_threads(threads)
+        H, I = store.hidden, store.intermediate
+        for l, (a, b) in enumerate(zip(store.w13, store.w2)):
+            if a.stride()[1:] != (H, 1) or b.stride()[1:] != (I, 1):
+                raise ValueError(f"layer {l}: the CPU reads each expert's rows contiguously; w13 strides "
+                                 f"{a.stride()}, w2 strides {b.stride()}")
+        self.store, self.threads, self.backend = store, threads, backend
+        self.num_experts = store.num_experts
+        # every (layer, expert)'s matrix addresses, gathered per call
+        self._w13 = np.array([[t[e].data_ptr() for e in range(store.num_experts)] for t in store.w13], dtype=np.int64)
+        self._w2 = np.array([[t[e].data_ptr() for e in range(store.num_experts)] for t in store.w2], dtype=np.int64)
+        self._pending = None
+        if backend == "native":
+            so = native.lib()
+            self._pool = so.prophet_cpu_pool_create(threads)
+            if not self._pool:
+                raise RuntimeError(f"creating a pool of {threads} CPU threads failed")
+            self._finalizer = weakref.finalize(self, so.prophet_cpu_pool_destroy, self._pool)
+        else:
+            self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prophet-cpu-experts")
+            self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=True)
+
+    def close(self) -> None:
+        """Stop the threads (joins a call in flight); the object is unusable after."""
+        if self._pending is not None:
+            self.join()
+        self._finalizer()
+
+    @property
+    def busy(self) -> bool:
+        return self._pending is not None
+
+    def submit(self, layer: int, x: torch.Tensor, experts, offsets: np.ndarray, rows: np.ndarray,
+               weights: np.ndarray) -> None:
+        """Start the call (module docstring); refused before anything starts when an argument is wrong
+        or a call is pending."""
+        s = self.store
+        if self._pending is not None:
+            raise RuntimeError("a CPU experts call is pending: join() it first")
+        if not 0 <= layer < s.num_layers:
+            raise ValueError(f"layer {layer} outside [0, {s.num_layers})")
+        if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != s.dtype or x.dim() != 2 \
+                or x.shape[1] != s.hidden or not x.is_contiguous():
+            raise ValueError(f"x must be a contiguous host tensor [n, {s.hidden}] of {s.dtype}, got "
+                             f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))} on "
+                             f"{getattr(x, 'device', '?')}")
+        experts = np.asarray(experts, dtype=np.int64)
+        n_e, P, n = len(experts), len(rows), x.shape[0]
+        if n_e and (experts.min() < 0 or experts.max() >= s.num_experts):
+            raise ValueError(f"expert ids must be in [0, {s.num_experts}), got {experts.tolist()}")
+        offsets = np.ascontiguousarray(offsets, dtype=np.int64)
+        rows = np.ascontiguousarray(rows, dtype=np.int32)
+        weights = np.ascontiguousarray(weights, dtype=np.float32)
+        if offsets.shape != (n_e + 1,) or offsets[0] != 0 or offsets[-1] != P or np.any(np.diff(offsets) < 0) \
+                or weights.shape != (P,):
+            raise ValueError(f"offsets must rise from 0 to the {P} pairs over {n_e} experts, and weights have one "
+                             f"per pair; got offsets {offsets.tolist()}, {weights.shape[0]} weights")
+        if P and (rows.min() < 0 or rows.max() >= n):
+            raise ValueError(f"pair rows must index x's {n} rows")
+        y = torch.zeros((n, s.hidden), dtype=torch.float32)
+        if self.backend == "torch":
+            fut = self._executor.submit(self._torch_call, layer, x, experts, offsets, rows, weights, y)
+            self._pending = (fut, y)
+            return
+        act = torch.empty((max(P, 1), s.intermediate), dtype=s.dtype)
+        w13 = np.ascontiguousarray(self._w13[layer, experts])
+        w2 = np.ascontiguousarray(self._w2[layer, experts])
+        err = native.lib().prophet_cpu_submit(self._pool, DTYPE_CODES[s.dtype], s.hidden, s.intermediate, n_e,
+                                              w13.ctypes.data, w2.ctypes.data, offsets.ctypes.data, rows.ctypes.data,
+                                              weights.ctypes.data, x.data_ptr(), act.data_ptr(), y.data_ptr())
+        if err:
+            raise RuntimeError(f"the CPU experts' native call refused its arguments (code {err})")
+        self._pending = (None, y, x, act, w13, w2, offsets, rows, weights)  # alive until joined
+
+    def join(self) -> tuple[torch.Tensor, float]:
+        """(y [n, H] fp32, seconds the call computed) of the pending call."""
+        if self._pending is None:
+            raise RuntimeError("no CPU experts call is pending")
+        pending, self._pending = self._pending, None
+        if pending[0] is not None:  # torch backend
+            return pending[1], pending[0].result()
+        return pending[1], native.lib().prophet_cpu_join(self._pool)
+
+    def __call__(self, layer, x, experts, offsets, rows, weights) -> torch.Tensor:
+        self.submit(layer, x, experts, offsets, rows, weights)
+        return self.join()[0]
+
+    def _torch_call(self, layer, x, experts, offsets, rows, weights, y) -> float:
+        import time
+
+        start = time.perf_counter()
+        s, I = self.store, self.store.intermediate
+        rows_t, w_t = torch.from_numpy(rows).long(), torch.from_numpy(weights)
+        for j, e in enumerate(experts.tolist()):
+            a, b = int(offsets[j]), int(offsets[j + 1])
+            if a == b:
+                continue
+            h = x[rows_t[a:b]] @ s.w13[layer][e].t()
+            act = (F.silu(h[:, :I].float()) * h[:, I:].float()).to(s.dtype)
+            y.index_add_(0, rows_t[a:b], (act @ s.w2[layer][e].t()).float() * w_t[a:b, None])
+        return time.perf_counter() - start
+
+    def read_seconds(self, t: torch.Tensor) -> float:
+        """Seconds the pool's threads take to read ``t``'s bytes once (native backend): the machine's
+        read rate as this pool sees it. The bytes counted are a multiple of 64."""
+        if self.backend != "native":
+            raise ValueError("read_seconds measures the native pool")
+        if self._pending is not None:
+            raise RuntimeError("a CPU experts call is pending: join() it first")
+        check = ctypes.c_double()
+        n = t.numel() * t.element_size() // 64 * 64
+        return native.lib().prophet_cpu_read(self._pool, t.data_ptr(), n, ctypes.byref(check))
