@@ -9,22 +9,35 @@ forward(layer, x, topk_weights, topk_ids) for MoE layer `layer`:
                    slots within the byte budget, while this layer's slots stay pinned
 The decisions (hits, misses, victims, what to prefetch within the budget) are ExpertResidency's,
 the same code the trace simulator replays; this class moves the bytes and runs the kernels.
+
+``miss="cpu"`` (host mode): a layer call's misses are split by a ``MissCost`` (fixed rates, measured
+once at start-up): those whose copy pays (many tokens: a prefill chunk, a large batch) are copied as
+above, the others are computed on the host CPU from the store (``cpu.CpuExperts``), started before
+the GPU's part and joined after it; the two partial sums add on the device:
+  route            unique experts, their token counts and the routing weights on the host (one sync)
+  split            hits pinned; misses copied or left to the CPU (ExpertResidency.acquire(fill=cost))
+  CPU part         the rows of x the CPU experts read, to the host; submitted to the CPU pool
+  GPU part         copies, then the paged kernels over the page-table row (a CPU expert has no slot:
+                   its token-slots contribute zero there)
+  join             the CPU's rows back to the device, added to y
 """
 
 from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import torch
 
 from ..kernels.moe import check_inputs, fused_experts_paged, fused_experts_paged_op, fused_experts_read_through_op
 from ..kernels.route_plan import narrow_ids
 from ..planner.memory import max_unique_experts
-from .buffer import DEFAULT_MODE, DEFAULT_POLICY, FILLS, MODES, PagedExpertBuffer
+from ..cpu.experts import pairs_of
+from .buffer import DEFAULT_MODE, DEFAULT_POLICY, FILLS, MISSES, MODES, PagedExpertBuffer
 from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import RankExperts, local_ids, make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
-from .residency import ExpertResidency, Stats
+from .residency import ExpertResidency, MissCost, Stats
 from .store import HostExpertStore
 
 
@@ -39,13 +52,25 @@ def unique_experts(topk_ids: torch.Tensor) -> list[int]:
     return torch.unique(ids).tolist()
 
 
+def _to_host(*tensors):
+    """Host copies of the given tensors (None stays None) after one synchronisation: on CUDA each is
+    copied into pinned memory without blocking, then the compute stream is waited for once; host
+    tensors are returned as they are."""
+    if not any(t is not None and t.is_cuda for t in tensors):
+        return tensors
+    out = [None if t is None else t.to("cpu", non_blocking=True) if t.is_cuda else t for t in tensors]
+    torch.cuda.current_stream().synchronize()  # host sync: the split needs the routing on the host
+    return out
+
+
 class ProphetMoE:
     """Experts of L MoE layers in a host store, S slots on the device, optional prefetching."""
 
     def __init__(self, store: HostExpertStore, num_slots: int, device=None, policy: str = DEFAULT_POLICY, predictor=None,
                  prefetch_depth: int = 1, prefetch_budget_bytes: int | None = None,
                  top_k: int | None = None, max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE,
-                 expert_map: torch.Tensor | None = None, fill: str = "copy"):
+                 expert_map: torch.Tensor | None = None, fill: str = "copy", miss: str = "wait",
+                 cpu_threads: int | None = None, cpu_backend: str = "native", cpu_rates: dict | None = None):
         """``mode``: "host" (the host decides at every layer call; every policy and predictor) or
         "device" (every decision on the device, no host sync: a step can be one CUDA graph; the
         next-use and LRU policies; the same, gate and learned-gate predictors). ``policy``: the
@@ -59,9 +84,27 @@ class ProphetMoE:
         the fill list, then the GEMMs) or "read-through" (the decode path's GEMM kernels read it from
         the pinned store over PCIe and write its slot as they go: one pass, no copy launch; a call
         that takes the grouped path, or runs without Triton, copies them first inside the op, one
-        copy per matrix). Which is faster is for a GPU to measure (PERF_NOTES.md); "copy" until then."""
+        copy per matrix). Which is faster is for a GPU to measure (PERF_NOTES.md); "copy" until then.
+        ``miss`` "wait" (a miss is copied and waited for) or "cpu" (host mode: misses whose copy does
+        not pay are computed on the host CPU; module docstring). With "cpu", ``num_slots`` may be 0:
+        no resident experts, only a staging ring of one layer's unique experts at ``max_batch_tokens``
+        (E without it) for the copies that pay; ``cpu_threads`` the CPU pool's threads (default: the
+        cores this process may use, less one for the thread that drives the device),
+        ``cpu_backend`` "native" or "torch" (``cpu.experts``), ``cpu_rates`` rates that replace the
+        measured ones (``cpu_gbps``, ``cpu_gflops``, ``link_gbps``, ``dram_gbps``; ``cpu.rates``)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+        if miss not in MISSES:
+            raise ValueError(f"miss must be one of {', '.join(MISSES)}, got {miss!r}")
+        if miss == "cpu" and mode != "host":
+            raise ValueError("miss='cpu' runs in host mode (the host splits each layer call's misses between the "
+                             "link and the CPU); device mode's misses wait")
+        if num_slots == 0 and miss == "cpu":  # no resident experts: a staging ring for the copies that pay
+            num_slots = store.num_experts if top_k is None or max_batch_tokens is None else \
+                max_unique_experts(store.num_experts, min(top_k, store.num_experts), max_batch_tokens)
+            self.staging_only = True
+        else:
+            self.staging_only = False
         if fill not in FILLS:
             raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
         if fill != "copy" and mode != "device":
@@ -81,8 +124,23 @@ class ProphetMoE:
         if top_k is not None and max_batch_tokens is not None:
             if not 1 <= top_k <= self.routed_experts:
                 raise ValueError(f"top_k={top_k} must be in [1, E={self.routed_experts}]")
-            min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
-        self.store, self.mode, self.fill = store, mode, fill
+            if miss == "wait":  # (with miss: cpu, what has no slot is computed on the CPU)
+                min_slots = max_unique_experts(store.num_experts, top_k, max_batch_tokens)
+        self.store, self.mode, self.fill, self.miss = store, mode, fill, miss
+        self.cpu, self.miss_cost = None, None
+        if miss == "cpu":
+            from ..cpu import BACKENDS, available_cpus
+            from ..cpu.experts import check_threads
+
+            if cpu_backend not in BACKENDS:
+                raise ValueError(f"cpu_backend must be one of {', '.join(BACKENDS)}, got {cpu_backend!r}")
+            cpu_threads = max(1, available_cpus() - 1) if cpu_threads is None else check_threads(cpu_threads)
+            unknown = sorted(set(cpu_rates or {}) - {"cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps"})
+            if unknown:
+                raise ValueError(f"cpu_rates: unknown rate(s) {unknown}; known: cpu_gbps, cpu_gflops, link_gbps, dram_gbps")
+            for name, v in (cpu_rates or {}).items():
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+                    raise ValueError(f"cpu_rates {name}={v!r}: must be a finite number > 0")
         self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call
         self._local_of = None if expert_map is None else expert_map.tolist()  # host mode's copy of it
         predictor = make_predictor(predictor)
@@ -102,6 +160,33 @@ class ProphetMoE:
                                              prefetch_budget_bytes)
         # the kernels' scale arguments: (w13 scales, w2 scales, block shape) of fp8 slots, else Nones
         self._scales = (self.buffer.w13_scale, self.buffer.w2_scale, store.block_shape)
+        if miss == "cpu":
+            self._start_cpu(cpu_threads, cpu_backend, cpu_rates or {})
+
+    def _start_cpu(self, threads: int, backend: str, given: dict) -> None:
+        """The CPU pool and the MissCost of ``miss="cpu"``: rates measured once (``cpu.rates``, before
+        any expert is resident: slot 0 is overwritten by the link's measurement), then the given ones."""
+        import dataclasses
+
+        from ..cpu import CpuExperts
+        from ..cpu import rates as cpu_rates
+
+        self.cpu = CpuExperts(self.store, threads, backend)
+        names = ("cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps")
+        if all(n in given for n in names):
+            self.rates = cpu_rates.Rates(**given, source="given")
+        else:
+            measured = cpu_rates.measure(self.cpu, self.buffer.blocks[0] if self.buffer.blocks is not None else None)
+            self.rates = dataclasses.replace(measured, **given, source=measured.source + (
+                f"; given: {', '.join(sorted(given))}" if given else ""))
+        s = self.store
+        self.miss_cost = MissCost(s.expert_bytes, 6 * s.hidden * s.intermediate, self.rates.cpu_gbps,
+                                  self.rates.cpu_gflops, self.rates.link_gbps, self.rates.dram_gbps)
+
+    def close(self) -> None:
+        """Stop the CPU pool's threads (``miss="cpu"``); the layer is unusable for CPU misses after."""
+        if self.cpu is not None:
+            self.cpu.close()
 
     @property
     def stats(self) -> Stats:
@@ -169,6 +254,8 @@ class ProphetMoE:
             return y
         if topk_ids.numel() == 0:
             return x.new_empty((0, self.store.hidden))
+        if self.miss == "cpu":
+            return self._forward_hybrid(layer, x, topk_weights, topk_ids, routing)
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)  # (global ids under expert parallelism)
         if experts[0] < 0 or experts[-1] >= self.routed_experts:
@@ -210,6 +297,74 @@ class ProphetMoE:
                 self.prefetcher.copy(s, future, e)
         finally:
             self.residency.release(slots)
+            self.current_slots = []
+        return y
+
+    def _forward_hybrid(self, layer: int, x, topk_weights, topk_ids, routing) -> torch.Tensor:
+        """``miss="cpu"``: the GPU computes the resident experts and the copies that pay, the CPU the
+        other misses, at once (module docstring)."""
+        T = x.shape[0]
+        with nvtx_range(f"route L{layer}"):
+            # one host synchronisation: ids and weights (and, decode-sized, x: the CPU part needs its
+            # rows before the GPU part starts) come to the host together
+            small = T <= 64
+            ids_h, w_h, x_h = _to_host(topk_ids, topk_weights.float(), x if small else None)
+            ids = ids_h.numpy()
+            if ids.min() < 0 or ids.max() >= self.routed_experts:
+                bad = ids.min() if ids.min() < 0 else ids.max()
+                raise ValueError(f"topk_ids holds expert ids outside [0, {self.routed_experts}) in layer {layer}: {bad}")
+            if self.expert_map is not None:  # this rank's experts; another rank's contribute zero here
+                ids = np.asarray(self._local_of, dtype=np.int64)[ids]
+                topk_ids = local_ids(self.expert_map, topk_ids)
+            experts, counts = np.unique(ids[ids >= 0], return_counts=True)
+            if not len(experts):
+                return x.new_zeros((T, self.store.hidden))
+        self._add_stalls(wait=False)
+        st = self.residency.stats.layers[layer]
+        with nvtx_range(f"split L{layer}"):
+            slots, fills = self.residency.acquire(layer, experts.tolist(), fill=self.miss_cost, tokens=counts.tolist())
+        cpu_experts = [int(e) for e, s in zip(experts, slots) if s < 0]
+        gpu_slots = [s for s in slots if s >= 0]
+        try:
+            if cpu_experts:
+                with nvtx_range(f"cpu submit L{layer}"):
+                    token_index, offsets, rows, pair_w = pairs_of(ids, w_h.numpy(), cpu_experts)
+                    xs = x_h[torch.from_numpy(token_index)] if small else x[torch.from_numpy(token_index).to(x.device)].cpu()
+                    self.cpu.submit(layer, xs, cpu_experts, offsets, rows, pair_w)
+            with nvtx_range(f"ensure_resident L{layer}"):
+                filled = [f[0] for f in fills]
+                fresh = set(filled)
+                late = self.prefetcher.in_flight([s for s in gpu_slots if s not in fresh])
+                st.late_hits += len(late)
+                self.prefetcher.demand(layer, fills)
+                row = self.buffer.upload_row(layer)
+                self.prefetcher.wait_ready(late + filled)
+            self.current_slots = gpu_slots
+            if gpu_slots:
+                with nvtx_range(f"experts L{layer}"):
+                    y = fused_experts_paged(x, self.buffer.w13, self.buffer.w2, row, topk_weights, topk_ids, check=False,
+                                            w13_scale=self._scales[0], w2_scale=self._scales[1],
+                                            block_shape=self._scales[2])
+                self.prefetcher.mark_read(gpu_slots)
+            else:
+                y = x.new_zeros((T, self.store.hidden))
+            if cpu_experts:
+                with nvtx_range(f"cpu join L{layer}"):
+                    y_cpu, seconds = self.cpu.join()
+                    st.cpu_s += seconds
+                    index = torch.from_numpy(token_index).to(y.device, non_blocking=True)
+                    y.index_add_(0, index, y_cpu.to(y.device, y.dtype, non_blocking=True))
+            with nvtx_range(f"predict L{layer}"):
+                prefetches = self.residency.prefetch(layer, routing, x)  # this layer's slots stay pinned
+                # and the misses the CPU computed, copied for the layer's next call (not waited for),
+                # within the prefetch budget: residency keeps following the routing as with misses that wait
+                prefetches += self.residency.fill_ahead(layer, cpu_experts, self.residency.prefetch_budget_bytes)
+            for s, future, e in prefetches:
+                self.prefetcher.copy(s, future, e)
+        finally:
+            if self.cpu.busy:  # a failure after the submit: the pool finishes before its inputs go
+                self.cpu.join()
+            self.residency.release(gpu_slots)
             self.current_slots = []
         return y
 

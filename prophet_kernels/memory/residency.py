@@ -2,7 +2,9 @@
 
     acquire(layer, experts)      hits are touched and pinned first; then misses get a slot (free,
                                  else the policy's unpinned victim) and are returned as fills to copy now
-                                 (``fill=False``: misses get no slot, -1; a miss that does not wait)
+                                 (``fill=False``: misses get no slot, -1; a miss that does not wait;
+                                 ``fill=MissCost``: the misses whose copy pays, by their token counts,
+                                 get slots, the rest -1: computed on the host CPU)
     prefetch(layer, ids, hidden) asks the predictor, allocates slots for its experts for layers
                                  +1..+depth (nearest first) within the byte budget, returns fills;
                                  predicted experts already resident are touched (wanted soon)
@@ -17,6 +19,7 @@ Stats count per layer; hits and misses are per unique expert a layer needs.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 from .buffer import SlotTable
@@ -33,6 +36,9 @@ class LayerStats:
     evictions: int = 0
     bytes_h2d: int = 0
     stall_s: float = 0.0  # time the compute waited for expert copies
+    cpu_experts: int = 0  # misses computed on the host CPU (miss: cpu), unique per layer call
+    cpu_token_slots: int = 0  # the (token, expert) pairs they computed
+    cpu_s: float = 0.0  # time the CPU spent computing them (beside the GPU's part of each call)
 
 
 class Stats:
@@ -63,19 +69,82 @@ class Stats:
         n = self.prefetched
         return self.prefetch_used / n if n else 0.0
 
+    @property
+    def demand_copies(self) -> int:
+        """Misses copied to the device when a layer needed them (the rest were computed on the CPU)."""
+        return self.misses - self.cpu_experts
+
     def as_dict(self) -> dict:
         total = {f.name: getattr(self, f.name) for f in fields(LayerStats)}
-        return {"total": total | {"hit_rate": self.hit_rate, "ready_hit_rate": self.ready_hit_rate},
+        return {"total": total | {"hit_rate": self.hit_rate, "ready_hit_rate": self.ready_hit_rate,
+                                  "demand_copies": self.demand_copies},
                 "layers": [{f.name: getattr(s, f.name) for f in fields(LayerStats)} for s in self.layers]}
 
     def __str__(self) -> str:
         return (f"hits {self.hits} ({self.late_hits} late)  misses {self.misses}  hit rate {self.hit_rate:.1%}  "
                 f"landed in time {self.ready_hit_rate:.1%}  prefetched {self.prefetched} "
                 f"(used {self.prefetch_used})  evictions {self.evictions}  H2D {self.bytes_h2d / 1e6:.1f} MB  "
-                f"stall {self.stall_s * 1e3:.2f} ms")
+                f"stall {self.stall_s * 1e3:.2f} ms" + (f"  CPU computed {self.cpu_experts} experts "
+                                                        f"({self.cpu_token_slots} token-slots, {self.cpu_s * 1e3:.2f} ms)"
+                                                        if self.cpu_experts else ""))
 
 
 Fill = tuple[int, int, int]  # (slot, layer, expert)
+
+
+@dataclass(frozen=True)
+class MissCost:
+    """Copy a missed expert or compute it on the host CPU: the fixed rates a layer call's misses are
+    split by (measured once at start-up, or given; never live timings, so ranks and the simulator
+    decide alike from the same numbers).
+
+    A miss computed on the CPU for n tokens takes max(bytes / cpu rate, n x FLOPs per token / cpu
+    FLOP rate); a copy takes bytes / link rate. The CPU's misses run one after another on its pool,
+    the copies one after another on the link, both beside the GPU's resident experts, and both read
+    host DRAM: a call's misses take max(CPU time, link time, all their bytes / DRAM rate). ``split``
+    moves the misses with the most tokens to the link while that lowers the call's time (decode: few
+    tokens each, mostly the CPU; a prefill chunk: many each, copied)."""
+
+    expert_bytes: int  # one expert's bytes in the store: what a copy moves and the CPU reads
+    flops_per_token: int  # 2 x 3 x H x I: one token through one expert
+    cpu_gbps: float  # the CPU backend's rate over weight bytes at batch 1
+    cpu_gflops: float  # its compute rate at large batch
+    link_gbps: float  # host-to-device copies (pinned)
+    dram_gbps: float | None = None  # host read bandwidth that copies and CPU reads share (None: no bound)
+
+    def __post_init__(self):
+        for name in ("expert_bytes", "flops_per_token", "cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps"):
+            v = getattr(self, name)
+            if v is None and name == "dram_gbps":
+                continue
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
+                raise ValueError(f"MissCost {name}={v!r}: must be a finite number > 0")
+
+    def cpu_seconds(self, tokens: int) -> float:
+        return max(self.expert_bytes / (self.cpu_gbps * 1e9), tokens * self.flops_per_token / (self.cpu_gflops * 1e9))
+
+    def copy_seconds(self) -> float:
+        return self.expert_bytes / (self.link_gbps * 1e9)
+
+    def call_seconds(self, cpu_tokens, copies: int) -> float:
+        """The misses' time in one call: the CPU computing experts of ``cpu_tokens`` tokens each, the
+        link copying ``copies`` experts."""
+        cpu, link = sum(self.cpu_seconds(n) for n in cpu_tokens), copies * self.copy_seconds()
+        dram = 0.0 if self.dram_gbps is None else (len(cpu_tokens) + copies) * self.expert_bytes / (self.dram_gbps * 1e9)
+        return max(cpu, link, dram)
+
+    def split(self, tokens) -> list[bool]:
+        """Per miss (its token count), whether to copy it (True) or compute it on the CPU (False)."""
+        tokens = [int(n) for n in tokens]
+        order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
+        copy = [False] * len(tokens)
+        cpu_s, link_s = sum(self.cpu_seconds(n) for n in tokens), 0.0
+        for i in order:
+            moved_cpu, moved_link = cpu_s - self.cpu_seconds(tokens[i]), link_s + self.copy_seconds()
+            if max(moved_cpu, moved_link) >= max(cpu_s, link_s):
+                break
+            copy[i], cpu_s, link_s = True, moved_cpu, moved_link
+        return copy
 
 
 class ExpertResidency:
@@ -94,11 +163,15 @@ class ExpertResidency:
         self.stats = Stats(self.table.num_layers)
         self._unread_prefetch.clear()
 
-    def acquire(self, layer: int, experts, fill: bool = True) -> tuple[list[int], list[Fill]]:
+    def acquire(self, layer: int, experts, fill: "bool | MissCost" = True,
+                tokens=None) -> tuple[list[int], list[Fill]]:
         """Slots for `experts` (unique ids of one layer, all pinned on return) and the demand fills.
         ``fill=False``: a missed expert gets no slot (-1) and no fill (the caller computes it another
-        way and may ``fill_ahead`` it). Refused before anything changes (pins, owners, policy, stats)
-        when `experts` repeats an id or names one outside the table, or needs more slots than there are."""
+        way and may ``fill_ahead`` it). ``fill=MissCost``: ``tokens`` (one count per expert) decide
+        which misses are copied (``MissCost.split``), as long as a slot is free or unpinned; the
+        others get -1 and count as computed on the CPU. Refused before anything changes (pins,
+        owners, policy, stats) when `experts` repeats an id or names one outside the table, or (with
+        every miss copied) needs more slots than there are."""
         experts = list(experts)
         if not 0 <= layer < self.table.num_layers:
             raise ValueError(f"layer {layer!r} is outside [0, {self.table.num_layers})")
@@ -106,7 +179,14 @@ class ExpertResidency:
             raise ValueError(f"layer {layer}: experts must be unique ids, got {experts}")
         for e in experts:
             self.table.check_expert(layer, e)
-        if len(experts) > self.table.num_slots:
+        cost = fill if isinstance(fill, MissCost) else None
+        if cost is not None:
+            tokens = [int(n) for n in tokens] if tokens is not None else None
+            if tokens is None or len(tokens) != len(experts) or min(tokens, default=1) < 1:
+                raise ValueError(f"layer {layer}: a MissCost split needs one token count >= 1 per expert, got {tokens}")
+        elif fill is not True and fill is not False:
+            raise TypeError(f"fill must be True, False or a MissCost, got {fill!r}")
+        if fill is True and len(experts) > self.table.num_slots:
             raise ValueError(f"layer {layer} needs {len(experts)} unique experts but the buffer has "
                              f"{self.table.num_slots} slots; need at least {len(experts)} (or a smaller batch)")
         st, table = self.stats.layers[layer], self.table
@@ -122,9 +202,16 @@ class ExpertResidency:
                     st.prefetch_used += 1
                     self._unread_prefetch.discard(s)
         table.pin([s for s in slots if s >= 0])
+        missed = [i for i, s in enumerate(slots) if s < 0]
+        if cost is not None:
+            copy = dict(zip(missed, cost.split([tokens[i] for i in missed])))
         for i, e in enumerate(experts):
             if slots[i] < 0:
                 st.misses += 1
+                if cost is not None and (not copy[i] or table.full()):
+                    st.cpu_experts += 1
+                    st.cpu_token_slots += tokens[i]
+                    continue
                 if not fill:
                     continue
                 s, evicted = table.allocate(layer, e)
