@@ -15,7 +15,7 @@ setup(
     # level and installs as prophet_kernels.integration: the wheel has no top-level `integration`.
     packages=find_packages(include=["prophet_kernels", "prophet_kernels.*"]) + ["prophet_kernels.integration"],
     package_dir={"prophet_kernels.integration": "integration"},
-    package_data={"prophet_kernels": ["kernels/configs/*.json", "routing/traces/data/*.npz",
+    package_data={"prophet_kernels": ["kernels/configs/*.json", "cpu/*.cpp", "routing/traces/data/*.npz",
                                       "routing/traces/data/*.json", "routing/traces/data/*.md"]},
     install_requires=["torch", "triton", "numpy", "nvtx", "matplotlib", "safetensors", "tqdm", "transformers"],
     extras_require={"test": ["pytest", "hypothesis"]},

@@ -48,6 +48,12 @@ class ProphetSettings:
     log_every_s: float = 30.0
     predictor_path: str = ""
     expert_dtype: str = "auto"  # EXPERT_DTYPES
+    miss: str = "wait"  # MISSES: a miss waits for its copy, or (host mode) the CPU computes it where that pays
+    cpu_threads: int = 0  # miss cpu: the CPU pool's threads per rank (0: the node's cores shared among its ranks)
+    cpu_backend: str = "native"  # miss cpu: cpu.BACKENDS
+    cpu_gbps: float = 0.0  # miss cpu: the rates the misses are split by; 0: measured once at start-up (cpu.rates)
+    cpu_gflops: float = 0.0
+    pcie_gbps: float = 0.0
 
     @property
     def quantize(self) -> str | None:
@@ -87,7 +93,8 @@ class ProphetSettings:
             return value.strip().lower() in ("1", "true", "yes", "on")
         if name == "prefetch_budget" and isinstance(value, str) and value.strip().lower() in ("none", "unlimited"):
             return None
-        kind = {"buffer": float, "prefetch_depth": int, "prefetch_budget": int, "log_every_s": float}.get(name)
+        kind = {"buffer": float, "prefetch_depth": int, "prefetch_budget": int, "log_every_s": float,
+                "cpu_threads": int, "cpu_gbps": float, "cpu_gflops": float, "pcie_gbps": float}.get(name)
         if kind is None or not isinstance(value, str):
             return value
         try:
@@ -96,14 +103,20 @@ class ProphetSettings:
             raise ValueError(f"Prophet setting {name}={value!r} is not a number") from None
 
     def validated(self) -> "ProphetSettings":
-        from prophet_kernels.memory.buffer import DEVICE_POLICIES, FILLS, MODES, POLICIES, check_buffer
+        from prophet_kernels.memory.buffer import DEVICE_POLICIES, FILLS, MISSES, MODES, POLICIES, check_buffer
 
-        try:
-            check_buffer(self.buffer)
-        except ValueError as e:
-            raise ValueError(f"Prophet {e}") from None
+        if self.miss not in MISSES:
+            raise ValueError(f"unknown Prophet miss {self.miss!r}; known: {', '.join(MISSES)} (wait: a miss is copied "
+                             "and waited for; cpu: the host CPU computes the misses whose copy does not pay)")
+        if not (self.miss == "cpu" and self.buffer == 0):  # buffer 0 with miss cpu: no resident experts
+            try:
+                check_buffer(self.buffer)
+            except ValueError as e:
+                raise ValueError(f"Prophet {e}" + (" (or 0 with miss: cpu)" if self.miss == "wait" else "")) from None
         if self.mode not in MODES:
             raise ValueError(f"unknown Prophet mode {self.mode!r}; known: {', '.join(MODES)}")
+        if self.miss == "cpu":
+            self._check_cpu()
         if self.fill not in FILLS or (self.fill != "copy" and self.mode != "device"):
             raise ValueError(f"unknown Prophet fill {self.fill!r}; known: {', '.join(FILLS)} "
                              "(read-through with mode device only)")
@@ -127,9 +140,55 @@ class ProphetSettings:
                              f"`prophet trace fit-lookahead` (got {self.predictor_path!r})")
         return self
 
+    def _check_cpu(self) -> None:
+        """The refusals of ``miss: cpu`` that need no model: mode, expert dtype, threads, backend, rates."""
+        import math
+
+        from prophet_kernels.cpu import BACKENDS, available_cpus
+
+        if self.mode != "host":
+            raise ValueError("Prophet miss 'cpu' runs in mode 'host' (the host splits each layer call's misses "
+                             "between the link and the CPU); use mode host, or miss wait")
+        if self.expert_dtype != "auto":
+            raise ValueError(f"Prophet miss 'cpu' computes experts in the checkpoint's dtype (bf16, fp16, fp32); "
+                             f"expert_dtype {self.expert_dtype} on the CPU is not supported yet")
+        n = available_cpus()
+        if not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool) or not 0 <= self.cpu_threads <= n:
+            raise ValueError(f"Prophet cpu_threads={self.cpu_threads!r}: give a whole number in [1, {n}] (the cores "
+                             "this process may use), or 0 for the node's cores shared among its ranks")
+        if self.cpu_backend not in BACKENDS:
+            raise ValueError(f"unknown Prophet cpu_backend {self.cpu_backend!r}; known: {', '.join(BACKENDS)}")
+        if self.cpu_backend == "native":
+            from prophet_kernels.cpu import native
+
+            try:
+                native.lib()
+            except native.NativeBuildError as e:
+                raise ValueError(f"Prophet cpu_backend 'native' is not available here ({str(e).splitlines()[0]}); "
+                                 "install a C++ compiler, or use cpu_backend 'torch' (torch's CPU matmuls, slower)") from None
+        for name in ("cpu_gbps", "cpu_gflops", "pcie_gbps"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"Prophet {name}={v!r}: a rate > 0, or 0 to measure it at start-up")
+
+    def cpu_threads_for(self, local_ranks: int = 1) -> int:
+        """The CPU pool's threads on one of ``local_ranks`` ranks sharing this node: ``cpu_threads``, or
+        the cores this process may use, less one for the serving front end, shared among the ranks,
+        less one per rank for the thread that drives its device (at least 1)."""
+        from prophet_kernels.cpu import available_cpus
+
+        return self.cpu_threads or max(1, (available_cpus() - 1) // max(1, local_ranks) - 1)
+
+    def cpu_rates(self) -> dict:
+        """The rates given (``ProphetMoE``'s ``cpu_rates``): those set > 0."""
+        given = {"cpu_gbps": self.cpu_gbps, "cpu_gflops": self.cpu_gflops, "link_gbps": self.pcie_gbps}
+        return {k: v for k, v in given.items() if v}
+
     def num_slots(self, num_layers: int, num_experts: int) -> int:
         from prophet_kernels.memory.buffer import slots_for
 
+        if self.buffer == 0:  # miss cpu: no resident experts (ProphetMoE adds a staging ring)
+            return 0
         return slots_for(self.buffer, num_layers, num_experts)
 
     @contextlib.contextmanager
@@ -148,16 +207,20 @@ class ProphetSettings:
         from prophet_kernels.memory.buffer import check_sizes
         from prophet_kernels.planner.memory import max_unique_experts
 
+        if self.miss == "cpu":  # what has no slot is computed on the CPU: any buffer serves any batch
+            return
         with self._buffer_named(num_layers, num_experts, max_batch_tokens):
             check_sizes(num_layers, num_experts, self.num_slots(num_layers, num_experts),
                         max_unique_experts(num_experts, top_k, max_batch_tokens))
 
-    def build(self, store, device, top_k: int, max_batch_tokens: int, gates=None, expert_map=None):
+    def build(self, store, device, top_k: int, max_batch_tokens: int, gates=None, expert_map=None,
+              local_ranks: int = 1):
         """The ``ProphetMoE`` these settings describe over ``store``. ``gates``: each layer's (router
         [E, H], MoE-input norm weight [H]), which the ``gate`` predictor needs. ``expert_map``
         (expert parallelism): [E_global], this rank's index of each expert or -1; the store holds this
         rank's experts, the predictors read all of them. A buffer too small for one layer's unique
-        experts at ``max_batch_tokens`` is refused with the numbers."""
+        experts at ``max_batch_tokens`` is refused with the numbers. ``local_ranks``: the ranks sharing
+        this node's cores (``miss: cpu``'s default thread count)."""
         from prophet_kernels import ProphetMoE
 
         predictor = None if self.predictor == "none" else self.predictor
@@ -179,4 +242,6 @@ class ProphetSettings:
                               prefetch_budget_bytes=None if self.prefetch_budget is None
                               else self.prefetch_budget * store.expert_bytes,
                               top_k=top_k, max_batch_tokens=max_batch_tokens, mode=self.mode, expert_map=expert_map,
-                              fill=self.fill)
+                              fill=self.fill, miss=self.miss,
+                              **({"cpu_threads": self.cpu_threads_for(local_ranks), "cpu_backend": self.cpu_backend,
+                                  "cpu_rates": self.cpu_rates()} if self.miss == "cpu" else {}))

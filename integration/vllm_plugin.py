@@ -62,6 +62,7 @@ class _ModelExperts:
         # stages' layers as placeholders): its store, buffer, page table, predictor and stats hold those
         # layers, numbered from 0 within the stage; `stage` says where they sit in the model
         self.stage = stage or PipelineStage(0, 1, 0)
+        self.local_ranks = 1  # the ranks sharing this node's cores (miss cpu's default threads)
         self.key = _NEXT_GROUP[0]
         _NEXT_GROUP[0] += 1
         _GROUPS[self.key] = self
@@ -96,7 +97,8 @@ class _ModelExperts:
         if s.predictor == "gate" and (self.gate_parts is None or len(self.gate_parts) != store.num_layers):
             raise ValueError(f"Prophet predictor 'gate' needs the model's routers: supported for "
                              f"{', '.join(GATE_MODELS)}")
-        self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts, self.expert_map)
+        self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts, self.expert_map,
+                           local_ranks=self.local_ranks)
         slots = self.moe.buffer.num_slots
         logger.info("Prophet: %d MoE layers x %d %s experts in %s host memory (%.1f MiB); device buffer %d slots "
                     "(%.1f MiB, %.1f%% of experts), %s mode, policy %s, predictor %s, prefetch depth %d, "
@@ -107,6 +109,12 @@ class _ModelExperts:
                     slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
                     s.mode, s.policy, s.predictor, s.prefetch_depth,
                     "no limit" if s.prefetch_budget is None else f"{s.prefetch_budget} experts per layer call")
+        if self.moe.cpu is not None:
+            r = self.moe.rates
+            logger.info("Prophet: misses computed on the CPU where a copy does not pay (%s backend, %d threads%s); "
+                        "split by CPU %.1f GB/s, %.0f GFLOP/s, link %.1f GB/s, DRAM %.1f GB/s (%s)",
+                        s.cpu_backend, self.moe.cpu.threads, ", slots are a staging ring only" if self.moe.staging_only
+                        else "", r.cpu_gbps, r.cpu_gflops, r.link_gbps, r.dram_gbps, r.source)
 
     def forward(self, layer: int, x, topk_weights, topk_ids):
         if self.moe is None:
@@ -132,7 +140,10 @@ class _ModelExperts:
         slots = self.moe.buffer.num_slots
         freed = (store.num_layers * store.num_experts - slots) * store.expert_bytes  # vs all experts resident
         kv = self.kv_bytes_per_token
-        return {"rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size, "pp_rank": self.stage.rank,
+        cpu = self.moe.cpu
+        return {"miss": self.settings.miss, "cpu_threads": cpu.threads if cpu is not None else 0,
+                "cpu_rates": dataclasses.asdict(self.moe.rates) if cpu is not None else None,
+                "rank": self.rank, "tp_size": self.tp_size, "ep_size": self.ep_size, "pp_rank": self.stage.rank,
                 "pp_size": self.stage.size, "first_layer": self.stage.first_layer, "freed_bytes": freed,
                 "kv_bytes_per_token": kv, "kv_tokens_freed": freed // kv if kv else None,
                 "num_experts": store.num_experts, "slots": slots, "hidden": store.hidden,
@@ -194,6 +205,9 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
     quant = getattr(mc, "quantization", None)
     if quant not in (None, "fp8"):
         raise ValueError(f"Prophet serves {SERVED_CHECKPOINTS}; this model's quantization is {quant}")
+    if settings.miss == "cpu" and quant is not None:
+        raise ValueError(f"Prophet miss 'cpu' computes bf16, fp16 or fp32 experts on the CPU; this checkpoint's "
+                         f"experts are {quant} (not supported on the CPU yet): use miss wait")
     pp = pc.pipeline_parallel_size
     if settings.predictor == "learned-gate" and pp > 1:
         raise ValueError("Prophet predictor 'learned-gate' is fitted on the whole model's layers; under pipeline "
@@ -425,6 +439,7 @@ def _method_class():
                 building = _BUILDING[0] = _ModelExperts(self.prophet, max_tokens, cfg_id, rank, par.tp_size,
                                                         par.ep_size if par.use_ep else 1, kv_bytes_per_token(cfg),
                                                         PipelineStage.of_this_process(cfg))
+                building.local_ranks = local_ranks(cfg)
                 _record_settings(cfg, self.prophet)  # once per model
             self.experts = building
             self.layer_index = building.add_layer(moe.experts_per_token)
@@ -488,6 +503,14 @@ def _method_class():
             return self.experts.forward(self.layer_index, x, topk_weights.float(), topk_ids)
 
     return ProphetFusedMoEMethod
+
+
+def local_ranks(cfg) -> int:
+    """The engine's ranks on this node, which share its cores (its GPUs on CUDA; every rank on the CPU)."""
+    pc = getattr(cfg, "parallel_config", None)
+    world = getattr(pc, "world_size", 1) or 1
+    nodes = getattr(pc, "nnodes", 1) or 1
+    return max(1, -(-world // nodes))
 
 
 def kv_bytes_per_token(cfg) -> int | None:

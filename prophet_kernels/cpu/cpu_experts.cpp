@@ -322,44 +322,62 @@ void down(const Call& c, int h0, int h1) {
 
 class Pool {
  public:
-  explicit Pool(int n) : n_(n), arrived_(0), sense_(false) {
+  // spin_ns: how long an idle thread (and a joining caller) polls before sleeping on a condition
+  // variable: a decode step's next layer call comes within a layer's time, and waking a sleeping
+  // thread costs tens of microseconds
+  Pool(int n, int64_t spin_ns) : n_(n), spin_ns_(spin_ns) {
     for (int t = 0; t < n_; ++t) threads_.emplace_back([this, t] { loop(t); });
   }
 
   ~Pool() {
     join();
-    {
-      std::lock_guard<std::mutex> g(m_);
-      stop_ = true;
-      ++generation_;
-    }
+    stop_.store(true, std::memory_order_release);
+    generation_.fetch_add(1, std::memory_order_acq_rel);
+    { std::lock_guard<std::mutex> g(m_); }
     cv_.notify_all();
     for (auto& t : threads_) t.join();
   }
 
-  int threads() const { return n_; }
-
   void submit(const Call& c, int kind) {
     join();  // one call at a time
-    std::lock_guard<std::mutex> g(m_);
     call_ = c;
     kind_ = kind;
-    remaining_ = n_;
     start_ = std::chrono::steady_clock::now();
-    ++generation_;
+    remaining_.store(n_, std::memory_order_relaxed);
+    generation_.fetch_add(1, std::memory_order_release);  // publishes call_ to the threads
+    { std::lock_guard<std::mutex> g(m_); }  // a thread between its check and its sleep sees the change
     cv_.notify_all();
   }
 
   // blocks until the current call (if any) is done; returns its duration in seconds
   double join() {
-    std::unique_lock<std::mutex> lk(m_);
-    done_cv_.wait(lk, [this] { return remaining_ == 0; });
+    if (remaining_.load(std::memory_order_acquire) != 0) {
+      const auto t0 = std::chrono::steady_clock::now();
+      int polls = 0;
+      while (remaining_.load(std::memory_order_acquire) != 0) {
+        if ((++polls & 63) == 0) {
+          if (std::chrono::steady_clock::now() - t0 > std::chrono::nanoseconds(spin_ns_)) {
+            std::unique_lock<std::mutex> lk(m_);
+            done_cv_.wait(lk, [this] { return remaining_.load(std::memory_order_acquire) == 0; });
+            break;
+          }
+          std::this_thread::yield();
+        }
+        pause();
+      }
+    }
     return seconds_;
   }
 
   double read_sum() const { return read_sum_; }
 
  private:
+  static void pause() {
+#if defined(__x86_64__) || defined(__i386__)
+    _mm_pause();
+#endif
+  }
+
   void barrier() {  // sense-reversing; yields while waiting (the threads may outnumber idle cores)
     const bool mine = !sense_.load(std::memory_order_relaxed);
     if (arrived_.fetch_add(1, std::memory_order_acq_rel) + 1 == n_) {
@@ -368,7 +386,7 @@ class Pool {
     } else {
       int spins = 0;
       while (sense_.load(std::memory_order_acquire) != mine) {
-        if (++spins > 64) std::this_thread::yield();
+        if (++spins > 64) std::this_thread::yield(); else pause();
       }
     }
   }
@@ -402,46 +420,57 @@ class Pool {
   void loop(int t) {
     uint64_t seen = 0;
     for (;;) {
-      {
-        std::unique_lock<std::mutex> lk(m_);
-        cv_.wait(lk, [&] { return generation_ != seen; });
-        seen = generation_;
-        if (stop_) return;
+      const auto t0 = std::chrono::steady_clock::now();
+      int polls = 0;
+      while (generation_.load(std::memory_order_acquire) == seen) {
+        if ((++polls & 63) == 0) {
+          if (std::chrono::steady_clock::now() - t0 > std::chrono::nanoseconds(spin_ns_)) {
+            std::unique_lock<std::mutex> lk(m_);
+            cv_.wait(lk, [&] { return generation_.load(std::memory_order_acquire) != seen; });
+            break;
+          }
+          std::this_thread::yield();  // a runnable thread that wants this core (more threads than cores) gets it
+        }
+        pause();
       }
+      seen = generation_.load(std::memory_order_acquire);
+      if (stop_.load(std::memory_order_acquire)) return;
       run(t);
-      std::lock_guard<std::mutex> g(m_);
-      if (--remaining_ == 0) {
+      if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
         seconds_ = std::chrono::duration<double>(std::chrono::steady_clock::now() - start_).count();
         if (kind_ == 1) {
           read_sum_ = 0;
           for (int k = 0; k < n_; ++k) read_sum_ += sums_[k];
         }
+        remaining_.store(0, std::memory_order_release);  // (publishes seconds_ and read_sum_)
+        { std::lock_guard<std::mutex> g(m_); }
         done_cv_.notify_all();
       }
     }
   }
 
   const int n_;
+  const int64_t spin_ns_;
   std::vector<std::thread> threads_;
   std::mutex m_;
   std::condition_variable cv_, done_cv_;
-  uint64_t generation_ = 0;
-  int remaining_ = 0;
-  bool stop_ = false;
+  std::atomic<uint64_t> generation_{0};
+  std::atomic<int> remaining_{0};
+  std::atomic<bool> stop_{false};
   Call call_;
   int kind_ = 0;
   std::chrono::steady_clock::time_point start_;
   double seconds_ = 0, read_sum_ = 0;
   double sums_[1024] = {};
-  std::atomic<int> arrived_;
-  std::atomic<bool> sense_;
+  std::atomic<int> arrived_{0};
+  std::atomic<bool> sense_{false};
 };
 
 }  // namespace
 
 extern "C" {
 
-int prophet_cpu_abi_version() { return 1; }
+int prophet_cpu_abi_version() { return 2; }
 
 // bit 0: AVX-512F tiles; bit 1: AVX-512 BF16 dot products; bit 2: F16C
 int prophet_cpu_isa() {
@@ -458,9 +487,9 @@ int prophet_cpu_isa() {
   return isa;
 }
 
-void* prophet_cpu_pool_create(int threads) {
-  if (threads < 1 || threads > 1024) return nullptr;
-  return new Pool(threads);
+void* prophet_cpu_pool_create(int threads, int64_t spin_ns) {
+  if (threads < 1 || threads > 1024 || spin_ns < 0) return nullptr;
+  return new Pool(threads, spin_ns);
 }
 
 void prophet_cpu_pool_destroy(void* pool) { delete static_cast<Pool*>(pool); }

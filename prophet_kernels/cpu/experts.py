@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from . import native
 
 BACKENDS = ("native", "torch")
+SPIN_US = 200.0  # an idle pool thread polls this long for the next call before sleeping (native backend)
 DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # cpu_experts.cpp's DType
 
 
@@ -72,7 +73,7 @@ def pairs_of(ids: np.ndarray, weights: np.ndarray, cpu_experts) -> tuple[np.ndar
 class CpuExperts:
     """The CPU experts of a ``HostExpertStore`` (bf16, fp16 or fp32; one call at a time)."""
 
-    def __init__(self, store, threads: int, backend: str = "native"):
+    def __init__(self, store, threads: int, backend: str = "native", spin_us: float = SPIN_US):
         if backend not in BACKENDS:
             raise ValueError(f"cpu backend {backend!r}: one of {', '.join(BACKENDS)}")
         if store.dtype not in DTYPE_CODES:
@@ -92,7 +93,7 @@ class CpuExperts:
         self._pending = None
         if backend == "native":
             so = native.lib()
-            self._pool = so.prophet_cpu_pool_create(threads)
+            self._pool = so.prophet_cpu_pool_create(threads, int(spin_us * 1e3))
             if not self._pool:
                 raise RuntimeError(f"creating a pool of {threads} CPU threads failed")
             self._finalizer = weakref.finalize(self, so.prophet_cpu_pool_destroy, self._pool)

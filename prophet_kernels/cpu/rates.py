@@ -4,6 +4,7 @@
     cpu_gflops  the CPU backend over one expert at batch 64
     link_gbps   one expert copied from the host store into a device slot (pinned host-to-device on a GPU)
     dram_gbps   the pool's threads reading one layer of the store once (the machine's read rate)
+    call_us     a call with no expert: the wrapper's checks and the pool's start and join
 
 Measured at start-up, before any expert is resident, and kept in the cache folder (``native.cache_dir``)
 under a name that hashes the CPU, the thread count, the backend, the expert shape and dtype and the
@@ -35,13 +36,14 @@ class Rates:
     cpu_gflops: float
     link_gbps: float
     dram_gbps: float
+    call_us: float = 0.0
     source: str = "measured"
 
 
 def _key(cpu, device: torch.device) -> str:
-    s = cpu.store
+    s = cpu.store  # (the library's build key too: a rebuilt kernel is measured again)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    parts = [native._cpu_flags(), str(cpu.threads), cpu.backend, str(s.hidden), str(s.intermediate), str(s.dtype), dev]
+    parts = [native.SOURCE.read_text(), native._cpu_flags(), str(cpu.threads), cpu.backend, str(s.hidden), str(s.intermediate), str(s.dtype), dev]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -114,4 +116,13 @@ def _measure(cpu, slot) -> Rates:
                 slot.copy_(src)
                 return time.perf_counter() - t
         link_gbps = s.expert_bytes / _best(copy) / 1e9
-    return Rates(cpu_gbps, cpu_gflops, link_gbps, dram_gbps)
+    x, none = torch.zeros(1, H, dtype=s.dtype), np.zeros(1, np.int64)
+    empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
+
+    def call():
+        t = time.perf_counter()
+        cpu.submit(0, x, [], none, *empty)
+        cpu.join()
+        return time.perf_counter() - t
+    call_us = sorted(call() for _ in range(51))[25] * 1e6  # the median: the cost a call pays
+    return Rates(cpu_gbps, cpu_gflops, link_gbps, dram_gbps, call_us)

@@ -91,7 +91,7 @@ class ProphetMoE:
         (E without it) for the copies that pay; ``cpu_threads`` the CPU pool's threads (default: the
         cores this process may use, less one for the thread that drives the device),
         ``cpu_backend`` "native" or "torch" (``cpu.experts``), ``cpu_rates`` rates that replace the
-        measured ones (``cpu_gbps``, ``cpu_gflops``, ``link_gbps``, ``dram_gbps``; ``cpu.rates``)."""
+        measured ones (``cpu_gbps``, ``cpu_gflops``, ``link_gbps``, ``dram_gbps``, ``call_us``; ``cpu.rates``)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if miss not in MISSES:
@@ -135,11 +135,13 @@ class ProphetMoE:
             if cpu_backend not in BACKENDS:
                 raise ValueError(f"cpu_backend must be one of {', '.join(BACKENDS)}, got {cpu_backend!r}")
             cpu_threads = max(1, available_cpus() - 1) if cpu_threads is None else check_threads(cpu_threads)
-            unknown = sorted(set(cpu_rates or {}) - {"cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps"})
+            unknown = sorted(set(cpu_rates or {}) - {"cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps", "call_us"})
             if unknown:
-                raise ValueError(f"cpu_rates: unknown rate(s) {unknown}; known: cpu_gbps, cpu_gflops, link_gbps, dram_gbps")
+                raise ValueError(f"cpu_rates: unknown rate(s) {unknown}; known: cpu_gbps, cpu_gflops, link_gbps, "
+                                 "dram_gbps, call_us")
             for name, v in (cpu_rates or {}).items():
-                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf")):
+                if not (isinstance(v, (int, float)) and not isinstance(v, bool) and
+                        (0 <= v if name == "call_us" else 0 < v) and v < float("inf")):
                     raise ValueError(f"cpu_rates {name}={v!r}: must be a finite number > 0")
         self.expert_map = None if expert_map is None else expert_map.to(device)  # on the device: no copy per call
         self._local_of = None if expert_map is None else expert_map.tolist()  # host mode's copy of it
@@ -174,14 +176,15 @@ class ProphetMoE:
         self.cpu = CpuExperts(self.store, threads, backend)
         names = ("cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps")
         if all(n in given for n in names):
-            self.rates = cpu_rates.Rates(**given, source="given")
+            self.rates = cpu_rates.Rates(**given, call_us=given.get("call_us", 0.0), source="given")
         else:
             measured = cpu_rates.measure(self.cpu, self.buffer.blocks[0] if self.buffer.blocks is not None else None)
             self.rates = dataclasses.replace(measured, **given, source=measured.source + (
                 f"; given: {', '.join(sorted(given))}" if given else ""))
         s = self.store
         self.miss_cost = MissCost(s.expert_bytes, 6 * s.hidden * s.intermediate, self.rates.cpu_gbps,
-                                  self.rates.cpu_gflops, self.rates.link_gbps, self.rates.dram_gbps)
+                                  self.rates.cpu_gflops, self.rates.link_gbps, self.rates.dram_gbps,
+                                  self.rates.call_us * 1e-6)
 
     def close(self) -> None:
         """Stop the CPU pool's threads (``miss="cpu"``); the layer is unusable for CPU misses after."""

@@ -111,6 +111,7 @@ class MissCost:
     cpu_gflops: float  # its compute rate at large batch
     link_gbps: float  # host-to-device copies (pinned)
     dram_gbps: float | None = None  # host read bandwidth that copies and CPU reads share (None: no bound)
+    cpu_call_s: float = 0.0  # fixed cost of a call that has CPU experts (the rows to the host and back, the pool's start)
 
     def __post_init__(self):
         for name in ("expert_bytes", "flops_per_token", "cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps"):
@@ -119,6 +120,8 @@ class MissCost:
                 continue
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
                 raise ValueError(f"MissCost {name}={v!r}: must be a finite number > 0")
+        if not (isinstance(self.cpu_call_s, (int, float)) and math.isfinite(self.cpu_call_s) and self.cpu_call_s >= 0):
+            raise ValueError(f"MissCost cpu_call_s={self.cpu_call_s!r}: must be a finite number >= 0")
 
     def cpu_seconds(self, tokens: int) -> float:
         return max(self.expert_bytes / (self.cpu_gbps * 1e9), tokens * self.flops_per_token / (self.cpu_gflops * 1e9))
@@ -129,7 +132,8 @@ class MissCost:
     def call_seconds(self, cpu_tokens, copies: int) -> float:
         """The misses' time in one call: the CPU computing experts of ``cpu_tokens`` tokens each, the
         link copying ``copies`` experts."""
-        cpu, link = sum(self.cpu_seconds(n) for n in cpu_tokens), copies * self.copy_seconds()
+        cpu = (self.cpu_call_s if len(cpu_tokens) else 0.0) + sum(self.cpu_seconds(n) for n in cpu_tokens)
+        link = copies * self.copy_seconds()
         dram = 0.0 if self.dram_gbps is None else (len(cpu_tokens) + copies) * self.expert_bytes / (self.dram_gbps * 1e9)
         return max(cpu, link, dram)
 
@@ -138,9 +142,11 @@ class MissCost:
         tokens = [int(n) for n in tokens]
         order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
         copy = [False] * len(tokens)
-        cpu_s, link_s = sum(self.cpu_seconds(n) for n in tokens), 0.0
-        for i in order:
-            moved_cpu, moved_link = cpu_s - self.cpu_seconds(tokens[i]), link_s + self.copy_seconds()
+        cpu_s = (self.cpu_call_s if tokens else 0.0) + sum(self.cpu_seconds(n) for n in tokens)
+        link_s = 0.0
+        for done, i in enumerate(order, 1):
+            moved_cpu = cpu_s - self.cpu_seconds(tokens[i]) - (self.cpu_call_s if done == len(order) else 0.0)
+            moved_link = link_s + self.copy_seconds()
             if max(moved_cpu, moved_link) >= max(cpu_s, link_s):
                 break
             copy[i], cpu_s, link_s = True, moved_cpu, moved_link
