@@ -1,0 +1,469 @@
+"""miss: cpu (issue 42): the CPU experts backends against an independent PyTorch reference, the
+MissCost split, the residency decision, ProphetMoE's hybrid layer call (the GPU's part through the
+page table, the CPU's from the host store, added) and its refusals. vLLM engines: test_vllm_plugin.py."""
+
+import gc
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from prophet_kernels import HostExpertStore, ProphetMoE
+from prophet_kernels.cpu import CpuExperts, native, pairs_of
+from prophet_kernels.kernels.moe import fused_experts_reference
+from prophet_kernels.memory.buffer import SlotTable
+from prophet_kernels.memory.residency import ExpertResidency, MissCost
+
+pytestmark = pytest.mark.usefixtures("torch_path")  # ProphetMoE's GPU part on the CPU: the PyTorch path
+
+TOL = {torch.float32: 1e-5, torch.float16: 5e-3, torch.bfloat16: 2e-2}  # relative to the output's scale
+
+
+def _routing(g, T, E, k):
+    ids = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)]).int()
+    return ids, torch.rand(T, k, generator=g)
+
+
+def _store(g, L, E, H, I, dtype=torch.float32):
+    w13 = (torch.randn(L, E, 2 * I, H, generator=g) * 0.2).to(dtype)
+    w2 = (torch.randn(L, E, H, I, generator=g) * 0.2).to(dtype)
+    return HostExpertStore.from_tensors(w13, w2, pin=False), w13, w2
+
+
+def _reference_cpu_part(x, w13, w2, ids, weights, cpu_experts):
+    """fp32 reference of the token-slots routed to ``cpu_experts`` only (the others contribute zero)."""
+    kept = torch.where(torch.isin(ids, torch.tensor(cpu_experts, dtype=ids.dtype)), ids, -1)
+    return fused_experts_reference(x.float(), w13.float(), w2.float(), weights, kept, check=False)
+
+
+def _close(got, want, dtype):
+    scale = max(1.0, float(want.abs().max()))
+    torch.testing.assert_close(got.float(), want.float(), rtol=0, atol=TOL[dtype] * scale)
+
+
+# ------------------------------------------------------------------------------ the backends
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H, I, T, E, k", [
+    (77, 45, 1, 8, 2),  # T=1 (decode), H and I odd: every dot product has a masked tail
+    (64, 32, 9, 6, 6),  # k == E: every token on every expert; 9 tokens cross the 4-token tiles
+    (33, 17, 13, 5, 3),  # prime E, tiny dims under one 16/32-wide vector
+    (160, 96, 5, 16, 1),  # k = 1
+])
+def test_cpu_experts_equal_the_reference(backend, dtype, H, I, T, E, k):
+    g = torch.Generator().manual_seed(H * 1000 + T)
+    store, w13, w2 = _store(g, 2, E, H, I, dtype)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    ids, weights = _routing(g, T, E, k)
+    used = sorted(set(ids.flatten().tolist()))
+    cpu_experts = used[::2] or used
+    token_index, offsets, rows, pair_w = pairs_of(ids.numpy(), weights.numpy(), cpu_experts)
+    cpu = CpuExperts(store, 2, backend)
+    try:
+        y = cpu(1, x[torch.from_numpy(token_index)].contiguous(), cpu_experts, offsets, rows, pair_w)
+    finally:
+        cpu.close()
+    full = torch.zeros(T, H)
+    full[torch.from_numpy(token_index)] = y
+    want = _reference_cpu_part(x, w13[1], w2[1], ids, weights, cpu_experts)
+    _close(full, want, dtype)
+    assert sorted(set(token_index.tolist())) == sorted({t for t in range(T) if any(e in cpu_experts for e in ids[t].tolist())})
+
+
+def test_pairs_of_invariants():
+    """Pairs grouped by expert in the given order, each (token, expert) of the CPU experts once, rows
+    index the gathered tokens, weights carried along (exact)."""
+    rng = np.random.default_rng(0)
+    T, E, k = 11, 9, 3
+    ids = np.stack([rng.permutation(E)[:k] for _ in range(T)])
+    ids[2, 1] = -1  # another rank's expert (expert parallelism)
+    w = rng.random((T, k)).astype(np.float32)
+    cpu = [1, 4, 7]
+    token_index, offsets, rows, pw = pairs_of(ids, w, cpu)
+    assert offsets[0] == 0 and offsets[-1] == len(rows) == len(pw) and np.all(np.diff(offsets) >= 0)
+    got = sorted((int(token_index[rows[p]]), cpu[j], float(pw[p])) for j in range(len(cpu))
+                 for p in range(offsets[j], offsets[j + 1]))
+    want = sorted((t, int(ids[t, j]), float(w[t, j])) for t in range(T) for j in range(k) if ids[t, j] in cpu)
+    assert got == want
+    assert np.all(np.diff(token_index) > 0)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(H=st.integers(1, 96), I=st.integers(1, 70), T=st.integers(1, 12), E=st.integers(1, 9), data=st.data(),
+       dtype=st.sampled_from([torch.float32, torch.bfloat16]), threads=st.integers(1, 2))
+def test_native_backend_any_shape(H, I, T, E, data, dtype, threads):
+    """Hypothesis over shapes that cross every tile and vector edge (1..96 x 1..70, 1..12 tokens):
+    the native backend equals the reference."""
+    k = data.draw(st.integers(1, E))
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**31)))
+    store, w13, w2 = _store(g, 1, E, H, I, dtype)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    ids, weights = _routing(g, T, E, k)
+    cpu_experts = data.draw(st.lists(st.sampled_from(sorted(set(ids.flatten().tolist()))), min_size=1, unique=True))
+    cpu_experts.sort()
+    token_index, offsets, rows, pair_w = pairs_of(ids.numpy(), weights.numpy(), cpu_experts)
+    cpu = CpuExperts(store, threads)
+    try:
+        y = cpu(0, x[torch.from_numpy(token_index)].contiguous(), cpu_experts, offsets, rows, pair_w)
+    finally:
+        cpu.close()
+    full = torch.zeros(T, H)
+    full[torch.from_numpy(token_index)] = y
+    _close(full, _reference_cpu_part(x, w13[0], w2[0], ids, weights, cpu_experts), dtype)
+
+
+def test_bad_calls_are_refused_and_change_nothing():
+    g = torch.Generator().manual_seed(0)
+    store, w13, w2 = _store(g, 2, 4, 32, 16)
+    cpu = CpuExperts(store, 1)
+    x = torch.randn(3, 32, generator=g)
+    ok = (np.array([0, 3], np.int64), np.array([0, 1, 2], np.int32), np.ones(3, np.float32))
+    bad = [
+        (dict(layer=2), "layer 2 outside"),
+        (dict(x=x.double()), "contiguous host tensor"),
+        (dict(x=x.t().contiguous().t()), "contiguous host tensor"),
+        (dict(x=x[:, :16].contiguous()), r"\[n, 32\]"),
+        (dict(experts=[4]), r"expert ids must be in \[0, 4\)"),
+        (dict(experts=[-1]), r"expert ids must be in \[0, 4\)"),
+        (dict(offsets=np.array([0, 2], np.int64)), "offsets must rise from 0 to the 3 pairs"),
+        (dict(offsets=np.array([0, 3, 3], np.int64)), "offsets must rise"),
+        (dict(rows=np.array([0, 1, 3], np.int32)), "pair rows must index x's 3 rows"),
+        (dict(weights=np.ones(2, np.float32)), "weights have one per pair"),
+    ]
+    for change, match in bad:
+        args = dict(layer=1, x=x, experts=[2], offsets=ok[0], rows=ok[1], weights=ok[2]) | change
+        with pytest.raises(ValueError, match=match):
+            cpu.submit(**args)
+        assert not cpu.busy
+    y = cpu(1, x, [2], *ok)  # still usable, and right
+    ids = torch.full((3, 1), 2, dtype=torch.int32)
+    _close(y, _reference_cpu_part(x, w13[1], w2[1], ids, torch.ones(3, 1), [2]), torch.float32)
+    cpu.submit(1, x, [2], *ok)
+    with pytest.raises(RuntimeError, match="pending: join"):
+        cpu.submit(1, x, [2], *ok)
+    cpu.join()
+    with pytest.raises(RuntimeError, match="no CPU experts call is pending"):
+        cpu.join()
+    cpu.close()
+
+
+def test_inputs_live_until_joined():
+    """The pool reads the call's tensors after submit returns: they are held until join, so a caller
+    that drops its references (and a collection) cannot free them under the pool."""
+    g = torch.Generator().manual_seed(1)
+    store, w13, w2 = _store(g, 1, 4, 256, 128)
+    cpu = CpuExperts(store, 2)
+    x = torch.randn(16, 256, generator=g)
+    ids = torch.full((16, 1), 3, dtype=torch.int32)
+    want = _reference_cpu_part(x, w13[0], w2[0], ids, torch.ones(16, 1), [3])
+    cpu.submit(0, x.clone(), [3], np.array([0, 16], np.int64), np.arange(16, dtype=np.int32), np.ones(16, np.float32))
+    gc.collect()
+    junk = [torch.full((16, 256), float("nan")) for _ in range(64)]  # reuse of freed memory, if any were freed
+    y, seconds = cpu.join()
+    assert seconds > 0 and len(junk) == 64
+    _close(y, want, torch.float32)
+    cpu.close()
+
+
+@pytest.mark.parametrize("threads, match", [(0, r"cpu_threads=0: give a whole number in \[1, "),
+                                            (10_000, r"cpu_threads=10000"), (1.5, r"cpu_threads=1.5")])
+def test_thread_counts_the_machine_cannot_run_are_refused(threads, match):
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ValueError, match=match):
+        CpuExperts(_store(g, 1, 2, 8, 4)[0], threads)
+
+
+def test_fp8_store_and_unknown_backend_are_refused():
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(1, 2, 8, 16, generator=g), torch.randn(1, 2, 16, 4, generator=g)
+    fp8 = HostExpertStore.from_tensors(w13, w2, pin=False, expert_dtype="fp8")
+    with pytest.raises(ValueError, match="fp8 experts on the CPU: not yet"):
+        CpuExperts(fp8, 1)
+    with pytest.raises(ValueError, match="cpu backend 'avx'"):
+        CpuExperts(HostExpertStore.from_tensors(w13, w2, pin=False), 1, "avx")
+
+
+def test_native_build_is_cached_and_a_failed_build_names_the_compiler(tmp_path, monkeypatch):
+    assert native.is_available() and native.lib().prophet_cpu_abi_version() == native.ABI_VERSION
+    assert "avx512f" in native.isa() or native.isa() == [] or "f16c" in native.isa()
+    monkeypatch.setenv("PROPHET_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a compiler that fails
+    with pytest.raises(native.NativeBuildError, match="compiling cpu_experts.cpp with false failed"):
+        native.build()
+    assert not list(tmp_path.glob("*.so"))  # nothing half-written left behind
+    monkeypatch.setenv("CXX", "/nonexistent/c++")
+    with pytest.raises((native.NativeBuildError, FileNotFoundError)):
+        native.build()
+
+
+def test_rates_are_measured_once_and_shared(tmp_path, monkeypatch):
+    """Ranks on one node read the rates the first of them measured (the cache file); the numbers are
+    positive and the link's was measured into a slot."""
+    from prophet_kernels.cpu import rates
+
+    monkeypatch.setenv("PROPHET_CACHE_DIR", str(tmp_path))
+    g = torch.Generator().manual_seed(0)
+    store = _store(g, 1, 4, 64, 32)[0]
+    cpu = CpuExperts(store, 1)
+    slot = torch.empty_like(store.blocks[0][0])
+    first = rates.measure(cpu, slot)
+    second = rates.measure(cpu, slot)
+    assert first.source == "measured" and second.source.startswith("measured earlier")
+    assert (first.cpu_gbps, first.cpu_gflops, first.link_gbps, first.dram_gbps, first.call_us) == \
+        (second.cpu_gbps, second.cpu_gflops, second.link_gbps, second.dram_gbps, second.call_us)
+    assert min(first.cpu_gbps, first.cpu_gflops, first.link_gbps, first.dram_gbps, first.call_us) > 0
+    assert torch.equal(slot, store.blocks[0][0])  # the link was timed copying expert 0 into the slot
+    cpu.close()
+
+
+# ------------------------------------------------------------------------------ the split
+
+COST = dict(expert_bytes=100_000_000, flops_per_token=6 * 4096 * 14336)  # a Mixtral-sized bf16 expert (rounded)
+
+
+def test_split_decode_goes_to_the_cpu_and_a_prefill_chunk_is_copied():
+    """A server (100 GB/s DRAM, 1 TFLOP/s) beside PCIe 4 (25 GB/s): a decode miss (1 token) is
+    computed on the CPU; an expert with a chunk's 128 tokens is copied."""
+    cost = MissCost(**COST, cpu_gbps=100, cpu_gflops=1000, link_gbps=25, dram_gbps=100)
+    assert cost.split([1, 1]) == [False, False]
+    assert cost.split([128, 1]) == [True, False]
+    assert cost.cpu_seconds(1) == pytest.approx(1e-3) and cost.copy_seconds() == pytest.approx(4e-3)
+
+
+@settings(max_examples=200, deadline=None)
+@given(tokens=st.lists(st.integers(1, 512), max_size=12),
+       cpu_gbps=st.floats(1, 500), cpu_gflops=st.floats(1, 5000), link_gbps=st.floats(1, 64),
+       call_us=st.floats(0, 500))
+def test_split_properties(tokens, cpu_gbps, cpu_gflops, link_gbps, call_us):
+    """The split never takes longer than all-CPU or all-copy; the copied misses are those with the
+    most tokens (a copied expert never has fewer tokens than one left to the CPU)."""
+    cost = MissCost(**COST, cpu_gbps=cpu_gbps, cpu_gflops=cpu_gflops, link_gbps=link_gbps, cpu_call_s=call_us * 1e-6)
+    copy = cost.split(tokens)
+    assert len(copy) == len(tokens)
+    chosen = cost.call_seconds([n for n, c in zip(tokens, copy) if not c], sum(copy))
+    assert chosen <= cost.call_seconds(tokens, 0) * (1 + 1e-12)
+    assert chosen <= cost.call_seconds([], len(tokens)) * (1 + 1e-12) or not tokens
+    if any(copy) and not all(copy):
+        assert min(n for n, c in zip(tokens, copy) if c) >= max(n for n, c in zip(tokens, copy) if not c)
+
+
+@pytest.mark.parametrize("field, value", [("cpu_gbps", 0), ("link_gbps", float("inf")), ("cpu_gflops", -1.0),
+                                          ("cpu_call_s", -1e-6), ("dram_gbps", float("nan"))])
+def test_miss_cost_refuses_nonsense(field, value):
+    with pytest.raises(ValueError, match=f"MissCost {field}="):
+        MissCost(**(COST | dict(cpu_gbps=1, cpu_gflops=1, link_gbps=1) | {field: value}))
+
+
+def test_acquire_with_a_cost_splits_the_misses_and_counts_them():
+    table = SlotTable(2, 8, 4)
+    res = ExpertResidency(table, COST["expert_bytes"])
+    cost = MissCost(**COST, cpu_gbps=100, cpu_gflops=1000, link_gbps=25)
+    slots, fills = res.acquire(0, [1, 2, 3], fill=cost, tokens=[200, 1, 1])
+    assert slots[0] >= 0 and slots[1:] == [-1, -1] and fills == [(slots[0], 0, 1)]
+    st = res.stats.layers[0]
+    assert (st.misses, st.cpu_experts, st.cpu_token_slots, st.bytes_h2d) == (3, 2, 2, COST["expert_bytes"])
+    assert res.stats.demand_copies == 1
+    res.release([slots[0]])
+    # every slot pinned (read by another call): misses whose copy would pay go to the CPU
+    held = [table.allocate(1, e)[0] for e in range(3)]  # (slot of layer 0, expert 1 is the fourth)
+    held.append(table.lookup(0, 1))
+    table.pin(held)
+    assert table.full()
+    slots, fills = res.acquire(1, [5, 6], fill=cost, tokens=[300, 300])
+    assert slots == [-1, -1] and fills == [] and res.stats.layers[1].cpu_experts == 2
+    table.unpin(held)
+
+
+def test_acquire_refusals_leave_no_trace():
+    table = SlotTable(2, 8, 4)
+    res = ExpertResidency(table, 10)
+    cost = MissCost(10, 10, 1, 1, 1)
+    before = (list(table.pins), list(table.owner), res.stats.as_dict())
+    for kwargs, match in ((dict(tokens=None), "one token count >= 1 per expert"),
+                          (dict(tokens=[1]), "one token count >= 1 per expert"),
+                          (dict(tokens=[1, 0]), "one token count >= 1 per expert")):
+        with pytest.raises(ValueError, match=match):
+            res.acquire(0, [1, 2], fill=cost, **kwargs)
+    with pytest.raises(TypeError, match="fill must be True, False or a MissCost"):
+        res.acquire(0, [1, 2], fill="cpu")
+    assert (list(table.pins), list(table.owner), res.stats.as_dict()) == before
+
+
+# ------------------------------------------------------------------------------ ProphetMoE, miss: cpu
+
+CPU_WINS = {"cpu_gbps": 1000.0, "cpu_gflops": 1e6, "link_gbps": 1e-3, "dram_gbps": 1000.0}
+LINK_WINS = {"cpu_gbps": 1e-3, "cpu_gflops": 1e-3, "link_gbps": 1000.0, "dram_gbps": 1000.0}
+MIXED = {"cpu_gbps": 10.0, "cpu_gflops": 0.5, "link_gbps": 1.0, "dram_gbps": 100.0}  # few tokens: CPU; many: copy
+
+
+def _layer_calls(moe, w13, w2, g, steps, T, dtype=torch.float32, expert_map=None):
+    L, E, k = w13.shape[0], w2.shape[1] if expert_map is None else expert_map.numel(), 2
+    for _ in range(steps):
+        for layer in range(L):
+            x = torch.randn(T, w13.shape[3], generator=g).to(dtype)
+            ids, weights = _routing(g, T, E, k)
+            y = moe(layer, x, weights, ids)
+            if expert_map is None:
+                want = fused_experts_reference(x.float(), w13[layer].float(), w2[layer].float(), weights, ids)
+            else:  # this rank's experts only
+                local = torch.where(ids >= 0, expert_map[ids.long()], -1)
+                want = fused_experts_reference(x.float(), w13[layer].float(), w2[layer].float(), weights, local,
+                                               check=False)
+            _close(y, want, dtype)
+
+
+@pytest.mark.parametrize("slots", [0, 5, 32])
+@pytest.mark.parametrize("rates", [CPU_WINS, LINK_WINS, MIXED], ids=["cpu-wins", "link-wins", "mixed"])
+def test_hybrid_layer_equals_the_reference(slots, rates):
+    """Any buffer (none, 5 of 32 slots, all) and any split: y equals the all-resident reference."""
+    g = torch.Generator().manual_seed(slots)
+    L, E, H, I = 4, 8, 48, 40
+    w13, w2 = torch.randn(L, E, 2 * I, H, generator=g) * 0.2, torch.randn(L, E, H, I, generator=g) * 0.2
+    moe = ProphetMoE.from_weights(w13, w2, slots, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=rates,
+                                  top_k=2, max_batch_tokens=64)
+    try:
+        for T in (1, 3, 40):  # decode-sized (one host sync with x) and a chunk (x's rows gathered after)
+            _layer_calls(moe, w13, w2, g, 2, T)
+        st = moe.stats
+    finally:
+        moe.close()
+    if slots == 32:  # every expert loaded at start-up: nothing for the CPU
+        assert st.misses == 0 and st.cpu_experts == 0 and st.hits > 0
+    elif rates is CPU_WINS:
+        assert st.cpu_experts == st.misses > 0 and st.demand_copies == 0 and st.cpu_s > 0
+    elif rates is LINK_WINS:  # every miss copied, but where a call needs more experts than 5 slots hold
+        assert st.demand_copies > 0 and (st.cpu_experts == 0 or slots == 5)
+    else:
+        assert 0 < st.cpu_experts < st.misses
+
+
+def test_hybrid_layer_bf16_and_expert_parallel():
+    g = torch.Generator().manual_seed(7)
+    L, E, H, I = 3, 8, 64, 32
+    w13, w2 = torch.randn(L, E, 2 * I, H, generator=g) * 0.2, torch.randn(L, E, H, I, generator=g) * 0.2
+    moe = ProphetMoE.from_weights(w13.bfloat16(), w2.bfloat16(), 4, device="cpu", miss="cpu", cpu_threads=1,
+                                  cpu_rates=MIXED)
+    _layer_calls(moe, w13.bfloat16(), w2.bfloat16(), g, 2, 5, torch.bfloat16)
+    moe.close()
+    # expert parallelism: this rank holds experts 4..7 of 8 (as its 0..3); the others contribute zero
+    emap = torch.tensor([-1, -1, -1, -1, 0, 1, 2, 3], dtype=torch.int32)
+    moe = ProphetMoE.from_weights(w13[:, 4:], w2[:, 4:], 3, device="cpu", miss="cpu", cpu_threads=1,
+                                  cpu_rates=MIXED, expert_map=emap)
+    _layer_calls(moe, w13[:, 4:], w2[:, 4:], g, 2, 5, expert_map=emap)
+    assert moe.stats.cpu_experts > 0
+    moe.close()
+
+
+def test_misses_the_cpu_computed_are_copied_for_the_next_call():
+    """A routing that repeats: the CPU computes the first call's misses, the prefetch budget copies
+    them for the next call, which then hits (residency follows routing as with misses that wait)."""
+    g = torch.Generator().manual_seed(3)
+    w13, w2 = torch.randn(1, 8, 32, 16, generator=g), torch.randn(1, 8, 16, 16, generator=g)
+    moe = ProphetMoE.from_weights(w13, w2, 4, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=CPU_WINS,
+                                  prefetch_budget_bytes=None)
+    x, w, ids = torch.randn(1, 16, generator=g), torch.rand(1, 2, generator=g), torch.tensor([[1, 6]], dtype=torch.int32)
+    moe(0, x, w, ids)
+    assert (moe.stats.misses, moe.stats.cpu_experts) == (2, 2)
+    moe(0, x, w, ids)
+    assert (moe.stats.hits, moe.stats.misses) == (2, 2)
+    moe.close()
+
+
+def test_poisoned_free_slots_and_a_failing_gpu_part(monkeypatch):
+    """The GPU's part reads only slots whose copy it waited for: free slots full of NaN never reach y.
+    A failure in the GPU's part after the CPU's was submitted joins the pool and releases the pins,
+    and the next call is right."""
+    from prophet_kernels.memory import layer as layer_mod
+
+    g = torch.Generator().manual_seed(5)
+    L, E, H, I = 2, 8, 32, 24
+    w13, w2 = torch.randn(L, E, 2 * I, H, generator=g) * 0.2, torch.randn(L, E, H, I, generator=g) * 0.2
+    moe = ProphetMoE.from_weights(w13, w2, 6, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=MIXED)
+    moe.buffer.blocks.fill_(float("nan"))
+    _layer_calls(moe, w13, w2, g, 3, 6)
+    real = layer_mod.fused_experts_paged
+
+    def broken(*a, **kw):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(layer_mod, "fused_experts_paged", broken)
+    x, (ids, weights) = torch.randn(20, H, generator=g), _routing(g, 20, E, 2)
+    with pytest.raises(RuntimeError, match="device lost"):
+        moe(0, x, weights, ids)
+    assert not moe.cpu.busy and sum(moe.buffer.pins) == 0
+    monkeypatch.setattr(layer_mod, "fused_experts_paged", real)
+    _layer_calls(moe, w13, w2, g, 1, 6)
+    moe.close()
+
+
+def test_refused_calls_leave_no_trace():
+    g = torch.Generator().manual_seed(0)
+    w13, w2 = torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 8, 16, 8, generator=g)
+    moe = ProphetMoE.from_weights(w13, w2, 4, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=MIXED)
+    moe(0, torch.randn(2, 16), torch.rand(2, 2), torch.tensor([[0, 1], [2, 3]], dtype=torch.int32))
+    before = (moe.stats.as_dict(), list(moe.buffer.owner), list(moe.buffer.pins))
+    for ids, match in ((torch.tensor([[0, 8], [1, 2]], dtype=torch.int32), r"outside \[0, 8\) in layer 1: 8"),
+                       (torch.tensor([[0, -3], [1, 2]], dtype=torch.int32), r"outside \[0, 8\) in layer 1: -3")):
+        with pytest.raises(ValueError, match=match):
+            moe(1, torch.randn(2, 16), torch.rand(2, 2), ids)
+    with pytest.raises(TypeError):
+        moe(1, torch.randn(2, 16).double(), torch.rand(2, 2), torch.tensor([[0, 1], [1, 2]], dtype=torch.int32))
+    assert (moe.stats.as_dict(), list(moe.buffer.owner), list(moe.buffer.pins)) == before and not moe.cpu.busy
+    moe.close()
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(miss="gpu"), "miss must be one of wait, cpu"),
+    (dict(miss="cpu", mode="device"), "miss='cpu' runs in host mode"),
+    (dict(miss="cpu", cpu_backend="amx"), "cpu_backend must be one of native, torch"),
+    (dict(miss="cpu", cpu_rates={"cpu_gbps": 0}), "cpu_rates cpu_gbps=0"),
+    (dict(miss="cpu", cpu_rates={"pcie": 1}), r"unknown rate\(s\) \['pcie'\]"),
+    (dict(miss="cpu", cpu_threads=0), "cpu_threads=0"),
+])
+def test_prophet_moe_refusals(kwargs, match):
+    w13, w2 = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 4)
+    with pytest.raises(ValueError, match=match):
+        ProphetMoE.from_weights(w13, w2, 2, device="cpu", **kwargs)
+
+
+def test_buffer_zero_is_a_staging_ring_with_miss_cpu_only():
+    w13, w2 = torch.randn(3, 8, 8, 8), torch.randn(3, 8, 8, 4)
+    moe = ProphetMoE.from_weights(w13, w2, 0, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=MIXED, top_k=2,
+                                  max_batch_tokens=2)
+    assert moe.staging_only and moe.buffer.num_slots == 4  # one layer's unique experts at 2 tokens x top-2
+    moe.close()
+    with pytest.raises((ValueError, TypeError)):
+        ProphetMoE.from_weights(w13, w2, 0, device="cpu")
+
+
+# ------------------------------------------------------------------------------ settings
+
+@pytest.mark.parametrize("cfg, match", [
+    ({"miss": "host"}, "unknown Prophet miss 'host'; known: wait, cpu"),
+    ({"miss": "cpu", "mode": "device"}, "miss 'cpu' runs in mode 'host'"),
+    ({"miss": "cpu", "expert_dtype": "fp8"}, "expert_dtype fp8 on the CPU is not supported yet"),
+    ({"miss": "cpu", "cpu_threads": -1}, r"cpu_threads=-1: give a whole number in \[1, "),
+    ({"miss": "cpu", "cpu_threads": 100000}, "cpu_threads=100000"),
+    ({"miss": "cpu", "cpu_backend": "kt"}, "unknown Prophet cpu_backend 'kt'; known: native, torch"),
+    ({"miss": "cpu", "cpu_gbps": -2}, "cpu_gbps=-2"),
+    ({"buffer": 0}, r"buffer=0.*\(or 0 with miss: cpu\)"),
+])
+def test_settings_refusals(cfg, match):
+    from prophet_kernels.integration.settings import ProphetSettings
+
+    with pytest.raises(ValueError, match=match):
+        ProphetSettings.resolve({"prophet": cfg}, environ={})
+
+
+def test_settings_from_the_environment_and_buffer_zero():
+    from prophet_kernels.integration.settings import ProphetSettings
+
+    s = ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_MISS": "cpu", "PROPHET_BUFFER": "0",
+                                               "PROPHET_CPU_THREADS": "1", "PROPHET_PCIE_GBPS": "25"})
+    assert (s.miss, s.buffer, s.cpu_threads, s.num_slots(4, 8)) == ("cpu", 0.0, 1, 0)
+    assert s.cpu_rates() == {"link_gbps": 25.0} and s.cpu_threads_for(1) == 1
+    s.check_fits(4, 8, 2, 8192)  # with miss cpu, any buffer serves any batch
+    assert ProphetSettings(enabled=True, miss="cpu").cpu_threads_for(64) == 1  # never below one thread
