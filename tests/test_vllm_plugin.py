@@ -1302,3 +1302,86 @@ def test_ray_two_nodes_tokens_and_every_rank(checkpoints, baseline, ray_two_node
         assert r["num_layers"] == demo.TINY["olmoe"]["num_hidden_layers"] // pp
         assert r["total"]["misses"] > 0 and r["total"]["evictions"] > 0
     assert len(ray.nodes()) == 2
+
+
+# ------------------------------------------------------------------ miss: cpu (issue 42)
+# Rates under which a tiny expert (96 KiB in fp32) of a decode step (1-2 tokens) is computed on the CPU
+# and one of a prefill chunk (~13 tokens) is copied; the DRAM rate is measured.
+CPU_RATES = {"cpu_gbps": 10.0, "cpu_gflops": 3.0, "pcie_gbps": 1.0}
+
+
+def _greedy_logprobs(llm, prompts):
+    from vllm import SamplingParams
+
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
+                        SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, detokenize=False, ignore_eos=True,
+                                       logprobs=0), use_tqdm=False)
+    return ([list(o.outputs[0].token_ids) for o in outs],
+            [[next(iter(lp.values())).logprob for lp in o.outputs[0].logprobs] for o in outs])
+
+
+@pytest.fixture(scope="module")
+def baseline_logprobs(checkpoints, baseline):
+    out = {}
+    for family, path in checkpoints.items():
+        llm = demo.make_llm(path, None)
+        try:
+            out[family] = _greedy_logprobs(llm, baseline[0])
+        finally:
+            del llm
+    return out
+
+
+@pytest.mark.parametrize("family", list(demo.TINY))
+@pytest.mark.parametrize("buffer", [0, 0.25, 1.0])
+def test_cpu_misses_tokens_identical(checkpoints, baseline_logprobs, family, buffer):
+    """miss: cpu at buffer 0 (a staging ring only), 0.25 and 1.0: greedy tokens identical to vLLM's own
+    and the chosen tokens' logprobs within 1e-4 (the CPU's and the device's partial sums round
+    differently: not bit-exact); the CPU computed the decode misses and the link copied the prefill's
+    (none at 1.0: every expert loaded at start-up)."""
+    base_tokens, base_lp = baseline_logprobs[family]
+    ps = demo.prompts(4)
+    llm = demo.make_llm(checkpoints[family], {"buffer": buffer, "miss": "cpu", "cpu_threads": 1, **CPU_RATES})
+    try:
+        prophet_stats(llm, reset=True)  # leave out vLLM's profiling run
+        tokens, lp = _greedy_logprobs(llm, ps)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == base_tokens
+    assert max(abs(a - b) for x, y in zip(lp, base_lp) for a, b in zip(x, y)) < 1e-4
+    t = stats["total"]
+    assert stats["miss"] == "cpu" and stats["cpu_threads"] == 1 and stats["cpu_rates"]["cpu_gbps"] == 10.0
+    if buffer == 1.0:
+        assert t["misses"] == 0 and t["cpu_experts"] == 0 and t["hits"] > 0
+    else:
+        assert t["cpu_experts"] > 0 and t["cpu_token_slots"] >= t["cpu_experts"] and t["cpu_s"] > 0
+        assert t["demand_copies"] > 0  # the prompts' chunk: its experts had ~13 tokens each
+    if buffer == 0:  # no resident experts: the slots are one layer's experts, a staging ring
+        assert stats["slots"] == 8
+
+
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_cpu_misses_under_tensor_and_pipeline_parallelism(checkpoints, baseline, monkeypatch, layout):
+    """miss: cpu at TP=2 (each rank computes its shard of each CPU expert; vLLM's all-reduce adds the
+    ranks) and PP=2 (each stage its own layers): greedy tokens identical to TP=1 without Prophet, and
+    every rank's CPU computed misses."""
+    ps, base = baseline
+    prophet = {"buffer": 0.25, "miss": "cpu", "cpu_threads": 1, **CPU_RATES}
+    tokens, stats = (_two_ranks(monkeypatch, checkpoints["olmoe"], prophet, ps, "the TP workers'") if layout == "tp"
+                     else _pipeline(monkeypatch, checkpoints["olmoe"], prophet, ps))
+    assert tokens == base["olmoe"]
+    ranks = [s for s in stats if s["rank"] != "total"]
+    assert len(ranks) == 2 and all(r["total"]["cpu_experts"] > 0 for r in ranks)
+    if layout == "tp":  # the same decisions on both ranks (same routing, same rates)
+        assert ranks[0]["total"]["cpu_experts"] == ranks[1]["total"]["cpu_experts"]
+
+
+def test_cpu_misses_refusals_in_the_front_end(checkpoints):
+    """miss: cpu settings a worker could not run are refused where vLLM builds the engine config."""
+    for prophet, match in (({"miss": "cpu", "mode": "device"}, "runs in mode 'host'"),
+                           ({"miss": "cpu", "cpu_threads": 4096}, "cpu_threads=4096"),
+                           ({"miss": "later"}, "unknown Prophet miss 'later'")):
+        with pytest.raises(ValueError, match=match):
+            _front_end(checkpoints["olmoe"], prophet)
+    assert _front_end(checkpoints["olmoe"], {"miss": "cpu", "buffer": 0}).additional_config["prophet"]["buffer"] == 0
