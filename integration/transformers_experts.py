@@ -43,7 +43,8 @@ def _register() -> None:
 def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAULT_POLICY, predictor: str = "none",
                    prefetch_depth: int = 1, prefetch_budget: int | None = 1, predictor_path: str = "",
                    max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE, expert_dtype: str = "auto",
-                   miss: str = "wait", cpu_threads: int = 0, cpu_backend: str = "native") -> ProphetMoE:
+                   miss: str = "wait", cpu_threads: int = 0, cpu_backend: str = "native", cpu_gbps: float = 0.0,
+                   cpu_gflops: float = 0.0, pcie_gbps: float = 0.0) -> ProphetMoE:
     """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
 
     The settings are the vLLM plugin's (``settings.ProphetSettings``): buffer (fraction
@@ -54,14 +55,16 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
     expert_dtype (auto: the model's; fp8: quantized to e4m3 with per-output-channel scales as they
     move into the store, one expert at a time: half the bytes per slot and per copy), miss (wait: a
     miss is copied and waited for; cpu: the host CPU computes the misses whose copy does not pay,
-    buffer 0 then valid), cpu_threads (0: the cores this process may use, less one), cpu_backend.
+    buffer 0 then valid), cpu_threads (0: the cores this process may use, less one), cpu_backend,
+    cpu_gbps / cpu_gflops / pcie_gbps (the rates misses are split by; 0: measured at start-up).
     device: the expert buffer's (default cuda when present, else cpu; the rest of the model follows
     with ``model.to(device)``). max_batch_tokens: the most tokens one forward carries; the buffer
     must hold the unique experts one layer can need then (default: any batch, so all E of a layer)."""
     settings = ProphetSettings(enabled=True, buffer=buffer, mode=mode, policy=policy, predictor=predictor,
                                prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget,
                                predictor_path=predictor_path, expert_dtype=expert_dtype, miss=miss,
-                               cpu_threads=cpu_threads, cpu_backend=cpu_backend).validated()
+                               cpu_threads=cpu_threads, cpu_backend=cpu_backend, cpu_gbps=cpu_gbps,
+                               cpu_gflops=cpu_gflops, pcie_gbps=pcie_gbps).validated()
     if any(hasattr(m, "prophet") for m in model.modules()):
         raise ValueError("Prophet is already enabled on this model")
     check_model_family(model_type=getattr(model.config, "model_type", None))

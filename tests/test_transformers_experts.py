@@ -150,3 +150,20 @@ def test_fp8_experts_equal_dequantized_model(checkpoints, family, mode):
     assert got == want
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
     assert moe.stats.misses > 0 and moe.stats.evictions > 0
+
+
+@pytest.mark.parametrize("family", list(demo.TINY))
+def test_cpu_misses_tokens_identical(checkpoints, family):
+    """miss: cpu through transformers (issue 42): the same greedy tokens and logits within 1e-4, with
+    misses computed on the CPU (a decode step's) and copied (the prompts' forward)."""
+    prompts = [p[:12] for p in demo.prompts(4, length=12)]
+    want, want_logits = _generate(_load(checkpoints[family]), prompts)
+    model = _load(checkpoints[family])
+    moe = enable_prophet(model, buffer=0.25, device="cpu", miss="cpu", cpu_threads=1, cpu_gbps=10.0, cpu_gflops=3.0,
+                         pcie_gbps=1.0)
+    got, got_logits = _generate(model, prompts)
+    moe.close()
+    assert got == want
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+    st = moe.stats
+    assert st.cpu_experts > 0 and st.demand_copies > 0
