@@ -4,6 +4,7 @@
     prophet info             versions, device, which kernel path runs here, native library, vLLM and the plugin,
                              NUMA nodes and each GPU's node
     prophet bench [ARGS]     the MoE kernel benchmark (benchmark/moe.py; small CPU run without a GPU)
+    prophet bench cpu-experts [ARGS]  one MoE layer's experts on this host's CPU (benchmark/cpu_experts.py)
     prophet trace train|record   train a routing-shape model on the offline corpus; record traces
     prophet simulate [OPTIONS]   replay a routing trace through the buffer: one run, or --sweep
     prophet dedup [OPTIONS]      unique experts per layer vs batch, measured on traces
@@ -67,6 +68,10 @@ def _installed(name: str) -> bool:
 
 
 def _bench(args: list[str]) -> int:
+    if args[:1] == ["cpu-experts"]:  # the routed experts on this host's CPU (miss: cpu)
+        from .benchmark.cpu_experts import main as cpu_main
+
+        return cpu_main(args[1:])
     # the benchmark picks the Triton interpreter without a GPU before any kernel module loads
     # (the package loads its kernels lazily, see __init__)
     from .benchmark.moe import main as bench_main
@@ -613,7 +618,8 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     _add_plan_args(sub.add_parser("plan", help="capacity planner: KV cache freed per model/GPU/batch/buffer"))
     sub.add_parser("info", help="versions, device, kernel path, native library")
-    sub.add_parser("bench", help="MoE kernel benchmark (prophet bench --help for its options)", add_help=False)
+    sub.add_parser("bench", help="MoE kernel benchmark (prophet bench --help for its options; prophet bench "
+                                 "cpu-experts: the experts on this host's CPU)", add_help=False)
     _add_trace_args(sub.add_parser("trace", help="routing traces: train a routing-shape model, record traces"))
     _add_simulate_args(sub.add_parser("simulate", help="replay a routing trace through the expert buffer"))
     _add_dedup_args(sub.add_parser("dedup", help="unique experts per layer vs batch, measured on traces"))
