@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -376,6 +377,15 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity-dtype", choices=["bf16", "fp8"],
                    help="count --capacity in experts of this dtype's size: --expert-dtype fp8 --capacity-dtype bf16 "
                         "is fp8 experts in the bytes of a bf16 buffer (default: --expert-dtype)")
+    p.add_argument("--miss", default="wait", choices=["wait", "cpu"],
+                   help="wait: a miss is copied and waited for (default); cpu: the misses whose copy does not pay are "
+                        "computed on the host CPU, as ProphetMoE(miss='cpu') splits them (single runs)")
+    p.add_argument("--cpu-gbps", type=float, help="miss cpu: the CPU's rate over expert bytes at batch 1 (default: "
+                                                  "this host's prophet bench cpu-experts rows)")
+    p.add_argument("--cpu-gflops", type=float, help="miss cpu: the CPU's compute rate at large batch (default: as above)")
+    p.add_argument("--dram-gbps", type=float, help="miss cpu: host read bandwidth that copies and the CPU share "
+                                                   "(default: as above; none: no shared bound)")
+    p.add_argument("--cpu-call-us", type=float, help="miss cpu: fixed cost of a layer call with CPU experts (default 0)")
     p.add_argument("--sweep", action="store_true",
                    help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures; "
                         "rows are written as they complete and an interrupted sweep resumes from them (same --out); "
@@ -408,9 +418,22 @@ def _check_simulate_options(args) -> None:
         raise ValueError("--expert-dtype and --capacity-dtype go with single runs, not --sweep or --batch-sweep")
     if not single and (args.predictor or args.depth is not None):
         raise ValueError("--predictor and --depth go with single runs: --sweep and --batch-sweep run their own set")
+    cpu_flags = [f for f, v in (("--cpu-gbps", args.cpu_gbps), ("--cpu-gflops", args.cpu_gflops),
+                                 ("--dram-gbps", args.dram_gbps), ("--cpu-call-us", args.cpu_call_us)) if v is not None]
+    if cpu_flags and args.miss != "cpu":
+        raise ValueError(f"{', '.join(cpu_flags)} go with --miss cpu")
+    if args.miss == "cpu" and not single:
+        raise ValueError("--miss cpu goes with single runs, not --sweep or --batch-sweep")
+    if args.miss == "cpu" and args.policy.startswith("device-"):
+        raise ValueError(f"--miss cpu is host mode's: policy {args.policy} is the device mode's")
+    for flag, v in zip(cpu_flags, [x for x in (args.cpu_gbps, args.cpu_gflops, args.dram_gbps, args.cpu_call_us)
+                                   if x is not None]):
+        if not (math.isfinite(v) and (v >= 0 if flag == "--cpu-call-us" else v > 0)):
+            raise ValueError(f"{flag} {v}: a finite rate > 0" + (" (or 0)" if flag == "--cpu-call-us" else ""))
     if single and not args.predictor:
-        for flag, given in (("--depth", args.depth is not None), ("--prefetch-budget", args.prefetch_budget is not None),
-                            ("--unlimited-budget", args.unlimited_budget)):
+        for flag, given in (("--depth", args.depth is not None),
+                            ("--prefetch-budget", args.prefetch_budget is not None and args.miss != "cpu"),
+                            ("--unlimited-budget", args.unlimited_budget and args.miss != "cpu")):
             if given:
                 raise ValueError(f"{flag} does nothing without --predictor (nothing is prefetched)")
     if args.batch_sweep and any(b < 1 for b in args.batch_sweep):
@@ -508,8 +531,12 @@ def _simulate(args: argparse.Namespace) -> int:
     if pred and pred != "oracle":
         pred = fit_predictor(pred, train, held)
     capacity = args.slots if args.slots is not None else args.capacity
+    cpu = {}
+    if args.miss == "cpu":
+        cpu = _cpu_rates_for(args, held)
     r = simulate(held, capacity, args.policy, pred, 1 if args.depth is None else args.depth, batch=args.batch, max_steps=args.max_steps,
-                 progress=True, expert_dtype=args.expert_dtype, capacity_dtype=args.capacity_dtype, **timing)
+                 progress=True, expert_dtype=args.expert_dtype, capacity_dtype=args.capacity_dtype, miss=args.miss,
+                 cpu_rates=cpu.get("rates"), **timing)
     d = r.as_dict()
     model = timing_model(held)
     constants = ", ".join(f"{k} {v}" for k, v in timing.items() if k in ("expert_bytes", "pcie_gbps", "layer_us"))
@@ -520,11 +547,34 @@ def _simulate(args: argparse.Namespace) -> int:
               f"the catalogue){'; given: ' + constants if constants else ''}")
     print(f"hit rate {r.hit_rate:.2%} (landed in time {r.ready_hit_rate:.2%})  misses/token {d['misses_per_token']:.3f}  "
           f"H2D {d['bytes_per_token'] / 1e6:.2f} MB/token  stall {d['stall_us_per_token']:.0f} us/token")
+    if args.miss == "cpu":
+        print(f"miss cpu ({cpu['source']}): CPU computed {d['fallbacks_per_token']:.3f} experts/token, adding "
+              f"{d['extra_us_per_token']:.0f} us/token beside the GPU; copies that paid or were copied ahead "
+              f"{d['bytes_per_token'] / 1e6:.2f} MB/token")
     if r.predictor != "none":  # (docs/stats.md: each figure named once)
         print(f"prefetched {r.prefetched}, read before eviction {r.prefetch_precision:.1%}")
         print("predictor by depth (1, 2, ...): recall " + ", ".join(f"{x:.1%}" for x in r.pred_recall)
               + "; precision " + ", ".join(f"{x:.1%}" for x in r.pred_precision))
     return 0
+
+
+def _cpu_rates_for(args, trace) -> dict:
+    """``--miss cpu``'s CPU rates: those given, the rest from this host's ``prophet bench cpu-experts``
+    rows (native bf16, the trace's shape); a refusal naming what is missing."""
+    from .benchmark.cpu_experts import measured_rates
+
+    given = {k: v for k, v in (("cpu_gbps", args.cpu_gbps), ("cpu_gflops", args.cpu_gflops),
+                               ("dram_gbps", args.dram_gbps), ("call_us", args.cpu_call_us)) if v is not None}
+    source = "given"
+    if "cpu_gbps" not in given or "cpu_gflops" not in given:
+        shape = (trace.meta.get("shape") or "").split("-")[0]
+        measured = measured_rates(shape)
+        if measured is None:
+            raise ValueError(f"--miss cpu needs --cpu-gbps and --cpu-gflops, or this host's rows for the {shape!r} "
+                             "shape in bench/results/cpu_experts.jsonl (prophet bench cpu-experts)")
+        source = f"{measured.pop('source')}" + (f"; given: {', '.join(sorted(given))}" if given else "")
+        given = measured | given
+    return {"rates": given, "source": source}
 
 
 def _add_dedup_args(p: argparse.ArgumentParser) -> None:

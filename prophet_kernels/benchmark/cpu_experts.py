@@ -193,6 +193,34 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
+def measured_rates(shape: str, dtype: str = "bf16", path=None) -> dict | None:
+    """This host's rates for ``shape`` from the latest rows of bench/results/cpu_experts.jsonl: the
+    native backend's GB/s at batch 1 and GFLOP/s at its largest batch, the read rate beside them;
+    None where there are none (another CPU's rows do not count)."""
+    import json
+    from pathlib import Path
+
+    from prophet_kernels.benchmark.common import RESULTS_DIR
+
+    path = Path(path) if path else RESULTS_DIR / "cpu_experts.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if r["shape"] == shape and r["backend"] == "native" and r["dtype"] == dtype
+            and r["device"] == cpu_name()]
+    if not rows:
+        return None
+    latest = max(r["date"][:10] for r in rows)
+    rows = [r for r in rows if r["date"][:10] == latest]
+    one = [r for r in rows if r["batch"] == 1]
+    big = max(rows, key=lambda r: r["batch"])
+    if not one:
+        return None
+    return {"cpu_gbps": statistics.median(r["gbps"] for r in one), "cpu_gflops": big["gflops"],
+            "dram_gbps": statistics.median(r["read_gbps"] for r in one),
+            "source": f"{path} ({cpu_name()}, {rows[0]['threads']} threads, {latest})"}
+
+
 def main(argv=None, prog: str = "prophet bench cpu-experts") -> int:
     from prophet_kernels.cpu import available_cpus
 

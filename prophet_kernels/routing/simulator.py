@@ -24,7 +24,7 @@ import numpy as np
 from ..memory.buffer import DEFAULT_POLICY, BeladyPolicy, SlotTable, slots_for
 from ..memory.device import DeviceDecisions
 from ..memory.predictors import OraclePredictor, Predictor, TraceHidden
-from ..memory.residency import ExpertResidency
+from ..memory.residency import ExpertResidency, MissCost
 
 # Layer time (us) at batch B, measured on an H100 (see environment.md, bench/results/bench_moe.jsonl):
 #   OLMoE-1B-7B: vLLM 0.26 greedy decode, CUDA graphs: 512 tok/s at B=1, 5,086 tok/s at B=32 (16 layers)
@@ -105,6 +105,11 @@ def lanes(trace, batch: int) -> np.ndarray:
     per_lane = [np.concatenate(seqs[b::batch]) for b in range(batch)]
     steps = min(len(p) for p in per_lane)
     return np.stack([p[:steps] for p in per_lane], axis=1)
+
+
+def model_flops_from_bytes(expert_bytes: int, expert_dtype: str) -> int:
+    """6 x H x I FLOPs per token of an expert of ``expert_bytes`` in ``expert_dtype`` (3 x H x I weights)."""
+    return int(2 * expert_bytes / {"bf16": 2, "fp8": 1}.get(expert_dtype, 2))
 
 
 def late_hits(got, filled, ready, start: float) -> int:
@@ -192,7 +197,7 @@ class _Scored(Predictor):
         return want
 
 
-MISSES = ("wait", "no-wait")
+MISSES = ("wait", "no-wait", "cpu")
 
 
 @dataclass
@@ -217,11 +222,17 @@ class Replay:
     host CPU), each adding ``fallback_s`` to the layer (``fallback_parallel``: the fallback runs
     beside the GPU, as the host CPU does, so the layer takes max(layer_s, fallback_latency_s +
     n x fallback_s), the latency being the activations' round trip); the missed experts are then
-    copied for the layer's next call, as many as can land by then."""
+    copied for the layer's next call, as many as can land by then.
+    ``miss="cpu"`` (``ProphetMoE(miss="cpu")``): ``miss_cost`` splits each call's misses by their token
+    counts (the same ``ExpertResidency.acquire`` the layer runs); the copies that pay go on the copy
+    engine and the GPU waits for them; the CPU computes the rest from the call's start, beside the
+    GPU, taking ``miss_cost.call_seconds`` (its fixed cost, each expert's bytes or FLOPs at the CPU's
+    rates, the DRAM the copies share): the layer ends when both have. The misses the CPU computed are
+    then copied for the layer's next call within the prefetch budget (as the layer does)."""
 
     def __init__(self, res, expert_bytes: int, bw: float, layer_s: float, depth: int, prefetch_budget=None,
                  unlimited_budget: bool = False, device: bool = False, miss: str = "wait", fallback_s: float = 0.0,
-                 fallback_parallel: bool = False, fallback_latency_s: float = 0.0):
+                 fallback_parallel: bool = False, fallback_latency_s: float = 0.0, miss_cost: MissCost | None = None):
         self.res, self.expert_bytes, self.layer_s, self.depth = res, expert_bytes, layer_s, depth
         self.prefetch_budget, self.unlimited_budget, self.device, self.miss = prefetch_budget, unlimited_budget, device, miss
         self.fallback_s, self.fallback_parallel, self.fallback_latency_s = fallback_s, fallback_parallel, fallback_latency_s
@@ -229,6 +240,9 @@ class Replay:
         self.ready = [0.0] * res.state.num_slots if device else [0.0] * res.table.num_slots  # when each slot's copy lands
         self.now = self.engine = 0.0
         self.fallbacks, self.extra_s = 0, 0.0
+        if miss == "cpu" and miss_cost is None:
+            raise ValueError("miss='cpu' needs a MissCost (the CPU's and the link's rates)")
+        self.miss_cost = miss_cost
 
     def _copy(self, fills) -> None:
         for s, _, _ in fills:
@@ -252,6 +266,8 @@ class Replay:
         if self.device and self.engine > self.now:  # a device-mode layer call waits for all the previous
             st.stall_s += self.engine - self.now  # call's prefetches before it decides: a stall too
             self.now = self.engine
+        if self.miss == "cpu":
+            return self._call_cpu(layer, experts, topk_ids, hidden, start)
         got, fills = res.acquire(layer, experts, **({} if self.miss == "wait" else {"fill": False}))
         filled = {s for s, _, _ in fills}
         missed = [e for e, s in zip(experts, got) if s < 0 or s in filled]
@@ -285,10 +301,43 @@ class Replay:
         return Call(landed=landed, fallback=fallback, missed=missed)
 
 
+    def _call_cpu(self, layer: int, experts: list[int], topk_ids, hidden, start: float) -> Call:
+        res, st, cost = self.res, self.res.stats.layers[layer], self.miss_cost
+        ids, counts = np.unique(np.asarray(topk_ids).reshape(-1), return_counts=True)
+        tokens = dict(zip(ids.tolist(), counts.tolist()))
+        got, fills = res.acquire(layer, experts, fill=cost, tokens=[tokens[e] for e in experts])
+        filled = {s for s, _, _ in fills}
+        missed = [e for e, s in zip(experts, got) if s < 0 or s in filled]
+        st.late_hits += late_hits([s for s in got if s >= 0], filled, self.ready, start)
+        self._copy(fills)
+        wait = max((self.ready[s] for s in got if s >= 0), default=self.now)
+        if wait > self.now:  # the GPU's part waits for its copies and late hits
+            st.stall_s += wait - self.now
+            self.now = wait
+        cpu = [e for e, s in zip(experts, got) if s < 0]
+        duration = self.layer_s
+        if cpu:
+            cpu_s = cost.call_seconds([tokens[e] for e in cpu], len(fills))
+            st.cpu_s += cpu_s
+            duration = max(self.layer_s, start + cpu_s - self.now)  # the CPU started with the call
+            self.fallbacks += len(cpu)
+            self.extra_s += duration - self.layer_s
+            budget = (self.prefetch_budget * self.expert_bytes if self.prefetch_budget is not None
+                      else None if self.unlimited_budget else self._budget(res.table.num_layers))
+            self._copy(res.fill_ahead(layer, cpu, budget))
+        if res.prefetch_depth:
+            if not self.unlimited_budget and self.prefetch_budget is None:
+                res.prefetch_budget_bytes = self._budget(self.depth)
+            self._copy(res.prefetch(layer, topk_ids, hidden))
+        res.release([s for s in got if s >= 0])
+        self.now += duration
+        return Call(landed=[e for e, s in zip(experts, got) if s >= 0], fallback=cpu, missed=missed)
+
+
 def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor, depth: int, expert_bytes: int,
                 bw: float, layer_s: float, prefetch_budget: int | None = None, unlimited_budget: bool = False,
                 miss: str = "wait", fallback_s: float = 0.0, fallback_parallel: bool = False,
-                fallback_latency_s: float = 0.0, min_slots: int = 1) -> Replay:
+                fallback_latency_s: float = 0.0, min_slots: int = 1, miss_cost: MissCost | None = None) -> Replay:
     """A ``Replay`` over a fresh buffer of `slots` with `policy` (a name, device-* for the device
     mode's decisions, or an ``EvictionPolicy``) and `predictor` prefetching `depth` layers ahead
     (0: none); ``prefetch_budget`` in experts per call (None: derived from the copy engine)."""
@@ -303,7 +352,7 @@ def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor
         res = ExpertResidency(SlotTable(num_layers, num_experts, slots, policy, min_slots=min_slots), expert_bytes,
                               predictor, depth, budget_bytes)
     return Replay(res, expert_bytes, bw, layer_s, depth, prefetch_budget, unlimited_budget, device, miss, fallback_s,
-                  fallback_parallel, fallback_latency_s)
+                  fallback_parallel, fallback_latency_s, miss_cost)
 
 
 def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
@@ -311,7 +360,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
              progress: bool = False, prefetch_budget: int | None = None, expert_dtype: str = "bf16",
              capacity_dtype: str | None = None, miss: str = "wait", fallback_s: float = 0.0,
-             fallback_parallel: bool = False, fallback_latency_s: float = 0.0) -> SimResult:
+             fallback_parallel: bool = False, fallback_latency_s: float = 0.0, cpu_rates: dict | None = None) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
     H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
@@ -321,7 +370,9 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     (e4m3 with per-row scales: about half the bytes, so half the PCIe time per copy);
     ``capacity_dtype``: count ``capacity`` in experts of that dtype's size (e.g. fp8 experts in the
     bytes of a bf16 buffer: about twice the slots). ``miss``, ``fallback_s``, ``fallback_parallel``:
-    ``Replay``'s (a miss that does not wait, and what computing it another way costs)."""
+    ``Replay``'s (a miss that does not wait, and what computing it another way costs). ``miss="cpu"``:
+    misses split between the link and the host CPU as ``ProphetMoE(miss="cpu")`` splits them, at
+    ``cpu_rates`` (cpu_gbps, cpu_gflops, and optionally dram_gbps, call_us; the link is ``pcie_gbps``)."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
@@ -340,6 +391,18 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     if bw <= 0:
         raise ValueError(f"no measured PCIe bandwidth for {model!r}: pass pcie_gbps (--pcie-gbps)")
     layer_s = layer_us * 1e-6 if layer_us is not None else layer_seconds(model, batch)
+    miss_cost = None
+    if miss == "cpu":
+        rates = dict(cpu_rates or {})
+        unknown = sorted(set(rates) - {"cpu_gbps", "cpu_gflops", "dram_gbps", "call_us"})
+        if unknown or "cpu_gbps" not in rates or "cpu_gflops" not in rates:
+            raise ValueError(f"miss='cpu' needs cpu_rates with cpu_gbps and cpu_gflops (optionally dram_gbps, call_us); "
+                             f"got {sorted(rates)}")
+        # one token through one expert: 6 x H x I FLOPs (the bytes of a bf16 expert)
+        flops = 6 * get_model(model).hidden * get_model(model).moe.intermediate if model else \
+            model_flops_from_bytes(expert_bytes, expert_dtype)
+        miss_cost = MissCost(expert_bytes, flops, rates["cpu_gbps"], rates["cpu_gflops"], bw / 1e9,
+                             rates.get("dram_gbps"), rates.get("call_us", 0.0) * 1e-6)
     grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
     schedule = call_schedule(trace, grid)
@@ -368,7 +431,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
     replay = make_replay(L, E, slots, pol, scored, depth if predictor is not None else 0, expert_bytes, bw, layer_s,
                          prefetch_budget, unlimited_budget, miss, fallback_s, fallback_parallel, fallback_latency_s,
-                         min_slots=max(len(s) for s in schedule))
+                         min_slots=1 if miss == "cpu" else max(len(s) for s in schedule), miss_cost=miss_cost)
     res = replay.res
     unpredicted = 0
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
