@@ -6,7 +6,8 @@ wall time of ``ProphetMoE.forward``, less the time inside the expert kernels (``
 which on a GPU would be an asynchronous launch) and inside the CPU pool's join (the CPU's compute).
 What remains is routing to the host, the split, building the CPU's pairs, slot bookkeeping, the
 copies' issue and the prefetch decisions. Configurations: misses that wait with every expert
-resident (hits only), and miss: cpu with every miss on the CPU, and split between CPU and copies.
+resident (hits only) and with a quarter of them (the same residency work as the miss: cpu rows),
+and miss: cpu with every miss on the CPU, and split between CPU and copies.
 
     python bench/bench_layer_host.py [--calls 2000] [--batch 1 4]
 
@@ -23,6 +24,7 @@ import torch
 
 CONFIGS = {  # name: ProphetMoE keyword arguments (tiny model: 16 layers x 64 experts, top-8, as OLMoE routes)
     "wait, all resident": dict(num_slots=16 * 64),
+    "wait, 25% buffer": dict(num_slots=16 * 16),
     "cpu, every miss on the CPU": dict(num_slots=16 * 16, miss="cpu",
                                        cpu_rates={"cpu_gbps": 1e3, "cpu_gflops": 1e6, "link_gbps": 1e-3,
                                                   "dram_gbps": 1e3}),
@@ -43,6 +45,7 @@ def measure(config: dict, batch: int, calls: int, seed: int = 0) -> dict:
     slots = kwargs.pop("num_slots")
     if "miss" in kwargs:
         kwargs["cpu_threads"] = 1
+    kwargs.setdefault("prefetch_budget_bytes", 3 * H * I * 4)  # the plugin's default: one expert per layer call
     moe = ProphetMoE.from_weights(w13, w2, slots, device="cpu", **kwargs)
     inside = [0.0]
     kernel = layer_mod.fused_experts_paged
@@ -94,6 +97,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     ap.add_argument("--out-dir", default=None)
     args = ap.parse_args(argv)
+    torch.set_num_threads(1)  # as vLLM's GPU worker runs torch after loading: the host thread drives the device
     prov = provenance(torch.device("cpu"))
     rows = []
     print(f"{'configuration':30} {'B':>3} {'host us (median)':>16} {'p90':>6} {'call us':>8} {'CPU experts':>11} "

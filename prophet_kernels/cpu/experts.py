@@ -51,11 +51,46 @@ def check_threads(threads) -> int:
     return threads
 
 
-def pairs_of(ids: np.ndarray, weights: np.ndarray, cpu_experts) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The CPU part of a layer call's routing. ``ids`` [T, k] (the store's expert ids, -1 for none),
-    ``weights`` [T, k], ``cpu_experts`` sorted ids. Returns (token_index [n] int64: the tokens that
-    have a CPU expert, ascending; offsets [n_e + 1] int64; rows [P] int32 into token_index;
-    pair weights [P] fp32), pairs grouped by expert in ``cpu_experts``' order, tokens ascending within."""
+SMALL = 1024  # routings of at most this many token-slots are split in Python lists (decode), larger in numpy
+
+
+def route_counts(ids) -> tuple[list[int], list[int]]:
+    """(the unique expert ids >= 0 of a routing, ascending; each one's token-slot count). ``ids``: a
+    flat list of ints (a decode step's) or an integer array."""
+    if isinstance(ids, list):
+        counts: dict[int, int] = {}
+        for e in ids:
+            if e >= 0:
+                counts[e] = counts.get(e, 0) + 1
+        experts = sorted(counts)
+        return experts, [counts[e] for e in experts]
+    ids = np.asarray(ids).reshape(-1)
+    experts, counts = np.unique(ids[ids >= 0], return_counts=True)
+    return experts.tolist(), counts.tolist()
+
+
+def pairs_of(ids, weights, cpu_experts, k: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The CPU part of a layer call's routing. ``ids`` [T, k] (the store's expert ids, -1 for none) and
+    ``weights`` [T, k] as arrays, or both flattened to lists with ``k`` given (a decode step: lists
+    are faster there); ``cpu_experts`` sorted ids. Returns (token_index [n] int64: the tokens that have
+    a CPU expert, ascending; offsets [n_e + 1] int64; rows [P] int32 into token_index; pair weights
+    [P] fp32), pairs grouped by expert in ``cpu_experts``' order, tokens ascending within."""
+    if isinstance(ids, list):
+        col = {e: j for j, e in enumerate(cpu_experts)}
+        buckets: list[list[int]] = [[] for _ in cpu_experts]
+        for p, e in enumerate(ids):
+            j = col.get(e)
+            if j is not None:
+                buckets[j].append(p)
+        pos = [p for b in buckets for p in b]
+        tokens = sorted({p // k for p in pos})
+        row_of = {t: i for i, t in enumerate(tokens)}
+        offsets = [0]
+        for b in buckets:
+            offsets.append(offsets[-1] + len(b))
+        return (np.array(tokens, dtype=np.int64), np.array(offsets, dtype=np.int64),
+                np.array([row_of[p // k] for p in pos], dtype=np.int32),
+                np.array([weights[p] for p in pos], dtype=np.float32))
     T, k = ids.shape
     flat = ids.reshape(-1)
     cpu = np.asarray(cpu_experts, dtype=flat.dtype)
@@ -97,6 +132,10 @@ class CpuExperts:
             if not self._pool:
                 raise RuntimeError(f"creating a pool of {threads} CPU threads failed")
             self._finalizer = weakref.finalize(self, so.prophet_cpu_pool_destroy, self._pool)
+            self._submit, self._join, self._dtype = so.prophet_cpu_submit, so.prophet_cpu_join, DTYPE_CODES[store.dtype]
+            self._meta = np.zeros(3 * self.num_experts + 1, np.int64)
+            self._y, self._rows = torch.zeros((0, 1)), np.zeros(0, np.int32)
+            self._grow(1, 1)
         else:
             self._executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="prophet-cpu-experts")
             self._finalizer = weakref.finalize(self, self._executor.shutdown, wait=True)
@@ -112,12 +151,16 @@ class CpuExperts:
         return self._pending is not None
 
     def submit(self, layer: int, x: torch.Tensor, experts, offsets: np.ndarray, rows: np.ndarray,
-               weights: np.ndarray) -> None:
+               weights: np.ndarray, check: bool = True) -> None:
         """Start the call (module docstring); refused before anything starts when an argument is wrong
-        or a call is pending."""
+        or a call is pending. ``check=False``: the arguments' values are trusted (``pairs_of``'s, from
+        a routing already checked: ``ProphetMoE``), their shapes and dtypes still checked."""
         s = self.store
         if self._pending is not None:
             raise RuntimeError("a CPU experts call is pending: join() it first")
+        if not check:
+            self._start(layer, x, np.asarray(experts, dtype=np.int64), offsets, rows, weights)
+            return
         if not 0 <= layer < s.num_layers:
             raise ValueError(f"layer {layer} outside [0, {s.num_layers})")
         if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != s.dtype or x.dim() != 2 \
@@ -138,29 +181,54 @@ class CpuExperts:
                              f"per pair; got offsets {offsets.tolist()}, {weights.shape[0]} weights")
         if P and (rows.min() < 0 or rows.max() >= n):
             raise ValueError(f"pair rows must index x's {n} rows")
-        y = torch.zeros((n, s.hidden), dtype=torch.float32)
+        self._start(layer, x, experts, offsets, rows, weights)
+
+    def _start(self, layer, x, experts, offsets, rows, weights) -> None:
+        s = self.store
+        n_e, P, n = len(experts), len(rows), x.shape[0]
         if self.backend == "torch":
+            y = torch.zeros((n, s.hidden), dtype=torch.float32)
             fut = self._executor.submit(self._torch_call, layer, x, experts, offsets, rows, weights, y)
             self._pending = (fut, y)
             return
-        act = torch.empty((max(P, 1), s.intermediate), dtype=s.dtype)
-        w13 = np.ascontiguousarray(self._w13[layer, experts])
-        w2 = np.ascontiguousarray(self._w2[layer, experts])
-        err = native.lib().prophet_cpu_submit(self._pool, DTYPE_CODES[s.dtype], s.hidden, s.intermediate, n_e,
-                                              w13.ctypes.data, w2.ctypes.data, offsets.ctypes.data, rows.ctypes.data,
-                                              weights.ctypes.data, x.data_ptr(), act.data_ptr(), y.data_ptr())
+        # the call's arrays live in buffers kept between calls (grown as needed), their addresses
+        # computed once: a decode step's call costs microseconds of Python, not tens
+        if n > self._y.shape[0] or P > self._rows.shape[0]:
+            self._grow(n, P)
+        y, act = self._y[:n], self._act[:max(P, 1)]
+        y.zero_()
+        E = self.num_experts
+        meta = self._meta  # [w13 addresses (E) | w2 addresses (E) | offsets (E + 1)]
+        meta[:n_e] = self._w13[layer, experts]
+        meta[E:E + n_e] = self._w2[layer, experts]
+        meta[2 * E:2 * E + n_e + 1] = offsets
+        self._rows[:P] = rows
+        self._weights[:P] = weights
+        a = self._addr
+        err = self._submit(self._pool, self._dtype, s.hidden, s.intermediate, n_e, a["meta"], a["meta"] + 8 * E,
+                           a["meta"] + 16 * E, a["rows"], a["weights"], x.data_ptr(), a["act"], a["y"])
         if err:
             raise RuntimeError(f"the CPU experts' native call refused its arguments (code {err})")
-        self._pending = (None, y, x, act, w13, w2, offsets, rows, weights)  # alive until joined
+        self._pending = (None, y, x)  # alive until joined (the buffers are the object's)
+
+    def _grow(self, n: int, P: int) -> None:
+        s = self.store
+        n, P = max(n, 2 * self._y.shape[0]), max(P, 2 * self._rows.shape[0])
+        self._y = torch.zeros((n, s.hidden), dtype=torch.float32)
+        self._act = torch.empty((P, s.intermediate), dtype=s.dtype)
+        self._rows, self._weights = np.zeros(P, np.int32), np.zeros(P, np.float32)
+        self._addr = {"meta": self._meta.ctypes.data, "rows": self._rows.ctypes.data,
+                      "weights": self._weights.ctypes.data, "act": self._act.data_ptr(), "y": self._y.data_ptr()}
 
     def join(self) -> tuple[torch.Tensor, float]:
-        """(y [n, H] fp32, seconds the call computed) of the pending call."""
+        """(y [n, H] fp32, seconds the call computed) of the pending call; y is valid until the next
+        submit (the native backend computes into a buffer it keeps)."""
         if self._pending is None:
             raise RuntimeError("no CPU experts call is pending")
         pending, self._pending = self._pending, None
         if pending[0] is not None:  # torch backend
             return pending[1], pending[0].result()
-        return pending[1], native.lib().prophet_cpu_join(self._pool)
+        return pending[1], self._join(self._pool)
 
     def __call__(self, layer, x, experts, offsets, rows, weights) -> torch.Tensor:
         self.submit(layer, x, experts, offsets, rows, weights)

@@ -32,7 +32,7 @@ import torch
 from ..kernels.moe import check_inputs, fused_experts_paged, fused_experts_paged_op, fused_experts_read_through_op
 from ..kernels.route_plan import narrow_ids
 from ..planner.memory import max_unique_experts
-from ..cpu.experts import pairs_of
+from ..cpu.experts import SMALL, pairs_of, route_counts
 from .buffer import DEFAULT_MODE, DEFAULT_POLICY, FILLS, MISSES, MODES, PagedExpertBuffer
 from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import RankExperts, local_ids, make_predictor
@@ -318,28 +318,36 @@ class ProphetMoE:
             # rows before the GPU part starts) come to the host together
             small = T <= 64
             ids_h, w_h, x_h = _to_host(topk_ids, topk_weights.float(), x if small else None)
-            ids = ids_h.numpy()
-            if ids.min() < 0 or ids.max() >= self.routed_experts:
-                bad = ids.min() if ids.min() < 0 else ids.max()
-                raise ValueError(f"topk_ids holds expert ids outside [0, {self.routed_experts}) in layer {layer}: {bad}")
+            k = ids_h.shape[1]
+            if ids_h.numel() <= SMALL:  # a decode step: plain lists are faster than numpy calls here
+                ids, w_host = ids_h.reshape(-1).tolist(), w_h.reshape(-1).tolist()
+                lo, hi = min(ids), max(ids)
+            else:
+                ids, w_host = ids_h.numpy(), w_h.numpy()
+                lo, hi = int(ids.min()), int(ids.max())
+            if lo < 0 or hi >= self.routed_experts:
+                raise ValueError(f"topk_ids holds expert ids outside [0, {self.routed_experts}) in layer {layer}: "
+                                 f"{lo if lo < 0 else hi}")
             if self.expert_map is not None:  # this rank's experts; another rank's contribute zero here
-                ids = np.asarray(self._local_of, dtype=np.int64)[ids]
+                local = self._local_of
+                ids = [local[g] for g in ids] if isinstance(ids, list) else np.asarray(local, dtype=np.int64)[ids]
                 topk_ids = local_ids(self.expert_map, topk_ids)
-            experts, counts = np.unique(ids[ids >= 0], return_counts=True)
-            if not len(experts):
+            experts, counts = route_counts(ids)
+            if not experts:
                 return x.new_zeros((T, self.store.hidden))
         self._add_stalls(wait=False)
         st = self.residency.stats.layers[layer]
         with nvtx_range(f"split L{layer}"):
-            slots, fills = self.residency.acquire(layer, experts.tolist(), fill=self.miss_cost, tokens=counts.tolist())
-        cpu_experts = [int(e) for e, s in zip(experts, slots) if s < 0]
+            slots, fills = self.residency.acquire(layer, experts, fill=self.miss_cost, tokens=counts)
+        cpu_experts = [e for e, s in zip(experts, slots) if s < 0]
         gpu_slots = [s for s in slots if s >= 0]
         try:
             if cpu_experts:
                 with nvtx_range(f"cpu submit L{layer}"):
-                    token_index, offsets, rows, pair_w = pairs_of(ids, w_h.numpy(), cpu_experts)
-                    xs = x_h[torch.from_numpy(token_index)] if small else x[torch.from_numpy(token_index).to(x.device)].cpu()
-                    self.cpu.submit(layer, xs, cpu_experts, offsets, rows, pair_w)
+                    token_index, offsets, rows, pair_w = pairs_of(ids, w_host, cpu_experts, k)
+                    index = torch.from_numpy(token_index)
+                    xs = x_h[index] if small else x[index.to(x.device)].cpu()
+                    self.cpu.submit(layer, xs, cpu_experts, offsets, rows, pair_w, check=False)
             with nvtx_range(f"ensure_resident L{layer}"):
                 filled = [f[0] for f in fills]
                 fresh = set(filled)
@@ -361,8 +369,7 @@ class ProphetMoE:
                 with nvtx_range(f"cpu join L{layer}"):
                     y_cpu, seconds = self.cpu.join()
                     st.cpu_s += seconds
-                    index = torch.from_numpy(token_index).to(y.device, non_blocking=True)
-                    y.index_add_(0, index, y_cpu.to(y.device, y.dtype, non_blocking=True))
+                    y.index_add_(0, index.to(y.device, non_blocking=True), y_cpu.to(y.device, y.dtype, non_blocking=True))
             with nvtx_range(f"predict L{layer}"):
                 prefetches = self.residency.prefetch(layer, routing, x)  # this layer's slots stay pinned
                 # and the misses the CPU computed, copied for the layer's next call (not waited for),
