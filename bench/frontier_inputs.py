@@ -8,6 +8,9 @@ a rerun skips rows already there):
     no_wait           a bf16 buffer whose misses do not wait: the model decoding the held-out windows
                       beside the buffers (routing/quality.py) for stand-in / substitute / skip / skip-renorm;
                       host-cpu from the simulator (the exact expert: quality = fp32's)
+    miss_cpu          Prophet with miss: cpu (ProphetMoE's own split, MissCost) at each GPU, batch, buffer (0: a
+                      staging ring of E slots) and target host (planner.frontier.cpu_targets: this VM measured,
+                      two stated estimates) -> stall, the CPU's added time, experts the CPU computed per token
 
 Every row records its inputs (policy, predictor, timing constants, windows, commit, date).
 
@@ -29,12 +32,13 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "0")  # the CPU's PyTorch path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PARTS = ("unique", "quality_resident", "sim_wait", "no_wait")
+PARTS = ("unique", "quality_resident", "sim_wait", "no_wait", "miss_cpu")
 OUT = Path(__file__).resolve().parent / "results" / "frontier_inputs.jsonl"
 
 
 def _key(row: dict) -> tuple:
-    return tuple(row.get(k) for k in ("kind", "shape", "gpu", "batch", "capacity", "expert_dtype", "dtype", "strategy"))
+    return tuple(row.get(k) for k in ("kind", "shape", "gpu", "batch", "capacity", "expert_dtype", "dtype", "strategy",
+                                      "cpu_target"))
 
 
 def main(argv=None) -> int:
@@ -147,6 +151,32 @@ def main(argv=None) -> int:
                                         "layer_us": layer_us, "pcie_gbps": pcie, "hit_rate": r.hit_rate,
                                         "ready_hit_rate": r.ready_hit_rate, "stall_us_per_step": r.stall_s / r.steps * 1e6,
                                         "steps": r.steps, "seconds": time.time() - t0})
+                    if "miss_cpu" in parts:
+                        for target, rates in fr.cpu_targets(shape_name).items():
+                            for c in ([0.0] if cap == caps[0] else []) + [cap]:  # 0: the staging ring only
+                                row = {"kind": "miss_cpu", "shape": shape_name, "gpu": g, "batch": B, "capacity": c,
+                                       "cpu_target": target}
+                                if _key(row) in done:
+                                    continue
+                                layer_us = fr.layer_seconds(m, g, unique[B], "bf16") * 1e6
+                                link = min(pcie, rates["dram_gbps"])  # a host copies no faster than it reads
+                                slots = E if c == 0 else slots_for(c, L, E)
+                                t0 = time.time()
+                                r = simulate(held, c, args.policy, None, 1, batch=B, layer_us=layer_us,
+                                             pcie_gbps=link, expert_bytes=expert_bytes(m, "bf16"), miss="cpu",
+                                             max_steps=args.max_steps,
+                                             cpu_rates={k: rates[k] for k in ("cpu_gbps", "cpu_gflops", "dram_gbps",
+                                                                             "call_us")})
+                                emit(row | {"policy": args.policy, "predictor": "none",
+                                            "max_steps": args.max_steps, "slots": slots, "layer_us": layer_us,
+                                            "host_us_per_layer": fr.HOST_US_PER_LAYER, "link_gbps": link,
+                                            **{k: rates[k] for k in ("cpu_gbps", "cpu_gflops", "dram_gbps", "call_us")},
+                                            "cpu_source": rates["source"], "hit_rate": r.hit_rate,
+                                            "ready_hit_rate": r.ready_hit_rate,
+                                            "stall_us_per_step": r.stall_s / r.steps * 1e6,
+                                            "extra_us_per_step": r.extra_s / r.steps * 1e6,
+                                            "cpu_experts_per_token": r.fallbacks / r.tokens,
+                                            "steps": r.steps, "seconds": time.time() - t0})
                     if "no_wait" not in parts:
                         continue
                     layer_us = fr.layer_seconds(m, g, unique[B], "bf16") * 1e6

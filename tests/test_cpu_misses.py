@@ -357,19 +357,25 @@ def test_hybrid_layer_bf16_and_expert_parallel():
     moe.close()
 
 
-def test_misses_the_cpu_computed_are_copied_for_the_next_call():
-    """A routing that repeats: the CPU computes the first call's misses, the prefetch budget copies
-    them for the next call, which then hits (residency follows routing as with misses that wait)."""
+def test_the_buffer_is_placed_evenly_and_cpu_misses_are_not_copied_ahead():
+    """With miss: cpu the buffer is filled at start-up, evenly over the layers (not counted), and a miss
+    the CPU computed is not copied for the next call (on realistic routing that slowed steps for
+    0-4 points of hits): the same routing again is computed on the CPU again."""
     g = torch.Generator().manual_seed(3)
-    w13, w2 = torch.randn(1, 8, 32, 16, generator=g), torch.randn(1, 8, 16, 16, generator=g)
+    w13, w2 = torch.randn(2, 8, 32, 16, generator=g), torch.randn(2, 8, 16, 16, generator=g)
     moe = ProphetMoE.from_weights(w13, w2, 4, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=CPU_WINS,
                                   prefetch_budget_bytes=None)
+    assert sorted(o for o in moe.buffer.owner) == [(0, 0), (0, 1), (1, 0), (1, 1)]  # experts 0, 1 of each layer
+    assert moe.stats.bytes_h2d == 0
     x, w, ids = torch.randn(1, 16, generator=g), torch.rand(1, 2, generator=g), torch.tensor([[1, 6]], dtype=torch.int32)
     moe(0, x, w, ids)
-    assert (moe.stats.misses, moe.stats.cpu_experts) == (2, 2)
+    assert (moe.stats.hits, moe.stats.misses, moe.stats.cpu_experts) == (1, 1, 1)
     moe(0, x, w, ids)
-    assert (moe.stats.hits, moe.stats.misses) == (2, 2)
+    assert (moe.stats.hits, moe.stats.misses, moe.stats.cpu_experts, moe.stats.bytes_h2d) == (2, 2, 2, 0)
     moe.close()
+    ring = ProphetMoE.from_weights(w13, w2, 0, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=CPU_WINS)
+    assert ring.staging_only and all(o is None for o in ring.buffer.owner)  # a staging ring holds nothing yet
+    ring.close()
 
 
 def test_poisoned_free_slots_and_a_failing_gpu_part(monkeypatch):
@@ -381,8 +387,9 @@ def test_poisoned_free_slots_and_a_failing_gpu_part(monkeypatch):
     g = torch.Generator().manual_seed(5)
     L, E, H, I = 2, 8, 32, 24
     w13, w2 = torch.randn(L, E, 2 * I, H, generator=g) * 0.2, torch.randn(L, E, H, I, generator=g) * 0.2
-    moe = ProphetMoE.from_weights(w13, w2, 6, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=MIXED)
-    moe.buffer.blocks.fill_(float("nan"))
+    moe = ProphetMoE.from_weights(w13, w2, 0, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=MIXED)
+    assert all(o is None for o in moe.buffer.owner)
+    moe.buffer.blocks.fill_(float("nan"))  # every slot free (a staging ring): poisoned
     _layer_calls(moe, w13, w2, g, 3, 6)
     real = layer_mod.fused_experts_paged
 

@@ -90,8 +90,8 @@ class ProphetMoE:
         no resident experts, only a staging ring of one layer's unique experts at ``max_batch_tokens``
         (E without it) for the copies that pay; ``cpu_threads`` the CPU pool's threads (default: the
         cores this process may use, less one for the thread that drives the device),
-        ``cpu_backend`` "native" or "torch" (``cpu.experts``); a buffer that holds every expert is
-        filled at start-up (no cold miss reaches the CPU); ``cpu_rates`` rates that replace the
+        ``cpu_backend`` "native" or "torch" (``cpu.experts``); the buffer is filled evenly over the
+        layers at start-up (``ExpertResidency.place_evenly``); ``cpu_rates`` rates that replace the
         measured ones (``cpu_gbps``, ``cpu_gflops``, ``link_gbps``, ``dram_gbps``, ``call_us``; ``cpu.rates``)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
@@ -183,10 +183,9 @@ class ProphetMoE:
             self.rates = dataclasses.replace(measured, **given, source=measured.source + (
                 f"; given: {', '.join(sorted(given))}" if given else ""))
         s = self.store
-        if self.buffer.num_slots >= s.num_layers * s.num_experts:  # every expert fits: load them all now, so no
-            for layer in range(s.num_layers):  # call computes a cold miss on the CPU (start-up, not counted)
-                for slot, future, e in self.residency.fill_ahead(layer, range(s.num_experts), None):
-                    self.prefetcher.copy(slot, future, e, label="preload")
+        if not self.staging_only:  # the buffer filled evenly over the layers at start-up (not counted): misses
+            for slot, layer, e in self.residency.place_evenly():  # are computed where they are, so it would
+                self.prefetcher.copy(slot, layer, e, label="preload")  # fill only by copies that pay
             self.residency.reset_stats()
         self.miss_cost = MissCost(s.expert_bytes, 6 * s.hidden * s.intermediate, self.rates.cpu_gbps,
                                   self.rates.cpu_gflops, self.rates.link_gbps, self.rates.dram_gbps,
@@ -371,10 +370,10 @@ class ProphetMoE:
                     st.cpu_s += seconds
                     y.index_add_(0, index.to(y.device, non_blocking=True), y_cpu.to(y.device, y.dtype, non_blocking=True))
             with nvtx_range(f"predict L{layer}"):
+                # (the misses the CPU computed are not copied for the layer's next call: on realistic routing
+                # that took the link from the copies that pay, up to 78% slower steps, for 0-4 points of hits;
+                # PERF_NOTES.md)
                 prefetches = self.residency.prefetch(layer, routing, x)  # this layer's slots stay pinned
-                # and the misses the CPU computed, copied for the layer's next call (not waited for),
-                # within the prefetch budget: residency keeps following the routing as with misses that wait
-                prefetches += self.residency.fill_ahead(layer, cpu_experts, self.residency.prefetch_budget_bytes)
             for s, future, e in prefetches:
                 self.prefetcher.copy(s, future, e)
         finally:

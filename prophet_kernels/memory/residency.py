@@ -256,6 +256,23 @@ class ExpertResidency:
         return self._allocate_ahead([(j, want.get(j, ())) for j in range(min(self.prefetch_depth, L))],
                                     self.prefetch_budget_bytes, True)
 
+    def place_evenly(self) -> list[Fill]:
+        """Free slots for experts spread evenly over the layers (expert 0 of every layer, then expert 1,
+        ...) until no slot is free: a start-up placement that evicts nothing (``miss="cpu"``: misses
+        are computed where they are, so a buffer fills only this way, by copies that pay and by
+        prefetches). Returns the fills; counted as copied bytes (reset the stats after start-up)."""
+        L, E, table = self.table.num_layers, self.table.num_experts, self.table
+        fills = []
+        for e in range(E):
+            for layer in range(L):
+                if not table._free:
+                    return fills
+                if table.lookup(layer, e) < 0:
+                    s, _ = table.allocate(layer, e)
+                    self.stats.layers[layer].bytes_h2d += self.expert_bytes
+                    fills.append((s, layer, e))
+        return fills
+
     def fill_ahead(self, layer: int, experts, budget_bytes: int | None) -> list[Fill]:
         """Slots for `experts` of `layer` that are not resident (a call's misses that did not wait), for
         the layer's next call, within `budget_bytes` (None: no limit); their bytes count as copied,

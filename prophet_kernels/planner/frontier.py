@@ -6,6 +6,9 @@ For a model, a GPU and a batch, every way to hold the routed experts, at the GPU
                                   alternative at the same GPU bytes
     prophet-{bf16,fp8} c          Prophet today: a buffer of c of the experts on the GPU, the rest in
                                   pinned host memory; a miss waits for its copy
+    prophet-cpu T c               Prophet with miss: cpu (built): a bf16 buffer of c (0: a staging ring of one
+                                  layer's experts) whose misses are split between the link and host T's CPU
+                                  by ProphetMoE's own MissCost (simulated with T's rates: ``cpu_targets``)
     {stand-in,substitute,skip,skip-renorm,host-cpu} c
                                   a bf16 buffer of c whose misses do not wait (simulated, no kernels yet):
                                   the expert's int4 copy, resident for every expert beside the buffer;
@@ -61,6 +64,56 @@ CONSTANTS = {
     "cpu_gbps": 100.0,  # ESTIMATE (not measured): host memory bandwidth a CPU expert GEMV reaches
     "host_round_trip_us": 20.0,  # ESTIMATE: activations to the host and the result back, one layer
 }
+
+# miss: cpu rows. The host's work per layer call in host mode, measured on the H100's host with every
+# expert resident (PERF_NOTES, issue 3, 2026-11-22, before later host-path fixes): serial with the GPU.
+HOST_US_PER_LAYER = 260.0
+CPU_CALL_US = 40.0  # a layer call's CPU part: submit + join of an empty call, 24-42 us measured on this VM
+# The hosts a prophet-cpu row is computed for. "this-vm": this development machine's measured rates
+# (prophet bench cpu-experts rows: 2 Zen 4 vCPUs; its DRAM is below an H100's PCIe: such a row's link is
+# capped at the DRAM rate, a host cannot copy faster than it reads). The others are ESTIMATES: their DRAM
+# rate is stated, the CPU reaches the fraction of it this VM's native backend reaches at batch 1 (median
+# of its rows), and each core computes what one of this VM's cores does at batch 64 (best shape).
+CPU_TARGETS = {
+    "this-vm": None,
+    "desktop-60": {"dram_gbps": 60.0, "cores": 16,
+                   "source": "ESTIMATE: two-channel DDR5-5600 (89.6 GB/s peak, ~60 read), 16 Zen 4 cores"},
+    "server-200": {"dram_gbps": 200.0, "cores": 32,
+                   "source": "ESTIMATE: one socket of 8-channel DDR5-4800 (307 GB/s peak, ~200 read), 32 Zen 4 cores"},
+}
+
+
+def cpu_targets(shape: str, bench_rows: list[dict] | None = None) -> dict[str, dict]:
+    """Per target host: cpu_gbps, cpu_gflops, dram_gbps, call_us and where they come from (``CPU_TARGETS``),
+    from this machine's ``prophet bench cpu-experts`` rows (``bench_rows``: default the committed ones)."""
+    import statistics
+
+    from ..benchmark.common import RESULTS_DIR
+
+    if bench_rows is None:
+        path = Path(__file__).resolve().parents[2] / RESULTS_DIR / "cpu_experts.jsonl"
+        bench_rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+    native = [r for r in bench_rows if r["backend"] == "native" and r["dtype"] == "bf16"]
+    if not native:
+        raise FileNotFoundError("no native bf16 rows of prophet bench cpu-experts (bench/results/cpu_experts.jsonl)")
+    one = [r for r in native if r["batch"] == 1]
+    eff = statistics.median(r["gbps"] / r["read_gbps"] for r in one)
+    per_core = max(r["gflops"] / r["threads"] for r in native if r["batch"] == max(x["batch"] for x in native))
+    mine = [r for r in one if r["shape"] == shape] or one
+    out = {}
+    for name, spec in CPU_TARGETS.items():
+        if spec is None:
+            out[name] = {"cpu_gbps": statistics.median(r["gbps"] for r in mine),
+                         "dram_gbps": statistics.median(r["read_gbps"] for r in mine),
+                         "cpu_gflops": per_core * mine[0]["threads"], "call_us": CPU_CALL_US,
+                         "source": f"measured on {mine[0]['device']} ({mine[0]['threads']} threads, {mine[0]['date'][:10]})"}
+        else:
+            out[name] = {"cpu_gbps": eff * spec["dram_gbps"], "dram_gbps": spec["dram_gbps"],
+                         "cpu_gflops": per_core * spec["cores"], "call_us": CPU_CALL_US,
+                         "source": f"{spec['source']}; {eff:.0%} of DRAM and {per_core:.0f} GFLOP/s per core as "
+                                   "measured here"}
+    return out
+
 
 GPU_CONSTANTS = {  # HBM and pinned host-to-device rates per GPU, and where each comes from
     "H100-80GB": {"hbm_gbps": CONSTANTS["h100_hbm_gbps"], "pcie_gbps": 52.7,
@@ -186,6 +239,18 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES, inputs: list[dic
                         add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * one_expert_bytes(m, dtype), step,
                             sim and sim["ready_hit_rate"], q and q["bits_per_byte"],
                             {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}})
+                for r in inputs:  # Prophet with miss: cpu (simulated with each target host's rates)
+                    if (r.get("kind"), r.get("shape"), r.get("gpu"), r.get("batch")) != ("miss_cpu", shape, g, B):
+                        continue
+                    cap = r["capacity"]
+                    slots = r["slots"]
+                    step = (L * (r["layer_us"] + r["host_us_per_layer"]) + r["stall_us_per_step"]
+                            + r["extra_us_per_step"]) * 1e-6
+                    add(f"prophet-cpu {r['cpu_target']} {'ring' if cap == 0 else f'{cap:.1%}'}", "prophet-cpu", "bf16",
+                        cap, slots * expert_bytes(m, "bf16"), step, r["ready_hit_rate"], ref_bpb,
+                        {"cpu": {k: r[k] for k in ("cpu_target", "cpu_gbps", "cpu_gflops", "dram_gbps", "link_gbps",
+                                                   "cpu_source")},
+                         "cpu_experts_per_token": r["cpu_experts_per_token"], "host_us_per_layer": r["host_us_per_layer"]})
                 for strategy in NO_WAIT:
                     for cap in CAPACITIES:
                         r = _pick(inputs, kind="no_wait", shape=shape, gpu=g, batch=B, capacity=cap, strategy=strategy)
@@ -244,8 +309,8 @@ def recommend(rows: list[Row], max_loss_pct: float = 1.0, min_kv_tokens: int = 0
 def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
     """Markdown: per model, GPU and batch, the fastest fitting row of each kind (resident, Prophet with
     waiting misses, no-wait) among those within `max_loss_pct` of fp32's quality, and the pick."""
-    lines = ["| model | GPU | B | fastest resident | fastest Prophet (misses wait) | fastest no-wait | pick |",
-             "|---|---|---:|---|---|---|---|"]
+    lines = ["| model | GPU | B | fastest resident | fastest Prophet (misses wait) | fastest Prophet (miss: cpu) | "
+             "fastest no-wait | pick |", "|---|---|---:|---|---|---|---|---|"]
     picks = {(r.model, r.gpu, r.batch): r for r in recommend(rows, max_loss_pct)}
 
     def cell(r):
@@ -261,7 +326,8 @@ def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
                     best[r.kind] = r
         pick = picks.get(key)
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(best.get('resident'))} | {cell(best.get('prophet'))} | "
-                     f"{cell(best.get('no-wait'))} | {pick.config if pick else 'nothing fits'} |")
+                     f"{cell(best.get('prophet-cpu'))} | {cell(best.get('no-wait'))} | "
+                     f"{pick.config if pick else 'nothing fits'} |")
     return "\n".join(lines)
 
 
@@ -278,7 +344,7 @@ def figure(rows: list[Row], path: Path, batch: int = 1) -> Path:
     fig, axes = plt.subplots(len(gpus), len(models), figsize=(5.6 * len(models), 4.4 * len(gpus)), squeeze=False)
     style = {"resident": ("s", "black"), "prophet": ("o", "tab:blue"), "stand-in": ("^", "tab:green"),
              "substitute": ("v", "tab:orange"), "skip": ("x", "tab:red"), "skip-renorm": ("+", "tab:purple"),
-             "host-cpu": ("D", "tab:brown")}
+             "host-cpu": ("D", "tab:brown"), "prophet-cpu": ("P", "tab:olive")}
     for i, g in enumerate(gpus):
         for j, name in enumerate(models):
             ax = axes[i][j]

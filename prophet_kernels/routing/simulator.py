@@ -227,12 +227,13 @@ class Replay:
     counts (the same ``ExpertResidency.acquire`` the layer runs); the copies that pay go on the copy
     engine and the GPU waits for them; the CPU computes the rest from the call's start, beside the
     GPU, taking ``miss_cost.call_seconds`` (its fixed cost, each expert's bytes or FLOPs at the CPU's
-    rates, the DRAM the copies share): the layer ends when both have. The misses the CPU computed are
-    then copied for the layer's next call within the prefetch budget (as the layer does)."""
+    rates, the DRAM the copies share): the layer ends when both have. The buffer starts filled evenly
+    over the layers (``ExpertResidency.place_evenly``, landed at time 0), as the layer fills it."""
 
     def __init__(self, res, expert_bytes: int, bw: float, layer_s: float, depth: int, prefetch_budget=None,
                  unlimited_budget: bool = False, device: bool = False, miss: str = "wait", fallback_s: float = 0.0,
-                 fallback_parallel: bool = False, fallback_latency_s: float = 0.0, miss_cost: MissCost | None = None):
+                 fallback_parallel: bool = False, fallback_latency_s: float = 0.0, miss_cost: MissCost | None = None,
+                 staging_only: bool = False):
         self.res, self.expert_bytes, self.layer_s, self.depth = res, expert_bytes, layer_s, depth
         self.prefetch_budget, self.unlimited_budget, self.device, self.miss = prefetch_budget, unlimited_budget, device, miss
         self.fallback_s, self.fallback_parallel, self.fallback_latency_s = fallback_s, fallback_parallel, fallback_latency_s
@@ -243,6 +244,9 @@ class Replay:
         if miss == "cpu" and miss_cost is None:
             raise ValueError("miss='cpu' needs a MissCost (the CPU's and the link's rates)")
         self.miss_cost = miss_cost
+        if miss == "cpu" and not staging_only:  # the layer's start-up placement (not counted)
+            res.place_evenly()
+            res.reset_stats()
 
     def _copy(self, fills) -> None:
         for s, _, _ in fills:
@@ -322,9 +326,6 @@ class Replay:
             duration = max(self.layer_s, start + cpu_s - self.now)  # the CPU started with the call
             self.fallbacks += len(cpu)
             self.extra_s += duration - self.layer_s
-            budget = (self.prefetch_budget * self.expert_bytes if self.prefetch_budget is not None
-                      else None if self.unlimited_budget else self._budget(res.table.num_layers))
-            self._copy(res.fill_ahead(layer, cpu, budget))
         if res.prefetch_depth:
             if not self.unlimited_budget and self.prefetch_budget is None:
                 res.prefetch_budget_bytes = self._budget(self.depth)
@@ -337,7 +338,8 @@ class Replay:
 def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor, depth: int, expert_bytes: int,
                 bw: float, layer_s: float, prefetch_budget: int | None = None, unlimited_budget: bool = False,
                 miss: str = "wait", fallback_s: float = 0.0, fallback_parallel: bool = False,
-                fallback_latency_s: float = 0.0, min_slots: int = 1, miss_cost: MissCost | None = None) -> Replay:
+                fallback_latency_s: float = 0.0, min_slots: int = 1, miss_cost: MissCost | None = None,
+                staging_only: bool = False) -> Replay:
     """A ``Replay`` over a fresh buffer of `slots` with `policy` (a name, device-* for the device
     mode's decisions, or an ``EvictionPolicy``) and `predictor` prefetching `depth` layers ahead
     (0: none); ``prefetch_budget`` in experts per call (None: derived from the copy engine)."""
@@ -352,7 +354,7 @@ def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor
         res = ExpertResidency(SlotTable(num_layers, num_experts, slots, policy, min_slots=min_slots), expert_bytes,
                               predictor, depth, budget_bytes)
     return Replay(res, expert_bytes, bw, layer_s, depth, prefetch_budget, unlimited_budget, device, miss, fallback_s,
-                  fallback_parallel, fallback_latency_s, miss_cost)
+                  fallback_parallel, fallback_latency_s, miss_cost, staging_only)
 
 
 def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
@@ -372,15 +374,17 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     bytes of a bf16 buffer: about twice the slots). ``miss``, ``fallback_s``, ``fallback_parallel``:
     ``Replay``'s (a miss that does not wait, and what computing it another way costs). ``miss="cpu"``:
     misses split between the link and the host CPU as ``ProphetMoE(miss="cpu")`` splits them, at
-    ``cpu_rates`` (cpu_gbps, cpu_gflops, and optionally dram_gbps, call_us; the link is ``pcie_gbps``)."""
+    ``cpu_rates`` (cpu_gbps, cpu_gflops, and optionally dram_gbps, call_us; the link is ``pcie_gbps``);
+    ``capacity=0`` then is ``buffer: 0``: a staging ring of E slots, not placed at start-up."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
     from ..planner.memory import expert_bytes as model_expert_bytes
 
     L, E = trace.num_layers, trace.num_experts
-    check_simulate_args(L, E, capacity, depth, predictor is not None, expert_bytes, pcie_gbps, layer_us, max_steps,
-                        prefetch_budget, unlimited_budget, expert_dtype, capacity_dtype)
+    staging_only = miss == "cpu" and capacity == 0  # buffer 0: a staging ring of one layer's experts
+    check_simulate_args(L, E, E if staging_only else capacity, depth, predictor is not None, expert_bytes, pcie_gbps,
+                        layer_us, max_steps, prefetch_budget, unlimited_budget, expert_dtype, capacity_dtype)
     model = timing_model(trace)
     if (expert_bytes is None or capacity_dtype) and not model:
         raise ValueError("the trace names no catalogue model: pass expert_bytes, pcie_gbps and layer_us "
@@ -406,7 +410,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
     schedule = call_schedule(trace, grid)
-    slots = slots_for(capacity, L, E)  # the slots ProphetMoE and the vLLM plugin build for it
+    slots = E if staging_only else slots_for(capacity, L, E)  # the slots ProphetMoE and the vLLM plugin build
     if capacity_dtype and capacity_dtype != expert_dtype:  # the same bytes, in experts of another size
         slots = min(L * E, slots * model_expert_bytes(get_model(model), capacity_dtype) // expert_bytes)
 
@@ -431,7 +435,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     scored = _Scored(predictor, [set(s) for s in schedule], depth) if predictor is not None else None
     replay = make_replay(L, E, slots, pol, scored, depth if predictor is not None else 0, expert_bytes, bw, layer_s,
                          prefetch_budget, unlimited_budget, miss, fallback_s, fallback_parallel, fallback_latency_s,
-                         min_slots=1 if miss == "cpu" else max(len(s) for s in schedule), miss_cost=miss_cost)
+                         min_slots=1 if miss == "cpu" else max(len(s) for s in schedule), miss_cost=miss_cost,
+                         staging_only=staging_only)
     res = replay.res
     unpredicted = 0
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
