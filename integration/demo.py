@@ -185,7 +185,7 @@ def _rate(n: int, seconds: list[float]) -> str:
 def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str | None = None,
              predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4, dtype: str | None = None,
              predictor_path: str = "", repeats: int = 3, keep: bool = False, mode: str = "host",
-             expert_dtype: str = "auto") -> int:
+             expert_dtype: str = "auto", miss: str = "wait") -> int:
     """Serves `model` (default: a tiny random-init checkpoint of `family`, built here) through vLLM
     without and with Prophet and prints the comparison; 1 if the greedy tokens differ. `dtype`:
     float32 for the tiny checkpoint (exact on the CPU), the dtype the checkpoint's config names for
@@ -194,7 +194,9 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     folder (tiny checkpoint, caches) is removed at the end unless `keep`. `expert_dtype="fp8"`:
     Prophet quantizes the experts to fp8 on load, and the engine without Prophet serves a copy of the
     checkpoint holding the same fp8 values dequantized (``fp8_reference_checkpoint``), so that the
-    tokens compare like for like (fp8 changes them from the checkpoint's own)."""
+    tokens compare like for like (fp8 changes them from the checkpoint's own). ``miss="cpu"``: Prophet
+    runs twice, misses waiting and misses computed on the CPU, side by side (without a GPU, with the
+    split's rates in a GPU host's proportions: ``CPU_BUILD_RATES``)."""
     import shutil
 
     from prophet_kernels.integration.settings import ProphetSettings
@@ -204,7 +206,15 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
         settings["policy"] = policy
     if predictor_path:
         settings["predictor_path"] = predictor_path
-    ProphetSettings.resolve({"prophet": settings}, environ={})  # a bad setting fails now, not after the first engine
+    runs = [settings]
+    if miss == "cpu":
+        import torch
+
+        runs.append(settings | {"miss": "cpu"} | ({} if torch.cuda.is_available() else CPU_BUILD_RATES))
+    elif miss != "wait":
+        raise ValueError(f"miss must be wait or cpu, got {miss!r}")
+    for r in runs:  # a bad setting fails now, not after the first engine
+        ProphetSettings.resolve({"prophet": r}, environ={})
     if model is None and family not in TINY:
         raise ValueError(f"unknown model family {family!r}; tiny checkpoints exist for {', '.join(TINY)}")
     if model is not None and not (Path(model) / "config.json").is_file():
@@ -213,7 +223,7 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     cache = tempfile.mkdtemp(prefix="prophet-demo-")
     try:
-        return _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, cache)
+        return _compare(family, model, runs, max_tokens, num_prompts, dtype, repeats, cache)
     finally:
         if keep:
             print(f"kept {cache}")
@@ -302,7 +312,13 @@ def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_sche
     return str(out), str(dequantized_out)
 
 
-def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, cache) -> int:
+# Without a GPU the "device" is this CPU and a copy is a memcpy, and the tiny model's experts (96 KiB)
+# cost the CPU pool its fixed call time: measured rates would copy every miss. The demo's miss: cpu run
+# then splits by rates in a GPU host's proportions, printed with the table (the tests use the same).
+CPU_BUILD_RATES = {"cpu_gbps": 10.0, "cpu_gflops": 3.0, "pcie_gbps": 1.0}
+
+
+def _compare(family, model, runs, max_tokens, num_prompts, dtype, repeats, cache) -> int:
     vllm_env(cache)
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")  # the comparison below is the output
     warnings.filterwarnings("ignore", category=FutureWarning)
@@ -326,44 +342,65 @@ def _compare(family, model, settings, max_tokens, num_prompts, dtype, repeats, c
     print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet "
           f"(its defaults: compiled, warm-up + {repeats} timed runs) ...", flush=True)
     reference = model
-    if settings.get("expert_dtype") == "fp8":
+    if runs[0].get("expert_dtype") == "fp8":
         reference = fp8_reference_checkpoint(model, Path(cache) / "fp8-dequantized", dtype)
         print(f"(expert_dtype fp8: vLLM without Prophet serves the same fp8 experts dequantized: {reference})")
     base, _, base_s, served = generate(reference, ps, max_tokens, None, **common)
-    print(f"vLLM with Prophet {settings} ...", flush=True)
-    tokens, stats, prophet_s, _ = generate(model, ps, max_tokens, settings,
-                                           compilation_config=piecewise_compilation_config(), **common)
-    same = sum(a == b for a, b in zip(base, tokens))
-    t = stats["total"]
+    results = []
+    for settings in runs:
+        print(f"vLLM with Prophet {settings} ...", flush=True)
+        tokens, stats, prophet_s, _ = generate(model, ps, max_tokens, settings,
+                                               compilation_config=piecewise_compilation_config(), **common)
+        results.append((settings, tokens, stats, prophet_s))
     gpu = torch.cuda.is_available()
+    heads = ["with Prophet" if len(runs) == 1 else f"Prophet, miss {s.get('miss', 'wait')}" for s in runs]
+    w = 24
     print()
-    print(f"{'':24s}{'without Prophet':>21s}{'with Prophet':>21s}")
-    print(f"{'identical greedy tokens':24s}{'-':>21s}{f'{same} of {len(ps)} prompts':>21s}")
-    print(f"{'dtype served':24s}{served:>21s}{served:>21s}")
-    print(f"{'experts':24s}{served:>21s}{stats['expert_dtype']:>21s}")
-    all_mib = 3 * stats["hidden"] * stats["intermediate"] * getattr(torch, served).itemsize * stats["num_layers"] \
-        * stats["num_experts"] / 2**20
-    print(f"{'expert MiB on the device':24s}{all_mib:>21.2f}{stats['slots'] * stats['expert_bytes'] / 2**20:>21.2f}")
+    print(f"{'':24s}{'without Prophet':>{w}s}" + "".join(f"{h:>{w}s}" for h in heads))
+
+    def line(name, first, cells):
+        print(f"{name:24s}{first:>{w}s}" + "".join(f"{c:>{w}s}" for c in cells))
+
+    same = [sum(a == b for a, b in zip(base, r[1])) for r in results]
+    line("identical greedy tokens", "-", [f"{n} of {len(ps)} prompts" for n in same])
+    line("dtype served", served, [served for _ in results])
+    line("experts", served, [r[2]["expert_dtype"] for r in results])
+    st0 = results[0][2]
+    all_mib = 3 * st0["hidden"] * st0["intermediate"] * getattr(torch, served).itemsize * st0["num_layers"] \
+        * st0["num_experts"] / 2**20
+    line("expert MiB on the device", f"{all_mib:.2f}", [f"{r[2]['slots'] * r[2]['expert_bytes'] / 2**20:.2f}"
+                                                        for r in results])
     n = len(ps) * max_tokens
-    label = f"tokens/s ({'GPU' if gpu else 'CPU'}, median)"
-    print(f"{label:24s}{_rate(n, base_s):>21s}{_rate(n, prophet_s):>21s}")
-    for name in ("hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"):
-        print(f"{name:24s}{'-':>21s}{t[name]:>21d}")
-    print(f"{'hit rate':24s}{'-':>21s}{t['hit_rate']:>21.1%}")
-    print(f"{'host-to-device MB':24s}{'-':>21s}{t['bytes_h2d'] / 1e6:>21.2f}")
+    line(f"tokens/s ({'GPU' if gpu else 'CPU'}, median)", _rate(n, base_s), [_rate(n, r[3]) for r in results])
+    names = ["hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"]
+    if len(runs) > 1:
+        names += ["demand_copies", "cpu_experts", "cpu_token_slots"]
+    for name in names:
+        line(name, "-", [f"{r[2]['total'][name]:d}" for r in results])
+    line("hit rate", "-", [f"{r[2]['total']['hit_rate']:.1%}" for r in results])
+    line("host-to-device MB", "-", [f"{r[2]['total']['bytes_h2d'] / 1e6:.2f}" for r in results])
+    if len(runs) > 1:
+        line("CPU ms", "-", [f"{r[2]['total']['cpu_s'] * 1e3:.2f}" for r in results])
     print()
-    print("per layer (hits/misses/evictions): " + "  ".join(
-        f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
+    for settings, _, stats, _ in results:
+        print(f"per layer (hits/misses/evictions), miss {settings.get('miss', 'wait')}: " + "  ".join(
+            f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
+        if stats.get("cpu_rates"):
+            r = stats["cpu_rates"]
+            print(f"miss cpu split by: CPU {r['cpu_gbps']:.1f} GB/s, {r['cpu_gflops']:.1f} GFLOP/s, link "
+                  f"{r['link_gbps']:.1f} GB/s ({r['source']}" + ("" if gpu else "; no GPU: rates in a GPU host's "
+                                                                 "proportions, the tiny experts' own would copy "
+                                                                 "every miss") + ")")
     print(f"tokens/s: median of {repeats} runs after a warm-up (range in brackets)"
           + ("" if gpu else "; on the CPU, with Prophet's PyTorch path and a tiny model: they say nothing "
              "about speed on a GPU (PERF_NOTES.md has the GPU measurements)"))
     print(f"Prophet's counters: the {repeats} timed runs (reset after the warm-up; docs/stats.md explains each)")
-    if same != len(ps):
-        first = [first_difference(a, b) for a, b in zip(base, tokens)]
-        hint = "" if served == "float32" else (
-            f"; in {served} vLLM's MoE kernels and Prophet's round differently, so a late divergence can be "
-            "rounding: compare with --dtype float32")
-        print(f"MISMATCH: Prophet changed the greedy tokens (dtype {served}; first differing token per prompt: "
-              f"{first}{hint})")
-        return 1
-    return 0
+    for (settings, tokens, _, _), n_same in zip(results, same):
+        if n_same != len(ps):
+            first = [first_difference(a, b) for a, b in zip(base, tokens)]
+            hint = "" if served == "float32" else (
+                f"; in {served} vLLM's MoE kernels and Prophet's round differently, so a late divergence can be "
+                "rounding: compare with --dtype float32")
+            print(f"MISMATCH: Prophet (miss {settings.get('miss', 'wait')}) changed the greedy tokens (dtype {served}; "
+                  f"first differing token per prompt: {first}{hint})")
+    return 0 if all(s == len(ps) for s in same) else 1

