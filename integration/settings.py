@@ -15,12 +15,16 @@ RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
 EXPERT_DTYPES = ("auto", "fp8")  # auto: the checkpoint's; fp8: e4m3 with per-output-channel scales, quantized on load
 
 # The model families Prophet serves, tested end to end (tokens identical with and without Prophet) in
-# both integrations: transformers model_type -> (vLLM architecture, name). Others are refused by name:
-# shared experts (Qwen2-MoE, DeepSeek), biased or non-SiLU experts (GPT-OSS), ... are not Prophet's yet.
+# both integrations: transformers model_type -> (vLLM architecture, name). Qwen2-MoE and DeepSeek-V2
+# have shared experts: resident, computed by the framework's own module beside Prophet's routed
+# experts (vLLM: its MoE runner). Others are refused by name: biased or non-SiLU experts (GPT-OSS),
+# DeepSeek-V3's and GLM-4.5's biased grouped routing (untested), ... are not Prophet's yet.
 MODEL_FAMILIES = {
     "olmoe": ("OlmoeForCausalLM", "OLMoE"),
     "mixtral": ("MixtralForCausalLM", "Mixtral"),
     "qwen3_moe": ("Qwen3MoeForCausalLM", "Qwen3-MoE"),
+    "qwen2_moe": ("Qwen2MoeForCausalLM", "Qwen2-MoE"),
+    "deepseek_v2": ("DeepseekV2ForCausalLM", "DeepSeek-V2"),
 }
 
 

@@ -175,12 +175,18 @@ class PipelineStage:
 
 def moe_shape(hf_config) -> tuple[list[int], int, int]:
     """(the decoder layers that are MoE layers, experts per layer, experts per token) of an OLMoE,
-    Mixtral or Qwen3-MoE config (Qwen3-MoE's ``mlp_only_layers`` and ``decoder_sparse_step`` as vLLM's
-    model reads them)."""
+    Mixtral, Qwen3-MoE, Qwen2-MoE or DeepSeek-V2 config, as vLLM's models read them (Qwen's
+    ``mlp_only_layers`` and ``decoder_sparse_step``; DeepSeek's ``first_k_dense_replace`` and
+    ``moe_layer_freq``)."""
+    n = hf_config.num_hidden_layers
+    if getattr(hf_config, "n_routed_experts", None):  # DeepSeek
+        first, freq = getattr(hf_config, "first_k_dense_replace", 0) or 0, getattr(hf_config, "moe_layer_freq", 1) or 1
+        return [i for i in range(n) if i >= first and i % freq == 0], hf_config.n_routed_experts, \
+            hf_config.num_experts_per_tok
     E = getattr(hf_config, "num_experts", None) or getattr(hf_config, "num_local_experts", None)
     dense = set(getattr(hf_config, "mlp_only_layers", None) or ())
     step = getattr(hf_config, "decoder_sparse_step", 1) or 1
-    layers = [i for i in range(hf_config.num_hidden_layers) if i not in dense and (i + 1) % step == 0]
+    layers = [i for i in range(n) if i not in dense and (i + 1) % step == 0]
     return layers, E, hf_config.num_experts_per_tok
 
 
@@ -293,6 +299,41 @@ def moe_forward(hidden_states: torch.Tensor, router_logits: torch.Tensor, shared
 @moe_forward.register_fake
 def _(hidden_states, router_logits, shared_experts_input, input_ids, out, layer_name):
     return None
+
+
+MOE_SHARED_OP = "prophet::moe_forward_shared"
+
+
+@torch.library.custom_op(MOE_SHARED_OP, mutates_args=("shared_out", "out"))
+def moe_forward_shared(hidden_states: torch.Tensor, router_logits: torch.Tensor,
+                       shared_experts_input: torch.Tensor | None, input_ids: torch.Tensor | None,
+                       shared_out: torch.Tensor, out: torch.Tensor, layer_name: str) -> None:
+    """:func:`moe_forward` for a layer with shared experts (DeepSeek-V2, Qwen2-MoE): vLLM's runner computes
+    them with its own module (``shared_out``) beside Prophet's routed experts (``out``)."""
+    from vllm.forward_context import get_forward_context
+
+    runner = get_forward_context().no_compile_layers[layer_name]
+    y = runner._forward_impl(hidden_states, router_logits, shared_experts_input, input_ids)
+    if not isinstance(y, tuple) or len(y) != 2 or y[1].shape != out.shape or y[0].shape != shared_out.shape:
+        raise RuntimeError(f"Prophet: vLLM's MoE layer {layer_name} with shared experts returned "
+                           f"{type(y).__name__}, expected (shared output, routed output)")
+    shared_out.copy_(y[0])
+    out.copy_(y[1])
+
+
+@moe_forward_shared.register_fake
+def _(hidden_states, router_logits, shared_experts_input, input_ids, shared_out, out, layer_name):
+    return None
+
+
+def _traced_moe_entry_shared(name: str, hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
+                             hidden_dim_unpadded):
+    """:func:`_traced_moe_entry` for a runner with shared experts: both outputs allocated in the traced code."""
+    out = torch.empty_like(hidden_states)
+    shared_out = torch.empty_like(shared_experts_input if shared_experts_input is not None else hidden_states)
+    torch.ops.prophet.moe_forward_shared(hidden_states, router_logits, shared_experts_input, input_ids, shared_out,
+                                         out, name)
+    return shared_out, out
 
 
 def _traced_moe_entry(name: str, hidden_states, router_logits, shared_experts_input, input_ids, layer_name,
@@ -486,7 +527,8 @@ def _method_class():
                 raise RuntimeError(f"Prophet: found {len(runners)} vLLM MoE runners for one MoE layer in the static "
                                    "forward context (expected 1; this vLLM's MoE layout is not supported)")
             if self.prophet.mode == "host":  # (device mode: vLLM's own entry, traced and captured with the step)
-                runners[0]._forward_entry = functools.partial(_traced_moe_entry, runners[0].layer_name)
+                entry = _traced_moe_entry if runners[0].shared_experts is None else _traced_moe_entry_shared
+                runners[0]._forward_entry = functools.partial(entry, runners[0].layer_name)
             device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
                 else torch.device("cpu")
             if layer.expert_map is not None:  # expert parallelism: one placement for every layer (no EPLB)
@@ -497,9 +539,13 @@ def _method_class():
                 self.experts.expert_map = emap
             self.experts.layer_loaded(self.layer_index, experts, device)
 
+        @property
+        def mk_can_overlap_shared_experts(self) -> bool:  # vLLM's runner computes the shared experts, not apply
+            return False
+
         def apply(self, layer, x, topk_weights, topk_ids, shared_experts=None, shared_experts_input=None):
-            if shared_experts is not None:
-                raise NotImplementedError("Prophet does not run shared experts (the families it serves have none)")
+            # (shared experts, DeepSeek-V2 and Qwen2-MoE: vLLM's runner has computed them with its own module,
+            # before this call or on its side stream, since this method cannot overlap them; they are resident)
             return self.experts.forward(self.layer_index, x, topk_weights.float(), topk_ids)
 
     return ProphetFusedMoEMethod

@@ -167,3 +167,21 @@ def test_cpu_misses_tokens_identical(checkpoints, family):
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
     st = moe.stats
     assert st.cpu_experts > 0 and st.demand_copies > 0
+
+
+@pytest.mark.parametrize("family", ["qwen2_moe", "deepseek_v2"])
+def test_shared_experts_families(tmp_path, family):
+    """Qwen2-MoE and DeepSeek-V2 through transformers: the shared experts stay the model's, Prophet's
+    routed experts (misses waiting, and on the CPU) give the same greedy tokens."""
+    path = demo.make_tiny_checkpoint(family, tmp_path / family, seed=2)
+    prompts = [p[:12] for p in demo.prompts(4, length=12)]
+    want, want_logits = _generate(_load(path), prompts)
+    for kw in (dict(buffer=0.375), dict(buffer=0.25, miss="cpu", cpu_threads=1, cpu_gbps=10.0, cpu_gflops=3.0,
+                                        pcie_gbps=1.0)):
+        model = _load(path)
+        moe = enable_prophet(model, device="cpu", **kw)
+        got, got_logits = _generate(model, prompts)
+        moe.close()
+        assert got == want
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+        assert moe.stats.misses > 0 and (moe.stats.cpu_experts > 0) == ("miss" in kw)

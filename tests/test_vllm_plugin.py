@@ -1402,3 +1402,38 @@ def test_demo_miss_cpu_prints_both_beside_vllm(checkpoints, monkeypatch, capsys,
     cpu = re.search(r"cpu_experts\s+-\s+(\d+)\s+(\d+)", out)
     assert cpu and int(cpu.group(1)) == 0 and int(cpu.group(2)) > 0
     assert "miss cpu split by: CPU 10.0 GB/s" in out
+
+
+# ------------------------------------------------------------------ shared experts (issue 42 item 8)
+@pytest.fixture(scope="module")
+def shared_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prophet-vllm-shared")
+    demo.vllm_env(str(root))
+    return {f: str(demo.make_tiny_checkpoint(f, root / f, seed=1)) for f in demo.TINY_SHARED}
+
+
+@pytest.mark.parametrize("family", list(demo.TINY_SHARED))
+def test_shared_experts_tokens_identical(shared_checkpoints, family):
+    """Qwen2-MoE and DeepSeek-V2 (MLA; its first layer dense): the shared experts stay resident and
+    vLLM's runner computes them with its own module; Prophet serves the routed ones, misses waiting
+    and on the CPU (buffer 0.25 and 0): greedy tokens identical to vLLM's own."""
+    ps = demo.prompts(4)
+    base = demo.generate(shared_checkpoints[family], ps, MAX_TOKENS, None)[0]
+    layers = {"qwen2_moe": 4, "deepseek_v2": 3}[family]
+    for cfg in ({"buffer": 0.375}, {"buffer": 0.25, "miss": "cpu", "cpu_threads": 1, **CPU_RATES},
+                {"buffer": 0, "miss": "cpu", "cpu_threads": 1, **CPU_RATES}):
+        tokens, stats, _, _ = demo.generate(shared_checkpoints[family], ps, MAX_TOKENS, cfg)
+        assert tokens == base, cfg
+        assert stats["num_layers"] == layers and stats["total"]["misses"] > 0
+        assert (stats["total"]["cpu_experts"] > 0) == (cfg.get("miss") == "cpu")
+
+
+def test_moe_shape_of_the_served_families():
+    from prophet_kernels.integration.vllm_plugin import moe_shape
+
+    ds = types.SimpleNamespace(num_hidden_layers=6, n_routed_experts=64, num_experts_per_tok=6,
+                               first_k_dense_replace=1, moe_layer_freq=2)
+    assert moe_shape(ds) == ([2, 4], 64, 6)  # vLLM's DeepseekV2: i >= first_k_dense_replace and i % freq == 0
+    qwen = types.SimpleNamespace(num_hidden_layers=4, num_experts=60, num_experts_per_tok=4, mlp_only_layers=[1],
+                                 decoder_sparse_step=1)
+    assert moe_shape(qwen) == ([0, 2, 3], 60, 4)
