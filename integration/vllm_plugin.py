@@ -225,6 +225,7 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
         from prophet_kernels.memory.predictors import LearnedGatePredictor
 
         LearnedGatePredictor.load(settings.predictor_path).check_model(len(moe_layers), E, hf.hidden_size)
+    check_host_memory(hf, mc, settings, getattr(pc, "nnodes", 1) or 1)
     ep = pc.tensor_parallel_size * pc.data_parallel_size if pc.enable_expert_parallel else 1
     per_rank = sorted({E // ep + (r < E % ep) for r in range(ep)})  # experts a rank holds under EP
     tokens = cfg.scheduler_config.max_num_batched_tokens
@@ -240,6 +241,39 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
                 where = ", ".join(w for w in where if w)
                 raise ValueError(f"{e}{f' [{where}]' if where else ''}; raise buffer, or lower "
                                  f"max_num_batched_tokens") from None
+
+
+def host_expert_bytes(hf_config, dtype: torch.dtype, expert_dtype: str = "auto") -> int:
+    """The bytes of every routed expert of a model in Prophet's host store (fp8: one byte per weight,
+    scales aside)."""
+    layers, E, _ = moe_shape(hf_config)
+    I = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
+    return len(layers) * E * 3 * hf_config.hidden_size * I * (1 if expert_dtype == "fp8" else dtype.itemsize)
+
+
+def available_host_bytes() -> int | None:
+    """Host memory available now (Linux ``MemAvailable``), or None where the OS does not say."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_host_memory(hf_config, model_config, settings: ProphetSettings, nodes: int = 1) -> None:
+    """Refuse, with the numbers, a model whose routed experts (this node's share) do not fit in the
+    host memory available, before any weight loads (the store is pinned: the OS cannot page it out)."""
+    dtype = getattr(model_config, "dtype", None)
+    if not isinstance(dtype, torch.dtype):
+        return
+    need = host_expert_bytes(hf_config, dtype, settings.expert_dtype) // max(1, nodes)
+    have = available_host_bytes()
+    if have is not None and need > have:
+        raise ValueError(f"Prophet keeps every routed expert in pinned host memory: this model's take "
+                         f"{need / 2**30:.1f} GiB here ({dtype}), but only {have / 2**30:.1f} GiB of host memory is "
+                         "available; use a machine with more memory, more nodes, or expert_dtype fp8")
 
 
 def in_piecewise_graph() -> bool:

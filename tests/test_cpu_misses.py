@@ -474,3 +474,14 @@ def test_settings_from_the_environment_and_buffer_zero():
     assert s.cpu_rates() == {"link_gbps": 25.0} and s.cpu_threads_for(1) == 1
     s.check_fits(4, 8, 2, 8192)  # with miss cpu, any buffer serves any batch
     assert ProphetSettings(enabled=True, miss="cpu").cpu_threads_for(64) == 1  # never below one thread
+
+
+def test_plan_reports_the_pinned_host_store():
+    from prophet_kernels.planner import get_gpu, get_model
+    from prophet_kernels.planner.memory import ServingConfig, plan
+
+    m = get_model("Mixtral-8x7B")
+    r = plan(m, get_gpu("H100-80GB"), 1)
+    assert r.host_expert_bytes == 32 * 8 * 3 * 4096 * 14336 * 2  # every routed expert in bf16: 90.2 GB
+    staged = plan(m, get_gpu("H100-80GB"), 1, cfg=ServingConfig(pp=2))
+    assert staged.host_expert_bytes == r.host_expert_bytes  # the stages' shares add up

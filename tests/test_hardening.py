@@ -307,11 +307,14 @@ def test_16_unsupported_families_are_refused_by_name():
         check_model_family(architectures=[arch])
     with pytest.raises(ValueError, match=r"Prophet serves OLMoE .*Qwen3-MoE .*; this model is DeepseekV3ForCausalLM"):
         check_model_family(architectures=["DeepseekV3ForCausalLM"])
-    cfg = transformers.Qwen2MoeConfig(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
-                                      shared_expert_intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                      num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, vocab_size=64)
-    model = transformers.Qwen2MoeForCausalLM(cfg)
-    with pytest.raises(ValueError, match="this model is qwen2_moe, which is not supported"):
+    cfg = transformers.DeepseekV3Config(hidden_size=64, intermediate_size=64, moe_intermediate_size=32,
+                                        num_hidden_layers=1, first_k_dense_replace=0, num_attention_heads=2,
+                                        num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1,
+                                        num_experts_per_tok=2, n_group=1, topk_group=1, vocab_size=64,
+                                        q_lora_rank=None, kv_lora_rank=16, qk_nope_head_dim=16, qk_rope_head_dim=16,
+                                        v_head_dim=16)
+    model = transformers.DeepseekV3ForCausalLM(cfg)
+    with pytest.raises(ValueError, match="this model is deepseek_v3, which is not supported"):
         enable_prophet(model, device="cpu")
     assert any(p.dim() == 3 for n, p in model.named_parameters() if "gate_up_proj" in n)  # nothing moved
 

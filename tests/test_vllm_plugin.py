@@ -754,17 +754,20 @@ def test_stats_reset_leaves_out_what_ran_before(checkpoints, baseline):
 
 
 def test_unsupported_family_is_refused_at_startup(checkpoints, tmp_path):
-    """A model family Prophet has not been tested on (Qwen2-MoE: shared experts) is refused at start-up
-    by name instead of failing at its first forward."""
+    """A model family Prophet has not been tested on (DeepSeek-V3: biased grouped routing) is refused at
+    start-up by name instead of failing at its first forward."""
     import transformers
 
-    cfg = transformers.Qwen2MoeConfig(hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
-                                      shared_expert_intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                      num_key_value_heads=1, num_experts=4, num_experts_per_tok=2, vocab_size=512,
-                                      max_position_embeddings=512, bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    transformers.Qwen2MoeForCausalLM(cfg).save_pretrained(tmp_path / "qwen2moe")
-    msg = _build_error(str(tmp_path / "qwen2moe"), {"buffer": 0.5})
-    assert "this model is Qwen2MoeForCausalLM, which is not supported" in msg and "Qwen3-MoE" in msg
+    cfg = transformers.DeepseekV3Config(hidden_size=128, intermediate_size=128, moe_intermediate_size=64,
+                                        num_hidden_layers=2, first_k_dense_replace=0, num_attention_heads=2,
+                                        num_key_value_heads=2, n_routed_experts=4, n_shared_experts=1,
+                                        num_experts_per_tok=2, n_group=1, topk_group=1, vocab_size=512,
+                                        q_lora_rank=None, kv_lora_rank=512, qk_nope_head_dim=32, qk_rope_head_dim=64,
+                                        v_head_dim=32, max_position_embeddings=512, bos_token_id=1, eos_token_id=2,
+                                        pad_token_id=0)
+    transformers.DeepseekV3ForCausalLM(cfg).save_pretrained(tmp_path / "deepseek-v3")
+    msg = _build_error(str(tmp_path / "deepseek-v3"), {"buffer": 0.5})
+    assert "this model is DeepseekV3ForCausalLM, which is not supported" in msg and "Qwen3-MoE" in msg
 
 
 def test_opcheck_moe_forward(monkeypatch):
@@ -1437,3 +1440,18 @@ def test_moe_shape_of_the_served_families():
     qwen = types.SimpleNamespace(num_hidden_layers=4, num_experts=60, num_experts_per_tok=4, mlp_only_layers=[1],
                                  decoder_sparse_step=1)
     assert moe_shape(qwen) == ([0, 2, 3], 60, 4)
+
+
+def test_host_memory_too_small_is_refused_in_the_front_end(checkpoints, monkeypatch):
+    """A model whose routed experts do not fit in the host memory available is refused before any
+    weight loads, with the numbers; the count is the model's routed experts in its dtype."""
+    from prophet_kernels.integration import vllm_plugin
+
+    cfg = demo.TINY["olmoe"]
+    want = cfg["num_hidden_layers"] * cfg["num_experts"] * 3 * cfg["hidden_size"] * cfg["intermediate_size"] * 4
+    config = _front_end(checkpoints["olmoe"], {"buffer": 0.5})
+    assert vllm_plugin.host_expert_bytes(config.model_config.hf_text_config, torch.float32) == want
+    monkeypatch.setattr(vllm_plugin, "available_host_bytes", lambda: want - 1)
+    with pytest.raises(ValueError, match=r"every routed expert in pinned host memory: this model's take 0.0 GiB "
+                                         r"here \(torch.float32\), but only 0.0 GiB"):
+        _front_end(checkpoints["olmoe"], {"buffer": 0.5})

@@ -427,6 +427,9 @@ class Plan:
     # (every stage holds each token's KV for its layers: the poorest stage bounds the engine's cache)
     baseline_stage: int = 0
     prophet_stage: int = 0
+    # Prophet's pinned host store: every routed expert of the model (all stages, every rank's shard) in
+    # Prophet's expert dtype, the host memory the servers of one replica need for it
+    host_expert_bytes: int = 0
 
 
 def _kv_tokens(kv_bytes: int, per_token: int) -> int:
@@ -461,7 +464,7 @@ def plan(
             p, baseline_weight_bytes=b.baseline_weight_bytes, baseline_kv_bytes=b.baseline_kv_bytes,
             baseline_kv_tokens=b.baseline_kv_tokens, baseline_fits=b.baseline_fits,
             baseline_max_seqs=b.baseline_max_seqs, baseline_stage=b.baseline_stage,
-            buffer_ok=all(r.buffer_ok for r in stages),
+            buffer_ok=all(r.buffer_ok for r in stages), host_expert_bytes=sum(r.host_expert_bytes for r in stages),
             extension=(p.prophet_kv_tokens / b.baseline_kv_tokens) if b.baseline_fits else None)
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -506,6 +509,7 @@ def plan(
         baseline_max_seqs=_max_seqs(base_kv, per_token, state, context, m.sliding_window),
         prophet_max_seqs=_max_seqs(prophet_kv, per_token, state, context, m.sliding_window),
         pp=m.pp_stage[1], baseline_stage=m.pp_stage[0], prophet_stage=m.pp_stage[0],
+        host_expert_bytes=m.moe_layers * m.moe.experts * one_expert,
     )
 
 

@@ -75,7 +75,7 @@ def _tokens(n: int, fits: bool) -> str:
 def format_table(rows: list[Plan]) -> str:
     head = (
         f"{'model':<18} {'gpu':<12} {'tp':>5} {'B':>3} {'buffer':>7} {'experts':>7} {'slots':>6} {'weights GB':>15} "
-        f"{'KV tokens':>17} {'ext':>6} {'seqs@ctx':>14}"
+        f"{'KV tokens':>17} {'ext':>6} {'seqs@ctx':>14} {'host GB':>8}"
     )
     lines = [head, "-" * len(head)]
     for r in rows:
@@ -86,7 +86,7 @@ def format_table(rows: list[Plan]) -> str:
         seqs = f"{r.baseline_max_seqs}->{r.prophet_max_seqs}@{r.context // 1024}K"
         lines.append(
             f"{r.model:<18} {r.gpu:<12} {_layout(r):>5} {r.batch:>3} {r.buffer:>7} {r.expert_dtype:>7} {slots:>6} {weights:>15} "
-            f"{kv:>17} {ext:>6} {seqs:>14}"
+            f"{kv:>17} {ext:>6} {seqs:>14} {r.host_expert_bytes / GB:>8.1f}"
         )
     lines.append(
         "experts: Prophet's expert dtype (fp8: e4m3 + fp32 scale per output row; the baseline keeps the weight "
@@ -94,7 +94,8 @@ def format_table(rows: list[Plan]) -> str:
         "and workspace; ext = Prophet/baseline KV tokens; seqs@ctx: concurrent sequences at the context length; "
         "'!' = buffer below one layer's worst case min(E, kB) at this batch; tp: GPUs, bytes per GPU ('ep': experts "
         "spread whole over them, slots of the busiest GPU's experts; 'xN': N pipeline stages, each side's numbers of "
-        "the stage that bounds its KV cache)."
+        "the stage that bounds its KV cache); host GB: Prophet's pinned host store, every routed expert in its "
+        "expert dtype (all ranks and stages together)."
     )
     return "\n".join(lines)
 
