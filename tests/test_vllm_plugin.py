@@ -1455,3 +1455,57 @@ def test_host_memory_too_small_is_refused_in_the_front_end(checkpoints, monkeypa
     with pytest.raises(ValueError, match=r"every routed expert in pinned host memory: this model's take 0.0 GiB "
                                          r"here \(torch.float32\), but only 0.0 GiB"):
         _front_end(checkpoints["olmoe"], {"buffer": 0.5})
+
+
+def test_server_with_cpu_misses_stops_cleanly_on_sigint(tmp_path):
+    """vLLM's OpenAI server with miss: cpu (the CPU pool's threads and pinned buffers in its engine),
+    stopped by SIGINT as a user's Ctrl-C stops it: the whole process group exits within 30 s, nothing
+    of it is left running, and no traceback names Prophet (vLLM's own EngineDeadError on some stops is
+    vLLM's)."""
+    import json
+    import signal
+    import subprocess
+    import time
+    import urllib.request
+
+    _skip_where_the_shim_cannot_reach("the server's engine")
+    make, serve = _readme_server_command()
+    port = _free_port()
+    subprocess.run(["bash", "-c", _bash(make, port)], cwd=tmp_path, check=True, capture_output=True, timeout=300)
+    serve = _bash(serve, port).replace("PROPHET=1 ", "PROPHET=1 PROPHET_MISS=cpu PROPHET_CPU_THREADS=1 ", 1)
+    log_path = tmp_path / "server.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            deadline = time.time() + 400
+            while time.time() < deadline:
+                assert proc.poll() is None, log_path.read_text()[-3000:]
+                try:
+                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                    break
+                except OSError:
+                    time.sleep(2)
+            else:
+                pytest.fail("server did not come up: " + log_path.read_text()[-3000:])
+            body = json.dumps({"model": "tiny-olmoe", "prompt": "The experts", "max_tokens": 8, "temperature": 0})
+            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
+                                         {"Content-Type": "application/json"})
+            assert json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["completion_tokens"] == 8
+            before = log_path.read_text()
+            t0 = time.time()
+            os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group
+            proc.wait(timeout=30)
+            while time.time() - t0 < 30 and subprocess.run(["pgrep", "-g", str(proc.pid)]).returncode == 0:
+                time.sleep(0.1)  # the engine's process exits after the front end
+            seconds = time.time() - t0
+            left = subprocess.run(["pgrep", "-g", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        finally:
+            if subprocess.run(["pgrep", "-g", str(proc.pid)]).returncode == 0:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    after = log_path.read_text()[len(before):]
+    assert "misses computed on the CPU" in before  # the engine ran with miss: cpu
+    assert left == [] and seconds < 30, f"processes left in the server's group after {seconds:.1f} s: {left}"
+    tracebacks = [block for block in after.split("Traceback")[1:] if "prophet" in block.lower()]
+    assert not tracebacks, after[-3000:]
