@@ -8,6 +8,7 @@ own process so that memory numbers are clean.
     python bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5    # decode speed with CUDA graphs
     python bench/bench_vllm.py --configs off-graphs prophet-device:0.5:same  # device mode, full CUDA graphs
     python bench/bench_vllm.py --configs prophet-device:0.5:same:read-through  # ... with read-through fills
+    python bench/bench_vllm.py --configs off prophet:0.25 prophet-cpu:0.25 prophet-cpu:0  # misses on the host CPU
     python bench/bench_vllm.py --smoke       # this script end to end on a tiny model, no GPU needed
 
 ``--smoke`` runs the same path (checkpoint, one process per configuration, vLLM's log, the rows and
@@ -114,7 +115,8 @@ def parse_config(name: str) -> tuple[dict | None, dict]:
     ValueError for a name this script does not run or settings the plugin would refuse (checked for
     every configuration before the first engine starts)."""
     base, _, rest = name.partition(":")
-    if base in ("prophet", "prophet-graphs", "prophet-device"):  # prophet:<buffer>[:<predictor>[:<fill>]]
+    if base in ("prophet", "prophet-graphs", "prophet-device", "prophet-cpu", "prophet-graphs-cpu"):
+        # prophet:<buffer>[:<predictor>[:<fill>]]; -cpu: miss cpu (host mode)
         buffer, _, more = rest.partition(":")
         predictor, _, fill = more.partition(":")
         try:
@@ -127,6 +129,8 @@ def parse_config(name: str) -> tuple[dict | None, dict]:
             prophet |= {"mode": "device", "fill": fill or "copy"}
         elif fill:
             raise ValueError("a fill is a device-mode setting (prophet-device:...)")
+        if base.endswith("-cpu"):  # misses computed on the host CPU where a copy does not pay
+            prophet["miss"] = "cpu"
         from prophet_kernels.integration.settings import ProphetSettings
 
         ProphetSettings.resolve({"prophet": prophet}, environ={})
@@ -136,7 +140,8 @@ def parse_config(name: str) -> tuple[dict | None, dict]:
     if name in ("off", "off-graphs"):
         return None, {}
     raise ValueError("unknown; known: off, off-graphs, offload, prophet:<buffer>[:<predictor>], "
-                     "prophet-graphs:<buffer>[:<predictor>], prophet-device:<buffer>[:<predictor>[:<fill>]]")
+                     "prophet-graphs:<buffer>[:<predictor>], prophet-device:<buffer>[:<predictor>[:<fill>]], "
+                     "prophet-cpu:<buffer>[:<predictor>], prophet-graphs-cpu:<buffer>[:<predictor>]")
 
 
 def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = False) -> dict:
@@ -182,7 +187,8 @@ def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = Fals
     if stats:
         s = stats[0]
         row |= {"slots": s["slots"], "expert_bytes": s["expert_bytes"], "layers": s["num_layers"],
-                "experts": s["num_experts"], "prophet": s["total"], "prophet_counts": "the timed batches (1 and 32)"}
+                "experts": s["num_experts"], "prophet": s["total"], "prophet_counts": "the timed batches (1 and 32)",
+                "miss": s.get("miss"), "cpu_threads": s.get("cpu_threads"), "cpu_rates": s.get("cpu_rates")}
     return row
 
 
@@ -206,7 +212,7 @@ def with_graphs(config: str) -> bool:
     """Whether a configuration runs vLLM's CUDA graphs ("off-graphs", "prophet-graphs:...",
     "prophet-device:...")."""
     base = config.partition(":")[0]
-    return base.endswith("-graphs") or base == "prophet-device"
+    return base.endswith("-graphs") or base in ("prophet-device", "prophet-graphs-cpu")
 
 
 def compare_rows(rows: list[dict], kv_bytes: int) -> None:
@@ -274,7 +280,8 @@ def main(argv=None):
                     help="off, prophet:<buffer>[:<predictor>], offload (eager), off-graphs, "
                          "prophet-graphs:<buffer>[:<predictor>] (CUDA graphs; piecewise around Prophet's MoE op), "
                          "prophet-device:<buffer>[:<predictor>[:<fill>]] (device mode: vLLM's compilation and "
-                         "full CUDA graphs); "
+                         "full CUDA graphs), prophet-cpu:<buffer>[:<predictor>] and prophet-graphs-cpu:... (miss: "
+                         "cpu, host mode; buffer 0: a staging ring only); "
                          f"default {' '.join(DEFAULT_CONFIGS)} ({' '.join(SMOKE_CONFIGS)} with --smoke)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
