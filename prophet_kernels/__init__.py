@@ -1,9 +1,11 @@
 """Prophet: serve Mixture-of-Experts models on one GPU from a paged expert buffer.
 
-Subpackages (imports go one way: integration -> memory -> kernels, planner; routing -> memory):
+Subpackages (imports go one way: integration -> memory -> kernels, planner, cpu; routing -> memory):
 
 - ``kernels``      Triton kernels: route plan (batch dedup), paged grouped GEMMs, the GEMV decode
                    path, launch configs as data, and a PyTorch reference per op.
+- ``cpu``          routed experts computed on the host CPU (``miss: cpu``): a native kernel with its own
+                   thread pool, compiled at first use, the rates a layer call's misses are split by.
 - ``memory``       host expert store, paged expert buffer, residency decisions, predictors, copy
                    stream, and ``ProphetMoE``, the layer both integrations drive.
 - ``routing``      the routing study: traces, the trace-driven simulator, the sweep report.

@@ -30,10 +30,11 @@ def _sources():
 ALLOWED = {
     "kernels": set(),
     "planner": set(),
-    "memory": {"kernels", "planner"},
+    "cpu": set(),  # the CPU experts: a leaf, as the kernels are
+    "memory": {"kernels", "planner", "cpu"},
     "routing": {"memory", "planner", "kernels"},  # kernels: the quality harness's reference quantizers
-    "benchmark": {"kernels", "memory"},
-    "integration": {"memory", "kernels", "planner"},
+    "benchmark": {"kernels", "memory", "cpu"},
+    "integration": {"memory", "kernels", "planner", "cpu"},
 }
 LEAVES = {"provenance", "native"}
 
@@ -142,6 +143,7 @@ def test_wheel_installed_outside_the_checkout(tmp_path):
 
     top = {n.split("/")[0] for n in zipfile.ZipFile(wheel).namelist()}
     assert top == {"prophet_kernels", "prophet_moe-0.1.0.dist-info"}, top  # no top-level integration/bench
+    assert "prophet_kernels/cpu/cpu_experts.cpp" in zipfile.ZipFile(wheel).namelist()  # compiled at first use
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
     py = venv / "bin" / "python"
@@ -162,5 +164,9 @@ def test_wheel_installed_outside_the_checkout(tmp_path):
         in r.stdout, r.stdout + r.stderr
     r = run(str(venv / "bin" / "prophet"), "plan", "--no-figures")
     assert r.returncode == 0 and (work / "plan_out" / "plan.csv").exists(), r.stderr
+    r = subprocess.run([str(py), "-c", "from prophet_kernels.cpu import native; print('ISA', native.isa(), "
+                        "native.library_path(native.compiler()))"], cwd=work, capture_output=True, text=True,
+                       timeout=600, env=env | {"PROPHET_CACHE_DIR": str(tmp_path / "cache")})
+    assert r.returncode == 0 and "ISA" in r.stdout and str(tmp_path / "cache") in r.stdout, r.stderr  # built from the wheel
     r = run(str(py), "-c", INSTALLED_CHECK.format(site=site, subcommands=SUBCOMMANDS))
     assert r.returncode == 0 and "INSTALLED OK" in r.stdout, r.stdout[-2000:] + r.stderr[-3000:]

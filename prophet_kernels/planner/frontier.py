@@ -88,10 +88,8 @@ def cpu_targets(shape: str, bench_rows: list[dict] | None = None) -> dict[str, d
     from this machine's ``prophet bench cpu-experts`` rows (``bench_rows``: default the committed ones)."""
     import statistics
 
-    from ..benchmark.common import RESULTS_DIR
-
     if bench_rows is None:
-        path = Path(__file__).resolve().parents[2] / RESULTS_DIR / "cpu_experts.jsonl"
+        path = INPUTS.parent / "cpu_experts.jsonl"
         bench_rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
     native = [r for r in bench_rows if r["backend"] == "native" and r["dtype"] == "bf16"]
     if not native:
