@@ -485,3 +485,40 @@ def test_plan_reports_the_pinned_host_store():
     assert r.host_expert_bytes == 32 * 8 * 3 * 4096 * 14336 * 2  # every routed expert in bf16: 90.2 GB
     staged = plan(m, get_gpu("H100-80GB"), 1, cfg=ServingConfig(pp=2))
     assert staged.host_expert_bytes == r.host_expert_bytes  # the stages' shares add up
+
+
+def test_pool_threads_run_on_the_cpus_given():
+    """NUMA: the native pool's threads are pinned to the CPUs given (ProphetMoE gives the store node's
+    cores on a machine with several nodes, numa.compute_cpus); the result is unchanged."""
+    import os
+    from pathlib import Path
+
+    cpu0 = sorted(os.sched_getaffinity(0))[-1]
+    g = torch.Generator().manual_seed(0)
+    store, w13, w2 = _store(g, 1, 4, 32, 16)
+    before = {t.name for t in Path("/proc/self/task").iterdir()}
+    cpu = CpuExperts(store, 2, cpus=[cpu0])
+    new = [t for t in Path("/proc/self/task").iterdir() if t.name not in before]
+    allowed = {next(line.split(":")[1].strip() for line in (t / "status").read_text().splitlines()
+                    if line.startswith("Cpus_allowed_list")) for t in new}
+    assert allowed == {str(cpu0)} and len(new) == 2
+    x = torch.randn(3, 32, generator=g)
+    y = cpu(0, x, [1], np.array([0, 3], np.int64), np.arange(3, dtype=np.int32), np.ones(3, np.float32))
+    _close(y, _reference_cpu_part(x, w13[0], w2[0], torch.full((3, 1), 1, dtype=torch.int32), torch.ones(3, 1), [1]),
+           torch.float32)
+    cpu.close()
+
+
+def test_compute_cpus_are_the_store_nodes(monkeypatch):
+    import os
+
+    from prophet_kernels.memory import numa
+
+    mine = sorted(os.sched_getaffinity(0))
+    monkeypatch.setattr(numa, "store_node", lambda: None)
+    assert numa.compute_cpus() is None  # one node (or no GPU): any CPU
+    monkeypatch.setattr(numa, "store_node", lambda: 1)
+    monkeypatch.setattr(numa, "node_cpus", lambda node: [mine[0], 10_000] if node == 1 else [])
+    assert numa.compute_cpus() == [mine[0]]  # the node's CPUs this process may use
+    monkeypatch.setattr(numa, "node_cpus", lambda node: [10_000])
+    assert numa.compute_cpus() is None

@@ -35,6 +35,11 @@
 #include <thread>
 #include <vector>
 
+#if defined(__linux__)
+#include <pthread.h>
+#include <sched.h>
+#endif
+
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
@@ -325,8 +330,21 @@ class Pool {
   // spin_ns: how long an idle thread (and a joining caller) polls before sleeping on a condition
   // variable: a decode step's next layer call comes within a layer's time, and waking a sleeping
   // thread costs tens of microseconds
-  Pool(int n, int64_t spin_ns) : n_(n), spin_ns_(spin_ns) {
-    for (int t = 0; t < n_; ++t) threads_.emplace_back([this, t] { loop(t); });
+  // cpus: the CPUs every thread may run on (none: the process's own); a NUMA machine's store lives on
+  // its GPU's node, and threads on that node's cores read it locally
+  Pool(int n, int64_t spin_ns, const int* cpus, int ncpus) : n_(n), spin_ns_(spin_ns) {
+    for (int t = 0; t < n_; ++t) {
+      threads_.emplace_back([this, t] { loop(t); });
+#if defined(__linux__)
+      if (ncpus > 0) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        for (int i = 0; i < ncpus; ++i)
+          if (cpus[i] >= 0 && cpus[i] < CPU_SETSIZE) CPU_SET(cpus[i], &set);
+        pthread_setaffinity_np(threads_.back().native_handle(), sizeof(set), &set);
+      }
+#endif
+    }
   }
 
   ~Pool() {
@@ -470,7 +488,7 @@ class Pool {
 
 extern "C" {
 
-int prophet_cpu_abi_version() { return 2; }
+int prophet_cpu_abi_version() { return 3; }
 
 // bit 0: AVX-512F tiles; bit 1: AVX-512 BF16 dot products; bit 2: F16C
 int prophet_cpu_isa() {
@@ -487,9 +505,9 @@ int prophet_cpu_isa() {
   return isa;
 }
 
-void* prophet_cpu_pool_create(int threads, int64_t spin_ns) {
-  if (threads < 1 || threads > 1024 || spin_ns < 0) return nullptr;
-  return new Pool(threads, spin_ns);
+void* prophet_cpu_pool_create(int threads, int64_t spin_ns, const int* cpus, int ncpus) {
+  if (threads < 1 || threads > 1024 || spin_ns < 0 || ncpus < 0) return nullptr;
+  return new Pool(threads, spin_ns, cpus, ncpus);
 }
 
 void prophet_cpu_pool_destroy(void* pool) { delete static_cast<Pool*>(pool); }

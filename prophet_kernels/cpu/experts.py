@@ -106,9 +106,12 @@ def pairs_of(ids, weights, cpu_experts, k: int | None = None) -> tuple[np.ndarra
 
 
 class CpuExperts:
-    """The CPU experts of a ``HostExpertStore`` (bf16, fp16 or fp32; one call at a time)."""
+    """The CPU experts of a ``HostExpertStore`` (bf16, fp16 or fp32; one call at a time). ``cpus``: the
+    CPUs the native pool's threads run on (``ProphetMoE`` passes the store's NUMA node's on a machine
+    with several: the experts are read where they live)."""
 
-    def __init__(self, store, threads: int, backend: str = "native", spin_us: float = SPIN_US):
+    def __init__(self, store, threads: int, backend: str = "native", spin_us: float = SPIN_US,
+                 cpus: list[int] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"cpu backend {backend!r}: one of {', '.join(BACKENDS)}")
         if store.dtype not in DTYPE_CODES:
@@ -128,7 +131,9 @@ class CpuExperts:
         self._pending = None
         if backend == "native":
             so = native.lib()
-            self._pool = so.prophet_cpu_pool_create(threads, int(spin_us * 1e3))
+            self.cpus = sorted(set(cpus)) if cpus else None  # the CPUs the pool's threads run on (None: any)
+            arr = (ctypes.c_int * len(self.cpus))(*self.cpus) if self.cpus else None
+            self._pool = so.prophet_cpu_pool_create(threads, int(spin_us * 1e3), arr, len(self.cpus or ()))
             if not self._pool:
                 raise RuntimeError(f"creating a pool of {threads} CPU threads failed")
             self._finalizer = weakref.finalize(self, so.prophet_cpu_pool_destroy, self._pool)

@@ -23,7 +23,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_experts.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-uninitialized"]
-ABI_VERSION = 2
+ABI_VERSION = 3
 ISA_BITS = {"avx512f": 1, "avx512_bf16": 2, "f16c": 4}
 
 
@@ -102,7 +102,7 @@ def lib() -> ctypes.CDLL:
     so.prophet_cpu_abi_version.restype = ctypes.c_int
     so.prophet_cpu_isa.restype = ctypes.c_int
     so.prophet_cpu_pool_create.restype = p
-    so.prophet_cpu_pool_create.argtypes = [ctypes.c_int, i64]
+    so.prophet_cpu_pool_create.argtypes = [ctypes.c_int, i64, p, ctypes.c_int]
     so.prophet_cpu_pool_destroy.restype = None
     so.prophet_cpu_pool_destroy.argtypes = [p]
     so.prophet_cpu_submit.restype = ctypes.c_int

@@ -38,6 +38,7 @@ from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import RankExperts, local_ids, make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .residency import ExpertResidency, MissCost, Stats
+from . import numa
 from .store import HostExpertStore
 
 
@@ -174,7 +175,7 @@ class ProphetMoE:
         from ..cpu import CpuExperts
         from ..cpu import rates as cpu_rates
 
-        self.cpu = CpuExperts(self.store, threads, backend)
+        self.cpu = CpuExperts(self.store, threads, backend, cpus=numa.compute_cpus())
         names = ("cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps")
         if all(n in given for n in names):
             self.rates = cpu_rates.Rates(**given, call_us=given.get("call_us", 0.0), source="given")

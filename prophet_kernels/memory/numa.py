@@ -6,7 +6,9 @@ The store's pinned memory is allocated, then ``mbind``-ed (MPOL_PREFERRED: the k
 another node rather than fail when the node is full) before ``cudaHostRegister`` touches and locks
 its pages (``store.pinned_empty``). A GPU's node is its PCI device's ``numa_node`` in sysfs (as
 ``torch.numa`` reads it). On a single-node machine nothing is done. ``prophet info`` prints the
-nodes and each GPU's node.
+nodes and each GPU's node. With ``miss: cpu`` the CPU pool's threads run on the store node's cores
+(``compute_cpus``): the copies and the CPU both read local memory (the other socket's cores stay
+idle for Prophet; a store split over the nodes is not built).
 """
 
 from __future__ import annotations
@@ -76,6 +78,18 @@ def store_node() -> int | None:
     if not torch.cuda.is_available() or len(online_nodes()) < 2:
         return None
     return device_node(torch.cuda.current_device())
+
+
+def compute_cpus() -> list[int] | None:
+    """The CPUs that compute experts on the host (``miss: cpu``): the store node's that this process
+    may use, so that the CPU reads the experts where they live; None (any) on one node or where the
+    node is unknown or has none of this process's CPUs."""
+    node = store_node()
+    if node is None:
+        return None
+    mine = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cpus = [c for c in node_cpus(node) if c in mine]
+    return cpus or None
 
 
 def prefer_node(t: torch.Tensor, node: int) -> bool:
