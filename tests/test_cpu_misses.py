@@ -522,3 +522,42 @@ def test_compute_cpus_are_the_store_nodes(monkeypatch):
     assert numa.compute_cpus() == [mine[0]]  # the node's CPUs this process may use
     monkeypatch.setattr(numa, "node_cpus", lambda node: [10_000])
     assert numa.compute_cpus() is None
+
+
+def test_the_simulator_splits_as_the_layer_does():
+    """One decision function: the trace simulator's miss-cpu replay (routing.simulator.Replay) and
+    ProphetMoE(miss="cpu") fed the same routing and the same rates make the same decisions, layer by
+    layer (hits, misses, experts and token-slots on the CPU, copies, evictions)."""
+    from prophet_kernels.routing.simulator import make_replay
+
+    g = torch.Generator().manual_seed(11)
+    L, E, H, I, k = 3, 8, 16, 8, 2
+    w13, w2 = torch.randn(L, E, 2 * I, H, generator=g), torch.randn(L, E, H, I, generator=g)
+    moe = ProphetMoE.from_weights(w13, w2, 6, device="cpu", miss="cpu", cpu_threads=1, cpu_rates=MIXED)
+    replay = make_replay(L, E, 6, "next-use", None, 0, moe.store.expert_bytes, MIXED["link_gbps"] * 1e9, 1e-4,
+                         miss="cpu", miss_cost=moe.miss_cost)
+    for step in range(12):
+        T = (1, 3, 20)[step % 3]
+        for layer in range(L):
+            ids, weights = _routing(g, T, E, k)
+            moe(layer, torch.randn(T, H, generator=g), weights, ids)
+            replay.call(layer, sorted(set(ids.flatten().tolist())), ids.numpy())
+    moe.close()
+    fields = ("hits", "misses", "cpu_experts", "cpu_token_slots", "evictions", "bytes_h2d")
+    got = [[getattr(s, f) for f in fields] for s in moe.stats.layers]
+    want = [[getattr(s, f) for f in fields] for s in replay.res.stats.layers]
+    assert got == want and moe.stats.cpu_experts > 0 and moe.stats.demand_copies > 0
+
+
+def test_prophet_simulate_miss_cpu(capsys):
+    from prophet_kernels.cli import main
+
+    rc = main(["simulate", "--trace", "olmoe-heldout", "--capacity", "0.25", "--max-steps", "8", "--miss", "cpu",
+               "--cpu-gbps", "100", "--cpu-gflops", "1000", "--dram-gbps", "150", "--pcie-gbps", "25"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "miss cpu (given): CPU computed" in out.out
+    assert main(["simulate", "--trace", "olmoe-heldout", "--cpu-gbps", "100"]) == 2
+    assert "--cpu-gbps go with --miss cpu" in capsys.readouterr().err
+    assert main(["simulate", "--trace", "olmoe-heldout", "--miss", "cpu", "--cpu-gbps", "-1", "--cpu-gflops", "1"]) == 2
+    assert "--cpu-gbps -1.0: a finite rate > 0" in capsys.readouterr().err

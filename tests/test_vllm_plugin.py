@@ -1509,3 +1509,29 @@ def test_server_with_cpu_misses_stops_cleanly_on_sigint(tmp_path):
     assert left == [] and seconds < 30, f"processes left in the server's group after {seconds:.1f} s: {left}"
     tracebacks = [block for block in after.split("Traceback")[1:] if "prophet" in block.lower()]
     assert not tracebacks, after[-3000:]
+
+
+def test_cpu_misses_with_a_chunked_prompt_beside_decoders(checkpoints):
+    """A prompt longer than a chunk (max_num_batched_tokens 32) arriving with three short ones, which
+    decode while its chunks prefill: greedy tokens identical to vLLM's own under the same scheduling;
+    the chunks' experts (many tokens each) were copied, the decode steps' computed on the CPU."""
+    import random
+
+    rng = random.Random(5)
+    ps = [[rng.randrange(3, 512) for _ in range(n)] for n in (150, 9, 11, 13)]
+    kw = dict(max_num_batched_tokens=32, enable_chunked_prefill=True)
+    llm = demo.make_llm(checkpoints["mixtral"], None, **kw)
+    try:
+        base = demo.greedy(llm, ps, MAX_TOKENS)
+    finally:
+        del llm
+    llm = demo.make_llm(checkpoints["mixtral"], {"buffer": 0.25, "miss": "cpu", "cpu_threads": 1, **CPU_RATES}, **kw)
+    try:
+        prophet_stats(llm, reset=True)
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == base
+    t = stats["total"]
+    assert t["demand_copies"] > 0 and t["cpu_experts"] > 0

@@ -375,7 +375,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     ``Replay``'s (a miss that does not wait, and what computing it another way costs). ``miss="cpu"``:
     misses split between the link and the host CPU as ``ProphetMoE(miss="cpu")`` splits them, at
     ``cpu_rates`` (cpu_gbps, cpu_gflops, and optionally dram_gbps, call_us; the link is ``pcie_gbps``);
-    ``capacity=0`` then is ``buffer: 0``: a staging ring of E slots, not placed at start-up."""
+    ``capacity=0`` then is ``buffer: 0``: a staging ring of E slots, not placed at start-up; the link is
+    capped at ``dram_gbps`` (a host copies no faster than it reads its memory)."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
@@ -405,6 +406,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         # one token through one expert: 6 x H x I FLOPs (the bytes of a bf16 expert)
         flops = 6 * get_model(model).hidden * get_model(model).moe.intermediate if model else \
             model_flops_from_bytes(expert_bytes, expert_dtype)
+        if rates.get("dram_gbps"):  # a host copies no faster than it reads its memory
+            bw = min(bw, rates["dram_gbps"] * 1e9)
         miss_cost = MissCost(expert_bytes, flops, rates["cpu_gbps"], rates["cpu_gflops"], bw / 1e9,
                              rates.get("dram_gbps"), rates.get("call_us", 0.0) * 1e-6)
     grid = lanes(trace, batch)[:max_steps]
