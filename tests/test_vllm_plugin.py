@@ -814,14 +814,33 @@ def _bash(line: str, port: int) -> str:
     return line.replace(".venv/bin/", f"{Path(sys.executable).parent}/").replace("--port 8000", f"--port {port}")
 
 
+def _complete_when_up(proc, port: int, log_path) -> dict:
+    """Wait (up to 400 s) for the server's health check, then ask it for 8 greedy tokens; its reply."""
+    import json
+    import time
+    import urllib.request
+
+    deadline = time.time() + 400
+    while time.time() < deadline:
+        assert proc.poll() is None, log_path.read_text()[-3000:]
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            time.sleep(2)
+    else:
+        pytest.fail("server did not come up: " + log_path.read_text()[-3000:])
+    body = json.dumps({"model": "tiny-olmoe", "prompt": "The experts", "max_tokens": 8, "temperature": 0})
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
+                                 {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=60).read())
+
+
 def test_openai_server_readme_command(tmp_path):
     """The README's commands for vLLM's OpenAI server on this CPU machine, as written (the port and
     the venv's path aside): a tiny checkpoint with a tokenizer, served with Prophet on, answers a
     text completion."""
-    import json
     import subprocess
-    import time
-    import urllib.request
 
     _skip_where_the_shim_cannot_reach("the server's engine")
     make, serve = _readme_server_command()
@@ -831,20 +850,7 @@ def test_openai_server_readme_command(tmp_path):
     proc = subprocess.Popen(["bash", "-c", _bash(serve, port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)  # its own process group: the server and its engine stop together
     try:
-        deadline = time.time() + 400
-        while time.time() < deadline:
-            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(2)
-        else:
-            pytest.fail("server did not come up: " + (tmp_path / "server.log").read_text()[-3000:])
-        body = json.dumps({"model": "tiny-olmoe", "prompt": "The experts", "max_tokens": 8, "temperature": 0})
-        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
-                                     {"Content-Type": "application/json"})
-        reply = json.loads(urllib.request.urlopen(req, timeout=60).read())
+        reply = _complete_when_up(proc, port, tmp_path / "server.log")
     finally:
         import signal
 
@@ -1462,11 +1468,9 @@ def test_server_with_cpu_misses_stops_cleanly_on_sigint(tmp_path):
     stopped by SIGINT as a user's Ctrl-C stops it: the whole process group exits within 30 s, nothing
     of it is left running, and no traceback names Prophet (vLLM's own EngineDeadError on some stops is
     vLLM's)."""
-    import json
     import signal
     import subprocess
     import time
-    import urllib.request
 
     _skip_where_the_shim_cannot_reach("the server's engine")
     make, serve = _readme_server_command()
@@ -1478,20 +1482,7 @@ def test_server_with_cpu_misses_stops_cleanly_on_sigint(tmp_path):
         proc = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
                                 start_new_session=True)
         try:
-            deadline = time.time() + 400
-            while time.time() < deadline:
-                assert proc.poll() is None, log_path.read_text()[-3000:]
-                try:
-                    urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                    break
-                except OSError:
-                    time.sleep(2)
-            else:
-                pytest.fail("server did not come up: " + log_path.read_text()[-3000:])
-            body = json.dumps({"model": "tiny-olmoe", "prompt": "The experts", "max_tokens": 8, "temperature": 0})
-            req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body.encode(),
-                                         {"Content-Type": "application/json"})
-            assert json.loads(urllib.request.urlopen(req, timeout=60).read())["usage"]["completion_tokens"] == 8
+            assert _complete_when_up(proc, port, log_path)["usage"]["completion_tokens"] == 8
             before = log_path.read_text()
             t0 = time.time()
             os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the terminal's whole process group

@@ -19,12 +19,10 @@ GFLOP/s; with device, versions, commit and date. Rows go to bench/results/cpu_ex
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 import statistics
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 

@@ -200,7 +200,7 @@ class CpuExperts:
         # computed once: a decode step's call costs microseconds of Python, not tens
         if n > self._y.shape[0] or P > self._rows.shape[0]:
             self._grow(n, P)
-        y, act = self._y[:n], self._act[:max(P, 1)]
+        y = self._y[:n]
         y.zero_()
         E = self.num_experts
         meta = self._meta  # [w13 addresses (E) | w2 addresses (E) | offsets (E + 1)]

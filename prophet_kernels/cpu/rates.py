@@ -69,7 +69,6 @@ def measure(cpu, slot: torch.Tensor | None, cache: bool = True) -> Rates:
     """The rates of ``cpu`` (a ``CpuExperts``) and of copies into ``slot`` (one device slot's block,
     the store's one-block layout; None: copies are not measured, link = the read rate). Layer 0,
     expert 0 of the store is read; ``slot`` is overwritten (call before anything is resident)."""
-    s = cpu.store
     device = slot.device if slot is not None else torch.device("cpu")
     path = native.cache_dir() / f"rates-{_key(cpu, device)}.json"
     if cache:

@@ -276,20 +276,10 @@ class ProphetMoE:
             if not experts:
                 return x.new_zeros((x.shape[0], self.store.hidden))
         self._add_stalls(wait=False)
-        st = self.residency.stats.layers[layer]
         with nvtx_range(f"ensure_resident L{layer}"):
             slots, fills = self.residency.acquire(layer, experts)
             try:
-                filled = [f[0] for f in fills]
-                fresh = set(filled)
-                # Hits whose prefetch is still in flight (queried before the demand copies queue
-                # behind it): late hits; every other hit had landed, so only these and the misses
-                # need a wait on the compute stream.
-                late = self.prefetcher.in_flight([s for s in slots if s not in fresh])
-                st.late_hits += len(late)
-                self.prefetcher.demand(layer, fills)
-                row = self.buffer.upload_row(layer)
-                self.prefetcher.wait_ready(late + filled)
+                row = self._copy_and_wait(layer, slots, fills)
             except BaseException:
                 self.residency.release(slots)
                 raise
@@ -308,6 +298,22 @@ class ProphetMoE:
             self.residency.release(slots)
             self.current_slots = []
         return y
+
+    def _copy_and_wait(self, layer: int, slots: list[int], fills) -> torch.Tensor:
+        """Issue the demand copies of a layer call, make the compute stream wait for them and for the
+        hits still landing, and return the layer's page-table row on the device. ``slots``: the call's
+        slots (hits and fills)."""
+        filled = [f[0] for f in fills]
+        fresh = set(filled)
+        # Hits whose prefetch is still in flight (queried before the demand copies queue behind it):
+        # late hits; every other hit had landed, so only these and the misses need a wait on the
+        # compute stream.
+        late = self.prefetcher.in_flight([s for s in slots if s not in fresh])
+        self.residency.stats.layers[layer].late_hits += len(late)
+        self.prefetcher.demand(layer, fills)
+        row = self.buffer.upload_row(layer)
+        self.prefetcher.wait_ready(late + filled)
+        return row
 
     def _forward_hybrid(self, layer: int, x, topk_weights, topk_ids, routing) -> torch.Tensor:
         """``miss="cpu"``: the GPU computes the resident experts and the copies that pay, the CPU the
@@ -349,13 +355,7 @@ class ProphetMoE:
                     xs = x_h[index] if small else x[index.to(x.device)].cpu()
                     self.cpu.submit(layer, xs, cpu_experts, offsets, rows, pair_w, check=False)
             with nvtx_range(f"ensure_resident L{layer}"):
-                filled = [f[0] for f in fills]
-                fresh = set(filled)
-                late = self.prefetcher.in_flight([s for s in gpu_slots if s not in fresh])
-                st.late_hits += len(late)
-                self.prefetcher.demand(layer, fills)
-                row = self.buffer.upload_row(layer)
-                self.prefetcher.wait_ready(late + filled)
+                row = self._copy_and_wait(layer, gpu_slots, fills)
             self.current_slots = gpu_slots
             if gpu_slots:
                 with nvtx_range(f"experts L{layer}"):
