@@ -848,7 +848,8 @@ def test_openai_server_readme_command(tmp_path):
     subprocess.run(["bash", "-c", _bash(make, port)], cwd=tmp_path, check=True, capture_output=True, timeout=300)
     log = open(tmp_path / "server.log", "w")
     proc = subprocess.Popen(["bash", "-c", _bash(serve, port)], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                            start_new_session=True)  # its own process group: the server and its engine stop together
+                            start_new_session=True,  # its own process group: the server and its engine stop together
+                            env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})  # (a demo in this process lowers it)
     try:
         reply = _complete_when_up(proc, port, tmp_path / "server.log")
     finally:
@@ -1480,7 +1481,8 @@ def test_server_with_cpu_misses_stops_cleanly_on_sigint(tmp_path):
     log_path = tmp_path / "server.log"
     with open(log_path, "w") as log:
         proc = subprocess.Popen(["bash", "-c", serve], cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True,  # (an earlier demo in this process lowered vLLM's logging)
+                                env={**os.environ, "VLLM_LOGGING_LEVEL": "INFO"})
         try:
             assert _complete_when_up(proc, port, log_path)["usage"]["completion_tokens"] == 8
             before = log_path.read_text()
