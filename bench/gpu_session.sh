@@ -23,8 +23,9 @@
 #                                   keys) for OLMoE and Mixtral at T 1 and 16, then the fp8 benchmark again there
 #   bench/gpu_session.sh cpu-misses  misses computed on the CPU (issue 42): this host's DRAM read rate and CPU
 #                                   expert rates (prophet bench cpu-experts), one hybrid layer's latency on a
-#                                   4-layer OLMoE-shaped stack, then (vLLM carried in as for vllm) an OLMoE-sized
-#                                   engine with miss cpu beside wait and all-resident, tok/s at batch 1 and 32
+#                                   4-layer OLMoE-shaped stack
+#   bench/gpu_session.sh cpu-misses-vllm  (vLLM carried in as for vllm) an OLMoE-sized engine with miss cpu beside
+#                                   wait and all-resident, tok/s at batch 1 and 32
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -115,14 +116,15 @@ vllm-graphs)
   timeout 570 $PY bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5 prophet-graphs:0.5:gate --timeout 180 \
     --out-dir "$OUT" 2>&1 | tail -10
   ;;
-cpu-misses)  # issue 42: the host's rates first (they decide the split), one hybrid layer, then the engine
-  timeout 150 $PY -m prophet_kernels.cli bench cpu-experts --shapes olmoe mixtral --batch 1 16 --backends native torch \
-    --dtypes bf16 --reps 3 --out-dir "$OUT" 2>&1 | tail -10 | tee "$OUT/cpu_experts.txt"
-  timeout 120 $PY bench/bench_hybrid_layer.py --calls 100 --out-dir "$OUT" 2>&1 | tail -8 | tee "$OUT/hybrid_layer.txt"
-  if [ -d /tmp/gpu-vllm/site ] || bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1; then
-    export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
-    timeout 330 $PY bench/bench_vllm.py --configs off prophet:0.25 prophet-cpu:0.25 --timeout 100 \
-      --out-dir "$OUT" 2>&1 | tail -8
-  fi
+cpu-misses)  # issue 42 (<= 2.5 min): the host's rates first (they decide the split), then one hybrid layer
+  timeout 80 $PY -m prophet_kernels.cli bench cpu-experts --shapes olmoe mixtral --batch 1 16 --backends native torch \
+    --dtypes bf16 --reps 2 --out-dir "$OUT" 2>&1 | tail -10 | tee "$OUT/cpu_experts.txt"
+  timeout 60 $PY bench/bench_hybrid_layer.py --calls 60 --out-dir "$OUT" 2>&1 | tail -8 | tee "$OUT/hybrid_layer.txt"
+  ;;
+cpu-misses-vllm)  # issue 42 (<= 4 min, vLLM carried in as for vllm): OLMoE all-resident vs misses waiting vs on the CPU
+  if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
+  export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+  timeout 230 $PY bench/bench_vllm.py --configs off prophet:0.25 prophet-cpu:0.25 --timeout 75 \
+    --out-dir "$OUT" 2>&1 | tail -8
   ;;
 esac
