@@ -386,6 +386,13 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dram-gbps", type=float, help="miss cpu: host read bandwidth that copies and the CPU share "
                                                    "(default: as above; none: no shared bound)")
     p.add_argument("--cpu-call-us", type=float, help="miss cpu: fixed cost of a layer call with CPU experts (default 0)")
+    p.add_argument("--placement", default="even", choices=["even", "frequency", "layers"],
+                   help="miss cpu: the buffer's start-up experts: even over the layers (default, as the layer places "
+                        "them), frequency: the most routed in --train-trace (a profile), or layers: whole layers from "
+                        "the last down (llama.cpp's --n-cpu-moe)")
+    p.add_argument("--static", action="store_true",
+                   help="miss cpu: keep the start-up placement for good (no copy, no prefetch; every miss on the CPU: "
+                        "KTransformers' fixed GPU experts) instead of the layer's dynamic residency")
     p.add_argument("--sweep", action="store_true",
                    help="the full table (capacities 12.5-75%%, policies, predictors, depths 1-3) with figures; "
                         "rows are written as they complete and an interrupted sweep resumes from them (same --out); "
@@ -424,6 +431,10 @@ def _check_simulate_options(args) -> None:
         raise ValueError(f"{', '.join(cpu_flags)} go with --miss cpu")
     if args.miss == "cpu" and not single:
         raise ValueError("--miss cpu goes with single runs, not --sweep or --batch-sweep")
+    if (args.placement != "even" or args.static) and args.miss != "cpu":
+        raise ValueError("--placement and --static go with --miss cpu")
+    if args.static and args.predictor:
+        raise ValueError("--static keeps the start-up placement: nothing is prefetched, so give no --predictor")
     if args.miss == "cpu" and args.policy.startswith("device-"):
         raise ValueError(f"--miss cpu is host mode's: policy {args.policy} is the device mode's")
     for flag, v in zip(cpu_flags, [x for x in (args.cpu_gbps, args.cpu_gflops, args.dram_gbps, args.cpu_call_us)
@@ -527,7 +538,7 @@ def _simulate(args: argparse.Namespace) -> int:
     if pred and not rr.replayable(pred, held):
         raise ValueError(f"predictor {pred!r} needs the hidden states' lookahead ranking, which trace {args.trace!r} "
                          "does not carry (real routing has none)")
-    train = _train_trace_for(args, held, [pred])
+    train = _train_trace_for(args, held, [pred] + (["frequency"] if args.placement == "frequency" else []))
     if pred and pred != "oracle":
         pred = fit_predictor(pred, train, held)
     capacity = args.slots if args.slots is not None else args.capacity
@@ -536,7 +547,8 @@ def _simulate(args: argparse.Namespace) -> int:
         cpu = _cpu_rates_for(args, held)
     r = simulate(held, capacity, args.policy, pred, 1 if args.depth is None else args.depth, batch=args.batch, max_steps=args.max_steps,
                  progress=True, expert_dtype=args.expert_dtype, capacity_dtype=args.capacity_dtype, miss=args.miss,
-                 cpu_rates=cpu.get("rates"), **timing)
+                 cpu_rates=cpu.get("rates"), placement=args.placement,
+                 profile=train if args.placement == "frequency" else None, static=args.static, **timing)
     d = r.as_dict()
     model = timing_model(held)
     constants = ", ".join(f"{k} {v}" for k, v in timing.items() if k in ("expert_bytes", "pcie_gbps", "layer_us"))
@@ -548,9 +560,13 @@ def _simulate(args: argparse.Namespace) -> int:
     print(f"hit rate {r.hit_rate:.2%} (landed in time {r.ready_hit_rate:.2%})  misses/token {d['misses_per_token']:.3f}  "
           f"H2D {d['bytes_per_token'] / 1e6:.2f} MB/token  stall {d['stall_us_per_token']:.0f} us/token")
     if args.miss == "cpu":
+        print(f"placement {args.placement}" + (f" (profiled on {args.train_trace or held.meta.get('shape') + '-train'})"
+                                               if args.placement == "frequency" else "")
+              + (", static: no copy, no prefetch" if args.static else ", dynamic: copies that pay, prefetches, "
+                 f"{args.policy}"))
         print(f"miss cpu ({cpu['source']}): CPU computed {d['fallbacks_per_token']:.3f} experts/token, adding "
               f"{d['extra_us_per_token']:.0f} us/token beside the GPU; copies that paid or were copied ahead "
-              f"{d['bytes_per_token'] / 1e6:.2f} MB/token")
+              f"{d['bytes_per_token'] / 1e6:.2f} MB/token; a decode step {d['us_per_step']:.0f} us")
     if r.predictor != "none":  # (docs/stats.md: each figure named once)
         print(f"prefetched {r.prefetched}, read before eviction {r.prefetch_precision:.1%}")
         print("predictor by depth (1, 2, ...): recall " + ", ".join(f"{x:.1%}" for x in r.pred_recall)

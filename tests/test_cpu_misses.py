@@ -561,3 +561,86 @@ def test_prophet_simulate_miss_cpu(capsys):
     assert "--cpu-gbps go with --miss cpu" in capsys.readouterr().err
     assert main(["simulate", "--trace", "olmoe-heldout", "--miss", "cpu", "--cpu-gbps", "-1", "--cpu-gflops", "1"]) == 2
     assert "--cpu-gbps -1.0: a finite rate > 0" in capsys.readouterr().err
+
+
+def test_place_fills_in_order_and_refuses_before_changing_anything():
+    res = ExpertResidency(SlotTable(3, 4, 5, "next-use", min_slots=1), expert_bytes=10)
+    with pytest.raises(ValueError, match="outside the table"):
+        res.place([(0, 1), (3, 0)])
+    assert res.table.lookup(0, 1) < 0 and res.stats.bytes_h2d == 0
+    order = [(2, 3), (0, 1), (2, 3), (1, 0), (0, 0), (1, 1), (2, 2), (0, 2)]
+    fills = res.place(order)
+    assert [(l, e) for _, l, e in fills] == [(2, 3), (0, 1), (1, 0), (0, 0), (1, 1)]  # repeats skipped, full at 5
+    assert res.table.lookup(2, 2) < 0 and res.stats.bytes_h2d == 50
+    assert res.place([(2, 2)]) == []  # nothing free: nothing evicted
+
+
+def test_frequency_placement_is_most_routed_first():
+    from prophet_kernels.routing.simulator import frequency_placement
+    from prophet_kernels.routing.traces.format import Trace
+
+    g = np.random.default_rng(5)
+    L, E, k, T = 3, 6, 2, 50
+    ids = np.stack([np.stack([g.choice(E, k, replace=False, p=np.arange(1, E + 1) / 21) for _ in range(T)])
+                    for _ in range(L)])
+    trace = Trace(ids.astype(np.int16), seq_starts=np.array([0, T]), meta={"num_experts": E})
+    got = frequency_placement(trace)
+    counts = {(l, e): int((ids[l] == e).sum()) for l in range(L) for e in range(E)}
+    assert sorted(got) == sorted(counts) and len(got) == L * E
+    assert [counts[p] for p in got] == sorted(counts.values(), reverse=True)
+
+
+def test_static_placement_never_copies_and_layers_placement_hits_the_last_layers():
+    """``static``: the start-up placement kept for good (KTransformers' fixed GPU experts): no copy,
+    every miss on the CPU; ``layers``: whole layers from the last down (llama.cpp's --n-cpu-moe):
+    those layers always hit, the others never."""
+    from prophet_kernels.routing.simulator import simulate
+    from prophet_kernels.routing.traces import load_trace
+
+    held, profile = load_trace("olmoe-heldout[:2]"), load_trace("olmoe-train[:4]")
+    rates = {"cpu_gbps": 100.0, "cpu_gflops": 2000.0, "dram_gbps": 150.0}
+    static = simulate(held, 0.25, miss="cpu", cpu_rates=rates, max_steps=64, placement="frequency",
+                      profile=profile, static=True)
+    assert static.bytes_h2d == 0 and static.evictions == 0 and static.fallbacks == static.misses > 0
+    dynamic = simulate(held, 0.25, miss="cpu", cpu_rates=rates, max_steps=64, placement="frequency",
+                       profile=profile)
+    assert dynamic.bytes_h2d > 0  # the same placement, copies that pay: the buffer moves
+    layers = simulate(held, 0.25, miss="cpu", cpu_rates=rates, max_steps=64, placement="layers", static=True)
+    L = held.num_layers
+    assert layers.layer_hit_rate == [0.0] * (L - L // 4) + [1.0] * (L // 4)
+    assert MissCost(10, 10, 1.0, 1.0, 100.0, copy=False).split([1000, 1]) == [False, False]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(placement="frequency", miss="cpu"), "needs a profile trace"),
+    (dict(placement="everywhere", miss="cpu"), "placement='everywhere'"),
+    (dict(static=True), "go with miss='cpu'"),
+    (dict(static=True, miss="cpu", predictor="oracle"), "give no predictor"),
+    (dict(placement="layers", miss="cpu", capacity=0), "go with miss='cpu' and a buffer"),
+])
+def test_simulate_placement_refusals(kwargs, match):
+    from prophet_kernels.routing.simulator import simulate
+    from prophet_kernels.routing.traces import load_trace
+
+    kwargs = {"miss": "wait", "capacity": 0.25} | kwargs
+    if kwargs["miss"] == "cpu":
+        kwargs["cpu_rates"] = {"cpu_gbps": 1.0, "cpu_gflops": 1.0}
+    cap = kwargs.pop("capacity")
+    with pytest.raises(ValueError, match=match):
+        simulate(load_trace("olmoe-heldout[:1]"), cap, max_steps=4, **kwargs)
+
+
+def test_prophet_simulate_placement(capsys):
+    from prophet_kernels.cli import main
+
+    rc = main(["simulate", "--trace", "olmoe-heldout[:1]", "--train-trace", "olmoe-train[:2]", "--capacity", "0.25",
+               "--max-steps", "8", "--miss", "cpu", "--cpu-gbps", "100", "--cpu-gflops", "1000",
+               "--placement", "frequency", "--static"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "placement frequency (profiled on olmoe-train[:2]), static: no copy, no prefetch" in out.out
+    assert "H2D 0.00 MB/token" in out.out and "a decode step" in out.out
+    assert main(["simulate", "--trace", "olmoe-heldout", "--static"]) == 2
+    assert "--placement and --static go with --miss cpu" in capsys.readouterr().err
+    assert main(["simulate", "--trace", "olmoe-heldout", "--miss", "cpu", "--static", "--predictor", "frequency"]) == 2
+    assert "give no --predictor" in capsys.readouterr().err

@@ -112,6 +112,7 @@ class MissCost:
     link_gbps: float  # host-to-device copies (pinned)
     dram_gbps: float | None = None  # host read bandwidth that copies and CPU reads share (None: no bound)
     cpu_call_s: float = 0.0  # fixed cost of a call that has CPU experts (the rows to the host and back, the pool's start)
+    copy: bool = True  # False: no miss is ever copied (a fixed placement: KTransformers' GPU expert mask)
 
     def __post_init__(self):
         for name in ("expert_bytes", "flops_per_token", "cpu_gbps", "cpu_gflops", "link_gbps", "dram_gbps"):
@@ -120,6 +121,8 @@ class MissCost:
                 continue
             if not (isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v > 0):
                 raise ValueError(f"MissCost {name}={v!r}: must be a finite number > 0")
+        if not isinstance(self.copy, bool):
+            raise ValueError(f"MissCost copy={self.copy!r}: must be True or False")
         if not (isinstance(self.cpu_call_s, (int, float)) and math.isfinite(self.cpu_call_s) and self.cpu_call_s >= 0):
             raise ValueError(f"MissCost cpu_call_s={self.cpu_call_s!r}: must be a finite number >= 0")
 
@@ -140,6 +143,8 @@ class MissCost:
     def split(self, tokens) -> list[bool]:
         """Per miss (its token count), whether to copy it (True) or compute it on the CPU (False)."""
         tokens = [int(n) for n in tokens]
+        if not self.copy:
+            return [False] * len(tokens)
         order = sorted(range(len(tokens)), key=lambda i: (-tokens[i], i))
         copy = [False] * len(tokens)
         cpu_s = (self.cpu_call_s if tokens else 0.0) + sum(self.cpu_seconds(n) for n in tokens)
@@ -261,16 +266,25 @@ class ExpertResidency:
         ...) until no slot is free: a start-up placement that evicts nothing (``miss="cpu"``: misses
         are computed where they are, so a buffer fills only this way, by copies that pay and by
         prefetches). Returns the fills; counted as copied bytes (reset the stats after start-up)."""
-        L, E, table = self.table.num_layers, self.table.num_experts, self.table
-        fills = []
-        for e in range(E):
-            for layer in range(L):
-                if not table._free:
-                    return fills
-                if table.lookup(layer, e) < 0:
-                    s, _ = table.allocate(layer, e)
-                    self.stats.layers[layer].bytes_h2d += self.expert_bytes
-                    fills.append((s, layer, e))
+        L, E = self.table.num_layers, self.table.num_experts
+        return self.place((layer, e) for e in range(E) for layer in range(L))
+
+    def place(self, pairs) -> list[Fill]:
+        """Free slots for the (layer, expert) `pairs` in the order given, until no slot is free or the
+        pairs run out (e.g. most used first, from a profile: KTransformers' fixed GPU experts). Evicts
+        nothing; refused before anything changes when a pair names a layer or expert outside the table.
+        Returns the fills, counted as copied bytes."""
+        pairs = [(int(layer), int(e)) for layer, e in pairs]
+        for layer, e in pairs:
+            self.table.check_expert(layer, e)
+        table, fills = self.table, []
+        for layer, e in pairs:
+            if not table._free:
+                break
+            if table.lookup(layer, e) < 0:
+                s, _ = table.allocate(layer, e)
+                self.stats.layers[layer].bytes_h2d += self.expert_bytes
+                fills.append((s, layer, e))
         return fills
 
     def fill_ahead(self, layer: int, experts, budget_bytes: int | None) -> list[Fill]:

@@ -119,6 +119,26 @@ def late_hits(got, filled, ready, start: float) -> int:
     return sum(1 for s in got if s not in filled and ready[s] > start)
 
 
+def frequency_placement(trace) -> list[tuple[int, int]]:
+    """Every (layer, expert) of `trace`'s shape, most routed token-slots first (ties: lower layer, then
+    lower expert): the static placement a routing profile gives (fit it on a trace disjoint from
+    the one replayed)."""
+    L, E = trace.num_layers, trace.num_experts
+    counts = np.stack([np.bincount(trace.topk_ids[l].reshape(-1), minlength=E) for l in range(L)])
+    order = np.lexsort((np.tile(np.arange(E), L), np.repeat(np.arange(L), E), -counts.reshape(-1)))
+    return [(int(i // E), int(i % E)) for i in order]
+
+
+def start_placement(placement: str, num_layers: int, num_experts: int, profile=None) -> list[tuple[int, int]] | None:
+    """The (layer, expert) pairs a ``miss="cpu"`` buffer is filled with at start-up, first placed first
+    (``PLACEMENTS``; None for ``even``: the layer's own ``place_evenly``)."""
+    if placement == "even":
+        return None
+    if placement == "frequency":
+        return frequency_placement(profile)
+    return [(l, e) for l in reversed(range(num_layers)) for e in range(num_experts)]
+
+
 def call_schedule(trace, grid: np.ndarray) -> list[list[int]]:
     """The unique experts of every layer call of a replay grid (``lanes``), in call order, sorted."""
     return [np.unique(trace.topk_ids[l, grid[t]]).tolist() for t in range(len(grid)) for l in range(trace.num_layers)]
@@ -149,6 +169,9 @@ class SimResult:
     miss: str = "wait"
     fallbacks: int = 0  # no-wait: expert uses computed another way (missed, or not landed), unique per call
     extra_s: float = 0.0  # no-wait: time the fallback computation added to the layers
+    elapsed_s: float = 0.0  # the replay's clock at its end: layers, stalls and what the fallback added
+    placement: str = "even"  # miss cpu: the start-up experts (even, frequency)
+    static: bool = False  # miss cpu: the placement kept for good (no copy, no prefetch)
 
     @property
     def hit_rate(self) -> float:
@@ -167,7 +190,8 @@ class SimResult:
         d.update(hit_rate=self.hit_rate, ready_hit_rate=self.ready_hit_rate, prefetch_precision=self.prefetch_precision,
                  misses_per_token=self.misses / self.tokens, bytes_per_token=self.bytes_h2d / self.tokens,
                  stall_us_per_token=self.stall_s / self.tokens * 1e6, fallbacks_per_token=self.fallbacks / self.tokens,
-                 extra_us_per_token=self.extra_s / self.tokens * 1e6)
+                 extra_us_per_token=self.extra_s / self.tokens * 1e6,
+                 us_per_step=self.elapsed_s / self.steps * 1e6 if self.steps else 0.0)
         return d
 
 
@@ -198,6 +222,7 @@ class _Scored(Predictor):
 
 
 MISSES = ("wait", "no-wait", "cpu")
+PLACEMENTS = ("even", "frequency", "layers")  # miss cpu: the buffer's start-up experts
 
 
 @dataclass
@@ -228,12 +253,14 @@ class Replay:
     engine and the GPU waits for them; the CPU computes the rest from the call's start, beside the
     GPU, taking ``miss_cost.call_seconds`` (its fixed cost, each expert's bytes or FLOPs at the CPU's
     rates, the DRAM the copies share): the layer ends when both have. The buffer starts filled evenly
-    over the layers (``ExpertResidency.place_evenly``, landed at time 0), as the layer fills it."""
+    over the layers (``ExpertResidency.place_evenly``, landed at time 0), as the layer fills it, or
+    with ``placement`` ((layer, expert) pairs, first placed first: e.g. the most used in a profile);
+    a ``miss_cost`` with ``copy=False`` and no predictor keeps that placement for good (static)."""
 
     def __init__(self, res, expert_bytes: int, bw: float, layer_s: float, depth: int, prefetch_budget=None,
                  unlimited_budget: bool = False, device: bool = False, miss: str = "wait", fallback_s: float = 0.0,
                  fallback_parallel: bool = False, fallback_latency_s: float = 0.0, miss_cost: MissCost | None = None,
-                 staging_only: bool = False):
+                 staging_only: bool = False, placement=None):
         self.res, self.expert_bytes, self.layer_s, self.depth = res, expert_bytes, layer_s, depth
         self.prefetch_budget, self.unlimited_budget, self.device, self.miss = prefetch_budget, unlimited_budget, device, miss
         self.fallback_s, self.fallback_parallel, self.fallback_latency_s = fallback_s, fallback_parallel, fallback_latency_s
@@ -244,8 +271,10 @@ class Replay:
         if miss == "cpu" and miss_cost is None:
             raise ValueError("miss='cpu' needs a MissCost (the CPU's and the link's rates)")
         self.miss_cost = miss_cost
+        if placement is not None and (miss != "cpu" or staging_only):
+            raise ValueError("a start-up placement goes with miss='cpu' and a buffer (not the staging ring)")
         if miss == "cpu" and not staging_only:  # the layer's start-up placement (not counted)
-            res.place_evenly()
+            res.place_evenly() if placement is None else res.place(placement)
             res.reset_stats()
 
     def _copy(self, fills) -> None:
@@ -339,7 +368,7 @@ def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor
                 bw: float, layer_s: float, prefetch_budget: int | None = None, unlimited_budget: bool = False,
                 miss: str = "wait", fallback_s: float = 0.0, fallback_parallel: bool = False,
                 fallback_latency_s: float = 0.0, min_slots: int = 1, miss_cost: MissCost | None = None,
-                staging_only: bool = False) -> Replay:
+                staging_only: bool = False, placement=None) -> Replay:
     """A ``Replay`` over a fresh buffer of `slots` with `policy` (a name, device-* for the device
     mode's decisions, or an ``EvictionPolicy``) and `predictor` prefetching `depth` layers ahead
     (0: none); ``prefetch_budget`` in experts per call (None: derived from the copy engine)."""
@@ -354,7 +383,7 @@ def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor
         res = ExpertResidency(SlotTable(num_layers, num_experts, slots, policy, min_slots=min_slots), expert_bytes,
                               predictor, depth, budget_bytes)
     return Replay(res, expert_bytes, bw, layer_s, depth, prefetch_budget, unlimited_budget, device, miss, fallback_s,
-                  fallback_parallel, fallback_latency_s, miss_cost, staging_only)
+                  fallback_parallel, fallback_latency_s, miss_cost, staging_only, placement)
 
 
 def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Predictor | str | None = None, depth: int = 1,
@@ -362,7 +391,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
              layer_us: float | None = None, unlimited_budget: bool = False, max_steps: int | None = None,
              progress: bool = False, prefetch_budget: int | None = None, expert_dtype: str = "bf16",
              capacity_dtype: str | None = None, miss: str = "wait", fallback_s: float = 0.0,
-             fallback_parallel: bool = False, fallback_latency_s: float = 0.0, cpu_rates: dict | None = None) -> SimResult:
+             fallback_parallel: bool = False, fallback_latency_s: float = 0.0, cpu_rates: dict | None = None,
+             placement: str = "even", profile=None, static: bool = False) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
     H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
@@ -376,7 +406,13 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     misses split between the link and the host CPU as ``ProphetMoE(miss="cpu")`` splits them, at
     ``cpu_rates`` (cpu_gbps, cpu_gflops, and optionally dram_gbps, call_us; the link is ``pcie_gbps``);
     ``capacity=0`` then is ``buffer: 0``: a staging ring of E slots, not placed at start-up; the link is
-    capped at ``dram_gbps`` (a host copies no faster than it reads its memory)."""
+    capped at ``dram_gbps`` (a host copies no faster than it reads its memory). ``placement``: with
+    ``miss="cpu"``, the buffer's start-up experts: ``even`` over the layers (the layer's),
+    ``frequency``: the most routed in ``profile`` (a trace disjoint from `trace`; ``frequency_placement``),
+    or ``layers``: whole layers from the last down (llama.cpp's ``--n-cpu-moe N``: the first N layers'
+    experts on the CPU); ``static``: that
+    placement kept for good, no copy and no prefetch, every miss on the CPU (KTransformers' fixed
+    GPU expert mask), beside the default dynamic residency (copies that pay, prefetches, next-use)."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
@@ -384,6 +420,17 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
 
     L, E = trace.num_layers, trace.num_experts
     staging_only = miss == "cpu" and capacity == 0  # buffer 0: a staging ring of one layer's experts
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement={placement!r}: {' or '.join(PLACEMENTS)}")
+    if (placement != "even" or static) and (miss != "cpu" or staging_only):
+        raise ValueError("placement and static go with miss='cpu' and a buffer (capacity > 0)")
+    if (placement == "frequency") != (profile is not None):
+        raise ValueError("placement='frequency' needs a profile trace, and a profile goes with it")
+    if profile is not None and (profile.num_layers, profile.num_experts) != (L, E):
+        raise ValueError(f"the profile trace has {profile.num_layers} layers x {profile.num_experts} experts, "
+                         f"the replayed one {L} x {E}")
+    if static and predictor is not None:
+        raise ValueError("static keeps the start-up placement: nothing is prefetched, so give no predictor")
     check_simulate_args(L, E, E if staging_only else capacity, depth, predictor is not None, expert_bytes, pcie_gbps,
                         layer_us, max_steps, prefetch_budget, unlimited_budget, expert_dtype, capacity_dtype)
     model = timing_model(trace)
@@ -409,7 +456,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         if rates.get("dram_gbps"):  # a host copies no faster than it reads its memory
             bw = min(bw, rates["dram_gbps"] * 1e9)
         miss_cost = MissCost(expert_bytes, flops, rates["cpu_gbps"], rates["cpu_gflops"], bw / 1e9,
-                             rates.get("dram_gbps"), rates.get("call_us", 0.0) * 1e-6)
+                             rates.get("dram_gbps"), rates.get("call_us", 0.0) * 1e-6, copy=not static)
     grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
     schedule = call_schedule(trace, grid)
@@ -439,7 +486,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     replay = make_replay(L, E, slots, pol, scored, depth if predictor is not None else 0, expert_bytes, bw, layer_s,
                          prefetch_budget, unlimited_budget, miss, fallback_s, fallback_parallel, fallback_latency_s,
                          min_slots=1 if miss == "cpu" else max(len(s) for s in schedule), miss_cost=miss_cost,
-                         staging_only=staging_only)
+                         staging_only=staging_only,
+                         placement=start_placement(placement, L, E, profile))
     res = replay.res
     unpredicted = 0
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
@@ -452,7 +500,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
             unpredicted += sum(1 for e in call.missed if e not in named)
     st = res.stats
     req = st.hits + st.misses
-    return SimResult(miss=miss, fallbacks=replay.fallbacks, extra_s=replay.extra_s,
+    return SimResult(miss=miss, fallbacks=replay.fallbacks, placement=placement, static=static, elapsed_s=replay.now, extra_s=replay.extra_s,
         slots=slots, policy=policy, predictor=name, depth=res.prefetch_depth, batch=batch, steps=steps,
         tokens=steps * batch, requests=req, hits=st.hits, late_hits=st.late_hits, misses=st.misses, prefetched=st.prefetched,
         prefetch_used=st.prefetch_used, evictions=st.evictions, bytes_h2d=st.bytes_h2d, stall_s=st.stall_s,
