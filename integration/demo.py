@@ -72,9 +72,9 @@ def tiny_tokenizer(vocab_size: int = 512):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
 
 
-def make_tiny_checkpoint(family: str, path, seed: int = 0, dtype: str = "float32") -> Path:
+def make_tiny_checkpoint(family: str, path, seed: int = 0, dtype: str = "float32", layers: int | None = None) -> Path:
     """A random-init OLMoE/Mixtral/Qwen3-MoE-shaped checkpoint (config.json, model.safetensors and a
-    tokenizer) at `path`."""
+    tokenizer) at `path` (``layers``: that many decoder layers instead of the family's tiny default)."""
     import torch
     import transformers
 
@@ -89,7 +89,8 @@ def make_tiny_checkpoint(family: str, path, seed: int = 0, dtype: str = "float32
                           "qwen3_moe": (transformers.Qwen3MoeConfig, transformers.Qwen3MoeForCausalLM),
                           "qwen2_moe": (transformers.Qwen2MoeConfig, transformers.Qwen2MoeForCausalLM),
                           "deepseek_v2": (transformers.DeepseekV2Config, transformers.DeepseekV2ForCausalLM)}[family]
-    cfg = cls_cfg(**shapes[family], initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+    shape = shapes[family] | ({} if layers is None else {"num_hidden_layers": layers})
+    cfg = cls_cfg(**shape, initializer_range=0.2, bos_token_id=1, eos_token_id=2, pad_token_id=0,
                   tie_word_embeddings=False, torch_dtype=dtype)
     torch.manual_seed(seed)
     model = cls_model(cfg).to(getattr(torch, dtype))

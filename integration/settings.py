@@ -52,7 +52,8 @@ class ProphetSettings:
     log_every_s: float = 30.0
     predictor_path: str = ""
     expert_dtype: str = "auto"  # EXPERT_DTYPES
-    miss: str = "wait"  # MISSES: a miss waits for its copy, or (host mode) the CPU computes it where that pays
+    miss: str = "wait"  # MISSES: a miss waits for its copy, (host mode) the CPU computes it where that pays, or
+    # every non-resident expert is streamed once per layer per step (large batches; memory.stream)
     cpu_threads: int = 0  # miss cpu: the CPU pool's threads per rank (0: the node's cores shared among its ranks)
     cpu_backend: str = "native"  # miss cpu: cpu.BACKENDS
     cpu_gbps: float = 0.0  # miss cpu: the rates the misses are split by; 0: measured once at start-up (cpu.rates)
@@ -111,16 +112,25 @@ class ProphetSettings:
 
         if self.miss not in MISSES:
             raise ValueError(f"unknown Prophet miss {self.miss!r}; known: {', '.join(MISSES)} (wait: a miss is copied "
-                             "and waited for; cpu: the host CPU computes the misses whose copy does not pay)")
-        if not (self.miss == "cpu" and self.buffer == 0):  # buffer 0 with miss cpu: no resident experts
+                             "and waited for; cpu: the host CPU computes the misses whose copy does not pay; stream: "
+                             "every non-resident expert is copied once per layer per step, for large batches)")
+        if not (self.miss in ("cpu", "stream") and self.buffer == 0):  # buffer 0: no resident experts
             try:
                 check_buffer(self.buffer)
             except ValueError as e:
-                raise ValueError(f"Prophet {e}" + (" (or 0 with miss: cpu)" if self.miss == "wait" else "")) from None
+                raise ValueError(f"Prophet {e}" + (" (or 0 with miss: cpu or stream)" if self.miss == "wait"
+                                                   else "")) from None
         if self.mode not in MODES:
             raise ValueError(f"unknown Prophet mode {self.mode!r}; known: {', '.join(MODES)}")
         if self.miss == "cpu":
             self._check_cpu()
+        if self.miss == "stream":
+            if self.mode != "host":
+                raise ValueError("Prophet miss 'stream' uses the host mode's buffer (a fixed schedule, no decisions "
+                                 "per call); use mode host")
+            if self.predictor != "none":
+                raise ValueError(f"Prophet miss 'stream' copies every non-resident expert of the next layers: "
+                                 f"predictor {self.predictor!r} adds nothing to it; use predictor none")
         if self.fill not in FILLS or (self.fill != "copy" and self.mode != "device"):
             raise ValueError(f"unknown Prophet fill {self.fill!r}; known: {', '.join(FILLS)} "
                              "(read-through with mode device only)")
@@ -191,7 +201,7 @@ class ProphetSettings:
     def num_slots(self, num_layers: int, num_experts: int) -> int:
         from prophet_kernels.memory.buffer import slots_for
 
-        if self.buffer == 0:  # miss cpu: no resident experts (ProphetMoE adds a staging ring)
+        if self.buffer == 0:  # miss cpu / stream: no resident experts (ProphetMoE adds a staging or stream ring)
             return 0
         return slots_for(self.buffer, num_layers, num_experts)
 
@@ -212,6 +222,15 @@ class ProphetSettings:
         from prophet_kernels.planner.memory import max_unique_experts
 
         if self.miss == "cpu":  # what has no slot is computed on the CPU: any buffer serves any batch
+            return
+        if self.miss == "stream":  # any batch: the ring holds a whole layer's non-resident experts
+            from prophet_kernels.memory.stream import min_stream_slots
+
+            need, have = min_stream_slots(num_layers, num_experts), self.num_slots(num_layers, num_experts)
+            if have and have < need:
+                with self._buffer_named(num_layers, num_experts, max_batch_tokens):
+                    raise ValueError(f"streaming needs at least {need} slots (a ring of two layers' {num_experts} "
+                                     "experts); give a larger buffer, or 0 for the ring alone")
             return
         with self._buffer_named(num_layers, num_experts, max_batch_tokens):
             check_sizes(num_layers, num_experts, self.num_slots(num_layers, num_experts),

@@ -109,6 +109,11 @@ class _ModelExperts:
                     slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
                     s.mode, s.policy, s.predictor, s.prefetch_depth,
                     "no limit" if s.prefetch_budget is None else f"{s.prefetch_budget} experts per layer call")
+        if self.moe.schedule is not None:
+            sch = self.moe.schedule
+            logger.info("Prophet: experts streamed (miss stream): %d-%d resident per layer, the others copied once "
+                        "per layer per step into a ring of %d parts x %d slots, one layer ahead",
+                        min(sch.resident), max(sch.resident), sch.parts, sch.width)
         if self.moe.cpu is not None:
             r = self.moe.rates
             logger.info("Prophet: misses computed on the CPU where a copy does not pay (%s backend, %d threads%s); "
@@ -149,6 +154,7 @@ class _ModelExperts:
                 "num_experts": store.num_experts, "slots": slots, "hidden": store.hidden,
                 "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
+                "stream_resident": None if self.moe.schedule is None else list(self.moe.schedule.resident),
                 **self.moe.stats.as_dict()}
 
 

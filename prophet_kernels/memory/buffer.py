@@ -274,7 +274,9 @@ POLICIES = {"lru": LRUPolicy, "lfu": LFUPolicy, "cyclic": CyclicPolicy, "next-us
 DEFAULT_POLICY = "next-use"
 MODES = ("host", "device")  # who decides residency: the host at every layer call, or the device (memory.device)
 FILLS = ("copy", "read-through")  # device mode: a copy kernel before the GEMMs, or the decode GEMMs fill as they read
-MISSES = ("wait", "cpu")  # a miss waits for its copy, or (host mode) the host CPU computes it where that pays
+# a miss waits for its copy, or (host mode) the host CPU computes it where that pays, or every
+# non-resident expert is streamed once per layer per step, one layer ahead (memory.stream)
+MISSES = ("wait", "cpu", "stream")
 DEFAULT_MODE = "host"  # until device mode is measured on a GPU (PERF_NOTES.md)
 DEVICE_POLICIES = ("next-use", "lru")  # what device mode decides with (kernels.residency), default first
 

@@ -20,6 +20,10 @@ the GPU's part and joined after it; the two partial sums add on the device:
   GPU part         copies, then the paged kernels over the page-table row (a CPU expert has no slot:
                    its token-slots contribute zero there)
   join             the CPU's rows back to the device, added to y
+
+``miss="stream"`` (large batches): a fixed schedule (``memory.stream``): each layer's resident experts
+stay put, its other experts are copied once per step into a ring part, one layer ahead, while the
+layers before it compute; the page table never changes and nothing reads the routing on the host.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import RankExperts, local_ids, make_predictor
 from .prefetch import StreamPrefetcher, nvtx_range
 from .residency import ExpertResidency, MissCost, Stats
+from .stream import StreamSchedule, min_stream_slots
 from . import numa
 from .store import HostExpertStore
 
@@ -93,7 +98,9 @@ class ProphetMoE:
         cores this process may use, less one for the thread that drives the device),
         ``cpu_backend`` "native" or "torch" (``cpu.experts``); the buffer is filled evenly over the
         layers at start-up (``ExpertResidency.place_evenly``); ``cpu_rates`` rates that replace the
-        measured ones (``cpu_gbps``, ``cpu_gflops``, ``link_gbps``, ``dram_gbps``, ``call_us``; ``cpu.rates``)."""
+        measured ones (``cpu_gbps``, ``cpu_gflops``, ``link_gbps``, ``dram_gbps``, ``call_us``; ``cpu.rates``).
+        ``miss="stream"`` (host mode, no predictor): the fixed streaming schedule of ``memory.stream``;
+        ``num_slots`` 0 is its smallest buffer (a ring of two layers' experts, nothing resident)."""
         if mode not in MODES:
             raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         if miss not in MISSES:
@@ -101,6 +108,13 @@ class ProphetMoE:
         if miss == "cpu" and mode != "host":
             raise ValueError("miss='cpu' runs in host mode (the host splits each layer call's misses between the "
                              "link and the CPU); device mode's misses wait")
+        if miss == "stream" and mode != "host":
+            raise ValueError("miss='stream' is a schedule of its own with the host mode's buffer: use mode 'host'")
+        if miss == "stream" and predictor is not None:
+            raise ValueError("miss='stream' copies every non-resident expert of the next layers: a predictor adds "
+                             "nothing to it (give none)")
+        if num_slots == 0 and miss == "stream":  # the smallest buffer that streams: the ring alone
+            num_slots = min_stream_slots(store.num_layers, store.num_experts)
         if num_slots == 0 and miss == "cpu":  # no resident experts: a staging ring for the copies that pay
             num_slots = store.num_experts if top_k is None or max_batch_tokens is None else \
                 max_unique_experts(store.num_experts, min(top_k, store.num_experts), max_batch_tokens)
@@ -166,6 +180,9 @@ class ProphetMoE:
         self._scales = (self.buffer.w13_scale, self.buffer.w2_scale, store.block_shape)
         if miss == "cpu":
             self._start_cpu(cpu_threads, cpu_backend, cpu_rates or {})
+        self.schedule = None
+        if miss == "stream":
+            self._start_stream()
 
     def _start_cpu(self, threads: int, backend: str, given: dict) -> None:
         """The CPU pool and the MissCost of ``miss="cpu"``: rates measured once (``cpu.rates``, before
@@ -202,13 +219,15 @@ class ProphetMoE:
         """The counters, with the stall of every demand copy issued so far (waits for their timing;
         in device mode, one read of the device counters)."""
         self._add_stalls(wait=True)
-        return self.residency.stats
+        return self.schedule.stats if self.schedule is not None else self.residency.stats
 
     def reset_stats(self) -> None:
         """Start the counters afresh (e.g. after a serving engine's warm-up and profiling runs);
         residency is kept. A prefetch issued before the reset is not counted as used after it."""
         self._add_stalls(wait=True)
         self.residency.reset_stats()
+        if self.schedule is not None:
+            self.schedule.reset_stats()
 
     def _add_stalls(self, wait: bool) -> None:
         if self.prefetcher is None:  # device mode: no host timing
@@ -265,6 +284,8 @@ class ProphetMoE:
             return x.new_empty((0, self.store.hidden))
         if self.miss == "cpu":
             return self._forward_hybrid(layer, x, topk_weights, topk_ids, routing)
+        if self.miss == "stream":
+            return self._forward_stream(layer, x, topk_weights, topk_ids, join=join_prefetch or layer == L - 1)
         with nvtx_range(f"route L{layer}"):
             experts = unique_experts(topk_ids)  # (global ids under expert parallelism)
         if experts[0] < 0 or experts[-1] >= self.routed_experts:
@@ -384,12 +405,95 @@ class ProphetMoE:
             self.current_slots = []
         return y
 
+    def _start_stream(self) -> None:
+        """``miss="stream"``: the schedule, its fixed page table, the resident experts copied once (not
+        counted), and each ring part's first layer copied (counted: the step's first copies)."""
+        s, b = self.store, self.buffer
+        self.schedule = StreamSchedule(s.num_layers, s.num_experts, b.num_slots, s.expert_bytes)
+        b.page_table.copy_(torch.from_numpy(self.schedule.rows))
+        for layer in range(s.num_layers):
+            for e in range(self.schedule.resident[layer]):
+                self.prefetcher.copy(int(self.schedule.rows[layer, e]), layer, e, label="preload")
+        cuda = b.device.type == "cuda"
+        parts = max(1, self.schedule.parts)
+        self._ring_ready = [torch.cuda.Event() for _ in range(parts)] if cuda else None
+        self._ring_read = [None] * parts  # the compute stream's event after the last read of each part
+        self._ring = [-1] * parts  # the layer whose experts each part holds (or is being filled with)
+        self._ring_waited = [True] * parts  # the compute stream already waits for the part's last copy
+        for layer in range(s.num_layers):
+            part = self.schedule.part_of(layer)
+            if self._ring[part] < 0 and self.schedule.streamed(layer)[1]:
+                self._stream_copy(layer)
+
+    def _stream_copy(self, layer: int) -> None:
+        """Copy `layer`'s streamed experts into its ring part (one copy of a contiguous range; on CUDA
+        on the copy stream, after the part's last reader, recording the part's ready event)."""
+        first, n, slot = self.schedule.streamed(layer)
+        part = self.schedule.part_of(layer)
+        self._ring[part] = layer
+        if not n:
+            return
+        self.schedule.count_copy(layer)
+        s, b = self.store, self.buffer
+        src = s.blocks[layer]
+        pairs = ([(b.blocks[slot: slot + n], src[first: first + n])] if src is not None and b.blocks is not None else
+                 [(b.w13[slot: slot + n], s.w13[layer][first: first + n]),
+                  (b.w2[slot: slot + n], s.w2[layer][first: first + n])])
+        with nvtx_range(f"stream L{layer} ({n} experts)", color="red"):
+            if self._ring_ready is None:
+                for dst, src_ in pairs:
+                    dst.copy_(src_)
+                return
+            stream = self.prefetcher.stream
+            with torch.cuda.stream(stream):
+                if self._ring_read[part] is not None:
+                    stream.wait_event(self._ring_read[part])
+                for dst, src_ in pairs:
+                    dst.copy_(src_, non_blocking=True)
+                self._ring_ready[part].record(stream)
+            self._ring_waited[part] = False
+
+    def _forward_stream(self, layer: int, x, topk_weights, topk_ids, join: bool) -> torch.Tensor:
+        """``miss="stream"``: this layer's ring part holds its experts (copied one layer ahead, or now
+        when the calls left the schedule's order, e.g. a profiling run); compute through the fixed
+        page-table row; then copy the next layer that uses this part. ``join``: the compute stream
+        waits for every copy in flight before returning (the last layer: a step is self-contained,
+        as a CUDA graph capture needs)."""
+        sched, L = self.schedule, self.store.num_layers
+        if self.expert_map is not None:
+            topk_ids = local_ids(self.expert_map, topk_ids)  # another rank's experts contribute zero here
+        part = sched.part_of(layer)
+        streams = sched.streamed(layer)[1] > 0
+        if streams and self._ring[part] != layer:
+            self._stream_copy(layer)
+        cur = torch.cuda.current_stream(self.buffer.device) if self._ring_ready is not None else None
+        if streams and cur is not None and not self._ring_waited[part]:
+            cur.wait_event(self._ring_ready[part])  # (once per copy: a step joined at its end waits for
+            self._ring_waited[part] = True  # nothing recorded before it, so a capture of the next one is closed)
+        with nvtx_range(f"experts L{layer}"):
+            y = fused_experts_paged(x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights,
+                                    topk_ids, check=False, w13_scale=self._scales[0], w2_scale=self._scales[1],
+                                    block_shape=self._scales[2])
+        if streams:
+            if cur is not None:
+                self._ring_read[part] = torch.cuda.Event()
+                self._ring_read[part].record(cur)
+            nxt = next(m for m in ((layer + d) % L for d in range(1, L + 1)) if sched.part_of(m) == part)
+            if sched.streamed(nxt)[1] and self._ring[part] != nxt:
+                self._stream_copy(nxt)
+        if join and cur is not None:
+            for p, ev in enumerate(self._ring_ready):
+                if not self._ring_waited[p]:
+                    cur.wait_event(ev)
+                    self._ring_waited[p] = True
+        return y
+
     def prefetch_entry(self, hidden: torch.Tensor) -> int:
         """Copy ahead the experts the predictor expects in layers 0 .. prefetch_depth-1 from the hidden
         state entering layer 0 (under pipeline parallelism, what a stage receives from the previous
         one: nothing inside the stage predicts its first layers). Host mode with the gate predictor
         (``predict_entry``); otherwise nothing. Returns the number of copies started."""
-        if self.mode != "host" or hidden.numel() == 0:
+        if self.mode != "host" or self.miss == "stream" or hidden.numel() == 0:
             return 0
         if hidden.dim() != 2 or hidden.shape[1] != self.store.hidden:
             raise ValueError(f"hidden state [T, {self.store.hidden}] expected, got {list(hidden.shape)}")

@@ -39,6 +39,7 @@ class LayerStats:
     cpu_experts: int = 0  # misses computed on the host CPU (miss: cpu), unique per layer call
     cpu_token_slots: int = 0  # the (token, expert) pairs they computed
     cpu_s: float = 0.0  # time the CPU spent computing them (beside the GPU's part of each call)
+    streamed: int = 0  # experts copied by the stream schedule (miss: stream), once per layer per step
 
 
 class Stats:
@@ -71,8 +72,9 @@ class Stats:
 
     @property
     def demand_copies(self) -> int:
-        """Misses copied to the device when a layer needed them (the rest were computed on the CPU)."""
-        return self.misses - self.cpu_experts
+        """Misses copied to the device when a layer needed them (the rest were computed on the CPU;
+        with miss: stream none: the stream copied them ahead)."""
+        return 0 if self.streamed else self.misses - self.cpu_experts
 
     def as_dict(self) -> dict:
         total = {f.name: getattr(self, f.name) for f in fields(LayerStats)}
@@ -86,7 +88,8 @@ class Stats:
                 f"(used {self.prefetch_used})  evictions {self.evictions}  H2D {self.bytes_h2d / 1e6:.1f} MB  "
                 f"stall {self.stall_s * 1e3:.2f} ms" + (f"  CPU computed {self.cpu_experts} experts "
                                                         f"({self.cpu_token_slots} token-slots, {self.cpu_s * 1e3:.2f} ms)"
-                                                        if self.cpu_experts else ""))
+                                                        if self.cpu_experts else "")
+                + (f"  streamed {self.streamed} experts" if self.streamed else ""))
 
 
 Fill = tuple[int, int, int]  # (slot, layer, expert)
