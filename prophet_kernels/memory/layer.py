@@ -462,6 +462,9 @@ class ProphetMoE:
         sched, L = self.schedule, self.store.num_layers
         if self.expert_map is not None:
             topk_ids = local_ids(self.expert_map, topk_ids)  # another rank's experts contribute zero here
+        else:  # no host read (as in device mode): an id outside [0, E) is dropped, it contributes zero
+            E = self.store.num_experts
+            topk_ids = torch.where((topk_ids >= 0) & (topk_ids < E), topk_ids, -1).to(torch.int32)
         part = sched.part_of(layer)
         streams = sched.streamed(layer)[1] > 0
         if streams and self._ring[part] != layer:
