@@ -377,9 +377,10 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--capacity-dtype", choices=["bf16", "fp8"],
                    help="count --capacity in experts of this dtype's size: --expert-dtype fp8 --capacity-dtype bf16 "
                         "is fp8 experts in the bytes of a bf16 buffer (default: --expert-dtype)")
-    p.add_argument("--miss", default="wait", choices=["wait", "cpu"],
+    p.add_argument("--miss", default="wait", choices=["wait", "cpu", "stream"],
                    help="wait: a miss is copied and waited for (default); cpu: the misses whose copy does not pay are "
-                        "computed on the host CPU, as ProphetMoE(miss='cpu') splits them (single runs)")
+                        "computed on the host CPU, as ProphetMoE(miss='cpu') splits them; stream: every non-resident "
+                        "expert copied once per layer per step, one layer ahead (ProphetMoE(miss='stream')) (single runs)")
     p.add_argument("--cpu-gbps", type=float, help="miss cpu: the CPU's rate over expert bytes at batch 1 (default: "
                                                   "this host's prophet bench cpu-experts rows)")
     p.add_argument("--cpu-gflops", type=float, help="miss cpu: the CPU's compute rate at large batch (default: as above)")
@@ -407,6 +408,8 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
 
 def _check_simulate_options(args) -> None:
     """Options that do nothing in this invocation, or that contradict each other: one line each."""
+    from .memory.buffer import DEFAULT_POLICY
+
     single = not (args.sweep or args.batch_sweep)
     if args.capacity is not None and not (0 < args.capacity <= 1):
         raise ValueError(f"--capacity {args.capacity}: a fraction of all experts in (0, 1]; for a number of "
@@ -429,8 +432,10 @@ def _check_simulate_options(args) -> None:
                                  ("--dram-gbps", args.dram_gbps), ("--cpu-call-us", args.cpu_call_us)) if v is not None]
     if cpu_flags and args.miss != "cpu":
         raise ValueError(f"{', '.join(cpu_flags)} go with --miss cpu")
-    if args.miss == "cpu" and not single:
-        raise ValueError("--miss cpu goes with single runs, not --sweep or --batch-sweep")
+    if args.miss != "wait" and not single:
+        raise ValueError(f"--miss {args.miss} goes with single runs, not --sweep or --batch-sweep")
+    if args.miss == "stream" and (args.predictor or args.policy != DEFAULT_POLICY):
+        raise ValueError("--miss stream is a fixed schedule: it takes no --predictor and no --policy")
     if (args.placement != "even" or args.static) and args.miss != "cpu":
         raise ValueError("--placement and --static go with --miss cpu")
     if args.static and args.predictor:
@@ -553,12 +558,17 @@ def _simulate(args: argparse.Namespace) -> int:
     model = timing_model(held)
     constants = ", ".join(f"{k} {v}" for k, v in timing.items() if k in ("expert_bytes", "pcie_gbps", "layer_us"))
     print(f"{held.meta.get('shape')} trace, {r.tokens} tokens, {r.slots} slots of {args.expert_dtype} experts, "
-          f"{args.policy}, predictor {r.predictor} (depth {r.depth}), batch {r.batch}")
+          + ("the stream schedule" if args.miss == "stream" else f"{args.policy}, predictor {r.predictor} (depth {r.depth})")
+          + f", batch {r.batch}")
     if model and model != held.meta.get("mimics") and len(constants.split(",")) < 3:
         print(f"timing: {model}'s expert bytes and measured H100 constants where not given (the trace's model is not in "
               f"the catalogue){'; given: ' + constants if constants else ''}")
     print(f"hit rate {r.hit_rate:.2%} (landed in time {r.ready_hit_rate:.2%})  misses/token {d['misses_per_token']:.3f}  "
           f"H2D {d['bytes_per_token'] / 1e6:.2f} MB/token  stall {d['stall_us_per_token']:.0f} us/token")
+    if args.miss == "stream":
+        print(f"stream: every non-resident expert copied once per layer per step ({d['bytes_per_token'] / 1e6:.2f} MB/"
+              f"token), one layer ahead; a decode step {d['us_per_step']:.0f} us ({r.batch / d['us_per_step'] * 1e6:.1f} "
+              f"tok/s), of which waiting for copies {r.stall_s / r.steps * 1e6:.0f} us")
     if args.miss == "cpu":
         print(f"placement {args.placement}" + (f" (profiled on {args.train_trace or held.meta.get('shape') + '-train'})"
                                                if args.placement == "frequency" else "")

@@ -141,14 +141,14 @@ def test_a_refused_stream_call_leaves_no_trace():
     L, E, H, I, k = 4, 8, 32, 16, 2
     w13, w2 = _model(g, L, E, H, I)
     moe = ProphetMoE.from_weights(w13, w2, 0, device="cpu", miss="stream")
-    before = (moe.stats.as_dict(), list(moe._ring), moe.buffer.blocks.clone())
+    before = (moe.stats.as_dict(), list(moe.schedule.holds), moe.buffer.blocks.clone())
     x, w = torch.randn(3, H), torch.rand(3, k)
     for bad, match in ((torch.zeros(3, k, dtype=torch.float32), "int32 or int64"),
                        (torch.zeros(3, k + 1, dtype=torch.int32), "must be \\[T, k\\]"),
                        (torch.zeros(3, k, dtype=torch.int32), "out of range")):
         with pytest.raises((ValueError, TypeError), match=match):
             moe(L if match == "out of range" else 1, x, w, bad)
-    assert moe.stats.as_dict() == before[0] and moe._ring == before[1] and torch.equal(moe.buffer.blocks, before[2])
+    assert moe.stats.as_dict() == before[0] and moe.schedule.holds == before[1] and torch.equal(moe.buffer.blocks, before[2])
 
 
 def test_an_expert_id_outside_the_model_is_dropped_without_a_host_read():
@@ -188,3 +188,56 @@ def test_settings_buffer_zero_and_a_buffer_below_the_ring():
     # 7 layers: an odd count streams through three parts (24 slots); 25% of 56 experts is 14
     with pytest.raises(ValueError, match=r"buffer=0.25 \(14 slots for 7 layers x 8 experts.*at least 24 slots"):
         quarter.check_fits(7, 8, 2, 4096)
+
+
+def test_the_simulator_streams_as_the_layer_does():
+    """One schedule: the simulator's stream replay and ProphetMoE(miss="stream") fed the same calls
+    (in order, and out of order) copy the same layers the same number of times."""
+    from prophet_kernels.memory.stream import StreamSchedule
+    from prophet_kernels.routing.simulator import StreamReplay
+
+    g = torch.Generator().manual_seed(8)
+    L, E, H, I, k = 5, 8, 32, 16, 2
+    w13, w2 = _model(g, L, E, H, I)
+    moe = ProphetMoE.from_weights(w13, w2, 29, device="cpu", miss="stream")
+    replay = StreamReplay(StreamSchedule(L, E, 29, moe.store.expert_bytes), bw=1e9, layer_s=1e-4)
+    order = [l for _ in range(3) for l in range(L)] + [2, 0, 4, 4, 1] + list(range(L))
+    for layer in order:
+        _call(moe, g, w13, w2, layer, 3, E, k, H)
+        replay.call(layer, [])
+    got = [(s.streamed, s.bytes_h2d) for s in moe.stats.layers]
+    assert got == [(s.streamed, s.bytes_h2d) for s in replay.schedule.stats.layers] and moe.stats.streamed > 0
+
+
+def test_stream_replay_timing():
+    """Copy-bound: a step takes the layers' copies back to back (the first layer's copy, issued a
+    step ahead, hidden); compute-bound: the layers' time, the copies hidden; hits are the resident
+    experts a call needs."""
+    from prophet_kernels.memory.stream import StreamSchedule
+    from prophet_kernels.routing.simulator import StreamReplay
+
+    L, E, S = 4, 8, 16  # the ring alone: 8 experts per layer streamed
+    for layer_s, copy_s in ((1e-3, 1e-2 / 8), (1e-2, 1e-3 / 8)):
+        sch = StreamSchedule(L, E, S, expert_bytes=1000)
+        rep = StreamReplay(sch, bw=1000 / copy_s, layer_s=layer_s)
+        for step in range(20):
+            for layer in range(L):
+                rep.call(layer, [0, 5])
+        per_step = rep.now / 20
+        assert per_step == pytest.approx(max(L * layer_s, L * 8 * copy_s), rel=0.08)
+    assert sch.stats.hits == 0 and sch.stats.misses == 2 * L * 20
+    sch = StreamSchedule(L, E, 24, expert_bytes=1000)  # 4 resident per layer
+    StreamReplay(sch, 1e6, 1e-3).call(0, [0, 3, 5])
+    assert (sch.stats.hits, sch.stats.misses) == (2, 1)
+
+
+def test_prophet_simulate_miss_stream(capsys):
+    from prophet_kernels.cli import main
+
+    rc = main(["simulate", "--trace", "mixtral-heldout", "--miss", "stream", "--capacity", "0.5", "--batch", "16",
+               "--max-steps", "4"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "the stream schedule, batch 16" in out.out and "copied once per layer per step" in out.out
+    assert main(["simulate", "--trace", "mixtral-heldout", "--miss", "stream", "--predictor", "oracle"]) == 2
+    assert "takes no --predictor" in capsys.readouterr().err

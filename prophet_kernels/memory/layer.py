@@ -418,22 +418,15 @@ class ProphetMoE:
         parts = max(1, self.schedule.parts)
         self._ring_ready = [torch.cuda.Event() for _ in range(parts)] if cuda else None
         self._ring_read = [None] * parts  # the compute stream's event after the last read of each part
-        self._ring = [-1] * parts  # the layer whose experts each part holds (or is being filled with)
         self._ring_waited = [True] * parts  # the compute stream already waits for the part's last copy
-        for layer in range(s.num_layers):
-            part = self.schedule.part_of(layer)
-            if self._ring[part] < 0 and self.schedule.streamed(layer)[1]:
-                self._stream_copy(layer)
+        for layer in self.schedule.start():
+            self._stream_copy(layer)
 
     def _stream_copy(self, layer: int) -> None:
         """Copy `layer`'s streamed experts into its ring part (one copy of a contiguous range; on CUDA
         on the copy stream, after the part's last reader, recording the part's ready event)."""
         first, n, slot = self.schedule.streamed(layer)
         part = self.schedule.part_of(layer)
-        self._ring[part] = layer
-        if not n:
-            return
-        self.schedule.count_copy(layer)
         s, b = self.store, self.buffer
         src = s.blocks[layer]
         pairs = ([(b.blocks[slot: slot + n], src[first: first + n])] if src is not None and b.blocks is not None else
@@ -459,7 +452,7 @@ class ProphetMoE:
         page-table row; then copy the next layer that uses this part. ``join``: the compute stream
         waits for every copy in flight before returning (the last layer: a step is self-contained,
         as a CUDA graph capture needs)."""
-        sched, L = self.schedule, self.store.num_layers
+        sched = self.schedule
         if self.expert_map is not None:
             topk_ids = local_ids(self.expert_map, topk_ids)  # another rank's experts contribute zero here
         else:  # no host read (as in device mode): an id outside [0, E) is dropped, it contributes zero
@@ -467,7 +460,7 @@ class ProphetMoE:
             topk_ids = torch.where((topk_ids >= 0) & (topk_ids < E), topk_ids, -1).to(torch.int32)
         part = sched.part_of(layer)
         streams = sched.streamed(layer)[1] > 0
-        if streams and self._ring[part] != layer:
+        if sched.before(layer) is not None:  # out of the schedule's order: this layer's experts now
             self._stream_copy(layer)
         cur = torch.cuda.current_stream(self.buffer.device) if self._ring_ready is not None else None
         if streams and cur is not None and not self._ring_waited[part]:
@@ -481,8 +474,8 @@ class ProphetMoE:
             if cur is not None:
                 self._ring_read[part] = torch.cuda.Event()
                 self._ring_read[part].record(cur)
-            nxt = next(m for m in ((layer + d) % L for d in range(1, L + 1)) if sched.part_of(m) == part)
-            if sched.streamed(nxt)[1] and self._ring[part] != nxt:
+            nxt = sched.after(layer)
+            if nxt is not None:
                 self._stream_copy(nxt)
         if join and cur is not None:
             for p, ev in enumerate(self._ring_ready):

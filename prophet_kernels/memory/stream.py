@@ -71,6 +71,7 @@ class StreamSchedule:
                 rows[l, self.resident[l]:] = np.arange(start, start + n)
         self.rows = rows  # [L, E]: the page table, fixed
         self.stats = Stats(L)
+        self.holds = [-1] * max(1, self.parts)  # the layer whose experts each ring part holds (or is filled with)
 
     @property
     def used_slots(self) -> int:
@@ -89,14 +90,38 @@ class StreamSchedule:
         r = self.resident[layer]
         return r, self.num_experts - r, int(self.rows[layer, r]) if r < self.num_experts else -1
 
-    def count_copy(self, layer: int) -> int:
-        """Count the stream's copy of `layer`'s non-resident experts (once per layer per step); returns
-        how many experts it moves."""
+    def _copy(self, layer: int) -> int:
+        """`layer`'s streamed experts go to its ring part now: the part holds them, the copy is counted."""
         n = self.num_experts - self.resident[layer]
+        self.holds[self.part_of(layer)] = layer
         st = self.stats.layers[layer]
         st.streamed += n
         st.bytes_h2d += n * self.expert_bytes
-        return n
+        return layer
+
+    def start(self) -> list[int]:
+        """The layers to copy at start-up: each ring part's first layer (counted: the first step's copies)."""
+        first = {}
+        for layer in range(self.num_layers):
+            if self.streamed(layer)[1]:
+                first.setdefault(self.part_of(layer), layer)
+        return [self._copy(layer) for layer in first.values()]
+
+    def before(self, layer: int) -> int | None:
+        """At a call of `layer`: the layer to copy now and wait for (`layer` itself, when its part holds
+        another layer's experts: calls out of the schedule's order), or None."""
+        if self.streamed(layer)[1] and self.holds[self.part_of(layer)] != layer:
+            return self._copy(layer)
+        return None
+
+    def after(self, layer: int) -> int | None:
+        """Once `layer`'s call has read its part: the next layer (cyclically) that streams into that part,
+        to copy now, or None (no stream, or the part already holds it: a part of one layer's own)."""
+        if not self.streamed(layer)[1]:
+            return None
+        part, L = self.part_of(layer), self.num_layers
+        nxt = next(m for m in ((layer + d) % L for d in range(1, L + 1)) if self.part_of(m) == part)
+        return None if self.holds[part] == nxt else self._copy(nxt)
 
     def count_call(self, layer: int, experts) -> None:
         """Count a layer call's unique experts as hits (resident) and misses (streamed), where the

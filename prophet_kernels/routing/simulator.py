@@ -25,6 +25,7 @@ from ..memory.buffer import DEFAULT_POLICY, BeladyPolicy, SlotTable, slots_for
 from ..memory.device import DeviceDecisions
 from ..memory.predictors import OraclePredictor, Predictor, TraceHidden
 from ..memory.residency import ExpertResidency, MissCost
+from ..memory.stream import StreamSchedule, min_stream_slots
 
 # Layer time (us) at batch B, measured on an H100 (see environment.md, bench/results/bench_moe.jsonl):
 #   OLMoE-1B-7B: vLLM 0.26 greedy decode, CUDA graphs: 512 tok/s at B=1, 5,086 tok/s at B=32 (16 layers)
@@ -221,7 +222,7 @@ class _Scored(Predictor):
         return want
 
 
-MISSES = ("wait", "no-wait", "cpu")
+MISSES = ("wait", "no-wait", "cpu", "stream")
 PLACEMENTS = ("even", "frequency", "layers")  # miss cpu: the buffer's start-up experts
 
 
@@ -364,6 +365,51 @@ class Replay:
         return Call(landed=[e for e, s in zip(experts, got) if s >= 0], fallback=cpu, missed=missed)
 
 
+class StreamReplay:
+    """``miss="stream"``: the fixed schedule's decisions (``memory.stream.StreamSchedule``, the same
+    ``start`` / ``before`` / ``after`` that ``ProphetMoE(miss="stream")`` follows) and their timing.
+    One copy engine moves ``bw`` bytes/s in issue order; a copy into a ring part starts once the part's
+    last reader has finished; a layer computes for ``layer_s`` once its part has landed (the wait is its
+    stall); the last layer of a step waits for every copy in flight (a step is self-contained)."""
+
+    def __init__(self, schedule: StreamSchedule, bw: float, layer_s: float):
+        self.schedule, self.layer_s = schedule, layer_s
+        self.copy_s = schedule.expert_bytes / bw
+        parts = max(1, schedule.parts)
+        self.ready, self.read_done = [0.0] * parts, [0.0] * parts
+        self.now = self.engine = 0.0
+        for layer in schedule.start():
+            self._copy(layer)
+
+    def _copy(self, layer: int) -> None:
+        sch = self.schedule
+        part, n = sch.part_of(layer), sch.streamed(layer)[1]
+        self.engine = max(self.engine, self.now, self.read_done[part]) + n * self.copy_s
+        self.ready[part] = self.engine
+
+    def _wait(self, layer: int, until: float) -> None:
+        if until > self.now:
+            self.schedule.stats.layers[layer].stall_s += until - self.now
+            self.now = until
+
+    def call(self, layer: int, experts) -> None:
+        sch = self.schedule
+        sch.count_call(layer, experts)
+        if sch.before(layer) is not None:
+            self._copy(layer)
+        streams = sch.streamed(layer)[1] > 0
+        if streams:
+            self._wait(layer, self.ready[sch.part_of(layer)])
+        self.now += self.layer_s
+        if streams:
+            self.read_done[sch.part_of(layer)] = self.now
+            nxt = sch.after(layer)
+            if nxt is not None:
+                self._copy(nxt)
+        if layer == sch.num_layers - 1:
+            self._wait(layer, max(self.ready))
+
+
 def make_replay(num_layers: int, num_experts: int, slots: int, policy, predictor, depth: int, expert_bytes: int,
                 bw: float, layer_s: float, prefetch_budget: int | None = None, unlimited_budget: bool = False,
                 miss: str = "wait", fallback_s: float = 0.0, fallback_parallel: bool = False,
@@ -419,6 +465,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     from ..planner.memory import expert_bytes as model_expert_bytes
 
     L, E = trace.num_layers, trace.num_experts
+    if miss == "stream" and capacity == 0:  # buffer 0: the smallest that streams, the ring alone
+        capacity = min_stream_slots(L, E)
     staging_only = miss == "cpu" and capacity == 0  # buffer 0: a staging ring of one layer's experts
     if placement not in PLACEMENTS:
         raise ValueError(f"placement={placement!r}: {' or '.join(PLACEMENTS)}")
@@ -460,6 +508,10 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     grid = lanes(trace, batch)[:max_steps]
     steps = len(grid)
     schedule = call_schedule(trace, grid)
+    if miss == "stream":
+        if predictor is not None:
+            raise ValueError("miss='stream' copies every non-resident expert of the next layers: give no predictor")
+        return _simulate_stream(trace, grid, schedule, capacity, expert_bytes, bw, layer_s, batch, progress)
     slots = E if staging_only else slots_for(capacity, L, E)  # the slots ProphetMoE and the vLLM plugin build
     if capacity_dtype and capacity_dtype != expert_dtype:  # the same bytes, in experts of another size
         slots = min(L * E, slots * model_expert_bytes(get_model(model), capacity_dtype) // expert_bytes)
@@ -508,3 +560,25 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         pred_recall=list(np.divide(scored.hit, np.maximum(scored.needed, 1))) if scored else [],
         pred_precision=list(np.divide(scored.hit, np.maximum(scored.predicted, 1))) if scored else [],
         layer_hit_rate=[s.hits / max(1, s.hits + s.misses) for s in st.layers])
+
+
+def _simulate_stream(trace, grid, schedule, capacity, expert_bytes: int, bw: float, layer_s: float, batch: int,
+                     progress: bool) -> SimResult:
+    """``simulate(miss="stream")``: the fixed schedule over the trace's steps (hits and misses: a layer
+    call's unique experts resident or streamed)."""
+    from tqdm import tqdm
+
+    L, E = trace.num_layers, trace.num_experts
+    slots = slots_for(capacity, L, E) if isinstance(capacity, float) and capacity <= 1 else int(capacity)
+    sch = StreamSchedule(L, E, slots, expert_bytes)
+    replay = StreamReplay(sch, bw, layer_s)
+    sch.reset_stats()  # (the start-up copies land at time 0 and are not a step's)
+    for t in tqdm(range(len(grid)), desc=f"simulate stream S={slots} B={batch}", disable=not progress):
+        for l in range(L):
+            replay.call(l, schedule[t * L + l])
+    st = sch.stats
+    return SimResult(slots=slots, policy="stream", predictor="none", depth=0, batch=batch, steps=len(grid),
+                     tokens=len(grid) * batch, requests=st.hits + st.misses, hits=st.hits, late_hits=0,
+                     misses=st.misses, prefetched=0, prefetch_used=0, evictions=0, bytes_h2d=st.bytes_h2d,
+                     stall_s=st.stall_s, miss="stream", elapsed_s=replay.now,
+                     layer_hit_rate=[s.hits / max(1, s.hits + s.misses) for s in st.layers])
