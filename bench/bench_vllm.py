@@ -115,8 +115,8 @@ def parse_config(name: str) -> tuple[dict | None, dict]:
     ValueError for a name this script does not run or settings the plugin would refuse (checked for
     every configuration before the first engine starts)."""
     base, _, rest = name.partition(":")
-    if base in ("prophet", "prophet-graphs", "prophet-device", "prophet-cpu", "prophet-graphs-cpu"):
-        # prophet:<buffer>[:<predictor>[:<fill>]]; -cpu: miss cpu (host mode)
+    if base in ("prophet", "prophet-graphs", "prophet-device", "prophet-cpu", "prophet-graphs-cpu", "prophet-stream"):
+        # prophet:<buffer>[:<predictor>[:<fill>]]; -cpu: miss cpu (host mode); -stream: miss stream
         buffer, _, more = rest.partition(":")
         predictor, _, fill = more.partition(":")
         try:
@@ -131,6 +131,8 @@ def parse_config(name: str) -> tuple[dict | None, dict]:
             raise ValueError("a fill is a device-mode setting (prophet-device:...)")
         if base.endswith("-cpu"):  # misses computed on the host CPU where a copy does not pay
             prophet["miss"] = "cpu"
+        if base == "prophet-stream":  # every non-resident expert copied once per layer per step
+            prophet["miss"] = "stream"
         from prophet_kernels.integration.settings import ProphetSettings
 
         ProphetSettings.resolve({"prophet": prophet}, environ={})
@@ -141,10 +143,10 @@ def parse_config(name: str) -> tuple[dict | None, dict]:
         return None, {}
     raise ValueError("unknown; known: off, off-graphs, offload, prophet:<buffer>[:<predictor>], "
                      "prophet-graphs:<buffer>[:<predictor>], prophet-device:<buffer>[:<predictor>[:<fill>]], "
-                     "prophet-cpu:<buffer>[:<predictor>], prophet-graphs-cpu:<buffer>[:<predictor>]")
+                     "prophet-cpu:<buffer>[:<predictor>], prophet-graphs-cpu:<buffer>[:<predictor>], prophet-stream:<buffer>")
 
 
-def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = False) -> dict:
+def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = False, batches=(1, 32)) -> dict:
     """In the child: build the engine, decode, report (printed as one RESULT line)."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     from prophet_kernels.integration.demo import greedy, make_llm
@@ -177,17 +179,32 @@ def run_one(name: str, model: str, load_format: str = "auto", smoke: bool = Fals
     greedy(llm, [prompt], new_tokens)  # warm-up
     if prophet is not None:  # the counters then cover the timed batches, not vLLM's profiling and warm-up runs
         prophet_stats(llm, reset=True)
-    for batch in (1, 32):
+    copied = 0
+    for batch in batches:
         t0 = time.perf_counter()
         tokens = greedy(llm, [prompt] * batch, new_tokens)
-        row[f"tok_s_b{batch}"] = batch * new_tokens / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
+        row[f"tok_s_b{batch}"] = batch * new_tokens / seconds
         if batch == 1:
             row["tokens_b1"] = tokens[0]
+        if prophet is not None and prophet.get("miss") == "stream":  # the copy engine's share of the batch's time
+            moved = prophet_stats(llm)[0]["total"]["bytes_h2d"]
+            row[f"h2d_gbps_b{batch}"] = (moved - copied) / seconds / 1e9
+            copied = moved
+    if prophet is not None and prophet.get("miss") == "stream" and not smoke:
+        import torch
+
+        from prophet_kernels.benchmark.common import measure_h2d_bandwidth
+
+        row["pinned_h2d_gbps"] = measure_h2d_bandwidth(torch.device("cuda")) / 1e9
+        for batch in batches:  # copy engine busy: the streamed bytes' rate over the pinned copy rate
+            row[f"copy_busy_b{batch}"] = row[f"h2d_gbps_b{batch}"] / row["pinned_h2d_gbps"]
     stats = prophet_stats(llm)
     if stats:
         s = stats[0]
         row |= {"slots": s["slots"], "expert_bytes": s["expert_bytes"], "layers": s["num_layers"],
-                "experts": s["num_experts"], "prophet": s["total"], "prophet_counts": "the timed batches (1 and 32)",
+                "experts": s["num_experts"], "prophet": s["total"],
+                "prophet_counts": f"the timed batches ({', '.join(map(str, batches))})",
                 "miss": s.get("miss"), "cpu_threads": s.get("cpu_threads"), "cpu_rates": s.get("cpu_rates")}
     return row
 
@@ -283,6 +300,7 @@ def main(argv=None):
                          "full CUDA graphs), prophet-cpu:<buffer>[:<predictor>] and prophet-graphs-cpu:... (miss: "
                          "cpu, host mode; buffer 0: a staging ring only); "
                          f"default {' '.join(DEFAULT_CONFIGS)} ({' '.join(SMOKE_CONFIGS)} with --smoke)")
+    ap.add_argument("--batches", default="1,32", help="decode batches timed per configuration (default 1,32)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     ap.add_argument("--model", help=argparse.SUPPRESS)
     ap.add_argument("--timeout", type=int, default=300, help="seconds per configuration")
@@ -301,7 +319,8 @@ def main(argv=None):
             ap.error(f"configuration {name!r}: {e}")
     if args.one:
         load_format = "dummy" if args.weights == "dummy" else "auto"
-        print("RESULT " + json.dumps(run_one(args.one, args.model, load_format, args.smoke)), flush=True)
+        print("RESULT " + json.dumps(run_one(args.one, args.model, load_format, args.smoke,
+                                             [int(b) for b in args.batches.split(",")])), flush=True)
         return 0
     import torch
 
@@ -333,7 +352,8 @@ def main(argv=None):
     for name in configs:
         log = out / "logs" / f"vllm_{name.replace(':', '_')}.log"
         try:
-            p = subprocess.run([sys.executable, __file__, "--one", name, "--model", model, "--weights", args.weights]
+            p = subprocess.run([sys.executable, __file__, "--one", name, "--model", model, "--weights", args.weights,
+                                "--batches", args.batches]
                                + (["--smoke"] if args.smoke else []),
                                capture_output=True,
                                text=True, timeout=args.timeout)
@@ -350,7 +370,9 @@ def main(argv=None):
         row["kv_tokens"] = int(k.group(1).replace(",", "")) if k else None
         rows.append(row)
         print(f"{name}: model {row['model_GiB']} GiB, KV {row['kv_tokens']} tokens, "
-              f"tok/s {row.get('tok_s_b1', float('nan')):.1f} / {row.get('tok_s_b32', float('nan')):.1f}"
+              "tok/s " + " / ".join(f"B={b} {row.get(f'tok_s_b{b}', float('nan')):.1f}" for b in args.batches.split(","))
+              + "".join(f", copy engine busy at B={b} {row[f'copy_busy_b{b}']:.0%}" for b in args.batches.split(",")
+                        if f"copy_busy_b{b}" in row)
               + (f"  ERROR {row['error']}" if "error" in row else ""), flush=True)
     compare_rows(rows, kv_bytes_per_token(dims, 4 if args.smoke else 2))
     print(summary_table(rows))

@@ -11,11 +11,16 @@ a rerun skips rows already there):
     miss_cpu          Prophet with miss: cpu (ProphetMoE's own split, MissCost) at each GPU, batch, buffer (0: a
                       staging ring of E slots) and target host (planner.frontier.cpu_targets: this VM measured,
                       two stated estimates) -> stall, the CPU's added time, experts the CPU computed per token
+    stream            Prophet with miss: stream at each GPU, batch (16 and up), buffer (0: the ring alone) and
+                      expert dtype: the schedule's replay in steady state (routing.simulator.stream_step) at the
+                      batch's layer time -> step, its wait for copies, the copy engine's busy share; the share of a
+                      layer call's experts that are resident (hit rate) on the held-out trace
 
 Every row records its inputs (policy, predictor, timing constants, windows, commit, date).
 
     .venv/bin/python bench/frontier_inputs.py --shapes olmoe --checkpoints checkpoints
     .venv/bin/python bench/frontier_inputs.py --shapes olmoe --parts unique,quality_resident,sim_wait
+    .venv/bin/python bench/frontier_inputs.py --parts unique,sim_wait,stream --batches 16,64,128,256
 
 Checkpoints: `prophet trace train --shape S --out checkpoints/S` (docs/routing.md).
 """
@@ -32,7 +37,7 @@ from pathlib import Path
 os.environ.setdefault("TRITON_INTERPRET", "0")  # the CPU's PyTorch path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PARTS = ("unique", "quality_resident", "sim_wait", "no_wait", "miss_cpu")
+PARTS = ("unique", "quality_resident", "sim_wait", "no_wait", "miss_cpu", "stream")
 OUT = Path(__file__).resolve().parent / "results" / "frontier_inputs.jsonl"
 
 
@@ -53,7 +58,8 @@ def main(argv=None) -> int:
     from prophet_kernels.planner.memory import expert_bytes
     from prophet_kernels.provenance import git_commit, utc_now
     from prophet_kernels.routing.quality import decode_bits_per_byte, resident_bits_per_byte
-    from prophet_kernels.routing.simulator import make_replay, simulate
+    from prophet_kernels.memory.stream import min_stream_slots
+    from prophet_kernels.routing.simulator import make_replay, simulate, stream_step
     from prophet_kernels.routing.traces import load_trace
     from prophet_kernels.routing.traces.dedup import unique_per_layer
     from prophet_kernels.routing.traces.tokenizer import tokenize_corpus
@@ -135,6 +141,22 @@ def main(argv=None) -> int:
         for g in gpus:
             pcie = fr.GPU_CONSTANTS[g]["pcie_gbps"]
             for B in batches:
+                for cap in ([0.0] + caps) if "stream" in parts and B in fr.STREAM_BATCHES else []:
+                    for dtype in ("bf16", "fp8"):
+                        row = {"kind": "stream", "shape": shape_name, "gpu": g, "batch": B, "capacity": cap,
+                               "expert_dtype": dtype}
+                        slots = min_stream_slots(L, E) if cap == 0 else slots_for(cap, L, E)
+                        if _key(row) in done or slots < min_stream_slots(L, E):
+                            continue  # (a buffer below the ring does not stream: the ring alone is the 0 row)
+                        layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
+                        st = stream_step(L, E, slots, expert_bytes(m, dtype), pcie * 1e9, layer_us * 1e-6)
+                        hits = simulate(held, slots, miss="stream", batch=B, layer_us=layer_us, pcie_gbps=pcie,
+                                        expert_bytes=expert_bytes(m, dtype), max_steps=args.max_steps)
+                        emit(row | {"slots": slots, "layer_us": layer_us, "pcie_gbps": pcie, "unique_per_layer": unique[B],
+                                    "step_us": st["step_s"] * 1e6, "stall_us_per_step": st["stall_s"] * 1e6,
+                                    "copy_busy": st["copy_busy"], "resident_per_layer": st["resident_per_layer"],
+                                    "streamed_per_step": st["streamed_per_step"], "hit_rate": hits.hit_rate,
+                                    "trace_steps": hits.steps})
                 for cap in caps:
                     if "sim_wait" in parts:
                         for dtype in ("bf16", "fp8"):

@@ -26,6 +26,9 @@
 #                                   4-layer OLMoE-shaped stack
 #   bench/gpu_session.sh cpu-misses-vllm  (vLLM carried in as for vllm) an OLMoE-sized engine with miss cpu beside
 #                                   wait and all-resident, tok/s at batch 1 and 32
+#   bench/gpu_session.sh stream     (vLLM carried in as for vllm) streaming experts (issue 43): an OLMoE-sized engine,
+#                                   dummy weights, all-resident vs miss stream at 25%, tok/s at batch 1 and 128, the
+#                                   copy engine's busy share (streamed bytes over the pinned copy rate)
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -126,5 +129,11 @@ cpu-misses-vllm)  # issue 42 (<= 4 min, vLLM carried in as for vllm): OLMoE all-
   export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
   timeout 230 $PY bench/bench_vllm.py --configs off prophet:0.25 prophet-cpu:0.25 --timeout 75 \
     --out-dir "$OUT" 2>&1 | tail -8
+  ;;
+stream)  # issue 43 (<= 4 min, vLLM carried in as for vllm): all-resident vs streaming at 25%, batch 1 and 128
+  if [ ! -d /tmp/gpu-vllm/site ]; then bash /tmp/gpu-vllm/install-on-device.sh > "$OUT/install.log" 2>&1 || exit 1; fi
+  export PYTHONPATH=/tmp/gpu-vllm/site:$PWD VLLM_USE_FLASHINFER_SAMPLER=0 PYTHONUNBUFFERED=1
+  timeout 220 $PY bench/bench_vllm.py --configs off prophet-stream:0.25 --weights dummy --batches 1,128 \
+    --timeout 105 --out-dir "$OUT" 2>&1 | tail -8
   ;;
 esac

@@ -125,7 +125,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="where Prophet wins and where it does not: every way to hold the experts (all resident in "
                         "bf16/fp8/int4, Prophet's buffers, misses that do not wait) with expert GPU bytes, KV tokens, "
                         "predicted tokens/s and measured held-out quality (default models OLMoE-1B-7B, Mixtral-8x7B, "
-                        "Qwen3-30B-A3B; GPUs H100-80GB, RTX4090-24GB; batches 1, 4, 16); reads "
+                        "Qwen3-30B-A3B; GPUs H100-80GB, RTX4090-24GB; batches 1, 4, 16, and 64, 128, 256 for the kinds measured there); reads "
                         "bench/results/frontier_inputs.jsonl (--frontier-inputs)")
     p.add_argument("--frontier-inputs", help="the measured inputs of --frontier (default: the committed ones)")
     p.add_argument("--seed-report", metavar="PATH", help="write the seed-vs-corrected section (markdown) to PATH and exit")
@@ -177,7 +177,7 @@ def _frontier(args) -> int:
 
     models = args.model or list(fr.MODELS)
     gpus = fr.check_gpus(args.gpu or fr.GPUS_DEFAULT)
-    batches = args.batch or list(fr.BATCHES)
+    batches = args.batch or list(fr.BATCHES + fr.LARGE_BATCHES)
     for b in batches:
         if b < 1:
             raise ValueError(f"--batch {b}: batches are whole numbers >= 1")

@@ -112,3 +112,28 @@ def test_committed_frontier_is_the_arithmetic_over_the_committed_measurements(tm
         assert r["inputs"]
         if r["kind"] in ("resident", "prophet"):
             assert r["bits_per_byte"], r["config"]
+
+
+def test_stream_rows_and_the_context_each_sequence_holds():
+    """miss: stream rows come from the schedule's replay rows; above batch 16 only resident, waiting
+    and streaming rows are made; each row says the context each of the B sequences can hold, and a
+    row fits only when each can hold a token."""
+    from prophet_kernels.routing.simulator import stream_step
+
+    m = get_model("Mixtral-8x7B")
+    inputs = _inputs("mixtral") + [{"kind": "unique", "shape": "mixtral", "batch": 64, "unique_per_layer": 8.0}]
+    layer_s = fr.layer_seconds(m, "RTX4090-24GB", 8.0, "fp8")
+    st = stream_step(32, 8, 64, expert_bytes(m, "fp8"), 25e9, layer_s)
+    inputs.append({"kind": "stream", "shape": "mixtral", "gpu": "RTX4090-24GB", "batch": 64, "capacity": 0.25,
+                   "expert_dtype": "fp8", "slots": 64, "layer_us": layer_s * 1e6, "pcie_gbps": 25.0,
+                   "step_us": st["step_s"] * 1e6, "stall_us_per_step": st["stall_s"] * 1e6,
+                   "copy_busy": st["copy_busy"], "resident_per_layer": st["resident_per_layer"], "hit_rate": 0.25})
+    rows = fr.frontier(["Mixtral-8x7B"], ["RTX4090-24GB"], [64], inputs)
+    assert {r.kind for r in rows} == {"resident", "prophet-stream"}  # no waiting-miss input at 64: no such row
+    s = next(r for r in rows if r.kind == "prophet-stream")
+    assert s.config == "prophet-stream-fp8 25.0%" and s.expert_gpu_bytes == 64 * expert_bytes(m, "fp8")
+    # copy-bound: 32 layers x 6-7 streamed experts at 25 GB/s per step, 64 tokens a step
+    copies = sum(8 - r for r in [st["resident_per_layer"][1]] * 16 + [st["resident_per_layer"][0]] * 16)
+    assert s.tokens_per_s == pytest.approx(64 / (copies * expert_bytes(m, "fp8") / 25e9), rel=0.03)
+    assert s.context_tokens == s.kv_tokens // 64 and s.fits == (s.kv_tokens >= 64)
+    assert "context per sequence" in fr.markdown(rows) and "fastest Prophet (stream)" in fr.summary(rows)

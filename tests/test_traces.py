@@ -535,7 +535,7 @@ def test_simulator_oracle_and_timing():
     assert base.misses_unpredicted == base.misses
     assert oracle.misses_unpredicted == tight.misses_unpredicted == cold < tight.misses
     with pytest.raises(ValueError, match="batch"):
-        simulate(tr, cap, batch=9)
+        simulate(tr, cap, batch=10**6)  # more lanes than pieces of 8 tokens
     with pytest.raises(ValueError, match="eviction policy"):
         simulate(tr, cap, "mru")
     with pytest.raises(ValueError, match="smaller than one layer"):
@@ -549,6 +549,21 @@ def test_lanes_interleave_sequences():
     g = lanes(tr, 2)  # lane 0: seqs 0, 2, 4; lane 1: seqs 1, 3 -> 6 steps
     assert g.shape == (6, 2)
     assert g[:, 0].tolist() == [0, 1, 2, 6, 7, 8] and g[:, 1].tolist() == [3, 4, 5, 9, 10, 11]
+
+
+def test_lanes_above_the_sequences_cut_them_into_pieces():
+    """A batch above the trace's sequences (the streaming batches, 64-256): each sequence is cut into
+    consecutive pieces of at least 8 tokens; no token is replayed twice in a step or across lanes,
+    and token order holds within a lane's piece."""
+    tr = _random_trace(seqs=3, seq_len=40)
+    g = lanes(tr, 12)  # 4 pieces of 10 per sequence
+    assert g.shape == (10, 12) and len(set(g.reshape(-1).tolist())) == 120
+    assert all((np.diff(g[:, b]) == 1).all() for b in range(12))
+    assert lanes(tr, 15).shape == (8, 15)  # 5 pieces of 8
+    with pytest.raises(ValueError, match=r"batch 16 must be in \[1, 15\]"):
+        lanes(tr, 16)  # pieces of 6 tokens
+    with pytest.raises(ValueError, match="batch 0"):
+        lanes(tr, 0)
 
 
 # ---------------------------------------------------------------------------------- predictors

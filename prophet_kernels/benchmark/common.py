@@ -46,6 +46,22 @@ def write_rows(name: str, rows: list[dict], out_dir: str | None = None) -> Path:
     return path
 
 
+def measure_h2d_bandwidth(device, nbytes: int = 256 << 20) -> float:
+    """Pinned host-to-device copy of ``nbytes``: bytes / time, best of 5, in bytes/s."""
+    src = torch.empty(nbytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    best = float("inf")
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        dst.copy_(src, non_blocking=True)
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) * 1e-3)
+    del src, dst
+    return nbytes / best
+
+
 def measure_hbm_bandwidth(device) -> float:
     """Device-to-device copy of 1 GiB: (bytes read + bytes written) / time, in bytes/s."""
     import triton.testing

@@ -6,6 +6,9 @@ For a model, a GPU and a batch, every way to hold the routed experts, at the GPU
                                   alternative at the same GPU bytes
     prophet-{bf16,fp8} c          Prophet today: a buffer of c of the experts on the GPU, the rest in
                                   pinned host memory; a miss waits for its copy
+    prophet-stream-{bf16,fp8} c   Prophet with miss: stream (built): a buffer of c (ring: the ring alone) whose
+                                  non-resident experts are copied once per layer per step, one layer ahead
+                                  (the schedule's own replay, ``routing.simulator.stream_step``); batch >= 16
     prophet-cpu T c               Prophet with miss: cpu (built): a bf16 buffer of c (0: a staging ring of one
                                   layer's experts) whose misses are split between the link and host T's CPU
                                   by ProphetMoE's own MissCost (simulated with T's rates: ``cpu_targets``)
@@ -15,7 +18,8 @@ For a model, a GPU and a batch, every way to hold the routed experts, at the GPU
                                   the token's best-scoring landed expert; nothing (weights renormalised
                                   or not); the host CPU computing it
 
-Columns: expert GPU bytes, KV tokens left, predicted decode tokens/s, held-out quality. Every input
+Columns: expert GPU bytes, KV tokens left and the context each of the B sequences can hold (a row fits
+when each can hold one token), predicted decode tokens/s, held-out quality. Every input
 is a measurement or a stated constant (``CONSTANTS``, ``GPU_CONSTANTS``):
 
     decode step    L x t_layer + stall + fallback time, t_layer = t_other + U(B) x expert bytes / (eff x HBM):
@@ -50,6 +54,8 @@ MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B", "Qwen3-30B-A3B")
 SHAPE_OF = {"OLMoE-1B-7B": "olmoe", "Mixtral-8x7B": "mixtral", "Qwen3-30B-A3B": "qwen3"}
 GPUS_DEFAULT = ("H100-80GB", "RTX4090-24GB")
 BATCHES = (1, 4, 16)
+LARGE_BATCHES = (64, 128, 256)  # where streaming every non-resident expert per step pays (resident, wait, stream rows)
+STREAM_BATCHES = (16,) + LARGE_BATCHES
 CAPACITIES = (0.125, 0.25, 0.5, 0.75)
 NO_WAIT = ("stand-in", "substitute", "skip", "skip-renorm", "host-cpu")
 INPUTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "frontier_inputs.jsonl"
@@ -172,6 +178,7 @@ class Row:
     capacity: float | None
     expert_gpu_bytes: int
     kv_tokens: int
+    context_tokens: int  # KV tokens per sequence at this batch: the longest context each of the B can reach
     fits: bool
     step_ms: float | None  # predicted decode step
     tokens_per_s: float | None
@@ -194,9 +201,11 @@ def _pick(inputs, **match):
     return None
 
 
-def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES, inputs: list[dict] | None = None) -> list[Row]:
+def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
+             inputs: list[dict] | None = None) -> list[Row]:
     """Rows for every model x GPU x batch x configuration; a row whose measured inputs are missing
-    carries None where it would need them (and says which in ``inputs``)."""
+    carries None where it would need them (and says which in ``inputs``). Above batch 16 only the
+    kinds measured there: resident, misses waiting, streaming."""
     inputs = read_inputs() if inputs is None else inputs
     rows = []
     for name in models:
@@ -219,7 +228,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES, inputs: list[dic
 
                 def add(config, kind, dtype, cap, gpu_bytes, step_s, ready, bpb, src):
                     kv = kv_tokens(m, g, gpu_bytes)
-                    rows.append(Row(m.name, g, B, config, kind, dtype, cap, gpu_bytes, kv, kv > 0,
+                    rows.append(Row(m.name, g, B, config, kind, dtype, cap, gpu_bytes, kv, kv // B, kv >= B,
                                     None if step_s is None else step_s * 1e3,
                                     None if step_s is None else B / step_s, ready, bpb, quality(bpb), src))
 
@@ -232,11 +241,25 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES, inputs: list[dic
                     q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
                     for cap in CAPACITIES:
                         sim = _pick(inputs, kind="sim_wait", shape=shape, gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
+                        if sim is None and B in LARGE_BATCHES:
+                            continue
                         slots = max(1, int(cap * L * E))
                         step = None if sim is None else L * sim["layer_us"] * 1e-6 + sim["stall_us_per_step"] * 1e-6
                         add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * one_expert_bytes(m, dtype), step,
                             sim and sim["ready_hit_rate"], q and q["bits_per_byte"],
                             {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}})
+                for r in inputs:  # Prophet with miss: stream (the schedule's replay at this batch's layer time)
+                    if (r.get("kind"), r.get("shape"), r.get("gpu"), r.get("batch")) != ("stream", shape, g, B):
+                        continue
+                    cap, dtype = r["capacity"], r["expert_dtype"]
+                    q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
+                    add(f"prophet-stream-{dtype} {'ring' if cap == 0 else f'{cap:.1%}'}", "prophet-stream", dtype, cap,
+                        r["slots"] * one_expert_bytes(m, dtype), r["step_us"] * 1e-6, r["hit_rate"],
+                        q and q["bits_per_byte"],
+                        {"stream": {k: r[k] for k in ("layer_us", "pcie_gbps", "stall_us_per_step", "copy_busy",
+                                                      "resident_per_layer")}})
+                if B in LARGE_BATCHES:
+                    continue  # (misses that do not wait, and on the CPU: measured at batch 1-16 only)
                 for r in inputs:  # Prophet with miss: cpu (simulated with each target host's rates)
                     if (r.get("kind"), r.get("shape"), r.get("gpu"), r.get("batch")) != ("miss_cpu", shape, g, B):
                         continue
@@ -265,14 +288,15 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES, inputs: list[dic
 
 
 def markdown(rows: list[Row]) -> str:
-    head = ("| model | GPU | B | configuration | expert GiB on GPU | KV tokens | tok/s (predicted) | landed | "
-            "bits/byte | vs fp32 |")
-    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    head = ("| model | GPU | B | configuration | expert GiB on GPU | KV tokens | context per sequence | "
+            "tok/s (predicted) | landed | bits/byte | vs fp32 |")
+    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         tps = "" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         lines.append(
             f"| {r.model} | {r.gpu} | {r.batch} | {r.config} | {r.expert_gpu_bytes / 2**30:.2f} | "
-            + (f"{r.kv_tokens:,}" if r.fits else "does not fit") + f" | {tps if r.fits else ''} | "
+            + (f"{r.kv_tokens:,} | {r.context_tokens:,}" if r.fits else "does not fit | ")
+            + f" | {tps if r.fits else ''} | "
             + ("" if r.ready_hit_rate is None else f"{r.ready_hit_rate:.1%}") + " | "
             + ("" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}") + " | "
             + ("" if r.quality_loss_pct is None else f"{r.quality_loss_pct:+.2f}%") + " |")
@@ -306,14 +330,15 @@ def recommend(rows: list[Row], max_loss_pct: float = 1.0, min_kv_tokens: int = 0
 
 def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
     """Markdown: per model, GPU and batch, the fastest fitting row of each kind (resident, Prophet with
-    waiting misses, no-wait) among those within `max_loss_pct` of fp32's quality, and the pick."""
+    waiting misses, on the CPU, streamed, no-wait) among those within `max_loss_pct` of fp32's quality, and the pick."""
     lines = ["| model | GPU | B | fastest resident | fastest Prophet (misses wait) | fastest Prophet (miss: cpu) | "
-             "fastest no-wait | pick |", "|---|---|---:|---|---|---|---|---|"]
+             "fastest Prophet (stream) | fastest no-wait | pick |", "|---|---|---:|---|---|---|---|---|---|"]
     picks = {(r.model, r.gpu, r.batch): r for r in recommend(rows, max_loss_pct)}
 
     def cell(r):
         return "" if r is None else (f"{r.config}: {r.tokens_per_s:,.0f} tok/s, {r.expert_gpu_bytes / 2**30:.1f} GiB, "
-                                     f"{r.kv_tokens:,} KV, {r.quality_loss_pct:+.2f}%")
+                                     f"{r.kv_tokens:,} KV ({r.context_tokens:,} per sequence), "
+                                     f"{r.quality_loss_pct:+.2f}%")
 
     for key in dict.fromkeys((r.model, r.gpu, r.batch) for r in rows):
         best = {}
@@ -324,7 +349,7 @@ def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
                     best[r.kind] = r
         pick = picks.get(key)
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(best.get('resident'))} | {cell(best.get('prophet'))} | "
-                     f"{cell(best.get('prophet-cpu'))} | {cell(best.get('no-wait'))} | "
+                     f"{cell(best.get('prophet-cpu'))} | {cell(best.get('prophet-stream'))} | {cell(best.get('no-wait'))} | "
                      f"{pick.config if pick else 'nothing fits'} |")
     return "\n".join(lines)
 
@@ -342,7 +367,7 @@ def figure(rows: list[Row], path: Path, batch: int = 1) -> Path:
     fig, axes = plt.subplots(len(gpus), len(models), figsize=(5.6 * len(models), 4.4 * len(gpus)), squeeze=False)
     style = {"resident": ("s", "black"), "prophet": ("o", "tab:blue"), "stand-in": ("^", "tab:green"),
              "substitute": ("v", "tab:orange"), "skip": ("x", "tab:red"), "skip-renorm": ("+", "tab:purple"),
-             "host-cpu": ("D", "tab:brown"), "prophet-cpu": ("P", "tab:olive")}
+             "host-cpu": ("D", "tab:brown"), "prophet-cpu": ("P", "tab:olive"), "prophet-stream": ("*", "tab:pink")}
     for i, g in enumerate(gpus):
         for j, name in enumerate(models):
             ax = axes[i][j]

@@ -99,10 +99,17 @@ def check_simulate_args(num_layers: int, num_experts: int, capacity, depth, has_
 
 def lanes(trace, batch: int) -> np.ndarray:
     """[steps, batch] token indices: lane b replays sequences b, b+B, ... back to back; all lanes
-    are cut to the shortest so every step has B tokens."""
-    if not 1 <= batch <= trace.num_seqs:
-        raise ValueError(f"batch {batch} must be in [1, {trace.num_seqs}] (the trace's sequences)")
+    are cut to the shortest so every step has B tokens. A batch above the trace's sequences cuts
+    each sequence into ceil(B / sequences) consecutive pieces first (a lane replays pieces, token
+    order kept within each), as long as a piece keeps at least 8 tokens."""
     seqs = trace.sequences()
+    pieces = -(-batch // trace.num_seqs) if isinstance(batch, int) and batch >= 1 else 0
+    if pieces < 1 or (pieces > 1 and min(len(q) for q in seqs) // pieces < 8):
+        most = trace.num_seqs * max(1, min(len(q) for q in seqs) // 8)
+        raise ValueError(f"batch {batch} must be in [1, {most}] (the trace's {trace.num_seqs} sequences, cut into "
+                         "pieces of at least 8 tokens above that)")
+    if pieces > 1:
+        seqs = [piece for q in seqs for piece in np.array_split(q, pieces)]
     per_lane = [np.concatenate(seqs[b::batch]) for b in range(batch)]
     steps = min(len(p) for p in per_lane)
     return np.stack([p[:steps] for p in per_lane], axis=1)
@@ -562,6 +569,28 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
         layer_hit_rate=[s.hits / max(1, s.hits + s.misses) for s in st.layers])
 
 
+def stream_step(num_layers: int, num_experts: int, slots: int, expert_bytes: int, bw: float, layer_s: float,
+                steps: int = 4) -> dict:
+    """A decode step of the stream schedule in steady state, where every layer call needs every
+    expert (large batches: timing does not depend on which): step seconds, the part spent waiting
+    for copies, and the copy engine's busy share. The first step is left out (its first layers' copies
+    were made at start-up)."""
+    sch = StreamSchedule(num_layers, num_experts, slots, expert_bytes)
+    rep = StreamReplay(sch, bw, layer_s)
+    everything = list(range(num_experts))
+    marks = []
+    for _ in range(steps + 1):
+        marks.append((rep.now, sch.stats.stall_s, sch.stats.streamed))
+        for layer in range(num_layers):
+            rep.call(layer, everything)
+    marks.append((rep.now, sch.stats.stall_s, sch.stats.streamed))
+    (t0, s0, n0), (t1, s1, n1) = marks[1], marks[-1]
+    step = (t1 - t0) / steps
+    return {"step_s": step, "stall_s": (s1 - s0) / steps, "copy_busy": (n1 - n0) * rep.copy_s / steps / step,
+            "resident_per_layer": [min(sch.resident), max(sch.resident)], "streamed_per_step": (n1 - n0) // steps,
+            "slots_used": sch.used_slots}
+
+
 def _simulate_stream(trace, grid, schedule, capacity, expert_bytes: int, bw: float, layer_s: float, batch: int,
                      progress: bool) -> SimResult:
     """``simulate(miss="stream")``: the fixed schedule over the trace's steps (hits and misses: a layer
@@ -569,7 +598,7 @@ def _simulate_stream(trace, grid, schedule, capacity, expert_bytes: int, bw: flo
     from tqdm import tqdm
 
     L, E = trace.num_layers, trace.num_experts
-    slots = slots_for(capacity, L, E) if isinstance(capacity, float) and capacity <= 1 else int(capacity)
+    slots = slots_for(capacity, L, E)  # (a fraction of the experts, or a number of slots)
     sch = StreamSchedule(L, E, slots, expert_bytes)
     replay = StreamReplay(sch, bw, layer_s)
     sch.reset_stats()  # (the start-up copies land at time 0 and are not a step's)
