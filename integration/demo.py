@@ -217,7 +217,9 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     checkpoint holding the same fp8 values dequantized (``fp8_reference_checkpoint``), so that the
     tokens compare like for like (fp8 changes them from the checkpoint's own). ``miss="cpu"``: Prophet
     runs twice, misses waiting and misses computed on the CPU, side by side (without a GPU, with the
-    split's rates in a GPU host's proportions: ``CPU_BUILD_RATES``)."""
+    split's rates in a GPU host's proportions: ``CPU_BUILD_RATES``). ``miss="stream"``: Prophet runs
+    twice, misses waiting and experts streamed through the ring alone (``buffer: 0``), side by side:
+    give ``num_prompts`` a large batch (streaming is for batches where a layer needs every expert)."""
     import shutil
 
     from prophet_kernels.integration.settings import ProphetSettings
@@ -232,8 +234,10 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
         import torch
 
         runs.append(settings | {"miss": "cpu"} | ({} if torch.cuda.is_available() else CPU_BUILD_RATES))
+    elif miss == "stream":
+        runs.append(settings | {"miss": "stream", "buffer": 0, "predictor": "none"})
     elif miss != "wait":
-        raise ValueError(f"miss must be wait or cpu, got {miss!r}")
+        raise ValueError(f"miss must be wait, cpu or stream, got {miss!r}")
     for r in runs:  # a bad setting fails now, not after the first engine
         ProphetSettings.resolve({"prophet": r}, environ={})
     if model is None and family not in TINY:
@@ -395,17 +399,26 @@ def _compare(family, model, runs, max_tokens, num_prompts, dtype, repeats, cache
     line(f"tokens/s ({'GPU' if gpu else 'CPU'}, median)", _rate(n, base_s), [_rate(n, r[3]) for r in results])
     names = ["hits", "misses", "late_hits", "prefetched", "prefetch_used", "evictions"]
     if len(runs) > 1:
-        names += ["demand_copies", "cpu_experts", "cpu_token_slots"]
+        names += ["demand_copies"] + (["streamed"] if runs[1].get("miss") == "stream"
+                                      else ["cpu_experts", "cpu_token_slots"])
+    def counted(r, text):  # streaming reads no routing on the host: it counts its copies, not hits and misses
+        return "-" if r[0].get("miss") == "stream" else text
+
     for name in names:
-        line(name, "-", [f"{r[2]['total'][name]:d}" for r in results])
-    line("hit rate", "-", [f"{r[2]['total']['hit_rate']:.1%}" for r in results])
+        line(name, "-", [f"{r[2]['total'][name]:d}" if name in ("streamed", "demand_copies") else
+                         counted(r, f"{r[2]['total'][name]:d}") for r in results])
+    line("hit rate", "-", [counted(r, f"{r[2]['total']['hit_rate']:.1%}") for r in results])
     line("host-to-device MB", "-", [f"{r[2]['total']['bytes_h2d'] / 1e6:.2f}" for r in results])
-    if len(runs) > 1:
+    if len(runs) > 1 and runs[1].get("miss") == "cpu":
         line("CPU ms", "-", [f"{r[2]['total']['cpu_s'] * 1e3:.2f}" for r in results])
     print()
     for settings, _, stats, _ in results:
-        print(f"per layer (hits/misses/evictions), miss {settings.get('miss', 'wait')}: " + "  ".join(
-            f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
+        if settings.get("miss") != "stream":
+            print(f"per layer (hits/misses/evictions), miss {settings.get('miss', 'wait')}: " + "  ".join(
+                f"L{i} {s['hits']}/{s['misses']}/{s['evictions']}" for i, s in enumerate(stats["layers"])))
+        if stats.get("stream_resident"):
+            print(f"miss stream: {stats['stream_resident']} experts resident per layer, the others copied once per "
+                  f"layer per step (hits and misses are not counted: no routing is read on the host)")
         if stats.get("cpu_rates"):
             r = stats["cpu_rates"]
             print(f"miss cpu split by: CPU {r['cpu_gbps']:.1f} GB/s, {r['cpu_gflops']:.1f} GFLOP/s, link "

@@ -662,9 +662,10 @@ def _add_demo_args(p):
                    help="Prophet's experts: auto (the checkpoint's dtype) or fp8 (quantized on load; vLLM without "
                         "Prophet then serves the same fp8 values dequantized, for a like-for-like comparison) "
                         "(default auto)")
-    p.add_argument("--miss", default="wait", choices=["wait", "cpu"],
-                   help="cpu: Prophet runs twice, misses waiting and misses computed on the host CPU, side by side "
-                        "(default wait: one run)")
+    p.add_argument("--miss", default="wait", choices=["wait", "cpu", "stream"],
+                   help="cpu: Prophet runs twice, misses waiting and misses computed on the host CPU, side by side; "
+                        "stream: misses waiting and experts streamed through the ring alone (give --prompts 32 or "
+                        "more) (default wait: one run)")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (tiny checkpoint, caches)")
 
 

