@@ -55,7 +55,8 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
     expert_dtype (auto: the model's; fp8: quantized to e4m3 with per-output-channel scales as they
     move into the store, one expert at a time: half the bytes per slot and per copy), miss (wait: a
     miss is copied and waited for; cpu: the host CPU computes the misses whose copy does not pay,
-    buffer 0 then valid), cpu_threads (0: the cores this process may use, less one), cpu_backend,
+    buffer 0 then valid; stream: every non-resident expert copied once per layer per step, one layer
+    ahead, for large batches, buffer 0: the ring alone), cpu_threads (0: the cores this process may use, less one), cpu_backend,
     cpu_gbps / cpu_gflops / pcie_gbps (the rates misses are split by; 0: measured at start-up).
     device: the expert buffer's (default cuda when present, else cpu; the rest of the model follows
     with ``model.to(device)``). max_batch_tokens: the most tokens one forward carries; the buffer

@@ -63,6 +63,7 @@ class _ModelExperts:
         # layers, numbered from 0 within the stage; `stage` says where they sit in the model
         self.stage = stage or PipelineStage(0, 1, 0)
         self.local_ranks = 1  # the ranks sharing this node's cores (miss cpu's default threads)
+        self.kv_room = None  # (max_model_len, gpu_memory_utilization): the buffer must leave one sequence's KV
         self.key = _NEXT_GROUP[0]
         _NEXT_GROUP[0] += 1
         _GROUPS[self.key] = self
@@ -100,6 +101,15 @@ class _ModelExperts:
         self.moe = s.build(store, device, self.top_k, self.max_batch_tokens, self.gate_parts, self.expert_map,
                            local_ranks=self.local_ranks)
         slots = self.moe.buffer.num_slots
+        if device.type == "cuda" and self.kv_room is not None and self.kv_bytes_per_token:
+            used, total = torch.cuda.memory_reserved(device), torch.cuda.get_device_properties(device).total_memory
+            try:
+                check_kv_room(used, total, self.kv_room[1], self.kv_bytes_per_token, self.kv_room[0],
+                              slots * store.expert_bytes, slots)
+            except ValueError:
+                self.moe.close()
+                self.moe = None
+                raise
         logger.info("Prophet: %d MoE layers x %d %s experts in %s host memory (%.1f MiB); device buffer %d slots "
                     "(%.1f MiB, %.1f%% of experts), %s mode, policy %s, predictor %s, prefetch depth %d, "
                     "prefetch budget %s",
@@ -266,6 +276,24 @@ def available_host_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def check_kv_room(used: int, total: int, util: float, kv_bytes_per_token: int, max_model_len: int,
+                  buffer_bytes: int, slots: int) -> None:
+    """Refuse, with the numbers, an expert buffer (a stream's ring included) that leaves less of the
+    memory vLLM may use than one sequence of ``max_model_len`` tokens needs for its KV cache: checked
+    on the device once the buffer is allocated, before vLLM's profiling run (which would otherwise fail
+    later, or leave a cache no request fits). ``used``: what this process holds on the device now
+    (PyTorch's reserved memory: the weights loaded so far and the buffer); ``total``: the device's
+    memory. Other processes' memory is not counted here (vLLM checks it at start)."""
+    room = util * total - used
+    need = kv_bytes_per_token * max_model_len
+    if need > room:
+        raise ValueError(f"Prophet's expert buffer ({slots} slots, {buffer_bytes / 2**30:.2f} GiB) leaves "
+                         f"{max(0.0, room) / 2**30:.2f} GiB of the {util:.0%} of {total / 2**30:.1f} GiB vLLM may use, "
+                         f"but one sequence of max_model_len {max_model_len} tokens needs {need / 2**30:.2f} GiB of KV "
+                         "cache; give a smaller buffer (or 0 with miss stream or cpu), a shorter max_model_len, or a "
+                         "higher gpu_memory_utilization")
 
 
 def check_host_memory(hf_config, model_config, settings: ProphetSettings, nodes: int = 1) -> None:
@@ -521,6 +549,8 @@ def _method_class():
                                                         par.ep_size if par.use_ep else 1, kv_bytes_per_token(cfg),
                                                         PipelineStage.of_this_process(cfg))
                 building.local_ranks = local_ranks(cfg)
+                if cfg is not None and cfg.model_config is not None:  # what one sequence's KV cache needs
+                    building.kv_room = (cfg.model_config.max_model_len, cfg.cache_config.gpu_memory_utilization)
                 _record_settings(cfg, self.prophet)  # once per model
             self.experts = building
             self.layer_index = building.add_layer(moe.experts_per_token)

@@ -241,3 +241,14 @@ def test_prophet_simulate_miss_stream(capsys):
     assert "the stream schedule, batch 16" in out.out and "copied once per layer per step" in out.out
     assert main(["simulate", "--trace", "mixtral-heldout", "--miss", "stream", "--predictor", "oracle"]) == 2
     assert "takes no --predictor" in capsys.readouterr().err
+
+
+def test_a_buffer_that_leaves_no_room_for_one_sequence_is_refused_with_the_numbers():
+    from integration.vllm_plugin import check_kv_room
+
+    GiB = 2**30
+    # 80 GiB device, 0.9 of it for vLLM, 30 GiB held (weights and the buffer): 42 GiB of room
+    check_kv_room(30 * GiB, 80 * GiB, 0.9, 131072, 32768, 20 * GiB, 64)  # 4 GiB for one sequence: fits
+    with pytest.raises(ValueError, match=r"64 slots, 20.00 GiB\) leaves 0.00 GiB of the 90% of 80.0 GiB.*"
+                                         r"max_model_len 32768 tokens needs 4.00 GiB"):
+        check_kv_room(73 * GiB, 80 * GiB, 0.9, 131072, 32768, 20 * GiB, 64)

@@ -185,3 +185,22 @@ def test_shared_experts_families(tmp_path, family):
         assert got == want
         torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
         assert moe.stats.misses > 0 and (moe.stats.cpu_experts > 0) == ("miss" in kw)
+
+
+@pytest.mark.parametrize("family", ["olmoe", "mixtral"])
+def test_streaming_tokens_identical(checkpoints, family):
+    """miss: stream through transformers (issue 43): the ring alone (buffer 0) and a half buffer give
+    the same greedy tokens; every layer's non-resident experts copied the same number of times."""
+    prompts = [p[:12] for p in demo.prompts(8, length=12)]
+    want, want_logits = _generate(_load(checkpoints[family]), prompts)
+    for buffer in (0, 0.5):
+        model = _load(checkpoints[family])
+        moe = enable_prophet(model, buffer=buffer, device="cpu", miss="stream")
+        moe.reset_stats()  # (the start-up copies of each ring part's first layer)
+        got, got_logits = _generate(model, prompts)
+        assert got == want
+        torch.testing.assert_close(got_logits, want_logits, rtol=1e-4, atol=1e-4)
+        sch = moe.schedule
+        counts = {s.streamed // (sch.num_experts - r) for s, r in zip(moe.stats.layers, sch.resident)
+                  if r < sch.num_experts}
+        assert len(counts) == 1 and counts.pop() > 0
