@@ -456,7 +456,7 @@ def test_buffer_zero_is_a_staging_ring_with_miss_cpu_only():
     ({"miss": "cpu", "cpu_threads": 100000}, "cpu_threads=100000"),
     ({"miss": "cpu", "cpu_backend": "kt"}, "unknown Prophet cpu_backend 'kt'; known: native, torch"),
     ({"miss": "cpu", "cpu_gbps": -2}, "cpu_gbps=-2"),
-    ({"buffer": 0}, r"buffer=0.*\(or 0 with miss: cpu\)"),
+    ({"buffer": 0}, r"buffer=0.*\(or 0 with miss: cpu or stream\)"),
 ])
 def test_settings_refusals(cfg, match):
     from prophet_kernels.integration.settings import ProphetSettings

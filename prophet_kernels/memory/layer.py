@@ -415,6 +415,8 @@ class ProphetMoE:
             for e in range(self.schedule.resident[layer]):
                 self.prefetcher.copy(int(self.schedule.rows[layer, e]), layer, e, label="preload")
         cuda = b.device.type == "cuda"
+        if cuda:  # the resident experts have landed before any call (calls wait only for their ring part)
+            self.prefetcher.stream.synchronize()
         parts = max(1, self.schedule.parts)
         self._ring_ready = [torch.cuda.Event() for _ in range(parts)] if cuda else None
         self._ring_read = [None] * parts  # the compute stream's event after the last read of each part

@@ -83,6 +83,9 @@ class Stats:
                 "layers": [{f.name: getattr(s, f.name) for f in fields(LayerStats)} for s in self.layers]}
 
     def __str__(self) -> str:
+        if self.streamed and not self.hits + self.misses:  # miss stream at run time: no routing read on the host
+            return (f"streamed {self.streamed} experts  H2D {self.bytes_h2d / 1e6:.1f} MB  (miss stream: hits and "
+                    "misses are not counted)")
         return (f"hits {self.hits} ({self.late_hits} late)  misses {self.misses}  hit rate {self.hit_rate:.1%}  "
                 f"landed in time {self.ready_hit_rate:.1%}  prefetched {self.prefetched} "
                 f"(used {self.prefetch_used})  evictions {self.evictions}  H2D {self.bytes_h2d / 1e6:.1f} MB  "
