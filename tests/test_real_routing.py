@@ -179,7 +179,7 @@ NONSENSE = {
     "--layer-us": st.one_of(st.floats(max_value=0.0), st.just(float("nan")), st.just(float("inf"))),
     "--expert-bytes": st.integers(max_value=0),
     "--max-steps": st.integers(max_value=0),
-    "--batch": st.one_of(st.integers(max_value=0), st.integers(min_value=33, max_value=10**6)),
+    "--batch": st.one_of(st.integers(max_value=0), st.integers(min_value=257, max_value=10**6)),  # 32 x 64 tokens: pieces of 8
     "--slots": st.one_of(st.integers(max_value=0), st.integers(min_value=513, max_value=10**6)),
 }
 
