@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 PARTS = ("unique", "quality_resident", "sim_wait", "no_wait", "miss_cpu", "stream")
 OUT = Path(__file__).resolve().parent / "results" / "frontier_inputs.jsonl"
+WARMUP_STEPS = 4  # sim_wait at batch 64-256 (16-128 steps of the traces): steps replayed first, not counted
 
 
 def _key(row: dict) -> tuple:
@@ -166,10 +167,12 @@ def main(argv=None) -> int:
                                 continue
                             layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
                             t0 = time.time()
+                            warmup = WARMUP_STEPS if B in fr.LARGE_BATCHES else 0  # a few steps there: a cold
                             r = simulate(held, cap, args.policy, predictor, args.depth, batch=B, layer_us=layer_us,
-                                         pcie_gbps=pcie, expert_bytes=expert_bytes(m, dtype), max_steps=args.max_steps)
+                                         pcie_gbps=pcie, expert_bytes=expert_bytes(m, dtype), max_steps=args.max_steps,
+                                         warmup_steps=warmup)  # buffer's fill would weigh on them
                             emit(row | {"policy": args.policy, "predictor": r.predictor, "depth": r.depth,
-                                        "max_steps": args.max_steps,
+                                        "max_steps": args.max_steps, "warmup_steps": warmup,
                                         "layer_us": layer_us, "pcie_gbps": pcie, "hit_rate": r.hit_rate,
                                         "ready_hit_rate": r.ready_hit_rate, "stall_us_per_step": r.stall_s / r.steps * 1e6,
                                         "steps": r.steps, "seconds": time.time() - t0})

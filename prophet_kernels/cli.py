@@ -371,6 +371,9 @@ def _add_simulate_args(p: argparse.ArgumentParser) -> None:
                    help="at most N experts per prefetch call, fixed (the vLLM plugin's prefetch_budget; needs a "
                         "predictor), instead of the default: the budget derived from bandwidth and layer time")
     p.add_argument("--max-steps", type=int, help="replay at most this many decode steps (default: the whole trace)")
+    p.add_argument("--warmup-steps", type=int, default=0,
+                   help="replay this many decode steps first and count nothing of them (the buffer's cold fill; "
+                        "single runs) (default 0)")
     p.add_argument("--expert-dtype", default="bf16", choices=["bf16", "fp8"],
                    help="the mimicked model's experts: bf16, or fp8 (e4m3 + per-row scales: ~half the bytes and PCIe "
                         "time per copy) (default bf16; single runs)")
@@ -432,6 +435,8 @@ def _check_simulate_options(args) -> None:
                                  ("--dram-gbps", args.dram_gbps), ("--cpu-call-us", args.cpu_call_us)) if v is not None]
     if cpu_flags and args.miss != "cpu":
         raise ValueError(f"{', '.join(cpu_flags)} go with --miss cpu")
+    if args.warmup_steps and not single:
+        raise ValueError("--warmup-steps goes with single runs, not --sweep or --batch-sweep")
     if args.miss != "wait" and not single:
         raise ValueError(f"--miss {args.miss} goes with single runs, not --sweep or --batch-sweep")
     if args.miss == "stream" and (args.predictor or args.policy != DEFAULT_POLICY):
@@ -553,7 +558,8 @@ def _simulate(args: argparse.Namespace) -> int:
     r = simulate(held, capacity, args.policy, pred, 1 if args.depth is None else args.depth, batch=args.batch, max_steps=args.max_steps,
                  progress=True, expert_dtype=args.expert_dtype, capacity_dtype=args.capacity_dtype, miss=args.miss,
                  cpu_rates=cpu.get("rates"), placement=args.placement,
-                 profile=train if args.placement == "frequency" else None, static=args.static, **timing)
+                 profile=train if args.placement == "frequency" else None, static=args.static,
+                 warmup_steps=args.warmup_steps, **timing)
     d = r.as_dict()
     model = timing_model(held)
     constants = ", ".join(f"{k} {v}" for k, v in timing.items() if k in ("expert_bytes", "pcie_gbps", "layer_us"))

@@ -252,3 +252,23 @@ def test_a_buffer_that_leaves_no_room_for_one_sequence_is_refused_with_the_numbe
     with pytest.raises(ValueError, match=r"64 slots, 20.00 GiB\) leaves 0.00 GiB of the 90% of 80.0 GiB.*"
                                          r"max_model_len 32768 tokens needs 4.00 GiB"):
         check_kv_room(73 * GiB, 80 * GiB, 0.9, 131072, 32768, 20 * GiB, 64)
+
+
+def test_warmup_steps_leave_the_cold_fill_out():
+    """simulate(warmup_steps=w) replays w steps first and counts nothing of them: its counts and time
+    are those of the steps after (equal to a replay of all of them less the first w, counted alike);
+    the stream replay likewise; a warm-up as long as the trace is refused."""
+    from prophet_kernels.routing.simulator import simulate
+    from prophet_kernels.routing.traces import load_trace
+
+    t = load_trace("mixtral-heldout")
+    cold = simulate(t, 0.5, batch=64, layer_us=900.0, pcie_gbps=25.0)
+    warm = simulate(t, 0.5, batch=64, layer_us=900.0, pcie_gbps=25.0, warmup_steps=4)
+    assert warm.steps == cold.steps - 4 and warm.tokens == warm.steps * 64
+    assert warm.hit_rate > cold.hit_rate  # the empty buffer's first steps missed everything
+    assert warm.requests == cold.requests - 4 * 32 * 8  # every call needs all 8 experts at batch 64
+    s = simulate(t, 0.5, batch=64, layer_us=900.0, pcie_gbps=25.0, miss="stream", warmup_steps=4)
+    per_step = sum(8 - r for r in StreamSchedule(32, 8, 128).resident)  # 22 layers with 4 resident, 10 with 3
+    assert s.steps == warm.steps and s.bytes_h2d == s.steps * per_step * (s.bytes_h2d // (s.steps * per_step))
+    with pytest.raises(ValueError, match=r"warmup_steps=128: a whole number in \[0, 128\)"):
+        simulate(t, 0.5, batch=64, warmup_steps=128)

@@ -215,6 +215,11 @@ class DeviceDecisions:
     def release(self, slots) -> None:
         """Nothing to unpin: a layer call's slots are excluded from victims until the next one."""
 
+    def reset_stats(self) -> None:
+        """Start the counters afresh (the decision state is kept)."""
+        self.state.counters.zero_()
+        self._stats = Stats(self.state.num_layers)
+
     @property
     def stats(self) -> Stats:
         """The decision counters (from the state) in a Stats that keeps what the caller added."""

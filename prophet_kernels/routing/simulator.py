@@ -445,7 +445,7 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
              progress: bool = False, prefetch_budget: int | None = None, expert_dtype: str = "bf16",
              capacity_dtype: str | None = None, miss: str = "wait", fallback_s: float = 0.0,
              fallback_parallel: bool = False, fallback_latency_s: float = 0.0, cpu_rates: dict | None = None,
-             placement: str = "even", profile=None, static: bool = False) -> SimResult:
+             placement: str = "even", profile=None, static: bool = False, warmup_steps: int = 0) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
     H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
@@ -465,7 +465,9 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     or ``layers``: whole layers from the last down (llama.cpp's ``--n-cpu-moe N``: the first N layers'
     experts on the CPU); ``static``: that
     placement kept for good, no copy and no prefetch, every miss on the CPU (KTransformers' fixed
-    GPU expert mask), beside the default dynamic residency (copies that pay, prefetches, next-use)."""
+    GPU expert mask), beside the default dynamic residency (copies that pay, prefetches, next-use).
+    ``warmup_steps``: replay that many decode steps first and count nothing of them (the buffer's
+    cold fill; what a few-step replay at a large batch would otherwise be dominated by)."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
@@ -512,13 +514,18 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
             bw = min(bw, rates["dram_gbps"] * 1e9)
         miss_cost = MissCost(expert_bytes, flops, rates["cpu_gbps"], rates["cpu_gflops"], bw / 1e9,
                              rates.get("dram_gbps"), rates.get("call_us", 0.0) * 1e-6, copy=not static)
-    grid = lanes(trace, batch)[:max_steps]
+    grid = lanes(trace, batch)
+    if not (isinstance(warmup_steps, int) and 0 <= warmup_steps < len(grid)):
+        raise ValueError(f"warmup_steps={warmup_steps!r}: a whole number in [0, {len(grid)}) (the trace's steps "
+                         f"at batch {batch})")
+    grid = grid[:None if max_steps is None else warmup_steps + max_steps]
     steps = len(grid)
     schedule = call_schedule(trace, grid)
     if miss == "stream":
         if predictor is not None:
             raise ValueError("miss='stream' copies every non-resident expert of the next layers: give no predictor")
-        return _simulate_stream(trace, grid, schedule, capacity, expert_bytes, bw, layer_s, batch, progress)
+        return _simulate_stream(trace, grid, schedule, capacity, expert_bytes, bw, layer_s, batch, progress,
+                                warmup_steps)
     slots = E if staging_only else slots_for(capacity, L, E)  # the slots ProphetMoE and the vLLM plugin build
     if capacity_dtype and capacity_dtype != expert_dtype:  # the same bytes, in experts of another size
         slots = min(L * E, slots * model_expert_bytes(get_model(model), capacity_dtype) // expert_bytes)
@@ -548,8 +555,13 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
                          staging_only=staging_only,
                          placement=start_placement(placement, L, E, profile))
     res = replay.res
-    unpredicted = 0
+    unpredicted, start = 0, 0.0
     for t in tqdm(range(steps), desc=f"simulate {name}/{policy} S={slots} B={batch}", disable=not progress):
+        if t == warmup_steps and t:  # the warm-up's counts and time are left out
+            res.reset_stats()
+            replay.fallbacks, replay.extra_s, unpredicted, start = 0, 0.0, 0, replay.now
+            if scored:
+                scored.hit[:], scored.needed[:], scored.predicted[:] = 0, 0, 0
         tokens = grid[t]
         for l in range(L):
             c = t * L + l
@@ -559,7 +571,9 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
             unpredicted += sum(1 for e in call.missed if e not in named)
     st = res.stats
     req = st.hits + st.misses
-    return SimResult(miss=miss, fallbacks=replay.fallbacks, placement=placement, static=static, elapsed_s=replay.now, extra_s=replay.extra_s,
+    steps -= warmup_steps
+    return SimResult(miss=miss, fallbacks=replay.fallbacks, placement=placement, static=static,
+        elapsed_s=replay.now - start, extra_s=replay.extra_s,
         slots=slots, policy=policy, predictor=name, depth=res.prefetch_depth, batch=batch, steps=steps,
         tokens=steps * batch, requests=req, hits=st.hits, late_hits=st.late_hits, misses=st.misses, prefetched=st.prefetched,
         prefetch_used=st.prefetch_used, evictions=st.evictions, bytes_h2d=st.bytes_h2d, stall_s=st.stall_s,
@@ -592,7 +606,7 @@ def stream_step(num_layers: int, num_experts: int, slots: int, expert_bytes: int
 
 
 def _simulate_stream(trace, grid, schedule, capacity, expert_bytes: int, bw: float, layer_s: float, batch: int,
-                     progress: bool) -> SimResult:
+                     progress: bool, warmup_steps: int = 0) -> SimResult:
     """``simulate(miss="stream")``: the fixed schedule over the trace's steps (hits and misses: a layer
     call's unique experts resident or streamed)."""
     from tqdm import tqdm
@@ -602,12 +616,17 @@ def _simulate_stream(trace, grid, schedule, capacity, expert_bytes: int, bw: flo
     sch = StreamSchedule(L, E, slots, expert_bytes)
     replay = StreamReplay(sch, bw, layer_s)
     sch.reset_stats()  # (the start-up copies land at time 0 and are not a step's)
+    start = 0.0
     for t in tqdm(range(len(grid)), desc=f"simulate stream S={slots} B={batch}", disable=not progress):
+        if t == warmup_steps and t:
+            sch.reset_stats()
+            start = replay.now
         for l in range(L):
             replay.call(l, schedule[t * L + l])
     st = sch.stats
-    return SimResult(slots=slots, policy="stream", predictor="none", depth=0, batch=batch, steps=len(grid),
-                     tokens=len(grid) * batch, requests=st.hits + st.misses, hits=st.hits, late_hits=0,
+    steps = len(grid) - warmup_steps
+    return SimResult(slots=slots, policy="stream", predictor="none", depth=0, batch=batch, steps=steps,
+                     tokens=steps * batch, requests=st.hits + st.misses, hits=st.hits, late_hits=0,
                      misses=st.misses, prefetched=0, prefetch_used=0, evictions=0, bytes_h2d=st.bytes_h2d,
-                     stall_s=st.stall_s, miss="stream", elapsed_s=replay.now,
+                     stall_s=st.stall_s, miss="stream", elapsed_s=replay.now - start,
                      layer_hit_rate=[s.hits / max(1, s.hits + s.misses) for s in st.layers])
