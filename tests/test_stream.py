@@ -272,3 +272,18 @@ def test_warmup_steps_leave_the_cold_fill_out():
     assert s.steps == warm.steps and s.bytes_h2d == s.steps * per_step * (s.bytes_h2d // (s.steps * per_step))
     with pytest.raises(ValueError, match=r"warmup_steps=128: a whole number in \[0, 128\)"):
         simulate(t, 0.5, batch=64, warmup_steps=128)
+
+
+@settings(max_examples=25, deadline=None)
+@given(L=st.integers(1, 6), E=st.integers(2, 9), extra=st.integers(0, 20), data=st.data())
+def test_stream_layer_any_buffer_and_call_order(L, E, extra, data):
+    """Hypothesis over the public API: any model size, any buffer from the ring up, calls in any order
+    (the schedule's, repeated layers, skipped ones), any batch: every call equals the reference."""
+    g = torch.Generator().manual_seed(L * 1000 + E * 10 + extra)
+    H, I, k = 16, 8, min(2, E)
+    w13, w2 = _model(g, L, E, H, I)
+    slots = min(L * E, min_stream_slots(L, E) + extra)
+    moe = ProphetMoE.from_weights(w13, w2, slots, device="cpu", miss="stream")
+    order = data.draw(st.lists(st.integers(0, L - 1), min_size=1, max_size=12)) + list(range(L))
+    for layer in order:
+        _call(moe, g, w13, w2, layer, data.draw(st.integers(1, 9)), E, k, H)
