@@ -128,6 +128,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                         "Qwen3-30B-A3B; GPUs H100-80GB, RTX4090-24GB; batches 1, 4, 16, and 64, 128, 256 for the kinds measured there); reads "
                         "bench/results/frontier_inputs.jsonl (--frontier-inputs)")
     p.add_argument("--frontier-inputs", help="the measured inputs of --frontier (default: the committed ones)")
+    p.add_argument("--json", action="store_true",
+                   help="with --frontier: also write frontier.jsonl, one object per row with every input named")
     p.add_argument("--seed-report", metavar="PATH", help="write the seed-vs-corrected section (markdown) to PATH and exit")
 
 
@@ -137,6 +139,8 @@ def _plan(args: argparse.Namespace) -> int:
     if args.list:
         print(sweep.catalogue_table())
         return 0
+    if args.json and not args.frontier:
+        raise ValueError("--json goes with --frontier (plan's own rows: plan.csv)")
     if args.frontier:
         return _frontier(args)
     if args.seed_report:
@@ -172,8 +176,20 @@ def _plan(args: argparse.Namespace) -> int:
     return 0
 
 
+# plan options --frontier does not read (its own memory model: 0.9 utilisation, the planner's workspace,
+# bf16 weights and KV on one GPU): each refused when given, rather than silently ignored
+_NOT_FRONTIER = {"all": False, "buffer": None, "dtype": "bf16", "kv_dtype": None, "expert_dtype": None, "tp": 1,
+                 "ep": False, "pp": 1, "layouts": False, "util": 0.9, "context": None, "gpu_memory_gib": None,
+                 "workspace_gib": None, "unique_curve": None, "seed_report": None}
+
+
 def _frontier(args) -> int:
     from .planner import frontier as fr
+
+    ignored = [f"--{k.replace('_', '-')}" for k, default in _NOT_FRONTIER.items() if getattr(args, k) != default]
+    if ignored:
+        raise ValueError(f"{', '.join(ignored)}: not read by --frontier (its rows use 0.9 of each catalogue GPU's "
+                         "memory, the planner's workspace, bf16 weights and KV, one GPU); give them without --frontier")
 
     models = args.model or list(fr.MODELS)
     gpus = fr.check_gpus(args.gpu or fr.GPUS_DEFAULT)
@@ -193,6 +209,8 @@ def _frontier(args) -> int:
     out = Path(args.out)
     print(f"\n{len(rows)} rows -> {fr.write_csv(rows, out / 'frontier.csv')}")
     (out / "frontier.md").write_text(fr.markdown(rows) + "\n\n" + fr.summary(rows) + "\n")
+    if args.json:
+        print(f"json rows -> {fr.write_jsonl(rows, out / 'frontier.jsonl')}")
     if not args.no_figures:
         for b in batches:
             print(f"figure: {fr.figure(rows, out / f'frontier_b{b}.png', batch=b)}")

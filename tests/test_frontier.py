@@ -81,6 +81,15 @@ def test_cli_frontier(tmp_path):
     r = run("--model", "OLMoE-1B-7B", "--batch", "1,4", "--gpu", "H100-80GB")
     assert r.returncode == 0, r.stderr
     assert "Pick (fastest" in r.stdout and (tmp_path / "frontier.csv").exists() and (tmp_path / "frontier_b1.png").exists()
+    r = run("--model", "OLMoE-1B-7B", "--batch", "1", "--gpu", "H100-80GB", "--json", "--no-figures")
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in (tmp_path / "frontier.jsonl").read_text().splitlines()]
+    assert rows and all(set(x) >= {"config", "tokens_per_s", "context_tokens", "inputs"} for x in rows)
+    for flag, value in (("--util", "0.8"), ("--gpu-memory-gib", "24"), ("--workspace-gib", "2"), ("--tp", "2")):
+        r = run("--model", "OLMoE-1B-7B", flag, value)  # options the frontier does not read: refused, not ignored
+        assert r.returncode == 2 and f"{flag}: not read by --frontier" in r.stderr, (flag, r.stderr)
+    r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--json"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--json goes with --frontier" in r.stderr
     r = run("--model", "DBRX")
     assert r.returncode == 2 and "no routing-study model" in r.stderr
     r = run("--gpu", "A100-40GB")

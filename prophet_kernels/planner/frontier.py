@@ -315,6 +315,13 @@ def write_csv(rows: list[Row], path: Path) -> Path:
     return path
 
 
+def write_jsonl(rows: list[Row], path: Path) -> Path:
+    """One JSON object per row: every column, and the inputs it came from (``inputs``)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in rows))
+    return path
+
+
 def recommend(rows: list[Row], max_loss_pct: float = 1.0, min_kv_tokens: int = 0) -> list[Row]:
     """Per model, GPU and batch: the fastest predicted configuration that fits with at least
     `min_kv_tokens` of KV cache and loses at most `max_loss_pct` of held-out quality."""
