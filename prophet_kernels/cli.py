@@ -177,16 +177,17 @@ def _plan(args: argparse.Namespace) -> int:
 
 
 # plan options --frontier does not read (its own memory model: 0.9 utilisation, the planner's workspace,
-# bf16 weights and KV on one GPU): each refused when given, rather than silently ignored
-_NOT_FRONTIER = {"all": False, "buffer": None, "dtype": "bf16", "kv_dtype": None, "expert_dtype": None, "tp": 1,
-                 "ep": False, "pp": 1, "layouts": False, "util": 0.9, "context": None, "gpu_memory_gib": None,
-                 "workspace_gib": None, "unique_curve": None, "seed_report": None}
+# bf16 weights and KV on one GPU): each refused when given (not at its default), rather than silently ignored
+_NOT_FRONTIER = ("all", "buffer", "dtype", "kv_dtype", "expert_dtype", "tp", "ep", "pp", "layouts", "util", "context",
+                 "gpu_memory_gib", "workspace_gib", "unique_curve", "seed_report")
 
 
 def _frontier(args) -> int:
     from .planner import frontier as fr
 
-    ignored = [f"--{k.replace('_', '-')}" for k, default in _NOT_FRONTIER.items() if getattr(args, k) != default]
+    defaults = argparse.ArgumentParser()
+    _add_plan_args(defaults)
+    ignored = [f"--{k.replace('_', '-')}" for k in _NOT_FRONTIER if getattr(args, k) != defaults.get_default(k)]
     if ignored:
         raise ValueError(f"{', '.join(ignored)}: not read by --frontier (its rows use 0.9 of each catalogue GPU's "
                          "memory, the planner's workspace, bf16 weights and KV, one GPU); give them without --frontier")

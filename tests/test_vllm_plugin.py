@@ -1508,27 +1508,36 @@ def test_server_with_cpu_misses_stops_cleanly_on_sigint(tmp_path):
     assert not tracebacks, after[-3000:]
 
 
-def test_cpu_misses_with_a_chunked_prompt_beside_decoders(checkpoints):
-    """A prompt longer than a chunk (max_num_batched_tokens 32) arriving with three short ones, which
-    decode while its chunks prefill: greedy tokens identical to vLLM's own under the same scheduling;
-    the chunks' experts (many tokens each) were copied, the decode steps' computed on the CPU."""
+def _chunked_prompt_beside_decoders(model: str, prophet: dict, seed: int):
+    """A prompt longer than a chunk (max_num_batched_tokens 32) with three short ones that decode while
+    its chunks prefill, served by vLLM alone and with Prophet's ``prophet`` settings under the same
+    scheduling: (vLLM's greedy tokens, Prophet's, Prophet's stats of those requests)."""
     import random
 
-    rng = random.Random(5)
+    rng = random.Random(seed)
     ps = [[rng.randrange(3, 512) for _ in range(n)] for n in (150, 9, 11, 13)]
     kw = dict(max_num_batched_tokens=32, enable_chunked_prefill=True)
-    llm = demo.make_llm(checkpoints["mixtral"], None, **kw)
+    llm = demo.make_llm(model, None, **kw)
     try:
         base = demo.greedy(llm, ps, MAX_TOKENS)
     finally:
         del llm
-    llm = demo.make_llm(checkpoints["mixtral"], {"buffer": 0.25, "miss": "cpu", "cpu_threads": 1, **CPU_RATES}, **kw)
+    llm = demo.make_llm(model, prophet, **kw)
     try:
         prophet_stats(llm, reset=True)
         tokens = demo.greedy(llm, ps, MAX_TOKENS)
         (stats,) = prophet_stats(llm)
     finally:
         del llm
+    return base, tokens, stats
+
+
+def test_cpu_misses_with_a_chunked_prompt_beside_decoders(checkpoints):
+    """A prompt longer than a chunk (max_num_batched_tokens 32) arriving with three short ones, which
+    decode while its chunks prefill: greedy tokens identical to vLLM's own under the same scheduling;
+    the chunks' experts (many tokens each) were copied, the decode steps' computed on the CPU."""
+    base, tokens, stats = _chunked_prompt_beside_decoders(
+        checkpoints["mixtral"], {"buffer": 0.25, "miss": "cpu", "cpu_threads": 1, **CPU_RATES}, seed=5)
     assert tokens == base
     t = stats["total"]
     assert t["demand_copies"] > 0 and t["cpu_experts"] > 0
@@ -1592,23 +1601,8 @@ def test_streaming_with_a_chunked_prompt_beside_decoders(deep_checkpoints):
     """A prompt longer than a chunk (max_num_batched_tokens 32) arriving with three short ones that
     decode while its chunks prefill: each chunk streams the layers as a decode step does; greedy
     tokens identical to vLLM's own under the same scheduling."""
-    import random
-
-    rng = random.Random(6)
-    ps = [[rng.randrange(3, 512) for _ in range(n)] for n in (150, 9, 11, 13)]
-    kw = dict(max_num_batched_tokens=32, enable_chunked_prefill=True)
-    llm = demo.make_llm(deep_checkpoints["mixtral"], None, **kw)
-    try:
-        base = demo.greedy(llm, ps, MAX_TOKENS)
-    finally:
-        del llm
-    llm = demo.make_llm(deep_checkpoints["mixtral"], {"buffer": 0.5, "miss": "stream"}, **kw)
-    try:
-        prophet_stats(llm, reset=True)
-        tokens = demo.greedy(llm, ps, MAX_TOKENS)
-        (stats,) = prophet_stats(llm)
-    finally:
-        del llm
+    base, tokens, stats = _chunked_prompt_beside_decoders(deep_checkpoints["mixtral"],
+                                                          {"buffer": 0.5, "miss": "stream"}, seed=6)
     assert tokens == base
     steps = {s["streamed"] // (8 - r) for s, r in zip(stats["layers"], stats["stream_resident"])}
     assert len(steps) == 1 and steps.pop() >= MAX_TOKENS + 150 // 32  # the chunks' steps and the decode steps

@@ -40,7 +40,7 @@ from ..cpu.experts import SMALL, pairs_of, route_counts
 from .buffer import DEFAULT_MODE, DEFAULT_POLICY, FILLS, MISSES, MODES, PagedExpertBuffer
 from .device import DeviceExpertBuffer, DeviceResidency
 from .predictors import RankExperts, local_ids, make_predictor
-from .prefetch import StreamPrefetcher, nvtx_range
+from .prefetch import StreamPrefetcher, copy_pairs, nvtx_range
 from .residency import ExpertResidency, MissCost, Stats
 from .stream import StreamSchedule, min_stream_slots
 from . import numa
@@ -429,11 +429,7 @@ class ProphetMoE:
         on the copy stream, after the part's last reader, recording the part's ready event)."""
         first, n, slot = self.schedule.streamed(layer)
         part = self.schedule.part_of(layer)
-        s, b = self.store, self.buffer
-        src = s.blocks[layer]
-        pairs = ([(b.blocks[slot: slot + n], src[first: first + n])] if src is not None and b.blocks is not None else
-                 [(b.w13[slot: slot + n], s.w13[layer][first: first + n]),
-                  (b.w2[slot: slot + n], s.w2[layer][first: first + n])])
+        pairs = copy_pairs(self.store, self.buffer, slot, layer, first, n)
         with nvtx_range(f"stream L{layer} ({n} experts)", color="red"):
             if self._ring_ready is None:
                 for dst, src_ in pairs:

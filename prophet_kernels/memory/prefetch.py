@@ -42,6 +42,16 @@ def _annotation(name: str, color: str):
     return _nvtx.annotate(name, color=color) if _nvtx is not None else contextlib.nullcontext()
 
 
+def copy_pairs(store, buffer, slot: int, layer: int, expert: int, n: int = 1) -> list:
+    """(destination, source) tensors that fill slots slot .. slot+n-1 with experts expert .. expert+n-1
+    of `layer`: one copy where the store keeps each expert as one block, else its w13 and w2 parts."""
+    src = store.blocks[layer]
+    if src is not None and buffer.blocks is not None:  # one block per expert: one copy
+        return [(buffer.blocks[slot: slot + n], src[expert: expert + n])]
+    return [(buffer.w13[slot: slot + n], store.w13[layer][expert: expert + n]),
+            (buffer.w2[slot: slot + n], store.w2[layer][expert: expert + n])]
+
+
 class StreamPrefetcher:
     def __init__(self, store, buffer):
         self.store, self.buffer = store, buffer
@@ -56,12 +66,7 @@ class StreamPrefetcher:
         """Fill `slot` with expert `expert` of `layer` (asynchronous on CUDA)."""
         self.buffer.check_slot(slot)  # no negative index: slot -1 would write slot S-1
         self.buffer.check_expert(layer, expert)
-        src = self.store.blocks[layer]
-        if src is not None:  # one block per expert: one copy
-            pairs = [(self.buffer.blocks[slot], src[expert])]
-        else:
-            pairs = [(self.buffer.w13[slot], self.store.w13[layer][expert]),
-                     (self.buffer.w2[slot], self.store.w2[layer][expert])]
+        pairs = copy_pairs(self.store, self.buffer, slot, layer, expert)
         with nvtx_range(f"{label} L{layer} E{expert}", color="green" if label == "prefetch" else "red"):
             if not self.cuda:
                 for dst, s in pairs:

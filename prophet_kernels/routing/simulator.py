@@ -229,7 +229,7 @@ class _Scored(Predictor):
         return want
 
 
-MISSES = ("wait", "no-wait", "cpu", "stream")
+MISSES = ("wait", "no-wait", "cpu")  # Replay's; simulate(miss="stream") replays StreamReplay instead
 PLACEMENTS = ("even", "frequency", "layers")  # miss cpu: the buffer's start-up experts
 
 
