@@ -13,6 +13,7 @@ written to ``prophet_kernels/kernels/configs/<device>.json``
     python bench/tune_moe.py --experts fp8 --T 1 16          # fp8 experts (scales per output channel)
     python bench/tune_moe.py --experts fp8 --block 128       # fp8 experts with 128x128 block scales
     python bench/tune_moe.py --experts fp8 --T 1024 4096 --a8 all   # W8A8 against W8A16, timed
+    python bench/tune_moe.py --experts int4 --group 128 --T 1 16     # int4 (w4a16) experts
 
 fp8 experts get keys of their own (``launch_config.shape_key``); without them the kernels use the
 unquantized key's configs. With fp8 experts on a GPU with an fp8 type, W8A8 (activations quantized
@@ -36,12 +37,14 @@ import torch
 
 from prophet_kernels.benchmark.moe import time_graph
 from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
-from prophet_kernels.kernels.fp8 import FP8, check_block_shape, quantize_fp8
+from prophet_kernels.kernels.fp8 import check_block_shape, quantize_fp8
+from prophet_kernels.kernels.int4 import check_group_size
 from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key, table_path
 from prophet_kernels.kernels.moe import uses_a8
 from prophet_kernels.kernels.route_plan import route_plan
+from prophet_kernels.kernels.weight_format import Quant, WeightFormat
 
 
 def candidates(rows_per_expert: float):
@@ -73,13 +76,13 @@ def gemv_candidates():
     return [dict(BN=n, BK=k, num_warps=w, num_stages=s) for n, k, w, s in tiles]
 
 
-def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None), block_shape=None, a8="prefill"):
-    """(best us, config) for one shape and T; ``scales``/``block_shape``: fp8 experts' scales.
+def tune_one(shape, T, dtype, device, w13, w2, rotations=4, quant: Quant = Quant(), fmt: WeightFormat = WeightFormat(),
+             a8="prefill"):
+    """(best us, config) for one shape and T; ``quant``/``fmt``: quantized experts' scales and format.
     ``a8`` (fp8 experts on a GPU with an fp8 type): also time W8A8 (activations quantized to e4m3,
     fp8 x fp8 dots; the quantization counted) on the grouped path: "prefill" where it has more than
     16 rows per expert (where the MMA time is not hidden under the weight reads), "all", or "off"."""
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
-    s13, s2 = scales
     g = torch.Generator(device=device).manual_seed(T)
     inputs = []
     for _ in range(rotations):
@@ -105,7 +108,7 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
             xs = [(q, {"x_scale": sc, "out_dtype": dtype}) for q, sc in (quantize_fp8(x) for x, _, _ in inputs)]
 
         def gate_up(c, r):
-            return lambda: launch_gate_up(xs[r][0], w13, plans[r], k, c, s13, block_shape, **xs[r][1])
+            return lambda: launch_gate_up(xs[r][0], w13, plans[r], k, c, quant, fmt, **xs[r][1])
 
         def acts_of(c):  # (gate_up's outputs, down's inputs: the same, or quantized per row)
             raw = [gate_up(c, r)() for r in range(rotations)]
@@ -113,7 +116,7 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
                 [(q, {"act_scale": sc, "out_dtype": dtype}) for q, sc in (quantize_fp8(a) for a in raw)]
 
         def down(c, r):
-            return lambda: launch_down(acts[r][0], w2, inputs[r][2], plans[r], c, s2, block_shape, **acts[r][1])
+            return lambda: launch_down(acts[r][0], w2, inputs[r][2], plans[r], c, quant, fmt, **acts[r][1])
 
         gu = pick(gate_up, cands)
         raw, acts = acts_of(gu[1])
@@ -134,7 +137,7 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
 
     # the tiles a W8A8 config may use: those moe.uses_a8 runs as W8A8 (fp8 experts, an fp8 type,
     # K tiles of 32 or more within the scale blocks)
-    a8_tiles = [c for c in tiles if uses_a8({"a8": True, "gate_up": c, "down": c}, w13.dtype, device, block_shape)]
+    a8_tiles = [c for c in tiles if uses_a8({"a8": True, "gate_up": c, "down": c}, fmt, device)]
     time_a8 = bool(a8_tiles) and (a8 == "all" or (a8 == "prefill" and rows_per_expert > 16))
     for bm in bms:
         for w8a8 in (False, True) if time_a8 else (False,):
@@ -145,11 +148,11 @@ def tune_one(shape, T, dtype, device, w13, w2, rotations=4, scales=(None, None),
         gcands = gemv_candidates()
         flat = [i.reshape(-1).contiguous() for _, i, _ in inputs]
         gu = pick(lambda c, r: lambda: launch_gemv_gate_up(inputs[r][0], w13, None, flat[r], E, k,
-                                                           c, scale=s13, block_shape=block_shape), gcands)
+                                                           c, quant=quant, fmt=fmt), gcands)
 
         def gemv_call(c, r):
             return lambda: gemv_experts(inputs[r][0], w13, w2, None, inputs[r][2], inputs[r][1], E,
-                                        {"gate_up": gu[1], "down": c}, scales, block_shape)
+                                        {"gate_up": gu[1], "down": c}, quant, fmt)
 
         timed = sorted(((bench([gemv_call(c, r) for r in range(rotations)]), c) for c in gcands),
                        key=lambda p: p[0])
@@ -182,8 +185,11 @@ def main(argv=None):
     ap.add_argument("--shapes", nargs="+", default=list(MOE_SHAPES))
     ap.add_argument("--T", type=int, nargs="+", default=list(BATCH_SIZES))
     ap.add_argument("--dtype", default="bfloat16", help="activations' dtype (default bfloat16)")
-    ap.add_argument("--experts", choices=["auto", "fp8"], default="auto",
-                    help="auto: experts in --dtype; fp8: e4m3 experts with fp32 scales (their own table keys)")
+    ap.add_argument("--experts", choices=["auto", "fp8", "int4"], default="auto",
+                    help="auto: experts in --dtype; fp8: e4m3 experts with fp32 scales; int4: w4a16 with a "
+                         "scale per --group inputs (quantized experts have their own table keys)")
+    ap.add_argument("--group", type=int, default=128, help="with --experts int4: inputs per scale (32, 64, 128)")
+    ap.add_argument("--zero-points", action="store_true", help="with --experts int4: asymmetric, stored zero points")
     ap.add_argument("--block", type=int, default=None,
                     help="with --experts fp8: square scale blocks of this size (e.g. 128); default per output channel")
     ap.add_argument("--a8", choices=["prefill", "all", "off"], default="prefill",
@@ -193,7 +199,10 @@ def main(argv=None):
     args = ap.parse_args(argv)
     if args.block is not None and args.experts != "fp8":
         sys.exit("--block goes with --experts fp8")
-    block = check_block_shape((args.block, args.block)) if args.block else None
+    fmt = (WeightFormat("fp8", block_shape=check_block_shape((args.block, args.block)) if args.block else None)
+           if args.experts == "fp8" else
+           WeightFormat("int4", group_size=check_group_size(args.group), zero_points=args.zero_points)
+           if args.experts == "int4" else WeightFormat())
     if not torch.cuda.is_available():
         sys.exit("tune_moe.py needs a GPU: launch configs are tuned on the device they serve")
     device = torch.device("cuda")
@@ -204,19 +213,19 @@ def main(argv=None):
     for name in args.shapes:
         shape = MOE_SHAPES[name]
         w13, w2 = make_experts(shape["E"], shape["H"], shape["I"], dtype, device)
-        scales, weight_dtype = (None, None), None
-        if args.experts == "fp8":
-            (w13, s13), (w2, s2) = quantize_fp8(w13, block), quantize_fp8(w2, block)
-            scales, weight_dtype = (s13, s2), FP8
-        key = shape_key(shape["E"], shape["H"], shape["I"], shape["k"], dtype, weight_dtype, block)
+        quant = Quant()
+        if fmt.kind != "float":
+            (w13, s13, z13), (w2, s2, z2) = fmt.quantize(w13), fmt.quantize(w2)
+            quant = Quant(s13, s2, z13, z2)
+        key = shape_key(shape["E"], shape["H"], shape["I"], shape["k"], dtype, fmt)
         print(f"{name} {key}", flush=True)
         for T in args.T:
-            us, cfg = tune_one(shape, T, dtype, device, w13, w2, scales=scales, block_shape=block, a8=args.a8)
+            us, cfg = tune_one(shape, T, dtype, device, w13, w2, quant=quant, fmt=fmt, a8=args.a8)
             table.setdefault(key, {})[str(T)] = cfg
             print(f"  -> T={T}: {us:.1f} us {cfg}  [{time.time() - t0:.0f} s]", flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(table, indent=1, sort_keys=True) + "\n")
-        del w13, w2, scales
+        del w13, w2, quant
     print(f"wrote {out}")
 
 

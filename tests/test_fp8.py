@@ -13,6 +13,7 @@ import triton.language as tl
 
 from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_paged_reference, fused_experts_reference
 from prophet_kernels.kernels.fp8 import FP8, dequantize_fp8, e4m3_bits_to, quantize_fp8, scale_shape
+from prophet_kernels.kernels.weight_format import Quant, WeightFormat
 
 from .test_moe import DEV, GEMV, GROUPED_SMALL, rel_err
 
@@ -230,10 +231,10 @@ def test_tuner_runs_its_fp8_candidates(monkeypatch, block_shape):
     (q13, s13), (q2, s2) = quantize_fp8(w13, block_shape), quantize_fp8(w2, block_shape)
     for T in (1, 8):  # the GEMV path competes at T=1 (T*k <= E), not at 8
         us, cfg = tune_moe.tune_one(shape, T, torch.float32, torch.device(DEV), q13, q2, rotations=2,
-                                    scales=(s13, s2), block_shape=block_shape)
+                                    quant=Quant(s13, s2), fmt=WeightFormat("fp8", block_shape=block_shape))
         assert cfg["block_m"] == 16 and us < float("inf")
     assert len(calls) > 20  # (outputs not checked: padded rows of the grouped path are left unwritten)
-    key = shape_key(8, 32, 32, 2, torch.float32, FP8, block_shape)
+    key = shape_key(8, 32, 32, 2, torch.float32, WeightFormat("fp8", block_shape=block_shape))
     assert ",weights=float8_e4m3fn" in key and (",block=16x16" in key) == (block_shape is not None)
 
 
@@ -256,8 +257,8 @@ def test_tuner_times_w8a8_where_asked(monkeypatch, capsys):
                                    ((32, 32), "prefill", False)):  # 8 tokens x 2 / 8 experts: not prefill
         (q13, s13), (q2, s2) = quantize_fp8(w13, block_shape), quantize_fp8(w2, block_shape)
         a8_calls.clear()
-        tune_moe.tune_one(shape, 8, torch.float32, torch.device(DEV), q13, q2, rotations=2, scales=(s13, s2),
-                          block_shape=block_shape, a8=a8)
+        tune_moe.tune_one(shape, 8, torch.float32, torch.device(DEV), q13, q2, rotations=2, quant=Quant(s13, s2),
+                          fmt=WeightFormat("fp8", block_shape=block_shape), a8=a8)
         out = capsys.readouterr().out
         assert ("W8A8" in out) == timed and any(a8_calls) == timed, (block_shape, a8, out)
         assert not all(a8_calls)  # W8A16 is always timed
@@ -305,11 +306,10 @@ def test_fp8_nan_weight_propagates_on_the_bytes_path(monkeypatch):
     routed = (ids == 2).any(1).cpu()
     assert ref.isnan().any(1).cpu().equal(routed)
     native = fused_experts(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2)
-    launched, real = [], fp8.fp8_args
+    launched, real = [], WeightFormat.kernel_args
     monkeypatch.setattr(fp8, "has_fp8_type", lambda device: False)  # the A100's path: bytes decoded in-kernel
-    for mod in ("gemv", "grouped_gemm"):
-        monkeypatch.setattr(f"prophet_kernels.kernels.{mod}.fp8_args",
-                            lambda *a: launched.append(real(*a)[2]["FP8_BITS"]) or real(*a))
+    monkeypatch.setattr(WeightFormat, "kernel_args",
+                        lambda self, *a: launched.append(real(self, *a)[3]["FP8_BITS"]) or real(self, *a))
     bytes_path = fused_experts(x, w13, w2, wts, ids, w13_scale=s13, w2_scale=s2)
     assert launched and all(launched)
     # (the Triton interpreter's own fp8 load turns the NaN byte into a finite value, which no GPU does:
@@ -336,11 +336,10 @@ def test_fp8_bytes_path_equals_fp8_type_path(monkeypatch, shape, cfg, block_shap
     kw = dict(w13_scale=s13s.to(DEV), w2_scale=s2s.to(DEV), block_shape=block_shape, config=cfg)
     native = fused_experts_paged(*args, **kw)
     launched = []
-    real = fp8.fp8_args
+    real = WeightFormat.kernel_args
     monkeypatch.setattr(fp8, "has_fp8_type", lambda device: False)
-    for mod in ("gemv", "grouped_gemm"):  # (the launchers' own names of fp8_args: count the bytes-path launches)
-        monkeypatch.setattr(f"prophet_kernels.kernels.{mod}.fp8_args",
-                            lambda *a: launched.append(real(*a)[2]["FP8_BITS"]) or real(*a))
+    monkeypatch.setattr(WeightFormat, "kernel_args",  # (count the bytes-path launches)
+                        lambda self, *a: launched.append(real(self, *a)[3]["FP8_BITS"]) or real(self, *a))
     bits = fused_experts_paged(*args, **kw)
     assert launched and all(launched)
     assert torch.equal(bits, native)

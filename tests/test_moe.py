@@ -10,6 +10,7 @@ import torch
 from prophet_kernels import (fused_experts, fused_experts_paged, fused_experts_paged_reference,
                              fused_experts_reference)
 from prophet_kernels.kernels import launch_config
+from prophet_kernels.kernels.weight_format import WeightFormat
 from prophet_kernels.memory.store import expert_block, expert_tensors
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"  # interpreter on the CPU, compiled on a GPU
@@ -242,18 +243,20 @@ def test_launch_config_lookup(tmp_path, monkeypatch):
     other = get(100, 9, 32, 16, 2, torch.float32, torch.device("cpu"), str(path))  # untuned shape
     assert other == launch_config.default_config(100, 2, 9, torch.device("cpu"))
     # fp8 experts: their own keys (per channel, per block) first, else the activations' key
-    fp8 = torch.float8_e4m3fn
+    fp8, fp8_16 = WeightFormat("fp8"), WeightFormat("fp8", block_shape=(16, 16))
     assert launch_config.shape_key(8, 32, 16, 2, torch.float32, fp8) == key + ",weights=float8_e4m3fn"
-    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, fp8, (16, 32)) == \
+    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, WeightFormat("fp8", block_shape=(16, 32))) == \
         key + ",weights=float8_e4m3fn,block=16x32"
-    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, torch.float32) == key
+    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, WeightFormat()) == key
+    assert launch_config.shape_key(8, 32, 16, 2, torch.float32, WeightFormat("int4", group_size=32, zero_points=True)) \
+        == key + ",weights=int4,group=32,zp"
     assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path), fp8)["block_m"] == 16  # fallback
     table[key + ",weights=float8_e4m3fn"] = {"1": dict(GEMV)}
     table[key + ",weights=float8_e4m3fn,block=16x16"] = {"1": {**table[key]["256"], "block_m": 32}}
     path = tmp_path / "dev_fp8.json"
     path.write_text(json.dumps(table))
     assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path), fp8) == GEMV
-    assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path), fp8, (16, 16))["block_m"] == 32
+    assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path), fp8_16)["block_m"] == 32
     assert get(2, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path))["block_m"] == 16  # unquantized
     monkeypatch.setenv("PROPHET_MOE_CONFIG", json.dumps(GEMV))
     assert get(100, 8, 32, 16, 2, torch.float32, torch.device("cpu"), str(path)) == GEMV

@@ -17,7 +17,7 @@ block (or once per row, per output channel).
 GPUs without fp8 types (compute capability below 8.9: A100, A10, RTX 30xx; Triton refuses
 ``float8e4nv`` there) get the same kernels reading the weights' bytes as uint8 and decoding e4m3
 with integer ops (``e4m3_bits_to``: exact for every finite value), chosen per launch by
-``fp8_args``.
+``weight_format.WeightFormat.kernel_args``.
 """
 
 from __future__ import annotations
@@ -123,22 +123,6 @@ def scale_view(scale: torch.Tensor, k: int, block_shape) -> tuple[torch.Tensor, 
     if block_shape is None:
         return scale[..., None], 1, max(k, 1)
     return scale, block_shape[0], block_shape[1]
-
-
-def fp8_args(w: torch.Tensor, scale, block_shape, bk: int) -> tuple[torch.Tensor, list, dict, int]:
-    """Kernel arguments for weights ``w`` and their scales: (the weight tensor to pass, [s, GN, GK,
-    3 strides], {SCALE, FP8_BITS}, BK) with BK lowered to the scale block's K size where it is
-    larger (a K tile never spans two scale blocks). SCALE 0: unquantized weights (the weights stand
-    in for the unused scale pointer), 1: per output channel, 2: blocks. FP8_BITS: fp8 weights go
-    as their uint8 bytes, decoded in the kernel (``load_weights_as``), where the GPU has no fp8
-    type (``has_fp8_type``)."""
-    if scale is None:
-        return w, [w, 1, 1, 0, 0, 0], {"SCALE": 0, "FP8_BITS": False}, bk
-    bits = w.dtype == FP8 and not has_fp8_type(w.device)
-    view, gn, gk = scale_view(scale, w.shape[2], block_shape)
-    mode = 1 if block_shape is None else 2
-    return (w.view(torch.uint8) if bits else w, [view, gn, gk, *view.stride()], {"SCALE": mode, "FP8_BITS": bits},
-            bk if mode == 1 else min(bk, gk))
 
 
 # ----------------------------------------------------------------------------- kernels' side

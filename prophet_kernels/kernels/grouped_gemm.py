@@ -33,8 +33,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .fp8 import fp8_args, load_weights_as
-from .gemv import _slot_of
+from .fp8 import load_weights_as
+from .gemv import _group_zero, _slot_of, int4_codes
+from .weight_format import Quant, WeightFormat
 
 
 @triton.jit
@@ -57,6 +58,17 @@ def _scale_at(s_base, rows, k0, GN, GK, stride_sn, stride_sk, mask):
     return tl.load(s_base + (rows // GN).to(tl.int64) * stride_sn + (k0 // GK) * stride_sk, mask=mask, other=0.0)
 
 
+@triton.jit
+def _int4_dot(w_ptrs, cols, ok, xe, xo, s_base, z_base, k0, GK, stride_sn, stride_sk, stride_zn, stride_zk,
+              ZP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    # one K tile of int4 weight columns `cols` [BN] (bytes at w_ptrs [BK/2, BN]) against the rows'
+    # even and odd inputs xe, xo [BM, BK/2]: [BM, BN] partial sums, with the group's scale
+    z = _group_zero(z_base, cols, k0, GK, stride_zn, stride_zk, ok, ZP)[None, :]
+    lo, hi = int4_codes(tl.load(w_ptrs, mask=ok[None, :], other=0), z, xe.dtype)
+    part = tl.dot(xo, hi, tl.dot(xe, lo, input_precision=DOT_PRECISION), input_precision=DOT_PRECISION)
+    return part * _scale_at(s_base, cols, k0, 1, GK, stride_sn, stride_sk, ok)[None, :]
+
+
 @triton.jit(do_not_specialize=["N", "NB"])  # one compile serves every batch size
 def _gate_up_kernel(
     # pointers
@@ -67,6 +79,7 @@ def _gate_up_kernel(
     block_slot_ptr,  # (NB,) int32
     s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
     xs_ptr,  # (T,) fp32 A8: x's per-token scales (x is fp8)
+    z_ptr,  # (S, 2I, H/G) uint8 ZP: int4 zero points
     # sizes
     N, NB, H, I, TOPK, GN, GK,
     # strides
@@ -74,13 +87,16 @@ def _gate_up_kernel(
     stride_ws, stride_wn, stride_wh,
     stride_ap, stride_ai,
     stride_ss, stride_sn, stride_sk,
+    stride_zs, stride_zn, stride_zk,
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
-    A8: tl.constexpr,
+    A8: tl.constexpr, INT4: tl.constexpr, ZP: tl.constexpr,
 ):
     """grid = (NB * cdiv(I, BN),), grouped order (see _block_coords). A8 (W8A8): x is e4m3 with a
-    scale per token, the dots are fp8 x fp8 with fp32 accumulation, x's scale applied before silu."""
+    scale per token, the dots are fp8 x fp8 with fp32 accumulation, x's scale applied before silu.
+    INT4: w holds [S, 2I, H/2] bytes of int4 codes; a K tile is two dots of BK/2 (x's even and odd
+    inputs against the tile's low and high nibbles), scaled by the tile's group."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(I, BN), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot < 0:
@@ -102,30 +118,45 @@ def _gate_up_kernel(
     s_base = s_ptr + slot.to(tl.int64) * stride_ss
     acc_g = tl.zeros([BM, BN], dtype=tl.float32)
     acc_u = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, H, BK):
-        if EVEN_K:
-            xv = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
-            wg = tl.load(wg_ptrs, mask=n_ok[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + k0 < H
-            xv = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-            wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-            wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if SCALE == 2:  # block scales: scale this K block's partial sums (BK divides GK)
-            sg = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
-            su = _scale_at(s_base, offs_n + I, k0, GN, GK, stride_sn, stride_sk, n_ok)
-            acc_g += tl.dot(xv, load_weights_as(wg, xv.dtype, FP8_BITS), input_precision=DOT_PRECISION) * sg[None, :]
-            acc_u += tl.dot(xv, load_weights_as(wu, xv.dtype, FP8_BITS), input_precision=DOT_PRECISION) * su[None, :]
-        else:  # (fp8 weights convert exactly to x's dtype; other weights already have it)
-            acc_g = tl.dot(xv, load_weights_as(wg, xv.dtype, FP8_BITS), acc_g, input_precision=DOT_PRECISION)
-            acc_u = tl.dot(xv, load_weights_as(wu, xv.dtype, FP8_BITS), acc_u, input_precision=DOT_PRECISION)
-        x_ptrs += BK * stride_xh
-        wg_ptrs += BK * stride_wh
-        wu_ptrs += BK * stride_wh
-    if SCALE == 1:  # per output channel: one scale per row, on the total
-        acc_g *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
-        acc_u *= _scale_at(s_base, offs_n + I, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
+    if INT4:
+        offs_b = tl.arange(0, BK // 2)
+        xe_ptrs = x_ptr + tok[:, None] * stride_xt + (2 * offs_b)[None, :] * stride_xh
+        bg_ptrs = w_ptr + slot.to(tl.int64) * stride_ws + offs_b[:, None] * stride_wh + offs_n[None, :].to(tl.int64) * stride_wn
+        z_base = z_ptr + slot.to(tl.int64) * stride_zs
+        for k0 in range(0, H, BK):  # H is a multiple of the group, the group of BK
+            xe = tl.load(xe_ptrs, mask=row_ok[:, None], other=0.0)
+            xo = tl.load(xe_ptrs + stride_xh, mask=row_ok[:, None], other=0.0)
+            acc_g += _int4_dot(bg_ptrs, offs_n, n_ok, xe, xo, s_base, z_base, k0, GK, stride_sn, stride_sk,
+                               stride_zn, stride_zk, ZP, DOT_PRECISION)
+            acc_u += _int4_dot(bg_ptrs + I * stride_wn, offs_n + I, n_ok, xe, xo, s_base, z_base, k0, GK, stride_sn,
+                               stride_sk, stride_zn, stride_zk, ZP, DOT_PRECISION)
+            xe_ptrs += BK * stride_xh
+            bg_ptrs += (BK // 2) * stride_wh
+    else:
+        for k0 in range(0, H, BK):
+            if EVEN_K:
+                xv = tl.load(x_ptrs, mask=row_ok[:, None], other=0.0)
+                wg = tl.load(wg_ptrs, mask=n_ok[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k + k0 < H
+                xv = tl.load(x_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                wg = tl.load(wg_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+                wu = tl.load(wu_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if SCALE == 2:  # block scales: scale this K block's partial sums (BK divides GK)
+                sg = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
+                su = _scale_at(s_base, offs_n + I, k0, GN, GK, stride_sn, stride_sk, n_ok)
+                acc_g += tl.dot(xv, load_weights_as(wg, xv.dtype, FP8_BITS), input_precision=DOT_PRECISION) * sg[None, :]
+                acc_u += tl.dot(xv, load_weights_as(wu, xv.dtype, FP8_BITS), input_precision=DOT_PRECISION) * su[None, :]
+            else:  # (fp8 weights convert exactly to x's dtype; other weights already have it)
+                acc_g = tl.dot(xv, load_weights_as(wg, xv.dtype, FP8_BITS), acc_g, input_precision=DOT_PRECISION)
+                acc_u = tl.dot(xv, load_weights_as(wu, xv.dtype, FP8_BITS), acc_u, input_precision=DOT_PRECISION)
+            x_ptrs += BK * stride_xh
+            wg_ptrs += BK * stride_wh
+            wu_ptrs += BK * stride_wh
+        if SCALE == 1:  # per output channel: one scale per row, on the total
+            acc_g *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
+            acc_u *= _scale_at(s_base, offs_n + I, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
     if A8:  # x's per-token scale: constant over K, so applied once to the totals
         xs = tl.load(xs_ptr + tok, mask=row_ok, other=0.0)
         acc_g *= xs[:, None]
@@ -147,6 +178,7 @@ def _down_kernel(
     block_slot_ptr,  # (NB,) int32
     s_ptr,  # (S, R, C) fp32 scales of fp8 weights (SCALE > 0)
     as_ptr,  # (P,) fp32 A8: act's per-row scales (act is fp8)
+    z_ptr,  # (S, H, I/G) uint8 ZP: int4 zero points
     # sizes
     N, NB, H, I, GN, GK,
     # strides
@@ -154,13 +186,14 @@ def _down_kernel(
     stride_ws, stride_wh, stride_wi,
     stride_on, stride_oh,
     stride_ss, stride_sn, stride_sk,
+    stride_zs, stride_zn, stride_zk,
     # meta-parameters
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP_M: tl.constexpr,
     EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr, SCALE: tl.constexpr, FP8_BITS: tl.constexpr,
-    A8: tl.constexpr,
+    A8: tl.constexpr, INT4: tl.constexpr, ZP: tl.constexpr,
 ):
     """grid = (NB * cdiv(H, BN),), grouped order (see _block_coords). A8: act is e4m3 with a scale
-    per row (fp8 x fp8 dots)."""
+    per row (fp8 x fp8 dots). INT4: as in the gate_up kernel, along I."""
     pid_m, pid_n = _block_coords(tl.program_id(0), NB, tl.cdiv(H, BN), GROUP_M)
     slot = tl.load(block_slot_ptr + pid_m)
     if slot < 0:  # unused block, or an expert without a valid slot: the combine skips its rows
@@ -177,23 +210,35 @@ def _down_kernel(
               + offs_n[None, :].to(tl.int64) * stride_wh)
     s_base = s_ptr + slot.to(tl.int64) * stride_ss
     acc = tl.zeros([BM, BN], dtype=tl.float32)
-    for k0 in range(0, I, BK):
-        if EVEN_K:
-            av = tl.load(a_ptrs)
-            wv = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
-        else:
-            k_ok = offs_k + k0 < I
-            av = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
-            wv = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        if SCALE == 2:
-            sc = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
-            acc += tl.dot(av, load_weights_as(wv, av.dtype, FP8_BITS), input_precision=DOT_PRECISION) * sc[None, :]
-        else:
-            acc = tl.dot(av, load_weights_as(wv, av.dtype, FP8_BITS), acc, input_precision=DOT_PRECISION)
-        a_ptrs += BK * stride_ai
-        w_ptrs += BK * stride_wi
-    if SCALE == 1:
-        acc *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
+    if INT4:
+        offs_b = tl.arange(0, BK // 2)
+        ae_ptrs = act_ptr + offs_m[:, None].to(tl.int64) * stride_ap + (2 * offs_b)[None, :] * stride_ai
+        b_ptrs = (w_ptr + slot.to(tl.int64) * stride_ws + offs_b[:, None] * stride_wi
+                  + offs_n[None, :].to(tl.int64) * stride_wh)
+        z_base = z_ptr + slot.to(tl.int64) * stride_zs
+        for k0 in range(0, I, BK):  # I is a multiple of the group, the group of BK
+            acc += _int4_dot(b_ptrs, offs_n, n_ok, tl.load(ae_ptrs), tl.load(ae_ptrs + stride_ai), s_base, z_base,
+                             k0, GK, stride_sn, stride_sk, stride_zn, stride_zk, ZP, DOT_PRECISION)
+            ae_ptrs += BK * stride_ai
+            b_ptrs += (BK // 2) * stride_wi
+    else:
+        for k0 in range(0, I, BK):
+            if EVEN_K:
+                av = tl.load(a_ptrs)
+                wv = tl.load(w_ptrs, mask=n_ok[None, :], other=0.0)
+            else:
+                k_ok = offs_k + k0 < I
+                av = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+                wv = tl.load(w_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+            if SCALE == 2:
+                sc = _scale_at(s_base, offs_n, k0, GN, GK, stride_sn, stride_sk, n_ok)
+                acc += tl.dot(av, load_weights_as(wv, av.dtype, FP8_BITS), input_precision=DOT_PRECISION) * sc[None, :]
+            else:
+                acc = tl.dot(av, load_weights_as(wv, av.dtype, FP8_BITS), acc, input_precision=DOT_PRECISION)
+            a_ptrs += BK * stride_ai
+            w_ptrs += BK * stride_wi
+        if SCALE == 1:
+            acc *= _scale_at(s_base, offs_n, 0, GN, GK, stride_sn, stride_sk, n_ok)[None, :]
     if A8:
         acc *= tl.load(as_ptr + offs_m)[:, None]
     rw = tl.load(topk_w_ptr + ts, mask=row_ok, other=0.0)
@@ -234,50 +279,52 @@ def _dot_precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
-def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict, scale=None, block_shape=None, x_scale=None,
-                   out_dtype=None) -> torch.Tensor:
-    """act [P, I] = silu(gate) * up for every used block of ``plan`` (``scale``: fp8 weights' scales;
-    ``x_scale`` [T] fp32: x is e4m3 with a scale per token, W8A8; act in ``out_dtype``, default x's)."""
+def launch_gate_up(x, w13_slots, plan, topk: int, cfg: dict, quant: Quant = Quant(), fmt: WeightFormat = WeightFormat(),
+                   x_scale=None, out_dtype=None) -> torch.Tensor:
+    """act [P, I] = silu(gate) * up for every used block of ``plan`` (``quant``, ``fmt``: the
+    weights' scales and format; ``x_scale`` [T] fp32: x is e4m3 with a scale per token, W8A8; act
+    in ``out_dtype``, default x's)."""
     P = plan.sorted_ids.numel()
     NB = plan.block_slot.numel()
     H = x.shape[1]
     I = w13_slots.shape[1] // 2
     act = torch.empty((P, I), dtype=out_dtype or x.dtype, device=x.device)
     bn = cfg["BN"]
-    w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w13_slots, scale, block_shape, cfg["BK"])
+    w_arg, (s, gn, gk, *s_strides), zargs, wmeta, bk = fmt.kernel_args(w13_slots, *quant.of(0), cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(I, meta["BN"]),)  # noqa: E731
     _gate_up_kernel[grid](
-        x, w_arg, act, plan.sorted_ids, plan.block_slot, s, x_scale if x_scale is not None else s,
+        x, w_arg, act, plan.sorted_ids, plan.block_slot, s, x_scale if x_scale is not None else s, zargs[0],
         plan.num_token_slots, NB, H, I, topk, gn, gk,
         x.stride(0), x.stride(1),
         w13_slots.stride(0), w13_slots.stride(1), w13_slots.stride(2),
-        act.stride(0), act.stride(1), *s_strides,
+        act.stride(0), act.stride(1), *s_strides, *zargs[1:],
         BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=H % bk == 0,
-        DOT_PRECISION=_dot_precision(x.dtype), **smeta, A8=x_scale is not None,
+        DOT_PRECISION=_dot_precision(x.dtype), **wmeta, A8=x_scale is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return act
 
 
-def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict, scale=None, block_shape=None, act_scale=None,
-                out_dtype=None) -> torch.Tensor:
-    """out [N, H] = routing weight * (act @ W2^T) per token-slot (``scale``: fp8 weights' scales;
-    ``act_scale`` [P] fp32: act is e4m3 with a scale per row, W8A8; out in ``out_dtype``, default act's)."""
+def launch_down(act, w2_slots, topk_weights_flat, plan, cfg: dict, quant: Quant = Quant(),
+                fmt: WeightFormat = WeightFormat(), act_scale=None, out_dtype=None) -> torch.Tensor:
+    """out [N, H] = routing weight * (act @ W2^T) per token-slot (``quant``, ``fmt``: the weights'
+    scales and format; ``act_scale`` [P] fp32: act is e4m3 with a scale per row, W8A8; out in
+    ``out_dtype``, default act's)."""
     NB = plan.block_slot.numel()
     N = plan.num_token_slots
-    H, I = w2_slots.shape[1], w2_slots.shape[2]
+    H, I = w2_slots.shape[1], act.shape[1]
     out = torch.empty((N, H), dtype=out_dtype or act.dtype, device=act.device)
     bn = cfg["BN"]
-    w_arg, (s, gn, gk, *s_strides), smeta, bk = fp8_args(w2_slots, scale, block_shape, cfg["BK"])
+    w_arg, (s, gn, gk, *s_strides), zargs, wmeta, bk = fmt.kernel_args(w2_slots, *quant.of(1), cfg["BK"])
     grid = lambda meta: (NB * triton.cdiv(H, meta["BN"]),)  # noqa: E731
     _down_kernel[grid](
         act, w_arg, out, topk_weights_flat, plan.sorted_ids, plan.block_slot, s, act_scale if act_scale is not None else s,
-        N, NB, H, I, gn, gk,
+        zargs[0], N, NB, H, I, gn, gk,
         act.stride(0), act.stride(1),
         w2_slots.stride(0), w2_slots.stride(1), w2_slots.stride(2),
-        out.stride(0), out.stride(1), *s_strides,
+        out.stride(0), out.stride(1), *s_strides, *zargs[1:],
         BM=plan.block_m, BN=bn, BK=bk, GROUP_M=cfg.get("GROUP_M", 64), EVEN_K=I % bk == 0,
-        DOT_PRECISION=_dot_precision(act.dtype), **smeta, A8=act_scale is not None,
+        DOT_PRECISION=_dot_precision(act.dtype), **wmeta, A8=act_scale is not None,
         num_warps=cfg.get("num_warps", 4), num_stages=cfg.get("num_stages", 3),
     )
     return out

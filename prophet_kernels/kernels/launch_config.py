@@ -38,16 +38,11 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 _warned: set = set()
 
 
-def shape_key(E: int, H: int, I: int, k: int, dtype: torch.dtype, weight_dtype: torch.dtype | None = None,
-              block_shape=None) -> str:
-    """The table key of a shape: activations' dtype, and the weights' where they differ (fp8
-    experts, with their scale blocks if any)."""
+def shape_key(E: int, H: int, I: int, k: int, dtype: torch.dtype, fmt=None) -> str:
+    """The table key of a shape: activations' dtype, and the weights' format where the weights are
+    quantized (``weight_format.WeightFormat.config_key``: fp8 with its scale blocks, int4 with its group)."""
     key = f"E={E},H={H},I={I},k={k},dtype={str(dtype).replace('torch.', '')}"
-    if weight_dtype is not None and weight_dtype != dtype:
-        key += f",weights={str(weight_dtype).replace('torch.', '')}"
-        if block_shape:
-            key += f",block={block_shape[0]}x{block_shape[1]}"
-    return key
+    return key + (fmt.config_key() if fmt is not None else "")
 
 
 def device_file_name(device: torch.device) -> str:
@@ -162,10 +157,9 @@ def _validate(cfg: dict, where: str) -> dict:
 
 
 def get_config(T: int, E: int, H: int, I: int, k: int, dtype: torch.dtype,
-               device: torch.device, table_file: str | None = None, weight_dtype: torch.dtype | None = None,
-               block_shape=None) -> dict:
+               device: torch.device, table_file: str | None = None, fmt=None) -> dict:
     """The launch config for a batch of T tokens: ``PROPHET_MOE_CONFIG`` if set, else the device's
-    table (``weight_dtype``/``block_shape``: fp8 experts' own key first, then the activations'),
+    table (``fmt``, a ``WeightFormat``: quantized experts' own key first, then the activations'),
     else the defaults."""
     pinned = os.environ.get("PROPHET_MOE_CONFIG")
     if pinned:
@@ -174,13 +168,13 @@ def get_config(T: int, E: int, H: int, I: int, k: int, dtype: torch.dtype,
     fname = table_file or str(table_path(device))
     table = _load(fname)
     key = shape_key(E, H, I, k, dtype)
-    keys = [shape_key(E, H, I, k, dtype, weight_dtype, block_shape), key]
+    keys = [shape_key(E, H, I, k, dtype, fmt), key]
     found = next((kk for kk in keys if table.get(kk)), None)
     if found is not None:
         if found != keys[0] and device.type == "cuda" and (fname, keys[0]) not in _warned:
             _warned.add((fname, keys[0]))
             log.warning("prophet_kernels: no tuned launch config for %s in %s; using %s's (run "
-                        "bench/tune_moe.py --experts fp8 to tune)", keys[0], fname, found)
+                        "bench/tune_moe.py --experts fp8/int4 to tune)", keys[0], fname, found)
         by_t = table[found]
         best = min(by_t, key=lambda t: abs(math.log2(max(int(t), 1)) - math.log2(max(T, 1))))
         return _validate(by_t[best], f"{fname}[{found}][{best}]")

@@ -1,0 +1,95 @@
+"""INT4 (w4a16) expert weights: group-wise quantization, packing, and the layout the kernels read.
+
+A weight matrix W [N, K] (w13: N = 2I, K = H; w2: N = H, K = I) is held as unsigned 4-bit codes
+q in [0, 15], two per byte along K, with an fp32 scale and a zero point per G consecutive inputs of
+a row (G, the group size: 32, 64 or 128; K a multiple of G)::
+
+    packed  uint8 [..., N, K/2]          q[n, 2j] = packed[n, j] & 0xF   q[n, 2j+1] = packed[n, j] >> 4
+    scale   fp32  [..., N, K/G]          W[n, k] ~ (q[n, k] - z[n, k // G]) * scale[n, k // G]
+    zeros   uint8 [..., N, K/G] or None  None: symmetric, z = 8 for every group
+
+This is compressed-tensors' pack-quantized layout (``weight_packed`` int32 [N, K/8], nibble i of a
+little-endian word holding input 8m + i, signed codes stored + 8) read as bytes: a checkpoint's
+packed weights are used as they are. Its packed zero points, GPTQ's ([K/8, N] words, zero points
+stored minus one in its v1 format) and AWQ's (packed along N, interleaved) layouts are repacked once
+at load into the one above.
+
+The kernels (``gemv``, ``grouped_gemm``) read a [BN, BK/2] tile of bytes, split it into the even and
+the odd inputs' codes, subtract the group's zero point (an integer in [-15, 15]: exact in fp16,
+bf16 and fp32), multiply by the activations' even and odd elements, and apply the group's scale to
+the tile's fp32 partial sums (a K tile never spans two groups: BK divides G).
+"""
+
+from __future__ import annotations
+
+import torch
+
+INT4_GROUPS = (32, 64, 128)
+SYMMETRIC_ZERO = 8  # the zero point of symmetric codes (signed -8..7 stored + 8)
+_TINY = 1e-12  # an all-zero group gets this scale instead of 0
+
+
+def check_group_size(group_size) -> int:
+    """The group size as a Python int: 32, 64 or 128 (what the kernels' K tiles divide)."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size not in INT4_GROUPS:
+        raise ValueError(f"int4 group_size must be one of {list(INT4_GROUPS)}, got {group_size!r}")
+    return group_size
+
+
+def check_k(k: int, group_size: int, what: str) -> None:
+    if k % group_size:
+        raise ValueError(f"{what}: its input size {k} is not a multiple of the int4 group size {group_size}")
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Codes q [..., N, K] (integers in [0, 15], K even) -> packed uint8 [..., N, K/2], even k in the low nibble."""
+    if q.shape[-1] % 2:
+        raise ValueError(f"pack_int4 needs an even number of inputs, got K = {q.shape[-1]}")
+    q = q.to(torch.uint8)
+    return q[..., 0::2] | (q[..., 1::2] << 4)
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """Packed uint8 [..., N, K/2] -> codes uint8 [..., N, K] in [0, 15]."""
+    lo, hi = packed & 0xF, packed >> 4
+    return torch.stack((lo, hi), dim=-1).reshape(*packed.shape[:-1], 2 * packed.shape[-1])
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 128, zero_points: bool = False
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """w [..., N, K] floating -> (packed uint8 [..., N, K/2], scale fp32 [..., N, K/G], zeros uint8
+    [..., N, K/G] or None). Symmetric: scale = the group's largest magnitude / 7, codes round(w/s) + 8
+    in [1, 15]. With zero points: the group's range [min(w, 0), max(w, 0)] over the 16 codes (AWQ's
+    and GPTQ's asymmetric convention)."""
+    if not w.dtype.is_floating_point or w.dtype == torch.float8_e4m3fn:
+        raise TypeError(f"quantize_int4 takes fp32/fp16/bf16 weights, got {w.dtype}")
+    if w.dim() < 2:
+        raise ValueError(f"quantize_int4 takes [..., N, K] weights, got shape {list(w.shape)}")
+    g = check_group_size(group_size)
+    K = w.shape[-1]
+    check_k(K, g, "quantize_int4")
+    x = w.float().reshape(*w.shape[:-1], K // g, g)
+    if zero_points:
+        lo = x.amin(-1, keepdim=True).clamp(max=0)
+        hi = x.amax(-1, keepdim=True).clamp(min=0)
+        scale = ((hi - lo) / 15).clamp(min=_TINY)
+        z = torch.round(-lo / scale).clamp(0, 15)
+    else:
+        scale = (x.abs().amax(-1, keepdim=True) / 7).clamp(min=_TINY)
+        z = torch.full_like(scale, SYMMETRIC_ZERO)
+    q = torch.clamp(torch.round(x / scale) + z, 0, 15).reshape(w.shape)
+    zeros = z[..., 0].to(torch.uint8) if zero_points else None
+    return pack_int4(q), scale[..., 0].contiguous(), zeros
+
+
+def expand_groups(t: torch.Tensor, k: int) -> torch.Tensor:
+    """A per-group tensor [..., N, K/G] repeated to every input: [..., N, K]."""
+    return t.repeat_interleave(k // t.shape[-1], dim=-1)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zeros: torch.Tensor | None = None) -> torch.Tensor:
+    """Packed codes, their scales and zero points (None: 8) -> fp32 weights [..., N, K] (what the references use)."""
+    q = unpack_int4(packed).float()
+    K = q.shape[-1]
+    z = SYMMETRIC_ZERO if zeros is None else expand_groups(zeros.float(), K)
+    return (q - z) * expand_groups(scale.float(), K)

@@ -1,0 +1,221 @@
+"""INT4 (w4a16) experts (issue 44): the paged kernels with int4 codes equal an independent PyTorch
+computation on the dequantized weights, on the GEMV and the grouped paths, symmetric and with zero
+points, at groups of 32, 64 and 128; scrambled page tables with poisoned free slots; expert maps
+(expert parallelism: experts of other ranks -1 in the page table); the packing read as
+compressed-tensors packs; hostile inputs refused before any launch. CPU: Triton interpreter
+(fp32 and fp16 activations; bf16 goes to the reference there, ``kernels.use_triton``).
+
+The grid is ported from vLLM's ``tests/kernels/moe/test_moe.py::test_fused_moe_wn16`` (its int4
+cases: m in {1, 32, 222}, n = 128, k = 128, e in {8, 64}, topk in {2, 6}, ep_size in {1, 4}, group
+64 / 128 with and without zero points, activations and weights randn / 10, atol 2e-2 rtol 0 in
+fp16), trimmed to the sizes the interpreter runs in CI time, with group 32 added (the issue's).
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from prophet_kernels import fused_experts, fused_experts_paged
+from prophet_kernels.kernels.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
+
+from .test_moe import DEV, GEMV, GROUPED_SMALL, rel_err
+
+GEMV64 = {"gemv": True, "block_m": 16, "gate_up": {"BN": 16, "BK": 64}, "down": {"BN": 32, "BK": 128}}
+
+
+def torch_moe(x, w13, w2, weights, ids, expert_map=None):
+    """Dense PyTorch MoE on float weights w13 [E, 2I, H], w2 [E, H, I] in fp32 (independent of the
+    library's references); ``expert_map`` [E] bool: experts of this rank (others contribute 0)."""
+    I = w2.shape[2]
+    y = torch.zeros(x.shape, dtype=torch.float32)
+    for t in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if expert_map is not None and not expert_map[e]:
+                continue
+            h = w13[e].float() @ x[t].float()
+            y[t] += weights[t, j].float() * (w2[e].float() @ (F.silu(h[:I]) * h[I:]))
+    return y
+
+
+def int4_experts(E, H, I, group, zero_points, gen, dtype=torch.float32):
+    """int4 experts from random weights (randn / 10, as vLLM's test): (codes, scales, zeros) of w13 and w2."""
+    w13 = (torch.randn(E, 2 * I, H, generator=gen) / 10).to(dtype)
+    w2 = (torch.randn(E, H, I, generator=gen) / 10).to(dtype)
+    return quantize_int4(w13, group, zero_points), quantize_int4(w2, group, zero_points)
+
+
+def poisoned_slots(E, S, gen, *tensors):
+    """The experts' tensors in a random placement of S >= E slots; the free slots hold random bytes,
+    scales of +-1e4 and zero points of any code (a read of one would show). Returns (slot tensors, pt)."""
+    pt = torch.randperm(S, generator=gen)[:E].to(torch.int32)
+    out = []
+    for t in tensors:
+        if t is None:
+            out.append(None)
+            continue
+        if t.dtype == torch.uint8:
+            junk = torch.randint(0, 256, (S,) + t.shape[1:], generator=gen, dtype=torch.uint8)
+        else:
+            junk = torch.randn((S,) + t.shape[1:], generator=gen) * 1e4
+        junk[pt.long()] = t
+        out.append(junk)
+    return out, pt
+
+
+def routing(T, E, k, gen):
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(torch.int32)
+    w = torch.rand(T, k, generator=gen) + 0.1
+    return w / w.sum(1, keepdim=True), ids
+
+
+# (m, e, topk, ep_size, group, zero points): vLLM's wn16 int4 grid, one case per (m, group, zp)
+# with (e, topk, ep_size) cycling through its values (at m = 222 with e = 8 only: the interpreter's
+# time); n = k = 128 (H = I = 128: every group edge of 32 / 64 / 128 and BN tiles of 16 / 32 cross
+# the rows)
+_E_TOPK_EP = [(8, 2, 1), (8, 6, 4), (64, 2, 4), (64, 6, 1)]
+GRID = [(m, *_E_TOPK_EP[(i + j) % (2 if m == 222 else 4)], g, zp)
+        for i, m in enumerate((1, 32, 222)) for j, (g, zp) in enumerate(
+            [(32, False), (32, True), (64, False), (64, True), (128, False), (128, True)])]
+
+
+@pytest.mark.parametrize("dtype,atol", [(torch.float32, 2e-5), (torch.float16, 2e-2)], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("m,e,topk,ep_size,group,zp", GRID)
+def test_int4_paged_equals_dense_torch(m, e, topk, ep_size, group, zp, dtype, atol):
+    if dtype == torch.float16 and m == 222:
+        pytest.skip("(fp16 is covered at m = 1 and 32; the grouped path's fp16 dots are the same code)")
+    H = I = 128
+    gen = torch.Generator().manual_seed(m * 1000 + e * 10 + group + zp)
+    (q13, s13, z13), (q2, s2, z2) = int4_experts(e, H, I, group, zp, gen)
+    x = (torch.randn(m, H, generator=gen) / 10).to(dtype)
+    w, ids = routing(m, e, topk, gen)
+    local = torch.zeros(e, dtype=torch.bool)  # expert parallelism: this rank holds 1/ep_size of the experts
+    local[torch.randperm(e, generator=gen)[:e // ep_size]] = True
+    (q13s, s13s, z13s, q2s, s2s, z2s), pt = poisoned_slots(e, e + 5, gen, q13, s13, z13, q2, s2, z2)
+    pt = torch.where(local, pt, -1)
+    ref = torch_moe(x, dequantize_int4(q13, s13, z13), dequantize_int4(q2, s2, z2), w, ids, local)
+    kw = dict(w13_scale=s13s, w2_scale=s2s, w13_zeros=z13s, w2_zeros=z2s, group_size=group)
+    args = [t.to(DEV) for t in (x, q13s, q2s, pt, w, ids)]
+    kw = {key: v.to(DEV) if isinstance(v, torch.Tensor) else v for key, v in kw.items()}
+    for cfg in (None, GEMV64) if m == 1 else ((None, GROUPED_SMALL)[(group + zp) % 2],):
+        y = fused_experts_paged(*args, **kw, config=cfg, check=False).cpu().float()
+        torch.testing.assert_close(y, ref, atol=atol, rtol=0 if dtype == torch.float16 else 1e-4)
+
+
+@settings(max_examples=12, deadline=None)
+@given(T=st.integers(1, 20), E=st.integers(1, 9), k=st.integers(1, 4), h_groups=st.integers(1, 3),
+       i_groups=st.integers(1, 3), group=st.sampled_from([32, 64]), zp=st.booleans(),
+       path=st.sampled_from(["gemv", "grouped", "default"]), seed=st.integers(0, 2**16))
+def test_int4_hypothesis_shapes_cross_tile_and_group_edges(T, E, k, h_groups, i_groups, group, zp, path, seed):
+    """H and I of 1-3 groups (32 / 64 inputs: K tiles of 32 and 64 within them, N tiles of 16 and
+    32 across 2I and H), T and E small and odd, k up to 4 (k > E: repeated experts add up)."""
+    H, I = h_groups * group, i_groups * group
+    gen = torch.Generator().manual_seed(seed)
+    (q13, s13, z13), (q2, s2, z2) = int4_experts(E, H, I, group, zp, gen)
+    x = torch.randn(T, H, generator=gen) / 10
+    ids = torch.randint(0, E, (T, k), generator=gen, dtype=torch.int32)
+    w = torch.rand(T, k, generator=gen)
+    (q13s, s13s, z13s, q2s, s2s, z2s), pt = poisoned_slots(E, E + 2, gen, q13, s13, z13, q2, s2, z2)
+    cfg = {"gemv": GEMV, "grouped": GROUPED_SMALL, "default": None}[path]
+    y = fused_experts_paged(x.to(DEV), q13s.to(DEV), q2s.to(DEV), pt.to(DEV), w.to(DEV), ids.to(DEV),
+                            w13_scale=s13s.to(DEV), w2_scale=s2s.to(DEV), group_size=group, config=cfg,
+                            w13_zeros=None if z13s is None else z13s.to(DEV),
+                            w2_zeros=None if z2s is None else z2s.to(DEV)).cpu()
+    ref = torch_moe(x, dequantize_int4(q13, s13, z13), dequantize_int4(q2, s2, z2), w, ids)
+    assert rel_err(y, ref) < 1e-5
+
+
+def test_int4_contiguous_equals_paged_and_quantization_error():
+    gen = torch.Generator().manual_seed(3)
+    E, H, I, T, k = 5, 64, 96, 7, 2
+    w13 = torch.randn(E, 2 * I, H, generator=gen) / 10
+    w2 = torch.randn(E, H, I, generator=gen) / 10
+    for zp in (False, True):
+        (q13, s13, z13), (q2, s2, z2) = quantize_int4(w13, 32, zp), quantize_int4(w2, 32, zp)
+        # 16 codes over a group's range: the error of a weight is at most half a step of its group
+        step = s13.repeat_interleave(32, -1)
+        assert ((dequantize_int4(q13, s13, z13) - w13).abs() <= step / 2 + 1e-7).all()
+        x = torch.randn(T, H, generator=gen)
+        w, ids = routing(T, E, k, gen)
+        kw = dict(w13_scale=s13, w2_scale=s2, w13_zeros=z13, w2_zeros=z2, group_size=32)
+        pt = torch.arange(E, dtype=torch.int32)
+        a = fused_experts(x, q13, q2, w, ids, **kw)
+        b = fused_experts_paged(x, q13, q2, pt, w, ids, **kw)
+        assert torch.equal(a, b)
+        # int4's own error against the float weights: about 9% rms per weight at group 32, through two matmuls
+        assert rel_err(a, torch_moe(x, w13, w2, w, ids)) < 0.25
+
+
+def test_packing_is_compressed_tensors_pack_quantized():
+    """compressed-tensors' ``pack_to_int32`` (its pack-quantized format: signed codes + 8, eight to
+    an int32 word along K) viewed as bytes is this module's packing: its checkpoints are read as they are."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    gen = torch.Generator().manual_seed(4)
+    signed = torch.randint(-8, 8, (6, 64), generator=gen, dtype=torch.int8)
+    words = helpers.pack_to_int32(signed, 4)  # [6, 8] int32
+    assert torch.equal(words.contiguous().view(torch.uint8), pack_int4((signed + 8).to(torch.uint8)))
+    assert torch.equal(unpack_int4(words.contiguous().view(torch.uint8)).to(torch.int8) - 8, signed)
+
+
+def test_int4_hostile_inputs_are_refused_before_any_launch(monkeypatch):
+    from prophet_kernels.kernels import gemv, grouped_gemm
+
+    launched = []
+    for mod, name in ((gemv, "_gemv_gate_up_kernel"), (grouped_gemm, "_gate_up_kernel")):
+        monkeypatch.setattr(mod, name, type("K", (), {"__getitem__": lambda self, g: launched.append(g)})())
+    gen = torch.Generator().manual_seed(5)
+    E, H, I, T, k = 4, 64, 64, 2, 2
+    (q13, s13, z13), (q2, s2, z2) = int4_experts(E, H, I, 32, True, gen)
+    x = torch.randn(T, H, generator=gen)
+    w, ids = routing(T, E, k, gen)
+    pt = torch.arange(E, dtype=torch.int32)
+    kw = dict(w13_scale=s13, w2_scale=s2, w13_zeros=z13, w2_zeros=z2, group_size=32)
+
+    def refused(exc, match, *a, **over):
+        args = list(a) or [x, q13, q2, pt, w, ids]
+        with pytest.raises(exc, match=match):
+            fused_experts_paged(*args, **{**kw, **over})
+
+    refused(ValueError, "pass group_size", group_size=None)
+    refused(ValueError, r"group_size must be one of \[32, 64, 128\], got 48", group_size=48)
+    refused(ValueError, "block_shape is fp8's scale layout", block_shape=(16, 16))
+    refused(ValueError, "zero points go with both", w2_zeros=None)
+    refused(ValueError, "w13: its input size 64 is not a multiple of the int4 group size 128", group_size=128)
+    refused(ValueError, r"hidden size mismatch: x has H=64, w13 has H=128", x, torch.cat([q13, q13], -1), q2, pt, w,
+            ids)
+    refused(ValueError, r"w2 must be \[S, H, I/2\]", x, q13, q2[:, :, :16], pt, w, ids)
+    refused(ValueError, r"w13_scale must be \[4, 128, 2\]", w13_scale=s13[:, :, :1])
+    refused(TypeError, "w13_scale must be a float32 tensor, got torch.float16", w13_scale=s13.half())
+    refused(TypeError, "w13_zeros must be a uint8 tensor", w13_zeros=z13.int())
+    refused(ValueError, "w13 is int4: pass w13_scale", w13_scale=None)
+    bad = s13.clone()
+    bad[1, 3, 0] = float("nan")
+    refused(ValueError, "w13_scale holds NaN or inf", w13_scale=bad)
+    bad[1, 3, 0] = float("inf")
+    refused(ValueError, "w13_scale holds NaN or inf", w13_scale=bad)
+    badz = z2.clone()
+    badz[0, 0, 0] = 16
+    refused(ValueError, "w2_zeros holds a zero point above 15", w2_zeros=badz)
+    refused(ValueError, "zero points given for torch.float32 weights", x, q13.float(), q2.float(), pt, w, ids,
+            w13_scale=None, w2_scale=None, group_size=None)
+    refused(TypeError, "or both uint8 int4 codes, with group_size", x, q13, q2.float(), pt, w, ids)
+    assert launched == []
+    # a NaN scale of a free slot (not in the page table) is no error: free slots hold anything
+    (q13s, s13s, z13s, q2s, s2s, z2s), pts = poisoned_slots(E, E + 2, gen, q13, s13, z13, q2, s2, z2)
+    free = sorted(set(range(E + 2)) - set(pts.tolist()))[0]
+    s13s[free] = float("nan")
+    monkeypatch.undo()
+    y = fused_experts_paged(x, q13s, q2s, pts, w, ids, w13_scale=s13s, w2_scale=s2s, w13_zeros=z13s, w2_zeros=z2s,
+                            group_size=32)
+    assert torch.isfinite(y).all()
+
+
+def test_quantize_int4_refusals():
+    with pytest.raises(TypeError, match="quantize_int4 takes fp32/fp16/bf16 weights"):
+        quantize_int4(torch.zeros(4, 32, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="input size 40 is not a multiple of the int4 group size 32"):
+        quantize_int4(torch.randn(4, 40), 32)
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        quantize_int4(torch.randn(4, 64), 16)
