@@ -8,7 +8,7 @@ without a device (its ptxas ships with it), so this module
 
 1. records the kernels' launches (kernel, argument types, constexprs, launch options) of a
    workload that calls every public op in each of its kernel variants (unquantized fp16/bf16/fp32
-   and fp8 weights with both scale layouts, the GEMV and grouped paths with the tuned tables'
+   fp8 weights with both scale layouts and int4 codes with and without zero points, the GEMV and grouped paths with the tuned tables'
    configs, even and ragged K, read-through fills, the residency step in both policies and modes, the fills, the route
    plans of both sizes), under the interpreter with the kernels' bodies not run;
 2. compiles each distinct launch for each target (``cuda:80`` A100, ``cuda:90`` H100/H200; any
@@ -142,6 +142,16 @@ def _moe_calls(dtype, weights: str, shape, cfg, T, k=2, read=False):
     from .residency import ReadThrough
 
     E, H, I, S, block = shape
+    if weights.startswith("int4"):  # block: the group size; "int4-zp": with zero points
+        def codes(n, k):  # [S, n, k/2] codes, [S, n, k/G] scales, zero points
+            return (torch.zeros((S, n, k // 2), dtype=torch.uint8), torch.ones((S, n, k // block)),
+                    torch.zeros((S, n, k // block), dtype=torch.uint8) if weights == "int4-zp" else None)
+        (w13, s13, z13), (w2, s2, z2) = codes(2 * I, H), codes(H, I)
+        ids = torch.arange(T * k, dtype=torch.int32).view(T, k) % E
+        fused_experts_paged(torch.randn(T, H, dtype=dtype), w13, w2, torch.arange(E, dtype=torch.int32) % S,
+                            torch.rand(T, k), ids, check=False, config=cfg, w13_scale=s13, w2_scale=s2,
+                            w13_zeros=z13, w2_zeros=z2, group_size=block)
+        return
     wdtype = FP8 if weights == "fp8" else dtype
     w13, w2, s13, s2 = _experts(S, H, I, wdtype, block)
     kw = dict(w13_scale=s13, w2_scale=s2, block_shape=block) if weights == "fp8" else {}
@@ -192,7 +202,8 @@ def default_configs(arch: int) -> list[tuple[int, dict, torch.dtype]]:
 
 def moe_workload(configs) -> None:
     """The MoE ops' kernel variants at the given (T, config, dtype)s: unquantized weights, fp8 with
-    both scale layouts, read-through fills; even and ragged K."""
+    both scale layouts, int4 at groups of 32 and 128 with and without zero points, read-through
+    fills; even and ragged K."""
     even = (8, 256, 128, 4, None)  # E, H, I, S, block: every tile's K divides H and I
     ragged = (8, 200, 72, 4, None)
     for T, cfg, dtype in configs:
@@ -200,6 +211,8 @@ def moe_workload(configs) -> None:
             _moe_calls(dtype, "same", shape, cfg, min(T, 4))
         if dtype == torch.float32:  # fp8 weights and read-through fills: with 16-bit activations
             continue
+        for group, weights in ((32, "int4"), (128, "int4-zp")):  # int4 codes, both zero-point kinds
+            _moe_calls(dtype, weights, (8, 256, 128, 4, group), cfg, min(T, 4))
         for block in (None, (128, 128), (16, 16)):
             _moe_calls(dtype, "fp8", (8, 256, 128, 4, block), cfg, min(T, 4))
             if not cfg.get("gemv"):  # W8A8 (fp8 activations, where the GPU has an fp8 type)

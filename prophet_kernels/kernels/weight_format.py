@@ -181,7 +181,7 @@ class WeightFormat:
             view, gn, gk = fp8.scale_view(scale, w.shape[2], self.block_shape)
             mode = 1 if self.block_shape is None else 2
             meta.update(SCALE=mode, FP8_BITS=bits)
-            return (w.view(torch.uint8) if bits else w, [view, gn, gk, *view.stride()], [w, 0, 0, 0], meta,
+            return (w.view(torch.uint8) if bits else w, [view, gn, gk, *view.stride()], [view, 0, 0, 0], meta,
                     bk if mode == 1 else min(bk, gk))
         meta.update(SCALE=2, INT4=True, ZP=self.zero_points)
         z = [zeros, *zeros.stride()] if self.zero_points else [scale, 0, 0, 0]
