@@ -29,6 +29,9 @@
 #   bench/gpu_session.sh stream     (vLLM carried in as for vllm) streaming experts (issue 43): an OLMoE-sized engine,
 #                                   dummy weights, all-resident vs miss stream at 25%, tok/s at batch 1 and 128, the
 #                                   copy engine's busy share (streamed bytes over the pinned copy rate)
+#   bench/gpu_session.sh int4       int4 experts (issue 44): their kernel tests on the GPU (the vLLM-ported grid), prophet
+#                                   bench with int4 experts at T 1..64, groups 128 and 32 (%HBM on int4 bytes; vs
+#                                   vLLM's int4 WNA16 fused_moe when vLLM is on the path: after the gpu-vllm c1, c2)
 # Uses the machine's python3 (torch + triton preinstalled there); results land in $OUT (or /tmp).
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -89,6 +92,14 @@ fp8)
     --out-dir "$OUT" 2>&1 | tail -6 | tee -a "$OUT/bench_fp8.txt"
   timeout 150 $PY bench/bench_prefetch.py --only copy --out "$OUT" 2>&1 | grep -E "fp8_vs_bf16|Error|error" \
     | tee "$OUT/copy_fp8.txt"
+  ;;
+int4)  # int4 (w4a16) experts: correctness on the GPU, then %HBM at decode beside vLLM's own int4 fused_moe
+  if [ -d /tmp/gpu-vllm/site ]; then export PYTHONPATH=/tmp/gpu-vllm/site:$PWD; fi
+  timeout 120 $PY -m pytest -q -x tests/test_int4.py -k "dense_torch or contiguous" 2>&1 | tail -3 | tee "$OUT/test_int4.txt"
+  timeout 150 $PY -m prophet_kernels.benchmark.moe --experts int4 --T 1 4 16 64 --no-reference --out-dir "$OUT" 2>&1 \
+    | tail -10 | tee "$OUT/bench_int4.txt"
+  timeout 100 $PY -m prophet_kernels.benchmark.moe --experts int4 --group 32 --T 1 16 --no-reference --out-dir "$OUT" \
+    2>&1 | tail -6 | tee -a "$OUT/bench_int4.txt"
   ;;
 fp8-a8)  # W8A8 vs W8A16 on the grouped path at prefill batches (OLMoE shape), timed side by side; the table goes to $OUT
   timeout 270 $PY bench/tune_moe.py --experts fp8 --shapes olmoe --T 1024 4096 --a8 all --out "$OUT/a8.json" 2>&1 \

@@ -49,7 +49,7 @@ PYTESTS = [(s, a[2:]) for s, a in COMMANDS if a[:2] == ["-m", "pytest"]]
 
 def test_the_runbook_is_read():
     stages = {s for s, _ in COMMANDS}
-    assert {"kernels", "prefetch", "device", "fp8", "fp8-a8", "vllm", "cpu-misses", "cpu-misses-vllm", "stream"} <= stages
+    assert {"kernels", "prefetch", "device", "fp8", "fp8-a8", "vllm", "cpu-misses", "cpu-misses-vllm", "stream", "int4"} <= stages
     assert len(SCRIPTS) >= 15 and len(PYTESTS) >= 4
     # the sanitizer's command was expanded with its stage's arguments
     assert any(a[:2] == ["bench/bench_prefetch.py", "--small"] and "--only" in a for s, a in SCRIPTS if s == "device")

@@ -11,8 +11,11 @@ Without a GPU it runs a small shape under the Triton interpreter (a smoke run, n
     prophet bench --shapes olmoe --T 1 16 256
     prophet bench --experts fp8 [--block 128]     # fp8 e4m3 experts (W8A16), vs vLLM's fp8 fused_moe when
                                                   # vLLM is installed (its Triton path, W8A8, per-token)
+    prophet bench --experts int4 [--group 128] [--zero-points]
+                                                  # int4 experts (w4a16), vs vLLM's int4 fused_moe when vLLM
+                                                  # is installed (its Triton WNA16 path, same packing)
 
-With fp8 experts the bytes (GB/s, %HBM) are the fp8 weights and their fp32 scales.
+With quantized experts the bytes (GB/s, %HBM) are the codes with their fp32 scales (and zero points).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 
 import torch
@@ -27,7 +31,7 @@ import torch
 from .common import (BATCH_SIZES, MOE_SHAPES, make_experts, measure_hbm_bandwidth, measure_matmul_peak, paged_copy,
                      provenance, random_routing, write_rows)
 
-SMALL_SHAPE = {"small": dict(E=8, k=2, H=96, I=80)}  # CPU interpreter smoke size
+SMALL_SHAPE = {"small": dict(E=8, k=2, H=96, I=96)}  # CPU interpreter smoke size (int4: groups of 32)
 SMALL_T = (1, 4, 16)
 
 
@@ -105,22 +109,42 @@ def vllm_fp8_moe(x, w13, w2, s13, s2, topk_weights, topk_ids, block_shape):
     return vllm_fused_experts(x, w13, w2, topk_weights, topk_ids, quant_config=cfg)
 
 
-def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=True, experts="same",
-                block_shape=None):
-    from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_reference
-    from prophet_kernels.kernels.fp8 import quantize_fp8
+def vllm_int4_moe(x, w13, w2, quant, group_size, topk_weights, topk_ids):
+    """vLLM's own int4 fused_moe (its Triton WNA16 path, ``int4_w4a16_moe_quant_config``): the same
+    codes (two a byte along K, low nibble first), its scales in the activations' dtype, its zero
+    points packed two a byte along N."""
+    from vllm.model_executor.layers.fused_moe.config import int4_w4a16_moe_quant_config
+    from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts as vllm_fused_experts
 
+    def zp(z):  # [E, N, K/G] uint8 -> [E, N/2, K/G], even n in the low nibble
+        return None if z is None else (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+
+    cfg = int4_w4a16_moe_quant_config(quant.w13_scale.to(x.dtype), quant.w2_scale.to(x.dtype), zp(quant.w13_zeros),
+                                      zp(quant.w2_zeros), block_shape=[0, group_size])
+    return vllm_fused_experts(x, w13, w2, topk_weights, topk_ids, quant_config=cfg)
+
+
+def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=True, fmt=None):
+    from prophet_kernels import fused_experts, fused_experts_paged, fused_experts_reference
+    from prophet_kernels.kernels.weight_format import Quant, WeightFormat
+
+    fmt = fmt or WeightFormat()
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
     w13, w2 = make_experts(E, H, I, dtype, device)
-    scales, sc_slots = {}, {}
-    if experts == "fp8":  # quantized on the device, one expert at a time (Mixtral's fp32 temporaries)
-        q = [quantize_fp8(w, block_shape) for w in w13.unbind(0)], [quantize_fp8(w, block_shape) for w in w2.unbind(0)]
-        (w13, s13), (w2, s2) = [tuple(torch.stack(t) for t in zip(*parts)) for parts in q]
-        scales = dict(w13_scale=s13, w2_scale=s2, block_shape=block_shape)
-    w13s, w2s, pt, *placed = paged_copy(w13, w2, None, 0, *([scales["w13_scale"], scales["w2_scale"]] if scales else []))
+    scales, sc_slots, quant = {}, {}, Quant()
+    if fmt.kind != "float":  # quantized on the device, one expert at a time (Mixtral's fp32 temporaries)
+        q = [fmt.quantize(w) for w in w13.unbind(0)], [fmt.quantize(w) for w in w2.unbind(0)]
+        (w13, s13, z13), (w2, s2, z2) = [tuple(None if t[0] is None else torch.stack(t) for t in zip(*parts))
+                                         for parts in q]
+        quant = Quant(s13, s2, z13, z2)
+        scales = dict(**quant._asdict(), block_shape=fmt.block_shape, group_size=fmt.group_size)
+    extra = [t for t in quant if t is not None]
+    w13s, w2s, pt, *placed = paged_copy(w13, w2, None, 0, *extra)
     if scales:
-        sc_slots = dict(w13_scale=placed[0], w2_scale=placed[1], block_shape=block_shape)
-    expert_bytes = 3 * H * I * w13.element_size() + sum(s.nbytes for s in placed) // E
+        it = iter(placed)
+        sc_slots = dict(**Quant(*(None if t is None else next(it) for t in quant))._asdict(),
+                        block_shape=fmt.block_shape, group_size=fmt.group_size)
+    expert_bytes = w13[0].nbytes + w2[0].nbytes + sum(s.nbytes for s in placed) // E
     rows = []
     g = torch.Generator(device=device).manual_seed(1)
     has_gmm = device.type == "cuda" and hasattr(torch, "_grouped_mm") and dtype == torch.bfloat16
@@ -134,7 +158,8 @@ def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=Tr
         ubytes = uniq * expert_bytes
         flops = 6 * T * k * H * I
         r = dict(shape=name, E=E, k=k, H=H, I=I, T=T, dtype=str(dtype).replace("torch.", ""),
-                 experts=experts if experts == "same" or block_shape is None else f"fp8 block {block_shape}",
+                 experts={"float": "same", "fp8": "fp8" if fmt.block_shape is None else f"fp8 block {fmt.block_shape}",
+                          "int4": f"int4 group {fmt.group_size}{' zp' if fmt.zero_points else ''}"}[fmt.kind],
                  unique_experts=uniq, unique_bytes=ubytes, flops=flops, **meta)
         ops = {
             "paged": lambda x, i, w: fused_experts_paged(x, w13s, w2s, pt, w, i, check=False, **sc_slots),
@@ -142,8 +167,10 @@ def bench_shape(name, shape, Ts, dtype, device, rotations, hw, meta, with_ref=Tr
         }
         if has_gmm and not scales:
             ops["grouped_mm"] = lambda x, i, w: grouped_mm_moe(x, w13, w2, w, i)
-        if scales and device.type == "cuda":  # the strongest fp8 baseline we can run: vLLM's own, if installed
-            ops["vllm_fp8"] = lambda x, i, w: vllm_fp8_moe(x, w13, w2, s13, s2, w, i, block_shape)
+        if fmt.kind == "fp8" and device.type == "cuda":  # the strongest fp8 baseline we can run: vLLM's own
+            ops["vllm_fp8"] = lambda x, i, w: vllm_fp8_moe(x, w13, w2, s13, s2, w, i, fmt.block_shape)
+        if fmt.kind == "int4" and device.type == "cuda":  # and int4's: vLLM's WNA16 fused_moe
+            ops["vllm_int4"] = lambda x, i, w: vllm_int4_moe(x, w13, w2, quant, fmt.group_size, w, i)
         for op, fn in ops.items():
             calls = [lambda fn=fn, a=a: fn(*a) for a in inputs]
             try:
@@ -181,7 +208,7 @@ def print_row(r, hw):
     def f(v, fmt):
         return format(v, fmt) if v is not None and v == v else "-"
 
-    gm = r.get("grouped_mm_us", r.get("vllm_fp8_us"))  # the baseline: torch._grouped_mm, or vLLM's fp8 fused_moe
+    gm = r.get("grouped_mm_us", r.get("vllm_fp8_us", r.get("vllm_int4_us")))  # the baseline: torch._grouped_mm, vLLM's
     print(f"{r['shape']:8} {r['T']:>5} {r['unique_experts']:>5.1f} {f(r['paged_us'], '9.1f')} "
           f"{f(r['contig_us'], '9.1f')} {f(r['paged_us'] / r['contig_us'], '5.3f')} "
           f"{f(gm, '9.1f'):>9} {f(gm / r['paged_us'] if gm else None, '6.2f'):>6} "
@@ -197,19 +224,34 @@ def main(argv=None, prog=None):
     ap.add_argument("--T", type=int, nargs="+", default=None, help="batch sizes (tokens)")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"])
     ap.add_argument("--rotations", type=int, default=8, help="routings/inputs rotated per graph")
-    ap.add_argument("--experts", default="same", choices=["same", "fp8"],
-                    help="expert weights: the activations' dtype, or fp8 e4m3 with fp32 scales (default same)")
+    ap.add_argument("--experts", default="same", choices=["same", "fp8", "int4"],
+                    help="expert weights: the activations' dtype, fp8 e4m3 with fp32 scales, or int4 (w4a16) with "
+                         "fp32 scales per --group inputs (default same)")
     ap.add_argument("--block", type=int, default=None,
                     help="fp8 scales per block of BLOCK x BLOCK (e.g. 128) instead of per output channel")
+    ap.add_argument("--group", type=int, default=128, help="int4: inputs per scale (32, 64 or 128; default 128)")
+    ap.add_argument("--zero-points", action="store_true", help="int4: asymmetric, with stored zero points")
     ap.add_argument("--no-reference", action="store_true", help="skip the slow eager reference")
     ap.add_argument("--out-dir", default=None, help="JSON rows directory (default bench/results under the current "
                                                     "directory: the repository's when run from its root)")
     args = ap.parse_args(argv)
-
     gpu = torch.cuda.is_available()
     device = torch.device("cuda" if gpu else "cpu")
     if not gpu:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # (before the kernels are imported)
+    from prophet_kernels.kernels.fp8 import check_block_shape
+    from prophet_kernels.kernels.int4 import check_group_size
+    from prophet_kernels.kernels.weight_format import WeightFormat
+
+    if args.block is not None and args.experts != "fp8":
+        ap.error("--block goes with --experts fp8")
+    if (args.zero_points or args.group != 128) and args.experts != "int4":
+        ap.error("--group and --zero-points go with --experts int4")
+    fmt = {"same": WeightFormat(),
+           "fp8": WeightFormat("fp8", block_shape=check_block_shape((args.block,) * 2) if args.block else None),
+           "int4": WeightFormat("int4", group_size=check_group_size(args.group), zero_points=args.zero_points)
+           }[args.experts]
+
     shapes = args.shapes or (list(MOE_SHAPES) if gpu else ["small"])
     Ts = args.T or (BATCH_SIZES if gpu else SMALL_T)
     dtype = getattr(torch, args.dtype or ("bfloat16" if gpu else "float32"))
@@ -223,14 +265,14 @@ def main(argv=None, prog=None):
     else:
         print("no GPU: small shape under the Triton interpreter (functional smoke run; times are "
               "interpreter overhead, not kernel speed)")
-    print("base: torch._grouped_mm (bf16 experts) or vLLM's fp8 fused_moe (fp8 experts); p = Prophet's paged op")
+    print("base: torch._grouped_mm (bf16 experts) or vLLM's fp8 / int4 fused_moe (quantized experts); "
+          "p = Prophet's paged op")
     print(_HEADER)
     rows = []
     for name in shapes:
         shape = {**MOE_SHAPES, **SMALL_SHAPE}[name]
         rows += bench_shape(name, shape, Ts, dtype, device, args.rotations if gpu else 1, hw, meta,
-                            with_ref=not args.no_reference, experts=args.experts,
-                            block_shape=(args.block, args.block) if args.block else None)
+                            with_ref=not args.no_reference, fmt=fmt)
     path = write_rows("bench_moe" if gpu else "bench_moe_cpu", rows, args.out_dir)
     print(f"wrote {len(rows)} rows to {path}")
     return rows
