@@ -206,16 +206,17 @@ def _rate(n: int, seconds: list[float]) -> str:
 def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str | None = None,
              predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4, dtype: str | None = None,
              predictor_path: str = "", repeats: int = 3, keep: bool = False, mode: str = "host",
-             expert_dtype: str = "auto", miss: str = "wait") -> int:
+             expert_dtype: str = "auto", miss: str = "wait", int4_group_size: int = 32) -> int:
     """Serves `model` (default: a tiny random-init checkpoint of `family`, built here) through vLLM
     without and with Prophet and prints the comparison; 1 if the greedy tokens differ. `dtype`:
     float32 for the tiny checkpoint (exact on the CPU), the dtype the checkpoint's config names for
     `model`. Both engines run vLLM's defaults (torch.compile; CUDA graphs on a GPU), Prophet's with
     its MoE op outside the graphs; each is warmed up, then timed `repeats` times. The temporary
-    folder (tiny checkpoint, caches) is removed at the end unless `keep`. `expert_dtype="fp8"`:
-    Prophet quantizes the experts to fp8 on load, and the engine without Prophet serves a copy of the
-    checkpoint holding the same fp8 values dequantized (``fp8_reference_checkpoint``), so that the
-    tokens compare like for like (fp8 changes them from the checkpoint's own). ``miss="cpu"``: Prophet
+    folder (tiny checkpoint, caches) is removed at the end unless `keep`. `expert_dtype="fp8"` or
+    `"int4"` (groups of `int4_group_size`): Prophet quantizes the experts on load, and the engine
+    without Prophet serves a copy of the checkpoint holding the same quantized values dequantized
+    (``quantized_reference_checkpoint``), so that the tokens compare like for like (quantization
+    changes them from the checkpoint's own). ``miss="cpu"``: Prophet
     runs twice, misses waiting and misses computed on the CPU, side by side (without a GPU, with the
     split's rates in a GPU host's proportions: ``CPU_BUILD_RATES``). ``miss="stream"``: Prophet runs
     twice, misses waiting and experts streamed through the ring alone (``buffer: 0``), side by side:
@@ -225,6 +226,8 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
     from prophet_kernels.integration.settings import ProphetSettings
 
     settings = {"buffer": buffer, "mode": mode, "predictor": predictor, "log_every_s": 0, "expert_dtype": expert_dtype}
+    if expert_dtype == "int4":
+        settings["int4_group_size"] = int4_group_size
     if policy:
         settings["policy"] = policy
     if predictor_path:
@@ -256,21 +259,22 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def fp8_reference_checkpoint(path, out, dtype: str = "float32") -> str:
-    """A copy of the checkpoint at ``path`` whose routed experts hold their fp8 values (e4m3, per
-    output channel: what ``expert_dtype: fp8`` serves) dequantized, in ``dtype``: vLLM's own MoE
-    method serves the same experts from it."""
+def quantized_reference_checkpoint(path, out, expert_dtype: str = "fp8", group_size=None,
+                                   dtype: str = "float32") -> str:
+    """A copy of the checkpoint at ``path`` whose routed experts hold their quantized values (what
+    ``expert_dtype: fp8`` serves: e4m3 per output channel; ``int4``: int4 codes with a scale per
+    ``group_size`` inputs) dequantized, in ``dtype``: vLLM's own MoE method serves the same experts from it."""
     import torch
     import transformers
 
-    from prophet_kernels.kernels.fp8 import dequantize_fp8, quantize_fp8
-    from prophet_kernels.memory.store import expert_modules
+    from prophet_kernels.memory.store import expert_modules, target_format
 
+    fmt = target_format(expert_dtype, None, group_size)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=getattr(torch, dtype))
     with torch.no_grad():
         for m in expert_modules(model):
             for p in (m.gate_up_proj, m.down_proj):  # per row, as the store quantizes them
-                p.copy_(dequantize_fp8(*quantize_fp8(p)))
+                p.copy_(fmt.dequantize(*fmt.quantize(p)))
     model.save_pretrained(out)
     return str(out)
 
@@ -367,9 +371,11 @@ def _compare(family, model, runs, max_tokens, num_prompts, dtype, repeats, cache
     print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet "
           f"(its defaults: compiled, warm-up + {repeats} timed runs) ...", flush=True)
     reference = model
-    if runs[0].get("expert_dtype") == "fp8":
-        reference = fp8_reference_checkpoint(model, Path(cache) / "fp8-dequantized", dtype)
-        print(f"(expert_dtype fp8: vLLM without Prophet serves the same fp8 experts dequantized: {reference})")
+    if expert_dtype in ("fp8", "int4"):
+        reference = quantized_reference_checkpoint(model, Path(cache) / f"{expert_dtype}-dequantized", expert_dtype,
+                                                   int4_group_size if expert_dtype == "int4" else None, dtype)
+        print(f"(expert_dtype {expert_dtype}: vLLM without Prophet serves the same {expert_dtype} experts "
+              f"dequantized: {reference})")
     base, _, base_s, served = generate(reference, ps, max_tokens, None, **common)
     results = []
     for settings in runs:

@@ -12,7 +12,8 @@ import os
 from prophet_kernels.memory.buffer import DEFAULT_MODE, DEFAULT_POLICY
 
 RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
-EXPERT_DTYPES = ("auto", "fp8")  # auto: the checkpoint's; fp8: e4m3 with per-output-channel scales, quantized on load
+EXPERT_DTYPES = ("auto", "fp8", "int4")  # auto: the checkpoint's; fp8: e4m3 with per-output-channel scales; int4:
+# symmetric codes with a scale per int4_group_size inputs (experimental): both quantized on load
 
 # The model families Prophet serves, tested end to end (tokens identical with and without Prophet) in
 # both integrations: transformers model_type -> (vLLM architecture, name). Qwen2-MoE and DeepSeek-V2
@@ -52,6 +53,7 @@ class ProphetSettings:
     log_every_s: float = 30.0
     predictor_path: str = ""
     expert_dtype: str = "auto"  # EXPERT_DTYPES
+    int4_group_size: int = 128  # expert_dtype int4: inputs per scale (32, 64, 128)
     miss: str = "wait"  # MISSES: a miss waits for its copy, (host mode) the CPU computes it where that pays, or
     # every non-resident expert is streamed once per layer per step (large batches; memory.stream)
     cpu_threads: int = 0  # miss cpu: the CPU pool's threads per rank (0: the node's cores shared among its ranks)
@@ -64,6 +66,11 @@ class ProphetSettings:
     def quantize(self) -> str | None:
         """``HostExpertStore``'s expert_dtype for these settings (None: keep the checkpoint's)."""
         return None if self.expert_dtype == "auto" else self.expert_dtype
+
+    @property
+    def group_size(self) -> int | None:
+        """``HostExpertStore``'s group_size for these settings (int4 only)."""
+        return self.int4_group_size if self.expert_dtype == "int4" else None
 
     @classmethod
     def resolve(cls, additional_config=None, environ=None) -> "ProphetSettings":
@@ -99,7 +106,7 @@ class ProphetSettings:
         if name == "prefetch_budget" and isinstance(value, str) and value.strip().lower() in ("none", "unlimited"):
             return None
         kind = {"buffer": float, "prefetch_depth": int, "prefetch_budget": int, "log_every_s": float,
-                "cpu_threads": int, "cpu_gbps": float, "cpu_gflops": float, "pcie_gbps": float}.get(name)
+                "cpu_threads": int, "int4_group_size": int, "cpu_gbps": float, "cpu_gflops": float, "pcie_gbps": float}.get(name)
         if kind is None or not isinstance(value, str):
             return value
         try:
@@ -140,7 +147,17 @@ class ProphetSettings:
                                                                            else "") + f"; known: {', '.join(known)}")
         if self.expert_dtype not in EXPERT_DTYPES:
             raise ValueError(f"unknown Prophet expert_dtype {self.expert_dtype!r}; known: {', '.join(EXPERT_DTYPES)} "
-                             "(auto: the checkpoint's dtype; fp8: e4m3 experts with per-output-channel scales)")
+                             "(auto: the checkpoint's dtype; fp8: e4m3 experts with per-output-channel scales; int4: "
+                             "int4 codes with a scale per int4_group_size inputs, experimental)")
+        if self.expert_dtype == "int4":
+            from prophet_kernels.kernels.int4 import check_group_size
+
+            try:
+                check_group_size(self.int4_group_size)
+            except ValueError as e:
+                raise ValueError(f"Prophet int4_group_size: {e}") from None
+            if self.mode == "device" and self.fill == "read-through":
+                raise ValueError("Prophet fill read-through is not built for expert_dtype int4: use fill copy")
         if self.predictor not in RUNTIME_PREDICTORS:
             raise ValueError(f"Prophet predictor {self.predictor!r} is not available while serving; known: "
                              f"{', '.join(RUNTIME_PREDICTORS)}")

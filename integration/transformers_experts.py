@@ -21,7 +21,6 @@ import torch
 from prophet_kernels.integration.settings import ProphetSettings, check_model_family
 from prophet_kernels import HostExpertStore, ProphetMoE
 from prophet_kernels.memory.buffer import DEFAULT_MODE, DEFAULT_POLICY
-from prophet_kernels.kernels.fp8 import dequantize_fp8
 from prophet_kernels.memory.store import expert_modules
 
 NAME = "prophet"  # the experts_implementation name
@@ -44,7 +43,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
                    prefetch_depth: int = 1, prefetch_budget: int | None = 1, predictor_path: str = "",
                    max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE, expert_dtype: str = "auto",
                    miss: str = "wait", cpu_threads: int = 0, cpu_backend: str = "native", cpu_gbps: float = 0.0,
-                   cpu_gflops: float = 0.0, pcie_gbps: float = 0.0) -> ProphetMoE:
+                   cpu_gflops: float = 0.0, pcie_gbps: float = 0.0, int4_group_size: int = 128) -> ProphetMoE:
     """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
 
     The settings are the vLLM plugin's (``settings.ProphetSettings``): buffer (fraction
@@ -53,7 +52,8 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
     next layers' routers on this layer's MoE input, learned-gate: the file at ``predictor_path``),
     prefetch_depth, prefetch_budget (most experts one layer call may prefetch; None: no limit),
     expert_dtype (auto: the model's; fp8: quantized to e4m3 with per-output-channel scales as they
-    move into the store, one expert at a time: half the bytes per slot and per copy), miss (wait: a
+    move into the store, one expert at a time: half the bytes per slot and per copy; int4: symmetric
+    int4 codes with a scale per int4_group_size inputs, about a quarter, experimental), miss (wait: a
     miss is copied and waited for; cpu: the host CPU computes the misses whose copy does not pay,
     buffer 0 then valid; stream: every non-resident expert copied once per layer per step, one layer
     ahead, for large batches, buffer 0: the ring alone), cpu_threads (0: the cores this process may use, less one), cpu_backend,
@@ -65,7 +65,8 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
                                prefetch_depth=prefetch_depth, prefetch_budget=prefetch_budget,
                                predictor_path=predictor_path, expert_dtype=expert_dtype, miss=miss,
                                cpu_threads=cpu_threads, cpu_backend=cpu_backend, cpu_gbps=cpu_gbps,
-                               cpu_gflops=cpu_gflops, pcie_gbps=pcie_gbps).validated()
+                               cpu_gflops=cpu_gflops, pcie_gbps=pcie_gbps,
+                               int4_group_size=int4_group_size).validated()
     if any(hasattr(m, "prophet") for m in model.modules()):
         raise ValueError("Prophet is already enabled on this model")
     check_model_family(model_type=getattr(model.config, "model_type", None))
@@ -97,15 +98,17 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
     # a generator: each layer's parameters are dropped once copied, so the host holds one layer twice at most
     dtype = modules[0].gate_up_proj.dtype
     store = HostExpertStore.from_parameters(((m.gate_up_proj.data, m.down_proj.data) for m in modules),
-                                            release=release, expert_dtype=settings.quantize)
+                                            release=release, expert_dtype=settings.quantize,
+                                            group_size=settings.group_size)
     try:
         moe = settings.build(store, device, top_k, tokens, gates)
     except BaseException:  # e.g. out of device memory: the experts go back to the model (host copies;
-        for l, m in enumerate(modules):  # fp8 ones dequantized: the model keeps the quantized values)
+        for l, m in enumerate(modules):  # quantized ones dequantized: the model keeps the quantized values)
             w13, w2 = store.w13[l], store.w2[l]
-            if store.w13_scale is not None:
-                w13 = dequantize_fp8(w13, store.w13_scale[l]).to(dtype)
-                w2 = dequantize_fp8(w2, store.w2_scale[l]).to(dtype)
+            if store.fmt.kind != "float":
+                q = store.quant(l)
+                w13 = store.fmt.dequantize(w13, q.w13_scale, q.w13_zeros).to(dtype)
+                w2 = store.fmt.dequantize(w2, q.w2_scale, q.w2_zeros).to(dtype)
             m.gate_up_proj, m.down_proj = torch.nn.Parameter(w13, False), torch.nn.Parameter(w2, False)
         raise
     for layer, m in enumerate(modules):

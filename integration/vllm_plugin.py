@@ -113,7 +113,7 @@ class _ModelExperts:
         logger.info("Prophet: %d MoE layers x %d %s experts in %s host memory (%.1f MiB); device buffer %d slots "
                     "(%.1f MiB, %.1f%% of experts), %s mode, policy %s, predictor %s, prefetch depth %d, "
                     "prefetch budget %s",
-                    store.num_layers, store.num_experts, str(store.dtype).replace("torch.", ""),
+                    store.num_layers, store.num_experts, expert_dtype_name(store),
                     "pinned" if store.pinned else "pageable",
                     store.num_layers * store.num_experts * store.expert_bytes / 2**20, slots,
                     slots * store.expert_bytes / 2**20, 100 * slots / (store.num_layers * store.num_experts),
@@ -162,7 +162,7 @@ class _ModelExperts:
                 "pp_size": self.stage.size, "first_layer": self.stage.first_layer, "freed_bytes": freed,
                 "kv_bytes_per_token": kv, "kv_tokens_freed": freed // kv if kv else None,
                 "num_experts": store.num_experts, "slots": slots, "hidden": store.hidden,
-                "intermediate": store.intermediate, "expert_dtype": str(store.dtype).replace("torch.", ""),
+                "intermediate": store.intermediate, "expert_dtype": expert_dtype_name(store),
                 "expert_bytes": store.expert_bytes, "prefetch_budget_bytes": self.moe.residency.prefetch_budget_bytes,
                 "stream_resident": None if self.moe.schedule is None else list(self.moe.schedule.resident),
                 **self.moe.stats.as_dict()}
@@ -206,8 +206,8 @@ def moe_shape(hf_config) -> tuple[list[int], int, int]:
     return layers, E, hf_config.num_experts_per_tok
 
 
-SERVED_CHECKPOINTS = ("unquantized checkpoints (bf16, fp16, fp32), optionally as fp8 experts quantized on load "
-                      "(setting expert_dtype: fp8), and fp8 checkpoints in vLLM's 'fp8' format (per-tensor or block "
+SERVED_CHECKPOINTS = ("unquantized checkpoints (bf16, fp16, fp32), optionally as fp8 or int4 experts quantized on "
+                      "load (setting expert_dtype: fp8, or int4: experimental), and fp8 checkpoints in vLLM's 'fp8' format (per-tensor or block "
                       "scales) with their own scales")
 
 
@@ -259,12 +259,20 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
                                  f"max_num_batched_tokens") from None
 
 
+def expert_dtype_name(store) -> str:
+    """What the store's experts are, for logs and stats: bfloat16, float8_e4m3fn, int4 (group 128), ..."""
+    if store.fmt.kind == "int4":
+        return f"int4 (group {store.fmt.group_size}{', zero points' if store.fmt.zero_points else ''})"
+    return str(store.dtype).replace("torch.", "")
+
+
 def host_expert_bytes(hf_config, dtype: torch.dtype, expert_dtype: str = "auto") -> int:
     """The bytes of every routed expert of a model in Prophet's host store (fp8: one byte per weight,
-    scales aside)."""
+    int4 half a byte, scales aside)."""
     layers, E, _ = moe_shape(hf_config)
     I = getattr(hf_config, "moe_intermediate_size", None) or hf_config.intermediate_size
-    return len(layers) * E * 3 * hf_config.hidden_size * I * (1 if expert_dtype == "fp8" else dtype.itemsize)
+    per_weight = {"fp8": 1, "int4": 0.5}.get(expert_dtype, dtype.itemsize)
+    return int(len(layers) * E * 3 * hf_config.hidden_size * I * per_weight)
 
 
 def available_host_bytes() -> int | None:
@@ -307,7 +315,7 @@ def check_host_memory(hf_config, model_config, settings: ProphetSettings, nodes:
     if have is not None and need > have:
         raise ValueError(f"Prophet keeps every routed expert in pinned host memory: this model's take "
                          f"{need / 2**30:.1f} GiB here ({dtype}), but only {have / 2**30:.1f} GiB of host memory is "
-                         "available; use a machine with more memory, more nodes, or expert_dtype fp8")
+                         "available; use a machine with more memory, more nodes, or expert_dtype fp8 or int4")
 
 
 def in_piecewise_graph() -> bool:
@@ -588,7 +596,7 @@ def _method_class():
                 experts, self.fp8_experts = _fp8_checkpoint_experts(self.fp8_experts, loaded), None
             elif self.prophet.quantize:  # e.g. fp8: quantized one expert at a time into the store's layout
                 experts = host_copy(loaded["w13_weight"], loaded["w2_weight"], torch.cuda.is_available(),
-                                    self.prophet.quantize)
+                                    self.prophet.quantize, group_size=self.prophet.group_size)
             else:
                 experts = Experts(loaded["w13_weight"], loaded["w2_weight"], None, None, None)
             del loaded  # (fp8: the layer's checkpoint-dtype copy goes now, before the next layer's)

@@ -683,7 +683,9 @@ def _add_demo_args(p):
     p.add_argument("--dtype", default=None,
                    help="vLLM dtype (default: float32 for the tiny checkpoint, the dtype the checkpoint's "
                         "config.json names for --model)")
-    p.add_argument("--expert-dtype", default="auto", choices=["auto", "fp8"],
+    p.add_argument("--int4-group-size", type=int, default=32,
+                   help="with --expert-dtype int4: inputs per scale (32, 64, 128; default 32, the tiny model's I is 64)")
+    p.add_argument("--expert-dtype", default="auto", choices=["auto", "fp8", "int4"],
                    help="Prophet's experts: auto (the checkpoint's dtype) or fp8 (quantized on load; vLLM without "
                         "Prophet then serves the same fp8 values dequantized, for a like-for-like comparison) "
                         "(default auto)")
@@ -699,7 +701,7 @@ def _demo(args) -> int:
 
     return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts,
                     args.dtype, predictor_path=args.predictor_path, repeats=args.repeats, keep=args.keep,
-                    mode=args.mode, expert_dtype=args.expert_dtype, miss=args.miss)
+                    mode=args.mode, expert_dtype=args.expert_dtype, miss=args.miss, int4_group_size=args.int4_group_size)
 
 
 def _add_tiny_args(p):

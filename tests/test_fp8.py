@@ -186,10 +186,10 @@ def test_fp8_store_bytes_and_refusals():
         HostExpertStore([q13], [q2])
     with pytest.raises(ValueError, match="must be in the one-block layout"):
         HostExpertStore([q13], [q2], [s13], [s2])
-    with pytest.raises(ValueError, match="scales go with float8_e4m3fn experts"):
+    with pytest.raises(ValueError, match="scales go with float8_e4m3fn or int4 weights"):
         HostExpertStore([q13.float()], [q2.float()], [s13], [s2])
-    with pytest.raises(ValueError, match="expert_dtype must be None .* or 'fp8', got 'int4'"):
-        HostExpertStore.from_tensors(q13.float()[None], q2.float()[None], expert_dtype="int4")
+    with pytest.raises(ValueError, match="expert_dtype must be None .*, 'fp8' or 'int4', got 'int8'"):
+        HostExpertStore.from_tensors(q13.float()[None], q2.float()[None], expert_dtype="int8")
 
 
 def test_simulator_counts_fp8_bytes_and_slots():

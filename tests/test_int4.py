@@ -219,3 +219,79 @@ def test_quantize_int4_refusals():
         quantize_int4(torch.randn(4, 40), 32)
     with pytest.raises(ValueError, match="group_size must be one of"):
         quantize_int4(torch.randn(4, 64), 16)
+
+
+# ------------------------------------------------------------------ int4 experts in the store and ProphetMoE
+
+
+def _stack(L, E, H, I, gen):
+    return torch.randn(L, E, 2 * I, H, generator=gen) / 8, torch.randn(L, E, H, I, generator=gen) / 8
+
+
+@pytest.mark.parametrize("mode, miss, zp", [("host", "wait", False), ("host", "stream", True), ("device", "wait", True)])
+def test_prophet_moe_int4_equals_dequantized_reference(mode, miss, zp):
+    """int4 experts in the host store (one row per expert: codes, scales, zero points) served by
+    ProphetMoE with misses and evictions (12 slots of 24), streamed, and in device mode: each layer
+    call equals the reference on the dequantized experts; a slot holds the int4 bytes."""
+    from prophet_kernels import HostExpertStore, ProphetMoE
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import allocate_experts, quantized_expert_bytes
+
+    gen = torch.Generator().manual_seed(7)
+    L, E, H, I, k, G = 3, 8, 64, 96, 2, 32
+    w13, w2 = _stack(L, E, H, I, gen)
+    fmt = WeightFormat("int4", group_size=G, zero_points=zp)
+    layers, deq = [], []
+    for l in range(L):  # (zero points: built as a checkpoint's would be, into allocate_experts' rows)
+        ex = allocate_experts(E, H, I, torch.uint8, fmt=fmt)
+        for which, w in ((0, w13[l]), (1, w2[l])):
+            q, s, z = quantize_int4(w, G, zp)
+            ex[which].copy_(q)
+            ex.quant.of(which)[0].copy_(s)
+            if zp:
+                ex.quant.of(which)[1].copy_(z)
+        layers.append(ex)
+        deq.append((dequantize_int4(ex.w13, ex.w13_scale, ex.w13_zeros), dequantize_int4(ex.w2, ex.w2_scale, ex.w2_zeros)))
+    store = HostExpertStore.from_experts(layers)
+    assert store.fmt == fmt and store.expert_bytes == quantized_expert_bytes(fmt, H, I) < 3 * H * I * 2 // 3
+    assert None not in store.blocks
+    kw = {"predictor": None} if miss == "stream" else {}
+    moe = ProphetMoE(store, 0 if miss == "stream" else 12, DEV, mode=mode, miss=miss, **kw)
+    for step in range(3):
+        x = torch.randn(5, H, generator=gen)
+        for l in range(L):
+            w, ids = routing(5, E, k, gen)
+            y = moe(l, x.to(DEV), w.to(DEV), ids.to(DEV)).cpu()
+            assert rel_err(y, torch_moe(x, *deq[l], w, ids)) < 1e-5
+    if miss == "wait":
+        assert moe.stats.misses > 0 and moe.stats.evictions > 0
+    moe.close()
+
+
+def test_int4_store_from_tensors_and_refusals():
+    from prophet_kernels import HostExpertStore, ProphetMoE
+    from prophet_kernels.memory.store import DEFAULT_INT4_GROUP, host_copy
+
+    gen = torch.Generator().manual_seed(8)
+    w13, w2 = _stack(2, 4, 128, 128, gen)
+    store = HostExpertStore.from_tensors(w13, w2, expert_dtype="int4")
+    assert store.fmt.group_size == DEFAULT_INT4_GROUP and store.dtype == torch.uint8
+    q, s, _ = quantize_int4(w13[1, 2], DEFAULT_INT4_GROUP)
+    assert torch.equal(store.w13[1][2], q) and torch.equal(store.w13_scale[1][2], s)
+    assert store.expert_bytes == 3 * 128 * 128 // 2 + 4 * 3 * 128 * 128 // 128
+    with pytest.raises(ValueError, match="input size 96 is not a multiple of the int4 group size 128"):
+        HostExpertStore.from_tensors(*_stack(1, 2, 128, 96, gen), expert_dtype="int4")
+    with pytest.raises(ValueError, match="group_size goes with expert_dtype='int4'"):
+        HostExpertStore.from_tensors(w13, w2, group_size=32)
+    with pytest.raises(ValueError, match="block_shape is fp8's scale layout"):
+        HostExpertStore.from_tensors(w13, w2, expert_dtype="int4", block_shape=(16, 16))
+    with pytest.raises(ValueError, match=r"int4 \(uint8 codes\) experts come with their scales"):
+        host_copy(store.w13[0], store.w2[0], False, "int4")
+    with pytest.raises(ValueError, match="int4 experts need one w13_scale and one w2_scale per layer"):
+        HostExpertStore(store.w13, store.w2, group_size=128)
+    with pytest.raises(ValueError, match="must be in the one-block layout"):
+        HostExpertStore([t.clone() for t in store.w13], store.w2, store.w13_scale, store.w2_scale, group_size=128)
+    with pytest.raises(ValueError, match="miss='cpu' computes bf16, fp16 or fp32 experts; int4 experts on the CPU"):
+        ProphetMoE(store, 4, "cpu", miss="cpu", cpu_rates=dict(cpu_gbps=1, cpu_gflops=1, link_gbps=1, dram_gbps=1))
+    with pytest.raises(ValueError, match="'read-through' is not built for int4 experts"):
+        ProphetMoE(store, 4, "cpu", mode="device", fill="read-through")  # (its zero points)

@@ -50,7 +50,9 @@ def test_settings_additional_config_wins_and_enables():
     ({"prefetch_budget": 0}, "prefetch_budget must be a whole number of experts >= 1"),
     ({"prefetch_budget": 1.5}, "prefetch_budget must be a whole number of experts >= 1"),
     ({"bufer": 0.5}, r"unknown Prophet setting\(s\) \['bufer'\]"),
-    ({"expert_dtype": "int4"}, "unknown Prophet expert_dtype 'int4'; known: auto, fp8"),
+    ({"expert_dtype": "int8"}, "unknown Prophet expert_dtype 'int8'; known: auto, fp8, int4"),
+    ({"expert_dtype": "int4", "int4_group_size": 48}, r"int4_group_size: int4 group_size must be one of \[32, 64, 128\]"),
+    ({"expert_dtype": "int4", "mode": "device", "fill": "read-through"}, "read-through is not built for expert_dtype int4"),
     ({"fill": "zero-copy", "mode": "device"}, "unknown Prophet fill 'zero-copy'; known: copy, read-through"),
     ({"fill": "read-through"}, "read-through with mode device only"),
 ])
@@ -904,7 +906,7 @@ def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family, m
     (On these random-init models fp8 changes most tokens from the fp32 ones: the identity is not
     fp32's.)"""
     ps, base = baseline
-    reference = demo.generate(demo.fp8_reference_checkpoint(checkpoints[family], tmp_path / "deq"), ps, MAX_TOKENS,
+    reference = demo.generate(demo.quantized_reference_checkpoint(checkpoints[family], tmp_path / "deq"), ps, MAX_TOKENS,
                               None)[0]
     assert reference != base[family]
     llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "mode": mode, "predictor": "same",
@@ -920,6 +922,38 @@ def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family, m
     H, I = demo.TINY[family]["hidden_size"], 64
     assert stats["expert_bytes"] == 3 * H * I + 4 * (2 * I + H)  # fp8 weights + fp32 scales (fp32: 12 * H * I)
     assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
+
+
+@pytest.mark.parametrize("family, mode, buffer", [("olmoe", "host", 0.25), ("mixtral", "device", 1.0)])
+def test_int4_experts_tokens_identical(checkpoints, baseline, tmp_path, family, mode, buffer):
+    """Issue 44: expert_dtype: int4 (experimental) quantizes the experts as they are loaded (symmetric
+    codes, a scale per 32 inputs) and serves greedy tokens identical to vLLM's own MoE method on the
+    same int4 values dequantized into a checkpoint, and to Prophet's transformers integration with
+    the same setting, at 25% (misses, evictions) and 100%; a slot holds a quarter of a bf16 expert's
+    bytes plus the scales."""
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import quantized_expert_bytes
+
+    ps, base = baseline
+    reference = demo.generate(demo.quantized_reference_checkpoint(checkpoints[family], tmp_path / "deq", "int4", 32),
+                              ps, MAX_TOKENS, None)[0]
+    assert reference != base[family]
+    settings = {"buffer": buffer, "mode": mode, "predictor": "same", "expert_dtype": "int4", "int4_group_size": 32}
+    llm = demo.make_llm(checkpoints[family], settings)
+    try:
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == reference
+    assert tokens == _transformers_greedy(checkpoints[family], ps, mode=mode, buffer=buffer, predictor="same",
+                                          expert_dtype="int4", int4_group_size=32)
+    H, I = demo.TINY[family]["hidden_size"], 64
+    assert stats["expert_bytes"] == 3 * H * I // 2 + 4 * 3 * H * I // 32  # codes + fp32 scales (bf16: 6 * H * I)
+    assert stats["expert_bytes"] == quantized_expert_bytes(WeightFormat("int4", group_size=32), H, I)
+    assert stats["expert_dtype"] == "int4 (group 32)"
+    if buffer < 1:
+        assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
 
 def _checkpoint_experts(path) -> dict:

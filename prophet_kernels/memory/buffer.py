@@ -415,12 +415,13 @@ class PagedExpertBuffer(SlotTable):
     """S expert slots on `device` for a model of L MoE layers with E experts each."""
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
-                 dtype: torch.dtype, device, policy=DEFAULT_POLICY, min_slots: int = 1, block_shape=None):
+                 dtype: torch.dtype, device, policy=DEFAULT_POLICY, min_slots: int = 1, block_shape=None, fmt=None):
         super().__init__(num_layers, num_experts, num_slots, policy, min_slots)
         self.device = torch.device(device)
         # one block row per slot (fp8: weights and scales): a slot's bytes are contiguous, one copy fills it
-        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks, _ = allocate_experts(
-            num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape)
+        slots = allocate_experts(num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape, fmt=fmt)
+        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks = slots[:5]
+        self.quant = slots.quant  # (scales and int4 zero points of the slots, or None)
         self.page_table = torch.full((num_layers, num_experts), -1, dtype=torch.int32, device=self.device)
         self._rows = list(self.page_table.unbind(0))  # one view per layer, built once (indexing costs ~2 us)
         self._uploaded = [0] * num_layers  # row_version each device row holds (all -1 at version 0)

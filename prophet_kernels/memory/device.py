@@ -48,13 +48,14 @@ class DeviceExpertBuffer:
     """S expert slots on `device` and the device residency state over them."""
 
     def __init__(self, num_layers: int, num_experts: int, hidden: int, intermediate: int, num_slots: int,
-                 dtype: torch.dtype, device, min_slots: int = 1, policy: str = "next-use", block_shape=None):
+                 dtype: torch.dtype, device, min_slots: int = 1, policy: str = "next-use", block_shape=None, fmt=None):
         check_sizes(num_layers, num_experts, num_slots, min_slots)
         check_device_policy(policy)
         self.num_layers, self.num_experts, self.num_slots = num_layers, num_experts, num_slots
         self.device = torch.device(device)
-        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks, _ = allocate_experts(
-            num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape)
+        slots = allocate_experts(num_slots, hidden, intermediate, dtype, self.device, block_shape=block_shape, fmt=fmt)
+        self.w13, self.w2, self.w13_scale, self.w2_scale, self.blocks = slots[:5]
+        self.quant = slots.quant  # (scales and int4 zero points of the slots, or None)
         self.state = ResidencyState.empty(num_layers, num_experts, num_slots, self.device, POLICY_IDS[policy])
         self._rows = list(self.page_table.unbind(0))
 

@@ -125,6 +125,11 @@ class ProphetMoE:
             raise ValueError(f"fill must be one of {', '.join(FILLS)}, got {fill!r}")
         if fill != "copy" and mode != "device":
             raise ValueError(f"fill={fill!r} is a device-mode option (host mode copies on its copy stream)")
+        if fill == "read-through" and store.fmt.kind == "int4":
+            raise ValueError("fill='read-through' is not built for int4 experts (their zero points): use fill='copy'")
+        if miss == "cpu" and store.fmt.kind == "int4":
+            raise ValueError("miss='cpu' computes bf16, fp16 or fp32 experts; int4 experts on the CPU are not built "
+                             "yet: use miss 'wait' or 'stream'")
         expert_map = self._check_expert_map(expert_map, store.num_experts)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         experts = store.num_layers * store.num_experts
@@ -167,17 +172,19 @@ class ProphetMoE:
         self.current_slots: list[int] = []  # slots the layer being computed reads (pinned; host mode)
         dims = (store.num_layers, store.num_experts, store.hidden, store.intermediate, num_slots, store.dtype, device)
         if mode == "device":
-            self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots, policy=policy, block_shape=store.block_shape)
+            self.buffer = DeviceExpertBuffer(*dims, min_slots=min_slots, policy=policy, fmt=store.fmt)
             self.prefetcher = None
             budget = None if prefetch_budget_bytes is None else prefetch_budget_bytes // store.expert_bytes
             self.residency = DeviceResidency(self.buffer, store, predictor, prefetch_depth, budget)
         else:
-            self.buffer = PagedExpertBuffer(*dims, policy, min_slots, block_shape=store.block_shape)
+            self.buffer = PagedExpertBuffer(*dims, policy, min_slots, fmt=store.fmt)
             self.prefetcher = StreamPrefetcher(store, self.buffer)
             self.residency = ExpertResidency(self.buffer, store.expert_bytes, predictor, prefetch_depth,
                                              prefetch_budget_bytes)
-        # the kernels' scale arguments: (w13 scales, w2 scales, block shape) of fp8 slots, else Nones
-        self._scales = (self.buffer.w13_scale, self.buffer.w2_scale, store.block_shape)
+        # the kernels' weight-format arguments: the slots' scales and zero points (Nones for float
+        # experts), fp8's scale blocks and int4's group
+        self._wargs = dict(**self.buffer.quant._asdict(), block_shape=store.fmt.block_shape,
+                           group_size=store.fmt.group_size)
         if miss == "cpu":
             self._start_cpu(cpu_threads, cpu_backend, cpu_rates or {})
         self.schedule = None
@@ -242,10 +249,12 @@ class ProphetMoE:
     @classmethod
     def from_weights(cls, w13: torch.Tensor, w2: torch.Tensor, num_slots: int, device=None, policy: str = DEFAULT_POLICY,
                      predictor=None, prefetch_depth: int = 1, expert_dtype: str | None = None, block_shape=None,
-                     **kwargs) -> "ProphetMoE":
+                     group_size=None, **kwargs) -> "ProphetMoE":
         """w13 [L, E, 2I, H], w2 [L, E, H, I] (any device; copied into the host store; ``expert_dtype
-        ="fp8"``: quantized to e4m3 on the way, scales per output channel or per ``block_shape``)."""
-        return cls(HostExpertStore.from_tensors(w13, w2, expert_dtype=expert_dtype, block_shape=block_shape),
+        ="fp8"``: quantized to e4m3 on the way, scales per output channel or per ``block_shape``;
+        ``"int4"``: to int4 codes with a scale per ``group_size`` inputs)."""
+        return cls(HostExpertStore.from_tensors(w13, w2, expert_dtype=expert_dtype, block_shape=block_shape,
+                                                group_size=group_size),
                    num_slots, device, policy, predictor, prefetch_depth, **kwargs)
 
     @property
@@ -269,7 +278,7 @@ class ProphetMoE:
         if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < L:
             raise ValueError(f"layer {layer!r} out of range [0, {L})")
         check_inputs(x, self.buffer.w13, self.buffer.w2, topk_weights, topk_ids, self.buffer._rows[layer],
-                     *self._scales)
+                     **self._wargs)
         if topk_ids.shape[1] > self.routed_experts:  # (the ops allow k > E: an EP rank's local E)
             raise ValueError(f"k = {topk_ids.shape[1]} experts per token exceeds the model's "
                              f"E = {self.routed_experts} experts")
@@ -308,8 +317,7 @@ class ProphetMoE:
         try:
             with nvtx_range(f"experts L{layer}"):
                 y = fused_experts_paged(x, self.buffer.w13, self.buffer.w2, row, topk_weights, topk_ids, check=False,
-                                        w13_scale=self._scales[0], w2_scale=self._scales[1],
-                                        block_shape=self._scales[2])
+                                        **self._wargs)
             self.prefetcher.mark_read(slots)
             with nvtx_range(f"predict L{layer}"):
                 fills = self.residency.prefetch(layer, routing, x)  # this layer's slots stay pinned
@@ -381,8 +389,7 @@ class ProphetMoE:
             if gpu_slots:
                 with nvtx_range(f"experts L{layer}"):
                     y = fused_experts_paged(x, self.buffer.w13, self.buffer.w2, row, topk_weights, topk_ids, check=False,
-                                            w13_scale=self._scales[0], w2_scale=self._scales[1],
-                                            block_shape=self._scales[2])
+                                            **self._wargs)
                 self.prefetcher.mark_read(gpu_slots)
             else:
                 y = x.new_zeros((T, self.store.hidden))
@@ -466,8 +473,7 @@ class ProphetMoE:
             self._ring_waited[part] = True  # nothing recorded before it, so a capture of the next one is closed)
         with nvtx_range(f"experts L{layer}"):
             y = fused_experts_paged(x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights,
-                                    topk_ids, check=False, w13_scale=self._scales[0], w2_scale=self._scales[1],
-                                    block_shape=self._scales[2])
+                                    topk_ids, check=False, **self._wargs)
         if streams:
             if cur is not None:
                 self._ring_read[part] = torch.cuda.Event()
@@ -522,11 +528,13 @@ class ProphetMoE:
         with nvtx_range(f"ensure_resident L{layer}"):
             rt = self.residency.demand(layer, narrow_ids(topk_ids, E).reshape(-1), self.fill == "read-through")
         with nvtx_range(f"experts L{layer}"):
-            w13_scale, w2_scale, block_shape = self._scales
+            w = self._wargs
+            w13_scale, w2_scale, block_shape = w["w13_scale"], w["w2_scale"], w["block_shape"]
             args = (x, self.buffer.w13, self.buffer.w2, self.buffer._rows[layer], topk_weights, topk_ids)
             block = list(block_shape) if block_shape else None
             if rt is None:
-                y = fused_experts_paged_op(*args, w13_scale, w2_scale, block)
+                y = fused_experts_paged_op(*args, w13_scale, w2_scale, block, w["w13_zeros"], w["w2_zeros"],
+                                           w["group_size"])
             else:
                 y = fused_experts_read_through_op(*args, rt.w13, rt.w2, rt.fills, rt.fill_count, w13_scale, w2_scale,
                                                   rt.w13_scale, rt.w2_scale, block)

@@ -5,10 +5,14 @@ Layout per layer l (the kernels' layout, one expert = one slot's worth of weight
     w2[l]   [E, H, I]
 The builders place both as views of one [E, 3*I*H] block (``expert_tensors``): each expert's
 weights are contiguous, so one copy moves an expert into a slot (the device buffer has the same
-layout; the kernels take the slot stride). FP8 experts (``expert_dtype="fp8"``, e4m3 with fp32
-scales per output channel or per block, ``kernels.fp8``) are one byte block per expert:
+layout; the kernels take the slot stride). Quantized experts (``kernels.weight_format``) are one
+byte row per expert: fp8 (``expert_dtype="fp8"``, e4m3 with fp32 scales per output channel or per
+block, ``kernels.fp8``)
     [ w13 fp8 (2*I*H bytes) | w2 fp8 (H*I) | pad to 4 | w13 scales (fp32) | w2 scales | pad to 16 ]
-so weights and scales still move in one copy (``allocate_experts``). Tensors handed to the
+and int4 (``expert_dtype="int4"``, two codes a byte with fp32 scales per group, ``kernels.int4``)
+    [ w13 codes (I*H bytes) | w2 codes (H*I/2) | pad to 4 | w13 scales | w2 scales | w13 zero points
+      (uint8, with zero points only) | w2 zero points | pad to 16 ]
+so weights, scales and zero points still move in one copy (``allocate_experts``). Tensors handed to the
 constructor in another layout still work, at two copies per expert (not fp8 ones). Pinned when CUDA is present, so host-to-device copies run
 on the copy engine asynchronously.
 Built from tensors, from (gate_up, down) parameter pairs of a loaded model, or streamed from
@@ -28,7 +32,9 @@ from typing import NamedTuple
 
 import torch
 
-from ..kernels.fp8 import FP8, check_block_shape, check_scales, quantize_fp8, scale_shape
+from ..kernels.fp8 import FP8, check_block_shape, scale_shape
+from ..kernels.int4 import check_group_size
+from ..kernels.weight_format import Quant, WeightFormat
 from . import numa
 
 
@@ -69,62 +75,90 @@ def expert_tensors(num_experts: int, hidden: int, intermediate: int, dtype: torc
 
 
 class Experts(NamedTuple):
-    """E experts' tensors: w13 [E, 2I, H], w2 [E, H, I], their scales (fp8 only, else None), the
-    [E, bytes-or-elements] block they are all views of (one row per expert, one copy each) and the
-    scales' layout (``block_shape``: None per output channel)."""
+    """E experts' tensors: w13 [E, 2I, H], w2 [E, H, I] (int4: [E, 2I, H/2], [E, H, I/2] codes), their
+    scales (quantized only, else None), the [E, bytes-or-elements] block they are all views of (one
+    row per expert, one copy each), the weights' format and, int4 with zero points, the zero points."""
 
     w13: torch.Tensor
     w2: torch.Tensor
     w13_scale: torch.Tensor | None
     w2_scale: torch.Tensor | None
     block: torch.Tensor | None
-    block_shape: tuple[int, int] | None = None
+    fmt: WeightFormat = WeightFormat()
+    w13_zeros: torch.Tensor | None = None
+    w2_zeros: torch.Tensor | None = None
+
+    @property
+    def block_shape(self) -> tuple[int, int] | None:
+        return self.fmt.block_shape
+
+    @property
+    def quant(self) -> Quant:
+        return Quant(self.w13_scale, self.w2_scale, self.w13_zeros, self.w2_zeros)
 
 
-def _fp8_offsets(hidden: int, intermediate: int, block_shape) -> tuple[int, int, int, tuple, tuple]:
-    """(w13 scale offset, w2 scale offset, row bytes, w13 scale shape, w2 scale shape) of an fp8 expert."""
+def _row_layout(fmt: WeightFormat, hidden: int, intermediate: int) -> tuple[dict, int]:
+    """({part: (byte offset, dtype, shape)}, row bytes) of one quantized expert's row (module docstring)."""
     H, I = hidden, intermediate
-    s13, s2 = scale_shape(2 * I, H, block_shape), scale_shape(H, I, block_shape)
-    o13 = -(-3 * I * H // 4) * 4
-    o2 = o13 + 4 * math.prod(s13)
-    return o13, o2, -(-(o2 + 4 * math.prod(s2)) // 16) * 16, s13, s2
+    wdtype = FP8 if fmt.kind == "fp8" else torch.uint8
+    parts = [("w13", wdtype, (2 * I, fmt.stored_k(H))), ("w2", wdtype, (H, fmt.stored_k(I))),
+             ("w13_scale", torch.float32, fmt.scale_shape(2 * I, H)), ("w2_scale", torch.float32, fmt.scale_shape(H, I))]
+    if fmt.zero_points:
+        parts += [("w13_zeros", torch.uint8, fmt.scale_shape(2 * I, H)), ("w2_zeros", torch.uint8, fmt.scale_shape(H, I))]
+    out, at = {}, 0
+    for name, dtype, shape in parts:
+        at = -(-at // dtype.itemsize) * dtype.itemsize  # aligned to the element (the scales: to 4)
+        out[name] = (at, dtype, shape)
+        at += dtype.itemsize * math.prod(shape)
+    return out, -(-at // 16) * 16
+
+
+def quantized_expert_bytes(fmt: WeightFormat, hidden: int, intermediate: int) -> int:
+    """Bytes of one quantized expert with its scales (and zero points), padded: what one copy moves,
+    what one slot holds."""
+    return _row_layout(fmt, hidden, intermediate)[1]
 
 
 def fp8_expert_bytes(hidden: int, intermediate: int, block_shape=None) -> int:
     """Bytes of one fp8 expert with its scales, padded (what one copy moves, what one slot holds)."""
-    return _fp8_offsets(hidden, intermediate, check_block_shape(block_shape))[2]
+    return quantized_expert_bytes(WeightFormat("fp8", block_shape=check_block_shape(block_shape)), hidden, intermediate)
 
 
 def allocate_experts(num_experts: int, hidden: int, intermediate: int, dtype: torch.dtype, device="cpu",
-                     pin: bool = False, block_shape=None) -> Experts:
+                     pin: bool = False, block_shape=None, fmt: WeightFormat | None = None) -> Experts:
     """Uninitialised experts in the one-block layout: ``expert_tensors`` for fp32/fp16/bf16; for
-    ``torch.float8_e4m3fn`` one uint8 row per expert holding w13, w2 and their fp32 scales (per
-    output channel, or per block of ``block_shape``; see the module docstring)."""
-    if dtype != FP8:
+    quantized experts (``fmt``, or ``torch.float8_e4m3fn`` with ``block_shape``) one uint8 row per
+    expert holding the weights, their fp32 scales and any zero points (see the module docstring)."""
+    if fmt is None:
+        fmt = WeightFormat("fp8", block_shape=check_block_shape(block_shape)) if dtype == FP8 else WeightFormat()
+    if fmt.kind == "float":
         w13, w2 = expert_tensors(num_experts, hidden, intermediate, dtype, device, pin)
         return Experts(w13, w2, None, None, expert_block(w13, w2))
-    E, H, I = num_experts, hidden, intermediate
-    block_shape = check_block_shape(block_shape)
-    o13, o2, row, s13, s2 = _fp8_offsets(H, I, block_shape)
+    E = num_experts
+    layout, row = _row_layout(fmt, hidden, intermediate)
     if pin and torch.device(device).type == "cpu":
         block = pinned_empty((E, row), torch.uint8)
     else:
         block = torch.empty((E, row), dtype=torch.uint8, device=device)
-    w13 = block[:, :2 * I * H].view(FP8).view(E, 2 * I, H)
-    w2 = block[:, 2 * I * H: 3 * I * H].view(FP8).view(E, H, I)
-    sc13 = block[:, o13: o2].view(torch.float32).view(E, *s13)
-    sc2 = block[:, o2: o2 + 4 * math.prod(s2)].view(torch.float32).view(E, *s2)
-    return Experts(w13, w2, sc13, sc2, block, block_shape)
+    views = {name: block[:, at: at + dtype.itemsize * math.prod(shape)].view(dtype).view(E, *shape)
+             for name, (at, dtype, shape) in layout.items()}
+    return Experts(views["w13"], views["w2"], views["w13_scale"], views["w2_scale"], block, fmt,
+                   views.get("w13_zeros"), views.get("w2_zeros"))
 
 
 def expert_block(w13: torch.Tensor, w2: torch.Tensor, w13_scale=None, w2_scale=None,
-                 block_shape=None) -> torch.Tensor | None:
-    """[E, 3*I*H] view of both tensors when they are laid out as ``expert_tensors`` makes them (fp8
-    with scales: the [E, row bytes] uint8 block of ``allocate_experts``), else None."""
+                 block_shape=None, w13_zeros=None, w2_zeros=None, group_size=None) -> torch.Tensor | None:
+    """[E, 3*I*H] view of both tensors when they are laid out as ``expert_tensors`` makes them
+    (quantized, with scales: the [E, row bytes] uint8 block of ``allocate_experts``), else None."""
     if w13.dim() != 3 or w2.dim() != 3:
         return None
-    if w13.dtype == FP8:
-        return _fp8_block(w13, w2, w13_scale, w2_scale, block_shape)
+    if w13.dtype in (FP8, torch.uint8):
+        quant = Quant(w13_scale, w2_scale, w13_zeros, w2_zeros)
+        try:
+            fmt = WeightFormat.of(w13.dtype, w13, w2, quant, block_shape, group_size)
+        except (TypeError, ValueError):
+            return None
+        return _quantized_block(w13, w2, quant, fmt)
     E, I2, H = w13.shape
     n = 3 * I2 // 2 * H
     fused = (w2.shape == (E, H, I2 // 2) and w13.dtype == w2.dtype and w13.device == w2.device
@@ -140,48 +174,75 @@ def _strides(t: torch.Tensor, want: tuple[int, ...]) -> bool:
     return all(size == 1 or got == w for size, got, w in zip(t.shape, t.stride(), want))
 
 
-def _fp8_block(w13, w2, w13_scale, w2_scale, block_shape) -> torch.Tensor | None:
-    if w13_scale is None or w2_scale is None or w2.dtype != FP8:
+def _quantized_block(w13, w2, quant: Quant, fmt: WeightFormat) -> torch.Tensor | None:
+    """The [E, row bytes] uint8 block of quantized experts whose every part sits where
+    ``_row_layout`` puts it in one storage, else None."""
+    E, I2, Hs = w13.shape
+    H, I = fmt.k_of(Hs), I2 // 2
+    layout, row = _row_layout(fmt, H, I)
+    tensors = {"w13": w13, "w2": w2, **{k: v for k, v in quant._asdict().items() if v is not None}}
+    if set(tensors) != set(layout) or len({t.untyped_storage().data_ptr() for t in tensors.values()}) != 1:
         return None
-    E, I2, H = w13.shape
-    o13, o2, row, s13, s2 = _fp8_offsets(H, I2 // 2, check_block_shape(block_shape))
     base = w13.data_ptr()
-    fused = (w2.shape == (E, H, I2 // 2) and tuple(w13_scale.shape) == (E, *s13) and tuple(w2_scale.shape) == (E, *s2)
-             and _strides(w13, (row, H, 1)) and _strides(w2, (row, I2 // 2, 1))
-             and (E == 1 or (w13_scale.stride(0) * 4 == row and w2_scale.stride(0) * 4 == row))
-             and len({t.untyped_storage().data_ptr() for t in (w13, w2, w13_scale, w2_scale)}) == 1
-             and w2.data_ptr() == base + I2 * H and w13_scale.data_ptr() == base + o13
-             and w2_scale.data_ptr() == base + o2)
-    return w13.view(torch.uint8).as_strided((E, row), (row, 1)) if fused else None
+    for name, (at, dtype, shape) in layout.items():
+        t = tensors[name]
+        inner = [math.prod(shape[i + 1:]) for i in range(len(shape))]
+        if (t.dtype != dtype or tuple(t.shape) != (E, *shape) or t.data_ptr() != base + at
+                or not _strides(t, (row // dtype.itemsize, *inner)) or (E > 1 and t.stride(0) * dtype.itemsize != row)):
+            return None
+    return w13.view(torch.uint8).as_strided((E, row), (row, 1))
+
+
+EXPERT_DTYPES = (None, "fp8", "int4")
+DEFAULT_INT4_GROUP = 128  # inputs per scale of int4 experts quantized at load (compressed-tensors' and GPTQ's usual)
 
 
 def check_expert_dtype(expert_dtype) -> None:
-    if expert_dtype not in (None, "fp8"):
-        raise ValueError(f"expert_dtype must be None (keep the weights' dtype) or 'fp8', got {expert_dtype!r}")
+    if expert_dtype not in EXPERT_DTYPES:
+        raise ValueError(f"expert_dtype must be None (keep the weights' dtype), 'fp8' or 'int4', got {expert_dtype!r}")
+
+
+def target_format(expert_dtype, block_shape=None, group_size=None) -> WeightFormat | None:
+    """The format experts are quantized to as they are stored: fp8 (scales per output channel, or
+    per ``block_shape``), int4 (symmetric, fp32 scales per ``group_size`` inputs, default 128), or
+    None (kept as they are)."""
+    check_expert_dtype(expert_dtype)
+    if block_shape is not None and expert_dtype not in (None, "fp8"):
+        raise ValueError("block_shape is fp8's scale layout; int4 experts take group_size")
+    if group_size is not None and expert_dtype != "int4":
+        raise ValueError("group_size goes with expert_dtype='int4'")
+    if expert_dtype == "fp8":
+        return WeightFormat("fp8", block_shape=check_block_shape(block_shape))
+    if expert_dtype == "int4":
+        return WeightFormat("int4", group_size=check_group_size(group_size or DEFAULT_INT4_GROUP))
+    return None
 
 
 def host_copy(w13: torch.Tensor, w2: torch.Tensor, pin: bool, expert_dtype: str | None = None,
-              block_shape=None) -> Experts:
+              block_shape=None, group_size=None) -> Experts:
     """One layer's experts copied into host tensors of the one-block layout (pinned if asked);
-    ``expert_dtype="fp8"``: quantized to e4m3 with scales (``block_shape``: None per output
-    channel) as they are copied, one layer at a time. Tensors of mismatched shapes are copied as
-    they are (the store's constructor names the problem)."""
+    ``expert_dtype="fp8"`` / ``"int4"``: quantized as they are copied (``target_format``), one
+    expert at a time. Tensors of mismatched shapes are copied as they are (the store's constructor
+    names the problem)."""
     w13, w2 = w13.detach(), w2.detach()
-    check_expert_dtype(expert_dtype)
+    fmt = target_format(expert_dtype, block_shape, group_size)
+    if w13.dtype in (FP8, torch.uint8):
+        raise ValueError(f"{'fp8' if w13.dtype == FP8 else 'int4 (uint8 codes)'} experts come with their scales: "
+                         "build the store with HostExpertStore(w13, w2, w13_scale, w2_scale, ...)")
     if w13.dim() == 3 and w2.dim() == 3 and tuple(w2.shape) == (w13.shape[0], w13.shape[2], w13.shape[1] // 2) \
             and w13.dtype == w2.dtype:
         E, H, I = w13.shape[0], w13.shape[2], w13.shape[1] // 2
-        if expert_dtype == "fp8" and w13.dtype != FP8:
-            out = allocate_experts(E, H, I, FP8, pin=pin, block_shape=block_shape)
-            for dst, dst_scale, w in ((out.w13, out.w13_scale, w13), (out.w2, out.w2_scale, w2)):
+        if fmt is not None:
+            out = allocate_experts(E, H, I, w13.dtype, pin=pin, fmt=fmt)
+            for which, w in ((0, w13), (1, w2)):
+                dst, dst_scale, dst_zeros = out[which], out.quant.of(which)[0], out.quant.of(which)[1]
                 for e in range(E):  # an expert at a time: the fp32 temporaries stay one expert's size
-                    q, sc = quantize_fp8(w[e].to("cpu"), block_shape)
+                    q, sc, z = fmt.quantize(w[e].to("cpu"))
                     dst[e].copy_(q)
                     dst_scale[e].copy_(sc)
+                    if dst_zeros is not None:
+                        dst_zeros[e].copy_(z)
             return out
-        if w13.dtype == FP8:
-            raise ValueError("fp8 experts come with their scales: build the store with "
-                             "HostExpertStore(w13, w2, w13_scale, w2_scale, block_shape)")
         out = allocate_experts(E, H, I, w13.dtype, pin=pin)
         out.w13.copy_(w13)
         out.w2.copy_(w2)
@@ -207,7 +268,8 @@ _PART = {"gate_proj": "gate", "w1": "gate", "up_proj": "up", "w3": "up", "down_p
 _DEFAULT_CHECKPOINT_BLOCKS = (128, 128)  # DeepSeek-V3's and Qwen3 FP8's weight_block_size
 
 
-def _checkpoint_layer(l: int, entries: dict, pin: bool, expert_dtype: str | None, block_shape) -> Experts:
+def _checkpoint_layer(l: int, entries: dict, pin: bool, expert_dtype: str | None, block_shape,
+                      group_size=None) -> Experts:
     """One MoE layer of a checkpoint (``entries``: (expert, part, kind) -> (file, name)) in the
     one-block layout, filled expert by expert (fp8: with the checkpoint's scales)."""
     E = 1 + max(e for e, _, _ in entries)
@@ -256,8 +318,8 @@ def _checkpoint_layer(l: int, entries: dict, pin: bool, expert_dtype: str | None
                     raise ValueError(f"layer {l}: {entries[(e, q, 'weight')][1]} has no {kind}")
                 s = _checkpoint_scale(get(e, q, kind), *want, block_shape, f"layer {l}: {entries[(e, q, kind)][1]}")
                 (out.w2_scale[e] if rows is None else out.w13_scale[e, scale_rows]).copy_(s)
-    if expert_dtype == "fp8" and not fp8:  # quantized as loaded: one layer at a time in 16/32 bits
-        return host_copy(out.w13, out.w2, pin, "fp8", block_shape)
+    if expert_dtype is not None and not fp8:  # quantized as loaded: one layer at a time in 16/32 bits
+        return host_copy(out.w13, out.w2, pin, expert_dtype, block_shape, group_size)
     return out
 
 
@@ -279,62 +341,86 @@ def _checkpoint_scale(s: torch.Tensor, n: int, k: int, block_shape, what: str) -
 
 
 class HostExpertStore:
-    """All experts in host memory, one (w13, w2) tensor pair per MoE layer; fp8 experts with one
-    (w13_scale, w2_scale) pair per layer too (``block_shape``: None per output channel, see
-    ``kernels.fp8``)."""
+    """All experts in host memory, one (w13, w2) tensor pair per MoE layer; quantized experts with one
+    (w13_scale, w2_scale) pair per layer too, and int4 ones with zero points one (w13_zeros,
+    w2_zeros) pair (``fmt``, a ``kernels.weight_format.WeightFormat``: fp8's ``block_shape``,
+    None per output channel; int4's ``group_size``)."""
 
     def __init__(self, w13: Sequence[torch.Tensor], w2: Sequence[torch.Tensor],
                  w13_scale: Sequence[torch.Tensor] | None = None, w2_scale: Sequence[torch.Tensor] | None = None,
-                 block_shape=None):
+                 block_shape=None, w13_zeros: Sequence[torch.Tensor] | None = None,
+                 w2_zeros: Sequence[torch.Tensor] | None = None, group_size=None):
         if len(w13) != len(w2) or not w13:
             raise ValueError(f"need one w13 and one w2 per layer, got {len(w13)} and {len(w2)}")
-        E, I2, H = w13[0].shape
-        fp8 = w13[0].dtype == FP8
-        block_shape = check_block_shape(block_shape)
-        if fp8 and (w13_scale is None or w2_scale is None or len(w13_scale) != len(w13) or len(w2_scale) != len(w13)):
-            raise ValueError("fp8 experts need one w13_scale and one w2_scale per layer")
-        if not fp8 and (w13_scale is not None or w2_scale is not None):
-            raise ValueError(f"scales go with float8_e4m3fn experts, not {w13[0].dtype}")
+        L = len(w13)
+        per_layer = {"w13_scale": w13_scale, "w2_scale": w2_scale, "w13_zeros": w13_zeros, "w2_zeros": w2_zeros}
+        for name, t in per_layer.items():
+            if t is not None and len(t) != L:
+                raise ValueError(f"need one {name} per layer, got {len(t)} for {L} layers")
+        quant = [Quant(*(None if t is None else t[l] for t in per_layer.values())) for l in range(L)]
+        fmt = WeightFormat.of(w13[0].dtype, w13[0], w2[0], quant[0], block_shape, group_size)
+        if fmt.kind != "float" and (w13_scale is None or w2_scale is None):
+            raise ValueError(f"{fmt.kind} experts need one w13_scale and one w2_scale per layer")
+        E, I2, Hs = w13[0].shape
+        H, I = fmt.k_of(Hs), I2 // 2
         for l, (a, b) in enumerate(zip(w13, w2)):
-            if a.dim() != 3 or tuple(a.shape) != (E, I2, H) or tuple(b.shape) != (E, H, I2 // 2) or I2 % 2:
+            if a.dim() != 3 or tuple(a.shape) != (E, I2, Hs) or tuple(b.shape) != (E, H, fmt.stored_k(I)) or I2 % 2:
                 raise ValueError(f"layer {l}: w13 {tuple(a.shape)} / w2 {tuple(b.shape)} do not match "
-                                 f"[E, 2I, H] = {(E, I2, H)} / [E, H, I] = {(E, H, I2 // 2)}")
+                                 f"[E, 2I, H{fmt.packing}] = {(E, I2, Hs)} / [E, H, I{fmt.packing}] = "
+                                 f"{(E, H, fmt.stored_k(I))}")
             if a.dtype != w13[0].dtype or b.dtype != w13[0].dtype:
                 raise TypeError(f"layer {l}: dtypes {a.dtype}/{b.dtype} differ from {w13[0].dtype}")
             if a.device.type != "cpu" or b.device.type != "cpu":
                 raise ValueError(f"layer {l}: the store holds host tensors, got {a.device}/{b.device}")
-            if fp8:
-                check_scales(a, w13_scale[l], f"layer {l}: w13", block_shape)
-                check_scales(b, w2_scale[l], f"layer {l}: w2", block_shape)
+            if fmt.kind != "float":
+                if WeightFormat.of(a.dtype, a, b, quant[l], block_shape, group_size) != fmt:
+                    raise ValueError(f"layer {l}: its experts' format differs from layer 0's ({fmt})")
+                fmt.check(a, quant[l].w13_scale, quant[l].w13_zeros, f"layer {l}: w13")
+                fmt.check(b, quant[l].w2_scale, quant[l].w2_zeros, f"layer {l}: w2")
+        self.fmt = fmt
         self.w13, self.w2 = list(w13), list(w2)
-        self.w13_scale = list(w13_scale) if fp8 else None
-        self.w2_scale = list(w2_scale) if fp8 else None
-        self.block_shape = block_shape if fp8 else None
-        # one block per expert (one copy each), or None: two copies per expert (fp8 must have one)
-        self.blocks = [expert_block(a, b, *((self.w13_scale[l], self.w2_scale[l], block_shape) if fp8 else ()))
+        self.w13_scale = list(w13_scale) if fmt.kind != "float" else None
+        self.w2_scale = list(w2_scale) if fmt.kind != "float" else None
+        self.w13_zeros = list(w13_zeros) if fmt.zero_points else None
+        self.w2_zeros = list(w2_zeros) if fmt.zero_points else None
+        # one block per expert (one copy each), or None: two copies per expert (quantized experts must have one)
+        self.blocks = [expert_block(a, b, *quant[l][:2], fmt.block_shape, *quant[l][2:], fmt.group_size)
                        for l, (a, b) in enumerate(zip(self.w13, self.w2))]
-        if fp8 and None in self.blocks:
-            raise ValueError("fp8 experts must be in the one-block layout (weights and scales in one row per "
-                             "expert, memory.store.allocate_experts): build them with HostExpertStore.from_tensors"
-                             "(..., expert_dtype='fp8') or allocate_experts")
-        self.num_layers, self.num_experts, self.hidden, self.intermediate = len(w13), E, H, I2 // 2
+        if fmt.kind != "float" and None in self.blocks:
+            raise ValueError(f"{fmt.kind} experts must be in the one-block layout (weights, scales and zero points "
+                             "in one row per expert, memory.store.allocate_experts): build them with "
+                             f"HostExpertStore.from_tensors(..., expert_dtype='{fmt.kind}') or allocate_experts")
+        self.num_layers, self.num_experts, self.hidden, self.intermediate = L, E, H, I
         self.dtype = w13[0].dtype
 
     @property
+    def block_shape(self) -> tuple[int, int] | None:
+        return self.fmt.block_shape
+
+    def quant(self, layer: int) -> Quant:
+        """The scales and zero points of ``layer``'s experts (all None for float experts)."""
+        pick = lambda ts: None if ts is None else ts[layer]  # noqa: E731
+        return Quant(pick(self.w13_scale), pick(self.w2_scale), pick(self.w13_zeros), pick(self.w2_zeros))
+
+    @property
     def expert_bytes(self) -> int:
-        """Bytes of one expert (w13 + w2 parts; fp8: with its scales and padding), the unit of every copy."""
-        if self.dtype == FP8:
-            return fp8_expert_bytes(self.hidden, self.intermediate, self.block_shape)
+        """Bytes of one expert (w13 + w2 parts; quantized: with its scales, zero points and padding),
+        the unit of every copy."""
+        if self.fmt.kind != "float":
+            return quantized_expert_bytes(self.fmt, self.hidden, self.intermediate)
         return 3 * self.hidden * self.intermediate * self.dtype.itemsize
 
     @classmethod
     def from_experts(cls, layers: Sequence[Experts], block_shape=None) -> "HostExpertStore":
-        """From one ``Experts`` per layer (``host_copy``'s or ``allocate_experts``' result; fp8:
-        the scales' layout is theirs unless ``block_shape`` is given)."""
-        w13, w2, s13, s2 = (list(t) for t in zip(*(e[:4] for e in layers)))
-        if layers[0].w13.dtype != FP8:
-            return cls(w13, w2)
-        return cls(w13, w2, s13, s2, layers[0].block_shape if block_shape is None else block_shape)
+        """From one ``Experts`` per layer (``host_copy``'s or ``allocate_experts``' result; the
+        format is theirs, fp8's scale blocks unless ``block_shape`` is given)."""
+        fmt = layers[0].fmt
+        if fmt.kind == "float" and layers[0].w13.dtype in (FP8, torch.uint8):
+            fmt = WeightFormat("fp8", block_shape=block_shape)  # (bare tensors: the caller's layout)
+        cols = [list(t) for t in zip(*(tuple(e[:4]) + (e.w13_zeros, e.w2_zeros) for e in layers))]
+        w13, w2, s13, s2, z13, z2 = (c if any(t is not None for t in c) else None for c in cols)
+        return cls(w13, w2, s13, s2, fmt.block_shape if block_shape is None else block_shape, z13, z2,
+                   fmt.group_size)
 
     @property
     def pinned(self) -> bool:
@@ -344,22 +430,24 @@ class HostExpertStore:
 
     @classmethod
     def from_tensors(cls, w13: torch.Tensor, w2: torch.Tensor, pin: bool | None = None, expert_dtype: str | None = None,
-                     block_shape=None) -> "HostExpertStore":
+                     block_shape=None, group_size=None) -> "HostExpertStore":
         """From w13 [L, E, 2I, H] and w2 [L, E, H, I] (or per-layer lists). Pinned by default when
         CUDA is available; copied layer by layer, so at most one extra layer exists at a time.
         ``expert_dtype="fp8"``: quantized to e4m3 as they are copied (``block_shape``: the scales'
-        blocks, None per output channel)."""
+        blocks, None per output channel); ``"int4"``: to int4 codes with a scale per ``group_size``
+        inputs (default 128; experimental: its quality is measured on the routing study's models only)."""
         pin = torch.cuda.is_available() if pin is None else pin
         if isinstance(w13, torch.Tensor) and w13.dim() != 4:
             raise ValueError(f"w13 must be [L, E, 2I, H], got shape {tuple(w13.shape)}")
         if isinstance(w2, torch.Tensor) and w2.dim() != 4:
             raise ValueError(f"w2 must be [L, E, H, I], got shape {tuple(w2.shape)}")
-        return cls.from_experts([host_copy(a, b, pin, expert_dtype, block_shape) for a, b in zip(w13, w2)],
+        return cls.from_experts([host_copy(a, b, pin, expert_dtype, block_shape, group_size) for a, b in zip(w13, w2)],
                                 block_shape)
 
     @classmethod
     def from_parameters(cls, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], pin: bool | None = None,
-                        release=None, expert_dtype: str | None = None, block_shape=None) -> "HostExpertStore":
+                        release=None, expert_dtype: str | None = None, block_shape=None,
+                        group_size=None) -> "HostExpertStore":
         """From (gate_up [E, 2I, H], down [E, H, I]) parameter pairs, one per MoE layer, e.g. the
         ``experts.gate_up_proj`` / ``experts.down_proj`` of transformers' OLMoE and Mixtral blocks.
         ``release(layer_index)`` is called after each layer is copied so the caller can drop the
@@ -368,23 +456,23 @@ class HostExpertStore:
         pin = torch.cuda.is_available() if pin is None else pin
         layers = []
         for l, (gate_up, down) in enumerate(pairs):
-            layers.append(host_copy(gate_up, down, pin, expert_dtype, block_shape))
+            layers.append(host_copy(gate_up, down, pin, expert_dtype, block_shape, group_size))
             if release is not None:
                 release(l)
         return cls.from_experts(layers, block_shape)
 
     @classmethod
     def from_module(cls, model: torch.nn.Module, pin: bool | None = None, expert_dtype: str | None = None,
-                    block_shape=None) -> "HostExpertStore":
+                    block_shape=None, group_size=None) -> "HostExpertStore":
         """From every submodule with fused ``gate_up_proj`` and ``down_proj`` parameters
         (transformers 5.x experts), in module order."""
         return cls.from_parameters([(m.gate_up_proj, m.down_proj) for m in expert_modules(model)], pin,
-                                   expert_dtype=expert_dtype, block_shape=block_shape)
+                                   expert_dtype=expert_dtype, block_shape=block_shape, group_size=group_size)
 
     @classmethod
     def from_safetensors(cls, paths: str | Path | Sequence[str | Path], pin: bool | None = None,
                          progress: bool = True, expert_dtype: str | None = None,
-                         block_shape=None) -> "HostExpertStore":
+                         block_shape=None, group_size=None) -> "HostExpertStore":
         """Stream the routed experts of an OLMoE/Mixtral/Qwen-MoE/DeepSeek-style checkpoint (one
         tensor per expert and projection, HF naming) layer by layer into the store. Recognised names:
         ``...layers.{l}.mlp.experts.{e}.{gate,up,down}_proj.weight`` (OLMoE, Qwen-MoE, DeepSeek) and
@@ -400,7 +488,7 @@ class HostExpertStore:
         from safetensors import safe_open
         from tqdm import tqdm
 
-        check_expert_dtype(expert_dtype)
+        target_format(expert_dtype, None, group_size)  # (refuses an unknown dtype, a group without int4)
         pin = torch.cuda.is_available() if pin is None else pin
         paths = [Path(paths)] if isinstance(paths, (str, Path)) else [Path(p) for p in paths]
         with contextlib.ExitStack() as files:  # each file opened (memory-mapped) once
@@ -413,7 +501,7 @@ class HostExpertStore:
                         index.setdefault(int(m[1]), {})[(int(m[2]), _PART[m[3]], m[4])] = (f, name)
             if not index:
                 raise ValueError(f"no routed-expert tensors found in {', '.join(map(str, paths))}")
-            layers = [_checkpoint_layer(l, index[l], pin, expert_dtype, block_shape) for l in
+            layers = [_checkpoint_layer(l, index[l], pin, expert_dtype, block_shape, group_size) for l in
                       tqdm(sorted(index), desc="experts -> host store", unit="layer", disable=not progress)]
         layouts = {e.block_shape for e in layers if e.w13.dtype == FP8}
         if len({e.w13.dtype for e in layers}) > 1 or len(layouts) > 1:
