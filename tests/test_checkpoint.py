@@ -162,7 +162,9 @@ def test_checkpoint_refusals(tmp_path):
                                          block_shape=(64, 16))
     with pytest.raises(ValueError, match="expert_dtype must be None"):
         HostExpertStore.from_safetensors(tmp_path / "blocks16.safetensors", pin=False, progress=False,
-                                         expert_dtype="int4")
+                                         expert_dtype="int8")
+    with pytest.raises(ValueError, match="group_size goes with expert_dtype='int4'"):
+        HostExpertStore.from_safetensors(tmp_path / "blocks16.safetensors", pin=False, progress=False, group_size=32)
     # one layer fp8, the other bf16: one store holds one format
     mixed = {k: (v.float().to(torch.bfloat16) if ".layers.1." in k and k.endswith(".weight") else v)
              for k, v in blocks16.items() if not (".layers.1." in k and "scale" in k)}
