@@ -295,3 +295,28 @@ def test_int4_store_from_tensors_and_refusals():
         ProphetMoE(store, 4, "cpu", miss="cpu", cpu_rates=dict(cpu_gbps=1, cpu_gflops=1, link_gbps=1, dram_gbps=1))
     with pytest.raises(ValueError, match="'read-through' is not built for int4 experts"):
         ProphetMoE(store, 4, "cpu", mode="device", fill="read-through")  # (its zero points)
+
+
+def test_expert_quality_bench_runs_its_int4_variants(tmp_path):
+    """bench/expert_quality.py's variants on a random-init OLMoE-shaped study model cut to 2 layers
+    (2 windows of 16 tokens): Prophet's int4 store and the zero-point quantizer give finite bits per byte near fp32's;
+    a group that does not divide the shape's I = 64 (128) is skipped, not run wrong."""
+    import numpy as np
+
+    from bench import expert_quality
+    from prophet_kernels.routing.traces.train import get_shape, model_class
+
+    import dataclasses
+
+    shape = dataclasses.replace(get_shape("olmoe"), num_layers=2)
+    torch.manual_seed(0)
+    model_class(shape)(shape.config(32, 256)).save_pretrained(tmp_path / "olmoe")
+    rng = np.random.default_rng(0)
+    windows, token_bytes = rng.integers(0, 256, (2, 16)), np.ones(256, dtype=np.int64)
+    bpb = {v: expert_quality.bits_per_byte(tmp_path / "olmoe", "olmoe", windows, token_bytes, v)
+           for v in ("fp32", "prophet-int4-g32", "int4-g32-zp", "prophet-int4-g128")}
+    assert bpb["prophet-int4-g128"] is None
+    for v in ("prophet-int4-g32", "int4-g32-zp"):
+        assert np.isfinite(bpb[v]) and bpb[v] != bpb["fp32"] and abs(bpb[v] / bpb["fp32"] - 1) < 0.05
+    with pytest.raises(ValueError, match="unknown variant 'int3'"):
+        expert_quality.bits_per_byte(tmp_path / "olmoe", "olmoe", windows, token_bytes, "int3")
