@@ -291,7 +291,6 @@ def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_sche
     kernel). A static ``activation_scheme`` writes per-expert input scales too. bf16 throughout:
     vLLM serves fp8 checkpoints in bf16 or fp16 only. Returns (out, dequantized_out)."""
     import torch
-    from safetensors.torch import load_file
 
     from prophet_kernels.kernels.fp8 import FP8, FP8_MAX, check_block_shape, expand_scale, quantize_fp8
 
@@ -299,10 +298,7 @@ def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_sche
     if activation_scheme not in ("dynamic", "static") or (activation_scheme == "static" and block_shape):
         raise ValueError(f"activation_scheme 'dynamic', or 'static' with per-tensor scales; got {activation_scheme!r}")
     src = Path(path)
-    files = sorted(src.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ValueError(f"{src}: expected one .safetensors file, found {len(files)}")
-    weights = load_file(str(files[0]))
+    weights = _one_file(src)
     fp8, dequantized = {}, {}
     for name, w in weights.items():
         if ".experts." not in name or not name.endswith(".weight"):
@@ -326,6 +322,16 @@ def fp8_checkpoint(path, out, dequantized_out, block_shape=None, activation_sche
     return _write_pair(src, out, fp8, dequantized_out, dequantized, {
         "quant_method": "fp8", "activation_scheme": activation_scheme, "ignored_layers": ignored,
         **({"weight_block_size": list(block_shape)} if block_shape else {})})
+
+
+def _one_file(src: Path) -> dict:
+    """The tensors of a checkpoint folder holding one safetensors file (as the tiny checkpoints do)."""
+    from safetensors.torch import load_file
+
+    files = sorted(src.glob("*.safetensors"))
+    if len(files) != 1:
+        raise ValueError(f"{src}: expected one .safetensors file, found {len(files)}")
+    return load_file(str(files[0]))
 
 
 def _write_pair(src: Path, out, tensors: dict, dequantized_out, dequantized: dict, quantization_config: dict
@@ -361,16 +367,12 @@ def int4_checkpoint(path, out, dequantized_out, group_size: int = 32, zero_point
     that the dequantized values are exact in bf16: both checkpoints hold the same experts. Returns
     (out, dequantized_out)."""
     import torch
-    from safetensors.torch import load_file
 
     from prophet_kernels.kernels.int4 import check_group_size, dequantize_int4, quantize_int4
 
     g = check_group_size(group_size)
     src = Path(path)
-    files = sorted(src.glob("*.safetensors"))
-    if len(files) != 1:
-        raise ValueError(f"{src}: expected one .safetensors file, found {len(files)}")
-    weights = load_file(str(files[0]))
+    weights = _one_file(src)
     packed, dequantized = {}, {}
     for name, w in weights.items():
         if ".experts." not in name or not name.endswith(".weight"):
@@ -435,9 +437,10 @@ def _compare(family, model, runs, max_tokens, num_prompts, dtype, repeats, cache
     print(f"{len(ps)} prompts, greedy, {max_tokens} new tokens each; vLLM without Prophet "
           f"(its defaults: compiled, warm-up + {repeats} timed runs) ...", flush=True)
     reference = model
+    expert_dtype = runs[0].get("expert_dtype")
     if expert_dtype in ("fp8", "int4"):
         reference = quantized_reference_checkpoint(model, Path(cache) / f"{expert_dtype}-dequantized", expert_dtype,
-                                                   int4_group_size if expert_dtype == "int4" else None, dtype)
+                                                   runs[0].get("int4_group_size"), dtype)
         print(f"(expert_dtype {expert_dtype}: vLLM without Prophet serves the same {expert_dtype} experts "
               f"dequantized: {reference})")
     base, _, base_s, served = generate(reference, ps, max_tokens, None, **common)

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 from prophet_kernels import fused_experts, fused_experts_paged
 from prophet_kernels.kernels.int4 import dequantize_int4, pack_int4, quantize_int4, unpack_int4
 
+from .test_fp8 import routing
 from .test_moe import DEV, GEMV, GROUPED_SMALL, rel_err
 
 GEMV64 = {"gemv": True, "block_m": 16, "gate_up": {"BN": 16, "BK": 64}, "down": {"BN": 32, "BK": 128}}
@@ -63,12 +64,6 @@ def poisoned_slots(E, S, gen, *tensors):
         junk[pt.long()] = t
         out.append(junk)
     return out, pt
-
-
-def routing(T, E, k, gen):
-    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(torch.int32)
-    w = torch.rand(T, k, generator=gen) + 0.1
-    return w / w.sum(1, keepdim=True), ids
 
 
 # (m, e, topk, ep_size, group, zero points): vLLM's wn16 int4 grid, one case per (m, group, zp)

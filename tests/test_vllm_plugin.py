@@ -880,6 +880,18 @@ def test_server_refuses_a_bad_setting_on_its_last_line(tmp_path, checkpoints):
     assert not any("EngineCore" in x for x in lines), "an engine started before the refusal"
 
 
+def _greedy_and_stats(model, settings: dict, prompts, **llm_kwargs) -> tuple[list[list[int]], dict]:
+    """Greedy tokens (MAX_TOKENS per prompt) of an engine with Prophet's ``settings``, and its one
+    rank's Prophet stats; the engine is gone after."""
+    llm = demo.make_llm(model, settings, **llm_kwargs)
+    try:
+        tokens = demo.greedy(llm, prompts, MAX_TOKENS)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    return tokens, stats
+
+
 def _transformers_greedy(checkpoint: str, prompts, **prophet) -> list[list[int]]:
     """Greedy tokens (MAX_TOKENS per prompt, never stopping at eos, as the vLLM runs here) of the
     checkpoint in transformers (fp32) with Prophet's transformers integration (``enable_prophet``)."""
@@ -898,61 +910,35 @@ def _transformers_greedy(checkpoint: str, prompts, **prophet) -> list[list[int]]
     return out
 
 
-@pytest.mark.parametrize("family, mode", [("olmoe", "host"), ("mixtral", "device")])
-def test_fp8_experts_tokens_identical(checkpoints, baseline, tmp_path, family, mode):
-    """expert_dtype: fp8 quantizes the experts as they are loaded (half the bytes per slot and per
-    copy) and serves greedy tokens identical to vLLM's own MoE method on the same fp8 values
-    (dequantized into a checkpoint) and to Prophet's transformers integration with the same setting
-    (same quantization, same kernels' reference path), with misses and evictions, in either mode.
-    (On these random-init models fp8 changes most tokens from the fp32 ones: the identity is not
-    fp32's.)"""
+@pytest.mark.parametrize("family, mode, buffer, expert_dtype", [
+    ("olmoe", "host", 0.375, "fp8"), ("mixtral", "device", 0.375, "fp8"),
+    ("olmoe", "host", 0.25, "int4"), ("mixtral", "device", 1.0, "int4")])
+def test_quantized_experts_tokens_identical(checkpoints, baseline, tmp_path, family, mode, buffer, expert_dtype):
+    """expert_dtype: fp8 (issue 28) or int4 (issue 44, experimental: symmetric codes, a scale per 32
+    inputs) quantizes the experts as they are loaded and serves greedy tokens identical to vLLM's
+    own MoE method on the same quantized values (dequantized into a checkpoint) and to Prophet's
+    transformers integration with the same setting (same quantization, same kernels' reference
+    path), with misses and evictions, in either mode; int4 at 100% too. A slot holds the quantized
+    bytes: fp8 half of bf16's, int4 a quarter, plus the scales. (On these random-init models
+    quantization changes most tokens from the fp32 ones: the identity is not fp32's.)"""
+    from prophet_kernels.memory.store import quantized_expert_bytes, target_format
+
+    group = 32 if expert_dtype == "int4" else None
     ps, base = baseline
-    reference = demo.generate(demo.quantized_reference_checkpoint(checkpoints[family], tmp_path / "deq"), ps, MAX_TOKENS,
-                              None)[0]
+    reference = demo.generate(demo.quantized_reference_checkpoint(checkpoints[family], tmp_path / "deq", expert_dtype,
+                                                                  group), ps, MAX_TOKENS, None)[0]
     assert reference != base[family]
-    llm = demo.make_llm(checkpoints[family], {"buffer": 0.375, "mode": mode, "predictor": "same",
-                                              "expert_dtype": "fp8"})
-    try:
-        tokens = demo.greedy(llm, ps, MAX_TOKENS)
-        (stats,) = prophet_stats(llm)
-    finally:
-        del llm
-    assert tokens == reference
-    assert tokens == _transformers_greedy(checkpoints[family], ps, mode=mode, buffer=0.375, predictor="same",
-                                          expert_dtype="fp8")
-    H, I = demo.TINY[family]["hidden_size"], 64
-    assert stats["expert_bytes"] == 3 * H * I + 4 * (2 * I + H)  # fp8 weights + fp32 scales (fp32: 12 * H * I)
-    assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
-
-
-@pytest.mark.parametrize("family, mode, buffer", [("olmoe", "host", 0.25), ("mixtral", "device", 1.0)])
-def test_int4_experts_tokens_identical(checkpoints, baseline, tmp_path, family, mode, buffer):
-    """Issue 44: expert_dtype: int4 (experimental) quantizes the experts as they are loaded (symmetric
-    codes, a scale per 32 inputs) and serves greedy tokens identical to vLLM's own MoE method on the
-    same int4 values dequantized into a checkpoint, and to Prophet's transformers integration with
-    the same setting, at 25% (misses, evictions) and 100%; a slot holds a quarter of a bf16 expert's
-    bytes plus the scales."""
-    from prophet_kernels.kernels.weight_format import WeightFormat
-    from prophet_kernels.memory.store import quantized_expert_bytes
-
-    ps, base = baseline
-    reference = demo.generate(demo.quantized_reference_checkpoint(checkpoints[family], tmp_path / "deq", "int4", 32),
-                              ps, MAX_TOKENS, None)[0]
-    assert reference != base[family]
-    settings = {"buffer": buffer, "mode": mode, "predictor": "same", "expert_dtype": "int4", "int4_group_size": 32}
-    llm = demo.make_llm(checkpoints[family], settings)
-    try:
-        tokens = demo.greedy(llm, ps, MAX_TOKENS)
-        (stats,) = prophet_stats(llm)
-    finally:
-        del llm
+    settings = {"buffer": buffer, "mode": mode, "predictor": "same", "expert_dtype": expert_dtype,
+                **({"int4_group_size": group} if group else {})}
+    tokens, stats = _greedy_and_stats(checkpoints[family], settings, ps)
     assert tokens == reference
     assert tokens == _transformers_greedy(checkpoints[family], ps, mode=mode, buffer=buffer, predictor="same",
-                                          expert_dtype="int4", int4_group_size=32)
+                                          expert_dtype=expert_dtype, **({"int4_group_size": group} if group else {}))
     H, I = demo.TINY[family]["hidden_size"], 64
-    assert stats["expert_bytes"] == 3 * H * I // 2 + 4 * 3 * H * I // 32  # codes + fp32 scales (bf16: 6 * H * I)
-    assert stats["expert_bytes"] == quantized_expert_bytes(WeightFormat("int4", group_size=32), H, I)
-    assert stats["expert_dtype"] == "int4 (group 32)"
+    want = {"fp8": 3 * H * I + 4 * (2 * I + H),  # fp8 weights + fp32 scales per row (fp32: 12 * H * I)
+            "int4": 3 * H * I // 2 + 4 * 3 * H * I // 32}[expert_dtype]  # codes + fp32 scales per 32 (bf16: 6 * H * I)
+    assert stats["expert_bytes"] == want == quantized_expert_bytes(target_format(expert_dtype, None, group), H, I)
+    assert stats["expert_dtype"] == {"fp8": "float8_e4m3fn", "int4": "int4 (group 32)"}[expert_dtype]
     if buffer < 1:
         assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
@@ -973,12 +959,7 @@ def test_int4_checkpoint_served_with_its_own_codes(checkpoints, tmp_path, family
     q, deq = demo.int4_checkpoint(checkpoints[family], tmp_path / "int4", tmp_path / "deq", 32, zero_points)
     ps = demo.prompts(3, vocab=512)
     reference = demo.generate(deq, ps, MAX_TOKENS, None, dtype="float32")[0]
-    llm = demo.make_llm(q, {"buffer": buffer, "mode": mode, "predictor": "same"}, dtype="float32")
-    try:
-        tokens = demo.greedy(llm, ps, MAX_TOKENS)
-        (stats,) = prophet_stats(llm)
-    finally:
-        del llm
+    tokens, stats = _greedy_and_stats(q, {"buffer": buffer, "mode": mode, "predictor": "same"}, ps, dtype="float32")
     assert tokens == reference
     H, I = demo.TINY[family]["hidden_size"], 64
     assert stats["expert_bytes"] == quantized_expert_bytes(WeightFormat("int4", group_size=32, zero_points=zero_points),
