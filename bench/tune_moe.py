@@ -36,9 +36,9 @@ if __package__ in (None, ""):
 import torch
 
 from prophet_kernels.benchmark.moe import time_graph
-from prophet_kernels.benchmark.common import BATCH_SIZES, MOE_SHAPES, make_experts, random_routing
-from prophet_kernels.kernels.fp8 import check_block_shape, quantize_fp8
-from prophet_kernels.kernels.int4 import check_group_size
+from prophet_kernels.benchmark.common import (BATCH_SIZES, MOE_SHAPES, make_experts, random_routing,
+                                              weight_format_from_flags)
+from prophet_kernels.kernels.fp8 import quantize_fp8
 from prophet_kernels.kernels.gemv import gemv_experts, launch_gemv_gate_up, pdl_level
 from prophet_kernels.kernels.grouped_gemm import launch_down, launch_gate_up
 from prophet_kernels.kernels.launch_config import CONFIG_DIR, device_file_name, shape_key, table_path
@@ -197,12 +197,10 @@ def main(argv=None):
                          "at batches of more than 16 rows per expert (prefill, default), every batch, or never")
     ap.add_argument("--out", default=None, help="config JSON to write (default: the device's file)")
     args = ap.parse_args(argv)
-    if args.block is not None and args.experts != "fp8":
-        sys.exit("--block goes with --experts fp8")
-    fmt = (WeightFormat("fp8", block_shape=check_block_shape((args.block, args.block)) if args.block else None)
-           if args.experts == "fp8" else
-           WeightFormat("int4", group_size=check_group_size(args.group), zero_points=args.zero_points)
-           if args.experts == "int4" else WeightFormat())
+    try:
+        fmt = weight_format_from_flags(args.experts, args.block, args.group, args.zero_points)
+    except ValueError as e:
+        sys.exit(str(e))
     if not torch.cuda.is_available():
         sys.exit("tune_moe.py needs a GPU: launch configs are tuned on the device they serve")
     device = torch.device("cuda")

@@ -368,7 +368,7 @@ def int4_checkpoint(path, out, dequantized_out, group_size: int = 32, zero_point
     (out, dequantized_out)."""
     import torch
 
-    from prophet_kernels.kernels.int4 import check_group_size, dequantize_int4, quantize_int4
+    from prophet_kernels.kernels.int4 import check_group_size, dequantize_int4, encode_int4, pack_int4, quantize_int4
 
     g = check_group_size(group_size)
     src = Path(path)
@@ -379,25 +379,16 @@ def int4_checkpoint(path, out, dequantized_out, group_size: int = 32, zero_point
             packed[name] = dequantized[name] = w.to(torch.bfloat16)
             continue
         w = w.float()
-        _, scale, _ = quantize_int4(w, g, zero_points)
-        scale = torch.exp2(torch.ceil(torch.log2(scale)))  # a power of two: (code - zero) x scale exact in bf16
-        x = w.reshape(w.shape[0], -1, g)
-        if zero_points:
-            z = torch.round(-x.amin(-1).clamp(max=0) / scale).clamp(0, 15)
-        else:
-            z = torch.full_like(scale, 8.0)
-        q = torch.clamp(torch.round(x / scale[..., None]) + z[..., None], 0, 15).reshape(w.shape).to(torch.uint8)
-        codes = q[:, 0::2] | (q[:, 1::2] << 4)
+        # the group's scale raised to a power of two: (code - zero) x scale is then exact in bf16
+        scale = torch.exp2(torch.ceil(torch.log2(quantize_int4(w, g, zero_points)[1])))
+        codes, z = encode_int4(w, scale, zero_points)
         base = name.removesuffix("weight")
-        packed[base + "weight_packed"] = codes.contiguous().view(torch.int32)
+        packed[base + "weight_packed"] = codes.view(torch.int32)
         packed[base + "weight_scale"] = scale.to(torch.bfloat16)
         packed[base + "weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
-        if zero_points:  # (compressed-tensors stores zero points signed, + 8 when packed, along the rows)
-            zq = z.to(torch.uint8).t().contiguous()  # [K/G, N]: pack eight rows a word
-            words = zq.reshape(zq.shape[0], -1, 8).to(torch.int64)
-            word = sum(words[..., i] << (4 * i) for i in range(8))
-            packed[base + "weight_zero_point"] = word.to(torch.int32).t().contiguous()
-        dequantized[name] = dequantize_int4(codes, scale, z.to(torch.uint8) if zero_points else None).to(torch.bfloat16)
+        if zero_points:  # [N/8, K/G] int32: eight rows a word (compressed-tensors stores them signed, + 8 packed)
+            packed[base + "weight_zero_point"] = pack_int4(z.t()).contiguous().view(torch.int32).t().contiguous()
+        dequantized[name] = dequantize_int4(codes, scale, z).to(torch.bfloat16)
     weights_cfg = {"num_bits": 4, "type": "int", "symmetric": not zero_points, "strategy": "group",
                    "group_size": g, "dynamic": False, "actorder": None, "observer": "minmax"}
     return _write_pair(src, out, packed, dequantized_out, dequantized, {

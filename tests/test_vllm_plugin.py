@@ -1041,41 +1041,30 @@ def test_fp8_checkpoint_served_with_its_own_scales(checkpoints, tmp_path, family
     assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
 
-def test_fp8_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_path):
-    """An fp8 checkpoint with block scales at tensor_parallel_size=2: vLLM's loader shards the weights
-    and their block scales along I into each rank's store (I/2 = 32, blocks of 16); greedy tokens
-    identical to Prophet at TP=2 on the same experts dequantized (bf16 at TP=2 rounds the ranks'
-    partial sums differently from TP=1, so TP=1 is not the reference here)."""
-    from prophet_kernels.memory.store import fp8_expert_bytes
-
-    fp8, deq = demo.fp8_checkpoint(checkpoints["mixtral"], tmp_path / "fp8", tmp_path / "deq", (16, 16))
-    ps, settings = demo.prompts(4), {"buffer": 0.375, "predictor": "same"}
-    runs = {name: _two_ranks(monkeypatch, model, settings, ps, "the TP workers'", dtype="bfloat16")
-            for name, model in (("deq", deq), ("fp8", fp8))}
-    assert runs["fp8"][0] == runs["deq"][0]
-    r0, r1, _ = runs["fp8"][1]
-    H = demo.TINY["mixtral"]["hidden_size"]
-    assert r0["expert_bytes"] == r1["expert_bytes"] == fp8_expert_bytes(H, 32, (16, 16))  # a rank's half, with scales
-    assert r0["total"]["misses"] > 0
-
-
-def test_int4_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_path):
-    """A compressed-tensors int4 checkpoint with zero points at tensor_parallel_size=2: vLLM's loader
-    shards the packed words, the group scales and the zero points (packed along N) along I into each
-    rank's store (I/2 = 32: one group of 32 per row of w2); greedy tokens identical to Prophet at TP=2
-    on the same experts dequantized (fp32)."""
+@pytest.mark.parametrize("kind", ["fp8", "int4"])
+def test_quantized_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_path, kind):
+    """A quantized checkpoint at tensor_parallel_size=2: vLLM's loader shards the weights and their
+    scales along I into each rank's store (I/2 = 32). fp8 with block scales (blocks of 16), in bf16
+    (bf16 at TP=2 rounds the ranks' partial sums differently from TP=1, so TP=1 is not the reference
+    here); compressed-tensors int4 with zero points (the packed words, the group scales and the zero
+    points packed along N; one group of 32 per row of w2), in fp32. Greedy tokens identical to
+    Prophet at TP=2 on the same experts dequantized."""
     from prophet_kernels.kernels.weight_format import WeightFormat
     from prophet_kernels.memory.store import quantized_expert_bytes
 
-    q, deq = demo.int4_checkpoint(checkpoints["mixtral"], tmp_path / "int4", tmp_path / "deq", 32, zero_points=True)
+    if kind == "fp8":
+        q, deq = demo.fp8_checkpoint(checkpoints["mixtral"], tmp_path / "q", tmp_path / "deq", (16, 16))
+        fmt, dtype = WeightFormat("fp8", block_shape=(16, 16)), "bfloat16"
+    else:
+        q, deq = demo.int4_checkpoint(checkpoints["mixtral"], tmp_path / "q", tmp_path / "deq", 32, zero_points=True)
+        fmt, dtype = WeightFormat("int4", group_size=32, zero_points=True), "float32"
     ps, settings = demo.prompts(4), {"buffer": 0.375, "predictor": "same"}
-    runs = {name: _two_ranks(monkeypatch, model, settings, ps, "the TP workers'", dtype="float32")
-            for name, model in (("deq", deq), ("int4", q))}
-    assert runs["int4"][0] == runs["deq"][0]
-    r0, r1, _ = runs["int4"][1]
+    runs = {name: _two_ranks(monkeypatch, model, settings, ps, "the TP workers'", dtype=dtype)
+            for name, model in (("deq", deq), ("q", q))}
+    assert runs["q"][0] == runs["deq"][0]
+    r0, r1, _ = runs["q"][1]
     H = demo.TINY["mixtral"]["hidden_size"]
-    assert r0["expert_bytes"] == r1["expert_bytes"] == \
-        quantized_expert_bytes(WeightFormat("int4", group_size=32, zero_points=True), H, 32)  # a rank's half
+    assert r0["expert_bytes"] == r1["expert_bytes"] == quantized_expert_bytes(fmt, H, 32)  # a rank's half, with scales
     assert r0["total"]["misses"] > 0
 
 

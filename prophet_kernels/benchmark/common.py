@@ -85,6 +85,25 @@ def measure_matmul_peak(device, dtype=torch.bfloat16) -> float:
     return 2 * n**3 / (ms * 1e-3)
 
 
+def weight_format_from_flags(experts: str, block: int | None, group: int, zero_points: bool):
+    """The experts' ``WeightFormat`` the kernel benchmarks' flags ask for (``prophet bench``,
+    ``bench/tune_moe.py``): ``--experts fp8`` (``--block B``: B x B scale blocks, else per output
+    channel), ``int4`` (``--group G`` inputs per scale, ``--zero-points``), anything else the
+    activations' dtype. ValueError for ``--block`` without fp8. (Imported here, not at the top: the
+    kernels must be imported after ``TRITON_INTERPRET`` is set.)"""
+    from prophet_kernels.kernels.fp8 import check_block_shape
+    from prophet_kernels.kernels.int4 import check_group_size
+    from prophet_kernels.kernels.weight_format import WeightFormat
+
+    if block is not None and experts != "fp8":
+        raise ValueError("--block goes with --experts fp8")
+    if experts == "fp8":
+        return WeightFormat("fp8", block_shape=check_block_shape((block, block)) if block else None)
+    if experts == "int4":
+        return WeightFormat("int4", group_size=check_group_size(group), zero_points=zero_points)
+    return WeightFormat()
+
+
 def random_routing(T: int, E: int, k: int, device, generator=None):
     """k distinct experts per token, uniform; softmax-like positive weights summing to 1."""
     scores = torch.rand(T, E, device=device, generator=generator)

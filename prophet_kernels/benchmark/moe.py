@@ -29,7 +29,7 @@ import time
 import torch
 
 from .common import (BATCH_SIZES, MOE_SHAPES, make_experts, measure_hbm_bandwidth, measure_matmul_peak, paged_copy,
-                     provenance, random_routing, write_rows)
+                     provenance, random_routing, weight_format_from_flags, write_rows)
 
 SMALL_SHAPE = {"small": dict(E=8, k=2, H=96, I=96)}  # CPU interpreter smoke size (int4: groups of 32)
 SMALL_T = (1, 4, 16)
@@ -116,8 +116,10 @@ def vllm_int4_moe(x, w13, w2, quant, group_size, topk_weights, topk_ids):
     from vllm.model_executor.layers.fused_moe.config import int4_w4a16_moe_quant_config
     from vllm.model_executor.layers.fused_moe.fused_moe import fused_experts as vllm_fused_experts
 
+    from prophet_kernels.kernels.int4 import pack_int4
+
     def zp(z):  # [E, N, K/G] uint8 -> [E, N/2, K/G], even n in the low nibble
-        return None if z is None else (z[:, 0::2] | (z[:, 1::2] << 4)).contiguous()
+        return None if z is None else pack_int4(z.transpose(1, 2)).transpose(1, 2).contiguous()
 
     cfg = int4_w4a16_moe_quant_config(quant.w13_scale.to(x.dtype), quant.w2_scale.to(x.dtype), zp(quant.w13_zeros),
                                       zp(quant.w2_zeros), block_shape=[0, group_size])
@@ -239,18 +241,12 @@ def main(argv=None, prog=None):
     device = torch.device("cuda" if gpu else "cpu")
     if not gpu:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # (before the kernels are imported)
-    from prophet_kernels.kernels.fp8 import check_block_shape
-    from prophet_kernels.kernels.int4 import check_group_size
-    from prophet_kernels.kernels.weight_format import WeightFormat
-
-    if args.block is not None and args.experts != "fp8":
-        ap.error("--block goes with --experts fp8")
     if (args.zero_points or args.group != 128) and args.experts != "int4":
         ap.error("--group and --zero-points go with --experts int4")
-    fmt = {"same": WeightFormat(),
-           "fp8": WeightFormat("fp8", block_shape=check_block_shape((args.block,) * 2) if args.block else None),
-           "int4": WeightFormat("int4", group_size=check_group_size(args.group), zero_points=args.zero_points)
-           }[args.experts]
+    try:
+        fmt = weight_format_from_flags(args.experts, args.block, args.group, args.zero_points)
+    except ValueError as e:
+        ap.error(str(e))
 
     shapes = args.shapes or (list(MOE_SHAPES) if gpu else ["small"])
     Ts = args.T or (BATCH_SIZES if gpu else SMALL_T)

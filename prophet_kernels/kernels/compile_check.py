@@ -147,17 +147,14 @@ def _moe_calls(dtype, weights: str, shape, cfg, T, k=2, read=False):
             return (torch.zeros((S, n, k // 2), dtype=torch.uint8), torch.ones((S, n, k // block)),
                     torch.zeros((S, n, k // block), dtype=torch.uint8) if weights == "int4-zp" else None)
         (w13, s13, z13), (w2, s2, z2) = codes(2 * I, H), codes(H, I)
-        ids = torch.arange(T * k, dtype=torch.int32).view(T, k) % E
-        fused_experts_paged(torch.randn(T, H, dtype=dtype), w13, w2, torch.arange(E, dtype=torch.int32) % S,
-                            torch.rand(T, k), ids, check=False, config=cfg, w13_scale=s13, w2_scale=s2,
-                            w13_zeros=z13, w2_zeros=z2, group_size=block)
-        return
-    wdtype = FP8 if weights == "fp8" else dtype
-    w13, w2, s13, s2 = _experts(S, H, I, wdtype, block)
-    kw = dict(w13_scale=s13, w2_scale=s2, block_shape=block) if weights == "fp8" else {}
-    if read:
-        kw["read_through"] = ReadThrough(*_experts(E, H, I, wdtype, block), torch.zeros((E + 1, 2), dtype=torch.int32),
-                                         torch.zeros(1, dtype=torch.int32))
+        kw = dict(w13_scale=s13, w2_scale=s2, w13_zeros=z13, w2_zeros=z2, group_size=block)
+    else:
+        wdtype = FP8 if weights == "fp8" else dtype
+        w13, w2, s13, s2 = _experts(S, H, I, wdtype, block)
+        kw = dict(w13_scale=s13, w2_scale=s2, block_shape=block) if weights == "fp8" else {}
+        if read:
+            kw["read_through"] = ReadThrough(*_experts(E, H, I, wdtype, block),
+                                             torch.zeros((E + 1, 2), dtype=torch.int32), torch.zeros(1, dtype=torch.int32))
     ids = torch.arange(T * k, dtype=torch.int32).view(T, k) % E
     pt = torch.arange(E, dtype=torch.int32) % S
     fused_experts_paged(torch.randn(T, H, dtype=dtype), w13, w2, pt, torch.rand(T, k), ids, check=False,

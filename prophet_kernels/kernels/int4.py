@@ -60,7 +60,7 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, zero_points: bool = Fa
     """w [..., N, K] floating -> (packed uint8 [..., N, K/2], scale fp32 [..., N, K/G], zeros uint8
     [..., N, K/G] or None). Symmetric: scale = the group's largest magnitude / 7, codes round(w/s) + 8
     in [1, 15]. With zero points: the group's range [min(w, 0), max(w, 0)] over the 16 codes (AWQ's
-    and GPTQ's asymmetric convention)."""
+    and GPTQ's asymmetric convention). The codes are ``encode_int4``'s for these scales."""
     if not w.dtype.is_floating_point or w.dtype == torch.float8_e4m3fn:
         raise TypeError(f"quantize_int4 takes fp32/fp16/bf16 weights, got {w.dtype}")
     if w.dim() < 2:
@@ -70,16 +70,24 @@ def quantize_int4(w: torch.Tensor, group_size: int = 128, zero_points: bool = Fa
     check_k(K, g, "quantize_int4")
     x = w.float().reshape(*w.shape[:-1], K // g, g)
     if zero_points:
-        lo = x.amin(-1, keepdim=True).clamp(max=0)
-        hi = x.amax(-1, keepdim=True).clamp(min=0)
-        scale = ((hi - lo) / 15).clamp(min=_TINY)
-        z = torch.round(-lo / scale).clamp(0, 15)
+        scale = ((x.amax(-1).clamp(min=0) - x.amin(-1).clamp(max=0)) / 15).clamp(min=_TINY)
     else:
-        scale = (x.abs().amax(-1, keepdim=True) / 7).clamp(min=_TINY)
-        z = torch.full_like(scale, SYMMETRIC_ZERO)
-    q = torch.clamp(torch.round(x / scale) + z, 0, 15).reshape(w.shape)
-    zeros = z[..., 0].to(torch.uint8) if zero_points else None
-    return pack_int4(q), scale[..., 0].contiguous(), zeros
+        scale = (x.abs().amax(-1) / 7).clamp(min=_TINY)
+    packed, zeros = encode_int4(w, scale, zero_points)
+    return packed, scale.contiguous(), zeros
+
+
+def encode_int4(w: torch.Tensor, scale: torch.Tensor, zero_points: bool = False
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """w [..., N, K] and its group scales [..., N, K/G] -> (packed codes uint8 [..., N, K/2], zero
+    points uint8 [..., N, K/G] or None): codes round(w / s) + z in [0, 15], with z = round(-min(w, 0)
+    / s) per group (zero points) or 8 (symmetric)."""
+    x = w.float().reshape(*w.shape[:-1], scale.shape[-1], -1)
+    s = scale.float()[..., None]
+    z = torch.round(-x.amin(-1, keepdim=True).clamp(max=0) / s).clamp(0, 15) if zero_points else \
+        torch.full_like(s, SYMMETRIC_ZERO)
+    q = torch.clamp(torch.round(x / s) + z, 0, 15).reshape(w.shape)
+    return pack_int4(q), z[..., 0].to(torch.uint8) if zero_points else None
 
 
 def expand_groups(t: torch.Tensor, k: int) -> torch.Tensor:

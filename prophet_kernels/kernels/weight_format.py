@@ -25,9 +25,6 @@ import torch
 from . import fp8, int4
 from .fp8 import FP8
 
-KINDS = ("float", "fp8", "int4")
-
-
 class Quant(NamedTuple):
     """The tensors that go with quantized weights (None where the format has none)."""
     w13_scale: torch.Tensor | None = None
