@@ -356,21 +356,38 @@ def _write_pair(src: Path, out, tensors: dict, dequantized_out, dequantized: dic
     return str(out), str(dequantized_out)
 
 
-def int4_checkpoint(path, out, dequantized_out, group_size: int = 32, zero_points: bool = False) -> tuple[str, str]:
-    """Writes the checkpoint at ``path`` (per-expert safetensors names) in compressed-tensors'
-    pack-quantized WNA16 format at ``out``, as llm-compressor writes a W4A16 model: each routed
-    expert's gate/up/down as ``weight_packed`` (int32 words of eight 4-bit codes along the input,
-    signed codes + 8), ``weight_scale`` [N, K/G] in bf16, ``weight_shape`` and, with
-    ``zero_points``, ``weight_zero_point`` [N/8, K/G] (int32 words packed along the output rows);
-    every other layer unquantized in bf16 (``ignore``). At ``dequantized_out`` the same experts'
-    values dequantized, in bf16. The scales are powers of two (at or above the group's own), so
-    that the dequantized values are exact in bf16: both checkpoints hold the same experts. Returns
-    (out, dequantized_out)."""
+INT4_LAYOUTS = ("compressed-tensors", "gptq", "gptq_v2", "awq")
+
+
+def int4_checkpoint(path, out, dequantized_out, group_size: int = 32, zero_points: bool = False,
+                    layout: str = "compressed-tensors") -> tuple[str, str]:
+    """Writes the checkpoint at ``path`` (per-expert safetensors names) with int4 experts at ``out``,
+    every other layer unquantized in bf16 (listed as the format skips layers), and at
+    ``dequantized_out`` the same experts' values dequantized, in bf16. The scales are powers of two
+    (at or above the group's own), so that the dequantized values are exact in bf16: both
+    checkpoints hold the same experts, and every layout holds the same codes. ``layout``:
+
+    - ``compressed-tensors``: pack-quantized WNA16, as llm-compressor writes it: ``weight_packed``
+      int32 [N, K/8] (eight codes along the input a word), ``weight_scale`` [N, K/G] bf16,
+      ``weight_shape``, and with ``zero_points`` ``weight_zero_point`` int32 [N/8, K/G] (along N);
+    - ``gptq`` / ``gptq_v2``: ``qweight`` int32 [K/8, N], ``scales`` [K/G, N] fp16, ``qzeros`` int32
+      [K/G, N/8] (v1: zero points minus one), ``g_idx``; symmetric only (as vLLM takes GPTQ);
+    - ``awq``: AutoAWQ's GEMM layout, ``qweight`` int32 [K, N/8] and ``qzeros`` [K/G, N/8] packed along
+      N in ``AWQ_ORDER``, ``scales`` [K/G, N] fp16; zero points only.
+
+    Returns (out, dequantized_out)."""
     import torch
 
-    from prophet_kernels.kernels.int4 import check_group_size, dequantize_int4, encode_int4, pack_int4, quantize_int4
+    from prophet_kernels.kernels.int4 import (AWQ_ORDER, SYMMETRIC_ZERO, check_group_size, dequantize_int4,
+                                              encode_int4, pack_words, quantize_int4, unpack_int4)
 
     g = check_group_size(group_size)
+    if layout not in INT4_LAYOUTS:
+        raise ValueError(f"int4 checkpoint layout must be one of {list(INT4_LAYOUTS)}, got {layout!r}")
+    if layout.startswith("gptq") and zero_points:
+        raise ValueError("vLLM serves symmetric GPTQ checkpoints only (its uint4b8); use zero_points=False")
+    if layout == "awq" and not zero_points:
+        raise ValueError("AWQ checkpoints hold zero points (AutoAWQ's zero_point: true); use zero_points=True")
     src = Path(path)
     weights = _one_file(src)
     packed, dequantized = {}, {}
@@ -382,20 +399,42 @@ def int4_checkpoint(path, out, dequantized_out, group_size: int = 32, zero_point
         # the group's scale raised to a power of two: (code - zero) x scale is then exact in bf16
         scale = torch.exp2(torch.ceil(torch.log2(quantize_int4(w, g, zero_points)[1])))
         codes, z = encode_int4(w, scale, zero_points)
-        base = name.removesuffix("weight")
-        packed[base + "weight_packed"] = codes.view(torch.int32)
-        packed[base + "weight_scale"] = scale.to(torch.bfloat16)
-        packed[base + "weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
-        if zero_points:  # [N/8, K/G] int32: eight rows a word (compressed-tensors stores them signed, + 8 packed)
-            packed[base + "weight_zero_point"] = pack_int4(z.t()).contiguous().view(torch.int32).t().contiguous()
         dequantized[name] = dequantize_int4(codes, scale, z).to(torch.bfloat16)
-    weights_cfg = {"num_bits": 4, "type": "int", "symmetric": not zero_points, "strategy": "group",
-                   "group_size": g, "dynamic": False, "actorder": None, "observer": "minmax"}
-    return _write_pair(src, out, packed, dequantized_out, dequantized, {
-        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
-        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_cfg, "input_activations": None,
-                                      "output_activations": None, "format": "pack-quantized"}},
-        "ignore": ["lm_head", "re:.*self_attn.*", "re:.*\\.gate$", "re:.*shared_expert.*"]})
+        base = name.removesuffix("weight")
+        if layout == "compressed-tensors":
+            packed[base + "weight_packed"] = codes.view(torch.int32)
+            packed[base + "weight_scale"] = scale.to(torch.bfloat16)
+            packed[base + "weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
+            if zero_points:  # [N/8, K/G] int32: eight rows a word
+                packed[base + "weight_zero_point"] = pack_words(z.t()).t().contiguous()
+            continue
+        q = unpack_int4(codes).t()  # [K, N]
+        zk = (torch.full_like(scale, SYMMETRIC_ZERO, dtype=torch.uint8) if z is None else z).t()  # [K/G, N]
+        packed[base + "scales"] = scale.t().contiguous().to(torch.float16)
+        if layout == "awq":
+            packed[base + "qweight"] = pack_words(q, AWQ_ORDER)
+            packed[base + "qzeros"] = pack_words(zk, AWQ_ORDER)
+        else:
+            packed[base + "qweight"] = pack_words(q.t()).t().contiguous()  # [K/8, N]: inputs along a word
+            packed[base + "qzeros"] = pack_words((zk - (1 if layout == "gptq" else 0)) & 0xF)
+            packed[base + "g_idx"] = torch.arange(w.shape[1], dtype=torch.int32) // g
+    skipped = sorted({n.removesuffix(".weight") for n, w in weights.items()
+                      if n.endswith(".weight") and w.dim() == 2 and ".experts." not in n})
+    if layout == "compressed-tensors":
+        weights_cfg = {"num_bits": 4, "type": "int", "symmetric": not zero_points, "strategy": "group",
+                       "group_size": g, "dynamic": False, "actorder": None, "observer": "minmax"}
+        config = {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+                  "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights_cfg,
+                                                "input_activations": None, "output_activations": None,
+                                                "format": "pack-quantized"}},
+                  "ignore": ["lm_head", "re:.*self_attn.*", "re:.*\\.gate$", "re:.*shared_expert.*"]}
+    elif layout == "awq":
+        config = {"quant_method": "awq", "bits": 4, "group_size": g, "zero_point": True, "version": "gemm",
+                  "modules_to_not_convert": skipped}
+    else:  # (vLLM reads which layers are quantized from the file: the experts, their int32 words)
+        config = {"quant_method": "gptq", "bits": 4, "group_size": g, "desc_act": False, "sym": True,
+                  "lm_head": False, "checkpoint_format": layout}
+    return _write_pair(src, out, packed, dequantized_out, dequantized, config)
 
 
 # Without a GPU the "device" is this CPU and a copy is a memcpy, and the tiny model's experts (96 KiB)

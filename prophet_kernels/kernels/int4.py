@@ -101,3 +101,78 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zeros: torch.Tens
     K = q.shape[-1]
     z = SYMMETRIC_ZERO if zeros is None else expand_groups(zeros.float(), K)
     return (q - z) * expand_groups(scale.float(), K)
+
+
+# --- checkpoint formats packed in int32 words --------------------------------------------------
+# GPTQ and AWQ store eight 4-bit values per int32 word, nibble i being bits 4i..4i+3. GPTQ packs
+# inputs (qweight [K/8, N]: word m of column n holds inputs 8m..8m+7 in order) and its zero points
+# along the outputs (qzeros [K/G, N/8], in order), the zero points minus one in its v1 format
+# (``checkpoint_format`` "gptq"; "gptq_v2" stores them as they are); the scales are [K/G, N]. AWQ
+# packs outputs, interleaved (qweight [K, N/8] and qzeros [K/G, N/8]: nibble i of word m holds output
+# 8m + AWQ_ORDER[i]); its zero points are stored as they are. Both are repacked once at load into
+# the layout above (``gptq_int4``, ``awq_int4``).
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ's order_map: nibble i of a word holds output 8m + AWQ_ORDER[i]
+
+
+def _little_endian_bytes(words: torch.Tensor) -> torch.Tensor:
+    import sys
+
+    if words.dtype != torch.int32:
+        raise TypeError(f"packed int4 words must be int32, got {words.dtype}")
+    if sys.byteorder != "little":  # (a word's bytes are read low byte first)
+        raise RuntimeError("reading int4 words as bytes needs a little-endian host")
+    return words.contiguous().view(torch.uint8)
+
+
+def unpack_words(words: torch.Tensor, order=None) -> torch.Tensor:
+    """int32 words [..., W] of eight 4-bit values -> uint8 [..., 8W]: nibble i of word m goes to
+    position 8m + order[i] (order None: 8m + i)."""
+    nibbles = unpack_int4(_little_endian_bytes(words))  # [..., 8W], nibble order
+    if order is None:
+        return nibbles
+    nibbles = nibbles.reshape(*words.shape, 8)
+    out = torch.empty_like(nibbles)
+    out[..., list(order)] = nibbles
+    return out.reshape(*words.shape[:-1], -1)
+
+
+def pack_words(values: torch.Tensor, order=None) -> torch.Tensor:
+    """``unpack_words``' inverse: uint8 values in [0, 15] [..., 8W] -> int32 words [..., W]."""
+    if values.shape[-1] % 8:
+        raise ValueError(f"pack_words needs a multiple of 8 values, got {values.shape[-1]}")
+    v = values.to(torch.uint8)
+    if order is not None:
+        v = v.reshape(*v.shape[:-1], -1, 8)[..., list(order)].reshape(v.shape)
+    return pack_int4(v).contiguous().view(torch.int32)
+
+
+def gptq_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor, symmetric: bool,
+              v1: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A GPTQ int4 matrix (qweight int32 [..., K/8, N], scales [..., K/G, N], qzeros int32
+    [..., K/G, N/8]) -> (packed uint8 [..., N, K/2], scale fp32 [..., N, K/G], zeros uint8
+    [..., N, K/G], or None when ``symmetric``). Its codes are a transpose away from this module's
+    (inputs along a word, low nibble first). v1 zero points are stored minus one, modulo 16 (a zero
+    point of 0 is stored as 15). Symmetric checkpoints must hold the symmetric zero point (8) in
+    every group: anything else is a checkpoint its config misdescribes, refused."""
+    packed = _little_endian_bytes(qweight.transpose(-1, -2))  # [..., N, K/2]
+    zeros = ((unpack_words(qzeros).to(torch.int16) + (1 if v1 else 0)) & 0xF).to(torch.uint8)
+    zeros = zeros.transpose(-1, -2).contiguous()
+    if symmetric:
+        if not bool((zeros == SYMMETRIC_ZERO).all()):
+            found = sorted(set(zeros.flatten().tolist()))[:4]
+            raise ValueError(f"a GPTQ checkpoint marked sym holds zero points other than {SYMMETRIC_ZERO} "
+                             f"(read as {'v1: stored minus one' if v1 else 'v2: stored as they are'}): "
+                             f"{found}; its checkpoint_format or sym setting is wrong")
+        zeros = None
+    return packed, scales.transpose(-1, -2).float().contiguous(), zeros
+
+
+def awq_int4(qweight: torch.Tensor, scales: torch.Tensor, qzeros: torch.Tensor
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """An AWQ (GEMM) int4 matrix (qweight int32 [..., K, N/8] and qzeros int32 [..., K/G, N/8], both
+    interleaved along N by ``AWQ_ORDER``; scales [..., K/G, N]) -> (packed uint8 [..., N, K/2],
+    scale fp32 [..., N, K/G], zeros uint8 [..., N, K/G])."""
+    codes = unpack_words(qweight, AWQ_ORDER).transpose(-1, -2)  # [..., N, K]
+    zeros = unpack_words(qzeros, AWQ_ORDER).transpose(-1, -2).contiguous()
+    return pack_int4(codes).contiguous(), scales.transpose(-1, -2).float().contiguous(), zeros
