@@ -97,8 +97,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="buffer settings: 'batch' (current + next layer's unique experts at the batch), "
                         f"'batch+D', or a fraction of all experts like 25%% (default: "
                         f"{','.join(sweep.DEFAULT_BUFFERS).replace('%', '%%')})")
-    p.add_argument("--dtype", default="bf16", help="weight dtype: bf16, fp16, fp8 (default bf16)")
-    p.add_argument("--kv-dtype", help="KV-cache dtype (default: the weight dtype)")
+    p.add_argument("--dtype", help="weight dtype: bf16, fp16, fp8, int4 (fp8/int4: the linear layers quantized, the "
+                                   "rest bf16; default bf16, with --layouts each model's published dtype)")
+    p.add_argument("--kv-dtype", help="KV-cache dtype (default: the weight dtype; bf16 for int4 weights)")
     p.add_argument("--expert-dtype", type=_csv_list,
                    help="Prophet's expert dtype(s), comma-separated, rows side by side, e.g. bf16,fp8 (default: the "
                         "weight dtype)")
@@ -151,13 +152,15 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     models = list(MODELS) if args.all and not args.model else (args.model or list(sweep.DEFAULT_MODELS))
     gpus = list(GPUS) if args.all and not args.gpu else (args.gpu or list(sweep.DEFAULT_GPUS))
+    dtype = args.dtype or "bf16"
     cfg = ServingConfig(
-        gpu_memory_utilization=args.util, weight_dtype=args.dtype, kv_dtype=args.kv_dtype or args.dtype, tp=args.tp, ep=args.ep,
+        gpu_memory_utilization=args.util, weight_dtype=dtype,
+        kv_dtype=args.kv_dtype or ("bf16" if dtype == "int4" else dtype), tp=args.tp, ep=args.ep,
         pp=args.pp, workspace_override=None if args.workspace_gib is None else int(args.workspace_gib * 2**30),
     )
     if args.layouts:
         print(sweep.layouts_table(models, gpus, (args.batch or [16])[0], (args.buffer or ["25%"])[0], cfg,
-                                  context=args.context))
+                                  context=args.context, native=args.dtype is None))
         return 0
     rows = sweep.run_sweep(
         models, gpus, args.batch or sweep.DEFAULT_BATCHES, args.buffer or sweep.DEFAULT_BUFFERS, cfg,

@@ -2,6 +2,7 @@
 schema, errors, and the seed-vs-corrected section staying in sync with the catalogue."""
 
 import csv
+import re
 from pathlib import Path
 
 import pytest
@@ -147,7 +148,7 @@ def test_clear_errors():
         get_model("GPT-5")
     with pytest.raises(ValueError, match="unknown GPU 'TPUv5'"):
         get_gpu("TPUv5")
-    with pytest.raises(ValueError, match="unknown dtype 'int3'"):
+    with pytest.raises(ValueError, match="unknown weight dtype 'int3'"):
         ServingConfig(weight_dtype="int3")
     with pytest.raises(ValueError, match="buffer setting"):
         BufferSetting.parse("lots")
@@ -235,8 +236,8 @@ def test_fp8_experts_next_to_bf16():
     assert abs(fp8.prophet_kv_tokens - bf16.prophet_kv_tokens - gained) <= 1
     rows = run_sweep(["OLMoE-1B-7B"], ["H100-80GB"], [1], ["25%", "50%"], cfg, expert_dtypes=("bf16", "fp8"))
     assert [(r.buffer, r.expert_dtype) for r in rows] == [("25%", "bf16"), ("25%", "fp8"), ("50%", "bf16"), ("50%", "fp8")]
-    with pytest.raises(ValueError, match="unknown dtype 'int4'"):
-        ServingConfig(expert_dtype="int4")
+    int4 = plan(olmoe, get_gpu("H100-80GB"), 1, BufferSetting.parse("50%"), dataclasses.replace(cfg, expert_dtype="int4"))
+    assert int4.buffer_bytes == 512 * expert_bytes(olmoe, "int4") and int4.prophet_kv_tokens > fp8.prophet_kv_tokens
 
 
 @pytest.mark.parametrize("tp", [2, 4, 8])
@@ -379,9 +380,59 @@ def test_cli_pp_and_layouts(capsys, tmp_path):
     assert cli_main(["plan", "--pp", "2", "--model", "Mixtral-8x22B", "--gpu", "H100-80GB", "--batch", "16",
                      "--no-figures", "--out", str(tmp_path)]) == 0
     assert "1x2" in capsys.readouterr().out
-    assert cli_main(["plan", "--layouts", "--model", "DeepSeek-V3", "--gpu", "H100-80GB"]) == 0
+    # --layouts counts each model's published dtype (DeepSeek-V3: fp8) unless --dtype says otherwise
+    assert cli_main(["plan", "--layouts", "--model", "DeepSeek-V3,Mixtral-8x7B", "--gpu", "H100-80GB"]) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"DeepSeek-V3 +H100-80GB +fp8 +11 GPUs \(1x11\), 2 nodes", out)
+    assert re.search(r"Mixtral-8x7B +H100-80GB +bf16 ", out)
+    assert cli_main(["plan", "--layouts", "--model", "DeepSeek-V3", "--gpu", "H100-80GB", "--dtype", "bf16"]) == 0
     assert "22 GPUs (2x11), 3 nodes" in capsys.readouterr().out
+    assert cli_main(["plan", "--layouts", "--model", "DeepSeek-V3", "--gpu", "H100-80GB", "--dtype", "int4"]) == 0
+    assert re.search(r"DeepSeek-V3 +H100-80GB +int4 +6 GPUs \(2x3\), 1 node +2 GPUs \(2x1\), 1 node",
+                     capsys.readouterr().out)
     with pytest.raises(ValueError, match="pipeline parallel size must be a whole number >= 1, got 0"):
         plan(get_model("Mixtral-8x7B"), get_gpu("H100-80GB"), 1, cfg=ServingConfig(pp=0))
     with pytest.raises(ValueError, match=r"pipeline parallel size must be in \[1, 32\]"):
         plan(get_model("Mixtral-8x7B"), get_gpu("H100-80GB"), 1, cfg=ServingConfig(pp=33))
+
+
+def test_int4_weights_and_experts():
+    """Issue 45: int4 in the planner. A resident int4 checkpoint quantizes the linear layers (half a
+    byte, an fp16 scale per 128 inputs) and keeps embeddings, routers and norms in bf16; fp8 likewise
+    at a byte. Prophet's int4 expert is its store's row (fp32 scale per group: the store's own bytes,
+    for every catalogue model whose shapes a group divides). A KV cache is never int4."""
+    import dataclasses
+
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import quantized_expert_bytes
+    from prophet_kernels.planner import MODELS
+    from prophet_kernels.planner.memory import (count_params, expert_bytes, int4_store_group, routed_expert_params,
+                                                weight_bytes)
+
+    m = get_model("Mixtral-8x7B")
+    p = count_params(m)
+    linear = p["attention"] + p["routed_experts"] + p.get("dense_mlp", 0) + p.get("shared_experts", 0)
+    bf16_rest = 2 * (sum(p.values()) - linear)
+    assert weight_bytes(p, "int4") == bf16_rest + linear // 2 + 2 * (linear // 128)
+    assert weight_bytes(p, "fp8") == bf16_rest + linear
+    assert weight_bytes(p, "bf16") == 2 * sum(p.values())
+    for spec in (s for s in MODELS.values() if s.moe.gated):  # (the store's rows are gated experts')
+        try:
+            g = int4_store_group(spec)
+        except ValueError:
+            continue
+        assert expert_bytes(spec, "int4") == quantized_expert_bytes(WeightFormat("int4", group_size=g), spec.hidden,
+                                                                    spec.moe.intermediate), spec.name
+    assert 0.26 < expert_bytes(m, "int4") / expert_bytes(m, "bf16") < 0.27
+    # a plan in int4: the baseline holds int4 weights, Prophet's buffer int4 slots, the KV cache stays bf16
+    cfg = ServingConfig(weight_dtype="int4")
+    r = plan(m, get_gpu("H100-80GB"), 1, BufferSetting.parse("25%"), cfg)
+    assert r.baseline_weight_bytes == weight_bytes(p, "int4") and r.expert_dtype == "int4"
+    assert r.buffer_bytes == r.buffer_slots * expert_bytes(m, "int4")
+    ep = plan(m, get_gpu("H100-80GB"), 1, BufferSetting.parse("25%"), dataclasses.replace(cfg, tp=2, ep=True))
+    rest = {k: v for k, v in p.items() if k != "routed_experts"}
+    assert ep.baseline_weight_bytes == weight_bytes(rest, "int4") // 2 + m.moe_layers * 4 * weight_bytes(
+        {"routed_experts": routed_expert_params(m)}, "int4")
+    for bad in (dict(kv_dtype="int4"), dict(weight_dtype="int3"), dict(expert_dtype="nf4")):
+        with pytest.raises(ValueError, match="unknown"):
+            ServingConfig(**bad)

@@ -115,6 +115,7 @@ class ModelSpec:
     encoder_decoder: bool = False
     notes: str = ""
     pp_stage: tuple[int, int] = (0, 1)  # (stage, stages): a pipeline stage's part (planner.memory.stage_spec)
+    native_dtype: str = "bf16"  # the weight dtype of the published checkpoint (what `prophet plan --layouts` counts)
 
     @property
     def moe_layers(self) -> int:
@@ -208,6 +209,7 @@ _MODELS: list[ModelSpec] = [
         layers=_decoder(61, moe_at=lambda i: i >= 3),  # first_k_dense_replace = 3
         moe=MoE(experts=256, top_k=8, intermediate=2048, shared_intermediate=2048, router_bias=256),
         dense_intermediate=18432,
+        native_dtype="fp8",  # README_WEIGHTS.md: e4m3 weights, 128 x 128 block scales (quant_method fp8)
     ),
     ModelSpec(
         name="Kimi-K2", hf_id="moonshotai/Kimi-K2-Instruct", source=_hf("moonshotai/Kimi-K2-Instruct"),
@@ -218,6 +220,7 @@ _MODELS: list[ModelSpec] = [
         moe=MoE(experts=384, top_k=8, intermediate=2048, shared_intermediate=2048, router_bias=384),
         dense_intermediate=18432,
         notes="DeepSeek-V3 architecture with 384 experts and 64 heads.",
+        native_dtype="fp8",  # released with native FP8 weights (vLLM's Kimi-K2 recipe: --quantization fp8)
     ),
     ModelSpec(
         name="DBRX", hf_id="databricks/dbrx-base", source=_hf("databricks/dbrx-base"),

@@ -18,6 +18,12 @@ from dataclasses import dataclass
 from .catalog import GQA, MLA, MoA, GPUSpec, ModelSpec
 
 DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp8": 1, "fp32": 4}
+WEIGHT_DTYPES = (*DTYPE_BYTES, "int4")  # int4: weights only (a KV cache is never int4 here)
+# The parts a quantized (fp8, int4) checkpoint quantizes: its linear layers. Embeddings, the LM head,
+# routers, norms and Mamba's state-space parameters stay bf16, as DeepSeek-V3's fp8 and the GPTQ, AWQ
+# and compressed-tensors W4A16 checkpoints leave them.
+QUANTIZED_PARTS = ("attention", "dense_mlp", "shared_experts", "routed_experts")
+INT4_CHECKPOINT_GROUP = 128  # inputs per fp16 scale of a published int4 checkpoint (GPTQ/AWQ/W4A16 default)
 PARTS = ("embeddings", "attention", "dense_mlp", "shared_experts", "routed_experts", "router", "mamba", "norms")
 
 
@@ -26,6 +32,25 @@ def dtype_bytes(dtype: str) -> int:
         return DTYPE_BYTES[dtype]
     except KeyError:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}") from None
+
+
+def check_weight_dtype(dtype: str) -> str:
+    if dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"unknown weight dtype {dtype!r}; known: {', '.join(WEIGHT_DTYPES)}")
+    return dtype
+
+
+def weight_bytes(params: dict[str, int], dtype: str) -> int:
+    """Bytes of weights by part (``count_params``' parts, or some of them) as a checkpoint of `dtype`
+    holds them. bf16/fp16/fp32: every part in that dtype. fp8 and int4: the linear layers
+    (``QUANTIZED_PARTS``) quantized, the rest in bf16; fp8 one byte a weight (block scales, 4 bytes per
+    128 x 128, left out: 0.02%), int4 half a byte with an fp16 scale per ``INT4_CHECKPOINT_GROUP``."""
+    check_weight_dtype(dtype)
+    if dtype not in ("fp8", "int4"):
+        return sum(params.values()) * dtype_bytes(dtype)
+    quantized = sum(n for part, n in params.items() if part in QUANTIZED_PARTS)
+    rest = sum(params.values()) - quantized
+    return rest * 2 + (quantized if dtype == "fp8" else int4_bytes(quantized, INT4_CHECKPOINT_GROUP))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -164,11 +189,25 @@ def int4_bytes(params: int, group: int = INT4_GROUP) -> int:
     return params // 2 + 2 * -(-params // group)
 
 
+def int4_store_group(m: ModelSpec) -> int:
+    """The group Prophet's int4 store uses for `m`: 128 (its default), else the largest of 64 and 32
+    that divides both the hidden and the expert intermediate size."""
+    for g in (128, 64, 32):
+        if m.hidden % g == 0 and m.moe.intermediate % g == 0:
+            return g
+    raise ValueError(f"{m.name}: no int4 group (128, 64, 32) divides H = {m.hidden} and I = {m.moe.intermediate}")
+
+
 def expert_bytes(m: ModelSpec, weight_dtype: str = "bf16") -> int:
     """Bytes of one routed expert as Prophet stores and copies it. fp8: e4m3 weights and an fp32
     scale per output row (2I + H gated, I + H otherwise), padded to 16 bytes as the store lays an
-    fp8 expert out (``memory.store.fp8_expert_bytes``; equal for the catalogue's models, tested)."""
+    fp8 expert out (``memory.store.fp8_expert_bytes``; equal for the catalogue's models, tested).
+    int4: the store's row (``memory.store.quantized_expert_bytes``, tested): codes, padded to 4
+    bytes, an fp32 scale per ``int4_store_group`` inputs, padded to 16."""
     params = routed_expert_params(m)
+    if weight_dtype == "int4":
+        g = int4_store_group(m)
+        return -(-(-(-params // 2 // 4) * 4 + 4 * (params // g)) // 16) * 16
     if weight_dtype != "fp8":
         return params * dtype_bytes(weight_dtype)
     rows = (2 if m.moe.gated else 1) * m.moe.intermediate + m.hidden
@@ -290,10 +329,10 @@ class ServingConfig:
             raise ValueError("expert parallelism spreads the experts over the tensor-parallel GPUs: give tp >= 2")
         if not isinstance(self.pp, int) or self.pp < 1:
             raise ValueError(f"pipeline parallel size must be a whole number >= 1, got {self.pp!r}")
-        dtype_bytes(self.weight_dtype)
+        check_weight_dtype(self.weight_dtype)
         dtype_bytes(self.kv_dtype)
         if self.expert_dtype is not None:
-            dtype_bytes(self.expert_dtype)
+            check_weight_dtype(self.expert_dtype)
 
     @property
     def prophet_expert_dtype(self) -> str:
@@ -469,7 +508,6 @@ def plan(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     context = min(context or m.max_context, m.max_context)
-    wb = dtype_bytes(cfg.weight_dtype)
     params = count_params(m)
     total = sum(params.values())
     usable = int((gpu_memory_bytes or gpu.memory_bytes) * cfg.gpu_memory_utilization)
@@ -480,18 +518,19 @@ def plan(
     # routed experts too without EP; with EP each GPU holds its experts whole (the busiest GPU's count).
     ep = cfg.ep_size
     local = local_experts(m, ep)
+    rest = weight_bytes({part: n for part, n in params.items() if part != "routed_experts"}, cfg.weight_dtype)
     if ep == 1:
-        base_weights = total * wb // cfg.tp
+        base_weights = weight_bytes(params, cfg.weight_dtype) // cfg.tp
     else:
-        base_weights = (total - params["routed_experts"]) * wb // cfg.tp + m.moe_layers * local * expert_bytes(
-            m, cfg.weight_dtype)
+        base_weights = rest // cfg.tp + m.moe_layers * local * weight_bytes(
+            {"routed_experts": routed_expert_params(m)}, cfg.weight_dtype)
     base_kv = usable - base_weights - work
 
     slots, u = buffer_slots(m, batch, setting, unique, ep)
     one_expert = expert_bytes(m, cfg.prophet_expert_dtype)
     buf = slots * one_expert // (cfg.tp if ep == 1 else 1)  # a shard of each slot, or whole experts
     page_table = m.moe_layers * local * 4
-    prophet_weights = (total - params["routed_experts"]) * wb // cfg.tp + buf + page_table
+    prophet_weights = rest // cfg.tp + buf + page_table
     prophet_kv = usable - prophet_weights - work
 
     b_tokens, p_tokens = _kv_tokens(base_kv, per_token), _kv_tokens(prophet_kv, per_token)

@@ -105,10 +105,14 @@ def _layout(r: Plan) -> str:
 
 
 def layouts_table(models, gpus, batch: int, buffer: str, cfg: ServingConfig = ServingConfig(),
-                  context: int | None = None) -> str:
-    """GPUs and nodes each model needs on each GPU, all weights resident vs Prophet."""
+                  context: int | None = None, native: bool = False) -> str:
+    """GPUs and nodes each model needs on each GPU, all weights resident vs Prophet, in ``cfg``'s
+    weight dtype or, with `native`, each model's published one (``ModelSpec.native_dtype``)."""
+    import dataclasses
+
     setting = BufferSetting.parse(buffer)
-    head = f"{'model':<18} {'gpu':<12} {'all resident':>26} {'Prophet (' + setting.label() + ' buffer)':>26}"
+    head = (f"{'model':<18} {'gpu':<12} {'weights':<7} {'all resident':>26} "
+            f"{'Prophet (' + setting.label() + ' buffer)':>26}")
     lines = [head, "-" * len(head)]
 
     def cell(lay) -> str:
@@ -117,12 +121,18 @@ def layouts_table(models, gpus, batch: int, buffer: str, cfg: ServingConfig = Se
         return (f"{lay.gpus} GPU{'s' if lay.gpus > 1 else ''} ({lay.tp}x{lay.pp}), {lay.nodes} node"
                 f"{'s' if lay.nodes > 1 else ''}")
     for m in models:
+        spec = get_model(m)
+        c = dataclasses.replace(cfg, weight_dtype=spec.native_dtype) if native else cfg
         for g in gpus:
-            base, prophet = smallest_layouts(get_model(m), get_gpu(g), batch, setting, cfg, context)
-            lines.append(f"{get_model(m).name:<18} {get_gpu(g).name:<12} {cell(base):>26} {cell(prophet):>26}")
+            base, prophet = smallest_layouts(spec, get_gpu(g), batch, setting, c, context)
+            lines.append(f"{spec.name:<18} {get_gpu(g).name:<12} {c.weight_dtype:<7} {cell(base):>26} "
+                         f"{cell(prophet):>26}")
     lines.append(f"The fewest GPUs (tensor x pipeline; tensor parallel within a node of 8, pipeline stages across "
                  f"nodes) whose every GPU holds its weights, workspace and the KV cache of one sequence at the "
-                 f"context length; Prophet's buffers also hold one layer's unique experts at batch {batch}.")
+                 f"context length; Prophet's buffers also hold one layer's unique experts at batch {batch}. "
+                 f"Weights: fp8 and int4 quantize the linear layers (int4: an fp16 scale per 128 inputs resident, "
+                 f"Prophet's store an fp32 scale), embeddings, routers and norms stay bf16; KV cache "
+                 f"{cfg.kv_dtype}.")
     return "\n".join(lines)
 
 
