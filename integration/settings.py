@@ -180,9 +180,9 @@ class ProphetSettings:
         if self.mode != "host":
             raise ValueError("Prophet miss 'cpu' runs in mode 'host' (the host splits each layer call's misses "
                              "between the link and the CPU); use mode host, or miss wait")
-        if self.expert_dtype != "auto":
-            raise ValueError(f"Prophet miss 'cpu' computes experts in the checkpoint's dtype (bf16, fp16, fp32); "
-                             f"expert_dtype {self.expert_dtype} on the CPU is not supported yet")
+        if self.expert_dtype not in ("auto", "int4"):
+            raise ValueError(f"Prophet miss 'cpu' computes bf16, fp16, fp32 or int4 experts; expert_dtype "
+                             f"{self.expert_dtype} on the CPU is not supported yet")
         n = available_cpus()
         if not isinstance(self.cpu_threads, int) or isinstance(self.cpu_threads, bool) or not 0 <= self.cpu_threads <= n:
             raise ValueError(f"Prophet cpu_threads={self.cpu_threads!r}: give a whole number in [1, {n}] (the cores "

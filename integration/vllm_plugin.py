@@ -231,8 +231,8 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
     quant = getattr(mc, "quantization", None)
     if quant not in SERVED_QUANTIZATION:  # (compressed-tensors: int4 schemes; others refused at load)
         raise ValueError(f"Prophet serves {SERVED_CHECKPOINTS}; this model's quantization is {quant}")
-    if settings.miss == "cpu" and quant is not None:
-        raise ValueError(f"Prophet miss 'cpu' computes bf16, fp16 or fp32 experts on the CPU; this checkpoint's "
+    if settings.miss == "cpu" and quant == "fp8":
+        raise ValueError(f"Prophet miss 'cpu' computes bf16, fp16, fp32 or int4 experts on the CPU; this checkpoint's "
                          f"experts are {quant} (not supported on the CPU yet): use miss wait")
     pp = pc.pipeline_parallel_size
     if settings.predictor == "learned-gate" and pp > 1:

@@ -73,6 +73,79 @@ def test_cpu_experts_equal_the_reference(backend, dtype, H, I, T, E, k):
     assert sorted(set(token_index.tolist())) == sorted({t for t in range(T) if any(e in cpu_experts for e in ids[t].tolist())})
 
 
+def _int4_store(g, L, E, H, I, group, zero_points):
+    """An int4 store (codes, fp32 group scales, zero points or none) and its experts dequantized, fp32."""
+    from prophet_kernels.kernels.int4 import dequantize_int4, quantize_int4
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import allocate_experts
+
+    fmt = WeightFormat("int4", group_size=group, zero_points=zero_points)
+    layers, w13s, w2s = [], [], []
+    for _ in range(L):
+        ex = allocate_experts(E, H, I, torch.uint8, fmt=fmt)
+        for which, w in ((0, torch.randn(E, 2 * I, H, generator=g) * 0.2), (1, torch.randn(E, H, I, generator=g) * 0.2)):
+            q, sc, z = quantize_int4(w, group, zero_points)
+            ex[which].copy_(q)
+            ex.quant.of(which)[0].copy_(sc)
+            if zero_points:
+                ex.quant.of(which)[1].copy_(z)
+        layers.append(ex)
+        w13s.append(dequantize_int4(ex.w13, ex.w13_scale, ex.w13_zeros))
+        w2s.append(dequantize_int4(ex.w2, ex.w2_scale, ex.w2_zeros))
+    return HostExpertStore.from_experts(layers), torch.stack(w13s), torch.stack(w2s)
+
+
+@pytest.mark.parametrize("backend", ["native", "torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("H, I, T, E, k, group, zp", [
+    (64, 32, 1, 8, 2, 32, False),  # decode, one group per w2 row
+    (128, 96, 9, 6, 6, 32, True),  # 9 tokens cross the 4-token tiles; three groups along I
+    (256, 128, 5, 16, 1, 128, True),  # k = 1, groups of 128
+    (192, 64, 3, 5, 3, 64, False),
+])
+def test_int4_cpu_experts_equal_the_dequantized_reference(backend, dtype, H, I, T, E, k, group, zp):
+    """Issue 44: the CPU backends read the store's int4 rows as they are (the one host copy serves the
+    link and the CPU), x in the model's dtype: equal to the fp32 reference on the dequantized experts
+    (activations rounded to the dtype between the two matmuls, as on the float path)."""
+    g = torch.Generator().manual_seed(H * 1000 + T)
+    store, w13, w2 = _int4_store(g, 2, E, H, I, group, zp)
+    x = torch.randn(T, H, generator=g).to(dtype)
+    ids, weights = _routing(g, T, E, k)
+    used = sorted(set(ids.flatten().tolist()))
+    cpu_experts = used[::2] or used
+    token_index, offsets, rows, pair_w = pairs_of(ids.numpy(), weights.numpy(), cpu_experts)
+    cpu = CpuExperts(store, 2, backend)
+    try:
+        y = cpu(1, x[torch.from_numpy(token_index)].contiguous(), cpu_experts, offsets, rows, pair_w)
+        if backend == "native":  # the same store again in another dtype: x's dtype is the call's
+            x32 = x.float()[torch.from_numpy(token_index)].contiguous()
+            y32 = cpu(1, x32, cpu_experts, offsets, rows, pair_w).clone()
+    finally:
+        cpu.close()
+    full = torch.zeros(T, H)
+    full[torch.from_numpy(token_index)] = y
+    want = _reference_cpu_part(x, w13[1], w2[1], ids, weights, cpu_experts)
+    _close(full, want, dtype)
+    if backend == "native":
+        full[torch.from_numpy(token_index)] = y32
+        _close(full, _reference_cpu_part(x.float(), w13[1], w2[1], ids, weights, cpu_experts), torch.float32)
+
+
+def test_int4_cpu_experts_refusals():
+    g = torch.Generator().manual_seed(3)
+    store = _int4_store(g, 1, 4, 64, 32, 32, True)[0]
+    cpu = CpuExperts(store, 1)
+    try:
+        offsets, rows, w = np.array([0, 1], np.int64), np.zeros(1, np.int32), np.ones(1, np.float32)
+        with pytest.raises(ValueError, match="fp32, bf16 or fp16"):
+            cpu.submit(0, torch.zeros(1, 64, dtype=torch.float64), [0], offsets, rows, w)
+        assert not cpu.busy
+        y = cpu(0, torch.zeros(1, 64), [0], offsets, rows, w)  # still usable after the refusal
+        assert torch.equal(y, torch.zeros(1, 64))
+    finally:
+        cpu.close()
+
+
 def test_pairs_of_invariants():
     """Pairs grouped by expert in the given order, each (token, expert) of the CPU experts once, rows
     index the gathered tokens, weights carried along (exact)."""
@@ -340,6 +413,27 @@ def test_hybrid_layer_equals_the_reference(slots, rates):
         assert 0 < st.cpu_experts < st.misses
 
 
+@pytest.mark.parametrize("dtype, zp", [(torch.float32, True), (torch.bfloat16, False)])
+def test_hybrid_layer_int4(dtype, zp):
+    """int4 experts with miss: cpu (issue 44): the GPU part from the buffer's int4 slots, the CPU part
+    from the same host rows, read in place; y equals the reference on the dequantized experts, and
+    the MissCost prices a miss at the int4 row's bytes (a quarter of bf16's, plus the scales)."""
+    from prophet_kernels.memory.store import quantized_expert_bytes
+
+    g = torch.Generator().manual_seed(11)
+    L, E, H, I = 3, 8, 64, 64
+    store, w13, w2 = _int4_store(g, L, E, H, I, 32, zp)
+    moe = ProphetMoE(store, 6, "cpu", miss="cpu", cpu_threads=1, cpu_rates=MIXED, top_k=2, max_batch_tokens=64)
+    try:
+        assert moe.miss_cost.expert_bytes == quantized_expert_bytes(store.fmt, H, I) < 3 * H * I
+        for T in (1, 3, 40):
+            _layer_calls(moe, w13, w2, g, 2, T, dtype)
+        st = moe.stats
+    finally:
+        moe.close()
+    assert 0 < st.cpu_experts < st.misses and st.cpu_s > 0
+
+
 def test_hybrid_layer_bf16_and_expert_parallel():
     g = torch.Generator().manual_seed(7)
     L, E, H, I = 3, 8, 64, 32
@@ -451,7 +545,7 @@ def test_buffer_zero_is_a_staging_ring_with_miss_cpu_only():
 @pytest.mark.parametrize("cfg, match", [
     ({"miss": "host"}, "unknown Prophet miss 'host'; known: wait, cpu"),
     ({"miss": "cpu", "mode": "device"}, "miss 'cpu' runs in mode 'host'"),
-    ({"miss": "cpu", "expert_dtype": "fp8"}, "expert_dtype fp8 on the CPU is not supported yet"),
+    ({"miss": "cpu", "expert_dtype": "fp8"}, "int4 experts; expert_dtype fp8 on the CPU is not supported yet"),
     ({"miss": "cpu", "cpu_threads": -1}, r"cpu_threads=-1: give a whole number in \[1, "),
     ({"miss": "cpu", "cpu_threads": 100000}, "cpu_threads=100000"),
     ({"miss": "cpu", "cpu_backend": "kt"}, "unknown Prophet cpu_backend 'kt'; known: native, torch"),

@@ -1497,6 +1497,37 @@ def test_cpu_misses_tokens_identical(checkpoints, baseline_logprobs, family, buf
         assert stats["slots"] == 8
 
 
+@pytest.mark.parametrize("family, source", [("mixtral", "checkpoint"), ("olmoe", "expert_dtype")])
+def test_int4_cpu_misses_tokens_identical(checkpoints, tmp_path, family, source):
+    """miss: cpu with int4 experts (issue 44): a compressed-tensors W4A16 checkpoint with zero points
+    (Mixtral) or expert_dtype int4 quantized at load (OLMoE), buffer 0.25: the CPU computes the decode
+    misses from the store's int4 rows as they are; greedy tokens identical to vLLM on the same experts
+    dequantized (fp32) and the chosen tokens' logprobs within 1e-4."""
+    ps = demo.prompts(4)
+    if source == "checkpoint":
+        model, reference = demo.int4_checkpoint(checkpoints[family], tmp_path / "q", tmp_path / "deq", 32, True)
+        settings = {}
+    else:
+        model = checkpoints[family]
+        reference = demo.quantized_reference_checkpoint(model, tmp_path / "deq", "int4", 32)
+        settings = {"expert_dtype": "int4", "int4_group_size": 32}
+    llm = demo.make_llm(reference, None)
+    try:
+        base_tokens, base_lp = _greedy_logprobs(llm, ps)
+    finally:
+        del llm
+    llm = demo.make_llm(model, {"buffer": 0.25, "miss": "cpu", "cpu_threads": 1, **CPU_RATES, **settings})
+    try:
+        prophet_stats(llm, reset=True)
+        tokens, lp = _greedy_logprobs(llm, ps)
+        (stats,) = prophet_stats(llm)
+    finally:
+        del llm
+    assert tokens == base_tokens
+    assert max(abs(a - b) for x, y in zip(lp, base_lp) for a, b in zip(x, y)) < 1e-4
+    assert stats["expert_dtype"].startswith("int4 (group 32") and stats["total"]["cpu_experts"] > 0
+
+
 @pytest.mark.parametrize("layout", ["tp", "pp"])
 def test_cpu_misses_under_tensor_and_pipeline_parallelism(checkpoints, baseline, monkeypatch, layout):
     """miss: cpu at TP=2 (each rank computes its shard of each CPU expert; vLLM's all-reduce adds the

@@ -23,6 +23,15 @@
 //   phase 2  y columns [h0, h1) per thread (multiples of 16 floats: no two threads share a cache line
 //            of y), every expert: W2 rows h against act -> y[r, h] += w_p * dot. Disjoint writes: no atomics.
 // submit() returns at once; join() blocks until the call is done (ctypes releases the GIL around both).
+//
+// int4 experts (the store's int4 rows, kernels/int4.py's layout): codes [N, K/2] bytes (the even input
+// in the low nibble), an fp32 scale and a uint8 zero point (none: 8) per G inputs of a row; a weight is
+// (code - zero) * scale. x and the activations are read as fp32 with the even inputs first, then the
+// odd ones (phase 0 converts x, phase 1 writes act that way), so that a byte's two codes meet their
+// inputs in two vector lanes of equal position. Three phases, two barriers:
+//   phase 0  rows of x -> xf [n, H] fp32 (even inputs, then odd)
+//   phase 1  as above, against xf; act rounded to the activations' dtype, kept as fp32 in af [P, I]
+//   phase 2  as above, against af
 
 #include <algorithm>
 #include <atomic>
@@ -262,6 +271,16 @@ struct Call {
   const void* x = nullptr;
   void* act = nullptr;
   float* y = nullptr;
+  // int4 experts (q4): per-expert addresses of the scales and zero points (z13/z2 null: zero 8)
+  bool q4 = false;
+  int G = 0;
+  int64_t rows_n = 0;  // rows of x
+  const int64_t* s13 = nullptr;
+  const int64_t* s2 = nullptr;
+  const int64_t* z13 = nullptr;
+  const int64_t* z2 = nullptr;
+  float* xf = nullptr;
+  float* af = nullptr;
 };
 
 // phase 1 for units [u0, u1) of n_experts * I: act[p, i] = silu(gate_i . x[r_p]) * (up_i . x[r_p])
@@ -313,6 +332,164 @@ void down(const Call& c, int h0, int h1) {
         const T* ar[4];
         for (int b = 0; b < nb; ++b) ar[b] = act + (p + b) * I;
         tile_any<D>(w, nr, ar, nb, I, out);
+        for (int b = 0; b < nb; ++b) {
+          float* yr = c.y + int64_t(c.rows[p + b]) * H;
+          const float wt = c.weights[p + b];
+          for (int a = 0; a < nr; ++a) yr[h + a] += wt * out[a][b];
+        }
+      }
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------ int4 experts
+// out[a][b] = sum_k (q[a][k] - z[a][k/G]) * s[a][k/G] * x[b][k] for R int4 weight rows and B token
+// rows of K fp32 inputs stored even inputs first (x[b][j] = input 2j, x[b][K/2 + j] = input 2j + 1).
+
+struct Q4Row {
+  const uint8_t* q;  // K/2 bytes
+  const float* s;    // K/G scales
+  const uint8_t* z;  // K/G zero points, or null (8)
+};
+
+template <int R, int B>
+inline void tile_q4(const Q4Row* w, const float* const* x, int K, int G, float out[4][4]) {
+  const int half = K / 2, gh = G / 2;
+#if defined(__AVX512F__)
+  __m512 acc[R][B];
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < B; ++b) acc[a][b] = _mm512_setzero_ps();
+  const __m512i low = _mm512_set1_epi32(0xF);
+  for (int g = 0; g < K / G; ++g) {
+    __m512 sv[R], zv[R];
+    for (int a = 0; a < R; ++a) {
+      sv[a] = _mm512_set1_ps(w[a].s[g]);
+      zv[a] = _mm512_set1_ps(w[a].z ? float(w[a].z[g]) : 8.f);
+    }
+    for (int c = 0; c < gh; c += 16) {  // 16 bytes: 16 even and 16 odd inputs
+      const int j = g * gh + c;
+      __m512 xe[B], xo[B];
+      for (int b = 0; b < B; ++b) {
+        xe[b] = _mm512_loadu_ps(x[b] + j);
+        xo[b] = _mm512_loadu_ps(x[b] + half + j);
+      }
+      for (int a = 0; a < R; ++a) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[a].q + j)));
+        const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), zv[a]), sv[a]);
+        const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), zv[a]), sv[a]);
+        for (int b = 0; b < B; ++b) acc[a][b] = _mm512_fmadd_ps(lo, xe[b], _mm512_fmadd_ps(hi, xo[b], acc[a][b]));
+      }
+    }
+  }
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < B; ++b) out[a][b] = _mm512_reduce_add_ps(acc[a][b]);
+#else
+  float acc[R][B][16] = {};
+  for (int g = 0; g < K / G; ++g)
+    for (int a = 0; a < R; ++a) {
+      const float s = w[a].s[g], z = w[a].z ? float(w[a].z[g]) : 8.f;
+      for (int c = 0; c < gh; c += 16)
+        for (int l = 0; l < 16; ++l) {
+          const int j = g * gh + c + l;
+          const float lo = (float(w[a].q[j] & 0xF) - z) * s, hi = (float(w[a].q[j] >> 4) - z) * s;
+          for (int b = 0; b < B; ++b) acc[a][b][l] += lo * x[b][j] + hi * x[b][half + j];
+        }
+    }
+  for (int a = 0; a < R; ++a)
+    for (int b = 0; b < B; ++b) {
+      float t = 0.f;
+      for (int l = 0; l < 16; ++l) t += acc[a][b][l];
+      out[a][b] = t;
+    }
+#endif
+}
+
+template <int R>
+inline void tile_q4_rows(const Q4Row* w, const float* const* x, int nb, int K, int G, float out[4][4]) {
+  switch (nb) {
+    case 1: tile_q4<R, 1>(w, x, K, G, out); break;
+    case 2: tile_q4<R, 2>(w, x, K, G, out); break;
+    case 3: tile_q4<R, 3>(w, x, K, G, out); break;
+    default: tile_q4<R, 4>(w, x, K, G, out); break;
+  }
+}
+
+inline void tile_q4_any(const Q4Row* w, int nr, const float* const* x, int nb, int K, int G, float out[4][4]) {
+  switch (nr) {
+    case 1: tile_q4_rows<1>(w, x, nb, K, G, out); break;
+    case 2: tile_q4_rows<2>(w, x, nb, K, G, out); break;
+    case 3: tile_q4_rows<3>(w, x, nb, K, G, out); break;
+    default: tile_q4_rows<4>(w, x, nb, K, G, out); break;
+  }
+}
+
+inline Q4Row q4_row(int64_t codes, int64_t scales, const int64_t* zeros, int j, int64_t row, int K, int G) {
+  const int64_t groups = K / G;
+  return {reinterpret_cast<const uint8_t*>(codes) + row * (K / 2), reinterpret_cast<const float*>(scales) + row * groups,
+          zeros ? reinterpret_cast<const uint8_t*>(zeros[j]) + row * groups : nullptr};
+}
+
+// phase 0 for rows [r0, r1) of x: xf[r] = x[r] as fp32, even inputs then odd
+template <int D>
+void q4_inputs(const Call& c, int64_t r0, int64_t r1) {
+  using T = typename Elem<D>::T;
+  const int H = c.H, h2 = H / 2;
+  const T* x = static_cast<const T*>(c.x);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * H;
+    float* o = c.xf + r * H;
+    for (int k = 0; k < h2; ++k) {
+      o[k] = Elem<D>::load(xr[2 * k]);
+      o[h2 + k] = Elem<D>::load(xr[2 * k + 1]);
+    }
+  }
+}
+
+// phase 1 (int4) for units [u0, u1): af[p] = silu(gate_i . xf[r_p]) * (up_i . xf[r_p]), rounded to D
+template <int D>
+void gate_up_q4(const Call& c, int64_t u0, int64_t u1) {
+  const int H = c.H, I = c.I, G = c.G, i2 = I / 2;
+  float out[4][4];
+  int64_t u = u0;
+  while (u < u1) {
+    const int j = int(u / I);
+    const int i0 = int(u % I);
+    const int ni = int(std::min<int64_t>({u1 - u, int64_t(I - i0), int64_t(2)}));
+    Q4Row w[4];
+    for (int a = 0; a < ni; ++a) {
+      w[a] = q4_row(c.w13[j], c.s13[j], c.z13, j, i0 + a, H, G);           // gate row
+      w[ni + a] = q4_row(c.w13[j], c.s13[j], c.z13, j, I + i0 + a, H, G);  // up row
+    }
+    for (int64_t p = c.offsets[j]; p < c.offsets[j + 1]; p += 4) {
+      const int nb = int(std::min<int64_t>(4, c.offsets[j + 1] - p));
+      const float* xr[4];
+      for (int b = 0; b < nb; ++b) xr[b] = c.xf + int64_t(c.rows[p + b]) * H;
+      tile_q4_any(w, 2 * ni, xr, nb, H, G, out);
+      for (int b = 0; b < nb; ++b)
+        for (int a = 0; a < ni; ++a) {
+          const int i = i0 + a;
+          c.af[(p + b) * I + (i & 1 ? i2 + i / 2 : i / 2)] =
+              Elem<D>::load(Elem<D>::store(silu(out[a][b]) * out[ni + a][b]));
+        }
+    }
+    u += ni;
+  }
+}
+
+// phase 2 (int4) for y columns [h0, h1): y[r_p, h] += w_p * (W2_e[h] . af[p])
+inline void down_q4(const Call& c, int h0, int h1) {
+  const int H = c.H, I = c.I, G = c.G;
+  float out[4][4];
+  for (int j = 0; j < c.n_experts; ++j) {
+    for (int h = h0; h < h1; h += 4) {
+      const int nr = std::min(4, h1 - h);
+      Q4Row w[4];
+      for (int a = 0; a < nr; ++a) w[a] = q4_row(c.w2[j], c.s2[j], c.z2, j, h + a, I, G);
+      for (int64_t p = c.offsets[j]; p < c.offsets[j + 1]; p += 4) {
+        const int nb = int(std::min<int64_t>(4, c.offsets[j + 1] - p));
+        const float* ar[4];
+        for (int b = 0; b < nb; ++b) ar[b] = c.af + (p + b) * I;
+        tile_q4_any(w, nr, ar, nb, I, G, out);
         for (int b = 0; b < nb; ++b) {
           float* yr = c.y + int64_t(c.rows[p + b]) * H;
           const float wt = c.weights[p + b];
@@ -428,6 +605,17 @@ class Pool {
     const int64_t u0 = units * t / n_, u1 = units * (t + 1) / n_;
     const int cols = (c.H + 15) / 16;  // y columns in cache-line groups of 16 floats
     const int h0 = std::min(c.H, int(int64_t(cols) * t / n_) * 16), h1 = std::min(c.H, int(int64_t(cols) * (t + 1) / n_) * 16);
+    if (c.q4) {
+      const int64_t n = c.rows_n, r0 = n * t / n_, r1 = n * (t + 1) / n_;
+      switch (c.dtype) {
+        case F32: q4_inputs<F32>(c, r0, r1); barrier(); gate_up_q4<F32>(c, u0, u1); break;
+        case BF16: q4_inputs<BF16>(c, r0, r1); barrier(); gate_up_q4<BF16>(c, u0, u1); break;
+        default: q4_inputs<F16>(c, r0, r1); barrier(); gate_up_q4<F16>(c, u0, u1); break;
+      }
+      barrier();
+      down_q4(c, h0, h1);
+      return;
+    }
     switch (c.dtype) {
       case F32: gate_up<F32>(c, u0, u1); barrier(); down<F32>(c, h0, h1); break;
       case BF16: gate_up<BF16>(c, u0, u1); barrier(); down<BF16>(c, h0, h1); break;
@@ -488,7 +676,7 @@ class Pool {
 
 extern "C" {
 
-int prophet_cpu_abi_version() { return 3; }
+int prophet_cpu_abi_version() { return 4; }
 
 // bit 0: AVX-512F tiles; bit 1: AVX-512 BF16 dot products; bit 2: F16C
 int prophet_cpu_isa() {
@@ -530,6 +718,41 @@ int prophet_cpu_submit(void* pool, int dtype, int H, int I, int n_experts, const
   c.x = x;
   c.act = act;
   c.y = y;
+  static_cast<Pool*>(pool)->submit(c, 0);
+  return 0;
+}
+
+// One layer call's CPU experts with int4 weights (see the header): codes, scales and zero points (null:
+// symmetric) per expert, x [n, H] in dtype, scratch xf [n, H] and af [P, I] fp32. Returns 0, or -1.
+int prophet_cpu_submit_q4(void* pool, int dtype, int H, int I, int G, int64_t n, int n_experts,
+                          const int64_t* w13_ptrs, const int64_t* w2_ptrs, const int64_t* s13_ptrs,
+                          const int64_t* s2_ptrs, const int64_t* z13_ptrs, const int64_t* z2_ptrs,
+                          const int64_t* offsets, const int32_t* rows, const float* weights, const void* x,
+                          float* xf, float* af, float* y) {
+  if (!pool || dtype < F32 || dtype > F16 || G < 32 || G % 32 || H < G || I < G || H % G || I % G || n < 0 ||
+      n_experts < 0 || !s13_ptrs || !s2_ptrs || (z13_ptrs == nullptr) != (z2_ptrs == nullptr))
+    return -1;
+  Call c;
+  c.dtype = dtype;
+  c.H = H;
+  c.I = I;
+  c.n_experts = n_experts;
+  c.w13 = w13_ptrs;
+  c.w2 = w2_ptrs;
+  c.offsets = offsets;
+  c.rows = rows;
+  c.weights = weights;
+  c.x = x;
+  c.y = y;
+  c.q4 = true;
+  c.G = G;
+  c.rows_n = n;
+  c.s13 = s13_ptrs;
+  c.s2 = s2_ptrs;
+  c.z13 = z13_ptrs;
+  c.z2 = z2_ptrs;
+  c.xf = xf;
+  c.af = af;
   static_cast<Pool*>(pool)->submit(c, 0);
   return 0;
 }

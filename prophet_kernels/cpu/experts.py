@@ -12,7 +12,9 @@ One layer call's CPU experts, as pairs grouped by expert (legend: H hidden, I in
 Backends: ``native`` (``cpu_experts.cpp``: its own thread pool, one call per layer call, the GIL
 released; the default) and ``torch`` (torch's CPU matmuls on one Python worker thread, at torch's
 global thread count, which vLLM's GPU worker sets to 1: a reference and a fallback). Both read the
-store's tensors in place: the one host copy serves the link and the CPU.
+store's tensors in place: the one host copy serves the link and the CPU. int4 stores (``kernels.int4``'s
+rows: codes, group scales, zero points) are read as they are by the native backend, whose x may be
+fp32, bf16 or fp16 (the model's dtype); the torch backend dequantizes each expert it computes.
 
 ``submit`` returns at once; ``join`` waits and returns (y, seconds the computation took). The
 tensors of a submitted call are held until it is joined, so nothing the pool reads is freed under it.
@@ -114,20 +116,30 @@ class CpuExperts:
                  cpus: list[int] | None = None):
         if backend not in BACKENDS:
             raise ValueError(f"cpu backend {backend!r}: one of {', '.join(BACKENDS)}")
-        if store.dtype not in DTYPE_CODES:
-            raise ValueError(f"the CPU computes bf16, fp16 or fp32 experts; this store holds {store.dtype} "
+        self.int4 = store.fmt.kind == "int4"
+        if store.dtype not in DTYPE_CODES and not self.int4:
+            raise ValueError(f"the CPU computes bf16, fp16, fp32 or int4 experts; this store holds {store.dtype} "
                              "(fp8 experts on the CPU: not yet)")
         check_threads(threads)
         H, I = store.hidden, store.intermediate
+        pack = 2 if self.int4 else 1  # (int4: two codes a byte)
         for l, (a, b) in enumerate(zip(store.w13, store.w2)):
-            if a.stride()[1:] != (H, 1) or b.stride()[1:] != (I, 1):
+            if a.stride()[1:] != (H // pack, 1) or b.stride()[1:] != (I // pack, 1):
                 raise ValueError(f"layer {l}: the CPU reads each expert's rows contiguously; w13 strides "
                                  f"{a.stride()}, w2 strides {b.stride()}")
         self.store, self.threads, self.backend = store, threads, backend
         self.num_experts = store.num_experts
-        # every (layer, expert)'s matrix addresses, gathered per call
-        self._w13 = np.array([[t[e].data_ptr() for e in range(store.num_experts)] for t in store.w13], dtype=np.int64)
-        self._w2 = np.array([[t[e].data_ptr() for e in range(store.num_experts)] for t in store.w2], dtype=np.int64)
+        # the activations' dtype: the store's (int4: the caller's x, any of DTYPE_CODES; bf16 when measuring)
+        self.act_dtype = torch.bfloat16 if self.int4 else store.dtype
+
+        def addresses(tensors):  # every (layer, expert)'s matrix addresses, gathered per call
+            return np.array([[t[e].data_ptr() for e in range(store.num_experts)] for t in tensors], dtype=np.int64)
+        self._w13, self._w2 = addresses(store.w13), addresses(store.w2)
+        if self.int4:
+            q = [store.quant(l) for l in range(store.num_layers)]
+            self._s13, self._s2 = addresses([x.w13_scale for x in q]), addresses([x.w2_scale for x in q])
+            self._z13 = addresses([x.w13_zeros for x in q]) if store.fmt.zero_points else None
+            self._z2 = addresses([x.w2_zeros for x in q]) if store.fmt.zero_points else None
         self._pending = None
         if backend == "native":
             so = native.lib()
@@ -137,8 +149,10 @@ class CpuExperts:
             if not self._pool:
                 raise RuntimeError(f"creating a pool of {threads} CPU threads failed")
             self._finalizer = weakref.finalize(self, so.prophet_cpu_pool_destroy, self._pool)
-            self._submit, self._join, self._dtype = so.prophet_cpu_submit, so.prophet_cpu_join, DTYPE_CODES[store.dtype]
-            self._meta = np.zeros(3 * self.num_experts + 1, np.int64)
+            self._submit, self._join = so.prophet_cpu_submit, so.prophet_cpu_join
+            self._submit_q4 = so.prophet_cpu_submit_q4
+            # [w13 (E) | w2 (E) | offsets (E + 1) | int4: w13 scales (E) | w2 scales (E) | w13 zeros (E) | w2 zeros (E)]
+            self._meta = np.zeros(7 * self.num_experts + 1, np.int64)
             self._y, self._rows = torch.zeros((0, 1)), np.zeros(0, np.int32)
             self._grow(1, 1)
         else:
@@ -168,9 +182,10 @@ class CpuExperts:
             return
         if not 0 <= layer < s.num_layers:
             raise ValueError(f"layer {layer} outside [0, {s.num_layers})")
-        if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dtype != s.dtype or x.dim() != 2 \
-                or x.shape[1] != s.hidden or not x.is_contiguous():
-            raise ValueError(f"x must be a contiguous host tensor [n, {s.hidden}] of {s.dtype}, got "
+        want = "fp32, bf16 or fp16" if self.int4 else s.dtype
+        if not isinstance(x, torch.Tensor) or x.device.type != "cpu" or x.dim() != 2 or x.shape[1] != s.hidden \
+                or not x.is_contiguous() or (x.dtype not in DTYPE_CODES if self.int4 else x.dtype != s.dtype):
+            raise ValueError(f"x must be a contiguous host tensor [n, {s.hidden}] of {want}, got "
                              f"{getattr(x, 'dtype', type(x).__name__)} {list(getattr(x, 'shape', []))} on "
                              f"{getattr(x, 'device', '?')}")
         experts = np.asarray(experts, dtype=np.int64)
@@ -203,15 +218,29 @@ class CpuExperts:
         y = self._y[:n]
         y.zero_()
         E = self.num_experts
-        meta = self._meta  # [w13 addresses (E) | w2 addresses (E) | offsets (E + 1)]
+        meta = self._meta
         meta[:n_e] = self._w13[layer, experts]
         meta[E:E + n_e] = self._w2[layer, experts]
         meta[2 * E:2 * E + n_e + 1] = offsets
         self._rows[:P] = rows
         self._weights[:P] = weights
         a = self._addr
-        err = self._submit(self._pool, self._dtype, s.hidden, s.intermediate, n_e, a["meta"], a["meta"] + 8 * E,
-                           a["meta"] + 16 * E, a["rows"], a["weights"], x.data_ptr(), a["act"], a["y"])
+        m = a["meta"]
+        if self.int4:
+            def at(i):  # the i-th int4 field of meta: w13 scales, w2 scales, w13 zeros, w2 zeros
+                return 3 * E + 1 + i * E
+            meta[at(0):at(0) + n_e] = self._s13[layer, experts]
+            meta[at(1):at(1) + n_e] = self._s2[layer, experts]
+            if self._z13 is not None:
+                meta[at(2):at(2) + n_e] = self._z13[layer, experts]
+                meta[at(3):at(3) + n_e] = self._z2[layer, experts]
+            zeros = (m + 8 * at(2), m + 8 * at(3)) if self._z13 is not None else (None, None)
+            err = self._submit_q4(self._pool, DTYPE_CODES[x.dtype], s.hidden, s.intermediate, s.fmt.group_size, n,
+                                  n_e, m, m + 8 * E, m + 8 * at(0), m + 8 * at(1), *zeros, m + 16 * E, a["rows"],
+                                  a["weights"], x.data_ptr(), a["xf"], a["af"], a["y"])
+        else:
+            err = self._submit(self._pool, DTYPE_CODES[s.dtype], s.hidden, s.intermediate, n_e, m, m + 8 * E,
+                               m + 16 * E, a["rows"], a["weights"], x.data_ptr(), a["act"], a["y"])
         if err:
             raise RuntimeError(f"the CPU experts' native call refused its arguments (code {err})")
         self._pending = (None, y, x)  # alive until joined (the buffers are the object's)
@@ -220,10 +249,13 @@ class CpuExperts:
         s = self.store
         n, P = max(n, 2 * self._y.shape[0]), max(P, 2 * self._rows.shape[0])
         self._y = torch.zeros((n, s.hidden), dtype=torch.float32)
-        self._act = torch.empty((P, s.intermediate), dtype=s.dtype)
+        # act [P, I] in the store's dtype; int4: x and act as fp32, even inputs first (cpu_experts.cpp)
+        self._act = torch.empty((P, s.intermediate), dtype=torch.float32 if self.int4 else s.dtype)
+        self._xf = torch.empty((n, s.hidden) if self.int4 else (0,), dtype=torch.float32)
         self._rows, self._weights = np.zeros(P, np.int32), np.zeros(P, np.float32)
         self._addr = {"meta": self._meta.ctypes.data, "rows": self._rows.ctypes.data,
-                      "weights": self._weights.ctypes.data, "act": self._act.data_ptr(), "y": self._y.data_ptr()}
+                      "weights": self._weights.ctypes.data, "act": self._act.data_ptr(), "af": self._act.data_ptr(),
+                      "xf": self._xf.data_ptr(), "y": self._y.data_ptr()}
 
     def join(self) -> tuple[torch.Tensor, float]:
         """(y [n, H] fp32, seconds the call computed) of the pending call; y is valid until the next
@@ -249,10 +281,23 @@ class CpuExperts:
             a, b = int(offsets[j]), int(offsets[j + 1])
             if a == b:
                 continue
-            h = x[rows_t[a:b]] @ s.w13[layer][e].t()
-            act = (F.silu(h[:, :I].float()) * h[:, I:].float()).to(s.dtype)
-            y.index_add_(0, rows_t[a:b], (act @ s.w2[layer][e].t()).float() * w_t[a:b, None])
+            w13, w2 = self._weights_of(layer, e, x.dtype)
+            h = x[rows_t[a:b]] @ w13.t()
+            act = (F.silu(h[:, :I].float()) * h[:, I:].float()).to(x.dtype)
+            y.index_add_(0, rows_t[a:b], (act @ w2.t()).float() * w_t[a:b, None])
         return time.perf_counter() - start
+
+    def _weights_of(self, layer: int, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e's (w13, w2) as the torch backend multiplies them: the store's, or int4 dequantized to dtype."""
+        s = self.store
+        if not self.int4:
+            return s.w13[layer][e], s.w2[layer][e]
+        from ..kernels.int4 import dequantize_int4
+
+        q = s.quant(layer)
+        zeros = (None, None) if q.w13_zeros is None else (q.w13_zeros[e], q.w2_zeros[e])
+        return (dequantize_int4(s.w13[layer][e], q.w13_scale[e], zeros[0]).to(dtype),
+                dequantize_int4(s.w2[layer][e], q.w2_scale[e], zeros[1]).to(dtype))
 
     def read_seconds(self, t: torch.Tensor) -> float:
         """Seconds the pool's threads take to read ``t``'s bytes once (native backend): the machine's

@@ -23,7 +23,7 @@ from pathlib import Path
 
 SOURCE = Path(__file__).with_name("cpu_experts.cpp")
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-pthread", "-Wno-uninitialized"]
-ABI_VERSION = 3
+ABI_VERSION = 4
 ISA_BITS = {"avx512f": 1, "avx512_bf16": 2, "f16c": 4}
 
 
@@ -107,6 +107,9 @@ def lib() -> ctypes.CDLL:
     so.prophet_cpu_pool_destroy.argtypes = [p]
     so.prophet_cpu_submit.restype = ctypes.c_int
     so.prophet_cpu_submit.argtypes = [p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int] + [p] * 8
+    so.prophet_cpu_submit_q4.restype = ctypes.c_int
+    so.prophet_cpu_submit_q4.argtypes = [p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, i64,
+                                         ctypes.c_int] + [p] * 13
     so.prophet_cpu_join.restype = f64
     so.prophet_cpu_join.argtypes = [p]
     so.prophet_cpu_read.restype = f64

@@ -43,7 +43,7 @@ class Rates:
 def _key(cpu, device: torch.device) -> str:
     s = cpu.store  # (the library's build key too: a rebuilt kernel is measured again)
     dev = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    parts = [native.SOURCE.read_text(), native._cpu_flags(), str(cpu.threads), cpu.backend, str(s.hidden), str(s.intermediate), str(s.dtype), dev]
+    parts = [native.SOURCE.read_text(), native._cpu_flags(), str(cpu.threads), cpu.backend, str(s.hidden), str(s.intermediate), str(s.dtype), str(s.fmt), dev]
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
 
 
@@ -89,7 +89,7 @@ def _measure(cpu, slot) -> Rates:
     g = torch.Generator().manual_seed(0)
 
     def experts_at(batch: int):
-        x = torch.randn(batch, H, generator=g).to(s.dtype)
+        x = torch.randn(batch, H, generator=g).to(cpu.act_dtype)  # (int4: bf16 activations)
         offsets, rows, w = np.array([0, batch], np.int64), np.arange(batch, dtype=np.int32), np.ones(batch, np.float32)
         return lambda: (cpu.submit(0, x, [0], offsets, rows, w), cpu.join())[1][1]
 
@@ -115,7 +115,7 @@ def _measure(cpu, slot) -> Rates:
                 slot.copy_(src)
                 return time.perf_counter() - t
         link_gbps = s.expert_bytes / _best(copy) / 1e9
-    x, none = torch.zeros(1, H, dtype=s.dtype), np.zeros(1, np.int64)
+    x, none = torch.zeros(1, H, dtype=cpu.act_dtype), np.zeros(1, np.int64)
     empty = (np.zeros(0, np.int32), np.zeros(0, np.float32))
 
     def call():

@@ -127,9 +127,6 @@ class ProphetMoE:
             raise ValueError(f"fill={fill!r} is a device-mode option (host mode copies on its copy stream)")
         if fill == "read-through" and store.fmt.kind == "int4":
             raise ValueError("fill='read-through' is not built for int4 experts (their zero points): use fill='copy'")
-        if miss == "cpu" and store.fmt.kind == "int4":
-            raise ValueError("miss='cpu' computes bf16, fp16 or fp32 experts; int4 experts on the CPU are not built "
-                             "yet: use miss 'wait' or 'stream'")
         expert_map = self._check_expert_map(expert_map, store.num_experts)
         device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         experts = store.num_layers * store.num_experts
