@@ -4,8 +4,9 @@ For each shape (the published OLMoE-1B-7B, Mixtral-8x7B and Qwen3-30B-A3B expert
 backend: a layer call of B tokens routed uniformly to top-k, every expert it uses computed on the CPU
 (what ``miss: cpu`` does with the misses it keeps there). Backends:
 
-    native      Prophet's CPU experts (``cpu/cpu_experts.cpp``, its own thread pool), bf16 and fp32
-    torch       torch's CPU matmuls per expert (``CpuExperts`` backend "torch"), bf16 and fp32
+    native      Prophet's CPU experts (``cpu/cpu_experts.cpp``, its own thread pool), bf16, fp32 and int4
+                (the store's int4 rows: groups of 128, fp32 scales; bf16 activations)
+    torch       torch's CPU matmuls per expert (``CpuExperts`` backend "torch"; int4: dequantized per call)
     torch-int8  torch's weight-only int8 CPU op (``_weight_int8pack_mm``, per-channel scales): a reference
     torch-int4  torch's weight-only int4 CPU op (``_weight_int4pack_mm_for_cpu``, groups of 32): a reference
 
@@ -33,8 +34,9 @@ SHAPES = {  # published configs: allenai/OLMoE-1B-7B-0924, mistralai/Mixtral-8x7
 }
 BATCHES = (1, 4, 16, 64)
 BACKENDS = ("native", "torch", "torch-int8", "torch-int4")
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-INT4_GROUP = 32
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "int4": torch.bfloat16}  # (int4: its activations' dtype)
+INT4_GROUP = 32  # the torch-int4 reference's groups (its CPU op's smallest)
+STORE_INT4_GROUP = 128  # Prophet's int4 store (its default)
 
 
 def cpu_name() -> str:
@@ -122,7 +124,8 @@ def run(shapes, batches, backends, dtypes, threads: int, reps: int, out_dir=None
         g = torch.Generator().manual_seed(0)
         w13 = torch.randn(1, E, 2 * I, H, generator=g).mul_(H ** -0.5).to(dtype)
         w2 = torch.randn(1, E, H, I, generator=g).mul_(I ** -0.5).to(dtype)
-        store = HostExpertStore.from_tensors(w13, w2, pin=False)
+        quantize = {"expert_dtype": "int4", "group_size": STORE_INT4_GROUP} if dname == "int4" else {}
+        store = HostExpertStore.from_tensors(w13, w2, pin=False, **quantize)
         del w13, w2
         reader = CpuExperts(store, threads, "native")
         layer_block = store.blocks[0]

@@ -359,13 +359,14 @@ inline void tile_q4(const Q4Row* w, const float* const* x, int K, int G, float o
   __m512 acc[R][B];
   for (int a = 0; a < R; ++a)
     for (int b = 0; b < B; ++b) acc[a][b] = _mm512_setzero_ps();
-  const __m512i low = _mm512_set1_epi32(0xF);
+  const __m512 codes = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
   for (int g = 0; g < K / G; ++g) {
-    __m512 sv[R], zv[R];
-    for (int a = 0; a < R; ++a) {
-      sv[a] = _mm512_set1_ps(w[a].s[g]);
-      zv[a] = _mm512_set1_ps(w[a].z ? float(w[a].z[g]) : 8.f);
-    }
+    // the group's 16 weight values, (code - zero) * scale, one per lane: a code is a lane index (a
+    // permute reads an index's low 4 bits: the high nibble needs no mask)
+    __m512 table[R];
+    for (int a = 0; a < R; ++a)
+      table[a] = _mm512_mul_ps(_mm512_sub_ps(codes, _mm512_set1_ps(w[a].z ? float(w[a].z[g]) : 8.f)),
+                               _mm512_set1_ps(w[a].s[g]));
     for (int c = 0; c < gh; c += 16) {  // 16 bytes: 16 even and 16 odd inputs
       const int j = g * gh + c;
       __m512 xe[B], xo[B];
@@ -375,8 +376,8 @@ inline void tile_q4(const Q4Row* w, const float* const* x, int K, int G, float o
       }
       for (int a = 0; a < R; ++a) {
         const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(w[a].q + j)));
-        const __m512 lo = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(q, low)), zv[a]), sv[a]);
-        const __m512 hi = _mm512_mul_ps(_mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(q, 4)), zv[a]), sv[a]);
+        const __m512 lo = _mm512_permutexvar_ps(q, table[a]);
+        const __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(q, 4), table[a]);
         for (int b = 0; b < B; ++b) acc[a][b] = _mm512_fmadd_ps(lo, xe[b], _mm512_fmadd_ps(hi, xo[b], acc[a][b]));
       }
     }
