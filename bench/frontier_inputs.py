@@ -164,7 +164,7 @@ def main(argv=None) -> int:
                                     "trace_steps": trace_steps})
                 for cap in caps:
                     if "sim_wait" in parts:
-                        for dtype in ("bf16", "fp8"):
+                        for dtype in ("bf16", "fp8", "int4"):
                             row = {"kind": "sim_wait", "shape": shape_name, "gpu": g, "batch": B, "capacity": cap,
                                    "expert_dtype": dtype}
                             if _key(row) in done:
@@ -180,19 +180,20 @@ def main(argv=None) -> int:
                                         "layer_us": layer_us, "pcie_gbps": pcie, "hit_rate": r.hit_rate,
                                         "ready_hit_rate": r.ready_hit_rate, "stall_us_per_step": r.stall_s / r.steps * 1e6,
                                         "steps": r.steps, "seconds": time.time() - t0})
-                    if "miss_cpu" in parts:
-                        for target, rates in fr.cpu_targets(shape_name).items():
+                    for dtype in ("bf16", "int4") if "miss_cpu" in parts else ():
+                        # (int4: the store's int4 rows on the link and the CPU, at the CPU's int4 rates)
+                        for target, rates in fr.cpu_targets(shape_name, dtype=dtype).items():
                             for c in ([0.0] if cap == caps[0] else []) + [cap]:  # 0: the staging ring only
                                 row = {"kind": "miss_cpu", "shape": shape_name, "gpu": g, "batch": B, "capacity": c,
-                                       "cpu_target": target}
+                                       "cpu_target": target, **({"expert_dtype": dtype} if dtype != "bf16" else {})}
                                 if _key(row) in done:
                                     continue
-                                layer_us = fr.layer_seconds(m, g, unique[B], "bf16") * 1e6
+                                layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
                                 link = min(pcie, rates["dram_gbps"])  # a host copies no faster than it reads
                                 slots = E if c == 0 else slots_for(c, L, E)
                                 t0 = time.time()
                                 r = simulate(held, c, args.policy, None, 1, batch=B, layer_us=layer_us,
-                                             pcie_gbps=link, expert_bytes=expert_bytes(m, "bf16"), miss="cpu",
+                                             pcie_gbps=link, expert_bytes=expert_bytes(m, dtype), miss="cpu",
                                              max_steps=args.max_steps,
                                              cpu_rates={k: rates[k] for k in ("cpu_gbps", "cpu_gflops", "dram_gbps",
                                                                              "call_us")})

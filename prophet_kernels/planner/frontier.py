@@ -89,17 +89,18 @@ CPU_TARGETS = {
 }
 
 
-def cpu_targets(shape: str, bench_rows: list[dict] | None = None) -> dict[str, dict]:
+def cpu_targets(shape: str, bench_rows: list[dict] | None = None, dtype: str = "bf16") -> dict[str, dict]:
     """Per target host: cpu_gbps, cpu_gflops, dram_gbps, call_us and where they come from (``CPU_TARGETS``),
-    from this machine's ``prophet bench cpu-experts`` rows (``bench_rows``: default the committed ones)."""
+    from this machine's ``prophet bench cpu-experts`` rows of the native backend in ``dtype`` (bf16, or
+    int4: the store's int4 rows; cpu_gbps then counts int4 bytes) (``bench_rows``: default the committed ones)."""
     import statistics
 
     if bench_rows is None:
         path = INPUTS.parent / "cpu_experts.jsonl"
         bench_rows = [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-    native = [r for r in bench_rows if r["backend"] == "native" and r["dtype"] == "bf16"]
+    native = [r for r in bench_rows if r["backend"] == "native" and r["dtype"] == dtype]
     if not native:
-        raise FileNotFoundError("no native bf16 rows of prophet bench cpu-experts (bench/results/cpu_experts.jsonl)")
+        raise FileNotFoundError(f"no native {dtype} rows of prophet bench cpu-experts (bench/results/cpu_experts.jsonl)")
     one = [r for r in native if r["batch"] == 1]
     eff = statistics.median(r["gbps"] / r["read_gbps"] for r in one)
     per_core = max(r["gflops"] / r["threads"] for r in native if r["batch"] == max(x["batch"] for x in native))
