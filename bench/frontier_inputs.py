@@ -141,7 +141,7 @@ def main(argv=None) -> int:
         predictor = None if args.predictor == "none" else fit_predictor(args.predictor, None, held)
         stream_hits = {}  # (batch, slots) -> the stream replay's hit rate and steps on the held-out trace
         for g in gpus:
-            pcie = fr.GPU_CONSTANTS[g]["pcie_gbps"]
+            pcie = fr.gpu_constants(g)["pcie_gbps"]
             for B in batches:
                 for cap in ([0.0] + caps) if "stream" in parts and B in fr.STREAM_BATCHES else []:
                     for dtype in ("bf16", "fp8"):
@@ -210,7 +210,7 @@ def main(argv=None) -> int:
                     if "no_wait" not in parts:
                         continue
                     layer_us = fr.layer_seconds(m, g, unique[B], "bf16") * 1e6
-                    hbm = fr.GPU_CONSTANTS[g]["hbm_gbps"] * 1e9
+                    hbm = fr.gpu_constants(g)["hbm_gbps"] * 1e9
                     eb = expert_bytes(m, "bf16")
                     cost = {"stand-in": (fr.int4_expert_bytes(m) / (fr.CONSTANTS["moe_hbm_fraction"] * hbm), False, 0.0),
                             "substitute": (0.0, False, 0.0), "skip": (0.0, False, 0.0), "skip-renorm": (0.0, False, 0.0),

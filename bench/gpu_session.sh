@@ -22,8 +22,8 @@
 #   bench/gpu_session.sh fp8-tune   after fp8, if it missed 85% of HBM: tune fp8 launch configs (their own table
 #                                   keys) for OLMoE and Mixtral at T 1 and 16, then the fp8 benchmark again there
 #   bench/gpu_session.sh cpu-misses  misses computed on the CPU (issue 42): this host's DRAM read rate and CPU
-#                                   expert rates (prophet bench cpu-experts), one hybrid layer's latency on a
-#                                   4-layer OLMoE-shaped stack
+#                                   expert rates (prophet bench cpu-experts; int4 too, Mixtral at batch 1), one
+#                                   hybrid layer's latency on a 4-layer OLMoE-shaped stack
 #   bench/gpu_session.sh cpu-misses-vllm  (vLLM carried in as for vllm) an OLMoE-sized engine with miss cpu beside
 #                                   wait and all-resident, tok/s at batch 1 and 32
 #   bench/gpu_session.sh stream     (vLLM carried in as for vllm) streaming experts (issue 43): an OLMoE-sized engine,
@@ -130,9 +130,12 @@ vllm-graphs)
   timeout 570 $PY bench/bench_vllm.py --configs off-graphs prophet-graphs:0.5 prophet-graphs:0.5:gate --timeout 180 \
     --out-dir "$OUT" 2>&1 | tail -10
   ;;
-cpu-misses)  # issue 42 (<= 2.5 min): the host's rates first (they decide the split), then one hybrid layer
+cpu-misses)  # issue 42 (<= 3 min): the host's rates first (they decide the split), then one hybrid layer
   timeout 80 $PY -m prophet_kernels.cli bench cpu-experts --shapes olmoe mixtral --batch 1 16 --backends native torch \
     --dtypes bf16 --reps 2 --out-dir "$OUT" 2>&1 | tail -10 | tee "$OUT/cpu_experts.txt"
+  # int4 experts on this host's CPU (issue 44): Prophet's int4 rows beside torch's int4 op, batch 1
+  timeout 40 $PY -m prophet_kernels.cli bench cpu-experts --shapes mixtral --batch 1 --backends native torch-int4 \
+    --dtypes bf16 int4 --reps 3 --out-dir "$OUT" 2>&1 | tail -5 | tee "$OUT/cpu_experts_int4.txt"
   timeout 60 $PY bench/bench_hybrid_layer.py --calls 60 --out-dir "$OUT" 2>&1 | tail -8 | tee "$OUT/hybrid_layer.txt"
   ;;
 cpu-misses-vllm)  # issue 42 (<= 4 min, vLLM carried in as for vllm): OLMoE all-resident vs misses waiting vs on the CPU

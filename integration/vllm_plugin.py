@@ -241,6 +241,16 @@ def check_engine_config(cfg, settings: ProphetSettings, cuda: bool) -> None:
                          "layers' routers) or 'same'")
     hf = mc.hf_text_config
     moe_layers, E, k = moe_shape(hf)
+    if settings.expert_dtype == "int4":  # each rank quantizes its shard: its K (H, and I / tp) in whole groups
+        from prophet_kernels.kernels.int4 import check_k
+
+        tp = 1 if pc.enable_expert_parallel else pc.tensor_parallel_size
+        inter = getattr(hf, "moe_intermediate_size", None) or hf.intermediate_size
+        try:
+            check_k(hf.hidden_size, settings.group_size, "the hidden size")
+            check_k(inter // tp, settings.group_size, f"the experts' intermediate size per rank ({inter} / {tp})")
+        except ValueError as e:
+            raise ValueError(f"Prophet expert_dtype int4: {e}; give int4_group_size 32, 64 or 128 dividing it") from None
     if settings.predictor == "learned-gate":
         from prophet_kernels.memory.predictors import LearnedGatePredictor
 

@@ -1092,7 +1092,7 @@ def test_fp8_checkpoint_served_with_its_own_scales(checkpoints, tmp_path, family
     assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 
 
-@pytest.mark.parametrize("kind", ["fp8", "int4", "awq"])
+@pytest.mark.parametrize("kind", ["fp8", "int4", "awq", "int4-at-load"])
 def test_quantized_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch, tmp_path, kind):
     """A quantized checkpoint at tensor_parallel_size=2: vLLM's loader shards the weights and their
     scales along I into each rank's store (I/2 = 32). fp8 with block scales (blocks of 16), in bf16
@@ -1101,23 +1101,34 @@ def test_quantized_checkpoint_under_tensor_parallelism(checkpoints, monkeypatch,
     points packed along N; one group of 32 per row of w2), in fp32. Greedy tokens identical to
     Prophet at TP=2 on the same experts dequantized. AWQ (words and zero points interleaved along N,
     [K, N]-major: each rank's w13 holds half the words of a row, its w2 half the rows), in bf16:
-    identical to its compressed-tensors twin at TP=2."""
+    identical to its compressed-tensors twin at TP=2. expert_dtype int4 quantized at load, in fp32:
+    each rank quantizes its own shard (w2's groups of 32 along I/2 = 32 are the unsharded matrix's),
+    identical to the experts quantized whole and dequantized."""
     from prophet_kernels.kernels.weight_format import WeightFormat
     from prophet_kernels.memory.store import quantized_expert_bytes
 
+    settings = {"buffer": 0.375, "predictor": "same"}
     if kind == "fp8":
         q, deq = demo.fp8_checkpoint(checkpoints["mixtral"], tmp_path / "q", tmp_path / "deq", (16, 16))
         fmt, dtype = WeightFormat("fp8", block_shape=(16, 16)), "bfloat16"
+    elif kind == "int4-at-load":
+        q, fmt, dtype = checkpoints["mixtral"], WeightFormat("int4", group_size=32), "float32"
+        deq = demo.quantized_reference_checkpoint(q, tmp_path / "deq", "int4", 32, dtype)
     else:
         q, deq = demo.int4_checkpoint(checkpoints["mixtral"], tmp_path / "q", tmp_path / "deq", 32, zero_points=True)
         fmt, dtype = WeightFormat("int4", group_size=32, zero_points=True), "float32"
         if kind == "awq":  # the reference: the same codes as compressed-tensors (q above)
             deq, q, dtype = q, demo.int4_checkpoint(checkpoints["mixtral"], tmp_path / "awq", tmp_path / "awq-deq", 32,
                                                     zero_points=True, layout="awq")[0], "bfloat16"
-    ps, settings = demo.prompts(4), {"buffer": 0.375, "predictor": "same"}
-    runs = {name: _two_ranks(monkeypatch, model, settings, ps, "the TP workers'", dtype=dtype)
-            for name, model in (("deq", deq), ("q", q))}
+    ps = demo.prompts(4)
+    at_load = {"expert_dtype": "int4", "int4_group_size": 32} if kind == "int4-at-load" else {}
+    runs = {name: _two_ranks(monkeypatch, model, {**settings, **(at_load if name == "q" else {})}, ps,
+                             "the TP workers'", dtype=dtype) for name, model in (("deq", deq), ("q", q))}
     assert runs["q"][0] == runs["deq"][0]
+    if kind == "int4-at-load":  # groups of 64 do not fit a rank's I / 2 = 32: refused before any worker starts
+        with pytest.raises(ValueError, match=r"int4: the experts' intermediate size per rank \(64 / 2\): its input "
+                                             r"size 32 is not a multiple of the int4 group size 64"):
+            _front_end(q, {**settings, **at_load, "int4_group_size": 64}, tensor_parallel_size=2)
     r0, r1, _ = runs["q"][1]
     H = demo.TINY["mixtral"]["hidden_size"]
     assert r0["expert_bytes"] == r1["expert_bytes"] == quantized_expert_bytes(fmt, H, 32)  # a rank's half, with scales

@@ -4,14 +4,15 @@ For a model, a GPU and a batch, every way to hold the routed experts, at the GPU
 
     resident-{bf16,fp8,int4}      every expert on the GPU in that dtype (where it fits): the simplest
                                   alternative at the same GPU bytes
-    prophet-{bf16,fp8} c          Prophet today: a buffer of c of the experts on the GPU, the rest in
-                                  pinned host memory; a miss waits for its copy
+    prophet-{bf16,fp8,int4} c     Prophet today: a buffer of c of the experts on the GPU, the rest in
+                                  pinned host memory; a miss waits for its copy (int4: the store's rows,
+                                  groups of 128 with fp32 scales; quality: the study's int4, groups of 32)
     prophet-stream-{bf16,fp8} c   Prophet with miss: stream (built): a buffer of c (ring: the ring alone) whose
                                   non-resident experts are copied once per layer per step, one layer ahead
                                   (the schedule's own replay, ``routing.simulator.stream_step``); batch >= 16
-    prophet-cpu T c               Prophet with miss: cpu (built): a bf16 buffer of c (0: a staging ring of one
-                                  layer's experts) whose misses are split between the link and host T's CPU
-                                  by ProphetMoE's own MissCost (simulated with T's rates: ``cpu_targets``)
+    prophet-cpu[-int4] T c        Prophet with miss: cpu (built): a bf16 (int4) buffer of c (0: a staging ring of
+                                  one layer's experts) whose misses are split between the link and host T's CPU
+                                  by ProphetMoE's own MissCost (simulated with T's rates in that dtype: ``cpu_targets``)
     {stand-in,substitute,skip,skip-renorm,host-cpu} c
                                   a bf16 buffer of c whose misses do not wait (simulated, no kernels yet):
                                   the expert's int4 copy, resident for every expert beside the buffer;
@@ -130,11 +131,26 @@ GPU_CONSTANTS = {  # HBM and pinned host-to-device rates per GPU, and where each
 }
 
 
+# Host-to-device rates assumed for the catalogue GPUs without a measurement, by PCIe generation (x16,
+# pinned copies): 3.0 ~12 GB/s, 4.0 ~25 GB/s (the RTX 4090's assumption above), 5.0 the H100's measured 52.7.
+PCIE_ASSUMED_GBPS = {"V100-32GB": 12.0, "A100-40GB": 25.0, "A100-80GB": 25.0, "L40S-48GB": 25.0,
+                     "H200-141GB": GPU_CONSTANTS["H100-80GB"]["pcie_gbps"]}
+
+
 def gpu_constants(gpu: str) -> dict:
-    name = get_gpu(gpu).name
-    if name not in GPU_CONSTANTS:
-        raise ValueError(f"no HBM/PCIe constants for {name}; the frontier knows {', '.join(GPU_CONSTANTS)}")
-    return GPU_CONSTANTS[name]
+    """HBM and PCIe rates of a catalogue GPU: measured (``GPU_CONSTANTS``), else NOT measured: its
+    datasheet bandwidth x the H100's measured/datasheet ratio, and ``PCIE_ASSUMED_GBPS``."""
+    g = get_gpu(gpu)
+    if g.name in GPU_CONSTANTS:
+        return GPU_CONSTANTS[g.name]
+    if g.name not in PCIE_ASSUMED_GBPS:
+        raise ValueError(f"no HBM/PCIe constants for {g.name}; the frontier knows "
+                         f"{', '.join([*GPU_CONSTANTS, *PCIE_ASSUMED_GBPS])}")
+    ratio = CONSTANTS["h100_hbm_gbps"] / CONSTANTS["h100_hbm_datasheet_gbps"]
+    pcie = PCIE_ASSUMED_GBPS[g.name]
+    return {"hbm_gbps": g.hbm_gbps * ratio, "pcie_gbps": pcie,
+            "source": f"NOT measured: datasheet {g.hbm_gbps:,.0f} GB/s x the H100's measured/datasheet ratio "
+                      f"({ratio:.3f}); pinned copies assumed at {pcie} GB/s"}
 
 
 def nonexpert_bytes(m: ModelSpec) -> int:
@@ -238,7 +254,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                     step = None if U is None else L * layer_seconds(m, g, U, dtype)
                     add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), step, 1.0,
                         q and q["bits_per_byte"], {"unique_per_layer": U, "quality": bool(q)})
-                for dtype in ("bf16", "fp8"):
+                for dtype in ("bf16", "fp8", "int4"):
                     q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
                     for cap in CAPACITIES:
                         sim = _pick(inputs, kind="sim_wait", shape=shape, gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
@@ -246,7 +262,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                             continue
                         slots = max(1, int(cap * L * E))
                         step = None if sim is None else L * sim["layer_us"] * 1e-6 + sim["stall_us_per_step"] * 1e-6
-                        add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * one_expert_bytes(m, dtype), step,
+                        add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * expert_bytes(m, dtype), step,
                             sim and sim["ready_hit_rate"], q and q["bits_per_byte"],
                             {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}})
                 for r in inputs:  # Prophet with miss: stream (the schedule's replay at this batch's layer time)
@@ -266,10 +282,14 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         continue
                     cap = r["capacity"]
                     slots = r["slots"]
+                    dtype = r.get("expert_dtype", "bf16")
+                    q = ref_bpb if dtype == "bf16" else (_pick(inputs, kind="quality_resident", shape=shape,
+                                                                dtype=dtype) or {}).get("bits_per_byte")
                     step = (L * (r["layer_us"] + r["host_us_per_layer"]) + r["stall_us_per_step"]
                             + r["extra_us_per_step"]) * 1e-6
-                    add(f"prophet-cpu {r['cpu_target']} {'ring' if cap == 0 else f'{cap:.1%}'}", "prophet-cpu", "bf16",
-                        cap, slots * expert_bytes(m, "bf16"), step, r["ready_hit_rate"], ref_bpb,
+                    add(f"prophet-cpu{'' if dtype == 'bf16' else '-' + dtype} {r['cpu_target']} "
+                        f"{'ring' if cap == 0 else f'{cap:.1%}'}", "prophet-cpu", dtype,
+                        cap, slots * expert_bytes(m, dtype), step, r["ready_hit_rate"], q,
                         {"cpu": {k: r[k] for k in ("cpu_target", "cpu_gbps", "cpu_gflops", "dram_gbps", "link_gbps",
                                                    "cpu_source")},
                          "cpu_experts_per_token": r["cpu_experts_per_token"], "host_us_per_layer": r["host_us_per_layer"]})
@@ -292,8 +312,8 @@ def markdown(rows: list[Row]) -> str:
     head = ("| model | GPU | B | configuration | expert GiB on GPU | KV tokens | context per sequence | "
             "tok/s (predicted) | landed | bits/byte | vs fp32 |")
     lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        tps = "" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
+    for r in rows:  # (a row without its measured inputs says so: those runs were not made for it)
+        tps = "no input" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         lines.append(
             f"| {r.model} | {r.gpu} | {r.batch} | {r.config} | {r.expert_gpu_bytes / 2**30:.2f} | "
             + (f"{r.kv_tokens:,} | {r.context_tokens:,}" if r.fits else "does not fit | ")
@@ -382,8 +402,8 @@ def figure(rows: list[Row], path: Path, batch: int = 1) -> Path:
             for r in (r for r in sel if r.gpu == g and r.model == name):
                 key = r.kind if r.kind != "no-wait" else r.config.split()[0]
                 marker, color = style.get(key, ("o", "gray"))
-                if r.kind == "prophet" and r.expert_dtype == "fp8":
-                    color = "tab:cyan"
+                if r.kind in ("prophet", "prophet-cpu") and r.expert_dtype in ("fp8", "int4"):
+                    color = {"fp8": "tab:cyan", "int4": "tab:gray"}[r.expert_dtype]
                 ax.scatter(r.expert_gpu_bytes / 2**30, r.quality_loss_pct, marker=marker, color=color, s=30)
                 if r.tokens_per_s is not None:
                     ax.annotate(f"{r.tokens_per_s:.0f}", (r.expert_gpu_bytes / 2**30, r.quality_loss_pct), fontsize=6,
@@ -395,6 +415,7 @@ def figure(rows: list[Row], path: Path, batch: int = 1) -> Path:
             ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], marker=m, color=c, ls="", label=k) for k, (m, c) in style.items()]
     handles.append(plt.Line2D([], [], marker="o", color="tab:cyan", ls="", label="prophet fp8"))
+    handles.append(plt.Line2D([], [], marker="o", color="tab:gray", ls="", label="prophet int4 (o, P: cpu)"))
     fig.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8)
     fig.suptitle("Where Prophet wins: GPU bytes against quality; labels: predicted decode tokens/s", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
