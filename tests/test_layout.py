@@ -30,7 +30,7 @@ def _sources():
 ALLOWED = {
     "kernels": set(),
     "planner": set(),
-    "cpu": set(),  # the CPU experts: a leaf, as the kernels are
+    "cpu": {"kernels"},  # the CPU experts: the kernels' int4 layout (kernels.int4), one definition for both
     "memory": {"kernels", "planner", "cpu"},
     "routing": {"memory", "planner", "kernels"},  # kernels: the quality harness's reference quantizers
     "benchmark": {"kernels", "memory", "cpu"},
