@@ -56,21 +56,31 @@ def _close(got, want, dtype):
 def test_cpu_experts_equal_the_reference(backend, dtype, H, I, T, E, k):
     g = torch.Generator().manual_seed(H * 1000 + T)
     store, w13, w2 = _store(g, 2, E, H, I, dtype)
+    token_index, cpu_experts, ids = _layer_1_against_the_reference(store, w13, w2, g, T, k, dtype, backend)
+    assert sorted(set(token_index.tolist())) == sorted({t for t in range(T) if any(e in cpu_experts for e in ids[t].tolist())})
+
+
+def _layer_1_against_the_reference(store, w13, w2, g, T, k, dtype, backend, also_fp32=False):
+    """Layer 1's CPU part of a random routing (every other expert it uses on the CPU), x in ``dtype``,
+    against the fp32 reference on ``w13``/``w2``; ``also_fp32``: the same call again with fp32 x.
+    Returns (token_index, the CPU experts, ids)."""
+    E, H = w13.shape[1], w13.shape[3]
     x = torch.randn(T, H, generator=g).to(dtype)
     ids, weights = _routing(g, T, E, k)
     used = sorted(set(ids.flatten().tolist()))
     cpu_experts = used[::2] or used
     token_index, offsets, rows, pair_w = pairs_of(ids.numpy(), weights.numpy(), cpu_experts)
+    index = torch.from_numpy(token_index)
     cpu = CpuExperts(store, 2, backend)
     try:
-        y = cpu(1, x[torch.from_numpy(token_index)].contiguous(), cpu_experts, offsets, rows, pair_w)
+        runs = [(x, dtype)] + ([(x.float(), torch.float32)] if also_fp32 else [])
+        for xx, tol in runs:
+            full = torch.zeros(T, H)
+            full[index] = cpu(1, xx[index].contiguous(), cpu_experts, offsets, rows, pair_w)
+            _close(full, _reference_cpu_part(xx, w13[1], w2[1], ids, weights, cpu_experts), tol)
     finally:
         cpu.close()
-    full = torch.zeros(T, H)
-    full[torch.from_numpy(token_index)] = y
-    want = _reference_cpu_part(x, w13[1], w2[1], ids, weights, cpu_experts)
-    _close(full, want, dtype)
-    assert sorted(set(token_index.tolist())) == sorted({t for t in range(T) if any(e in cpu_experts for e in ids[t].tolist())})
+    return token_index, cpu_experts, ids
 
 
 def _int4_store(g, L, E, H, I, group, zero_points):
@@ -109,26 +119,8 @@ def test_int4_cpu_experts_equal_the_dequantized_reference(backend, dtype, H, I, 
     (activations rounded to the dtype between the two matmuls, as on the float path)."""
     g = torch.Generator().manual_seed(H * 1000 + T)
     store, w13, w2 = _int4_store(g, 2, E, H, I, group, zp)
-    x = torch.randn(T, H, generator=g).to(dtype)
-    ids, weights = _routing(g, T, E, k)
-    used = sorted(set(ids.flatten().tolist()))
-    cpu_experts = used[::2] or used
-    token_index, offsets, rows, pair_w = pairs_of(ids.numpy(), weights.numpy(), cpu_experts)
-    cpu = CpuExperts(store, 2, backend)
-    try:
-        y = cpu(1, x[torch.from_numpy(token_index)].contiguous(), cpu_experts, offsets, rows, pair_w)
-        if backend == "native":  # the same store again in another dtype: x's dtype is the call's
-            x32 = x.float()[torch.from_numpy(token_index)].contiguous()
-            y32 = cpu(1, x32, cpu_experts, offsets, rows, pair_w).clone()
-    finally:
-        cpu.close()
-    full = torch.zeros(T, H)
-    full[torch.from_numpy(token_index)] = y
-    want = _reference_cpu_part(x, w13[1], w2[1], ids, weights, cpu_experts)
-    _close(full, want, dtype)
-    if backend == "native":
-        full[torch.from_numpy(token_index)] = y32
-        _close(full, _reference_cpu_part(x.float(), w13[1], w2[1], ids, weights, cpu_experts), torch.float32)
+    # native: the same store again with fp32 x (x's dtype is the call's)
+    _layer_1_against_the_reference(store, w13, w2, g, T, k, dtype, backend, also_fp32=backend == "native")
 
 
 def test_int4_cpu_experts_refusals():

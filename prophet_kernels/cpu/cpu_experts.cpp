@@ -675,6 +675,24 @@ class Pool {
 
 }  // namespace
 
+// the fields every layer call has (both entry points)
+static Call layer_call(int dtype, int H, int I, int n_experts, const int64_t* w13_ptrs, const int64_t* w2_ptrs,
+                       const int64_t* offsets, const int32_t* rows, const float* weights, const void* x, float* y) {
+  Call c;
+  c.dtype = dtype;
+  c.H = H;
+  c.I = I;
+  c.n_experts = n_experts;
+  c.w13 = w13_ptrs;
+  c.w2 = w2_ptrs;
+  c.offsets = offsets;
+  c.rows = rows;
+  c.weights = weights;
+  c.x = x;
+  c.y = y;
+  return c;
+}
+
 extern "C" {
 
 int prophet_cpu_abi_version() { return 4; }
@@ -706,19 +724,8 @@ int prophet_cpu_submit(void* pool, int dtype, int H, int I, int n_experts, const
                        const int64_t* w2_ptrs, const int64_t* offsets, const int32_t* rows, const float* weights,
                        const void* x, void* act, float* y) {
   if (!pool || dtype < F32 || dtype > F16 || H < 1 || I < 1 || n_experts < 0) return -1;
-  Call c;
-  c.dtype = dtype;
-  c.H = H;
-  c.I = I;
-  c.n_experts = n_experts;
-  c.w13 = w13_ptrs;
-  c.w2 = w2_ptrs;
-  c.offsets = offsets;
-  c.rows = rows;
-  c.weights = weights;
-  c.x = x;
+  Call c = layer_call(dtype, H, I, n_experts, w13_ptrs, w2_ptrs, offsets, rows, weights, x, y);
   c.act = act;
-  c.y = y;
   static_cast<Pool*>(pool)->submit(c, 0);
   return 0;
 }
@@ -733,18 +740,7 @@ int prophet_cpu_submit_q4(void* pool, int dtype, int H, int I, int G, int64_t n,
   if (!pool || dtype < F32 || dtype > F16 || G < 32 || G % 32 || H < G || I < G || H % G || I % G || n < 0 ||
       n_experts < 0 || !s13_ptrs || !s2_ptrs || (z13_ptrs == nullptr) != (z2_ptrs == nullptr))
     return -1;
-  Call c;
-  c.dtype = dtype;
-  c.H = H;
-  c.I = I;
-  c.n_experts = n_experts;
-  c.w13 = w13_ptrs;
-  c.w2 = w2_ptrs;
-  c.offsets = offsets;
-  c.rows = rows;
-  c.weights = weights;
-  c.x = x;
-  c.y = y;
+  Call c = layer_call(dtype, H, I, n_experts, w13_ptrs, w2_ptrs, offsets, rows, weights, x, y);
   c.q4 = true;
   c.G = G;
   c.rows_n = n;
