@@ -90,7 +90,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--model", type=_csv_list, help=f"models, comma-separated (default: {','.join(sweep.DEFAULT_MODELS)})")
     p.add_argument("--gpu", type=_csv_list, help=f"GPUs, comma-separated (default: {','.join(sweep.DEFAULT_GPUS)})")
-    p.add_argument("--all", action="store_true", help="the full sweep: every catalogue model on every GPU")
+    p.add_argument("--all", action="store_true", help="the full sweep: every catalogue model on every GPU (with "
+                                                     "--frontier: every catalogue model)")
     p.add_argument("--batch", type=lambda t: [int(x) for x in _csv_list(t)],
                    help=f"batch sizes (default: {','.join(map(str, sweep.DEFAULT_BATCHES))})")
     p.add_argument("--buffer", type=_csv_list,
@@ -129,6 +130,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                         "Qwen3-30B-A3B; GPUs H100-80GB, RTX4090-24GB; batches 1, 4, 16, and 64, 128, 256 for the kinds measured there); reads "
                         "bench/results/frontier_inputs.jsonl (--frontier-inputs)")
     p.add_argument("--frontier-inputs", help="the measured inputs of --frontier (default: the committed ones)")
+    p.add_argument("--cpu-moe-layers", type=lambda t: [int(x) for x in _csv_list(t)],
+                   help="with --frontier: the cpu-moe rows' N, comma-separated (llama.cpp's --n-cpu-moe N: the routed "
+                        "experts of N MoE layers on the host CPU, the rest resident; default: every MoE layer, as "
+                        "KTransformers, and the smallest N that leaves KV for 4096 tokens per sequence)")
     p.add_argument("--json", action="store_true",
                    help="with --frontier: also write frontier.jsonl, one object per row with every input named")
     p.add_argument("--seed-report", metavar="PATH", help="write the seed-vs-corrected section (markdown) to PATH and exit")
@@ -142,6 +147,8 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     if args.json and not args.frontier:
         raise ValueError("--json goes with --frontier (plan's own rows: plan.csv)")
+    if args.cpu_moe_layers and not args.frontier:
+        raise ValueError("--cpu-moe-layers goes with --frontier")
     if args.frontier:
         return _frontier(args)
     if args.seed_report:
@@ -181,7 +188,7 @@ def _plan(args: argparse.Namespace) -> int:
 
 # plan options --frontier does not read (its own memory model: 0.9 utilisation, the planner's workspace,
 # bf16 weights and KV on one GPU): each refused when given (not at its default), rather than silently ignored
-_NOT_FRONTIER = ("all", "buffer", "dtype", "kv_dtype", "expert_dtype", "tp", "ep", "pp", "layouts", "util", "context",
+_NOT_FRONTIER = ("buffer", "dtype", "kv_dtype", "expert_dtype", "tp", "ep", "pp", "layouts", "util", "context",
                  "gpu_memory_gib", "workspace_gib", "unique_curve", "seed_report")
 
 
@@ -195,14 +202,19 @@ def _frontier(args) -> int:
         raise ValueError(f"{', '.join(ignored)}: not read by --frontier (its rows use 0.9 of each catalogue GPU's "
                          "memory, the planner's workspace, bf16 weights and KV, one GPU); give them without --frontier")
 
-    models = args.model or list(fr.MODELS)
+    from .planner import MODELS, get_model
+
+    models = [get_model(x).name for x in args.model] if args.model else list(MODELS if args.all else fr.MODELS)
     gpus = fr.check_gpus(args.gpu or fr.GPUS_DEFAULT)
+    for n in args.cpu_moe_layers or ():
+        if n < 0:
+            raise ValueError(f"--cpu-moe-layers {n}: a number of MoE layers, >= 0")
     batches = args.batch or list(fr.BATCHES + fr.LARGE_BATCHES)
     for b in batches:
         if b < 1:
             raise ValueError(f"--batch {b}: batches are whole numbers >= 1")
     inputs = fr.read_inputs(Path(args.frontier_inputs) if args.frontier_inputs else fr.INPUTS)
-    rows = fr.frontier(models, gpus, batches, inputs)
+    rows = fr.frontier(models, gpus, batches, inputs, cpu_moe=tuple(args.cpu_moe_layers) if args.cpu_moe_layers else None)
     print(fr.markdown(rows))
     print("\nThe fastest of each kind within 1% of fp32's held-out quality:\n")
     print(fr.summary(rows))

@@ -53,7 +53,9 @@ def test_kv_tokens_and_fits():
 
 def test_frontier_rows_from_inputs(tmp_path):
     rows = fr.frontier(["OLMoE-1B-7B"], fr.GPUS_DEFAULT, [1, 4], _inputs())
-    per = 3 + 3 * len(fr.CAPACITIES) + len(fr.NO_WAIT) * len(fr.CAPACITIES)  # resident, prophet bf16/fp8/int4, no-wait
+    # resident, prophet bf16/fp8/int4, no-wait, and cpu-moe in bf16/int4 at each target host with every layer on the
+    # CPU (OLMoE fits whole: the smallest N that fits is 0, the resident row)
+    per = 3 + 3 * len(fr.CAPACITIES) + len(fr.NO_WAIT) * len(fr.CAPACITIES) + 2 * len(fr.CPU_TARGETS)
     assert len(rows) == 2 * 2 * per
     by = {(r.gpu, r.batch, r.config): r for r in rows}
     r = by[("H100-80GB", 1, "resident-int4")]
@@ -94,8 +96,11 @@ def test_cli_frontier(tmp_path):
         assert r.returncode == 2 and f"{flag}: not read by --frontier" in r.stderr, (flag, r.stderr)
     r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--json"], capture_output=True, text=True)
     assert r.returncode == 2 and "--json goes with --frontier" in r.stderr
-    r = run("--model", "DBRX")
-    assert r.returncode == 2 and "no routing-study model" in r.stderr
+    r = run("--model", "OLMoE-1B-7B", "--cpu-moe-layers", "17", "--batch", "1", "--no-figures")
+    assert r.returncode == 2 and "--cpu-moe-layers 17: OLMoE-1B-7B has 16 MoE layers" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--cpu-moe-layers", "4"], capture_output=True,
+                       text=True)
+    assert r.returncode == 2 and "--cpu-moe-layers goes with --frontier" in r.stderr
     r = run("--model", "OLMoE-1B-7B", "--batch", "1", "--gpu", "A100-40GB", "--no-figures")  # nothing simulated there:
     assert r.returncode == 0, r.stderr  # resident rows from its constants, the rest say they have no input
     assert re.search(r"\| OLMoE-1B-7B \| A100-40GB \| 1 \| resident-bf16 \|[^\n]*\| [\d,]+ \|", r.stdout)
@@ -144,7 +149,7 @@ def test_stream_rows_and_the_context_each_sequence_holds():
                    "step_us": st["step_s"] * 1e6, "stall_us_per_step": st["stall_s"] * 1e6,
                    "copy_busy": st["copy_busy"], "resident_per_layer": st["resident_per_layer"], "hit_rate": 0.25})
     rows = fr.frontier(["Mixtral-8x7B"], ["RTX4090-24GB"], [64], inputs)
-    assert {r.kind for r in rows} == {"resident", "prophet-stream"}  # no waiting-miss input at 64: no such row
+    assert {r.kind for r in rows} == {"resident", "prophet-stream", "cpu-moe"}  # no waiting-miss input at 64: no such row
     s = next(r for r in rows if r.kind == "prophet-stream")
     assert s.config == "prophet-stream-fp8 25.0%" and s.expert_gpu_bytes == 64 * expert_bytes(m, "fp8")
     # copy-bound: 32 layers x 6-7 streamed experts at 25 GB/s per step, 64 tokens a step
@@ -215,3 +220,96 @@ def test_the_readme_quotes_the_committed_table():
             if w and w["tokens_per_s"] and r["tokens_per_s"]:
                 ratios.append(float(r["tokens_per_s"]) / float(w["tokens_per_s"]))
     assert f"(streaming {min(ratios):.2f}-{max(ratios):.2f}x of them)" in readme.replace("\n", " ")
+
+
+def test_any_catalogue_model_takes_the_routing_of_the_nearest_study_shape():
+    """A model without its own trace takes the study shape of the nearest sparsity k/E; its rows say so, and
+    say why a row has no tokens/s (no simulation of it) or why Prophet does not serve its family."""
+    from prophet_kernels.routing.traces.train import SHAPES
+
+    assert fr.STUDY_SHAPES == {s.name: (s.num_experts, s.top_k) for s in SHAPES.values()}
+    assert {fr.SHAPE_OF[s.mimics] for s in SHAPES.values()} == set(fr.STUDY_SHAPES)
+    for name, shape in fr.SHAPE_OF.items():
+        assert fr.routing_proxy(get_model(name)) == (shape, 1.0)
+    assert fr.routing_proxy(get_model("DeepSeek-V3")) == ("qwen3", 1.0)  # 8/256: nearest 8/128
+    assert fr.routing_proxy(get_model("Mixtral-8x22B")) == ("mixtral", 1.0)
+    assert fr.routing_proxy(get_model("DBRX")) == ("mixtral", 2.0)  # 4/16 = 2/8: a trace expert stands for two
+    assert fr.routing_proxy(get_model("Phi-3.5-MoE")) == ("olmoe", 0.25)  # 2/16 = 8/64
+    inputs = [r for r in _inputs("mixtral") if r["kind"] != "unique"] + [
+        {"kind": "unique", "shape": "mixtral", "batch": b, "unique_per_layer": u} for b, u in ((1, 2.0), (4, 5.0))]
+    dbrx = get_model("DBRX")
+    assert fr.unique_experts(dbrx, 1, inputs) == 4  # 2 of the trace's x 2: its top-4
+    assert fr.unique_experts(dbrx, 4, inputs) == 10.0  # 5 x 2
+    assert fr.unique_experts(dbrx, 16, inputs) is None  # no measured row at 16
+    rows = fr.frontier(["DBRX"], ["H100-80GB"], [1], inputs)
+    assert all(r.routing.startswith("mixtral study trace as proxy") for r in rows)
+    assert all(r.served.startswith("not served yet") for r in rows)
+    assert {r.kind for r in rows} == {"resident", "prophet", "cpu-moe"}  # no no-wait rows: they decode the study model
+    for r in rows:
+        if r.kind == "prophet":  # the sims of the mixtral rows are Mixtral-8x7B's, not DBRX's
+            assert r.tokens_per_s is None and "no simulation" in r.missing
+        else:
+            assert r.tokens_per_s is not None and not r.missing
+        assert r.quality_loss_pct == (0.0 if r.expert_dtype == "bf16" else None)  # bf16: its own experts
+    served = {"OLMoE-1B-7B", "Mixtral-8x7B", "Qwen3-30B-A3B"}
+    assert all(not r.served for r in fr.frontier(sorted(served), ["H100-80GB"], [1], _inputs()) if r.model in served)
+
+
+def test_the_served_families_are_the_plugins():
+    from integration.settings import MODEL_FAMILIES
+
+    family = {"OLMoE-1B-7B": "olmoe", "Mixtral-8x7B": "mixtral", "Mixtral-8x22B": "mixtral", "Qwen3-30B-A3B": "qwen3_moe",
+              "Qwen3-235B-A22B": "qwen3_moe", "Qwen1.5-MoE-A2.7B": "qwen2_moe", "Qwen2-57B-A14B": "qwen2_moe",
+              "DeepSeek-V2": "deepseek_v2", "DeepSeek-V2-Lite": "deepseek_v2"}  # (their configs' model_type)
+    assert set(family) == fr.SERVED and set(family.values()) == set(MODEL_FAMILIES)
+    assert fr.served(get_model("Switch-Base-128")).startswith("encoder-decoder")
+    assert "noaux_tc" in fr.served(get_model("DeepSeek-V3"))
+
+
+def test_cpu_moe_rows_are_llama_cpp_n_cpu_moe():
+    """--n-cpu-moe N: N layers' routed experts read and computed by the host CPU every step, the rest resident;
+    the arithmetic term by term, and the smallest N that leaves KV for the context."""
+    from prophet_kernels.planner.memory import routed_expert_params
+
+    m = get_model("Mixtral-8x7B")
+    cpu = {"cpu_gbps": 100.0, "cpu_gflops": 1000.0, "call_us": 40.0}
+    L, gpu = m.moe_layers, "RTX4090-24GB"
+    assert fr.cpu_moe_seconds(m, gpu, 1, 2.0, 0, cpu) == pytest.approx(L * fr.layer_seconds(m, gpu, 2.0))
+    b = expert_bytes(m, "bf16")
+    one_cpu_layer = max(2 * b / 100e9, 1 * 2 * 2 * routed_expert_params(m) / 1e12) + 40e-6
+    assert fr.cpu_moe_seconds(m, gpu, 1, 2.0, 5, cpu) == pytest.approx(
+        (L - 5) * fr.layer_seconds(m, gpu, 2.0) + 5 * (fr.layer_seconds(m, gpu, 0) + one_cpu_layer))
+    slow = cpu | {"cpu_gflops": 1.0}  # compute-bound at a large batch
+    assert fr.cpu_layer_seconds(m, 8.0, 64, slow, b) == pytest.approx(64 * 2 * 2 * routed_expert_params(m) / 1e9 + 40e-6)
+    with pytest.raises(ValueError, match="33 CPU MoE layers; it has 32"):
+        fr.cpu_moe_seconds(m, gpu, 1, 2.0, 33, cpu)
+    for B in (1, 16):
+        n = fr.cpu_moe_layers(m, gpu, B, "int4")
+        per_layer = m.moe.experts * fr.one_expert_bytes(m, "int4")  # (the resident int4 rows' bytes)
+        assert fr.kv_tokens(m, gpu, (L - n) * per_layer) >= B * fr.CPU_MOE_CONTEXT
+        assert n == 0 or fr.kv_tokens(m, gpu, (L - n + 1) * per_layer) < B * fr.CPU_MOE_CONTEXT
+    rows = fr.frontier(["Mixtral-8x7B"], [gpu], [1], _inputs("mixtral"))
+    moe = [r for r in rows if r.kind == "cpu-moe"]
+    n = fr.cpu_moe_layers(m, gpu, 1, "bf16")
+    r = next(r for r in moe if r.config == f"cpu-moe-bf16 server-200 {n}/{L}")
+    assert r.expert_gpu_bytes == (L - n) * 8 * b and r.host_bytes == n * 8 * b and r.context_tokens >= fr.CPU_MOE_CONTEXT
+    assert {x.config.split()[-1] for x in moe} == {f"{n}/{L}", f"{fr.cpu_moe_layers(m, gpu, 1, 'int4')}/{L}", f"{L}/{L}"}
+    mine = fr.frontier(["Mixtral-8x7B"], [gpu], [1], _inputs("mixtral"), cpu_moe=(0, 4))
+    assert {x.config.split()[-1] for x in mine if x.kind == "cpu-moe"} == {"0/32", "4/32"}
+
+
+def test_frontier_check_is_the_arithmetic_of_its_reports(tmp_path):
+    """bench/results/frontier_check.md is what bench/frontier_check.py computes today; a report without its
+    host memory or split says "not checkable"."""
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import frontier_check
+
+    committed = Path(frontier_check.OUT)
+    assert frontier_check.main(["--out", str(tmp_path / "c.md")]) == 0
+    text = (tmp_path / "c.md").read_text()
+    assert text == committed.read_text()
+    assert "| 13.4 |" in text and "not checkable" in text
+    kt = frontier_check.predict(frontier_check.REPORTS[0])
+    assert kt["checkable"] and kt["predicted"] == pytest.approx(1 / ((kt["gpu_ms"] + kt["cpu_ms"]) / 1e3))

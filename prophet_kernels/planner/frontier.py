@@ -13,6 +13,10 @@ For a model, a GPU and a batch, every way to hold the routed experts, at the GPU
     prophet-cpu[-int4] T c        Prophet with miss: cpu (built): a bf16 (int4) buffer of c (0: a staging ring of
                                   one layer's experts) whose misses are split between the link and host T's CPU
                                   by ProphetMoE's own MissCost (simulated with T's rates in that dtype: ``cpu_targets``)
+    cpu-moe-{bf16,int4} T N/L     llama.cpp's --n-cpu-moe N (KTransformers when N = L): the routed experts of N
+                                  MoE layers in host T's memory and computed by its CPU, every time, the rest
+                                  resident; no copies (analytic: ``cpu_moe_seconds``); N = L, and the smallest
+                                  N whose rest fits with ``CPU_MOE_CONTEXT`` tokens per sequence
     {stand-in,substitute,skip,skip-renorm,host-cpu} c
                                   a bf16 buffer of c whose misses do not wait (simulated, no kernels yet):
                                   the expert's int4 copy, resident for every expert beside the buffer;
@@ -169,19 +173,130 @@ def one_expert_bytes(m: ModelSpec, dtype: str) -> int:
     return int4_expert_bytes(m) if dtype == "int4" else expert_bytes(m, dtype)
 
 
-def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16") -> float:
-    """One decode layer at a batch whose layer calls need `unique` experts (module docstring)."""
-    c, hbm = CONSTANTS, gpu_constants(gpu)["hbm_gbps"] * 1e9
+# The routing-study shapes (experts E, top-k; ``routing.traces.train.SHAPES``, tested equal): a catalogue
+# model without its own trace takes its routing statistics from the shape of the nearest sparsity k / E
+STUDY_SHAPES = {"olmoe": (64, 8), "mixtral": (8, 2), "qwen3": (128, 8)}
+
+
+def routing_proxy(m: ModelSpec) -> tuple[str, float]:
+    """(shape, unit): the routing-study trace that stands in for `m`'s routing, and how many of `m`'s
+    experts one of the trace's experts stands for (k_m / k_shape: a token then reads k_m of `m`'s experts'
+    bytes). A study model is its own shape (unit 1); another takes the shape of the nearest sparsity
+    k / E (then the nearest k): its unique experts per layer at batch B are the shape's x unit, and a
+    buffer of a fraction c of its experts hits as the shape's buffer of c does."""
+    import math
+
+    if m.name in SHAPE_OF:
+        return SHAPE_OF[m.name], 1.0
+    k, e = m.moe.top_k, m.moe.experts
+    name = min(STUDY_SHAPES, key=lambda s: (abs(math.log(k / e * STUDY_SHAPES[s][0] / STUDY_SHAPES[s][1])),
+                                            abs(math.log(k / STUDY_SHAPES[s][1]))))
+    return name, k / STUDY_SHAPES[name][1]
+
+
+def unique_experts(m: ModelSpec, batch: int, inputs: list[dict]) -> float | None:
+    """Unique experts per MoE layer of `m` at `batch`: measured on its study trace, or its routing
+    proxy's x unit (at most E and batch x k); None without a measured row at that batch."""
+    shape, unit = routing_proxy(m)
+    row = _pick(inputs, kind="unique", shape=shape, batch=batch)
+    if row is None:
+        return None
+    return min(float(m.moe.experts), batch * m.moe.top_k, row["unique_per_layer"] * unit)
+
+
+# cpu-moe rows: the context each sequence must hold when N is chosen as the smallest that fits (llama.cpp
+# users size --n-cpu-moe to their context; this is the one the table sizes it for)
+CPU_MOE_CONTEXT = 4096
+
+
+def expert_flops(m: ModelSpec) -> int:
+    """FLOPs of one token through one routed expert (2 x its weights)."""
+    from .memory import routed_expert_params
+
+    return 2 * routed_expert_params(m)
+
+
+def cpu_layer_seconds(m: ModelSpec, unique: float, batch: int, cpu: dict, expert_bytes_cpu: float) -> float:
+    """One MoE layer's routed experts on the host CPU: `unique` experts of `expert_bytes_cpu` read at
+    cpu_gbps, or batch x k tokens' FLOPs at cpu_gflops, whichever is longer, plus the call's overhead
+    (call_us: handing the activations over and back)."""
+    read = unique * expert_bytes_cpu / (cpu["cpu_gbps"] * 1e9)
+    compute = batch * m.moe.top_k * expert_flops(m) / (cpu["cpu_gflops"] * 1e9)
+    return max(read, compute) + cpu["call_us"] * 1e-6
+
+
+def cpu_moe_seconds(m: ModelSpec, gpu: str, batch: int, unique: float, n_cpu: int, cpu: dict, dtype: str = "bf16",
+                    gpu_rates: dict | None = None, weight_bpp: float | None = None) -> float:
+    """A decode step with the routed experts of `n_cpu` MoE layers on the host CPU (llama.cpp's
+    --n-cpu-moe; KTransformers when n_cpu = L) and the rest resident on the GPU in `dtype`: every
+    layer's non-expert part on the GPU (``layer_seconds`` with no expert), the resident layers' experts
+    at the kernel's share of HBM, the CPU layers' at ``cpu_layer_seconds``; serial, as those run.
+    `weight_bpp`: every weight (GPU and CPU) at that many bytes per parameter (``layer_seconds``)."""
+    L = m.moe_layers
+    if not 0 <= n_cpu <= L:
+        raise ValueError(f"{m.name}: {n_cpu} CPU MoE layers; it has {L}")
+    gpu_part = (L - n_cpu) * layer_seconds(m, gpu, unique, dtype, gpu_rates, weight_bpp) + n_cpu * layer_seconds(
+        m, gpu, 0, dtype, gpu_rates, weight_bpp)
+    from .memory import routed_expert_params
+
+    per_expert = one_expert_bytes(m, dtype) if weight_bpp is None else routed_expert_params(m) * weight_bpp
+    return gpu_part + n_cpu * cpu_layer_seconds(m, unique, batch, cpu, per_expert)
+
+
+def cpu_moe_layers(m: ModelSpec, gpu: str, batch: int, dtype: str, context: int = CPU_MOE_CONTEXT,
+                   memory_bytes: int | None = None) -> int | None:
+    """The smallest N of --n-cpu-moe N whose resident rest leaves KV for `batch` sequences of `context`
+    tokens (None: not even N = L does)."""
+    per_layer = m.moe.experts * one_expert_bytes(m, dtype)
+    for n in range(m.moe_layers + 1):
+        if kv_tokens(m, gpu, (m.moe_layers - n) * per_layer, memory_bytes=memory_bytes) >= batch * context:
+            return n
+    return None
+
+
+def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", rates: dict | None = None,
+                  weight_bpp: float | None = None) -> float:
+    """One decode layer at a batch whose layer calls need `unique` experts (module docstring); `rates`:
+    the GPU's (``gpu_constants``), given to override the catalogue's; `weight_bpp`: every weight at that
+    many bytes per parameter instead of bf16 non-expert weights and `dtype` experts."""
+    c, hbm = CONSTANTS, (rates or gpu_constants(gpu))["hbm_gbps"] * 1e9
     olmoe = get_model("OLMoE-1B-7B")
     per_layer = lambda mm: (nonexpert_bytes(mm) - mm.vocab * mm.hidden * 2) / mm.moe_layers  # embedding rows aside
     fixed = (c["olmoe_layer_us_b1"] - c["olmoe_moe_us_b1"]) * 1e-6 - per_layer(olmoe) / (c["h100_hbm_gbps"] * 1e9)
+    if weight_bpp is not None:  # every weight at weight_bpp bytes per parameter (a GGUF file's average)
+        from .memory import routed_expert_params
+
+        return fixed + per_layer(m) * weight_bpp / 2 / hbm + unique * routed_expert_params(m) * weight_bpp / (
+            c["moe_hbm_fraction"] * hbm)
     return fixed + per_layer(m) / hbm + unique * one_expert_bytes(m, dtype) / (c["moe_hbm_fraction"] * hbm)
 
 
-def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9) -> int:
+def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
     cfg = ServingConfig(gpu_memory_utilization=util)
-    free = int(get_gpu(gpu).memory_bytes * util) - nonexpert_bytes(m) - expert_gpu_bytes - workspace_bytes(m, cfg)
+    free = int((memory_bytes or get_gpu(gpu).memory_bytes) * util) - nonexpert_bytes(m) - expert_gpu_bytes - workspace_bytes(m, cfg)
     return max(0, free) // kv_bytes_per_token(m, "bf16")
+
+
+# Catalogue models the vLLM plugin serves (integration.settings.MODEL_FAMILIES, tested); the others' rows say
+# why not: what the frontier predicts for them is what Prophet would give once their family is served
+SERVED = {"OLMoE-1B-7B", "Mixtral-8x7B", "Mixtral-8x22B", "Qwen3-30B-A3B", "Qwen3-235B-A22B", "Qwen1.5-MoE-A2.7B",
+          "Qwen2-57B-A14B", "DeepSeek-V2", "DeepSeek-V2-Lite"}
+NOT_SERVED_WHY = {
+    "DeepSeek-V3": "biased grouped routing (noaux_tc) not served by Prophet yet",
+    "Kimi-K2": "DeepSeek-V3's biased grouped routing, not served by Prophet yet",
+    "Jamba-1.5-Large": "Mamba layers: a hybrid family Prophet does not serve yet",
+    "JetMoE-8B": "mixture-of-attention family not served by Prophet yet",
+}
+
+
+def served(m: ModelSpec) -> str:
+    """'' where the vLLM plugin serves `m`'s family, else why not (the row is then a prediction for a family
+    not served yet)."""
+    if m.name in SERVED:
+        return ""
+    if m.encoder_decoder:
+        return "encoder-decoder: not served by Prophet (vLLM serves decoder-only MoE)"
+    return "not served yet: " + NOT_SERVED_WHY.get(m.name, f"the {m.family} family is not one of the plugin's")
 
 
 @dataclass
@@ -189,11 +304,12 @@ class Row:
     model: str
     gpu: str
     batch: int
-    config: str  # resident-bf16, prophet-fp8 25%, substitute 50%, ...
-    kind: str  # resident | prophet | no-wait
+    config: str  # resident-bf16, prophet-fp8 25%, substitute 50%, cpu-moe-int4 server-200 32/32, ...
+    kind: str  # resident | prophet | prophet-stream | prophet-cpu | cpu-moe | no-wait
     expert_dtype: str
     capacity: float | None
     expert_gpu_bytes: int
+    host_bytes: int  # pinned host memory the experts take (0: all on the GPU)
     kv_tokens: int
     context_tokens: int  # KV tokens per sequence at this batch: the longest context each of the B can reach
     fits: bool
@@ -201,7 +317,10 @@ class Row:
     tokens_per_s: float | None
     ready_hit_rate: float | None  # experts landed in time (resident rows: 1)
     bits_per_byte: float | None  # the routing-study model's held-out quality, served this way
-    quality_loss_pct: float | None  # vs its fp32 experts
+    quality_loss_pct: float | None  # vs its fp32 experts (study models), vs its published checkpoint (others)
+    routing: str  # whose routing the hit rates and unique experts come from
+    served: str  # '' where Prophet serves the family, else why not
+    missing: str  # '' where tokens/s is computed, else why not
     inputs: dict  # what each number came from
 
 
@@ -218,104 +337,139 @@ def _pick(inputs, **match):
     return None
 
 
+MODEL_OF_SHAPE = {v: k for k, v in SHAPE_OF.items()}
+
+
+def input_model(row: dict) -> str | None:
+    """The catalogue model a simulation row is for: its ``model``, else its study shape's model."""
+    return row.get("model") or MODEL_OF_SHAPE.get(row.get("shape"))
+
+
 def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
-             inputs: list[dict] | None = None) -> list[Row]:
+             inputs: list[dict] | None = None, cpu_moe: tuple[int, ...] | None = None) -> list[Row]:
     """Rows for every model x GPU x batch x configuration; a row whose measured inputs are missing
-    carries None where it would need them (and says which in ``inputs``). Above batch 16 only the
-    kinds measured there: resident, misses waiting, streaming."""
+    carries None where it would need them and says why (``missing``). Above batch 16 only the kinds
+    measured there: resident, misses waiting, streaming, cpu-moe. `cpu_moe`: the --n-cpu-moe values of
+    the cpu-moe rows (default: every MoE layer, and the smallest that fits ``CPU_MOE_CONTEXT``)."""
     inputs = read_inputs() if inputs is None else inputs
     rows = []
     for name in models:
         m = get_model(name)
-        shape = SHAPE_OF.get(m.name)
-        if shape is None:
-            raise ValueError(f"no routing-study model for {m.name}; the frontier covers {', '.join(MODELS)}")
+        shape, unit = routing_proxy(m)
+        study = m.name in SHAPE_OF
+        routing = f"{shape} study trace" if study else f"{shape} study trace as proxy (k/E {m.moe.top_k}/{m.moe.experts} " \
+                                                       f"vs {STUDY_SHAPES[shape][1]}/{STUDY_SHAPES[shape][0]})"
+        mine = [r for r in inputs if input_model(r) == m.name]
+        why_not = served(m)
         L, E = m.moe_layers, m.moe.experts
-        ref = _pick(inputs, kind="quality_resident", shape=shape, dtype="fp32")
+        ref = _pick(inputs, kind="quality_resident", shape=shape, dtype="fp32") if study else None
         ref_bpb = ref["bits_per_byte"] if ref else None
 
-        def quality(bpb):
-            return None if bpb is None or ref_bpb is None else 100 * (bpb / ref_bpb - 1)
+        def measured_bpb(dtype):
+            """(bits per byte, loss %) of the experts in `dtype`: measured on the study model; for another,
+            bf16 is its checkpoint's own experts (exact), the rest not measured."""
+            if not study:
+                return None, (0.0 if dtype == "bf16" else None)
+            q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
+            bpb = q and q["bits_per_byte"]
+            return bpb, (None if bpb is None or ref_bpb is None else 100 * (bpb / ref_bpb - 1))
 
         for gpu in gpus:
             g = get_gpu(gpu).name
             for B in batches:
-                uq = _pick(inputs, kind="unique", shape=shape, batch=B)
-                U = uq["unique_per_layer"] if uq else None
+                U = unique_experts(m, B, inputs)
 
-                def add(config, kind, dtype, cap, gpu_bytes, step_s, ready, bpb, src):
+                def add(config, kind, dtype, cap, gpu_bytes, host_bytes, step_s, ready, quality, src, missing=""):
                     kv = kv_tokens(m, g, gpu_bytes)
-                    rows.append(Row(m.name, g, B, config, kind, dtype, cap, gpu_bytes, kv, kv // B, kv >= B,
-                                    None if step_s is None else step_s * 1e3,
-                                    None if step_s is None else B / step_s, ready, bpb, quality(bpb), src))
+                    bpb, loss = quality
+                    if step_s is None and not missing:
+                        missing = "no simulation of this model at this GPU and batch (bench/frontier_inputs.py)"
+                    rows.append(Row(m.name, g, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, kv // B, kv >= B,
+                                    None if step_s is None else step_s * 1e3, None if step_s is None else B / step_s,
+                                    ready, bpb, loss, routing, why_not, "" if step_s is not None else missing, src))
 
+                no_unique = f"no measured unique experts at batch {B} on the {shape} trace"
                 for dtype in ("bf16", "fp8", "int4"):
-                    q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
                     step = None if U is None else L * layer_seconds(m, g, U, dtype)
-                    add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), step, 1.0,
-                        q and q["bits_per_byte"], {"unique_per_layer": U, "quality": bool(q)})
+                    add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), 0, step, 1.0,
+                        measured_bpb(dtype), {"unique_per_layer": U}, no_unique)
                 for dtype in ("bf16", "fp8", "int4"):
-                    q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
                     for cap in CAPACITIES:
-                        sim = _pick(inputs, kind="sim_wait", shape=shape, gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
+                        sim = _pick(mine, kind="sim_wait", gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
                         if sim is None and B in LARGE_BATCHES:
                             continue
                         slots = max(1, int(cap * L * E))
                         step = None if sim is None else L * sim["layer_us"] * 1e-6 + sim["stall_us_per_step"] * 1e-6
-                        add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * expert_bytes(m, dtype), step,
-                            sim and sim["ready_hit_rate"], q and q["bits_per_byte"],
+                        add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * expert_bytes(m, dtype),
+                            L * E * expert_bytes(m, dtype), step, sim and sim["ready_hit_rate"], measured_bpb(dtype),
                             {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}})
-                for r in inputs:  # Prophet with miss: stream (the schedule's replay at this batch's layer time)
-                    if (r.get("kind"), r.get("shape"), r.get("gpu"), r.get("batch")) != ("stream", shape, g, B):
+                for r in mine:  # Prophet with miss: stream (the schedule's replay at this batch's layer time)
+                    if (r.get("kind"), r.get("gpu"), r.get("batch")) != ("stream", g, B):
                         continue
                     cap, dtype = r["capacity"], r["expert_dtype"]
-                    q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
                     add(f"prophet-stream-{dtype} {'ring' if cap == 0 else f'{cap:.1%}'}", "prophet-stream", dtype, cap,
-                        r["slots"] * one_expert_bytes(m, dtype), r["step_us"] * 1e-6, r["hit_rate"],
-                        q and q["bits_per_byte"],
+                        r["slots"] * one_expert_bytes(m, dtype), L * E * one_expert_bytes(m, dtype), r["step_us"] * 1e-6,
+                        r["hit_rate"], measured_bpb(dtype),
                         {"stream": {k: r[k] for k in ("layer_us", "pcie_gbps", "stall_us_per_step", "copy_busy",
                                                       "resident_per_layer")}})
+                for dtype in ("bf16", "int4"):  # llama.cpp's --n-cpu-moe N, KTransformers' N = L (analytic)
+                    fit = cpu_moe_layers(m, g, B, dtype)
+                    counts = sorted({L, *(() if fit is None else (fit,))}) if cpu_moe is None else sorted(set(cpu_moe))
+                    for target, rates in cpu_targets(shape, dtype=dtype).items():
+                        for n in counts:
+                            if n == 0 and cpu_moe is None:
+                                continue  # (nothing on the CPU: the resident row)
+                            if n > L:
+                                raise ValueError(f"--cpu-moe-layers {n}: {m.name} has {L} MoE layers")
+                            step = None if U is None else cpu_moe_seconds(m, g, B, U, n, rates, dtype)
+                            add(f"cpu-moe-{dtype} {target} {n}/{L}", "cpu-moe", dtype, (L - n) / L,
+                                (L - n) * E * one_expert_bytes(m, dtype), n * E * one_expert_bytes(m, dtype), step, 1.0,
+                                measured_bpb(dtype),
+                                {"cpu": {k: rates[k] for k in ("cpu_gbps", "cpu_gflops", "call_us", "source")},
+                                 "cpu_moe_layers": n, "unique_per_layer": U}, no_unique)
                 if B in LARGE_BATCHES:
                     continue  # (misses that do not wait, and on the CPU: measured at batch 1-16 only)
-                for r in inputs:  # Prophet with miss: cpu (simulated with each target host's rates)
-                    if (r.get("kind"), r.get("shape"), r.get("gpu"), r.get("batch")) != ("miss_cpu", shape, g, B):
+                for r in mine:  # Prophet with miss: cpu (simulated with each target host's rates)
+                    if (r.get("kind"), r.get("gpu"), r.get("batch")) != ("miss_cpu", g, B):
                         continue
                     cap = r["capacity"]
-                    slots = r["slots"]
                     dtype = r.get("expert_dtype", "bf16")
-                    q = ref_bpb if dtype == "bf16" else (_pick(inputs, kind="quality_resident", shape=shape,
-                                                                dtype=dtype) or {}).get("bits_per_byte")
                     step = (L * (r["layer_us"] + r["host_us_per_layer"]) + r["stall_us_per_step"]
                             + r["extra_us_per_step"]) * 1e-6
                     add(f"prophet-cpu{'' if dtype == 'bf16' else '-' + dtype} {r['cpu_target']} "
                         f"{'ring' if cap == 0 else f'{cap:.1%}'}", "prophet-cpu", dtype,
-                        cap, slots * expert_bytes(m, dtype), step, r["ready_hit_rate"], q,
+                        cap, r["slots"] * expert_bytes(m, dtype), L * E * expert_bytes(m, dtype), step,
+                        r["ready_hit_rate"], (ref_bpb, 0.0) if dtype == "bf16" and study else measured_bpb(dtype),
                         {"cpu": {k: r[k] for k in ("cpu_target", "cpu_gbps", "cpu_gflops", "dram_gbps", "link_gbps",
                                                    "cpu_source")},
                          "cpu_experts_per_token": r["cpu_experts_per_token"], "host_us_per_layer": r["host_us_per_layer"]})
+                if not study:
+                    continue  # (no-wait rows decode the study model itself: their quality is its own)
                 for strategy in NO_WAIT:
                     for cap in CAPACITIES:
-                        r = _pick(inputs, kind="no_wait", shape=shape, gpu=g, batch=B, capacity=cap, strategy=strategy)
+                        r = _pick(mine, kind="no_wait", gpu=g, batch=B, capacity=cap, strategy=strategy)
                         slots = max(1, int(cap * L * E))
                         gpu_bytes = slots * expert_bytes(m, "bf16") + (L * E * int4_expert_bytes(m)
                                                                        if strategy == "stand-in" else 0)
                         step = None if r is None else (L * r["layer_us"] + r["extra_us_per_step"]) * 1e-6
                         bpb = r and (r["bits_per_byte"] if r["bits_per_byte"] is not None
                                      else ref_bpb if str(r.get("quality_from", "")).startswith("exact") else None)
-                        add(f"{strategy} {cap:.1%}", "no-wait", "bf16", cap, gpu_bytes, step, r and r["ready_hit_rate"],
-                            bpb, {"run": r and {k: r.get(k) for k in ("policy", "fallbacks_per_token",
-                                                                                          "quality_from")}})
+                        add(f"{strategy} {cap:.1%}", "no-wait", "bf16", cap, gpu_bytes, L * E * expert_bytes(m, "bf16"),
+                            step, r and r["ready_hit_rate"],
+                            (bpb, None if bpb is None or ref_bpb is None else 100 * (bpb / ref_bpb - 1)),
+                            {"run": r and {k: r.get(k) for k in ("policy", "fallbacks_per_token", "quality_from")}})
     return rows
 
 
 def markdown(rows: list[Row]) -> str:
-    head = ("| model | GPU | B | configuration | expert GiB on GPU | KV tokens | context per sequence | "
-            "tok/s (predicted) | landed | bits/byte | vs fp32 |")
-    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = ("| model | GPU | B | configuration | expert GiB on GPU | host GiB | KV tokens | context per sequence | "
+            "tok/s (predicted) | landed | bits/byte | vs reference |")
+    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:  # (a row without its measured inputs says so: those runs were not made for it)
         tps = "no input" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         lines.append(
-            f"| {r.model} | {r.gpu} | {r.batch} | {r.config} | {r.expert_gpu_bytes / 2**30:.2f} | "
+            f"| {r.model}{' (not served)' if r.served else ''} | {r.gpu} | {r.batch} | {r.config} | "
+            f"{r.expert_gpu_bytes / 2**30:.2f} | {r.host_bytes / 2**30:.1f} | "
             + (f"{r.kv_tokens:,} | {r.context_tokens:,}" if r.fits else "does not fit | ")
             + f" | {tps if r.fits else ''} | "
             + ("" if r.ready_hit_rate is None else f"{r.ready_hit_rate:.1%}") + " | "
@@ -360,7 +514,8 @@ def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
     """Markdown: per model, GPU and batch, the fastest fitting row of each kind (resident, Prophet with
     waiting misses, on the CPU, streamed, no-wait) among those within `max_loss_pct` of fp32's quality, and the pick."""
     lines = ["| model | GPU | B | fastest resident | fastest Prophet (misses wait) | fastest Prophet (miss: cpu) | "
-             "fastest Prophet (stream) | fastest no-wait | pick |", "|---|---|---:|---|---|---|---|---|---|"]
+             "fastest Prophet (stream) | fastest cpu-moe (llama.cpp, KTransformers) | fastest no-wait | pick |",
+             "|---|---|---:|---|---|---|---|---|---|---|"]
     picks = {(r.model, r.gpu, r.batch): r for r in recommend(rows, max_loss_pct)}
 
     def cell(r):
@@ -377,7 +532,8 @@ def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
                     best[r.kind] = r
         pick = picks.get(key)
         lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(best.get('resident'))} | {cell(best.get('prophet'))} | "
-                     f"{cell(best.get('prophet-cpu'))} | {cell(best.get('prophet-stream'))} | {cell(best.get('no-wait'))} | "
+                     f"{cell(best.get('prophet-cpu'))} | {cell(best.get('prophet-stream'))} | {cell(best.get('cpu-moe'))} | "
+                     f"{cell(best.get('no-wait'))} | "
                      f"{pick.config if pick else 'nothing fits'} |")
     return "\n".join(lines)
 
@@ -395,7 +551,8 @@ def figure(rows: list[Row], path: Path, batch: int = 1) -> Path:
     fig, axes = plt.subplots(len(gpus), len(models), figsize=(5.6 * len(models), 4.4 * len(gpus)), squeeze=False)
     style = {"resident": ("s", "black"), "prophet": ("o", "tab:blue"), "stand-in": ("^", "tab:green"),
              "substitute": ("v", "tab:orange"), "skip": ("x", "tab:red"), "skip-renorm": ("+", "tab:purple"),
-             "host-cpu": ("D", "tab:brown"), "prophet-cpu": ("P", "tab:olive"), "prophet-stream": ("*", "tab:pink")}
+             "host-cpu": ("D", "tab:brown"), "prophet-cpu": ("P", "tab:olive"), "prophet-stream": ("*", "tab:pink"),
+             "cpu-moe": ("h", "tab:red")}
     for i, g in enumerate(gpus):
         for j, name in enumerate(models):
             ax = axes[i][j]
