@@ -18,9 +18,16 @@ a rerun skips rows already there):
 
 Every row records its inputs (policy, predictor, timing constants, windows, commit, date).
 
+Another catalogue model (``--models``): its simulation rows replay the held-out trace of its routing proxy
+(``planner.frontier.routing_proxy``: the study shape of the nearest sparsity k / E) with its own bytes and layer
+time, one trace expert standing for ``unit`` = k_model / k_shape of its experts; the per-step figures are the
+trace's layers scaled to its MoE layers. Those rows carry ``model``, ``trace_layers`` and ``unit``; they
+have no unique, quality or no-wait rows (those are the study model's own).
+
     .venv/bin/python bench/frontier_inputs.py --shapes olmoe --checkpoints checkpoints
     .venv/bin/python bench/frontier_inputs.py --shapes olmoe --parts unique,quality_resident,sim_wait
     .venv/bin/python bench/frontier_inputs.py --parts unique,sim_wait,stream --batches 16,64,128,256
+    .venv/bin/python bench/frontier_inputs.py --models DeepSeek-V3,Qwen3-235B-A22B --parts sim_wait,miss_cpu,stream
 
 Checkpoints: `prophet trace train --shape S --out checkpoints/S` (docs/routing.md).
 """
@@ -44,7 +51,7 @@ WARMUP_STEPS = 4  # sim_wait at batch 64-256 (16-128 steps of the traces): steps
 
 def _key(row: dict) -> tuple:
     return tuple(row.get(k) for k in ("kind", "shape", "gpu", "batch", "capacity", "expert_dtype", "dtype", "strategy",
-                                      "cpu_target"))
+                                      "cpu_target", "model"))
 
 
 def main(argv=None) -> int:
@@ -68,6 +75,8 @@ def main(argv=None) -> int:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shapes", default="olmoe,mixtral,qwen3")
+    ap.add_argument("--models", help="catalogue models, comma-separated, each simulated on its routing proxy's trace "
+                                     "(instead of --shapes)")
     ap.add_argument("--checkpoints", default="checkpoints")
     ap.add_argument("--parts", default=",".join(PARTS))
     ap.add_argument("--gpus", default=",".join(fr.GPUS_DEFAULT))
@@ -109,14 +118,28 @@ def main(argv=None) -> int:
         print(json.dumps({k: v for k, v in row.items() if k not in stamp}), flush=True)
 
     corpus = None
-    for shape_name in args.shapes.split(","):
+    if args.models:
+        targets = [(get_model(x),) + fr.routing_proxy(get_model(x)) for x in args.models.split(",")]
+        own = [m.name for m, _, _ in targets if m.name in fr.SHAPE_OF]
+        if own or {"unique", "quality_resident", "no_wait"} & set(parts):
+            ap.error(f"--models: other catalogue models than the study ones ({', '.join(own)}: --shapes), with "
+                     "--parts among sim_wait, miss_cpu, stream")
+    else:
+        targets = [(get_model(get_shape(x).mimics), x, 1.0) for x in args.shapes.split(",")]
+    for m, shape_name, unit in targets:
         shape = get_shape(shape_name)
-        m = get_model(shape.mimics)
+        proxy = m.name not in fr.SHAPE_OF
         held = load_trace(f"{shape_name}-heldout")
         L, E = held.num_layers, held.num_experts
-        unique = {}
+        Lm, Em = m.moe_layers, m.moe.experts
+        scale = Lm / L  # the trace's layers' per-step figures, scaled to the model's MoE layers
+        tag = {"model": m.name, "trace_layers": L, "unit": unit} if proxy else {}
+        bytes_of = lambda dtype: int(expert_bytes(m, dtype) * unit)  # noqa: E731  (one trace expert's bytes)
+        flops = int(fr.expert_flops(m) * unit) if proxy else None
+        unique, unique_m = {}, {}
         for B in batches:
             unique[B] = unique_per_layer(held, B)[0]
+            unique_m[B] = min(float(Em), B * m.moe.top_k, unique[B] * unit)
             row = {"kind": "unique", "shape": shape_name, "batch": B, "unique_per_layer": unique[B],
                    "trace": f"{shape_name}-heldout"}
             if "unique" in parts and _key(row) not in done:
@@ -146,18 +169,19 @@ def main(argv=None) -> int:
                 for cap in ([0.0] + caps) if "stream" in parts and B in fr.STREAM_BATCHES else []:
                     for dtype in ("bf16", "fp8"):
                         row = {"kind": "stream", "shape": shape_name, "gpu": g, "batch": B, "capacity": cap,
-                               "expert_dtype": dtype}
-                        slots = min_stream_slots(L, E) if cap == 0 else slots_for(cap, L, E)
-                        if _key(row) in done or slots < min_stream_slots(L, E):
+                               "expert_dtype": dtype, **tag}
+                        slots = min_stream_slots(Lm, Em) if cap == 0 else slots_for(cap, Lm, Em)
+                        trace_slots = min_stream_slots(L, E) if cap == 0 else slots_for(cap, L, E)
+                        if _key(row) in done or slots < min_stream_slots(Lm, Em) or trace_slots < min_stream_slots(L, E):
                             continue  # (a buffer below the ring does not stream: the ring alone is the 0 row)
-                        layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
-                        st = stream_step(L, E, slots, expert_bytes(m, dtype), pcie * 1e9, layer_us * 1e-6)
-                        if (B, slots) not in stream_hits:  # (the resident share: the same at any GPU and dtype)
-                            r = simulate(held, slots, miss="stream", batch=B, layer_us=layer_us, pcie_gbps=pcie,
-                                         expert_bytes=expert_bytes(m, dtype), max_steps=args.max_steps)
-                            stream_hits[B, slots] = r.hit_rate, r.steps
-                        hit_rate, trace_steps = stream_hits[B, slots]
-                        emit(row | {"slots": slots, "layer_us": layer_us, "pcie_gbps": pcie, "unique_per_layer": unique[B],
+                        layer_us = fr.layer_seconds(m, g, unique_m[B], dtype) * 1e6
+                        st = stream_step(Lm, Em, slots, expert_bytes(m, dtype), pcie * 1e9, layer_us * 1e-6)
+                        if (B, trace_slots) not in stream_hits:  # (the resident share: the same at any GPU and dtype)
+                            r = simulate(held, trace_slots, miss="stream", batch=B, layer_us=layer_us, pcie_gbps=pcie,
+                                         expert_bytes=bytes_of(dtype), max_steps=args.max_steps)
+                            stream_hits[B, trace_slots] = r.hit_rate, r.steps
+                        hit_rate, trace_steps = stream_hits[B, trace_slots]
+                        emit(row | {"slots": slots, "layer_us": layer_us, "pcie_gbps": pcie, "unique_per_layer": unique_m[B],
                                     "step_us": st["step_s"] * 1e6, "stall_us_per_step": st["stall_s"] * 1e6,
                                     "copy_busy": st["copy_busy"], "resident_per_layer": st["resident_per_layer"],
                                     "streamed_per_step": st["streamed_per_step"], "hit_rate": hit_rate,
@@ -166,35 +190,37 @@ def main(argv=None) -> int:
                     if "sim_wait" in parts:
                         for dtype in ("bf16", "fp8", "int4"):
                             row = {"kind": "sim_wait", "shape": shape_name, "gpu": g, "batch": B, "capacity": cap,
-                                   "expert_dtype": dtype}
+                                   "expert_dtype": dtype, **tag}
                             if _key(row) in done:
                                 continue
-                            layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
+                            layer_us = fr.layer_seconds(m, g, unique_m[B], dtype) * 1e6
                             t0 = time.time()
                             warmup = WARMUP_STEPS if B in fr.LARGE_BATCHES else 0  # a few steps there: a cold
                             r = simulate(held, cap, args.policy, predictor, args.depth, batch=B, layer_us=layer_us,
-                                         pcie_gbps=pcie, expert_bytes=expert_bytes(m, dtype), max_steps=args.max_steps,
+                                         pcie_gbps=pcie, expert_bytes=bytes_of(dtype), max_steps=args.max_steps,
                                          warmup_steps=warmup)  # buffer's fill would weigh on them
                             emit(row | {"policy": args.policy, "predictor": r.predictor, "depth": r.depth,
                                         "max_steps": args.max_steps, "warmup_steps": warmup,
                                         "layer_us": layer_us, "pcie_gbps": pcie, "hit_rate": r.hit_rate,
-                                        "ready_hit_rate": r.ready_hit_rate, "stall_us_per_step": r.stall_s / r.steps * 1e6,
+                                        "ready_hit_rate": r.ready_hit_rate,
+                                        "stall_us_per_step": r.stall_s / r.steps * 1e6 * scale,
                                         "steps": r.steps, "seconds": time.time() - t0})
                     for dtype in ("bf16", "int4") if "miss_cpu" in parts else ():
                         # (int4: the store's int4 rows on the link and the CPU, at the CPU's int4 rates)
                         for target, rates in fr.cpu_targets(shape_name, dtype=dtype).items():
                             for c in ([0.0] if cap == caps[0] else []) + [cap]:  # 0: the staging ring only
                                 row = {"kind": "miss_cpu", "shape": shape_name, "gpu": g, "batch": B, "capacity": c,
-                                       "cpu_target": target, **({"expert_dtype": dtype} if dtype != "bf16" else {})}
+                                       "cpu_target": target, **({"expert_dtype": dtype} if dtype != "bf16" else {}),
+                                       **tag}
                                 if _key(row) in done:
                                     continue
-                                layer_us = fr.layer_seconds(m, g, unique[B], dtype) * 1e6
+                                layer_us = fr.layer_seconds(m, g, unique_m[B], dtype) * 1e6
                                 link = min(pcie, rates["dram_gbps"])  # a host copies no faster than it reads
-                                slots = E if c == 0 else slots_for(c, L, E)
+                                slots = Em if c == 0 else slots_for(c, Lm, Em)
                                 t0 = time.time()
                                 r = simulate(held, c, args.policy, None, 1, batch=B, layer_us=layer_us,
-                                             pcie_gbps=link, expert_bytes=expert_bytes(m, dtype), miss="cpu",
-                                             max_steps=args.max_steps,
+                                             pcie_gbps=link, expert_bytes=bytes_of(dtype), miss="cpu",
+                                             max_steps=args.max_steps, expert_flops=flops,
                                              cpu_rates={k: rates[k] for k in ("cpu_gbps", "cpu_gflops", "dram_gbps",
                                                                              "call_us")})
                                 emit(row | {"policy": args.policy, "predictor": "none",
@@ -203,9 +229,9 @@ def main(argv=None) -> int:
                                             **{k: rates[k] for k in ("cpu_gbps", "cpu_gflops", "dram_gbps", "call_us")},
                                             "cpu_source": rates["source"], "hit_rate": r.hit_rate,
                                             "ready_hit_rate": r.ready_hit_rate,
-                                            "stall_us_per_step": r.stall_s / r.steps * 1e6,
-                                            "extra_us_per_step": r.extra_s / r.steps * 1e6,
-                                            "cpu_experts_per_token": r.fallbacks / r.tokens,
+                                            "stall_us_per_step": r.stall_s / r.steps * 1e6 * scale,
+                                            "extra_us_per_step": r.extra_s / r.steps * 1e6 * scale,
+                                            "cpu_experts_per_token": r.fallbacks / r.tokens * unit * scale,
                                             "steps": r.steps, "seconds": time.time() - t0})
                     if "no_wait" not in parts:
                         continue

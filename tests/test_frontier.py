@@ -313,3 +313,36 @@ def test_frontier_check_is_the_arithmetic_of_its_reports(tmp_path):
     assert "| 13.4 |" in text and "not checkable" in text
     kt = frontier_check.predict(frontier_check.REPORTS[0])
     assert kt["checkable"] and kt["predicted"] == pytest.approx(1 / ((kt["gpu_ms"] + kt["cpu_ms"]) / 1e3))
+
+
+def test_frontier_inputs_simulate_another_model_on_its_proxy_trace(tmp_path):
+    """bench/frontier_inputs.py --models: DBRX's waiting-miss simulation replays the mixtral trace with DBRX's
+    bytes (a trace expert is two of its experts) and layer time, its stall scaled from the trace's 32 layers to
+    its 40; the frontier then fills DBRX's Prophet row from it."""
+    from pathlib import Path
+
+    from prophet_kernels.memory.predictors import fit_predictor
+    from prophet_kernels.routing.simulator import simulate
+    from prophet_kernels.routing.traces import load_trace
+
+    out = tmp_path / "inputs.jsonl"
+    bench = Path(__file__).resolve().parents[1] / "bench" / "frontier_inputs.py"
+    args = ["--models", "DBRX", "--gpus", "H100-80GB", "--batches", "1", "--capacities", "0.25", "--max-steps", "16",
+            "--parts", "sim_wait", "--out", str(out)]
+    r = subprocess.run([sys.executable, str(bench), *args], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(rows) == 3 and all((x["model"], x["trace_layers"], x["unit"]) == ("DBRX", 32, 2.0) for x in rows)
+    m = get_model("DBRX")
+    bf16 = next(x for x in rows if x["expert_dtype"] == "bf16")
+    assert bf16["layer_us"] == pytest.approx(fr.layer_seconds(m, "H100-80GB", 4.0) * 1e6)  # 2 trace experts x 2
+    held = load_trace("mixtral-heldout")
+    again = simulate(held, 0.25, "next-use", fit_predictor("gate", None, held), 1, batch=1, layer_us=bf16["layer_us"],
+                     pcie_gbps=52.7, expert_bytes=2 * expert_bytes(m, "bf16"), max_steps=16)
+    assert bf16["stall_us_per_step"] == pytest.approx(again.stall_s / again.steps * 1e6 * 40 / 32)
+    inputs = _inputs("mixtral") + rows
+    p = next(x for x in fr.frontier(["DBRX"], ["H100-80GB"], [1], inputs) if x.config == "prophet-bf16 25.0%")
+    assert p.step_ms == pytest.approx((40 * bf16["layer_us"] + bf16["stall_us_per_step"]) / 1e3) and not p.missing
+    r = subprocess.run([sys.executable, str(bench), "--models", "Mixtral-8x7B", "--parts", "sim_wait", "--out",
+                        str(out)], capture_output=True, text=True)
+    assert r.returncode == 2 and "--models: other catalogue models than the study ones" in r.stderr

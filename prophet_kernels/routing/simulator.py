@@ -445,7 +445,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
              progress: bool = False, prefetch_budget: int | None = None, expert_dtype: str = "bf16",
              capacity_dtype: str | None = None, miss: str = "wait", fallback_s: float = 0.0,
              fallback_parallel: bool = False, fallback_latency_s: float = 0.0, cpu_rates: dict | None = None,
-             placement: str = "even", profile=None, static: bool = False, warmup_steps: int = 0) -> SimResult:
+             placement: str = "even", profile=None, static: bool = False, warmup_steps: int = 0,
+             expert_flops: int | None = None) -> SimResult:
     """Replay `trace`. predictor: a Predictor instance, 'oracle' (exact future routing), or None.
     expert_bytes / pcie_gbps / layer_us default to the mimicked model's size and the measured
     H100 numbers; unlimited_budget lifts the prefetch byte budget (timing still modelled);
@@ -467,7 +468,9 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
     placement kept for good, no copy and no prefetch, every miss on the CPU (KTransformers' fixed
     GPU expert mask), beside the default dynamic residency (copies that pay, prefetches, next-use).
     ``warmup_steps``: replay that many decode steps first and count nothing of them (the buffer's
-    cold fill; what a few-step replay at a large batch would otherwise be dominated by)."""
+    cold fill; what a few-step replay at a large batch would otherwise be dominated by). ``expert_flops``:
+    with ``miss="cpu"``, one token through one of the trace's experts (default: the mimicked model's 6 x H x I;
+    given where the trace stands in for another model's routing)."""
     from tqdm import tqdm
 
     from ..planner.catalog import get_model
@@ -508,8 +511,8 @@ def simulate(trace, capacity: float, policy: str = DEFAULT_POLICY, predictor: Pr
             raise ValueError(f"miss='cpu' needs cpu_rates with cpu_gbps and cpu_gflops (optionally dram_gbps, call_us); "
                              f"got {sorted(rates)}")
         # one token through one expert: 6 x H x I FLOPs (the bytes of a bf16 expert)
-        flops = 6 * get_model(model).hidden * get_model(model).moe.intermediate if model else \
-            model_flops_from_bytes(expert_bytes, expert_dtype)
+        flops = expert_flops or (6 * get_model(model).hidden * get_model(model).moe.intermediate if model else
+                                 model_flops_from_bytes(expert_bytes, expert_dtype))
         if rates.get("dram_gbps"):  # a host copies no faster than it reads its memory
             bw = min(bw, rates["dram_gbps"] * 1e9)
         miss_cost = MissCost(expert_bytes, flops, rates["cpu_gbps"], rates["cpu_gflops"], bw / 1e9,
