@@ -134,6 +134,14 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="with --frontier: the cpu-moe rows' N, comma-separated (llama.cpp's --n-cpu-moe N: the routed "
                         "experts of N MoE layers on the host CPU, the rest resident; default: every MoE layer, as "
                         "KTransformers, and the smallest N that leaves KV for 4096 tokens per sequence)")
+    p.add_argument("--hbm-gbps", type=float, help="with --frontier: your GPU's memory bandwidth (GB/s) for the "
+                                                  "resident and cpu-moe rows (default: the catalogue's)")
+    p.add_argument("--cpu-gbps", type=float, help="with --frontier: your host CPU's expert read rate (GB/s) for the "
+                                                  "cpu-moe rows (default: measured here, prophet bench cpu-experts)")
+    p.add_argument("--cpu-tflops", type=float, help="with --frontier: your host CPU's expert FLOP rate (TFLOP/s) for the "
+                                                    "cpu-moe rows (default: measured here)")
+    p.add_argument("--pcie-gbps", type=float, help="with --frontier: refused (the copy rate enters through simulations, "
+                                                   "run at the catalogue GPUs' rates by bench/frontier_inputs.py)")
     p.add_argument("--json", action="store_true",
                    help="with --frontier: also write frontier.jsonl, one object per row with every input named")
     p.add_argument("--seed-report", metavar="PATH", help="write the seed-vs-corrected section (markdown) to PATH and exit")
@@ -147,8 +155,9 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     if args.json and not args.frontier:
         raise ValueError("--json goes with --frontier (plan's own rows: plan.csv)")
-    if args.cpu_moe_layers and not args.frontier:
-        raise ValueError("--cpu-moe-layers goes with --frontier")
+    for flag in ("cpu_moe_layers", "hbm_gbps", "cpu_gbps", "cpu_tflops", "pcie_gbps"):
+        if getattr(args, flag) is not None and not args.frontier:
+            raise ValueError(f"--{flag.replace('_', '-')} goes with --frontier")
     if args.frontier:
         return _frontier(args)
     if args.seed_report:
@@ -189,7 +198,7 @@ def _plan(args: argparse.Namespace) -> int:
 # plan options --frontier does not read (its own memory model: 0.9 utilisation, the planner's workspace,
 # bf16 weights and KV on one GPU): each refused when given (not at its default), rather than silently ignored
 _NOT_FRONTIER = ("buffer", "dtype", "kv_dtype", "expert_dtype", "tp", "ep", "pp", "layouts", "util", "context",
-                 "gpu_memory_gib", "workspace_gib", "unique_curve", "seed_report")
+                 "workspace_gib", "unique_curve", "seed_report", "pcie_gbps")
 
 
 def _frontier(args) -> int:
@@ -214,7 +223,12 @@ def _frontier(args) -> int:
         if b < 1:
             raise ValueError(f"--batch {b}: batches are whole numbers >= 1")
     inputs = fr.read_inputs(Path(args.frontier_inputs) if args.frontier_inputs else fr.INPUTS)
-    rows = fr.frontier(models, gpus, batches, inputs, cpu_moe=tuple(args.cpu_moe_layers) if args.cpu_moe_layers else None)
+    for flag in ("hbm_gbps", "cpu_gbps", "cpu_tflops", "gpu_memory_gib"):
+        if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a rate or size > 0")
+    rows = fr.frontier(models, gpus, batches, inputs, cpu_moe=tuple(args.cpu_moe_layers) if args.cpu_moe_layers else None,
+                       hbm_gbps=args.hbm_gbps, memory_gib=args.gpu_memory_gib, cpu_gbps=args.cpu_gbps,
+                       cpu_gflops=None if args.cpu_tflops is None else args.cpu_tflops * 1e3)
     print(fr.markdown(rows))
     print("\nThe fastest of each kind within 1% of fp32's held-out quality:\n")
     print(fr.summary(rows))

@@ -91,7 +91,7 @@ def test_cli_frontier(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "frontier.jsonl").read_text().splitlines()]
     assert rows and all(set(x) >= {"config", "tokens_per_s", "context_tokens", "inputs"} for x in rows)
-    for flag, value in (("--util", "0.8"), ("--gpu-memory-gib", "24"), ("--workspace-gib", "2"), ("--tp", "2")):
+    for flag, value in (("--util", "0.8"), ("--pcie-gbps", "25"), ("--workspace-gib", "2"), ("--tp", "2")):
         r = run("--model", "OLMoE-1B-7B", flag, value)  # options the frontier does not read: refused, not ignored
         assert r.returncode == 2 and f"{flag}: not read by --frontier" in r.stderr, (flag, r.stderr)
     r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--json"], capture_output=True, text=True)
@@ -346,3 +346,26 @@ def test_frontier_inputs_simulate_another_model_on_its_proxy_trace(tmp_path):
     r = subprocess.run([sys.executable, str(bench), "--models", "Mixtral-8x7B", "--parts", "sim_wait", "--out",
                         str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "--models: other catalogue models than the study ones" in r.stderr
+
+
+def test_the_users_gpu_and_host_rates():
+    """--hbm-gbps / --gpu-memory-gib: resident and cpu-moe rows at the given GPU (labelled so), the simulated rows
+    without tok/s and saying why; --cpu-gbps / --cpu-tflops: the cpu-moe rows at the given host (the one not
+    given: this machine's measured figure)."""
+    inputs = _inputs("mixtral")
+    base = {r.config: r for r in fr.frontier(["Mixtral-8x7B"], ["H100-80GB"], [1], inputs)}
+    mine = {r.config: r for r in fr.frontier(["Mixtral-8x7B"], ["H100-80GB"], [1], inputs, hbm_gbps=1500.0, memory_gib=40,
+                                             cpu_gbps=50.0)}
+    r = mine["resident-int4"]
+    assert r.gpu == "H100-80GB (given: 1500 GB/s, 40 GiB)"
+    assert r.tokens_per_s < base["resident-int4"].tokens_per_s and r.kv_tokens < base["resident-int4"].kv_tokens
+    m = get_model("Mixtral-8x7B")
+    assert r.step_ms == pytest.approx(32 * fr.layer_seconds(m, "H100-80GB", 2.0, "int4", {"hbm_gbps": 1500.0}) * 1e3)
+    assert r.kv_tokens == fr.kv_tokens(m, "H100-80GB", r.expert_gpu_bytes, memory_bytes=40 * 2**30)
+    p = mine["prophet-bf16 25.0%"]
+    assert p.tokens_per_s is None and "catalogue GPUs' rates only" in p.missing
+    moe = [x for x in mine.values() if x.kind == "cpu-moe"]
+    assert moe and all(" given " in x.config for x in moe)
+    here = fr.cpu_targets("mixtral")["this-vm"]
+    assert all(x.inputs["cpu"]["cpu_gbps"] == 50.0 for x in moe if x.expert_dtype == "bf16")
+    assert all(x.inputs["cpu"]["cpu_gflops"] == here["cpu_gflops"] for x in moe if x.expert_dtype == "bf16")

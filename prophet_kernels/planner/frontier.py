@@ -346,12 +346,19 @@ def input_model(row: dict) -> str | None:
 
 
 def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
-             inputs: list[dict] | None = None, cpu_moe: tuple[int, ...] | None = None) -> list[Row]:
+             inputs: list[dict] | None = None, cpu_moe: tuple[int, ...] | None = None, hbm_gbps: float | None = None,
+             memory_gib: float | None = None, cpu_gbps: float | None = None, cpu_gflops: float | None = None) -> list[Row]:
     """Rows for every model x GPU x batch x configuration; a row whose measured inputs are missing
     carries None where it would need them and says why (``missing``). Above batch 16 only the kinds
     measured there: resident, misses waiting, streaming, cpu-moe. `cpu_moe`: the --n-cpu-moe values of
-    the cpu-moe rows (default: every MoE layer, and the smallest that fits ``CPU_MOE_CONTEXT``)."""
+    the cpu-moe rows (default: every MoE layer, and the smallest that fits ``CPU_MOE_CONTEXT``).
+    `hbm_gbps`, `memory_gib`: the user's GPU (each GPU's label then says so): resident and cpu-moe rows at those
+    rates; the simulated rows ran at the catalogue's and are left without tok/s, saying so. `cpu_gbps`,
+    `cpu_gflops`: the user's host (target "given"; either one not given: this machine's measured figure) for
+    the cpu-moe rows, in place of the catalogue hosts."""
     inputs = read_inputs() if inputs is None else inputs
+    given_gpu = hbm_gbps is not None or memory_gib is not None
+    memory_bytes = None if memory_gib is None else int(memory_gib * 2**30)
     rows = []
     for name in models:
         m = get_model(name)
@@ -376,26 +383,31 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
 
         for gpu in gpus:
             g = get_gpu(gpu).name
+            rates = gpu_constants(g) | ({} if hbm_gbps is None else {"hbm_gbps": hbm_gbps})
+            label = g if not given_gpu else g + " (given: " + ", ".join(
+                ([] if hbm_gbps is None else [f"{hbm_gbps:g} GB/s"]) + ([] if memory_gib is None else [f"{memory_gib:g} GiB"])) + ")"
+            sims = [] if given_gpu else mine  # (simulated at the catalogue GPU's rates only)
             for B in batches:
                 U = unique_experts(m, B, inputs)
 
                 def add(config, kind, dtype, cap, gpu_bytes, host_bytes, step_s, ready, quality, src, missing=""):
-                    kv = kv_tokens(m, g, gpu_bytes)
+                    kv = kv_tokens(m, g, gpu_bytes, memory_bytes=memory_bytes)
                     bpb, loss = quality
                     if step_s is None and not missing:
-                        missing = "no simulation of this model at this GPU and batch (bench/frontier_inputs.py)"
-                    rows.append(Row(m.name, g, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, kv // B, kv >= B,
+                        missing = ("simulated at the catalogue GPUs' rates only, not at the given ones" if given_gpu else
+                                   "no simulation of this model at this GPU and batch (bench/frontier_inputs.py)")
+                    rows.append(Row(m.name, label, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, kv // B, kv >= B,
                                     None if step_s is None else step_s * 1e3, None if step_s is None else B / step_s,
                                     ready, bpb, loss, routing, why_not, "" if step_s is not None else missing, src))
 
                 no_unique = f"no measured unique experts at batch {B} on the {shape} trace"
                 for dtype in ("bf16", "fp8", "int4"):
-                    step = None if U is None else L * layer_seconds(m, g, U, dtype)
+                    step = None if U is None else L * layer_seconds(m, g, U, dtype, rates)
                     add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), 0, step, 1.0,
                         measured_bpb(dtype), {"unique_per_layer": U}, no_unique)
                 for dtype in ("bf16", "fp8", "int4"):
                     for cap in CAPACITIES:
-                        sim = _pick(mine, kind="sim_wait", gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
+                        sim = _pick(sims, kind="sim_wait", gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
                         if sim is None and B in LARGE_BATCHES:
                             continue
                         slots = max(1, int(cap * L * E))
@@ -403,7 +415,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * expert_bytes(m, dtype),
                             L * E * expert_bytes(m, dtype), step, sim and sim["ready_hit_rate"], measured_bpb(dtype),
                             {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}})
-                for r in mine:  # Prophet with miss: stream (the schedule's replay at this batch's layer time)
+                for r in sims:  # Prophet with miss: stream (the schedule's replay at this batch's layer time)
                     if (r.get("kind"), r.get("gpu"), r.get("batch")) != ("stream", g, B):
                         continue
                     cap, dtype = r["capacity"], r["expert_dtype"]
@@ -413,23 +425,29 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         {"stream": {k: r[k] for k in ("layer_us", "pcie_gbps", "stall_us_per_step", "copy_busy",
                                                       "resident_per_layer")}})
                 for dtype in ("bf16", "int4"):  # llama.cpp's --n-cpu-moe N, KTransformers' N = L (analytic)
-                    fit = cpu_moe_layers(m, g, B, dtype)
+                    fit = cpu_moe_layers(m, g, B, dtype, memory_bytes=memory_bytes)
                     counts = sorted({L, *(() if fit is None else (fit,))}) if cpu_moe is None else sorted(set(cpu_moe))
-                    for target, rates in cpu_targets(shape, dtype=dtype).items():
+                    hosts = cpu_targets(shape, dtype=dtype)
+                    if cpu_gbps is not None or cpu_gflops is not None:
+                        here = hosts["this-vm"]
+                        hosts = {"given": {"cpu_gbps": cpu_gbps or here["cpu_gbps"], "cpu_gflops": cpu_gflops or here["cpu_gflops"],
+                                           "call_us": CPU_CALL_US, "source": "given" + ("" if cpu_gbps and cpu_gflops else
+                                                                                        "; the rest " + here["source"])}}
+                    for target, host in hosts.items():
                         for n in counts:
                             if n == 0 and cpu_moe is None:
                                 continue  # (nothing on the CPU: the resident row)
                             if n > L:
                                 raise ValueError(f"--cpu-moe-layers {n}: {m.name} has {L} MoE layers")
-                            step = None if U is None else cpu_moe_seconds(m, g, B, U, n, rates, dtype)
+                            step = None if U is None else cpu_moe_seconds(m, g, B, U, n, host, dtype, rates)
                             add(f"cpu-moe-{dtype} {target} {n}/{L}", "cpu-moe", dtype, (L - n) / L,
                                 (L - n) * E * one_expert_bytes(m, dtype), n * E * one_expert_bytes(m, dtype), step, 1.0,
                                 measured_bpb(dtype),
-                                {"cpu": {k: rates[k] for k in ("cpu_gbps", "cpu_gflops", "call_us", "source")},
+                                {"cpu": {k: host[k] for k in ("cpu_gbps", "cpu_gflops", "call_us", "source")},
                                  "cpu_moe_layers": n, "unique_per_layer": U}, no_unique)
                 if B in LARGE_BATCHES:
                     continue  # (misses that do not wait, and on the CPU: measured at batch 1-16 only)
-                for r in mine:  # Prophet with miss: cpu (simulated with each target host's rates)
+                for r in sims:  # Prophet with miss: cpu (simulated with each target host's rates)
                     if (r.get("kind"), r.get("gpu"), r.get("batch")) != ("miss_cpu", g, B):
                         continue
                     cap = r["capacity"]
@@ -447,7 +465,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                     continue  # (no-wait rows decode the study model itself: their quality is its own)
                 for strategy in NO_WAIT:
                     for cap in CAPACITIES:
-                        r = _pick(mine, kind="no_wait", gpu=g, batch=B, capacity=cap, strategy=strategy)
+                        r = _pick(sims, kind="no_wait", gpu=g, batch=B, capacity=cap, strategy=strategy)
                         slots = max(1, int(cap * L * E))
                         gpu_bytes = slots * expert_bytes(m, "bf16") + (L * E * int4_expert_bytes(m)
                                                                        if strategy == "stand-in" else 0)
