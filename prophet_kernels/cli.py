@@ -127,7 +127,7 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="where Prophet wins and where it does not: every way to hold the experts (all resident in "
                         "bf16/fp8/int4, Prophet's buffers, misses that do not wait) with expert GPU bytes, KV tokens, "
                         "predicted tokens/s and measured held-out quality (default models OLMoE-1B-7B, Mixtral-8x7B, "
-                        "Qwen3-30B-A3B; GPUs H100-80GB, RTX4090-24GB; batches 1, 4, 16, and 64, 128, 256 for the kinds measured there); reads "
+                        "Qwen3-30B-A3B; GPUs H100-80GB, A100-80GB, RTX4090-24GB; batches 1, 4, 16, and 64, 128, 256 for the kinds measured there); reads "
                         "bench/results/frontier_inputs.jsonl (--frontier-inputs)")
     p.add_argument("--frontier-inputs", help="the measured inputs of --frontier (default: the committed ones)")
     p.add_argument("--cpu-moe-layers", type=lambda t: [int(x) for x in _csv_list(t)],

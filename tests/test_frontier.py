@@ -56,7 +56,7 @@ def test_frontier_rows_from_inputs(tmp_path):
     # resident, prophet bf16/fp8/int4, no-wait, and cpu-moe in bf16/int4 at each target host with every layer on the
     # CPU (OLMoE fits whole: the smallest N that fits is 0, the resident row)
     per = 3 + 3 * len(fr.CAPACITIES) + len(fr.NO_WAIT) * len(fr.CAPACITIES) + 2 * len(fr.CPU_TARGETS)
-    assert len(rows) == 2 * 2 * per
+    assert len(rows) == len(fr.GPUS_DEFAULT) * 2 * per
     by = {(r.gpu, r.batch, r.config): r for r in rows}
     r = by[("H100-80GB", 1, "resident-int4")]
     assert r.quality_loss_pct == pytest.approx(5.0) and r.tokens_per_s > by[("H100-80GB", 1, "resident-bf16")].tokens_per_s
@@ -73,7 +73,7 @@ def test_frontier_rows_from_inputs(tmp_path):
             o.tokens_per_s <= b.tokens_per_s for o in rows if (o.gpu, o.batch) == (b.gpu, b.batch) and o.fits
             and o.quality_loss_pct is not None and o.quality_loss_pct <= 1.0 and o.tokens_per_s is not None)
     assert "| OLMoE-1B-7B | H100-80GB | 1 | resident-bf16 |" in fr.markdown(rows)
-    assert fr.summary(rows).count("\n") == 1 + 2 * 2 and "resident-fp8" in fr.summary(rows) and "resident-int4" not in fr.summary(rows)  # int4 loses 5%
+    assert fr.summary(rows).count("\n") == 1 + len(fr.GPUS_DEFAULT) * 2 and "resident-fp8" in fr.summary(rows) and "resident-int4" not in fr.summary(rows)  # int4 loses 5%
     assert fr.figure(rows, tmp_path / "f.png").stat().st_size > 0
     missing = fr.frontier(["OLMoE-1B-7B"], ["H100-80GB"], [16], _inputs())  # no measured inputs at batch 16
     assert all(r.tokens_per_s is None for r in missing)

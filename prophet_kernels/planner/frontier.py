@@ -57,7 +57,7 @@ from .memory import ServingConfig, count_params, expert_bytes, kv_bytes_per_toke
 
 MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B", "Qwen3-30B-A3B")
 SHAPE_OF = {"OLMoE-1B-7B": "olmoe", "Mixtral-8x7B": "mixtral", "Qwen3-30B-A3B": "qwen3"}
-GPUS_DEFAULT = ("H100-80GB", "RTX4090-24GB")
+GPUS_DEFAULT = ("H100-80GB", "A100-80GB", "RTX4090-24GB")
 BATCHES = (1, 4, 16)
 LARGE_BATCHES = (64, 128, 256)  # where streaming every non-resident expert per step pays (resident, wait, stream rows)
 STREAM_BATCHES = (16,) + LARGE_BATCHES
