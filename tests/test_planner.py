@@ -2,6 +2,7 @@
 schema, errors, and the seed-vs-corrected section staying in sync with the catalogue."""
 
 import csv
+import dataclasses
 import re
 from pathlib import Path
 
@@ -436,3 +437,17 @@ def test_int4_weights_and_experts():
     for bad in (dict(kv_dtype="int4"), dict(weight_dtype="int3"), dict(expert_dtype="nf4")):
         with pytest.raises(ValueError, match="unknown"):
             ServingConfig(**bad)
+
+
+def test_sliding_window_layers_hold_their_window_per_sequence():
+    """gpt-oss alternates sliding-window (128) and full attention layers: KV per token of context counts the
+    full layers only (vLLM's figure for its full-attention layers: 18 x 2 x 8 heads x 64 x 2 bytes); each
+    windowed layer holds at most its window per sequence, counted as fixed per-sequence state."""
+    from prophet_kernels.planner.memory import kv_bytes_per_token
+
+    m = get_model("gpt-oss-120b")
+    assert sum(1 for x in m.layers if x.window == 128) == 18
+    assert kv_bytes_per_token(m) == 18 * 2 * 8 * 64 * 2
+    assert state_elems_per_sequence(m) == 18 * 128 * 2 * 8 * 64
+    full = dataclasses.replace(m, layers=tuple(dataclasses.replace(x, window=None) for x in m.layers))
+    assert kv_bytes_per_token(full) == 2 * kv_bytes_per_token(m) and state_elems_per_sequence(full) == 0

@@ -80,6 +80,7 @@ class MoE:
     shared_intermediate: int = 0  # total intermediate size of the shared expert(s), 0 if none
     shared_gate: bool = False  # Qwen MoE: a sigmoid gate Linear(H, 1) on the shared expert
     router_bias: int = 0  # extra router parameters per layer (DeepSeek-V3 correction bias: E)
+    expert_bias: bool = False  # biases on each routed expert's projections (gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Layer:
     ffn: str  # "dense" | "moe" | "moe+dense" (Arctic: MoE plus a residual dense MLP)
     cross_attn: bool = False  # encoder-decoder: decoder layers attend to the encoder
     cached: bool = True  # holds KV cache (decoder-side attention); encoder layers do not
+    window: int | None = None  # sliding-window attention: at most this many tokens of KV per sequence (gpt-oss)
 
 
 @dataclass(frozen=True)
@@ -126,11 +128,12 @@ class ModelSpec:
         return self.name.split("-")[0]
 
 
-def _decoder(n: int, moe_at=lambda i: True, attn_at=lambda i: True, dense_too=False) -> tuple[Layer, ...]:
+def _decoder(n: int, moe_at=lambda i: True, attn_at=lambda i: True, dense_too=False,
+             window_at=lambda i: None) -> tuple[Layer, ...]:
     out = []
     for i in range(n):
         ffn = ("moe+dense" if dense_too else "moe") if moe_at(i) else "dense"
-        out.append(Layer("attn" if attn_at(i) else "mamba", ffn))
+        out.append(Layer("attn" if attn_at(i) else "mamba", ffn, window=window_at(i)))
     return tuple(out)
 
 
@@ -221,6 +224,48 @@ _MODELS: list[ModelSpec] = [
         dense_intermediate=18432,
         notes="DeepSeek-V3 architecture with 384 experts and 64 heads.",
         native_dtype="fp8",  # released with native FP8 weights (vLLM's Kimi-K2 recipe: --quantization fp8)
+    ),
+    ModelSpec(
+        name="GLM-4.5", hf_id="zai-org/GLM-4.5", source=_hf("zai-org/GLM-4.5"),
+        published_total=355e9, published_source="model card / transformers Glm4Moe docs: 355B total, 32B active",
+        hidden=5120, vocab=151552, tied_embeddings=False, max_context=131072,
+        attention=GQA(heads=96, kv_heads=8, head_dim=128, qkv_bias=True, qk_norm="head"),
+        layers=_decoder(92, moe_at=lambda i: i >= 3),  # first_k_dense_replace = 3
+        moe=MoE(experts=160, top_k=8, intermediate=1536, shared_intermediate=1536, router_bias=160),
+        dense_intermediate=12288,
+        notes="Its multi-token-prediction layer (num_nextn_predict_layers 1) is not served here.",
+    ),
+    ModelSpec(
+        name="GLM-4.5-Air", hf_id="zai-org/GLM-4.5-Air", source=_hf("zai-org/GLM-4.5-Air"),
+        published_total=106e9, published_source="model card / transformers Glm4Moe docs: 106B total, 12B active",
+        hidden=4096, vocab=151552, tied_embeddings=False, max_context=131072,
+        attention=GQA(heads=96, kv_heads=8, head_dim=128, qkv_bias=True),  # use_qk_norm false
+        layers=_decoder(46, moe_at=lambda i: i >= 1),  # first_k_dense_replace = 1
+        moe=MoE(experts=128, top_k=8, intermediate=1408, shared_intermediate=1408, router_bias=128),
+        dense_intermediate=10944,
+        notes="Its multi-token-prediction layer is not served here.",
+    ),
+    ModelSpec(
+        name="gpt-oss-120b", hf_id="openai/gpt-oss-120b", source=_hf("openai/gpt-oss-120b"),
+        published_total=116.83e9, published_source="gpt-oss model card (OpenAI, 2025-08): 116.83B total, 5.13B active",
+        hidden=2880, vocab=201088, tied_embeddings=False, max_context=131072,
+        attention=GQA(heads=64, kv_heads=8, head_dim=64, qkv_bias=True, o_bias=True),
+        layers=_decoder(36, window_at=lambda i: 128 if i % 2 == 0 else None),  # sliding 128 / full, alternating
+        moe=MoE(experts=128, top_k=4, intermediate=2880, router_bias=128, expert_bias=True),
+        extra_params=36 * 64,  # one attention sink per head per layer
+        native_dtype="int4",  # MXFP4 experts (4.25 bits a weight: e2m1 + a ue8 scale per 32), counted as int4
+        notes="Attention sinks, alternating sliding-window layers, MXFP4 experts with biases.",
+    ),
+    ModelSpec(
+        name="gpt-oss-20b", hf_id="openai/gpt-oss-20b", source=_hf("openai/gpt-oss-20b"),
+        published_total=20.91e9, published_source="gpt-oss model card (OpenAI, 2025-08): 20.91B total, 3.61B active",
+        hidden=2880, vocab=201088, tied_embeddings=False, max_context=131072,
+        attention=GQA(heads=64, kv_heads=8, head_dim=64, qkv_bias=True, o_bias=True),
+        layers=_decoder(24, window_at=lambda i: 128 if i % 2 == 0 else None),
+        moe=MoE(experts=32, top_k=4, intermediate=2880, router_bias=32, expert_bias=True),
+        extra_params=24 * 64,
+        native_dtype="int4",
+        notes="Attention sinks, alternating sliding-window layers, MXFP4 experts with biases.",
     ),
     ModelSpec(
         name="DBRX", hf_id="databricks/dbrx-base", source=_hf("databricks/dbrx-base"),
@@ -365,7 +410,7 @@ _ALIASES = {
     "switch-xxl": "Switch-XXL-128", "jamba": "Jamba-1.5-Large", "qwen1.5-moe": "Qwen1.5-MoE-A2.7B",
     "qwen2-moe-57b": "Qwen2-57B-A14B", "qwen2-57b": "Qwen2-57B-A14B", "qwen3-235b": "Qwen3-235B-A22B",
     "qwen3-30b": "Qwen3-30B-A3B", "phi-3.5-moe-instruct": "Phi-3.5-MoE", "jetmoe": "JetMoE-8B",
-    "kimi-k2-instruct": "Kimi-K2", "deepseek-v3-671b": "DeepSeek-V3", "deepseek-v2-236b": "DeepSeek-V2",
+    "kimi-k2-instruct": "Kimi-K2", "glm-4.5-air": "GLM-4.5-Air", "gpt-oss": "gpt-oss-120b", "deepseek-v3-671b": "DeepSeek-V3", "deepseek-v2-236b": "DeepSeek-V2",
 }
 for _m in _MODELS:
     _ALIASES[_m.name.lower()] = _m.name

@@ -286,6 +286,10 @@ NOT_SERVED_WHY = {
     "Kimi-K2": "DeepSeek-V3's biased grouped routing, not served by Prophet yet",
     "Jamba-1.5-Large": "Mamba layers: a hybrid family Prophet does not serve yet",
     "JetMoE-8B": "mixture-of-attention family not served by Prophet yet",
+    "GLM-4.5": "GLM-4.5's biased grouped routing (noaux_tc) not served by Prophet yet",
+    "GLM-4.5-Air": "GLM-4.5's biased grouped routing (noaux_tc) not served by Prophet yet",
+    "gpt-oss-120b": "attention sinks, MXFP4 experts with biases: not served by Prophet yet",
+    "gpt-oss-20b": "attention sinks, MXFP4 experts with biases: not served by Prophet yet",
 }
 
 

@@ -134,7 +134,7 @@ def count_params(m: ModelSpec) -> dict[str, int]:
         if layer.ffn in ("dense", "moe+dense"):
             parts["dense_mlp"] += _mlp_params(h, m.dense_intermediate, m.dense_gated, m.mlp_bias)
         if "moe" in layer.ffn:
-            parts["routed_experts"] += e.experts * _mlp_params(h, e.intermediate, e.gated, False)
+            parts["routed_experts"] += e.experts * _mlp_params(h, e.intermediate, e.gated, e.expert_bias)
             parts["router"] += h * e.experts + e.router_bias
             if m.mlp_bias:  # JetMoE: one output bias per MoE block
                 parts["routed_experts"] += h
@@ -178,7 +178,7 @@ def total_params(m: ModelSpec) -> int:
 
 def routed_expert_params(m: ModelSpec) -> int:
     """Parameters of one routed expert of one layer (the unit Prophet pages)."""
-    return _mlp_params(m.hidden, m.moe.intermediate, m.moe.gated, False)
+    return _mlp_params(m.hidden, m.moe.intermediate, m.moe.gated, False)  # (gpt-oss's expert biases: count_params)
 
 
 INT4_GROUP = 32  # inputs per fp16 scale of an int4 expert (routing.quality's quantizer, the frontier's bytes)
@@ -219,20 +219,22 @@ def expert_bytes(m: ModelSpec, weight_dtype: str = "bf16") -> int:
 # ----------------------------------------------------------------------------------------------
 
 
+def _kv_elems_per_layer(m: ModelSpec) -> int:
+    a = m.attention
+    return a.kv_lora_rank + a.qk_rope_dim if isinstance(a, MLA) else 2 * a.kv_heads * a.head_dim
+
+
 def kv_elems_per_token(m: ModelSpec) -> int:
     """Cached elements per token of context, summed over layers.
 
     GQA/MoA: K and V of each KV head. MLA: the compressed latent plus the shared RoPE key (what
-    vLLM caches). Mamba layers cache nothing per token (see ``state_elems_per_sequence``).
+    vLLM caches). Mamba layers cache nothing per token, nor do sliding-window layers (gpt-oss's): each
+    holds at most its window per sequence (see ``state_elems_per_sequence``).
     Encoder-decoder: a decoder layer caches K and V per decoder token (self-attention) and per
     encoder token (cross-attention); both cost the same, so a token of either side counts once.
     """
-    a = m.attention
-    if isinstance(a, MLA):
-        per_layer = a.kv_lora_rank + a.qk_rope_dim
-    else:
-        per_layer = 2 * a.kv_heads * a.head_dim
-    return per_layer * sum(1 for layer in m.layers if layer.mixer == "attn" and layer.cached)
+    full = sum(1 for layer in m.layers if layer.mixer == "attn" and layer.cached and layer.window is None)
+    return _kv_elems_per_layer(m) * full
 
 
 def kv_bytes_per_token(m: ModelSpec, kv_dtype: str = "bf16", tp: int = 1) -> int:
@@ -246,12 +248,15 @@ def kv_bytes_per_token(m: ModelSpec, kv_dtype: str = "bf16", tp: int = 1) -> int
 
 
 def state_elems_per_sequence(m: ModelSpec) -> int:
-    """Fixed recurrent state of one sequence (Mamba conv + SSM state), independent of length."""
+    """Fixed state of one sequence, independent of its length: Mamba conv + SSM state, and the KV of
+    each sliding-window layer's window (its most a sequence holds there)."""
+    windows = sum(layer.window for layer in m.layers if layer.mixer == "attn" and layer.cached and layer.window)
+    state = _kv_elems_per_layer(m) * windows
     if m.mamba is None:
-        return 0
+        return state
     d_in = m.mamba.expand * m.hidden
     per_layer = d_in * (m.mamba.d_conv - 1) + d_in * m.mamba.d_state
-    return per_layer * sum(1 for layer in m.layers if layer.mixer == "mamba")
+    return state + per_layer * sum(1 for layer in m.layers if layer.mixer == "mamba")
 
 
 # ----------------------------------------------------------------------------------------------
