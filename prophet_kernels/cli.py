@@ -134,6 +134,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="with --frontier: the cpu-moe rows' N, comma-separated (llama.cpp's --n-cpu-moe N: the routed "
                         "experts of N MoE layers on the host CPU, the rest resident; default: every MoE layer, as "
                         "KTransformers, and the smallest N that leaves KV for 4096 tokens per sequence)")
+    p.add_argument("--prompt", type=int, help="with --frontier: each sequence's prompt (tokens): its prefill and time to "
+                                               "first token, its KV read by each decode step, and a row fits when each "
+                                               "of the batch holds it (default 1024)")
     p.add_argument("--hbm-gbps", type=float, help="with --frontier: your GPU's memory bandwidth (GB/s) for the "
                                                   "resident and cpu-moe rows (default: the catalogue's)")
     p.add_argument("--cpu-gbps", type=float, help="with --frontier: your host CPU's expert read rate (GB/s) for the "
@@ -155,7 +158,7 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     if args.json and not args.frontier:
         raise ValueError("--json goes with --frontier (plan's own rows: plan.csv)")
-    for flag in ("cpu_moe_layers", "hbm_gbps", "cpu_gbps", "cpu_tflops", "pcie_gbps"):
+    for flag in ("cpu_moe_layers", "hbm_gbps", "cpu_gbps", "cpu_tflops", "pcie_gbps", "prompt"):
         if getattr(args, flag) is not None and not args.frontier:
             raise ValueError(f"--{flag.replace('_', '-')} goes with --frontier")
     if args.frontier:
@@ -223,12 +226,13 @@ def _frontier(args) -> int:
         if b < 1:
             raise ValueError(f"--batch {b}: batches are whole numbers >= 1")
     inputs = fr.read_inputs(Path(args.frontier_inputs) if args.frontier_inputs else fr.INPUTS)
-    for flag in ("hbm_gbps", "cpu_gbps", "cpu_tflops", "gpu_memory_gib"):
+    for flag in ("hbm_gbps", "cpu_gbps", "cpu_tflops", "gpu_memory_gib", "prompt"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a rate or size > 0")
     rows = fr.frontier(models, gpus, batches, inputs, cpu_moe=tuple(args.cpu_moe_layers) if args.cpu_moe_layers else None,
                        hbm_gbps=args.hbm_gbps, memory_gib=args.gpu_memory_gib, cpu_gbps=args.cpu_gbps,
-                       cpu_gflops=None if args.cpu_tflops is None else args.cpu_tflops * 1e3)
+                       cpu_gflops=None if args.cpu_tflops is None else args.cpu_tflops * 1e3,
+                       prompt=fr.PROMPT if args.prompt is None else args.prompt)
     print(fr.markdown(rows))
     print("\nThe fastest of each kind within 1% of fp32's held-out quality:\n")
     print(fr.summary(rows))

@@ -61,7 +61,9 @@ def test_frontier_rows_from_inputs(tmp_path):
     r = by[("H100-80GB", 1, "resident-int4")]
     assert r.quality_loss_pct == pytest.approx(5.0) and r.tokens_per_s > by[("H100-80GB", 1, "resident-bf16")].tokens_per_s
     p = by[("H100-80GB", 1, "prophet-bf16 25.0%")]
-    assert p.step_ms == pytest.approx((16 * 100 + 750) / 1e3) and p.tokens_per_s == pytest.approx(1 / p.step_ms * 1e3)
+    kv_read = fr.kv_read_seconds(get_model("OLMoE-1B-7B"), "H100-80GB", 1, fr.PROMPT)  # the prompt's KV, each step
+    assert p.step_ms == pytest.approx((16 * 100 + 750) / 1e3 + kv_read * 1e3)
+    assert p.tokens_per_s == pytest.approx(1 / p.step_ms * 1e3)
     assert p.kv_tokens > by[("H100-80GB", 1, "resident-bf16")].kv_tokens
     assert by[("H100-80GB", 4, "host-cpu 50.0%")].quality_loss_pct == 0  # the exact expert: fp32's quality
     s = by[("H100-80GB", 1, "stand-in 50.0%")]  # a bf16 buffer plus every expert in int4
@@ -155,7 +157,7 @@ def test_stream_rows_and_the_context_each_sequence_holds():
     # copy-bound: 32 layers x 6-7 streamed experts at 25 GB/s per step, 64 tokens a step
     copies = sum(8 - r for r in [st["resident_per_layer"][1]] * 16 + [st["resident_per_layer"][0]] * 16)
     assert s.tokens_per_s == pytest.approx(64 / (copies * expert_bytes(m, "fp8") / 25e9), rel=0.03)
-    assert s.context_tokens == s.kv_tokens // 64 and s.fits == (s.kv_tokens >= 64)
+    assert s.context_tokens == s.kv_tokens // 64 and s.fits == (s.context_tokens > fr.PROMPT)
     assert "context per sequence" in fr.markdown(rows) and "fastest Prophet (stream)" in fr.summary(rows)
 
 
@@ -342,7 +344,9 @@ def test_frontier_inputs_simulate_another_model_on_its_proxy_trace(tmp_path):
     assert bf16["stall_us_per_step"] == pytest.approx(again.stall_s / again.steps * 1e6 * 40 / 32)
     inputs = _inputs("mixtral") + rows
     p = next(x for x in fr.frontier(["DBRX"], ["H100-80GB"], [1], inputs) if x.config == "prophet-bf16 25.0%")
-    assert p.step_ms == pytest.approx((40 * bf16["layer_us"] + bf16["stall_us_per_step"]) / 1e3) and not p.missing
+    kv_read = fr.kv_read_seconds(m, "H100-80GB", 1, fr.PROMPT)
+    assert p.step_ms == pytest.approx((40 * bf16["layer_us"] + bf16["stall_us_per_step"]) / 1e3 + kv_read * 1e3)
+    assert not p.missing
     r = subprocess.run([sys.executable, str(bench), "--models", "Mixtral-8x7B", "--parts", "sim_wait", "--out",
                         str(out)], capture_output=True, text=True)
     assert r.returncode == 2 and "--models: other catalogue models than the study ones" in r.stderr
@@ -360,7 +364,9 @@ def test_the_users_gpu_and_host_rates():
     assert r.gpu == "H100-80GB (given: 1500 GB/s, 40 GiB)"
     assert r.tokens_per_s < base["resident-int4"].tokens_per_s and r.kv_tokens < base["resident-int4"].kv_tokens
     m = get_model("Mixtral-8x7B")
-    assert r.step_ms == pytest.approx(32 * fr.layer_seconds(m, "H100-80GB", 2.0, "int4", {"hbm_gbps": 1500.0}) * 1e3)
+    given = fr.gpu_constants("H100-80GB") | {"hbm_gbps": 1500.0}
+    assert r.step_ms == pytest.approx((32 * fr.layer_seconds(m, "H100-80GB", 2.0, "int4", given)
+                                       + fr.kv_read_seconds(m, "H100-80GB", 1, fr.PROMPT, given)) * 1e3)
     assert r.kv_tokens == fr.kv_tokens(m, "H100-80GB", r.expert_gpu_bytes, memory_bytes=40 * 2**30)
     p = mine["prophet-bf16 25.0%"]
     assert p.tokens_per_s is None and "catalogue GPUs' rates only" in p.missing
@@ -369,3 +375,45 @@ def test_the_users_gpu_and_host_rates():
     here = fr.cpu_targets("mixtral")["this-vm"]
     assert all(x.inputs["cpu"]["cpu_gbps"] == 50.0 for x in moe if x.expert_dtype == "bf16")
     assert all(x.inputs["cpu"]["cpu_gflops"] == here["cpu_gflops"] for x in moe if x.expert_dtype == "bf16")
+
+
+def test_prefill_time_to_first_token_and_the_prompts_kv():
+    """One prompt's prefill, chunk by chunk: the layer's FLOPs at the GPU's matmul rate (experts at the grouped
+    GEMM's measured share) against the copy of the non-resident experts, whichever is longer; on the CPU (cpu-moe)
+    the faster of computing there and copying. Each decode step reads the B prompts' KV; a row fits when each
+    sequence holds its prompt."""
+    from prophet_kernels.planner.memory import kv_bytes_per_token, routed_expert_params
+
+    m, gpu = get_model("Mixtral-8x7B"), "RTX4090-24GB"
+    c = fr.gpu_constants(gpu)
+    flops, pcie = c["tflops"] * 1e12, c["pcie_gbps"] * 1e9
+    dense = (fr.nonexpert_bytes(m) - m.vocab * m.hidden * 2) / 2 / 32
+    experts = 2 * 2 * routed_expert_params(m)
+
+    def chunk(n, before):  # one chunk of n tokens after `before`, one layer, on the GPU
+        attn = 2 * n * (before + n / 2) * 32 * (128 + 128)
+        return (2 * n * dense + attn) / flops + n * experts / (fr.CONSTANTS["moe_prefill_fraction"] * flops)
+
+    assert fr.prefill_seconds(m, gpu, 1000) == pytest.approx(32 * chunk(1000, 0))
+    assert fr.prefill_seconds(m, gpu, 10000) == pytest.approx(32 * (chunk(8192, 0) + chunk(1808, 8192)))
+    copy = 8 * expert_bytes(m, "bf16") / pcie  # a layer's experts over the link
+    assert copy > chunk(1000, 0)  # the 4090's link: a 75%-copied chunk is copy-bound
+    assert fr.prefill_seconds(m, gpu, 1000, copied=0.75) == pytest.approx(32 * 0.75 * copy)
+    slow = {"cpu_gflops": 100.0}  # a CPU slower than copying the layer: the copy is taken
+    rest = chunk(1000, 0) - 1000 * experts / (fr.CONSTANTS["moe_prefill_fraction"] * flops)
+    assert fr.prefill_seconds(m, gpu, 1000, n_cpu=4, cpu=slow) == pytest.approx(
+        28 * chunk(1000, 0) + 4 * (rest + copy + chunk(1000, 0) - rest))
+    fast = {"cpu_gflops": 1e6}
+    assert fr.prefill_seconds(m, gpu, 1000, n_cpu=4, cpu=fast) == pytest.approx(
+        28 * chunk(1000, 0) + 4 * (rest + 1000 * experts / 1e15))
+    assert fr.kv_read_seconds(m, gpu, 16, 1024) == pytest.approx(16 * 1024 * kv_bytes_per_token(m) / (c["hbm_gbps"] * 1e9))
+    oss = get_model("gpt-oss-20b")  # its windowed layers: their window's KV, every step
+    assert fr.kv_read_seconds(oss, gpu, 1, 0) > 0
+    rows = fr.frontier(["Mixtral-8x7B"], [gpu], [1], _inputs("mixtral"), prompt=1000)
+    by = {r.config: r for r in rows}
+    assert by["prophet-bf16 25.0%"].ttft_s == pytest.approx(fr.prefill_seconds(m, gpu, 1000, copied=0.75))
+    assert by["prophet-bf16 25.0%"].prefill_tok_s == pytest.approx(1000 / by["prophet-bf16 25.0%"].ttft_s)
+    assert by["stand-in 25.0%"].ttft_s is None  # (misses that do not wait: prefill not modelled)
+    assert all(r.fits == (r.context_tokens > 1000) for r in rows)
+    long = fr.frontier(["Mixtral-8x7B"], [gpu], [1], _inputs("mixtral"), prompt=10**6)
+    assert not any(r.fits for r in long)

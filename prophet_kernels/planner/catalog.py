@@ -439,16 +439,18 @@ class GPUSpec:
     memory_source: str
     hbm_gbps: float  # vendor peak memory bandwidth, GB/s (for context in reports)
     aliases: tuple[str, ...] = field(default=())
+    bf16_tflops: float = 0.0  # vendor peak dense 16-bit tensor TFLOP/s (fp16 on the V100; fp32 accumulate)
 
 
 _GPUS = [
-    GPUSpec("V100-32GB", 32 * GiB, "nominal 32 GiB HBM2 (NVIDIA datasheet)", 900, ("v100",)),
-    GPUSpec("A100-40GB", 40 * GiB, "nominal 40 GiB HBM2 (NVIDIA datasheet)", 1555, ("a100-40",)),
-    GPUSpec("A100-80GB", 80 * GiB, "nominal 80 GiB HBM2e (NVIDIA datasheet)", 2039, ("a100", "a100-80")),
-    GPUSpec("H100-80GB", 80 * GiB, "nominal 80 GiB HBM3 (NVIDIA datasheet, SXM)", 3350, ("h100",)),
-    GPUSpec("H200-141GB", 141 * 10**9, "nominal 141 GB HBM3e (NVIDIA datasheet)", 4800, ("h200",)),
-    GPUSpec("L40S-48GB", 48 * GiB, "nominal 48 GiB GDDR6 (NVIDIA datasheet)", 864, ("l40s",)),
-    GPUSpec("RTX4090-24GB", 24 * GiB, "nominal 24 GiB GDDR6X (NVIDIA datasheet)", 1008, ("4090", "rtx4090", "rtx-4090-24gb")),
+    GPUSpec("V100-32GB", 32 * GiB, "nominal 32 GiB HBM2 (NVIDIA datasheet)", 900, ("v100",), 125.0),
+    GPUSpec("A100-40GB", 40 * GiB, "nominal 40 GiB HBM2 (NVIDIA datasheet)", 1555, ("a100-40",), 312.0),
+    GPUSpec("A100-80GB", 80 * GiB, "nominal 80 GiB HBM2e (NVIDIA datasheet)", 2039, ("a100", "a100-80"), 312.0),
+    GPUSpec("H100-80GB", 80 * GiB, "nominal 80 GiB HBM3 (NVIDIA datasheet, SXM)", 3350, ("h100",), 989.4),
+    GPUSpec("H200-141GB", 141 * 10**9, "nominal 141 GB HBM3e (NVIDIA datasheet)", 4800, ("h200",), 989.4),
+    GPUSpec("L40S-48GB", 48 * GiB, "nominal 48 GiB GDDR6 (NVIDIA datasheet)", 864, ("l40s",), 362.0),
+    GPUSpec("RTX4090-24GB", 24 * GiB, "nominal 24 GiB GDDR6X (NVIDIA datasheet)", 1008, ("4090", "rtx4090", "rtx-4090-24gb"),
+            165.2),
 ]
 GPUS: dict[str, GPUSpec] = {g.name: g for g in _GPUS}
 

@@ -23,16 +23,17 @@ For a model, a GPU and a batch, every way to hold the routed experts, at the GPU
                                   the token's best-scoring landed expert; nothing (weights renormalised
                                   or not); the host CPU computing it
 
-Columns: expert GPU bytes, KV tokens left and the context each of the B sequences can hold (a row fits
-when each can hold one token), predicted decode tokens/s, held-out quality. Every input
+Columns: expert GPU bytes, host bytes, KV tokens left and the context each of the B sequences can hold (a
+row fits when each holds its prompt, ``PROMPT`` tokens or --prompt, and one more token), predicted decode
+tokens/s, one prompt's prefill tokens/s and time to first token (``prefill_seconds``), held-out quality. Every input
 is a measurement or a stated constant (``CONSTANTS``, ``GPU_CONSTANTS``):
 
     decode step    L x t_layer + stall + fallback time, t_layer = t_other + U(B) x expert bytes / (eff x HBM):
                    U(B) the unique experts per layer at batch B on the model's realistic trace (measured),
                    eff the paged MoE kernel's measured fraction of HBM at decode, t_other the rest of a
                    layer (attention, norms, launches: fixed part from OLMoE's vLLM decode on the H100
-                   minus its MoE kernel, plus the layer's non-expert bytes at the HBM rate); short contexts
-                   (KV reads and attention's compute at batch B not modelled)
+                   minus its MoE kernel, plus the layer's non-expert bytes at the HBM rate); plus the step's
+                   KV reads, B sequences of the prompt at the HBM rate (attention's compute not modelled)
     stall          Prophet's waiting misses: the trace simulator (copy engine at the GPU's PCIe rate,
                    the layer time above), on the model's realistic held-out trace
     fallbacks      no-wait: the simulator's counts; the stand-in's int4 bytes at the HBM rate; the host
@@ -72,6 +73,9 @@ CONSTANTS = {
     "moe_hbm_fraction": 33.5595 / 39.0,  # that kernel's share of HBM at decode: its 33.56 us floor / 39.0 us
     "h100_hbm_gbps": 2999.5,  # device-to-device copy, bench_moe's hbm_GBps
     "h100_hbm_datasheet_gbps": 3350.0,
+    "h100_matmul_tflops": 680.47,  # bench_moe's matmul_TFLOPs: a bf16 matmul on the H100 (2026-11-22)
+    # Prophet's paged grouped GEMM at prefill, Mixtral shape, T = 4,096, bf16: 510.3 TFLOP/s (bench_moe, 2026-11-22)
+    "moe_prefill_fraction": 510.29 / 680.47,
     "cpu_gbps": 100.0,  # ESTIMATE (not measured): host memory bandwidth a CPU expert GEMV reaches
     "host_round_trip_us": 20.0,  # ESTIMATE: activations to the host and the result back, one layer
 }
@@ -126,10 +130,10 @@ def cpu_targets(shape: str, bench_rows: list[dict] | None = None, dtype: str = "
 
 
 GPU_CONSTANTS = {  # HBM and pinned host-to-device rates per GPU, and where each comes from
-    "H100-80GB": {"hbm_gbps": CONSTANTS["h100_hbm_gbps"], "pcie_gbps": 52.7,
-                  "source": "measured on an H100 80GB HBM3 (HBM: D2D copy; PCIe: pinned 12.6 MB copies)"},
+    "H100-80GB": {"hbm_gbps": CONSTANTS["h100_hbm_gbps"], "pcie_gbps": 52.7, "tflops": CONSTANTS["h100_matmul_tflops"],
+                  "source": "measured on an H100 80GB HBM3 (HBM: D2D copy; PCIe: pinned 12.6 MB copies; a bf16 matmul)"},
     "RTX4090-24GB": {"hbm_gbps": 1008.0 * CONSTANTS["h100_hbm_gbps"] / CONSTANTS["h100_hbm_datasheet_gbps"],
-                     "pcie_gbps": 25.0,
+                     "pcie_gbps": 25.0, "tflops": 165.2 * CONSTANTS["h100_matmul_tflops"] / 989.4,
                      "source": "NOT measured: datasheet 1,008 GB/s x the H100's measured/datasheet ratio; PCIe 4.0 "
                                "x16 pinned copies assumed at 25 GB/s"},
 }
@@ -153,8 +157,9 @@ def gpu_constants(gpu: str) -> dict:
     ratio = CONSTANTS["h100_hbm_gbps"] / CONSTANTS["h100_hbm_datasheet_gbps"]
     pcie = PCIE_ASSUMED_GBPS[g.name]
     return {"hbm_gbps": g.hbm_gbps * ratio, "pcie_gbps": pcie,
-            "source": f"NOT measured: datasheet {g.hbm_gbps:,.0f} GB/s x the H100's measured/datasheet ratio "
-                      f"({ratio:.3f}); pinned copies assumed at {pcie} GB/s"}
+            "tflops": g.bf16_tflops * CONSTANTS["h100_matmul_tflops"] / get_gpu("H100-80GB").bf16_tflops,
+            "source": f"NOT measured: datasheet {g.hbm_gbps:,.0f} GB/s and {g.bf16_tflops:g} TFLOP/s x the H100's "
+                      f"measured/datasheet ratios ({ratio:.3f}); pinned copies assumed at {pcie} GB/s"}
 
 
 def nonexpert_bytes(m: ModelSpec) -> int:
@@ -254,6 +259,53 @@ def cpu_moe_layers(m: ModelSpec, gpu: str, batch: int, dtype: str, context: int 
     return None
 
 
+PREFILL_CHUNK = 8192  # vLLM's max_num_batched_tokens: a long prompt is prefilled in chunks of this many tokens
+PROMPT = 1024  # the prompt each sequence holds (the frontier's --prompt): prefill, its KV reads in decode, fits
+
+
+def prefill_seconds(m: ModelSpec, gpu: str, prompt: int, dtype: str = "bf16", copied: float = 0.0, n_cpu: int = 0,
+                    cpu: dict | None = None, rates: dict | None = None) -> float:
+    """Time to prefill one prompt of `prompt` tokens, in chunks of ``PREFILL_CHUNK``. Per chunk and MoE layer:
+    its FLOPs (non-expert weights and attention over the context so far at the GPU's matmul rate, ``tflops``;
+    the experts at the paged grouped GEMM's measured share of it) against the copy of `copied` of the layer's
+    experts at the PCIe rate, one layer ahead (a chunk's tokens touch every expert: Prophet's non-resident
+    experts are each copied once per chunk), whichever is longer. `n_cpu` layers' experts live on the host
+    (cpu-moe): each such layer runs its non-expert part on the GPU and its experts either on the host CPU
+    (cpu_gflops) or copied to the GPU for the chunk, whichever is faster (KTransformers computes them on
+    the CPU; llama.cpp copies a large batch's weights)."""
+    from .memory import routed_expert_params
+
+    rates = rates or gpu_constants(gpu)
+    flops, pcie = rates["tflops"] * 1e12, rates["pcie_gbps"] * 1e9
+    L, E, k = m.moe_layers, m.moe.experts, m.moe.top_k
+    a = m.attention
+    qk, v = ((a.qk_nope_dim + a.qk_rope_dim, a.v_head_dim) if hasattr(a, "qk_nope_dim")
+             else (getattr(a, "head_dim", 0), getattr(a, "head_dim", 0)))
+    heads = a.top_k * a.kv_heads if hasattr(a, "top_k") else a.heads  # (MoA: the heads a token's experts run)
+    dense_params = (nonexpert_bytes(m) - m.vocab * m.hidden * 2) / 2 / L
+    expert_flops_token = 2 * k * routed_expert_params(m)
+    copy = E * one_expert_bytes(m, dtype) / pcie
+    total, done = 0.0, 0
+    while done < prompt:
+        c = min(PREFILL_CHUNK, prompt - done)
+        rest = (2 * c * dense_params + 2 * c * (done + c / 2) * heads * (qk + v)) / flops
+        experts = c * expert_flops_token / (CONSTANTS["moe_prefill_fraction"] * flops)
+        total += (L - n_cpu) * max(rest + experts, copied * copy)
+        if n_cpu:
+            total += n_cpu * (rest + min(c * expert_flops_token / (cpu["cpu_gflops"] * 1e9), copy + experts))
+        done += c
+    return total
+
+
+def kv_read_seconds(m: ModelSpec, gpu: str, batch: int, context: int, rates: dict | None = None) -> float:
+    """A decode step's reads of the KV cache: `batch` sequences of `context` tokens (sliding-window layers: at
+    most their window) at the HBM rate."""
+    from .memory import kv_bytes_per_token, state_elems_per_sequence
+
+    per_seq = context * kv_bytes_per_token(m, "bf16") + state_elems_per_sequence(m) * 2
+    return batch * per_seq / ((rates or gpu_constants(gpu))["hbm_gbps"] * 1e9)
+
+
 def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", rates: dict | None = None,
                   weight_bpp: float | None = None) -> float:
     """One decode layer at a batch whose layer calls need `unique` experts (module docstring); `rates`:
@@ -317,8 +369,10 @@ class Row:
     kv_tokens: int
     context_tokens: int  # KV tokens per sequence at this batch: the longest context each of the B can reach
     fits: bool
-    step_ms: float | None  # predicted decode step
+    step_ms: float | None  # predicted decode step (with the KV reads of B sequences of the prompt)
     tokens_per_s: float | None
+    prefill_tok_s: float | None  # one prompt's prefill (``prefill_seconds``)
+    ttft_s: float | None  # time to first token: that prefill
     ready_hit_rate: float | None  # experts landed in time (resident rows: 1)
     bits_per_byte: float | None  # the routing-study model's held-out quality, served this way
     quality_loss_pct: float | None  # vs its fp32 experts (study models), vs its published checkpoint (others)
@@ -351,7 +405,8 @@ def input_model(row: dict) -> str | None:
 
 def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
              inputs: list[dict] | None = None, cpu_moe: tuple[int, ...] | None = None, hbm_gbps: float | None = None,
-             memory_gib: float | None = None, cpu_gbps: float | None = None, cpu_gflops: float | None = None) -> list[Row]:
+             memory_gib: float | None = None, cpu_gbps: float | None = None, cpu_gflops: float | None = None,
+             prompt: int = PROMPT) -> list[Row]:
     """Rows for every model x GPU x batch x configuration; a row whose measured inputs are missing
     carries None where it would need them and says why (``missing``). Above batch 16 only the kinds
     measured there: resident, misses waiting, streaming, cpu-moe. `cpu_moe`: the --n-cpu-moe values of
@@ -359,7 +414,9 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
     `hbm_gbps`, `memory_gib`: the user's GPU (each GPU's label then says so): resident and cpu-moe rows at those
     rates; the simulated rows ran at the catalogue's and are left without tok/s, saying so. `cpu_gbps`,
     `cpu_gflops`: the user's host (target "given"; either one not given: this machine's measured figure) for
-    the cpu-moe rows, in place of the catalogue hosts."""
+    the cpu-moe rows, in place of the catalogue hosts. `prompt`: each sequence's prompt: its prefill and time to
+    first token, its KV read by every decode step, and a row fits when each of the B sequences holds it and
+    one more token."""
     inputs = read_inputs() if inputs is None else inputs
     given_gpu = hbm_gbps is not None or memory_gib is not None
     memory_bytes = None if memory_gib is None else int(memory_gib * 2**30)
@@ -394,21 +451,26 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
             for B in batches:
                 U = unique_experts(m, B, inputs)
 
-                def add(config, kind, dtype, cap, gpu_bytes, host_bytes, step_s, ready, quality, src, missing=""):
+                def add(config, kind, dtype, cap, gpu_bytes, host_bytes, step_s, ready, quality, src, missing="",
+                        prefill_s=None):
                     kv = kv_tokens(m, g, gpu_bytes, memory_bytes=memory_bytes)
+                    if step_s is not None:
+                        step_s += kv_read_seconds(m, g, B, prompt, rates)
                     bpb, loss = quality
                     if step_s is None and not missing:
                         missing = ("simulated at the catalogue GPUs' rates only, not at the given ones" if given_gpu else
                                    "no simulation of this model at this GPU and batch (bench/frontier_inputs.py)")
-                    rows.append(Row(m.name, label, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, kv // B, kv >= B,
-                                    None if step_s is None else step_s * 1e3, None if step_s is None else B / step_s,
-                                    ready, bpb, loss, routing, why_not, "" if step_s is not None else missing, src))
+                    rows.append(Row(m.name, label, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, kv // B,
+                                    kv // B > prompt, None if step_s is None else step_s * 1e3,
+                                    None if step_s is None else B / step_s, None if prefill_s is None else prompt / prefill_s,
+                                    prefill_s, ready, bpb, loss, routing, why_not, "" if step_s is not None else missing, src))
 
                 no_unique = f"no measured unique experts at batch {B} on the {shape} trace"
                 for dtype in ("bf16", "fp8", "int4"):
                     step = None if U is None else L * layer_seconds(m, g, U, dtype, rates)
                     add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), 0, step, 1.0,
-                        measured_bpb(dtype), {"unique_per_layer": U}, no_unique)
+                        measured_bpb(dtype), {"unique_per_layer": U}, no_unique,
+                        prefill_s=prefill_seconds(m, g, prompt, dtype, rates=rates))
                 for dtype in ("bf16", "fp8", "int4"):
                     for cap in CAPACITIES:
                         sim = _pick(sims, kind="sim_wait", gpu=g, batch=B, capacity=cap, expert_dtype=dtype)
@@ -418,7 +480,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         step = None if sim is None else L * sim["layer_us"] * 1e-6 + sim["stall_us_per_step"] * 1e-6
                         add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * expert_bytes(m, dtype),
                             L * E * expert_bytes(m, dtype), step, sim and sim["ready_hit_rate"], measured_bpb(dtype),
-                            {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}})
+                            {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}},
+                            prefill_s=prefill_seconds(m, g, prompt, dtype, copied=1 - cap, rates=rates))
                 for r in sims:  # Prophet with miss: stream (the schedule's replay at this batch's layer time)
                     if (r.get("kind"), r.get("gpu"), r.get("batch")) != ("stream", g, B):
                         continue
@@ -427,7 +490,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         r["slots"] * one_expert_bytes(m, dtype), L * E * one_expert_bytes(m, dtype), r["step_us"] * 1e-6,
                         r["hit_rate"], measured_bpb(dtype),
                         {"stream": {k: r[k] for k in ("layer_us", "pcie_gbps", "stall_us_per_step", "copy_busy",
-                                                      "resident_per_layer")}})
+                                                      "resident_per_layer")}},
+                        prefill_s=prefill_seconds(m, g, prompt, dtype, copied=1 - cap, rates=rates))
                 for dtype in ("bf16", "int4"):  # llama.cpp's --n-cpu-moe N, KTransformers' N = L (analytic)
                     fit = cpu_moe_layers(m, g, B, dtype, memory_bytes=memory_bytes)
                     counts = sorted({L, *(() if fit is None else (fit,))}) if cpu_moe is None else sorted(set(cpu_moe))
@@ -448,7 +512,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                                 (L - n) * E * one_expert_bytes(m, dtype), n * E * one_expert_bytes(m, dtype), step, 1.0,
                                 measured_bpb(dtype),
                                 {"cpu": {k: host[k] for k in ("cpu_gbps", "cpu_gflops", "call_us", "source")},
-                                 "cpu_moe_layers": n, "unique_per_layer": U}, no_unique)
+                                 "cpu_moe_layers": n, "unique_per_layer": U}, no_unique,
+                                prefill_s=prefill_seconds(m, g, prompt, dtype, n_cpu=n, cpu=host, rates=rates))
                 if B in LARGE_BATCHES:
                     continue  # (misses that do not wait, and on the CPU: measured at batch 1-16 only)
                 for r in sims:  # Prophet with miss: cpu (simulated with each target host's rates)
@@ -464,7 +529,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         r["ready_hit_rate"], (ref_bpb, 0.0) if dtype == "bf16" and study else measured_bpb(dtype),
                         {"cpu": {k: r[k] for k in ("cpu_target", "cpu_gbps", "cpu_gflops", "dram_gbps", "link_gbps",
                                                    "cpu_source")},
-                         "cpu_experts_per_token": r["cpu_experts_per_token"], "host_us_per_layer": r["host_us_per_layer"]})
+                         "cpu_experts_per_token": r["cpu_experts_per_token"], "host_us_per_layer": r["host_us_per_layer"]},
+                        prefill_s=prefill_seconds(m, g, prompt, dtype, copied=1 - cap, rates=rates))
                 if not study:
                     continue  # (no-wait rows decode the study model itself: their quality is its own)
                 for strategy in NO_WAIT:
@@ -485,15 +551,15 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
 
 def markdown(rows: list[Row]) -> str:
     head = ("| model | GPU | B | configuration | expert GiB on GPU | host GiB | KV tokens | context per sequence | "
-            "tok/s (predicted) | landed | bits/byte | vs reference |")
-    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+            "tok/s (predicted) | prefill tok/s | TTFT s | landed | bits/byte | vs reference |")
+    lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:  # (a row without its measured inputs says so: those runs were not made for it)
         tps = "no input" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         lines.append(
             f"| {r.model}{' (not served)' if r.served else ''} | {r.gpu} | {r.batch} | {r.config} | "
-            f"{r.expert_gpu_bytes / 2**30:.2f} | {r.host_bytes / 2**30:.1f} | "
-            + (f"{r.kv_tokens:,} | {r.context_tokens:,}" if r.fits else "does not fit | ")
-            + f" | {tps if r.fits else ''} | "
+            f"{r.expert_gpu_bytes / 2**30:.2f} | {r.host_bytes / 2**30:.1f} | {r.kv_tokens:,} | {r.context_tokens:,} | "
+            + (tps if r.fits else "does not hold the prompt") + " | "
+            + (" | " if r.prefill_tok_s is None else f"{r.prefill_tok_s:,.0f} | {r.ttft_s:.2f}") + " | "
             + ("" if r.ready_hit_rate is None else f"{r.ready_hit_rate:.1%}") + " | "
             + ("" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}") + " | "
             + ("" if r.quality_loss_pct is None else f"{r.quality_loss_pct:+.2f}%") + " |")
@@ -543,7 +609,8 @@ def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
     def cell(r):
         return "" if r is None else (f"{r.config}: {r.tokens_per_s:,.0f} tok/s, {r.expert_gpu_bytes / 2**30:.1f} GiB, "
                                      f"{r.kv_tokens:,} KV ({r.context_tokens:,} per sequence), "
-                                     f"{r.quality_loss_pct:+.2f}%")
+                                     + ("" if r.ttft_s is None else f"TTFT {r.ttft_s:.2f} s, ")
+                                     + f"{r.quality_loss_pct:+.2f}%")
 
     for key in dict.fromkeys((r.model, r.gpu, r.batch) for r in rows):
         best = {}
