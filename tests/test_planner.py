@@ -451,3 +451,41 @@ def test_sliding_window_layers_hold_their_window_per_sequence():
     assert state_elems_per_sequence(m) == 18 * 128 * 2 * 8 * 64
     full = dataclasses.replace(m, layers=tuple(dataclasses.replace(x, window=None) for x in m.layers))
     assert kv_bytes_per_token(full) == 2 * kv_bytes_per_token(m) and state_elems_per_sequence(full) == 0
+
+
+def test_kv_bytes_per_token_is_vllms_page_size_per_token():
+    """For every decoder-only catalogue family: the planner's KV bytes per token of context equal what vLLM's own
+    KV-cache specs (vllm.v1.kv_cache_interface) give per token, one spec per full-attention layer (MLA: one latent
+    of kv_lora_rank + rope per token); each sliding-window layer's page holds its window."""
+    import torch
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, MLAAttentionSpec, SlidingWindowSpec
+
+    from prophet_kernels.planner import MODELS
+    from prophet_kernels.planner.catalog import GQA, MLA
+    from prophet_kernels.planner.memory import kv_bytes_per_token
+
+    block = 16
+    checked = 0
+    for m in MODELS.values():
+        a = m.attention
+        if m.encoder_decoder or not isinstance(a, (GQA, MLA)):
+            continue
+        per_token = 0
+        for layer in m.layers:
+            if layer.mixer != "attn":
+                continue
+            if isinstance(a, MLA):
+                spec = MLAAttentionSpec(block_size=block, num_kv_heads=1, head_size=a.kv_lora_rank + a.qk_rope_dim,
+                                        dtype=torch.bfloat16)
+            elif layer.window:
+                spec = SlidingWindowSpec(block_size=block, num_kv_heads=a.kv_heads, head_size=a.head_dim,
+                                         dtype=torch.bfloat16, sliding_window=layer.window)
+                assert spec.page_size_bytes // block * layer.window <= state_elems_per_sequence(m) * 2
+                continue
+            else:
+                spec = FullAttentionSpec(block_size=block, num_kv_heads=a.kv_heads, head_size=a.head_dim,
+                                         dtype=torch.bfloat16)
+            per_token += spec.page_size_bytes // block
+        assert kv_bytes_per_token(m) == per_token, m.name
+        checked += 1
+    assert checked >= 20
