@@ -34,6 +34,14 @@ OUT = Path(__file__).resolve().parent / "results" / "frontier_check.md"
 HOST_EFFICIENCY = 200.0 / 307.2  # the frontier's server-200 estimate: ~200 GB/s read of 8 x DDR5-4800 (307 peak)
 KT = "https://github.com/kvcache-ai/ktransformers/blob/main/doc/en/DeepseekR1_V3_tutorial.md"
 Q4KM_DSV3_BYTES = 404.43e9  # DeepSeek-V3(-0324) Q4_K_M GGUF, bartowski's listing (huggingface.co/bartowski/deepseek-ai_DeepSeek-V3-0324-GGUF)
+Q4KM_QWEN3_30B_BYTES = 17.28e9  # Qwen3-30B-A3B Q4_K_M GGUF ("original Q4_K_M (17.28 GB)": huggingface.co/GOBA-AI-Labs/PrunedHub-Qwen3-30B-A3B-EN-80pct-MxMoE)
+MXFP4_GPT_OSS_20B_BYTES = 12.1e9  # gpt-oss-20b MXFP4 GGUF, bartowski's listing (huggingface.co/bartowski/openai_gpt-oss-20b-GGUF)
+LLMFIT = "https://github.com/AlexsJones/llmfit/pull/"
+# GPUs of the reports that the catalogue does not hold: datasheet figures x the H100's measured/datasheet ratios, as
+# planner.frontier.gpu_constants does for the catalogue's unmeasured GPUs (NOT measured)
+_RATIO = 2999.5 / 3350.0
+EXTRA_GPUS = {"RTX2080-8GB": {"hbm_gbps": 448.0 * _RATIO, "pcie_gbps": 12.0, "tflops": 40.3 * 680.47 / 989.4,
+                              "source": "NOT measured: datasheet 448 GB/s, 40.3 fp16 TFLOP/s (fp32 accumulate), PCIe 3.0"}}
 
 
 @dataclasses.dataclass
@@ -48,9 +56,11 @@ class Report:
     mts: int | None  # DIMM transfer rate (MT/s)
     sockets: int  # sockets whose memory the experts are read from
     cores: int
-    placement: str  # "all-cpu": every routed expert on the CPU (cpu-moe N = L); otherwise not expressible
+    placement: str  # "all-cpu": every routed expert on the CPU (cpu-moe N = L); "n-cpu-moe": n_cpu layers'; else not
     reported_tok_s: float
     what: str
+    n_cpu: int | None = None  # --n-cpu-moe N
+    read_gbps: float | None = None  # the host's read rate as the report measured it (in place of channels x MT/s)
 
 
 REPORTS = [
@@ -66,6 +76,13 @@ REPORTS = [
            Q4KM_DSV3_BYTES, 8, 4800, 1, 32, "all-cpu", 8.73, "decode, 500-token prompt, one socket (a 4090D)"),
     Report("KTransformers 0.2", KT + " (V0.2, single socket, 6 experts)", "DeepSeek-V3", 6, "RTX4090-24GB",
            Q4KM_DSV3_BYTES, 8, 4800, 1, 32, "all-cpu", 10.303, "decode, 500-token prompt, one socket, top-6"),
+    Report("llama.cpp (llmfit community bench)", LLMFIT + "755 (generation speed the server measured)", "Qwen3-30B-A3B", 8,
+           "RTX2080-8GB", Q4KM_QWEN3_30B_BYTES, 4, None, 1, 10, "n-cpu-moe", 36.7,
+           "decode, -ngl 99 --n-cpu-moe 36, i9-10900X", n_cpu=36, read_gbps=102.0),
+    Report("llama.cpp (llmfit community bench)", LLMFIT + "775 (average with the prompt: a lower bound of decode)",
+           "gpt-oss-20b", 4, "RTX2080-8GB", MXFP4_GPT_OSS_20B_BYTES, 4, None, 1, 10, "n-cpu-moe", 36.4,
+           "average incl. the prompt, --n-cpu-moe 12, i9-10900X (its DDR4 as measured in #755)", n_cpu=12,
+           read_gbps=102.0),
     Report("llama.cpp (in KTransformers' table)", KT + " (V0.2, llama.cpp 8 experts, 2 x 32 cores)", "DeepSeek-V3", 8,
            "RTX4090-24GB", Q4KM_DSV3_BYTES, 8, 4800, 2, 64, "not stated", 4.51,
            "decode, 500-token prompt; how llama.cpp split the model between the GPU and the CPU is not stated"),
@@ -77,26 +94,29 @@ def predict(r: Report) -> dict:
     from prophet_kernels.planner.catalog import get_model
     from prophet_kernels.planner.memory import count_params, routed_expert_params
 
-    if r.placement != "all-cpu" or r.file_bytes is None or r.channels is None:
+    if r.placement not in ("all-cpu", "n-cpu-moe") or r.file_bytes is None or (r.channels is None and not r.read_gbps):
         return {"checkable": False}
     base = get_model(r.model)
     m = dataclasses.replace(base, moe=dataclasses.replace(base.moe, top_k=r.top_k))
     bpp = r.file_bytes / sum(count_params(base).values())
     rates = fr.cpu_targets(fr.routing_proxy(m)[0])["this-vm"]  # this VM's measured per-core FLOP/s, call time
     per_core = rates["cpu_gflops"] / 2
-    peak = r.channels * r.mts * 8 / 1000 * r.sockets
-    cpu = {"cpu_gbps": peak * HOST_EFFICIENCY, "cpu_gflops": per_core * r.cores, "call_us": rates["call_us"]}
+    peak = r.read_gbps if r.read_gbps else r.channels * r.mts * 8 / 1000 * r.sockets
+    cpu = {"cpu_gbps": r.read_gbps or peak * HOST_EFFICIENCY, "cpu_gflops": per_core * r.cores, "call_us": rates["call_us"]}
     L = m.moe_layers
-    step = fr.cpu_moe_seconds(m, r.gpu, 1, r.top_k, L, cpu, weight_bpp=bpp)
-    gpu_part = L * fr.layer_seconds(m, r.gpu, 0, weight_bpp=bpp)
-    cpu_bytes = L * r.top_k * routed_expert_params(m) * bpp
-    implied = cpu_bytes / (1 / r.reported_tok_s - gpu_part - L * cpu["call_us"] * 1e-6) / 1e9
+    n = L if r.n_cpu is None else r.n_cpu
+    gpu = EXTRA_GPUS.get(r.gpu)
+    step = fr.cpu_moe_seconds(m, r.gpu, 1, r.top_k, n, cpu, gpu_rates=gpu, weight_bpp=bpp)
+    gpu_part = (L - n) * fr.layer_seconds(m, r.gpu, r.top_k, rates=gpu, weight_bpp=bpp) + n * fr.layer_seconds(
+        m, r.gpu, 0, rates=gpu, weight_bpp=bpp)
+    cpu_bytes = n * r.top_k * routed_expert_params(m) * bpp
+    implied = cpu_bytes / (1 / r.reported_tok_s - gpu_part - n * cpu["call_us"] * 1e-6) / 1e9
     # the same setup at the share of the DIMMs' read rate the frontier's int4 CPU rows assume (server-200 int4:
     # this VM's native int4 kernel's measured share of its read rate, at batch 1)
     int4 = fr.cpu_targets(fr.routing_proxy(m)[0], dtype="int4")["server-200"]
     int4_share = int4["cpu_gbps"] / int4["dram_gbps"]
     cpu4 = cpu | {"cpu_gbps": cpu["cpu_gbps"] * int4_share}
-    step4 = fr.cpu_moe_seconds(m, r.gpu, 1, r.top_k, L, cpu4, weight_bpp=bpp)
+    step4 = fr.cpu_moe_seconds(m, r.gpu, 1, r.top_k, n, cpu4, gpu_rates=gpu, weight_bpp=bpp)
     return {"predicted_int4_share": 1 / step4, "error_int4_share": (1 / step4 - r.reported_tok_s) / r.reported_tok_s,
             "int4_share": int4_share, "checkable": True, "bpp": bpp, "peak_gbps": peak, "cpu_gbps": cpu["cpu_gbps"], "gpu_ms": gpu_part * 1e3,
             "cpu_ms": (step - gpu_part) * 1e3, "predicted": 1 / step, "error": (1 / step - r.reported_tok_s) / r.reported_tok_s,
@@ -119,10 +139,13 @@ def render(rows: list[tuple[Report, dict]]) -> str:
             out.append(f"| {r.system} | {r.model} top-{r.top_k}, {r.gpu}, {r.what} | {r.reported_tok_s} | not checkable "
                        f"| | | | | | | | {r.source} |")
             continue
-        out.append(f"| {r.system} | {r.model} top-{r.top_k}, {r.gpu}, {r.sockets} x {r.channels} ch DDR5-{r.mts}, "
+        host = (f"{r.channels} ch DDR4 read {r.read_gbps:g} GB/s as measured" if r.read_gbps else
+                f"{r.sockets} x {r.channels} ch DDR5-{r.mts}")
+        out.append(f"| {r.system} | {r.model} top-{r.top_k}, {r.gpu}, {host}, "
                    f"{r.cores} cores, {r.what} | {r.reported_tok_s} | {p['predicted']:.1f} | {p['error']:+.0%} | "
-                   f"{p['gpu_ms']:.1f} | {p['cpu_ms']:.1f} | {p['cpu_gb_per_token']:.1f} | {p['cpu_gbps']:.0f} of "
-                   f"{p['peak_gbps']:.0f} peak | {p['implied_cpu_gbps']:.0f} | {p['predicted_int4_share']:.1f} "
+                   f"{p['gpu_ms']:.1f} | {p['cpu_ms']:.1f} | {p['cpu_gb_per_token']:.1f} | {p['cpu_gbps']:.0f}"
+                   + ("" if r.read_gbps else f" of {p['peak_gbps']:.0f} peak") + f" | {p['implied_cpu_gbps']:.0f} |"
+                   f" {p['predicted_int4_share']:.1f} "
                    f"({p['error_int4_share']:+.0%}) | {r.source} |")
     return "\n".join(out) + "\n"
 
