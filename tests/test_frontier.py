@@ -417,3 +417,16 @@ def test_prefill_time_to_first_token_and_the_prompts_kv():
     assert all(r.fits == (r.context_tokens > 1000) for r in rows)
     long = fr.frontier(["Mixtral-8x7B"], [gpu], [1], _inputs("mixtral"), prompt=10**6)
     assert not any(r.fits for r in long)
+
+
+def test_a_large_batch_layer_is_bound_by_its_flops_where_they_take_longer_than_its_bytes():
+    from prophet_kernels.planner.memory import routed_expert_params
+
+    m, gpu = get_model("Mixtral-8x7B"), "H100-80GB"
+    c = fr.gpu_constants(gpu)
+    assert fr.layer_seconds(m, gpu, 8, "int4", batch=64) == fr.layer_seconds(m, gpu, 8, "int4")  # bytes-bound
+    big = fr.layer_seconds(m, gpu, 8, "int4", batch=256)
+    bytes_only = fr.layer_seconds(m, gpu, 8, "int4")
+    read = 8 * expert_bytes(m, "int4") / (fr.CONSTANTS["moe_hbm_fraction"] * c["hbm_gbps"] * 1e9)
+    compute = 2 * 256 * 2 * routed_expert_params(m) / (fr.CONSTANTS["moe_prefill_fraction"] * c["tflops"] * 1e12)
+    assert compute > read and big == pytest.approx(bytes_only - read + compute)

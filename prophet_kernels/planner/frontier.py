@@ -240,8 +240,8 @@ def cpu_moe_seconds(m: ModelSpec, gpu: str, batch: int, unique: float, n_cpu: in
     L = m.moe_layers
     if not 0 <= n_cpu <= L:
         raise ValueError(f"{m.name}: {n_cpu} CPU MoE layers; it has {L}")
-    gpu_part = (L - n_cpu) * layer_seconds(m, gpu, unique, dtype, gpu_rates, weight_bpp) + n_cpu * layer_seconds(
-        m, gpu, 0, dtype, gpu_rates, weight_bpp)
+    gpu_part = (L - n_cpu) * layer_seconds(m, gpu, unique, dtype, gpu_rates, weight_bpp, batch) + n_cpu * (
+        layer_seconds(m, gpu, 0, dtype, gpu_rates, weight_bpp, batch))
     from .memory import routed_expert_params
 
     per_expert = one_expert_bytes(m, dtype) if weight_bpp is None else routed_expert_params(m) * weight_bpp
@@ -307,20 +307,28 @@ def kv_read_seconds(m: ModelSpec, gpu: str, batch: int, context: int, rates: dic
 
 
 def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", rates: dict | None = None,
-                  weight_bpp: float | None = None) -> float:
+                  weight_bpp: float | None = None, batch: int = 1) -> float:
     """One decode layer at a batch whose layer calls need `unique` experts (module docstring); `rates`:
     the GPU's (``gpu_constants``), given to override the catalogue's; `weight_bpp`: every weight at that
-    many bytes per parameter instead of bf16 non-expert weights and `dtype` experts."""
-    c, hbm = CONSTANTS, (rates or gpu_constants(gpu))["hbm_gbps"] * 1e9
+    many bytes per parameter instead of bf16 non-expert weights and `dtype` experts; `batch`: its tokens'
+    FLOPs bound the non-expert part (at the GPU's matmul rate) and the experts' (at the grouped GEMM's
+    measured share of it) where they take longer than the bytes (batch 1, the default: never)."""
+    from .memory import routed_expert_params
+
+    c = CONSTANTS
+    rates = rates or gpu_constants(gpu)
+    hbm, flops = rates["hbm_gbps"] * 1e9, rates["tflops"] * 1e12
     olmoe = get_model("OLMoE-1B-7B")
     per_layer = lambda mm: (nonexpert_bytes(mm) - mm.vocab * mm.hidden * 2) / mm.moe_layers  # embedding rows aside
     fixed = (c["olmoe_layer_us_b1"] - c["olmoe_moe_us_b1"]) * 1e-6 - per_layer(olmoe) / (c["h100_hbm_gbps"] * 1e9)
     if weight_bpp is not None:  # every weight at weight_bpp bytes per parameter (a GGUF file's average)
-        from .memory import routed_expert_params
-
-        return fixed + per_layer(m) * weight_bpp / 2 / hbm + unique * routed_expert_params(m) * weight_bpp / (
-            c["moe_hbm_fraction"] * hbm)
-    return fixed + per_layer(m) / hbm + unique * one_expert_bytes(m, dtype) / (c["moe_hbm_fraction"] * hbm)
+        rest, experts = per_layer(m) * weight_bpp / 2, unique * routed_expert_params(m) * weight_bpp
+    else:
+        rest, experts = per_layer(m), unique * one_expert_bytes(m, dtype)
+    rest_flops = 2 * batch * per_layer(m) / 2
+    expert_flops_ = 2 * batch * m.moe.top_k * routed_expert_params(m)
+    return (fixed + max(rest / hbm, rest_flops / flops)
+            + max(experts / (c["moe_hbm_fraction"] * hbm), expert_flops_ / (c["moe_prefill_fraction"] * flops)))
 
 
 def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
@@ -467,7 +475,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
 
                 no_unique = f"no measured unique experts at batch {B} on the {shape} trace"
                 for dtype in ("bf16", "fp8", "int4"):
-                    step = None if U is None else L * layer_seconds(m, g, U, dtype, rates)
+                    step = None if U is None else L * layer_seconds(m, g, U, dtype, rates, batch=B)
                     add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), 0, step, 1.0,
                         measured_bpb(dtype), {"unique_per_layer": U}, no_unique,
                         prefill_s=prefill_seconds(m, g, prompt, dtype, rates=rates))
