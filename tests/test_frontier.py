@@ -427,6 +427,6 @@ def test_a_large_batch_layer_is_bound_by_its_flops_where_they_take_longer_than_i
     assert fr.layer_seconds(m, gpu, 8, "int4", batch=64) == fr.layer_seconds(m, gpu, 8, "int4")  # bytes-bound
     big = fr.layer_seconds(m, gpu, 8, "int4", batch=256)
     bytes_only = fr.layer_seconds(m, gpu, 8, "int4")
-    read = 8 * expert_bytes(m, "int4") / (fr.CONSTANTS["moe_hbm_fraction"] * c["hbm_gbps"] * 1e9)
+    read = 8 * fr.one_expert_bytes(m, "int4") / (fr.CONSTANTS["moe_hbm_fraction"] * c["hbm_gbps"] * 1e9)
     compute = 2 * 256 * 2 * routed_expert_params(m) / (fr.CONSTANTS["moe_prefill_fraction"] * c["tflops"] * 1e12)
     assert compute > read and big == pytest.approx(bytes_only - read + compute)
