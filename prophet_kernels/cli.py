@@ -145,6 +145,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                                                     "cpu-moe rows (default: measured here)")
     p.add_argument("--pcie-gbps", type=float, help="with --frontier: refused (the copy rate enters through simulations, "
                                                    "run at the catalogue GPUs' rates by bench/frontier_inputs.py)")
+    p.add_argument("--summary", metavar="PATH", help="with --frontier: also write the summary (the fastest row of each "
+                                                     "kind per model, GPU and batch) as markdown to PATH")
     p.add_argument("--json", action="store_true",
                    help="with --frontier: also write frontier.jsonl, one object per row with every input named")
     p.add_argument("--seed-report", metavar="PATH", help="write the seed-vs-corrected section (markdown) to PATH and exit")
@@ -158,7 +160,7 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     if args.json and not args.frontier:
         raise ValueError("--json goes with --frontier (plan's own rows: plan.csv)")
-    for flag in ("cpu_moe_layers", "hbm_gbps", "cpu_gbps", "cpu_tflops", "pcie_gbps", "prompt"):
+    for flag in ("cpu_moe_layers", "hbm_gbps", "cpu_gbps", "cpu_tflops", "pcie_gbps", "prompt", "summary"):
         if getattr(args, flag) is not None and not args.frontier:
             raise ValueError(f"--{flag.replace('_', '-')} goes with --frontier")
     if args.frontier:
@@ -245,6 +247,10 @@ def _frontier(args) -> int:
     (out / "frontier.md").write_text(fr.markdown(rows) + "\n\n" + fr.summary(rows) + "\n")
     if args.json:
         print(f"json rows -> {fr.write_jsonl(rows, out / 'frontier.jsonl')}")
+    if args.summary:
+        Path(args.summary).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.summary).write_text(fr.summary(rows) + "\n")
+        print(f"summary -> {args.summary}")
     if not args.no_figures:
         for b in batches:
             print(f"figure: {fr.figure(rows, out / f'frontier_b{b}.png', batch=b)}")

@@ -326,7 +326,7 @@ def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", ra
     else:
         rest, experts = per_layer(m), unique * one_expert_bytes(m, dtype)
     rest_flops = 2 * batch * per_layer(m) / 2
-    expert_flops_ = 2 * batch * m.moe.top_k * routed_expert_params(m)
+    expert_flops_ = 2 * batch * m.moe.top_k * routed_expert_params(m) if unique else 0  # (0: none on the GPU)
     return (fixed + max(rest / hbm, rest_flops / flops)
             + max(experts / (c["moe_hbm_fraction"] * hbm), expert_flops_ / (c["moe_prefill_fraction"] * flops)))
 
@@ -608,29 +608,38 @@ def recommend(rows: list[Row], max_loss_pct: float = 1.0, min_kv_tokens: int = 0
 
 def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
     """Markdown: per model, GPU and batch, the fastest fitting row of each kind (resident, Prophet with
-    waiting misses, on the CPU, streamed, no-wait) among those within `max_loss_pct` of fp32's quality, and the pick."""
+    waiting misses, on the CPU, streamed, cpu-moe, no-wait) among those within `max_loss_pct` of the reference's
+    quality, each followed, where faster, by the fastest whose quality is not measured (a catalogue model's fp8
+    and int4 rows), and the pick (measured quality only); a model the vLLM plugin does not serve says so."""
     lines = ["| model | GPU | B | fastest resident | fastest Prophet (misses wait) | fastest Prophet (miss: cpu) | "
              "fastest Prophet (stream) | fastest cpu-moe (llama.cpp, KTransformers) | fastest no-wait | pick |",
              "|---|---|---:|---|---|---|---|---|---|---|"]
     picks = {(r.model, r.gpu, r.batch): r for r in recommend(rows, max_loss_pct)}
 
-    def cell(r):
-        return "" if r is None else (f"{r.config}: {r.tokens_per_s:,.0f} tok/s, {r.expert_gpu_bytes / 2**30:.1f} GiB, "
-                                     f"{r.kv_tokens:,} KV ({r.context_tokens:,} per sequence), "
-                                     + ("" if r.ttft_s is None else f"TTFT {r.ttft_s:.2f} s, ")
-                                     + f"{r.quality_loss_pct:+.2f}%")
+    def one(r):
+        return (f"{r.config}: {r.tokens_per_s:,.0f} tok/s, {r.expert_gpu_bytes / 2**30:.1f} GiB, "
+                f"{r.kv_tokens:,} KV ({r.context_tokens:,} per sequence), "
+                + ("" if r.ttft_s is None else f"TTFT {r.ttft_s:.2f} s, ")
+                + ("quality not measured" if r.quality_loss_pct is None else f"{r.quality_loss_pct:+.2f}%"))
 
+    def cell(kind):
+        r, u = best.get(kind), unmeasured.get(kind)
+        parts = [one(x) for x in (r, u) if x is not None and (x is r or r is None or x.tokens_per_s > r.tokens_per_s)]
+        return "; ".join(parts)
+
+    served = {r.model: r.served for r in rows}
     for key in dict.fromkeys((r.model, r.gpu, r.batch) for r in rows):
-        best = {}
+        best, unmeasured = {}, {}
         for r in rows:
-            if ((r.model, r.gpu, r.batch) == key and r.fits and r.tokens_per_s is not None
-                    and r.quality_loss_pct is not None and r.quality_loss_pct <= max_loss_pct):
-                if r.kind not in best or r.tokens_per_s > best[r.kind].tokens_per_s:
-                    best[r.kind] = r
+            if (r.model, r.gpu, r.batch) != key or not r.fits or r.tokens_per_s is None:
+                continue
+            into = unmeasured if r.quality_loss_pct is None else best if r.quality_loss_pct <= max_loss_pct else None
+            if into is not None and (r.kind not in into or r.tokens_per_s > into[r.kind].tokens_per_s):
+                into[r.kind] = r
         pick = picks.get(key)
-        lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {cell(best.get('resident'))} | {cell(best.get('prophet'))} | "
-                     f"{cell(best.get('prophet-cpu'))} | {cell(best.get('prophet-stream'))} | {cell(best.get('cpu-moe'))} | "
-                     f"{cell(best.get('no-wait'))} | "
+        lines.append(f"| {key[0]}{' (not served: ' + served[key[0]] + ')' if served[key[0]] else ''} | {key[1]} | "
+                     f"{key[2]} | {cell('resident')} | {cell('prophet')} | {cell('prophet-cpu')} | "
+                     f"{cell('prophet-stream')} | {cell('cpu-moe')} | {cell('no-wait')} | "
                      f"{pick.config if pick else 'nothing fits'} |")
     return "\n".join(lines)
 
