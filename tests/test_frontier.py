@@ -222,6 +222,14 @@ def test_the_readme_quotes_the_committed_table():
             if w and w["tokens_per_s"] and r["tokens_per_s"]:
                 ratios.append(float(r["tokens_per_s"]) / float(w["tokens_per_s"]))
     assert f"(streaming {min(ratios):.2f}-{max(ratios):.2f}x of them)" in readme.replace("\n", " ")
+    # llama.cpp's split beside it: the smallest-N cpu-moe rows at the same host, and the check against reports
+    moe = {int(r["batch"]): r for r in rows if r["model"] == "Mixtral-8x7B" and r["gpu"] == g and r["kind"] == "cpu-moe"
+           and r["config"].startswith("cpu-moe-int4 server-200") and not r["config"].endswith("32/32")}
+    assert (f"gives {' / '.join(str(round(float(moe[b]['tokens_per_s']))) for b in (1, 4, 16))} tok/s with N = "
+            f"{' / '.join(moe[b]['config'].split()[-1].split('/')[0] for b in (1, 4, 16))} of 32 layers") in flat
+    check = (Path(__file__).resolve().parents[1] / "bench" / "results" / "frontier_check.md").read_text()
+    errors = [int(x) for x in re.findall(r"\| ([+-]\d+)% \|", check)]
+    assert f"{min(errors)}-{max(errors)}% too fast" in flat
 
 
 def test_any_catalogue_model_takes_the_routing_of_the_nearest_study_shape():
