@@ -83,6 +83,9 @@ REPORTS = [
            "gpt-oss-20b", 4, "RTX2080-8GB", MXFP4_GPT_OSS_20B_BYTES, 4, None, 1, 10, "n-cpu-moe", 36.4,
            "average incl. the prompt, --n-cpu-moe 12, i9-10900X (its DDR4 as measured in #755)", n_cpu=12,
            read_gbps=102.0),
+    Report("vLLM expert cache (PR 37190, --moe-expert-cache-size)", "https://github.com/vllm-project/vllm/pull/37190",
+           "DeepSeek-V2", 6, "H100-80GB", None, None, None, 1, 0, "not stated", 0.0,
+           "LRU expert cache over pinned host memory; the thread states no decode speed with its host and GPU"),
     Report("llama.cpp (in KTransformers' table)", KT + " (V0.2, llama.cpp 8 experts, 2 x 32 cores)", "DeepSeek-V3", 8,
            "RTX4090-24GB", Q4KM_DSV3_BYTES, 8, 4800, 2, 64, "not stated", 4.51,
            "decode, 500-token prompt; how llama.cpp split the model between the GPU and the CPU is not stated"),
@@ -136,7 +139,7 @@ def render(rows: list[tuple[Report, dict]]) -> str:
            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r, p in rows:
         if not p["checkable"]:
-            out.append(f"| {r.system} | {r.model} top-{r.top_k}, {r.gpu}, {r.what} | {r.reported_tok_s} | not checkable "
+            out.append(f"| {r.system} | {r.model} top-{r.top_k}, {r.gpu}, {r.what} | {r.reported_tok_s or 'none'} | not checkable "
                        f"| | | | | | | | {r.source} |")
             continue
         host = (f"{r.channels} ch DDR4 read {r.read_gbps:g} GB/s as measured" if r.read_gbps else

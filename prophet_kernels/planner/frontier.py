@@ -561,16 +561,16 @@ def markdown(rows: list[Row]) -> str:
     head = ("| model | GPU | B | configuration | expert GiB on GPU | host GiB | KV tokens | context per sequence | "
             "tok/s (predicted) | prefill tok/s | TTFT s | landed | bits/byte | vs reference |")
     lines = [head, "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:  # (a row without its measured inputs says so: those runs were not made for it)
+    for r in rows:  # (a row without its inputs says so; bits/byte: the study model's, empty for another model)
         tps = "no input" if r.tokens_per_s is None else f"{r.tokens_per_s:,.0f}"
         lines.append(
             f"| {r.model}{' (not served)' if r.served else ''} | {r.gpu} | {r.batch} | {r.config} | "
             f"{r.expert_gpu_bytes / 2**30:.2f} | {r.host_bytes / 2**30:.1f} | {r.kv_tokens:,} | {r.context_tokens:,} | "
             + (tps if r.fits else "does not hold the prompt") + " | "
-            + (" | " if r.prefill_tok_s is None else f"{r.prefill_tok_s:,.0f} | {r.ttft_s:.2f}") + " | "
-            + ("" if r.ready_hit_rate is None else f"{r.ready_hit_rate:.1%}") + " | "
+            + ("not modelled | " if r.prefill_tok_s is None else f"{r.prefill_tok_s:,.0f} | {r.ttft_s:.2f}") + " | "
+            + ("no input" if r.ready_hit_rate is None else f"{r.ready_hit_rate:.1%}") + " | "
             + ("" if r.bits_per_byte is None else f"{r.bits_per_byte:.4f}") + " | "
-            + ("" if r.quality_loss_pct is None else f"{r.quality_loss_pct:+.2f}%") + " |")
+            + ("not measured" if r.quality_loss_pct is None else f"{r.quality_loss_pct:+.2f}%") + " |")
     return "\n".join(lines)
 
 
