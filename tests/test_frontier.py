@@ -441,3 +441,18 @@ def test_a_large_batch_layer_is_bound_by_its_flops_where_they_take_longer_than_i
     rest_read, rest_compute = rest / (c["hbm_gbps"] * 1e9), 2 * 256 * rest / 2 / (c["tflops"] * 1e12)
     assert compute > read and rest_compute > rest_read  # both compute-bound at 256 on the H100
     assert big == pytest.approx(bytes_only - read - rest_read + compute + rest_compute)
+
+
+def test_every_catalogue_model_on_three_gpus_at_every_batch_is_filled_or_says_why():
+    """`prophet plan --frontier --all` (H100, A100-80GB, RTX 4090; batch 1-256): every row has its tok/s or the
+    reason it has none; the committed catalogue summary (bench/results/frontier_catalogue.md) is today's."""
+    from pathlib import Path
+
+    from prophet_kernels.planner import MODELS
+
+    rows = fr.frontier(list(MODELS), fr.GPUS_DEFAULT, fr.BATCHES + fr.LARGE_BATCHES, fr.read_inputs())
+    assert {r.model for r in rows} == set(MODELS) and {r.gpu for r in rows} == set(fr.GPUS_DEFAULT)
+    assert all((r.tokens_per_s is not None) != bool(r.missing) for r in rows)
+    assert all(r.served == fr.served(get_model(r.model)) and r.routing for r in rows)
+    committed = Path(fr.INPUTS).parent / "frontier_catalogue.md"
+    assert committed.read_text() == fr.summary(rows) + "\n"

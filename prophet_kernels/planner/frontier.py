@@ -637,7 +637,7 @@ def summary(rows: list[Row], max_loss_pct: float = 1.0) -> str:
             if into is not None and (r.kind not in into or r.tokens_per_s > into[r.kind].tokens_per_s):
                 into[r.kind] = r
         pick = picks.get(key)
-        lines.append(f"| {key[0]}{' (not served: ' + served[key[0]] + ')' if served[key[0]] else ''} | {key[1]} | "
+        lines.append(f"| {key[0]}{' (' + served[key[0]] + ')' if served[key[0]] else ''} | {key[1]} | "
                      f"{key[2]} | {cell('resident')} | {cell('prophet')} | {cell('prophet-cpu')} | "
                      f"{cell('prophet-stream')} | {cell('cpu-moe')} | {cell('no-wait')} | "
                      f"{pick.config if pick else 'nothing fits'} |")
