@@ -62,7 +62,7 @@ def test_frontier_rows_from_inputs(tmp_path):
     assert r.quality_loss_pct == pytest.approx(5.0) and r.tokens_per_s > by[("H100-80GB", 1, "resident-bf16")].tokens_per_s
     p = by[("H100-80GB", 1, "prophet-bf16 25.0%")]
     kv_read = fr.kv_read_seconds(get_model("OLMoE-1B-7B"), "H100-80GB", 1, fr.PROMPT)  # the prompt's KV, each step
-    assert p.step_ms == pytest.approx((16 * 100 + 750) / 1e3 + kv_read * 1e3)
+    assert p.step_ms == pytest.approx((16 * (100 + fr.HOST_US_PER_LAYER) + 750) / 1e3 + kv_read * 1e3)  # host mode
     assert p.tokens_per_s == pytest.approx(1 / p.step_ms * 1e3)
     assert p.kv_tokens > by[("H100-80GB", 1, "resident-bf16")].kv_tokens
     assert by[("H100-80GB", 4, "host-cpu 50.0%")].quality_loss_pct == 0  # the exact expert: fp32's quality
@@ -353,7 +353,8 @@ def test_frontier_inputs_simulate_another_model_on_its_proxy_trace(tmp_path):
     inputs = _inputs("mixtral") + rows
     p = next(x for x in fr.frontier(["DBRX"], ["H100-80GB"], [1], inputs) if x.config == "prophet-bf16 25.0%")
     kv_read = fr.kv_read_seconds(m, "H100-80GB", 1, fr.PROMPT)
-    assert p.step_ms == pytest.approx((40 * bf16["layer_us"] + bf16["stall_us_per_step"]) / 1e3 + kv_read * 1e3)
+    assert p.step_ms == pytest.approx((40 * (bf16["layer_us"] + fr.HOST_US_PER_LAYER) + bf16["stall_us_per_step"]) / 1e3
+                                      + kv_read * 1e3)
     assert not p.missing
     r = subprocess.run([sys.executable, str(bench), "--models", "Mixtral-8x7B", "--parts", "sim_wait", "--out",
                         str(out)], capture_output=True, text=True)

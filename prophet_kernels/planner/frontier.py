@@ -6,7 +6,9 @@ For a model, a GPU and a batch, every way to hold the routed experts, at the GPU
                                   alternative at the same GPU bytes
     prophet-{bf16,fp8,int4} c     Prophet today: a buffer of c of the experts on the GPU, the rest in
                                   pinned host memory; a miss waits for its copy (int4: the store's rows,
-                                  groups of 128 with fp32 scales; quality: the study's int4, groups of 32)
+                                  groups of 128 with fp32 scales; quality: the study's int4, groups of 32);
+                                  every Prophet row pays host mode's work per layer (``HOST_US_PER_LAYER``,
+                                  Prophet's default mode: device mode would not, not measured on a GPU)
     prophet-stream-{bf16,fp8} c   Prophet with miss: stream (built): a buffer of c (ring: the ring alone) whose
                                   non-resident experts are copied once per layer per step, one layer ahead
                                   (the schedule's own replay, ``routing.simulator.stream_step``); batch >= 16
@@ -80,8 +82,10 @@ CONSTANTS = {
     "host_round_trip_us": 20.0,  # ESTIMATE: activations to the host and the result back, one layer
 }
 
-# miss: cpu rows. The host's work per layer call in host mode, measured on the H100's host with every
-# expert resident (PERF_NOTES, issue 3, 2026-11-22, before later host-path fixes): serial with the GPU.
+# Every Prophet row (waiting, streaming, miss: cpu): the host's work per layer call in host mode, Prophet's default,
+# measured on the H100's host with every expert resident (PERF_NOTES, issue 3, 2026-11-22, before later host-path
+# fixes): serial with the GPU. (The simulations ran at the layer time without it: added after, the stall is not
+# shortened by the longer layer.)
 HOST_US_PER_LAYER = 260.0
 CPU_CALL_US = 40.0  # a layer call's CPU part: submit + join of an empty call, 24-42 us measured on this VM
 # The hosts a prophet-cpu row is computed for. "this-vm": this development machine's measured rates
@@ -485,7 +489,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         if sim is None and B in LARGE_BATCHES:
                             continue
                         slots = max(1, int(cap * L * E))
-                        step = None if sim is None else L * sim["layer_us"] * 1e-6 + sim["stall_us_per_step"] * 1e-6
+                        step = None if sim is None else (L * (sim["layer_us"] + HOST_US_PER_LAYER)
+                                                         + sim["stall_us_per_step"]) * 1e-6  # (host mode's work)
                         add(f"prophet-{dtype} {cap:.1%}", "prophet", dtype, cap, slots * expert_bytes(m, dtype),
                             L * E * expert_bytes(m, dtype), step, sim and sim["ready_hit_rate"], measured_bpb(dtype),
                             {"simulation": sim and {k: sim[k] for k in ("policy", "predictor", "depth", "hit_rate")}},
@@ -495,7 +500,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         continue
                     cap, dtype = r["capacity"], r["expert_dtype"]
                     add(f"prophet-stream-{dtype} {'ring' if cap == 0 else f'{cap:.1%}'}", "prophet-stream", dtype, cap,
-                        r["slots"] * one_expert_bytes(m, dtype), L * E * one_expert_bytes(m, dtype), r["step_us"] * 1e-6,
+                        r["slots"] * one_expert_bytes(m, dtype), L * E * one_expert_bytes(m, dtype),
+                        (r["step_us"] + L * HOST_US_PER_LAYER) * 1e-6,
                         r["hit_rate"], measured_bpb(dtype),
                         {"stream": {k: r[k] for k in ("layer_us", "pcie_gbps", "stall_us_per_step", "copy_busy",
                                                       "resident_per_layer")}},
