@@ -103,15 +103,14 @@ def predict(r: Report) -> dict:
     m = dataclasses.replace(base, moe=dataclasses.replace(base.moe, top_k=r.top_k))
     bpp = r.file_bytes / sum(count_params(base).values())
     rates = fr.cpu_targets(fr.routing_proxy(m)[0])["this-vm"]  # this VM's measured per-core FLOP/s, call time
-    per_core = rates["cpu_gflops"] / 2
+    per_core = rates["gflops_per_core"]
     peak = r.read_gbps if r.read_gbps else r.channels * r.mts * 8 / 1000 * r.sockets
     cpu = {"cpu_gbps": r.read_gbps or peak * HOST_EFFICIENCY, "cpu_gflops": per_core * r.cores, "call_us": rates["call_us"]}
     L = m.moe_layers
     n = L if r.n_cpu is None else r.n_cpu
     gpu = EXTRA_GPUS.get(r.gpu)
     step = fr.cpu_moe_seconds(m, r.gpu, 1, r.top_k, n, cpu, gpu_rates=gpu, weight_bpp=bpp)
-    gpu_part = (L - n) * fr.layer_seconds(m, r.gpu, r.top_k, rates=gpu, weight_bpp=bpp) + n * fr.layer_seconds(
-        m, r.gpu, 0, rates=gpu, weight_bpp=bpp)
+    gpu_part = fr.cpu_moe_gpu_seconds(m, r.gpu, 1, r.top_k, n, gpu_rates=gpu, weight_bpp=bpp)
     cpu_bytes = n * r.top_k * routed_expert_params(m) * bpp
     implied = cpu_bytes / (1 / r.reported_tok_s - gpu_part - n * cpu["call_us"] * 1e-6) / 1e9
     # the same setup at the share of the DIMMs' read rate the frontier's int4 CPU rows assume (server-200 int4:

@@ -51,12 +51,14 @@ into ``bench/results/frontier_inputs.jsonl``; this module only does the arithmet
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .catalog import ModelSpec, get_gpu, get_model
-from .memory import ServingConfig, count_params, expert_bytes, kv_bytes_per_token, workspace_bytes
+from .catalog import MLA, MoA, ModelSpec, get_gpu, get_model
+from .memory import (ServingConfig, count_params, expert_bytes, int4_bytes, kv_bytes_per_token, routed_expert_params,
+                     state_elems_per_sequence, workspace_bytes)
 
 MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B", "Qwen3-30B-A3B")
 SHAPE_OF = {"OLMoE-1B-7B": "olmoe", "Mixtral-8x7B": "mixtral", "Qwen3-30B-A3B": "qwen3"}
@@ -103,7 +105,8 @@ CPU_TARGETS = {
 
 
 def cpu_targets(shape: str, bench_rows: list[dict] | None = None, dtype: str = "bf16") -> dict[str, dict]:
-    """Per target host: cpu_gbps, cpu_gflops, dram_gbps, call_us and where they come from (``CPU_TARGETS``),
+    """Per target host: cpu_gbps, cpu_gflops (and gflops_per_core, measured here), dram_gbps, call_us and where
+    they come from (``CPU_TARGETS``),
     from this machine's ``prophet bench cpu-experts`` rows of the native backend in ``dtype`` (bf16, or
     int4: the store's int4 rows; cpu_gbps then counts int4 bytes) (``bench_rows``: default the committed ones)."""
     import statistics
@@ -123,11 +126,11 @@ def cpu_targets(shape: str, bench_rows: list[dict] | None = None, dtype: str = "
         if spec is None:
             out[name] = {"cpu_gbps": statistics.median(r["gbps"] for r in mine),
                          "dram_gbps": statistics.median(r["read_gbps"] for r in mine),
-                         "cpu_gflops": per_core * mine[0]["threads"], "call_us": CPU_CALL_US,
+                         "cpu_gflops": per_core * mine[0]["threads"], "call_us": CPU_CALL_US, "gflops_per_core": per_core,
                          "source": f"measured on {mine[0]['device']} ({mine[0]['threads']} threads, {mine[0]['date'][:10]})"}
         else:
             out[name] = {"cpu_gbps": eff * spec["dram_gbps"], "dram_gbps": spec["dram_gbps"],
-                         "cpu_gflops": per_core * spec["cores"], "call_us": CPU_CALL_US,
+                         "cpu_gflops": per_core * spec["cores"], "call_us": CPU_CALL_US, "gflops_per_core": per_core,
                          "source": f"{spec['source']}; {eff:.0%} of DRAM and {per_core:.0f} GFLOP/s per core as "
                                    "measured here"}
     return out
@@ -173,8 +176,6 @@ def nonexpert_bytes(m: ModelSpec) -> int:
 
 
 def int4_expert_bytes(m: ModelSpec) -> int:
-    from .memory import int4_bytes, routed_expert_params
-
     return int4_bytes(routed_expert_params(m))
 
 
@@ -220,9 +221,12 @@ CPU_MOE_CONTEXT = 4096
 
 def expert_flops(m: ModelSpec) -> int:
     """FLOPs of one token through one routed expert (2 x its weights)."""
-    from .memory import routed_expert_params
-
     return 2 * routed_expert_params(m)
+
+
+def nonexpert_layer_bytes(m: ModelSpec) -> float:
+    """One MoE layer's share of the non-expert weights, bf16, the embedding rows aside (a token reads one row)."""
+    return (nonexpert_bytes(m) - m.vocab * m.hidden * 2) / m.moe_layers
 
 
 def cpu_layer_seconds(m: ModelSpec, unique: float, batch: int, cpu: dict, expert_bytes_cpu: float) -> float:
@@ -241,15 +245,19 @@ def cpu_moe_seconds(m: ModelSpec, gpu: str, batch: int, unique: float, n_cpu: in
     layer's non-expert part on the GPU (``layer_seconds`` with no expert), the resident layers' experts
     at the kernel's share of HBM, the CPU layers' at ``cpu_layer_seconds``; serial, as those run.
     `weight_bpp`: every weight (GPU and CPU) at that many bytes per parameter (``layer_seconds``)."""
+    per_expert = one_expert_bytes(m, dtype) if weight_bpp is None else routed_expert_params(m) * weight_bpp
+    return (cpu_moe_gpu_seconds(m, gpu, batch, unique, n_cpu, dtype, gpu_rates, weight_bpp)
+            + n_cpu * cpu_layer_seconds(m, unique, batch, cpu, per_expert))
+
+
+def cpu_moe_gpu_seconds(m: ModelSpec, gpu: str, batch: int, unique: float, n_cpu: int, dtype: str = "bf16",
+                        gpu_rates: dict | None = None, weight_bpp: float | None = None) -> float:
+    """The GPU's part of ``cpu_moe_seconds``: every layer's non-expert part, and the resident layers' experts."""
     L = m.moe_layers
     if not 0 <= n_cpu <= L:
         raise ValueError(f"{m.name}: {n_cpu} CPU MoE layers; it has {L}")
-    gpu_part = (L - n_cpu) * layer_seconds(m, gpu, unique, dtype, gpu_rates, weight_bpp, batch) + n_cpu * (
+    return (L - n_cpu) * layer_seconds(m, gpu, unique, dtype, gpu_rates, weight_bpp, batch) + n_cpu * (
         layer_seconds(m, gpu, 0, dtype, gpu_rates, weight_bpp, batch))
-    from .memory import routed_expert_params
-
-    per_expert = one_expert_bytes(m, dtype) if weight_bpp is None else routed_expert_params(m) * weight_bpp
-    return gpu_part + n_cpu * cpu_layer_seconds(m, unique, batch, cpu, per_expert)
 
 
 def cpu_moe_layers(m: ModelSpec, gpu: str, batch: int, dtype: str, context: int = CPU_MOE_CONTEXT,
@@ -277,17 +285,14 @@ def prefill_seconds(m: ModelSpec, gpu: str, prompt: int, dtype: str = "bf16", co
     (cpu-moe): each such layer runs its non-expert part on the GPU and its experts either on the host CPU
     (cpu_gflops) or copied to the GPU for the chunk, whichever is faster (KTransformers computes them on
     the CPU; llama.cpp copies a large batch's weights)."""
-    from .memory import routed_expert_params
-
     rates = rates or gpu_constants(gpu)
     flops, pcie = rates["tflops"] * 1e12, rates["pcie_gbps"] * 1e9
     L, E, k = m.moe_layers, m.moe.experts, m.moe.top_k
     a = m.attention
-    qk, v = ((a.qk_nope_dim + a.qk_rope_dim, a.v_head_dim) if hasattr(a, "qk_nope_dim")
-             else (getattr(a, "head_dim", 0), getattr(a, "head_dim", 0)))
-    heads = a.top_k * a.kv_heads if hasattr(a, "top_k") else a.heads  # (MoA: the heads a token's experts run)
-    dense_params = (nonexpert_bytes(m) - m.vocab * m.hidden * 2) / 2 / L
-    expert_flops_token = 2 * k * routed_expert_params(m)
+    qk, v = (a.qk_nope_dim + a.qk_rope_dim, a.v_head_dim) if isinstance(a, MLA) else (a.head_dim, a.head_dim)
+    heads = a.top_k * a.kv_heads if isinstance(a, MoA) else a.heads  # (MoA: the heads a token's experts run)
+    dense_params = nonexpert_layer_bytes(m) / 2
+    expert_flops_token = k * expert_flops(m)
     copy = E * one_expert_bytes(m, dtype) / pcie
     total, done = 0.0, 0
     while done < prompt:
@@ -304,10 +309,17 @@ def prefill_seconds(m: ModelSpec, gpu: str, prompt: int, dtype: str = "bf16", co
 def kv_read_seconds(m: ModelSpec, gpu: str, batch: int, context: int, rates: dict | None = None) -> float:
     """A decode step's reads of the KV cache: `batch` sequences of `context` tokens (sliding-window layers: at
     most their window) at the HBM rate."""
-    from .memory import kv_bytes_per_token, state_elems_per_sequence
-
     per_seq = context * kv_bytes_per_token(m, "bf16") + state_elems_per_sequence(m) * 2
     return batch * per_seq / ((rates or gpu_constants(gpu))["hbm_gbps"] * 1e9)
+
+
+@functools.cache
+def fixed_layer_seconds() -> float:
+    """The part of a decode layer that is neither weight bytes nor FLOPs (launches, norms, short attention):
+    OLMoE's measured vLLM layer on the H100, less its MoE kernel and its non-expert bytes at the HBM rate."""
+    c = CONSTANTS
+    return ((c["olmoe_layer_us_b1"] - c["olmoe_moe_us_b1"]) * 1e-6
+            - nonexpert_layer_bytes(get_model("OLMoE-1B-7B")) / (c["h100_hbm_gbps"] * 1e9))
 
 
 def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", rates: dict | None = None,
@@ -317,21 +329,16 @@ def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", ra
     many bytes per parameter instead of bf16 non-expert weights and `dtype` experts; `batch`: its tokens'
     FLOPs bound the non-expert part (at the GPU's matmul rate) and the experts' (at the grouped GEMM's
     measured share of it) where they take longer than the bytes (batch 1, the default: never)."""
-    from .memory import routed_expert_params
-
     c = CONSTANTS
     rates = rates or gpu_constants(gpu)
     hbm, flops = rates["hbm_gbps"] * 1e9, rates["tflops"] * 1e12
-    olmoe = get_model("OLMoE-1B-7B")
-    per_layer = lambda mm: (nonexpert_bytes(mm) - mm.vocab * mm.hidden * 2) / mm.moe_layers  # embedding rows aside
-    fixed = (c["olmoe_layer_us_b1"] - c["olmoe_moe_us_b1"]) * 1e-6 - per_layer(olmoe) / (c["h100_hbm_gbps"] * 1e9)
     if weight_bpp is not None:  # every weight at weight_bpp bytes per parameter (a GGUF file's average)
-        rest, experts = per_layer(m) * weight_bpp / 2, unique * routed_expert_params(m) * weight_bpp
+        rest, experts = nonexpert_layer_bytes(m) * weight_bpp / 2, unique * routed_expert_params(m) * weight_bpp
     else:
-        rest, experts = per_layer(m), unique * one_expert_bytes(m, dtype)
-    rest_flops = 2 * batch * per_layer(m) / 2
-    expert_flops_ = 2 * batch * m.moe.top_k * routed_expert_params(m) if unique else 0  # (0: none on the GPU)
-    return (fixed + max(rest / hbm, rest_flops / flops)
+        rest, experts = nonexpert_layer_bytes(m), unique * one_expert_bytes(m, dtype)
+    rest_flops = 2 * batch * nonexpert_layer_bytes(m) / 2
+    expert_flops_ = batch * m.moe.top_k * expert_flops(m) if unique else 0  # (0: none on the GPU)
+    return (fixed_layer_seconds() + max(rest / hbm, rest_flops / flops)
             + max(experts / (c["moe_hbm_fraction"] * hbm), expert_flops_ / (c["moe_prefill_fraction"] * flops)))
 
 
@@ -445,14 +452,17 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
         ref = _pick(inputs, kind="quality_resident", shape=shape, dtype="fp32") if study else None
         ref_bpb = ref["bits_per_byte"] if ref else None
 
+        def quality(bpb):
+            """(bits per byte, loss % against the fp32 experts) of a study model's row."""
+            return bpb, (None if bpb is None or ref_bpb is None else 100 * (bpb / ref_bpb - 1))
+
         def measured_bpb(dtype):
             """(bits per byte, loss %) of the experts in `dtype`: measured on the study model; for another,
             bf16 is its checkpoint's own experts (exact), the rest not measured."""
             if not study:
                 return None, (0.0 if dtype == "bf16" else None)
             q = _pick(inputs, kind="quality_resident", shape=shape, dtype=dtype)
-            bpb = q and q["bits_per_byte"]
-            return bpb, (None if bpb is None or ref_bpb is None else 100 * (bpb / ref_bpb - 1))
+            return quality(q and q["bits_per_byte"])
 
         for gpu in gpus:
             g = get_gpu(gpu).name
@@ -557,8 +567,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                         bpb = r and (r["bits_per_byte"] if r["bits_per_byte"] is not None
                                      else ref_bpb if str(r.get("quality_from", "")).startswith("exact") else None)
                         add(f"{strategy} {cap:.1%}", "no-wait", "bf16", cap, gpu_bytes, L * E * expert_bytes(m, "bf16"),
-                            step, r and r["ready_hit_rate"],
-                            (bpb, None if bpb is None or ref_bpb is None else 100 * (bpb / ref_bpb - 1)),
+                            step, r and r["ready_hit_rate"], quality(bpb),
                             {"run": r and {k: r.get(k) for k in ("policy", "fallbacks_per_token", "quality_from")}})
     return rows
 
