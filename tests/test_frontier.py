@@ -10,7 +10,7 @@ import pytest
 
 from prophet_kernels.planner import frontier as fr
 from prophet_kernels.planner.catalog import get_model
-from prophet_kernels.planner.memory import expert_bytes
+from prophet_kernels.planner.memory import expert_bytes, kv_bytes_per_token
 
 
 def _inputs(shape="olmoe"):
@@ -49,6 +49,25 @@ def test_kv_tokens_and_fits():
     full = m.moe_layers * m.moe.experts * expert_bytes(m, "bf16")
     assert fr.kv_tokens(m, "H100-80GB", full) == 0  # 93 GB of bf16 Mixtral does not fit 80 GB
     assert fr.kv_tokens(m, "H100-80GB", full // 4) > fr.kv_tokens(m, "H100-80GB", full // 2) > 0
+
+
+@pytest.mark.parametrize("name", ["Mixtral-8x7B", "gpt-oss-20b", "Llama-4-Scout", "Qwen3-Next-80B-A3B"])
+def test_the_context_each_sequence_holds_counts_windows_and_recurrent_state(name):
+    """The longest context of each of B sequences: the largest c whose B x (full layers' KV for c tokens +
+    windowed layers' min(c, window) + Mamba / DeltaNet state) fits the free bytes; without windows or state,
+    the KV tokens / B it always was."""
+    m = get_model(name)
+    free = fr.kv_free_bytes(m, "H100-80GB", 0)
+    per_token = kv_bytes_per_token(m)
+    for B in (1, 7, 64, 256):
+        c = fr.context_per_sequence(m, free, B)
+        assert c > 0 and B * fr.kv_bytes_per_sequence(m, c) <= free < B * fr.kv_bytes_per_sequence(m, c + 1)
+        if name == "Mixtral-8x7B":
+            assert c == fr.kv_tokens(m, "H100-80GB", 0) // B
+    assert fr.context_per_sequence(m, -1, 1) == 0
+    if name == "Llama-4-Scout":  # below a chunk every layer holds each token: 4 x the full layers' figure
+        assert fr.kv_bytes_per_sequence(m, 1000) == 4 * 1000 * per_token
+        assert fr.kv_bytes_per_sequence(m, 100_000) == 100_000 * per_token + 3 * 8192 * per_token
 
 
 def test_frontier_rows_from_inputs(tmp_path):
@@ -391,7 +410,7 @@ def test_prefill_time_to_first_token_and_the_prompts_kv():
     GEMM's measured share) against the copy of the non-resident experts, whichever is longer; on the CPU (cpu-moe)
     the faster of computing there and copying. Each decode step reads the B prompts' KV; a row fits when each
     sequence holds its prompt."""
-    from prophet_kernels.planner.memory import kv_bytes_per_token, routed_expert_params
+    from prophet_kernels.planner.memory import routed_expert_params
 
     m, gpu = get_model("Mixtral-8x7B"), "RTX4090-24GB"
     c = fr.gpu_constants(gpu)
@@ -416,8 +435,11 @@ def test_prefill_time_to_first_token_and_the_prompts_kv():
     assert fr.prefill_seconds(m, gpu, 1000, n_cpu=4, cpu=fast) == pytest.approx(
         28 * chunk(1000, 0) + 4 * (rest + 1000 * experts / 1e15))
     assert fr.kv_read_seconds(m, gpu, 16, 1024) == pytest.approx(16 * 1024 * kv_bytes_per_token(m) / (c["hbm_gbps"] * 1e9))
-    oss = get_model("gpt-oss-20b")  # its windowed layers: their window's KV, every step
-    assert fr.kv_read_seconds(oss, gpu, 1, 0) > 0
+    oss = get_model("gpt-oss-20b")  # 12 full layers read the context, 12 windowed layers at most their 128 tokens
+    per_layer_token = 2 * 8 * 64 * 2
+    for context in (100, 1024):
+        assert fr.kv_read_seconds(oss, gpu, 2, context) == pytest.approx(
+            2 * per_layer_token * (12 * context + 12 * min(context, 128)) / (c["hbm_gbps"] * 1e9))
     rows = fr.frontier(["Mixtral-8x7B"], [gpu], [1], _inputs("mixtral"), prompt=1000)
     by = {r.config: r for r in rows}
     assert by["prophet-bf16 25.0%"].ttft_s == pytest.approx(fr.prefill_seconds(m, gpu, 1000, copied=0.75))

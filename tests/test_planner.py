@@ -40,7 +40,8 @@ SEED_MODELS = [
     "Arctic", "Switch-Base-128", "Switch-Large-128", "Switch-XXL-128", "Jamba-1.5-Large",
     "Qwen1.5-MoE-A2.7B", "Qwen2-57B-A14B", "Qwen3-235B-A22B", "OLMoE-1B-7B",
 ]
-EXTRA_MODELS = ["Qwen3-30B-A3B", "Phi-3.5-MoE", "GRIN-MoE", "JetMoE-8B", "DeepSeek-V2-Lite", "Kimi-K2"]
+EXTRA_MODELS = ["Qwen3-30B-A3B", "Phi-3.5-MoE", "GRIN-MoE", "JetMoE-8B", "DeepSeek-V2-Lite", "Kimi-K2", "GLM-4.5",
+                "GLM-4.5-Air", "gpt-oss-120b", "gpt-oss-20b", "Qwen3-Next-80B-A3B", "Llama-4-Scout"]
 
 
 def test_catalogue_covers_the_seed_and_the_extra_models():
@@ -451,6 +452,57 @@ def test_sliding_window_layers_hold_their_window_per_sequence():
     assert state_elems_per_sequence(m) == 18 * 128 * 2 * 8 * 64
     full = dataclasses.replace(m, layers=tuple(dataclasses.replace(x, window=None) for x in m.layers))
     assert kv_bytes_per_token(full) == 2 * kv_bytes_per_token(m) and state_elems_per_sequence(full) == 0
+
+
+def test_hybrid_2025_models_counted_as_transformers_and_vllm_build_them():
+    """Qwen3-Next-80B-A3B (36 Gated DeltaNet layers, 12 gated-attention layers) and Llama-4-Scout (chunked
+    attention of 8,192 on 3 of 4 layers): the parameter count equals transformers' model of the published
+    config on the meta device, the KV per token and the state per sequence equal vLLM's own specs."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from prophet_kernels.planner.memory import kv_bytes_per_token
+
+    if not hasattr(transformers, "Qwen3NextConfig") or not hasattr(transformers, "Llama4TextConfig"):
+        pytest.skip("this transformers has no Qwen3-Next or Llama 4")
+    nxt, scout = get_model("Qwen3-Next-80B-A3B"), get_model("Llama-4-Scout")
+    g = nxt.linear_attn
+    cfg = transformers.Qwen3NextConfig(  # Qwen/Qwen3-Next-80B-A3B-Instruct's config.json
+        hidden_size=2048, num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2, head_dim=256,
+        num_experts=512, num_experts_per_tok=10, moe_intermediate_size=512, shared_expert_intermediate_size=512,
+        linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128,
+        linear_conv_kernel_dim=4, vocab_size=151936, intermediate_size=5120, tie_word_embeddings=False,
+        full_attention_interval=4)
+    assert [x.mixer == "attn" for x in nxt.layers] == [t == "full_attention" for t in cfg.layer_types]
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(cfg)
+    assert total_params(nxt) == sum(p.numel() for p in model.parameters()) == 79_674_391_296
+    cfg = transformers.Llama4TextConfig(  # meta-llama/Llama-4-Scout-17B-16E-Instruct's text_config
+        hidden_size=5120, num_hidden_layers=48, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+        intermediate_size=8192, intermediate_size_mlp=16384, vocab_size=202048, num_local_experts=16,
+        num_experts_per_tok=1, interleave_moe_layer_step=1, attention_chunk_size=8192, use_qk_norm=True,
+        tie_word_embeddings=False)
+    assert [x.window == 8192 for x in scout.layers] == [t == "chunked_attention" for t in cfg.layer_types]
+    with torch.device("meta"):
+        model = transformers.Llama4ForCausalLM(cfg)
+    assert total_params(scout) == sum(p.numel() for p in model.parameters()) == 107_769_861_120
+    del model
+
+    vllm_kv = pytest.importorskip("vllm.v1.kv_cache_interface")
+    from vllm.model_executor.layers.mamba.mamba_utils import MambaStateShapeCalculator
+
+    full = vllm_kv.FullAttentionSpec(block_size=16, num_kv_heads=2, head_size=256, dtype=torch.bfloat16)
+    assert kv_bytes_per_token(nxt) == 12 * full.page_size_bytes // 16
+    conv, temporal = MambaStateShapeCalculator.gated_delta_net_state_shape(1, g.key_heads, g.value_heads, g.key_dim,
+                                                                            g.value_dim, g.conv)
+    per_layer = conv[0] * conv[1] + temporal[0] * temporal[1] * temporal[2]
+    for context in (1, 5000, None):  # (no windowed layers: the same at any context)
+        assert state_elems_per_sequence(nxt, context) == 36 * per_layer
+    chunked = vllm_kv.ChunkedLocalAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16,
+                                                attention_chunk_size=8192)
+    full = vllm_kv.FullAttentionSpec(block_size=16, num_kv_heads=8, head_size=128, dtype=torch.bfloat16)
+    assert kv_bytes_per_token(scout) == 12 * full.page_size_bytes // 16
+    for context, held in ((1000, 1000), (8192, 8192), (20000, 8192), (None, 8192)):  # a chunk at most per layer
+        assert state_elems_per_sequence(scout, context) * 2 == 36 * held * chunked.page_size_bytes // 16
 
 
 def test_kv_bytes_per_token_is_vllms_page_size_per_token():

@@ -32,6 +32,7 @@ class GQA:
     qkv_bias: bool = False
     o_bias: bool = False
     qk_norm: str = "none"  # "none" | "head" (per-head RMSNorm, Qwen3) | "full" (over all heads, OLMoE)
+    output_gate: bool = False  # q_proj also gives a sigmoid gate per query element (Qwen3-Next's gated attention)
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,23 @@ class Mamba:
 
 
 @dataclass(frozen=True)
+class GatedDeltaNet:
+    """Gated DeltaNet linear attention (Qwen3-Next): q, k, v, z from one projection, a causal depthwise
+    conv over q, k, v, a per-head decay and step (b, a), a gated RMSNorm; a fixed recurrent state per
+    sequence (value heads x key dim x value dim) instead of KV per token."""
+
+    key_heads: int
+    value_heads: int
+    key_dim: int  # per head
+    value_dim: int  # per head
+    conv: int  # conv kernel size
+
+    @property
+    def conv_channels(self) -> int:
+        return 2 * self.key_heads * self.key_dim + self.value_heads * self.value_dim
+
+
+@dataclass(frozen=True)
 class MoE:
     """Routed experts of one MoE layer, plus optional always-on shared experts."""
 
@@ -85,11 +103,12 @@ class MoE:
 
 @dataclass(frozen=True)
 class Layer:
-    mixer: str  # "attn" | "mamba"
+    mixer: str  # "attn" | "mamba" | "linear" (GatedDeltaNet)
     ffn: str  # "dense" | "moe" | "moe+dense" (Arctic: MoE plus a residual dense MLP)
     cross_attn: bool = False  # encoder-decoder: decoder layers attend to the encoder
     cached: bool = True  # holds KV cache (decoder-side attention); encoder layers do not
-    window: int | None = None  # sliding-window attention: at most this many tokens of KV per sequence (gpt-oss)
+    window: int | None = None  # at most this many tokens of KV per sequence: sliding-window attention (gpt-oss)
+    # or chunked local attention (Llama 4: a token attends within its chunk of this many)
 
 
 @dataclass(frozen=True)
@@ -109,6 +128,7 @@ class ModelSpec:
     dense_intermediate: int = 0  # dense MLP intermediate size (layers with ffn "dense"/"moe+dense")
     dense_gated: bool = True
     mamba: Mamba | None = None
+    linear_attn: GatedDeltaNet | None = None  # the mixer of "linear" layers
     norm: str = "rms"  # "rms" (H params), "ln" (LayerNorm with bias, 2H), "ln_nobias" (H)
     lm_head_bias: bool = False
     mlp_bias: bool = False  # biases on MLP/expert projections (Phi-3.5-MoE has none; JetMoE has one per block)
@@ -129,11 +149,11 @@ class ModelSpec:
 
 
 def _decoder(n: int, moe_at=lambda i: True, attn_at=lambda i: True, dense_too=False,
-             window_at=lambda i: None) -> tuple[Layer, ...]:
+             window_at=lambda i: None, other_mixer: str = "mamba") -> tuple[Layer, ...]:
     out = []
     for i in range(n):
         ffn = ("moe+dense" if dense_too else "moe") if moe_at(i) else "dense"
-        out.append(Layer("attn" if attn_at(i) else "mamba", ffn, window=window_at(i)))
+        out.append(Layer("attn" if attn_at(i) else other_mixer, ffn, window=window_at(i)))
     return tuple(out)
 
 
@@ -266,6 +286,30 @@ _MODELS: list[ModelSpec] = [
         extra_params=24 * 64,
         native_dtype="int4",
         notes="Attention sinks, alternating sliding-window layers, MXFP4 experts with biases.",
+    ),
+    ModelSpec(
+        name="Qwen3-Next-80B-A3B", hf_id="Qwen/Qwen3-Next-80B-A3B-Instruct", source=_hf("Qwen/Qwen3-Next-80B-A3B-Instruct"),
+        published_total=80e9, published_source="model card: 80B total, 3B active; transformers on the meta device: 79,674,391,296",
+        hidden=2048, vocab=151936, tied_embeddings=False, max_context=262144,
+        attention=GQA(heads=16, kv_heads=2, head_dim=256, qk_norm="head", output_gate=True),
+        # full_attention_interval 4: layers 3, 7, ..., 47 attend; the other 36 are Gated DeltaNet
+        layers=_decoder(48, attn_at=lambda i: i % 4 == 3, other_mixer="linear"),
+        moe=MoE(experts=512, top_k=10, intermediate=512, shared_intermediate=512, shared_gate=True),
+        linear_attn=GatedDeltaNet(key_heads=16, value_heads=32, key_dim=128, value_dim=128, conv=4),
+        notes="Hybrid: 12 gated-attention layers hold KV; 36 Gated DeltaNet layers hold a fixed state per sequence. "
+              "Its multi-token-prediction layer is not served here.",
+    ),
+    ModelSpec(
+        name="Llama-4-Scout", hf_id="meta-llama/Llama-4-Scout-17B-16E-Instruct",
+        source=_hf("meta-llama/Llama-4-Scout-17B-16E-Instruct") + " (text_config)",
+        published_total=109e9, published_source="model card: 109B total, 17B active (with its vision encoder, not counted "
+        "here); transformers on the meta device (Llama4ForCausalLM, the text model): 107,769,861,120",
+        hidden=5120, vocab=202048, tied_embeddings=False, max_context=10485760,
+        attention=GQA(heads=40, kv_heads=8, head_dim=128),  # use_qk_norm: an L2 norm without weights
+        # attention_chunk_size 8192 on the RoPE layers; every 4th layer (NoPE) attends to the whole context
+        layers=_decoder(48, window_at=lambda i: None if i % 4 == 3 else 8192),
+        moe=MoE(experts=16, top_k=1, intermediate=8192, shared_intermediate=8192),  # interleave_moe_layer_step 1
+        notes="Top-1 sigmoid routing that scales the expert's input; chunked local attention (8,192) on 3 of 4 layers.",
     ),
     ModelSpec(
         name="DBRX", hf_id="databricks/dbrx-base", source=_hf("databricks/dbrx-base"),
@@ -411,6 +455,7 @@ _ALIASES = {
     "qwen2-moe-57b": "Qwen2-57B-A14B", "qwen2-57b": "Qwen2-57B-A14B", "qwen3-235b": "Qwen3-235B-A22B",
     "qwen3-30b": "Qwen3-30B-A3B", "phi-3.5-moe-instruct": "Phi-3.5-MoE", "jetmoe": "JetMoE-8B",
     "kimi-k2-instruct": "Kimi-K2", "glm-4.5-air": "GLM-4.5-Air", "gpt-oss": "gpt-oss-120b", "deepseek-v3-671b": "DeepSeek-V3", "deepseek-v2-236b": "DeepSeek-V2",
+    "qwen3-next": "Qwen3-Next-80B-A3B", "llama-4-scout": "Llama-4-Scout", "llama-4-scout-17b-16e": "Llama-4-Scout",
 }
 for _m in _MODELS:
     _ALIASES[_m.name.lower()] = _m.name

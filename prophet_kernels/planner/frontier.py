@@ -266,7 +266,8 @@ def cpu_moe_layers(m: ModelSpec, gpu: str, batch: int, dtype: str, context: int 
     tokens (None: not even N = L does)."""
     per_layer = m.moe.experts * one_expert_bytes(m, dtype)
     for n in range(m.moe_layers + 1):
-        if kv_tokens(m, gpu, (m.moe_layers - n) * per_layer, memory_bytes=memory_bytes) >= batch * context:
+        free = kv_free_bytes(m, gpu, (m.moe_layers - n) * per_layer, memory_bytes=memory_bytes)
+        if context_per_sequence(m, free, batch) >= context:
             return n
     return None
 
@@ -309,8 +310,26 @@ def prefill_seconds(m: ModelSpec, gpu: str, prompt: int, dtype: str = "bf16", co
 def kv_read_seconds(m: ModelSpec, gpu: str, batch: int, context: int, rates: dict | None = None) -> float:
     """A decode step's reads of the KV cache: `batch` sequences of `context` tokens (sliding-window layers: at
     most their window) at the HBM rate."""
-    per_seq = context * kv_bytes_per_token(m, "bf16") + state_elems_per_sequence(m) * 2
-    return batch * per_seq / ((rates or gpu_constants(gpu))["hbm_gbps"] * 1e9)
+    return batch * kv_bytes_per_sequence(m, context) / ((rates or gpu_constants(gpu))["hbm_gbps"] * 1e9)
+
+
+def kv_bytes_per_sequence(m: ModelSpec, context: int) -> int:
+    """The bf16 KV and state one sequence of `context` tokens holds (windowed layers: up to their window)."""
+    return context * kv_bytes_per_token(m, "bf16") + state_elems_per_sequence(m, context) * 2
+
+
+def context_per_sequence(m: ModelSpec, free_bytes: int, batch: int) -> int:
+    """The longest context each of `batch` sequences can hold in `free_bytes` of KV cache (0: none)."""
+    per_token, fixed = kv_bytes_per_token(m, "bf16"), state_elems_per_sequence(m, 0) * 2  # (Mamba, DeltaNet state)
+    if free_bytes < batch * fixed:
+        return 0
+    lo, hi = 0, (free_bytes // batch - fixed) // per_token  # exact without windowed layers, else a bound
+    if not any(layer.window for layer in m.layers):
+        return hi
+    while lo < hi:  # the largest c with batch x kv_bytes_per_sequence(c) <= free_bytes
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if batch * kv_bytes_per_sequence(m, mid) <= free_bytes else (lo, mid - 1)
+    return lo
 
 
 @functools.cache
@@ -342,10 +361,15 @@ def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", ra
             + max(experts / (c["moe_hbm_fraction"] * hbm), expert_flops_ / (c["moe_prefill_fraction"] * flops)))
 
 
-def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
+def kv_free_bytes(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
+    """The GPU bytes left for the KV cache (negative: the weights do not fit)."""
     cfg = ServingConfig(gpu_memory_utilization=util)
-    free = int((memory_bytes or get_gpu(gpu).memory_bytes) * util) - nonexpert_bytes(m) - expert_gpu_bytes - workspace_bytes(m, cfg)
-    return max(0, free) // kv_bytes_per_token(m, "bf16")
+    return int((memory_bytes or get_gpu(gpu).memory_bytes) * util) - nonexpert_bytes(m) - expert_gpu_bytes - workspace_bytes(m, cfg)
+
+
+def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
+    """Tokens of full-attention KV the free bytes hold (the figure vLLM logs as its KV cache size)."""
+    return max(0, kv_free_bytes(m, gpu, expert_gpu_bytes, util, memory_bytes)) // kv_bytes_per_token(m, "bf16")
 
 
 # Catalogue models the vLLM plugin serves (integration.settings.MODEL_FAMILIES, tested); the others' rows say
@@ -361,6 +385,8 @@ NOT_SERVED_WHY = {
     "GLM-4.5-Air": "GLM-4.5's biased grouped routing (noaux_tc) not served by Prophet yet",
     "gpt-oss-120b": "attention sinks, MXFP4 experts with biases: not served by Prophet yet",
     "gpt-oss-20b": "attention sinks, MXFP4 experts with biases: not served by Prophet yet",
+    "Qwen3-Next-80B-A3B": "Gated DeltaNet (linear attention) layers: a hybrid family Prophet does not serve yet",
+    "Llama-4-Scout": "top-1 sigmoid routing on the expert's input, chunked attention: not served by Prophet yet",
 }
 
 
@@ -475,15 +501,16 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
 
                 def add(config, kind, dtype, cap, gpu_bytes, host_bytes, step_s, ready, quality, src, missing="",
                         prefill_s=None):
-                    kv = kv_tokens(m, g, gpu_bytes, memory_bytes=memory_bytes)
+                    free = kv_free_bytes(m, g, gpu_bytes, memory_bytes=memory_bytes)
+                    kv, ctx = max(0, free) // kv_bytes_per_token(m, "bf16"), context_per_sequence(m, free, B)
                     if step_s is not None:
                         step_s += kv_read_seconds(m, g, B, prompt, rates)
                     bpb, loss = quality
                     if step_s is None and not missing:
                         missing = ("simulated at the catalogue GPUs' rates only, not at the given ones" if given_gpu else
                                    "no simulation of this model at this GPU and batch (bench/frontier_inputs.py)")
-                    rows.append(Row(m.name, label, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, kv // B,
-                                    kv // B > prompt, None if step_s is None else step_s * 1e3,
+                    rows.append(Row(m.name, label, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, ctx,
+                                    ctx > prompt, None if step_s is None else step_s * 1e3,
                                     None if step_s is None else B / step_s, None if prefill_s is None else prompt / prefill_s,
                                     prefill_s, ready, bpb, loss, routing, why_not, "" if step_s is not None else missing, src))
 

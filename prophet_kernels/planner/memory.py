@@ -68,7 +68,7 @@ def _attention_params(m: ModelSpec) -> int:
     a, h = m.attention, m.hidden
     if isinstance(a, GQA):
         q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
-        n = h * q + 2 * h * kv + q * h
+        n = h * q * (2 if a.output_gate else 1) + 2 * h * kv + q * h
         n += (q + 2 * kv) if a.qkv_bias else 0
         n += h if a.o_bias else 0
         n += {"none": 0, "head": 2 * a.head_dim, "full": q + kv}[a.qk_norm]
@@ -109,6 +109,15 @@ def _mamba_params(m: ModelSpec) -> int:
     return n
 
 
+def _linear_attention_params(m: ModelSpec) -> int:
+    """One Gated DeltaNet mixer (counted with attention: its projections are quantized like attention's)."""
+    g, h = m.linear_attn, m.hidden
+    qkvz = 2 * g.key_heads * g.key_dim + 2 * g.value_heads * g.value_dim
+    return (h * qkvz + h * 2 * g.value_heads  # in_proj_qkvz, in_proj_ba
+            + g.conv_channels * g.conv + 2 * g.value_heads + g.value_dim  # conv1d, dt_bias and A_log, gated norm
+            + g.value_heads * g.value_dim * h)  # out_proj
+
+
 def count_params(m: ModelSpec) -> dict[str, int]:
     """Parameters of the model by part (exact for the architectures in the catalogue). Of one pipeline
     stage for a spec from :func:`stage_spec`: its layers, the embedding on the first stage, the final
@@ -125,6 +134,8 @@ def count_params(m: ModelSpec) -> dict[str, int]:
     for layer in m.layers:
         if layer.mixer == "attn":
             parts["attention"] += _attention_params(m)
+        elif layer.mixer == "linear":
+            parts["attention"] += _linear_attention_params(m)
         else:
             parts["mamba"] += _mamba_params(m)
         parts["norms"] += 2 * norm
@@ -247,11 +258,18 @@ def kv_bytes_per_token(m: ModelSpec, kv_dtype: str = "bf16", tp: int = 1) -> int
     return kv_elems_per_token(m) * heads_per_gpu // a.kv_heads * dtype_bytes(kv_dtype)
 
 
-def state_elems_per_sequence(m: ModelSpec) -> int:
-    """Fixed state of one sequence, independent of its length: Mamba conv + SSM state, and the KV of
-    each sliding-window layer's window (its most a sequence holds there)."""
-    windows = sum(layer.window for layer in m.layers if layer.mixer == "attn" and layer.cached and layer.window)
+def state_elems_per_sequence(m: ModelSpec, context: int | None = None) -> int:
+    """What one sequence holds beside the full-attention layers' KV per token: Mamba conv + SSM state,
+    Gated DeltaNet conv + recurrent state (value heads x key dim x value dim), and the KV of each
+    sliding-window or chunked layer: `context` tokens up to its window (None: the whole window, the
+    most a sequence holds there)."""
+    windows = sum(layer.window if context is None else min(context, layer.window)
+                  for layer in m.layers if layer.mixer == "attn" and layer.cached and layer.window)
     state = _kv_elems_per_layer(m) * windows
+    if m.linear_attn is not None:
+        g = m.linear_attn
+        per_layer = (g.conv - 1) * g.conv_channels + g.value_heads * g.key_dim * g.value_dim
+        state += per_layer * sum(1 for layer in m.layers if layer.mixer == "linear")
     if m.mamba is None:
         return state
     d_in = m.mamba.expand * m.hidden
@@ -518,7 +536,7 @@ def plan(
     usable = int((gpu_memory_bytes or gpu.memory_bytes) * cfg.gpu_memory_utilization)
     work = workspace_bytes(m, cfg)
     per_token = kv_bytes_per_token(m, cfg.kv_dtype, cfg.tp)
-    state = state_elems_per_sequence(m) * dtype_bytes(cfg.kv_dtype) // cfg.tp
+    state = state_elems_per_sequence(m, context) * dtype_bytes(cfg.kv_dtype) // cfg.tp
     # Every weight is sharded over tp (vocab-parallel embeddings, column/row-parallel layers), the
     # routed experts too without EP; with EP each GPU holds its experts whole (the busiest GPU's count).
     ep = cfg.ep_size
