@@ -206,14 +206,16 @@ def _rate(n: int, seconds: list[float]) -> str:
 def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.375, policy: str | None = None,
              predictor: str = "gate", max_tokens: int = 32, num_prompts: int = 4, dtype: str | None = None,
              predictor_path: str = "", repeats: int = 3, keep: bool = False, mode: str = "host",
-             expert_dtype: str = "auto", miss: str = "wait", int4_group_size: int = 32) -> int:
+             expert_dtype: str = "auto", miss: str = "wait", int4_group_size: int = 32,
+             int4_zero_points: bool = False) -> int:
     """Serves `model` (default: a tiny random-init checkpoint of `family`, built here) through vLLM
     without and with Prophet and prints the comparison; 1 if the greedy tokens differ. `dtype`:
     float32 for the tiny checkpoint (exact on the CPU), the dtype the checkpoint's config names for
     `model`. Both engines run vLLM's defaults (torch.compile; CUDA graphs on a GPU), Prophet's with
     its MoE op outside the graphs; each is warmed up, then timed `repeats` times. The temporary
     folder (tiny checkpoint, caches) is removed at the end unless `keep`. `expert_dtype="fp8"` or
-    `"int4"` (groups of `int4_group_size`): Prophet quantizes the experts on load, and the engine
+    `"int4"` (groups of `int4_group_size`, zero points with `int4_zero_points`): Prophet quantizes the
+    experts on load, and the engine
     without Prophet serves a copy of the checkpoint holding the same quantized values dequantized
     (``quantized_reference_checkpoint``), so that the tokens compare like for like (quantization
     changes them from the checkpoint's own). ``miss="cpu"``: Prophet
@@ -227,7 +229,7 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
 
     settings = {"buffer": buffer, "mode": mode, "predictor": predictor, "log_every_s": 0, "expert_dtype": expert_dtype}
     if expert_dtype == "int4":
-        settings["int4_group_size"] = int4_group_size
+        settings |= {"int4_group_size": int4_group_size, "int4_zero_points": int4_zero_points}
     if policy:
         settings["policy"] = policy
     if predictor_path:
@@ -259,11 +261,12 @@ def run_demo(family: str = "olmoe", model: str | None = None, buffer: float = 0.
             shutil.rmtree(cache, ignore_errors=True)
 
 
-def quantized_reference_checkpoint(path, out, expert_dtype: str = "fp8", group_size=None,
+def quantized_reference_checkpoint(path, out, expert_dtype="fp8", group_size=None,
                                    dtype: str = "float32") -> str:
     """A copy of the checkpoint at ``path`` whose routed experts hold their quantized values (what
     ``expert_dtype: fp8`` serves: e4m3 per output channel; ``int4``: int4 codes with a scale per
-    ``group_size`` inputs) dequantized, in ``dtype``: vLLM's own MoE method serves the same experts from it."""
+    ``group_size`` inputs; an int4 ``WeightFormat``: its group and zero points) dequantized, in ``dtype``:
+    vLLM's own MoE method serves the same experts from it."""
     import torch
     import transformers
 
@@ -469,8 +472,11 @@ def _compare(family, model, runs, max_tokens, num_prompts, dtype, repeats, cache
     reference = model
     expert_dtype = runs[0].get("expert_dtype")
     if expert_dtype in ("fp8", "int4"):
-        reference = quantized_reference_checkpoint(model, Path(cache) / f"{expert_dtype}-dequantized", expert_dtype,
-                                                   runs[0].get("int4_group_size"), dtype)
+        from prophet_kernels.integration.settings import ProphetSettings
+
+        target = ProphetSettings.resolve({"prophet": runs[0]}, environ={}).quantize  # (the format Prophet stores)
+        reference = quantized_reference_checkpoint(model, Path(cache) / f"{expert_dtype}-dequantized", target,
+                                                   dtype=dtype)
         print(f"(expert_dtype {expert_dtype}: vLLM without Prophet serves the same {expert_dtype} experts "
               f"dequantized: {reference})")
     base, _, base_s, served = generate(reference, ps, max_tokens, None, **common)

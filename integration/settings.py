@@ -13,7 +13,8 @@ from prophet_kernels.memory.buffer import DEFAULT_MODE, DEFAULT_POLICY
 
 RUNTIME_PREDICTORS = ("none", "same", "gate", "learned-gate")
 EXPERT_DTYPES = ("auto", "fp8", "int4")  # auto: the checkpoint's; fp8: e4m3 with per-output-channel scales; int4:
-# symmetric codes with a scale per int4_group_size inputs (experimental): both quantized on load
+# codes with a scale per int4_group_size inputs, symmetric or (int4_zero_points) with a zero point per group
+# (experimental): both quantized on load
 
 # The model families Prophet serves, tested end to end (tokens identical with and without Prophet) in
 # both integrations: transformers model_type -> (vLLM architecture, name). Qwen2-MoE and DeepSeek-V2
@@ -54,6 +55,7 @@ class ProphetSettings:
     predictor_path: str = ""
     expert_dtype: str = "auto"  # EXPERT_DTYPES
     int4_group_size: int = 128  # expert_dtype int4: inputs per scale (32, 64, 128)
+    int4_zero_points: bool = False  # expert_dtype int4: a zero point per group (AWQ's and GPTQ's asymmetric codes)
     miss: str = "wait"  # MISSES: a miss waits for its copy, (host mode) the CPU computes it where that pays, or
     # every non-resident expert is streamed once per layer per step (large batches; memory.stream)
     cpu_threads: int = 0  # miss cpu: the CPU pool's threads per rank (0: the node's cores shared among its ranks)
@@ -63,13 +65,18 @@ class ProphetSettings:
     pcie_gbps: float = 0.0
 
     @property
-    def quantize(self) -> str | None:
-        """``HostExpertStore``'s expert_dtype for these settings (None: keep the checkpoint's)."""
+    def quantize(self):
+        """``HostExpertStore``'s expert_dtype for these settings: None (keep the checkpoint's), "fp8", or the
+        int4 ``WeightFormat`` (group size and zero points in it)."""
+        if self.expert_dtype == "int4":
+            from prophet_kernels.kernels.weight_format import WeightFormat
+
+            return WeightFormat("int4", group_size=self.int4_group_size, zero_points=self.int4_zero_points)
         return None if self.expert_dtype == "auto" else self.expert_dtype
 
     @property
     def group_size(self) -> int | None:
-        """``HostExpertStore``'s group_size for these settings (int4 only)."""
+        """The int4 group size these settings quantize to (None: not int4)."""
         return self.int4_group_size if self.expert_dtype == "int4" else None
 
     @classmethod
@@ -103,6 +110,11 @@ class ProphetSettings:
     def _parse(name, value):
         if name == "enabled" and isinstance(value, str):
             return value.strip().lower() in ("1", "true", "yes", "on")
+        if name == "int4_zero_points" and isinstance(value, str):
+            word = value.strip().lower()
+            if word not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+                raise ValueError(f"Prophet int4_zero_points must be true or false, got {value!r}")
+            return word in ("1", "true", "yes", "on")
         if name == "prefetch_budget" and isinstance(value, str) and value.strip().lower() in ("none", "unlimited"):
             return None
         kind = {"buffer": float, "prefetch_depth": int, "prefetch_budget": int, "log_every_s": float,
@@ -148,7 +160,8 @@ class ProphetSettings:
         if self.expert_dtype not in EXPERT_DTYPES:
             raise ValueError(f"unknown Prophet expert_dtype {self.expert_dtype!r}; known: {', '.join(EXPERT_DTYPES)} "
                              "(auto: the checkpoint's dtype; fp8: e4m3 experts with per-output-channel scales; int4: "
-                             "int4 codes with a scale per int4_group_size inputs, experimental)")
+                             "int4 codes with a scale per int4_group_size inputs, and with int4_zero_points a zero "
+                             "point per group, experimental)")
         if self.expert_dtype == "int4":
             from prophet_kernels.kernels.int4 import check_group_size
 
@@ -158,6 +171,11 @@ class ProphetSettings:
                 raise ValueError(f"Prophet int4_group_size: {e}") from None
             if self.mode == "device" and self.fill == "read-through":
                 raise ValueError("Prophet fill read-through is not built for expert_dtype int4: use fill copy")
+        if not isinstance(self.int4_zero_points, bool):
+            raise ValueError(f"Prophet int4_zero_points must be true or false, got {self.int4_zero_points!r}")
+        if self.int4_zero_points and self.expert_dtype != "int4":
+            raise ValueError(f"Prophet int4_zero_points goes with expert_dtype int4 (quantized at load), not "
+                             f"{self.expert_dtype!r}; an int4 checkpoint's own zero points are read as they are")
         if self.predictor not in RUNTIME_PREDICTORS:
             raise ValueError(f"Prophet predictor {self.predictor!r} is not available while serving; known: "
                              f"{', '.join(RUNTIME_PREDICTORS)}")

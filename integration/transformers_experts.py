@@ -43,7 +43,8 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
                    prefetch_depth: int = 1, prefetch_budget: int | None = 1, predictor_path: str = "",
                    max_batch_tokens: int | None = None, mode: str = DEFAULT_MODE, expert_dtype: str = "auto",
                    miss: str = "wait", cpu_threads: int = 0, cpu_backend: str = "native", cpu_gbps: float = 0.0,
-                   cpu_gflops: float = 0.0, pcie_gbps: float = 0.0, int4_group_size: int = 128) -> ProphetMoE:
+                   cpu_gflops: float = 0.0, pcie_gbps: float = 0.0, int4_group_size: int = 128,
+                   int4_zero_points: bool = False) -> ProphetMoE:
     """Moves `model`'s routed experts into a host store and serves them through a ProphetMoE.
 
     The settings are the vLLM plugin's (``settings.ProphetSettings``): buffer (fraction
@@ -53,7 +54,8 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
     prefetch_depth, prefetch_budget (most experts one layer call may prefetch; None: no limit),
     expert_dtype (auto: the model's; fp8: quantized to e4m3 with per-output-channel scales as they
     move into the store, one expert at a time: half the bytes per slot and per copy; int4: symmetric
-    int4 codes with a scale per int4_group_size inputs, about a quarter, experimental), miss (wait: a
+    int4 codes with a scale per int4_group_size inputs, about a quarter, and with int4_zero_points a
+    zero point per group, experimental), miss (wait: a
     miss is copied and waited for; cpu: the host CPU computes the misses whose copy does not pay,
     buffer 0 then valid; stream: every non-resident expert copied once per layer per step, one layer
     ahead, for large batches, buffer 0: the ring alone), cpu_threads (0: the cores this process may use, less one), cpu_backend,
@@ -66,7 +68,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
                                predictor_path=predictor_path, expert_dtype=expert_dtype, miss=miss,
                                cpu_threads=cpu_threads, cpu_backend=cpu_backend, cpu_gbps=cpu_gbps,
                                cpu_gflops=cpu_gflops, pcie_gbps=pcie_gbps,
-                               int4_group_size=int4_group_size).validated()
+                               int4_group_size=int4_group_size, int4_zero_points=int4_zero_points).validated()
     if any(hasattr(m, "prophet") for m in model.modules()):
         raise ValueError("Prophet is already enabled on this model")
     check_model_family(model_type=getattr(model.config, "model_type", None))
@@ -98,8 +100,7 @@ def enable_prophet(model, buffer: float = 0.5, device=None, policy: str = DEFAUL
     # a generator: each layer's parameters are dropped once copied, so the host holds one layer twice at most
     dtype = modules[0].gate_up_proj.dtype
     store = HostExpertStore.from_parameters(((m.gate_up_proj.data, m.down_proj.data) for m in modules),
-                                            release=release, expert_dtype=settings.quantize,
-                                            group_size=settings.group_size)
+                                            release=release, expert_dtype=settings.quantize)
     try:
         moe = settings.build(store, device, top_k, tokens, gates)
     except BaseException:  # e.g. out of device memory: the experts go back to the model (host copies;

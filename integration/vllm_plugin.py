@@ -719,7 +719,7 @@ def _method_class():
                 self.int4_experts = None
             elif self.prophet.quantize:  # e.g. fp8: quantized one expert at a time into the store's layout
                 experts = host_copy(loaded["w13_weight"], loaded["w2_weight"], torch.cuda.is_available(),
-                                    self.prophet.quantize, group_size=self.prophet.group_size)
+                                    self.prophet.quantize)
             else:
                 experts = Experts(loaded["w13_weight"], loaded["w2_weight"], None, None, None)
             del loaded  # (fp8: the layer's checkpoint-dtype copy goes now, before the next layer's)

@@ -724,10 +724,12 @@ def _add_demo_args(p):
                         "config.json names for --model)")
     p.add_argument("--int4-group-size", type=int, default=32,
                    help="with --expert-dtype int4: inputs per scale (32, 64, 128; default 32, the tiny model's I is 64)")
+    p.add_argument("--int4-zero-points", action="store_true",
+                   help="with --expert-dtype int4: a zero point per group (asymmetric codes; default symmetric)")
     p.add_argument("--expert-dtype", default="auto", choices=["auto", "fp8", "int4"],
-                   help="Prophet's experts: auto (the checkpoint's dtype) or fp8 (quantized on load; vLLM without "
-                        "Prophet then serves the same fp8 values dequantized, for a like-for-like comparison) "
-                        "(default auto)")
+                   help="Prophet's experts: auto (the checkpoint's dtype), fp8 or int4 (quantized on load; vLLM "
+                        "without Prophet then serves the same quantized values dequantized, for a like-for-like "
+                        "comparison) (default auto)")
     p.add_argument("--miss", default="wait", choices=["wait", "cpu", "stream"],
                    help="cpu: Prophet runs twice, misses waiting and misses computed on the host CPU, side by side; "
                         "stream: misses waiting and experts streamed through the ring alone (give --prompts 32 or "
@@ -740,7 +742,8 @@ def _demo(args) -> int:
 
     return run_demo(args.family, args.model, args.buffer, args.policy, args.predictor, args.max_tokens, args.prompts,
                     args.dtype, predictor_path=args.predictor_path, repeats=args.repeats, keep=args.keep,
-                    mode=args.mode, expert_dtype=args.expert_dtype, miss=args.miss, int4_group_size=args.int4_group_size)
+                    mode=args.mode, expert_dtype=args.expert_dtype, miss=args.miss, int4_group_size=args.int4_group_size,
+                    int4_zero_points=args.int4_zero_points)
 
 
 def _add_tiny_args(p):

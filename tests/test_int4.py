@@ -223,6 +223,43 @@ def _stack(L, E, H, I, gen):
     return torch.randn(L, E, 2 * I, H, generator=gen) / 8, torch.randn(L, E, H, I, generator=gen) / 8
 
 
+@pytest.mark.parametrize("group", [32, 128])
+def test_store_quantizes_at_load_with_zero_points_when_the_format_says_so(group):
+    """``expert_dtype`` as the int4 WeightFormat with zero points (the plugin's ``int4_zero_points``):
+    the store quantizes each expert asymmetrically as it is copied, codes, scales and zero points equal
+    ``quantize_int4(..., zero_points=True)``'s, and no dequantized weight is further than half a step from
+    the original; the symmetric format keeps z = 8. A group size beside a WeightFormat is refused."""
+    from prophet_kernels import HostExpertStore
+    from prophet_kernels.kernels.weight_format import WeightFormat
+    from prophet_kernels.memory.store import quantized_expert_bytes
+
+    gen = torch.Generator().manual_seed(11)
+    L, E, H, I = 2, 3, 128, 160 if group == 32 else 256
+    w13, w2 = _stack(L, E, H, I, gen)
+    w13 = w13 + 0.05  # (off-centre groups: where zero points differ from the symmetric codes)
+    fmt = WeightFormat("int4", group_size=group, zero_points=True)
+    store = HostExpertStore.from_tensors(w13, w2, pin=False, expert_dtype=fmt)
+    assert store.fmt == fmt and store.expert_bytes == quantized_expert_bytes(fmt, H, I)
+    sym = HostExpertStore.from_tensors(w13, w2, pin=False, expert_dtype="int4", group_size=group)
+    assert not sym.fmt.zero_points and sym.expert_bytes < store.expert_bytes
+    for l in range(L):
+        for e in range(E):
+            for got, codes, scales, zeros, w in ((0, store.w13, store.w13_scale, store.w13_zeros, w13),
+                                                 (1, store.w2, store.w2_scale, store.w2_zeros, w2)):
+                q, s, z = quantize_int4(w[l, e], group, zero_points=True)
+                assert torch.equal(codes[l][e], q) and torch.equal(scales[l][e], s) and torch.equal(zeros[l][e], z)
+                deq = dequantize_int4(codes[l][e], scales[l][e], zeros[l][e])
+                step = s.repeat_interleave(group, dim=-1)
+                assert ((deq - w[l, e]).abs() <= step / 2 + 1e-6).all()
+    err = lambda st: sum((dequantize_int4(st.w13[l], st.w13_scale[l], st.w13_zeros[l] if st.w13_zeros else None)
+                          - w13[l]).pow(2).sum() for l in range(L))
+    assert err(store) < err(sym)  # (off-centre weights: the zero points' range is the tighter one)
+    with pytest.raises(ValueError, match="its block_shape and group_size are its own"):
+        HostExpertStore.from_tensors(w13, w2, pin=False, expert_dtype=fmt, group_size=group)
+    with pytest.raises(ValueError, match="fp8 or int4 one"):
+        HostExpertStore.from_tensors(w13, w2, pin=False, expert_dtype=WeightFormat("float"))
+
+
 @pytest.mark.parametrize("mode, miss, zp", [("host", "wait", False), ("host", "stream", True), ("device", "wait", True)])
 def test_prophet_moe_int4_equals_dequantized_reference(mode, miss, zp):
     """int4 experts in the host store (one row per expert: codes, scales, zero points) served by

@@ -54,12 +54,26 @@ def test_settings_additional_config_wins_and_enables():
     ({"expert_dtype": "int8"}, "unknown Prophet expert_dtype 'int8'; known: auto, fp8, int4"),
     ({"expert_dtype": "int4", "int4_group_size": 48}, r"int4_group_size: int4 group_size must be one of \[32, 64, 128\]"),
     ({"expert_dtype": "int4", "mode": "device", "fill": "read-through"}, "read-through is not built for expert_dtype int4"),
+    ({"int4_zero_points": True}, "int4_zero_points goes with expert_dtype int4"),
+    ({"expert_dtype": "fp8", "int4_zero_points": True}, "int4_zero_points goes with expert_dtype int4"),
+    ({"expert_dtype": "int4", "int4_zero_points": "maybe"}, "int4_zero_points must be true or false"),
     ({"fill": "zero-copy", "mode": "device"}, "unknown Prophet fill 'zero-copy'; known: copy, read-through"),
     ({"fill": "read-through"}, "read-through with mode device only"),
 ])
 def test_settings_errors_name_the_problem(cfg, match):
     with pytest.raises(ValueError, match=match):
         ProphetSettings.resolve({"prophet": cfg}, environ={})
+
+
+def test_settings_int4_zero_points_from_the_environment():
+    from prophet_kernels.kernels.weight_format import WeightFormat
+
+    s = ProphetSettings.resolve(None, environ={"PROPHET": "1", "PROPHET_EXPERT_DTYPE": "int4",
+                                               "PROPHET_INT4_GROUP_SIZE": "32", "PROPHET_INT4_ZERO_POINTS": "1"})
+    assert s.int4_zero_points is True and s.quantize == WeightFormat("int4", group_size=32, zero_points=True)
+    assert ProphetSettings.resolve({"prophet": {"expert_dtype": "int4"}}, environ={}).quantize == \
+        WeightFormat("int4", group_size=128, zero_points=False)
+    assert ProphetSettings.resolve({"prophet": {"expert_dtype": "fp8"}}, environ={}).quantize == "fp8"
 
 
 def test_settings_env_not_a_number():
@@ -912,33 +926,38 @@ def _transformers_greedy(checkpoint: str, prompts, **prophet) -> list[list[int]]
 
 @pytest.mark.parametrize("family, mode, buffer, expert_dtype", [
     ("olmoe", "host", 0.375, "fp8"), ("mixtral", "device", 0.375, "fp8"),
-    ("olmoe", "host", 0.25, "int4"), ("mixtral", "device", 1.0, "int4")])
+    ("olmoe", "host", 0.25, "int4"), ("mixtral", "device", 1.0, "int4"), ("olmoe", "host", 0.25, "int4-zp")])
 def test_quantized_experts_tokens_identical(checkpoints, baseline, tmp_path, family, mode, buffer, expert_dtype):
     """expert_dtype: fp8 (issue 28) or int4 (issue 44, experimental: symmetric codes, a scale per 32
-    inputs) quantizes the experts as they are loaded and serves greedy tokens identical to vLLM's
+    inputs; int4-zp: int4_zero_points, a zero point per group too) quantizes the experts as they are
+    loaded and serves greedy tokens identical to vLLM's
     own MoE method on the same quantized values (dequantized into a checkpoint) and to Prophet's
     transformers integration with the same setting (same quantization, same kernels' reference
     path), with misses and evictions, in either mode; int4 at 100% too. A slot holds the quantized
     bytes: fp8 half of bf16's, int4 a quarter, plus the scales. (On these random-init models
     quantization changes most tokens from the fp32 ones: the identity is not fp32's.)"""
+    from prophet_kernels.kernels.weight_format import WeightFormat
     from prophet_kernels.memory.store import quantized_expert_bytes, target_format
 
-    group = 32 if expert_dtype == "int4" else None
+    zp = expert_dtype == "int4-zp"
+    at_load = {"expert_dtype": "int4", "int4_group_size": 32, "int4_zero_points": zp} if expert_dtype != "fp8" else \
+        {"expert_dtype": "fp8"}
+    target = WeightFormat("int4", group_size=32, zero_points=zp) if expert_dtype != "fp8" else "fp8"
     ps, base = baseline
-    reference = demo.generate(demo.quantized_reference_checkpoint(checkpoints[family], tmp_path / "deq", expert_dtype,
-                                                                  group), ps, MAX_TOKENS, None)[0]
+    reference = demo.generate(demo.quantized_reference_checkpoint(checkpoints[family], tmp_path / "deq", target),
+                              ps, MAX_TOKENS, None)[0]
     assert reference != base[family]
-    settings = {"buffer": buffer, "mode": mode, "predictor": "same", "expert_dtype": expert_dtype,
-                **({"int4_group_size": group} if group else {})}
+    settings = {"buffer": buffer, "mode": mode, "predictor": "same", **at_load}
     tokens, stats = _greedy_and_stats(checkpoints[family], settings, ps)
     assert tokens == reference
-    assert tokens == _transformers_greedy(checkpoints[family], ps, mode=mode, buffer=buffer, predictor="same",
-                                          expert_dtype=expert_dtype, **({"int4_group_size": group} if group else {}))
+    assert tokens == _transformers_greedy(checkpoints[family], ps, mode=mode, buffer=buffer, predictor="same", **at_load)
     H, I = demo.TINY[family]["hidden_size"], 64
     want = {"fp8": 3 * H * I + 4 * (2 * I + H),  # fp8 weights + fp32 scales per row (fp32: 12 * H * I)
-            "int4": 3 * H * I // 2 + 4 * 3 * H * I // 32}[expert_dtype]  # codes + fp32 scales per 32 (bf16: 6 * H * I)
-    assert stats["expert_bytes"] == want == quantized_expert_bytes(target_format(expert_dtype, None, group), H, I)
-    assert stats["expert_dtype"] == {"fp8": "float8_e4m3fn", "int4": "int4 (group 32)"}[expert_dtype]
+            "int4": 3 * H * I // 2 + 4 * 3 * H * I // 32,  # codes + fp32 scales per 32 (bf16: 6 * H * I)
+            "int4-zp": 3 * H * I // 2 + 5 * 3 * H * I // 32}[expert_dtype]  # + a uint8 zero point per 32
+    assert stats["expert_bytes"] == want == quantized_expert_bytes(target_format(target), H, I)
+    assert stats["expert_dtype"] == {"fp8": "float8_e4m3fn", "int4": "int4 (group 32)",
+                                     "int4-zp": "int4 (group 32, zero points)"}[expert_dtype]
     if buffer < 1:
         assert stats["total"]["misses"] > 0 and stats["total"]["evictions"] > 0
 

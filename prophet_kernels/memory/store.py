@@ -198,15 +198,29 @@ DEFAULT_INT4_GROUP = 128  # inputs per scale of int4 experts quantized at load (
 
 
 def check_expert_dtype(expert_dtype) -> None:
+    if isinstance(expert_dtype, WeightFormat):
+        if expert_dtype.kind not in ("fp8", "int4"):
+            raise ValueError(f"expert_dtype as a WeightFormat must be an fp8 or int4 one, got kind {expert_dtype.kind!r}")
+        return
     if expert_dtype not in EXPERT_DTYPES:
-        raise ValueError(f"expert_dtype must be None (keep the weights' dtype), 'fp8' or 'int4', got {expert_dtype!r}")
+        raise ValueError(f"expert_dtype must be None (keep the weights' dtype), 'fp8', 'int4' or a WeightFormat, "
+                         f"got {expert_dtype!r}")
 
 
 def target_format(expert_dtype, block_shape=None, group_size=None) -> WeightFormat | None:
     """The format experts are quantized to as they are stored: fp8 (scales per output channel, or
     per ``block_shape``), int4 (symmetric, fp32 scales per ``group_size`` inputs, default 128), or
-    None (kept as they are)."""
+    None (kept as they are). ``expert_dtype`` may be the target ``WeightFormat`` itself (e.g. int4
+    with zero points: ``WeightFormat("int4", group_size=32, zero_points=True)``), block or group inside it."""
     check_expert_dtype(expert_dtype)
+    if isinstance(expert_dtype, WeightFormat):
+        if block_shape is not None or group_size is not None:
+            raise ValueError("expert_dtype is a WeightFormat: its block_shape and group_size are its own; pass "
+                             "neither beside it")
+        f = expert_dtype
+        if f.kind == "fp8":
+            return WeightFormat("fp8", block_shape=check_block_shape(f.block_shape))
+        return WeightFormat("int4", group_size=check_group_size(f.group_size), zero_points=bool(f.zero_points))
     if block_shape is not None and expert_dtype not in (None, "fp8"):
         raise ValueError("block_shape is fp8's scale layout; int4 experts take group_size")
     if group_size is not None and expert_dtype != "int4":
