@@ -3,6 +3,7 @@ held-out bits per byte of the OLMoE- and Mixtral-shaped checkpoints (`prophet tr
 docs/routing.md) with
 
     fp32 experts          transformers' own experts (the reference)
+    bf16 experts          the experts rounded to bf16 in place (what a bf16 checkpoint holds)
     Prophet, fp32         the same experts served through enable_prophet (buffer 100%)
     Prophet, fp8          enable_prophet(expert_dtype="fp8"): e4m3 with per-output-channel scales,
                           quantized as the experts move into the store (what the plugin serves)
@@ -10,9 +11,9 @@ docs/routing.md) with
                           place (the block layout's error; blocks of 128 would span whole matrices of
                           these tiny models)
     Prophet, int4 g32     enable_prophet(expert_dtype="int4", int4_group_size=32): symmetric int4
-                          codes, an fp32 scale per 32 inputs (what the plugin serves; g64, g128 alike)
-    int4 g32 zp           codes with zero points per group (AWQ's and GPTQ's asymmetric convention,
-                          as an int4 checkpoint would carry them), dequantized in place
+                          codes, an fp32 scale per 32 inputs (what the plugin serves; g128 alike)
+    Prophet, int4 g32 zp  the same with int4_zero_points: a zero point per group too (AWQ's and
+                          GPTQ's asymmetric convention, as an int4 checkpoint would carry them)
 
 on held-out windows of the tokenized corpus (64 windows of 128 tokens, seed 1234). Everything but
 the experts stays fp32. A variant whose group does not divide a shape's expert sizes (the OLMoE
@@ -20,7 +21,7 @@ shape's I = 64 and group 128) is skipped, said so. Prints a table; rows go to
 bench/results/expert_quality.jsonl (fp8 rows of 2026-12-02: fp8_quality.jsonl).
 
     .venv/bin/python bench/expert_quality.py                      # checkpoints/olmoe, checkpoints/mixtral
-    .venv/bin/python bench/expert_quality.py --shapes olmoe --windows 16 --variants fp32,prophet-int4-g32
+    .venv/bin/python bench/expert_quality.py --shapes olmoe --windows 16 --variants prophet-int4-g32
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from prophet_kernels.benchmark.common import provenance, write_rows  # noqa: E402
 
 
-VARIANTS = ["fp32", "prophet-fp32", "prophet-fp8", "fp8-block16", "prophet-int4-g32", "int4-g32-zp",
-            "prophet-int4-g128", "int4-g128-zp"]
+VARIANTS = ["fp32", "bf16", "prophet-fp32", "prophet-fp8", "fp8-block16", "prophet-int4-g32", "prophet-int4-g32-zp",
+            "prophet-int4-g128", "prophet-int4-g128-zp"]
 
 
 def bits_per_byte(checkpoint: Path, shape: str, windows, token_bytes, variant: str) -> float | None:
@@ -61,15 +62,14 @@ def bits_per_byte(checkpoint: Path, shape: str, windows, token_bytes, variant: s
     elif variant == "prophet-fp8":
         enable_prophet(model, buffer=1.0, device="cpu", expert_dtype="fp8")
     elif variant.startswith("prophet-int4"):
-        enable_prophet(model, buffer=1.0, device="cpu", expert_dtype="int4", int4_group_size=group)
-    elif variant in ("fp8-block16", "int4-g32-zp", "int4-g128-zp"):  # quantized and dequantized in place
-        fmt = WeightFormat("fp8", block_shape=(16, 16)) if variant == "fp8-block16" else \
-            WeightFormat("int4", group_size=group, zero_points=True)
+        enable_prophet(model, buffer=1.0, device="cpu", expert_dtype="int4", int4_group_size=group,
+                       int4_zero_points=variant.endswith("-zp"))
+    elif variant in ("bf16", "fp8-block16"):  # rounded, or quantized and dequantized, in place
+        fmt = WeightFormat("fp8", block_shape=(16, 16))
         with torch.no_grad():
             for m in expert_modules(model):
                 for p in (m.gate_up_proj, m.down_proj):
-                    w, scale, zeros = fmt.quantize(p)
-                    p.copy_(fmt.dequantize(w, scale, zeros))
+                    p.copy_(p.to(torch.bfloat16).float() if variant == "bf16" else fmt.dequantize(*fmt.quantize(p)))
     return evaluate(model, windows, token_bytes)
 
 

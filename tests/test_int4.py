@@ -329,8 +329,9 @@ def test_int4_store_from_tensors_and_refusals():
 
 def test_expert_quality_bench_runs_its_int4_variants(tmp_path):
     """bench/expert_quality.py's variants on a random-init OLMoE-shaped study model cut to 2 layers
-    (2 windows of 16 tokens): Prophet's int4 store and the zero-point quantizer give finite bits per byte near fp32's;
-    a group that does not divide the shape's I = 64 (128) is skipped, not run wrong."""
+    (2 windows of 16 tokens): Prophet's int4 store, symmetric and with zero points, gives finite bits per byte near
+    fp32's, with zero points the same as the experts quantized and dequantized in place (an independent path); a
+    group that does not divide the shape's I = 64 (128) is skipped, not run wrong."""
     import numpy as np
 
     from bench import expert_quality
@@ -344,10 +345,21 @@ def test_expert_quality_bench_runs_its_int4_variants(tmp_path):
     rng = np.random.default_rng(0)
     windows, token_bytes = rng.integers(0, 256, (2, 16)), np.ones(256, dtype=np.int64)
     bpb = {v: expert_quality.bits_per_byte(tmp_path / "olmoe", "olmoe", windows, token_bytes, v)
-           for v in ("fp32", "prophet-int4-g32", "int4-g32-zp", "prophet-int4-g128")}
-    assert bpb["prophet-int4-g128"] is None
-    for v in ("prophet-int4-g32", "int4-g32-zp"):
+           for v in ("fp32", "bf16", "prophet-int4-g32", "prophet-int4-g32-zp", "prophet-int4-g128-zp")}
+    assert bpb["prophet-int4-g128-zp"] is None
+    assert np.isfinite(bpb["bf16"]) and abs(bpb["bf16"] / bpb["fp32"] - 1) < 1e-3  # (saved in bf16: the same)
+    for v in ("prophet-int4-g32", "prophet-int4-g32-zp"):
         assert np.isfinite(bpb[v]) and bpb[v] != bpb["fp32"] and abs(bpb[v] / bpb["fp32"] - 1) < 0.05
+    from prophet_kernels.kernels.int4 import dequantize_int4, quantize_int4
+    from prophet_kernels.memory.store import expert_modules
+    from prophet_kernels.routing.traces.train import evaluate
+
+    model = model_class(shape).from_pretrained(tmp_path / "olmoe", dtype=torch.float32)
+    with torch.no_grad():
+        for m in expert_modules(model):
+            for p in (m.gate_up_proj, m.down_proj):
+                p.copy_(dequantize_int4(*quantize_int4(p, 32, zero_points=True)))
+    assert evaluate(model, windows, token_bytes) == pytest.approx(bpb["prophet-int4-g32-zp"], rel=1e-5)
     with pytest.raises(ValueError, match="unknown variant 'int3'"):
         expert_quality.bits_per_byte(tmp_path / "olmoe", "olmoe", windows, token_bytes, "int3")
 
