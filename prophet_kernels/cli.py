@@ -147,6 +147,11 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                                                    "run at the catalogue GPUs' rates by bench/frontier_inputs.py)")
     p.add_argument("--summary", metavar="PATH", help="with --frontier: also write the summary (the fastest row of each "
                                                      "kind per model, GPU and batch) as markdown to PATH")
+    p.add_argument("--nonexpert-dtype", choices=["bf16", "fp8", "int4"],
+                   help="with --frontier: the non-expert weights' dtype in the resident and cpu-moe rows (fp8 / int4: "
+                        "attention, dense and shared MLPs as a quantized checkpoint holds them; embeddings, routers, "
+                        "norms bf16); the simulated rows ran with bf16 and say so; quality stays the experts' only "
+                        "(default bf16)")
     p.add_argument("--json", action="store_true",
                    help="with --frontier: also write frontier.jsonl, one object per row with every input named")
     p.add_argument("--seed-report", metavar="PATH", help="write the seed-vs-corrected section (markdown) to PATH and exit")
@@ -160,7 +165,8 @@ def _plan(args: argparse.Namespace) -> int:
         return 0
     if args.json and not args.frontier:
         raise ValueError("--json goes with --frontier (plan's own rows: plan.csv)")
-    for flag in ("cpu_moe_layers", "hbm_gbps", "cpu_gbps", "cpu_tflops", "pcie_gbps", "prompt", "summary"):
+    for flag in ("cpu_moe_layers", "hbm_gbps", "cpu_gbps", "cpu_tflops", "pcie_gbps", "prompt", "summary",
+                 "nonexpert_dtype"):
         if getattr(args, flag) is not None and not args.frontier:
             raise ValueError(f"--{flag.replace('_', '-')} goes with --frontier")
     if args.frontier:
@@ -214,7 +220,8 @@ def _frontier(args) -> int:
     ignored = [f"--{k.replace('_', '-')}" for k in _NOT_FRONTIER if getattr(args, k) != defaults.get_default(k)]
     if ignored:
         raise ValueError(f"{', '.join(ignored)}: not read by --frontier (its rows use 0.9 of each catalogue GPU's "
-                         "memory, the planner's workspace, bf16 weights and KV, one GPU); give them without --frontier")
+                         "memory, the planner's workspace, bf16 KV, one GPU; --nonexpert-dtype for the non-expert weights); give "
+                         "them without --frontier")
 
     from .planner import MODELS, get_model
 
@@ -234,7 +241,8 @@ def _frontier(args) -> int:
     rows = fr.frontier(models, gpus, batches, inputs, cpu_moe=tuple(args.cpu_moe_layers) if args.cpu_moe_layers else None,
                        hbm_gbps=args.hbm_gbps, memory_gib=args.gpu_memory_gib, cpu_gbps=args.cpu_gbps,
                        cpu_gflops=None if args.cpu_tflops is None else args.cpu_tflops * 1e3,
-                       prompt=fr.PROMPT if args.prompt is None else args.prompt)
+                       prompt=fr.PROMPT if args.prompt is None else args.prompt,
+                       nonexpert_dtype=args.nonexpert_dtype or "bf16")
     print(fr.markdown(rows))
     print("\nThe fastest of each kind within 1% of fp32's held-out quality:\n")
     print(fr.summary(rows))

@@ -380,6 +380,47 @@ def test_frontier_inputs_simulate_another_model_on_its_proxy_trace(tmp_path):
     assert r.returncode == 2 and "--models: other catalogue models than the study ones" in r.stderr
 
 
+def test_nonexpert_weights_quantized_as_a_quantized_checkpoint_holds_them(tmp_path, capsys):
+    """--nonexpert-dtype fp8 / int4: attention, dense and shared MLPs at the planner's checkpoint bytes (embeddings,
+    LM head, routers, norms bf16) in the resident and cpu-moe rows: more KV, a shorter step by their bytes at the
+    HBM rate; the simulated rows (run with bf16 ones) without tok/s, saying so; the labels say which."""
+    from prophet_kernels.planner.memory import count_params, weight_bytes
+
+    m = get_model("Llama-4-Scout")
+    p = count_params(m)
+    rest = sum(p.values()) - p["routed_experts"]
+    assert fr.nonexpert_bytes(m) == 2 * rest
+    quantized = p["attention"] + p["shared_experts"] + p["dense_mlp"]
+    assert fr.nonexpert_bytes(m, "fp8") == 2 * (rest - quantized) + quantized
+    assert fr.nonexpert_bytes(m, "int4") == weight_bytes({k: v for k, v in p.items() if k != "routed_experts"}, "int4")
+    assert fr.nonexpert_bytes(m, "int4") < fr.nonexpert_bytes(m, "fp8") < fr.nonexpert_bytes(m)
+    gpu = "H100-80GB"
+    c = fr.gpu_constants(gpu)
+    saved = (fr.nonexpert_layer_bytes(m) - fr.nonexpert_layer_bytes(m, "int4")) / (c["hbm_gbps"] * 1e9)
+    assert fr.layer_seconds(m, gpu, 1.0, "int4", nonexpert_dtype="int4") == pytest.approx(
+        fr.layer_seconds(m, gpu, 1.0, "int4") - saved)
+    assert fr.kv_free_bytes(m, gpu, 0, nonexpert_dtype="int4") - fr.kv_free_bytes(m, gpu, 0) == \
+        fr.nonexpert_bytes(m) - fr.nonexpert_bytes(m, "int4")
+    inputs = _inputs("mixtral")
+    mix = get_model("Mixtral-8x7B")
+    base = {r.config: r for r in fr.frontier(["Mixtral-8x7B"], [gpu], [1], inputs)}
+    q = {r.config: r for r in fr.frontier(["Mixtral-8x7B"], [gpu], [1], inputs, nonexpert_dtype="int4")}
+    assert set(q) == set(base) and all(r.gpu == "H100-80GB (non-expert int4)" for r in q.values())
+    for name in ("resident-int4", "cpu-moe-int4 server-200 32/32"):
+        assert q[name].kv_tokens > base[name].kv_tokens and q[name].tokens_per_s > base[name].tokens_per_s
+    assert q["resident-int4"].kv_tokens == (fr.kv_free_bytes(mix, gpu, q["resident-int4"].expert_gpu_bytes)
+                                            + fr.nonexpert_bytes(mix) - fr.nonexpert_bytes(mix, "int4")) // kv_bytes_per_token(mix)
+    assert base["prophet-bf16 25.0%"].tokens_per_s is not None
+    assert q["prophet-bf16 25.0%"].tokens_per_s is None and q["prophet-bf16 25.0%"].missing == \
+        "simulated with bf16 non-expert weights only"
+    with pytest.raises(ValueError, match="non-expert dtype 'int8'"):
+        fr.frontier(["Mixtral-8x7B"], [gpu], [1], inputs, nonexpert_dtype="int8")
+    from prophet_kernels.cli import main
+
+    assert main(["plan", "--nonexpert-dtype", "int4", "--out", str(tmp_path)]) == 2
+    assert "--nonexpert-dtype goes with --frontier" in capsys.readouterr().err
+
+
 def test_the_users_gpu_and_host_rates():
     """--hbm-gbps / --gpu-memory-gib: resident and cpu-moe rows at the given GPU (labelled so), the simulated rows
     without tok/s and saying why; --cpu-gbps / --cpu-tflops: the cpu-moe rows at the given host (the one not

@@ -58,7 +58,7 @@ from pathlib import Path
 
 from .catalog import MLA, MoA, ModelSpec, get_gpu, get_model
 from .memory import (ServingConfig, count_params, expert_bytes, int4_bytes, kv_bytes_per_token, routed_expert_params,
-                     state_elems_per_sequence, workspace_bytes)
+                     state_elems_per_sequence, weight_bytes, workspace_bytes)
 
 MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B", "Qwen3-30B-A3B")
 SHAPE_OF = {"OLMoE-1B-7B": "olmoe", "Mixtral-8x7B": "mixtral", "Qwen3-30B-A3B": "qwen3"}
@@ -169,10 +169,18 @@ def gpu_constants(gpu: str) -> dict:
                       f"measured/datasheet ratios ({ratio:.3f}); pinned copies assumed at {pcie} GB/s"}
 
 
-def nonexpert_bytes(m: ModelSpec) -> int:
-    """GPU bytes of everything but the routed experts, bf16."""
+NONEXPERT_DTYPES = ("bf16", "fp8", "int4")
+
+
+def nonexpert_bytes(m: ModelSpec, dtype: str = "bf16") -> int:
+    """GPU bytes of everything but the routed experts: bf16, or the linear layers (attention, dense and
+    shared MLPs) in fp8 / int4 as a quantized checkpoint holds them (``memory.weight_bytes``: embeddings,
+    LM head, routers and norms stay bf16)."""
+    if dtype not in NONEXPERT_DTYPES:
+        raise ValueError(f"non-expert dtype {dtype!r}: one of {', '.join(NONEXPERT_DTYPES)}")
     p = count_params(m)
-    return (sum(p.values()) - p["routed_experts"]) * 2
+    p.pop("routed_experts")
+    return weight_bytes(p, dtype)
 
 
 def int4_expert_bytes(m: ModelSpec) -> int:
@@ -224,9 +232,10 @@ def expert_flops(m: ModelSpec) -> int:
     return 2 * routed_expert_params(m)
 
 
-def nonexpert_layer_bytes(m: ModelSpec) -> float:
-    """One MoE layer's share of the non-expert weights, bf16, the embedding rows aside (a token reads one row)."""
-    return (nonexpert_bytes(m) - m.vocab * m.hidden * 2) / m.moe_layers
+def nonexpert_layer_bytes(m: ModelSpec, dtype: str = "bf16") -> float:
+    """One MoE layer's share of the non-expert weights (bf16, or ``nonexpert_bytes``' fp8 / int4), the
+    embedding rows aside (a token reads one row)."""
+    return (nonexpert_bytes(m, dtype) - m.vocab * m.hidden * 2) / m.moe_layers
 
 
 def cpu_layer_seconds(m: ModelSpec, unique: float, batch: int, cpu: dict, expert_bytes_cpu: float) -> float:
@@ -239,34 +248,36 @@ def cpu_layer_seconds(m: ModelSpec, unique: float, batch: int, cpu: dict, expert
 
 
 def cpu_moe_seconds(m: ModelSpec, gpu: str, batch: int, unique: float, n_cpu: int, cpu: dict, dtype: str = "bf16",
-                    gpu_rates: dict | None = None, weight_bpp: float | None = None) -> float:
+                    gpu_rates: dict | None = None, weight_bpp: float | None = None, nonexpert_dtype: str = "bf16") -> float:
     """A decode step with the routed experts of `n_cpu` MoE layers on the host CPU (llama.cpp's
     --n-cpu-moe; KTransformers when n_cpu = L) and the rest resident on the GPU in `dtype`: every
     layer's non-expert part on the GPU (``layer_seconds`` with no expert), the resident layers' experts
     at the kernel's share of HBM, the CPU layers' at ``cpu_layer_seconds``; serial, as those run.
     `weight_bpp`: every weight (GPU and CPU) at that many bytes per parameter (``layer_seconds``)."""
     per_expert = one_expert_bytes(m, dtype) if weight_bpp is None else routed_expert_params(m) * weight_bpp
-    return (cpu_moe_gpu_seconds(m, gpu, batch, unique, n_cpu, dtype, gpu_rates, weight_bpp)
+    return (cpu_moe_gpu_seconds(m, gpu, batch, unique, n_cpu, dtype, gpu_rates, weight_bpp, nonexpert_dtype)
             + n_cpu * cpu_layer_seconds(m, unique, batch, cpu, per_expert))
 
 
 def cpu_moe_gpu_seconds(m: ModelSpec, gpu: str, batch: int, unique: float, n_cpu: int, dtype: str = "bf16",
-                        gpu_rates: dict | None = None, weight_bpp: float | None = None) -> float:
+                        gpu_rates: dict | None = None, weight_bpp: float | None = None,
+                        nonexpert_dtype: str = "bf16") -> float:
     """The GPU's part of ``cpu_moe_seconds``: every layer's non-expert part, and the resident layers' experts."""
     L = m.moe_layers
     if not 0 <= n_cpu <= L:
         raise ValueError(f"{m.name}: {n_cpu} CPU MoE layers; it has {L}")
-    return (L - n_cpu) * layer_seconds(m, gpu, unique, dtype, gpu_rates, weight_bpp, batch) + n_cpu * (
-        layer_seconds(m, gpu, 0, dtype, gpu_rates, weight_bpp, batch))
+    return (L - n_cpu) * layer_seconds(m, gpu, unique, dtype, gpu_rates, weight_bpp, batch, nonexpert_dtype) + n_cpu * (
+        layer_seconds(m, gpu, 0, dtype, gpu_rates, weight_bpp, batch, nonexpert_dtype))
 
 
 def cpu_moe_layers(m: ModelSpec, gpu: str, batch: int, dtype: str, context: int = CPU_MOE_CONTEXT,
-                   memory_bytes: int | None = None) -> int | None:
+                   memory_bytes: int | None = None, nonexpert_dtype: str = "bf16") -> int | None:
     """The smallest N of --n-cpu-moe N whose resident rest leaves KV for `batch` sequences of `context`
     tokens (None: not even N = L does)."""
     per_layer = m.moe.experts * one_expert_bytes(m, dtype)
     for n in range(m.moe_layers + 1):
-        free = kv_free_bytes(m, gpu, (m.moe_layers - n) * per_layer, memory_bytes=memory_bytes)
+        free = kv_free_bytes(m, gpu, (m.moe_layers - n) * per_layer, memory_bytes=memory_bytes,
+                             nonexpert_dtype=nonexpert_dtype)
         if context_per_sequence(m, free, batch) >= context:
             return n
     return None
@@ -342,29 +353,32 @@ def fixed_layer_seconds() -> float:
 
 
 def layer_seconds(m: ModelSpec, gpu: str, unique: float, dtype: str = "bf16", rates: dict | None = None,
-                  weight_bpp: float | None = None, batch: int = 1) -> float:
+                  weight_bpp: float | None = None, batch: int = 1, nonexpert_dtype: str = "bf16") -> float:
     """One decode layer at a batch whose layer calls need `unique` experts (module docstring); `rates`:
     the GPU's (``gpu_constants``), given to override the catalogue's; `weight_bpp`: every weight at that
     many bytes per parameter instead of bf16 non-expert weights and `dtype` experts; `batch`: its tokens'
     FLOPs bound the non-expert part (at the GPU's matmul rate) and the experts' (at the grouped GEMM's
-    measured share of it) where they take longer than the bytes (batch 1, the default: never)."""
+    measured share of it) where they take longer than the bytes (batch 1, the default: never); `nonexpert_dtype`:
+    the non-expert weights' (``nonexpert_bytes``)."""
     c = CONSTANTS
     rates = rates or gpu_constants(gpu)
     hbm, flops = rates["hbm_gbps"] * 1e9, rates["tflops"] * 1e12
     if weight_bpp is not None:  # every weight at weight_bpp bytes per parameter (a GGUF file's average)
         rest, experts = nonexpert_layer_bytes(m) * weight_bpp / 2, unique * routed_expert_params(m) * weight_bpp
     else:
-        rest, experts = nonexpert_layer_bytes(m), unique * one_expert_bytes(m, dtype)
-    rest_flops = 2 * batch * nonexpert_layer_bytes(m) / 2
+        rest, experts = nonexpert_layer_bytes(m, nonexpert_dtype), unique * one_expert_bytes(m, dtype)
+    rest_flops = 2 * batch * nonexpert_layer_bytes(m) / 2  # (bf16 bytes / 2: the parameters)
     expert_flops_ = batch * m.moe.top_k * expert_flops(m) if unique else 0  # (0: none on the GPU)
     return (fixed_layer_seconds() + max(rest / hbm, rest_flops / flops)
             + max(experts / (c["moe_hbm_fraction"] * hbm), expert_flops_ / (c["moe_prefill_fraction"] * flops)))
 
 
-def kv_free_bytes(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
+def kv_free_bytes(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None,
+                  nonexpert_dtype: str = "bf16") -> int:
     """The GPU bytes left for the KV cache (negative: the weights do not fit)."""
     cfg = ServingConfig(gpu_memory_utilization=util)
-    return int((memory_bytes or get_gpu(gpu).memory_bytes) * util) - nonexpert_bytes(m) - expert_gpu_bytes - workspace_bytes(m, cfg)
+    return (int((memory_bytes or get_gpu(gpu).memory_bytes) * util) - nonexpert_bytes(m, nonexpert_dtype)
+            - expert_gpu_bytes - workspace_bytes(m, cfg))
 
 
 def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
@@ -451,7 +465,7 @@ def input_model(row: dict) -> str | None:
 def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
              inputs: list[dict] | None = None, cpu_moe: tuple[int, ...] | None = None, hbm_gbps: float | None = None,
              memory_gib: float | None = None, cpu_gbps: float | None = None, cpu_gflops: float | None = None,
-             prompt: int = PROMPT) -> list[Row]:
+             prompt: int = PROMPT, nonexpert_dtype: str = "bf16") -> list[Row]:
     """Rows for every model x GPU x batch x configuration; a row whose measured inputs are missing
     carries None where it would need them and says why (``missing``). Above batch 16 only the kinds
     measured there: resident, misses waiting, streaming, cpu-moe. `cpu_moe`: the --n-cpu-moe values of
@@ -461,9 +475,15 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
     `cpu_gflops`: the user's host (target "given"; either one not given: this machine's measured figure) for
     the cpu-moe rows, in place of the catalogue hosts. `prompt`: each sequence's prompt: its prefill and time to
     first token, its KV read by every decode step, and a row fits when each of the B sequences holds it and
-    one more token."""
+    one more token. `nonexpert_dtype`: the non-expert weights' (bf16, or fp8 / int4 as a quantized checkpoint
+    holds its linear layers: ``nonexpert_bytes``) in the resident and cpu-moe rows (each GPU's label says so);
+    the simulated rows ran with bf16 ones and are left without tok/s, saying so. Quality is the experts' dtype's
+    only: the non-expert weights' quantization is not measured."""
+    if nonexpert_dtype not in NONEXPERT_DTYPES:
+        raise ValueError(f"non-expert dtype {nonexpert_dtype!r}: one of {', '.join(NONEXPERT_DTYPES)}")
     inputs = read_inputs() if inputs is None else inputs
     given_gpu = hbm_gbps is not None or memory_gib is not None
+    quantized_rest = nonexpert_dtype != "bf16"
     memory_bytes = None if memory_gib is None else int(memory_gib * 2**30)
     rows = []
     for name in models:
@@ -495,19 +515,21 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
             rates = gpu_constants(g) | ({} if hbm_gbps is None else {"hbm_gbps": hbm_gbps})
             label = g if not given_gpu else g + " (given: " + ", ".join(
                 ([] if hbm_gbps is None else [f"{hbm_gbps:g} GB/s"]) + ([] if memory_gib is None else [f"{memory_gib:g} GiB"])) + ")"
-            sims = [] if given_gpu else mine  # (simulated at the catalogue GPU's rates only)
+            label += f" (non-expert {nonexpert_dtype})" if quantized_rest else ""
+            sims = [] if given_gpu or quantized_rest else mine  # (simulated at the catalogue GPU's rates, bf16 rest)
             for B in batches:
                 U = unique_experts(m, B, inputs)
 
                 def add(config, kind, dtype, cap, gpu_bytes, host_bytes, step_s, ready, quality, src, missing="",
                         prefill_s=None):
-                    free = kv_free_bytes(m, g, gpu_bytes, memory_bytes=memory_bytes)
+                    free = kv_free_bytes(m, g, gpu_bytes, memory_bytes=memory_bytes, nonexpert_dtype=nonexpert_dtype)
                     kv, ctx = max(0, free) // kv_bytes_per_token(m, "bf16"), context_per_sequence(m, free, B)
                     if step_s is not None:
                         step_s += kv_read_seconds(m, g, B, prompt, rates)
                     bpb, loss = quality
                     if step_s is None and not missing:
                         missing = ("simulated at the catalogue GPUs' rates only, not at the given ones" if given_gpu else
+                                   "simulated with bf16 non-expert weights only" if quantized_rest else
                                    "no simulation of this model at this GPU and batch (bench/frontier_inputs.py)")
                     rows.append(Row(m.name, label, B, config, kind, dtype, cap, gpu_bytes, host_bytes, kv, ctx,
                                     ctx > prompt, None if step_s is None else step_s * 1e3,
@@ -516,7 +538,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
 
                 no_unique = f"no measured unique experts at batch {B} on the {shape} trace"
                 for dtype in ("bf16", "fp8", "int4"):
-                    step = None if U is None else L * layer_seconds(m, g, U, dtype, rates, batch=B)
+                    step = None if U is None else L * layer_seconds(m, g, U, dtype, rates, batch=B,
+                                                                    nonexpert_dtype=nonexpert_dtype)
                     add(f"resident-{dtype}", "resident", dtype, 1.0, L * E * one_expert_bytes(m, dtype), 0, step, 1.0,
                         measured_bpb(dtype), {"unique_per_layer": U}, no_unique,
                         prefill_s=prefill_seconds(m, g, prompt, dtype, rates=rates))
@@ -544,7 +567,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                                                       "resident_per_layer")}},
                         prefill_s=prefill_seconds(m, g, prompt, dtype, copied=1 - cap, rates=rates))
                 for dtype in ("bf16", "int4"):  # llama.cpp's --n-cpu-moe N, KTransformers' N = L (analytic)
-                    fit = cpu_moe_layers(m, g, B, dtype, memory_bytes=memory_bytes)
+                    fit = cpu_moe_layers(m, g, B, dtype, memory_bytes=memory_bytes, nonexpert_dtype=nonexpert_dtype)
                     counts = sorted({L, *(() if fit is None else (fit,))}) if cpu_moe is None else sorted(set(cpu_moe))
                     hosts = cpu_targets(shape, dtype=dtype)
                     if cpu_gbps is not None or cpu_gflops is not None:
@@ -558,7 +581,8 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                                 continue  # (nothing on the CPU: the resident row)
                             if n > L:
                                 raise ValueError(f"--cpu-moe-layers {n}: {m.name} has {L} MoE layers")
-                            step = None if U is None else cpu_moe_seconds(m, g, B, U, n, host, dtype, rates)
+                            step = None if U is None else cpu_moe_seconds(m, g, B, U, n, host, dtype, rates,
+                                                                          nonexpert_dtype=nonexpert_dtype)
                             add(f"cpu-moe-{dtype} {target} {n}/{L}", "cpu-moe", dtype, (L - n) / L,
                                 (L - n) * E * one_expert_bytes(m, dtype), n * E * one_expert_bytes(m, dtype), step, 1.0,
                                 measured_bpb(dtype),
