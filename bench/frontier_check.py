@@ -89,6 +89,11 @@ REPORTS = [
     Report("llama.cpp (in KTransformers' table)", KT + " (V0.2, llama.cpp 8 experts, 2 x 32 cores)", "DeepSeek-V3", 8,
            "RTX4090-24GB", Q4KM_DSV3_BYTES, 8, 4800, 2, 64, "not stated", 4.51,
            "decode, 500-token prompt; how llama.cpp split the model between the GPU and the CPU is not stated"),
+    Report("llama.cpp (loftllc.dev Scout benchmark)",
+           "https://loftllc.dev/en/docs/tech/llm-research/llama-4-scout-17b-16e-cpu-vs-gpu-benchmark/", "Llama-4-Scout", 1,
+           "no GPU", None, 12, 6400, 1, 16, "no GPU", 16.3,
+           "Q6_K, every weight on an EPYC 9175F (12 ch DDR5-6400), decode 16.3-17.5 tok/s; no GPU, so no row of the "
+           "frontier's (its 16.1B active parameters x 0.82 B imply a 216-232 GB/s read, 35-38% of peak)"),
 ]
 
 
