@@ -143,8 +143,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                                                   "cpu-moe rows (default: measured here, prophet bench cpu-experts)")
     p.add_argument("--cpu-tflops", type=float, help="with --frontier: your host CPU's expert FLOP rate (TFLOP/s) for the "
                                                     "cpu-moe rows (default: measured here)")
-    p.add_argument("--pcie-gbps", type=float, help="with --frontier: refused (the copy rate enters through simulations, "
-                                                   "run at the catalogue GPUs' rates by bench/frontier_inputs.py)")
+    p.add_argument("--pcie-gbps", type=float, help="with --frontier: your GPU's host-to-device rate (GB/s) for every "
+                                                   "row's prefill copies; the decode rows simulated at the catalogue "
+                                                   "GPUs' links (bench/frontier_inputs.py) are then left without tok/s, "
+                                                   "saying so")
     p.add_argument("--summary", metavar="PATH", help="with --frontier: also write the summary (the fastest row of each "
                                                      "kind per model, GPU and batch) as markdown to PATH")
     p.add_argument("--nonexpert-dtype", choices=["bf16", "fp8", "int4"],
@@ -209,7 +211,7 @@ def _plan(args: argparse.Namespace) -> int:
 # plan options --frontier does not read (its own memory model: 0.9 utilisation, the planner's workspace,
 # bf16 weights and KV on one GPU): each refused when given (not at its default), rather than silently ignored
 _NOT_FRONTIER = ("buffer", "dtype", "kv_dtype", "expert_dtype", "tp", "ep", "pp", "layouts", "util", "context",
-                 "workspace_gib", "unique_curve", "seed_report", "pcie_gbps")
+                 "workspace_gib", "unique_curve", "seed_report")
 
 
 def _frontier(args) -> int:
@@ -235,11 +237,12 @@ def _frontier(args) -> int:
         if b < 1:
             raise ValueError(f"--batch {b}: batches are whole numbers >= 1")
     inputs = fr.read_inputs(Path(args.frontier_inputs) if args.frontier_inputs else fr.INPUTS)
-    for flag in ("hbm_gbps", "cpu_gbps", "cpu_tflops", "gpu_memory_gib", "prompt"):
+    for flag in ("hbm_gbps", "pcie_gbps", "cpu_gbps", "cpu_tflops", "gpu_memory_gib", "prompt"):
         if getattr(args, flag) is not None and getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: a rate or size > 0")
     rows = fr.frontier(models, gpus, batches, inputs, cpu_moe=tuple(args.cpu_moe_layers) if args.cpu_moe_layers else None,
-                       hbm_gbps=args.hbm_gbps, memory_gib=args.gpu_memory_gib, cpu_gbps=args.cpu_gbps,
+                       hbm_gbps=args.hbm_gbps, pcie_gbps=args.pcie_gbps, memory_gib=args.gpu_memory_gib,
+                       cpu_gbps=args.cpu_gbps,
                        cpu_gflops=None if args.cpu_tflops is None else args.cpu_tflops * 1e3,
                        prompt=fr.PROMPT if args.prompt is None else args.prompt,
                        nonexpert_dtype=args.nonexpert_dtype or "bf16")

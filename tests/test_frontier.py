@@ -112,7 +112,7 @@ def test_cli_frontier(tmp_path):
     assert r.returncode == 0, r.stderr
     rows = [json.loads(x) for x in (tmp_path / "frontier.jsonl").read_text().splitlines()]
     assert rows and all(set(x) >= {"config", "tokens_per_s", "context_tokens", "inputs"} for x in rows)
-    for flag, value in (("--util", "0.8"), ("--pcie-gbps", "25"), ("--workspace-gib", "2"), ("--tp", "2")):
+    for flag, value in (("--util", "0.8"), ("--workspace-gib", "2"), ("--tp", "2")):
         r = run("--model", "OLMoE-1B-7B", flag, value)  # options the frontier does not read: refused, not ignored
         assert r.returncode == 2 and f"{flag}: not read by --frontier" in r.stderr, (flag, r.stderr)
     r = subprocess.run([sys.executable, "-m", "prophet_kernels.cli", "plan", "--json"], capture_output=True, text=True)
@@ -444,6 +444,13 @@ def test_the_users_gpu_and_host_rates():
     here = fr.cpu_targets("mixtral")["this-vm"]
     assert all(x.inputs["cpu"]["cpu_gbps"] == 50.0 for x in moe if x.expert_dtype == "bf16")
     assert all(x.inputs["cpu"]["cpu_gflops"] == here["cpu_gflops"] for x in moe if x.expert_dtype == "bf16")
+    # --pcie-gbps: every row's prefill copies at the given link; the decode rows simulated at the catalogue's left out
+    link = {r.config: r for r in fr.frontier(["Mixtral-8x7B"], ["RTX4090-24GB"], [1], inputs, pcie_gbps=10.0)}
+    slow = fr.gpu_constants("RTX4090-24GB") | {"pcie_gbps": 10.0}
+    r = link["prophet-int4 50.0%"]
+    assert r.gpu == "RTX4090-24GB (given: PCIe 10 GB/s)" and r.tokens_per_s is None and "rates only" in r.missing
+    assert r.ttft_s == pytest.approx(fr.prefill_seconds(m, "RTX4090-24GB", fr.PROMPT, "int4", copied=0.5, rates=slow))
+    assert link["resident-int4"].tokens_per_s is not None
 
 
 def test_prefill_time_to_first_token_and_the_prompts_kv():

@@ -464,14 +464,16 @@ def input_model(row: dict) -> str | None:
 
 def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
              inputs: list[dict] | None = None, cpu_moe: tuple[int, ...] | None = None, hbm_gbps: float | None = None,
+             pcie_gbps: float | None = None,
              memory_gib: float | None = None, cpu_gbps: float | None = None, cpu_gflops: float | None = None,
              prompt: int = PROMPT, nonexpert_dtype: str = "bf16") -> list[Row]:
     """Rows for every model x GPU x batch x configuration; a row whose measured inputs are missing
     carries None where it would need them and says why (``missing``). Above batch 16 only the kinds
     measured there: resident, misses waiting, streaming, cpu-moe. `cpu_moe`: the --n-cpu-moe values of
     the cpu-moe rows (default: every MoE layer, and the smallest that fits ``CPU_MOE_CONTEXT``).
-    `hbm_gbps`, `memory_gib`: the user's GPU (each GPU's label then says so): resident and cpu-moe rows at those
-    rates; the simulated rows ran at the catalogue's and are left without tok/s, saying so. `cpu_gbps`,
+    `hbm_gbps`, `memory_gib`, `pcie_gbps`: the user's GPU and link (each GPU's label then says so): resident and
+    cpu-moe rows at those rates (the link: every row's prefill copies); the simulated rows ran at the catalogue's
+    and are left without tok/s, saying so. `cpu_gbps`,
     `cpu_gflops`: the user's host (target "given"; either one not given: this machine's measured figure) for
     the cpu-moe rows, in place of the catalogue hosts. `prompt`: each sequence's prompt: its prefill and time to
     first token, its KV read by every decode step, and a row fits when each of the B sequences holds it and
@@ -482,7 +484,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
     if nonexpert_dtype not in NONEXPERT_DTYPES:
         raise ValueError(f"non-expert dtype {nonexpert_dtype!r}: one of {', '.join(NONEXPERT_DTYPES)}")
     inputs = read_inputs() if inputs is None else inputs
-    given_gpu = hbm_gbps is not None or memory_gib is not None
+    given_gpu = hbm_gbps is not None or memory_gib is not None or pcie_gbps is not None
     quantized_rest = nonexpert_dtype != "bf16"
     memory_bytes = None if memory_gib is None else int(memory_gib * 2**30)
     rows = []
@@ -512,9 +514,11 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
 
         for gpu in gpus:
             g = get_gpu(gpu).name
-            rates = gpu_constants(g) | ({} if hbm_gbps is None else {"hbm_gbps": hbm_gbps})
+            rates = (gpu_constants(g) | ({} if hbm_gbps is None else {"hbm_gbps": hbm_gbps})
+                     | ({} if pcie_gbps is None else {"pcie_gbps": pcie_gbps}))
             label = g if not given_gpu else g + " (given: " + ", ".join(
-                ([] if hbm_gbps is None else [f"{hbm_gbps:g} GB/s"]) + ([] if memory_gib is None else [f"{memory_gib:g} GiB"])) + ")"
+                ([] if hbm_gbps is None else [f"{hbm_gbps:g} GB/s"]) + ([] if memory_gib is None else [f"{memory_gib:g} GiB"])
+                + ([] if pcie_gbps is None else [f"PCIe {pcie_gbps:g} GB/s"])) + ")"
             label += f" (non-expert {nonexpert_dtype})" if quantized_rest else ""
             sims = [] if given_gpu or quantized_rest else mine  # (simulated at the catalogue GPU's rates, bf16 rest)
             for B in batches:
