@@ -188,7 +188,7 @@ def test_fp8_store_bytes_and_refusals():
         HostExpertStore([q13], [q2], [s13], [s2])
     with pytest.raises(ValueError, match="scales go with float8_e4m3fn or int4 weights"):
         HostExpertStore([q13.float()], [q2.float()], [s13], [s2])
-    with pytest.raises(ValueError, match="expert_dtype must be None .*, 'fp8' or 'int4', got 'int8'"):
+    with pytest.raises(ValueError, match="expert_dtype must be None .*, 'fp8', 'int4' or a WeightFormat, got 'int8'"):
         HostExpertStore.from_tensors(q13.float()[None], q2.float()[None], expert_dtype="int8")
 
 
