@@ -57,8 +57,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .catalog import MLA, MoA, ModelSpec, get_gpu, get_model
-from .memory import (ServingConfig, count_params, expert_bytes, int4_bytes, kv_bytes_per_token, routed_expert_params,
-                     state_elems_per_sequence, weight_bytes, workspace_bytes)
+from .memory import (ServingConfig, _kv_tokens, count_params, expert_bytes, int4_bytes, kv_bytes_per_token,
+                     routed_expert_params, state_elems_per_sequence, weight_bytes, workspace_bytes)
 
 MODELS = ("OLMoE-1B-7B", "Mixtral-8x7B", "Qwen3-30B-A3B")
 SHAPE_OF = {"OLMoE-1B-7B": "olmoe", "Mixtral-8x7B": "mixtral", "Qwen3-30B-A3B": "qwen3"}
@@ -172,12 +172,16 @@ def gpu_constants(gpu: str) -> dict:
 NONEXPERT_DTYPES = ("bf16", "fp8", "int4")
 
 
+def check_nonexpert_dtype(dtype: str) -> None:
+    if dtype not in NONEXPERT_DTYPES:
+        raise ValueError(f"non-expert dtype {dtype!r}: one of {', '.join(NONEXPERT_DTYPES)}")
+
+
 def nonexpert_bytes(m: ModelSpec, dtype: str = "bf16") -> int:
     """GPU bytes of everything but the routed experts: bf16, or the linear layers (attention, dense and
     shared MLPs) in fp8 / int4 as a quantized checkpoint holds them (``memory.weight_bytes``: embeddings,
     LM head, routers and norms stay bf16)."""
-    if dtype not in NONEXPERT_DTYPES:
-        raise ValueError(f"non-expert dtype {dtype!r}: one of {', '.join(NONEXPERT_DTYPES)}")
+    check_nonexpert_dtype(dtype)
     p = count_params(m)
     p.pop("routed_experts")
     return weight_bytes(p, dtype)
@@ -383,7 +387,7 @@ def kv_free_bytes(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0
 
 def kv_tokens(m: ModelSpec, gpu: str, expert_gpu_bytes: int, util: float = 0.9, memory_bytes: int | None = None) -> int:
     """Tokens of full-attention KV the free bytes hold (the figure vLLM logs as its KV cache size)."""
-    return max(0, kv_free_bytes(m, gpu, expert_gpu_bytes, util, memory_bytes)) // kv_bytes_per_token(m, "bf16")
+    return _kv_tokens(kv_free_bytes(m, gpu, expert_gpu_bytes, util, memory_bytes), kv_bytes_per_token(m, "bf16"))
 
 
 # Catalogue models the vLLM plugin serves (integration.settings.MODEL_FAMILIES, tested); the others' rows say
@@ -481,8 +485,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
     holds its linear layers: ``nonexpert_bytes``) in the resident and cpu-moe rows (each GPU's label says so);
     the simulated rows ran with bf16 ones and are left without tok/s, saying so. Quality is the experts' dtype's
     only: the non-expert weights' quantization is not measured."""
-    if nonexpert_dtype not in NONEXPERT_DTYPES:
-        raise ValueError(f"non-expert dtype {nonexpert_dtype!r}: one of {', '.join(NONEXPERT_DTYPES)}")
+    check_nonexpert_dtype(nonexpert_dtype)
     inputs = read_inputs() if inputs is None else inputs
     given_gpu = hbm_gbps is not None or memory_gib is not None or pcie_gbps is not None
     quantized_rest = nonexpert_dtype != "bf16"
@@ -527,7 +530,7 @@ def frontier(models=MODELS, gpus=GPUS_DEFAULT, batches=BATCHES + LARGE_BATCHES,
                 def add(config, kind, dtype, cap, gpu_bytes, host_bytes, step_s, ready, quality, src, missing="",
                         prefill_s=None):
                     free = kv_free_bytes(m, g, gpu_bytes, memory_bytes=memory_bytes, nonexpert_dtype=nonexpert_dtype)
-                    kv, ctx = max(0, free) // kv_bytes_per_token(m, "bf16"), context_per_sequence(m, free, B)
+                    kv, ctx = _kv_tokens(free, kv_bytes_per_token(m, "bf16")), context_per_sequence(m, free, B)
                     if step_s is not None:
                         step_s += kv_read_seconds(m, g, B, prompt, rates)
                     bpb, loss = quality
